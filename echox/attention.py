@@ -1,0 +1,61 @@
+"""Attention over a static KV cache: the torch reference and the dispatch for decode.
+
+The cache holds, per sequence b and position s, a key/value pair and a flag `key_valid[b, s]`.
+A query at position p sees the keys s <= p whose flag is set. The flag carries the eot quirk of
+SPEC §5: the released model masks every `<|eot_id|>` already in the prompt as a key, while the
+positions keep counting 0..L-1.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from . import backend
+
+
+def visible_keys(positions: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+    """[B, T, S] bool: which cached keys each query position may attend to."""
+    key_index = torch.arange(key_valid.shape[1], device=key_valid.device)
+    return (key_index[None, None, :] <= positions[:, :, None]) & key_valid[:, None, :]
+
+
+def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     positions: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+    """Attention of T new queries over the whole cache (prefill; also the decode reference).
+
+    q [B, Hq, T, D]; k_cache, v_cache [B, Hkv, S, D]; positions [B, T]; key_valid [B, S].
+    Returns [B, Hq, T, D]. Scores and softmax in fp32 are left to SDPA's own accumulation.
+    """
+    mask = visible_keys(positions, key_valid)[:, None]  # [B, 1, T, S]
+    return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask,
+                                          enable_gqa=q.shape[1] != k_cache.shape[1])
+
+
+def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               lengths: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+    """One query per sequence: q [B, Hq, D] attends to keys s < lengths[b] with key_valid[b, s].
+
+    The definition every decode-attention kernel is tested against: fp32 math, output in q's dtype.
+    """
+    batch, q_heads, dim = q.shape
+    kv_heads = k_cache.shape[1]
+    group = q_heads // kv_heads
+    qf = q.float().view(batch, kv_heads, group, dim)
+    scores = torch.einsum("bhgd,bhsd->bhgs", qf, k_cache.float()) * dim ** -0.5
+    key_index = torch.arange(k_cache.shape[2], device=q.device)
+    allowed = (key_index[None, :] < lengths[:, None]) & key_valid  # [B, S]
+    scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))
+    out = torch.einsum("bhgs,bhsd->bhgd", scores.softmax(dim=-1), v_cache.float())
+    return out.reshape(batch, q_heads, dim).to(q.dtype)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     lengths: torch.Tensor, key_valid: torch.Tensor, backend_name: str | None = None) -> torch.Tensor:
+    """Decode attention through the dispatch: torch reference, Triton or CUDA kernel."""
+    which = backend.choose("decode_attention", q, backend_name)
+    if which == "triton":
+        from echox_kernels.decode_attention import decode_attention as kernel
+        return kernel(q, k_cache, v_cache, lengths, key_valid)
+    if which == "cuda":
+        import echox_cuda
+        return echox_cuda.decode_attention(q, k_cache, v_cache, lengths, key_valid)
+    return decode_attention_reference(q, k_cache, v_cache, lengths, key_valid)

@@ -1,0 +1,63 @@
+"""One dispatch point for the hot ops: torch reference, Triton kernel or CUDA kernel.
+
+Each op asks `choose(op, tensor, override)`. The answer is, in order of precedence: the
+explicit `override` argument, the `ECHOX_BACKEND` environment variable, and otherwise the
+fastest implementation available for the tensor's device. CPU tensors always run the torch
+reference, which is the definition every kernel is tested against.
+"""
+
+import functools
+import importlib
+import os
+
+import torch
+
+from .errors import EchoXError
+
+BACKENDS = ("torch", "triton", "cuda")
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def cuda_extension_available() -> bool:
+    """The compiled csrc extension, built by setup.py only where nvcc and CUDA torch exist."""
+    try:
+        importlib.import_module("echox_cuda")
+    except ImportError:
+        return False
+    return True
+
+
+def _requested(override: str | None) -> str | None:
+    name = override or os.environ.get("ECHOX_BACKEND") or None
+    if name is not None and name not in BACKENDS:
+        raise EchoXError(f"backend {name!r} is not one of {', '.join(BACKENDS)} (ECHOX_BACKEND or backend=)")
+    return name
+
+
+def choose(op: str, tensor: torch.Tensor, override: str | None = None) -> str:
+    """Which implementation of `op` runs for `tensor`."""
+    name = _requested(override)
+    on_gpu = tensor.is_cuda
+    if name == "cuda":
+        if not (on_gpu and cuda_extension_available()):
+            raise EchoXError(f"{op}: the CUDA backend needs a GPU tensor and the built echox_cuda extension")
+        return "cuda"
+    if name == "triton":
+        # Off the GPU, Triton kernels run only in the interpreter (TRITON_INTERPRET=1), as in tests.
+        if not triton_available() or not (on_gpu or os.environ.get("TRITON_INTERPRET") == "1"):
+            raise EchoXError(f"{op}: the Triton backend needs triton and a GPU (or TRITON_INTERPRET=1)")
+        return "triton"
+    if name == "torch" or not on_gpu:
+        return "torch"
+    if cuda_extension_available():
+        return "cuda"
+    return "triton" if triton_available() else "torch"

@@ -1,0 +1,89 @@
+"""An EchoX model folder: config.json + tokenizer + sharded weights, and where its parts live.
+
+Sizes that config.json does not state are read off the weights' headers (no tensor is loaded):
+the aligner width, the Whisper width the adapter expects, and the echo decoder's depth and
+width, which must agree with the `unit_model` rule or loading stops with both sides named.
+"""
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .adapter import adapter_layout
+from .config import EchoXConfig, read_json
+from .echo import echo_layout
+from .errors import EchoXError
+from .llama import lm_layout
+from .tokenizer import Tokenizer
+from .weights import Checkpoint
+
+ECHO = "unit_translator."
+
+
+@dataclass
+class ModelFolder:
+    path: Path
+    config: EchoXConfig
+    tokenizer: Tokenizer
+    weights: Checkpoint
+
+    def layouts(self):
+        cfg = self.config
+        return [lm_layout(cfg.llm), adapter_layout(cfg.adapter), echo_layout(cfg.echo)]
+
+
+def _echo_depth_and_width(weights: Checkpoint) -> tuple[int, int]:
+    pattern = re.compile(re.escape(ECHO) + r"model\.layers\.(\d+)\.")
+    layers = {int(m.group(1)) for key in weights.keys() if (m := pattern.match(key))}
+    return len(layers), weights.shape(ECHO + "adapter.weight")[0]
+
+
+def open_model_folder(path: Path | str) -> ModelFolder:
+    path = Path(path)
+    if not path.is_dir():
+        raise EchoXError(f"{path}: model folder not found")
+    raw = read_json(path / "config.json")
+    tokenizer = Tokenizer(path)
+    weights = Checkpoint(path)
+    config = EchoXConfig.parse(
+        raw, path / "config.json", blank_id=tokenizer.audio_patch,
+        aligner_intermediate=weights.shape(ECHO + "aligner_MLP.0.weight")[0],
+        whisper_dim=weights.shape("model.mm_projector1.weight")[1] // 2)
+    body = config.echo.body
+    depth, width = _echo_depth_and_width(weights)
+    if (depth, width) != (body.num_layers, body.hidden_size):
+        raise EchoXError(f"{path / 'config.json'}: unit_model={config.unit_model!r} means an echo decoder of "
+                         f"{body.num_layers} layers x {body.hidden_size}, but the weights hold {depth} x {width}")
+    if tokenizer.audio_patch != config.llm.vocab_size - 1:
+        raise EchoXError(f"{tokenizer.path}: <audio_patch> has id {tokenizer.audio_patch}, expected the last "
+                         f"text id {config.llm.vocab_size - 1} (vocab_size in config.json)")
+    folder = ModelFolder(path, config, tokenizer, weights)
+    weights.check_fully_used(folder.layouts())
+    return folder
+
+
+def resolve_whisper(model: ModelFolder, explicit: Path | str | None) -> Path:
+    """The Whisper folder: the one given, else config.json `audio_tower` (relative to the model
+    folder, or a hub id whose last part is looked for beside the model folder)."""
+    if explicit is not None:
+        candidates = [Path(explicit)]
+    elif model.config.audio_tower:
+        tower = Path(model.config.audio_tower)
+        candidates = [model.path / tower, tower, model.path.parent / tower.name]
+    else:
+        candidates = [model.path.parent / "whisper-large-v3"]
+    for folder in candidates:
+        if (folder / "config.json").is_file():
+            return folder.resolve()
+    tried = ", ".join(str(c) for c in candidates)
+    raise EchoXError(f"no Whisper encoder folder found (tried {tried}); pass --whisper DIR")
+
+
+def resolve_vocoder(model: ModelFolder, explicit: Path | str | None) -> Path:
+    """The vocoder folder: the one given, else the model folder itself (as released), else ./vocoder beside it."""
+    candidates = [Path(explicit)] if explicit is not None else [model.path, model.path.parent / "vocoder"]
+    for folder in candidates:
+        if (folder / "vocoder_config.json").is_file():
+            return folder.resolve()
+    tried = ", ".join(str(c) for c in candidates)
+    raise EchoXError(f"no vocoder found (no vocoder_config.json in {tried}); pass --vocoder DIR")

@@ -1,0 +1,234 @@
+"""The Llama decoder shared by the LLM and the echo decoder (T2U).
+
+RMSNorm, RoPE with Llama-3 frequency scaling in the Hugging Face "rotate half" layout, grouped
+query attention over a preallocated static KV cache, SwiGLU. q/k/v and gate/up are each fused
+into one matmul; the released separate weights are concatenated at load.
+
+`forward(x, positions, key_valid)` runs T new embeddings (a prefill, or T = 1 for a decode
+step) and returns the final-norm hidden states. It has no data-dependent Python branches and
+no host syncs, so the decode step can be captured in a CUDA graph.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import cached_attention, decode_attention
+from .config import LlamaConfig, RopeScaling
+from .weights import Layout
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, cast back, then scale: the order of the released (HF) model.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
+    """[head_dim / 2] inverse frequencies, with Llama-3 scaling of the long wavelengths."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+    if scaling is None:
+        return inv_freq
+    old = scaling.original_max_position_embeddings
+    wavelen = 2 * math.pi / inv_freq
+    slowed = inv_freq / scaling.factor
+    # Between the two cut-offs, blend linearly in 1/wavelength from slowed to unchanged.
+    smooth = (old / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    blended = (1 - smooth) * slowed + smooth * inv_freq
+    scaled = torch.where(wavelen > old / scaling.low_freq_factor, slowed, inv_freq)
+    is_medium = (wavelen >= old / scaling.high_freq_factor) & (wavelen <= old / scaling.low_freq_factor)
+    return torch.where(is_medium, blended, scaled)
+
+
+def rope_tables(cfg: LlamaConfig, max_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [max_len, head_dim] in fp32; each frequency appears twice (rotate-half layout)."""
+    inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    angles = torch.arange(max_len, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(device), angles.sin().to(device)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, T, D]; cos, sin [B, T, D]. The rotation pairs element i with i + D/2."""
+    xf = x.float()
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
+    return (xf * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys/values [B, Hkv, S, D] plus the per-position key flag [B, S]."""
+
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("key_valid", torch.zeros(batch, max_len, dtype=torch.bool, device=device),
+                             persistent=False)
+
+    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor):
+        """Write k, v [B, Hkv, T, D] and key_valid [B, T] at positions [B, T]."""
+        rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
+        # Advanced indices on dims 0 and 2 put [B, T] first: values are [B, T, Hkv, D].
+        self.k[rows, :, positions] = k.transpose(1, 2)
+        self.v[rows, :, positions] = v.transpose(1, 2)
+        self.key_valid[rows, positions] = key_valid
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.wqkv = nn.Linear(cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, positions, key_valid):
+        batch, length, _ = x.shape
+        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(batch, length, self.heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cache = self.cache
+        cache.update(positions, k, v, key_valid)
+        if length == 1:
+            out = decode_attention(q[:, :, 0], cache.k, cache.v, positions[:, 0] + 1, cache.key_valid)[:, :, None]
+        else:
+            out = cached_attention(q, cache.k, cache.v, positions, cache.key_valid)
+        return self.wo(out.transpose(1, 2).reshape(batch, length, q_size))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.w_gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.w_down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.w_gate_up(x).chunk(2, dim=-1)
+        return self.w_down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.ffn = FeedForward(cfg)
+
+    def forward(self, x, cos, sin, positions, key_valid):
+        x = x + self.attention(self.attention_norm(x), cos, sin, positions, key_valid)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+def body_layout(cfg: LlamaConfig, prefix: str) -> Layout:
+    """Released (Hugging Face) key names and shapes of the decoder layers and final norm."""
+    h, d, f = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    layout: Layout = {}
+    for i in range(cfg.num_layers):
+        p = f"{prefix}layers.{i}."
+        layout |= {
+            p + "self_attn.q_proj.weight": (cfg.num_heads * d, h),
+            p + "self_attn.k_proj.weight": (cfg.num_kv_heads * d, h),
+            p + "self_attn.v_proj.weight": (cfg.num_kv_heads * d, h),
+            p + "self_attn.o_proj.weight": (h, cfg.num_heads * d),
+            p + "mlp.gate_proj.weight": (f, h),
+            p + "mlp.up_proj.weight": (f, h),
+            p + "mlp.down_proj.weight": (h, f),
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+        }
+    layout[prefix + "norm.weight"] = (h,)
+    return layout
+
+
+class LlamaBody(nn.Module):
+    """Decoder layers and final norm: embeddings in, final-norm hidden states out."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+
+    def setup_cache(self, batch: int, max_len: int):
+        """Allocate the static KV cache and RoPE tables once; every later step reuses them."""
+        weight = self.norm.weight
+        dtype = self.layers[0].attention.wqkv.weight.dtype
+        for layer in self.layers:
+            layer.attention.cache = KVCache(batch, self.cfg.num_kv_heads, max_len, self.cfg.head_dim,
+                                            dtype, weight.device)
+        self.rope_cos, self.rope_sin = rope_tables(self.cfg, max_len, weight.device)
+
+    @property
+    def max_len(self) -> int:
+        return self.rope_cos.shape[0]
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+        """x [B, T, H] at positions [B, T], key_valid [B, T] bool -> final-norm hidden [B, T, H]."""
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        for layer in self.layers:
+            x = layer(x, cos, sin, positions, key_valid)
+        return self.norm(x)
+
+    def load_released(self, tensors: dict[str, torch.Tensor]):
+        """Copy weights named as in `body_layout(cfg, prefix="")`, fusing q/k/v and gate/up."""
+        for i, layer in enumerate(self.layers):
+            p = f"layers.{i}."
+            attn, ffn = layer.attention, layer.ffn
+            attn.wqkv.weight.data = torch.cat([tensors[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
+            attn.wo.weight.data = tensors[p + "self_attn.o_proj.weight"]
+            ffn.w_gate_up.weight.data = torch.cat([tensors[p + "mlp.gate_proj.weight"],
+                                                   tensors[p + "mlp.up_proj.weight"]])
+            ffn.w_down.weight.data = tensors[p + "mlp.down_proj.weight"]
+            layer.attention_norm.weight.data = tensors[p + "input_layernorm.weight"]
+            layer.ffn_norm.weight.data = tensors[p + "post_attention_layernorm.weight"]
+        self.norm.weight.data = tensors["norm.weight"]
+
+
+def lm_layout(cfg: LlamaConfig) -> Layout:
+    """Released keys of the whole LLM: embeddings, body, and lm_head unless tied (EchoX-3B)."""
+    layout = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size)} | body_layout(cfg, "model.")
+    if not cfg.tie_word_embeddings:
+        layout["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
+    return layout
+
+
+class LlamaLM(nn.Module):
+    """The LLM: token embeddings, the decoder, and the output head."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.body = LlamaBody(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+        return self.body(x, positions, key_valid)
+
+    def load_released(self, tensors: dict[str, torch.Tensor]):
+        """`tensors` keyed as in `lm_layout(cfg)`."""
+        self.embed_tokens.weight.data = tensors["model.embed_tokens.weight"]
+        self.body.load_released({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        else:
+            self.lm_head.weight.data = tensors["lm_head.weight"]

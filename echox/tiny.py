@@ -1,0 +1,171 @@
+"""Tiny random EchoX checkpoints in the released layout, for tests and the demo.
+
+`write_tiny_checkpoint(root)` writes, from a seed:
+  root/EchoX-tiny/   config.json, generation_config.json, sharded model-*.safetensors + index,
+                     tokenizer.json, tokenizer_config.json, special_tokens_map.json,
+                     the vocoder g_00500000 (fairseq-style pickle) and vocoder_config.json
+  root/whisper-tiny/ config.json, model.safetensors (Hugging Face key names, `model.` prefix)
+The weights are random, so the model's text is gibberish and its speech is noise; every name,
+shape, file and quirk is the released one. The tokenizer is byte-level BPE over the 256 bytes
+(no merges), then the Llama-3 special tokens, `<audio_patch>`, and unit-language tokens.
+"""
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+
+from .adapter import adapter_layout
+from .config import AUDIO_PATCH_TOKEN, EchoXConfig, VocoderConfig, WhisperConfig
+from .echo import echo_layout
+from .llama import lm_layout
+from .tokenizer import BOS, END_HEADER, EOT, START_HEADER
+from .vocoder import fairseq_layout
+from .weights import Layout, save_sharded
+from .whisper import whisper_layout
+
+LLAMA3_SPECIALS = [BOS, "<|end_of_text|>", START_HEADER, END_HEADER, "<|eom_id|>", EOT]
+EMBEDDING_TABLES = ("embed_tokens.weight", "unit_embedding.weight", "dict.weight", "embed_positions.weight",
+                    "spkr.weight")
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 128
+    unit_vocab_size: int = 48
+    unit_model: str | None = "large"  # 2 layers at LLM width: the only rule size that stays tiny
+    aligner_intermediate: int = 96
+    tie_word_embeddings: bool = False
+    whisper: WhisperConfig = WhisperConfig(num_mel_bins=128, d_model=64, num_layers=2, num_heads=4, ffn_dim=128)
+    vocoder: VocoderConfig = VocoderConfig(upsample_initial_channel=64, embedding_dim=32, duration_hidden=32)
+    shards: int = 2
+
+
+def tiny_tokenizer(unit_tokens: list[str]) -> HFTokenizer:
+    byte_alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokenizer = HFTokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(byte_alphabet)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in LLAMA3_SPECIALS])
+    tokenizer.add_special_tokens([AddedToken(AUDIO_PATCH_TOKEN, special=True, normalized=False)])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in unit_tokens])
+    return tokenizer
+
+
+def random_unit_tokens(count: int, gen: torch.Generator) -> list[str]:
+    """Strings like <|unit_12_345|>: one to three HuBERT units each; a few carry an
+    out-of-range value (>= 1000) that the unit table must drop."""
+    tokens = []
+    for k in range(count):
+        n = 1 + k % 3
+        units = torch.randint(0, 1000, (n,), generator=gen).tolist()
+        if k % 16 == 15:
+            units[-1] = 1000 + units[-1]
+        tokens.append("<|unit_" + "_".join(map(str, units)) + "|>")
+    return list(dict.fromkeys(tokens))  # duplicates would collapse into one id
+
+
+def random_tensors(layout: Layout, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Values that keep activations O(1): norms near 1, weights ~ 1/sqrt(fan_in)."""
+    out = {}
+    for key, shape in layout.items():
+        noise = torch.randn(shape, generator=gen)
+        if key.endswith(EMBEDDING_TABLES):
+            out[key] = noise
+        elif len(shape) == 1 and key.endswith(".weight"):  # a norm's gain
+            out[key] = 1 + 0.1 * noise
+        elif len(shape) == 1:  # a bias
+            out[key] = 0.02 * noise
+        elif key.endswith(".weight_g"):
+            out[key] = 1 + 0.1 * noise.abs()
+        else:
+            out[key] = noise / math.sqrt(math.prod(shape[1:]))
+    return out
+
+
+def _write_json(path: Path, obj: dict):
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def _llm_config_json(spec: TinySpec, vocab: int) -> dict:
+    return {
+        "architectures": ["EchoXForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": spec.hidden_size,
+        "num_hidden_layers": spec.num_layers,
+        "num_attention_heads": spec.num_heads,
+        "num_key_value_heads": spec.num_kv_heads,
+        "head_dim": spec.hidden_size // spec.num_heads,
+        "intermediate_size": spec.intermediate_size,
+        "vocab_size": vocab,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        # A small original context so that the llama3 scaling changes some tiny-model frequencies.
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+        "tie_word_embeddings": spec.tie_word_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "torch_dtype": "float32",
+        "audio_tower": "../whisper-tiny",
+        "unit_vocab_size": spec.unit_vocab_size,
+        **({"unit_model": spec.unit_model} if spec.unit_model is not None else {}),
+        "bos_token_id": None,
+        "eos_token_id": None,
+    }
+
+
+def _write_tokenizer(folder: Path, tokenizer: HFTokenizer):
+    tokenizer.save(str(folder / "tokenizer.json"))
+    _write_json(folder / "special_tokens_map.json", {"bos_token": BOS, "eos_token": EOT, "pad_token": EOT})
+    _write_json(folder / "tokenizer_config.json", {"bos_token": BOS, "eos_token": EOT, "pad_token": EOT,
+                                                   "model_max_length": 131072,
+                                                   "tokenizer_class": "PreTrainedTokenizerFast"})
+
+
+def _write_whisper(folder: Path, cfg: WhisperConfig, gen: torch.Generator):
+    folder.mkdir(parents=True, exist_ok=True)
+    # Hugging Face saves WhisperForConditionalGeneration with a leading `model.`.
+    tensors = random_tensors(whisper_layout(cfg, prefix="model.encoder."), gen)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    _write_json(folder / "config.json", {
+        "model_type": "whisper", "num_mel_bins": cfg.num_mel_bins, "d_model": cfg.d_model,
+        "encoder_layers": cfg.num_layers, "encoder_attention_heads": cfg.num_heads,
+        "encoder_ffn_dim": cfg.ffn_dim, "max_source_positions": cfg.max_source_positions,
+        "decoder_layers": cfg.num_layers, "decoder_attention_heads": cfg.num_heads,
+        "decoder_ffn_dim": cfg.ffn_dim, "activation_function": "gelu"})
+
+
+def write_tiny_checkpoint(root: Path | str, spec: TinySpec = TinySpec(), seed: int = 0) -> Path:
+    """Write the tiny model under `root` and return the EchoX model folder."""
+    root = Path(root)
+    gen = torch.Generator().manual_seed(seed)
+    tokenizer = tiny_tokenizer(random_unit_tokens(spec.unit_vocab_size, gen))
+    text_vocab = tokenizer.token_to_id(AUDIO_PATCH_TOKEN) + 1
+    units = tokenizer.get_vocab_size() - text_vocab
+    raw = _llm_config_json(spec, text_vocab) | {"unit_vocab_size": units}
+    model_dir = root / "EchoX-tiny"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    config = EchoXConfig.parse(raw, model_dir / "config.json", blank_id=text_vocab - 1,
+                               aligner_intermediate=spec.aligner_intermediate, whisper_dim=spec.whisper.d_model)
+    tensors = {}
+    for layout in (lm_layout(config.llm), adapter_layout(config.adapter), echo_layout(config.echo)):
+        tensors |= random_tensors(layout, gen)
+    save_sharded(tensors, model_dir, spec.shards)
+    _write_json(model_dir / "config.json", raw)
+    _write_json(model_dir / "generation_config.json", {"temperature": 0.2, "top_p": 0.9, "max_new_tokens": 512})
+    _write_tokenizer(model_dir, tokenizer)
+    torch.save({"generator": random_tensors(fairseq_layout(spec.vocoder), gen)}, model_dir / "g_00500000")
+    _write_json(model_dir / "vocoder_config.json", spec.vocoder.to_json())
+    _write_whisper(root / "whisper-tiny", spec.whisper, gen)
+    return model_dir

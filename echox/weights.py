@@ -1,0 +1,137 @@
+"""Safetensors checkpoints: a header-only index over one file or a sharded folder.
+
+Nothing is read until a tensor is asked for, and then only that tensor (the files are memory
+mapped), so loading a model one tensor at a time keeps host memory near the model's size.
+Every module describes the released key names and shapes it needs as a *layout*
+(`{key: shape}`); `Checkpoint.take` checks a layout against the files and reports the first
+missing key or shape mismatch by name, and `Checkpoint.check_fully_used` reports keys no
+module claimed.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import EchoXError
+
+Layout = dict[str, tuple[int, ...]]
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise EchoXError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+class Checkpoint:
+    """Key -> file index of a safetensors checkpoint (a file, or a folder with or without an index)."""
+
+    def __init__(self, path: Path | str):
+        path = Path(path)
+        self.source = path
+        self._file_of: dict[str, Path] = {}
+        self._shape: dict[str, tuple[int, ...]] = {}
+        self._dtype: dict[str, str] = {}
+        for file in self._files(path):
+            handle = _open(file)
+            for key in handle.keys():
+                tensor_slice = handle.get_slice(key)
+                self._file_of[key] = file
+                self._shape[key] = tuple(tensor_slice.get_shape())
+                self._dtype[key] = tensor_slice.get_dtype()
+        self._handles: dict[Path, object] = {}
+        self.used: set[str] = set()
+
+    @staticmethod
+    def _files(path: Path) -> list[Path]:
+        if path.is_file():
+            return [path]
+        if not path.is_dir():
+            raise EchoXError(f"{path}: no such file or folder")
+        index = path / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise EchoXError(f"{index}: not a valid safetensors index ({e})") from None
+            files = sorted({path / name for name in weight_map.values()})
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise EchoXError(f"{index}: lists shards that are missing: {', '.join(missing)}")
+            return files
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise EchoXError(f"{path}: no *.safetensors weights in this folder")
+        return files
+
+    def keys(self) -> list[str]:
+        return list(self._file_of)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._file_of
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        self._require(key)
+        return self._shape[key]
+
+    def stored_dtype(self) -> str:
+        """The dtype most tensors are stored in (e.g. 'BF16')."""
+        names = list(self._dtype.values())
+        return max(set(names), key=names.count)
+
+    def _require(self, key: str):
+        if key not in self._file_of:
+            raise EchoXError(f"{self.source}: missing tensor {key!r}")
+
+    def get(self, key: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+        self._require(key)
+        file = self._file_of[key]
+        if file not in self._handles:
+            self._handles[file] = _open(file)
+        try:
+            tensor = self._handles[file].get_tensor(key)
+        except Exception as e:
+            raise EchoXError(f"{file}: tensor {key!r} cannot be read ({e}); is the file truncated?") from None
+        self.used.add(key)
+        return tensor.to(device=device, dtype=dtype or tensor.dtype)
+
+    def check(self, layout: Layout, what: str):
+        """Fail on the first key of `layout` that is missing or has another shape."""
+        for key, shape in layout.items():
+            self._require(key)
+            if self._shape[key] != tuple(shape):
+                raise EchoXError(f"{self._file_of[key]}: {key!r} has shape {list(self._shape[key])}, "
+                                 f"but the {what} config expects {list(shape)}")
+
+    def take(self, layout: Layout, what: str, dtype: torch.dtype | None = None,
+             device: torch.device | str = "cpu", strip: str = "") -> dict[str, torch.Tensor]:
+        """Check `layout`, then read its tensors (keys returned without the `strip` prefix)."""
+        self.check(layout, what)
+        return {key.removeprefix(strip): self.get(key, dtype, device) for key in layout}
+
+    def check_fully_used(self, layouts: list[Layout], ignore_prefixes: tuple[str, ...] = ()):
+        claimed = set().union(*layouts)
+        extra = [k for k in self._file_of if k not in claimed and not k.startswith(ignore_prefixes)]
+        if extra:
+            shown = ", ".join(sorted(extra)[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+            raise EchoXError(f"{self.source}: unexpected tensors no part of the model uses: {shown}")
+
+
+def save_sharded(tensors: dict[str, torch.Tensor], folder: Path, shards: int):
+    """Write `model-0000k-of-0000n.safetensors` files plus the index, as released checkpoints are."""
+    keys = list(tensors)
+    per_shard = -(-len(keys) // shards)
+    weight_map = {}
+    for k in range(shards):
+        name = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+        chunk = {key: tensors[key].contiguous() for key in keys[k * per_shard:(k + 1) * per_shard]}
+        save_file(chunk, str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(chunk, name))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                indent=2))

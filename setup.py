@@ -1,0 +1,50 @@
+"""Install echox (and its Triton kernels as `echox_kernels`); build csrc only where CUDA can.
+
+The CUDA extension `echox_cuda` is built when torch has CUDA and nvcc is on the PATH; anywhere
+else the pure-Python package installs without it and the dispatch uses torch or Triton.
+"""
+
+import os
+import shutil
+
+from setuptools import setup
+
+
+def cuda_extension():
+    if os.environ.get("ECHOX_NO_CUDA") == "1" or shutil.which("nvcc") is None:
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    except ImportError:
+        return [], {}
+    if torch.version.cuda is None:
+        return [], {}
+    sources = sorted(os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith((".cu", ".cpp")))
+    if not sources:
+        return [], {}
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    ext = CUDAExtension("echox_cuda", sources, extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]})
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = cuda_extension()
+
+setup(
+    name="echox",
+    version="0.1.0",
+    description="A compact, fast, from-scratch engine for the EchoX speech-to-speech LLM",
+    packages=["echox", "echox_kernels"],
+    package_dir={"echox": "echox", "echox_kernels": "kernels"},
+    python_requires=">=3.10",
+    install_requires=["torch", "safetensors", "tokenizers", "numpy"],
+    extras_require={
+        "triton": ["triton"],
+        "test": ["pytest", "pytest-benchmark", "transformers", "triton"],
+        "audio": ["soundfile"],
+    },
+    entry_points={"console_scripts": ["echox = echox.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

@@ -58,6 +58,8 @@ def open_model_folder(path: Path | str) -> ModelFolder:
         raise EchoXError(f"{tokenizer.path}: <audio_patch> has id {tokenizer.audio_patch}, expected the last "
                          f"text id {config.llm.vocab_size - 1} (vocab_size in config.json)")
     folder = ModelFolder(path, config, tokenizer, weights)
+    for layout, what in zip(folder.layouts(), ("LLM", "speech adapter", "echo decoder")):
+        weights.check(layout, what)  # headers only: every missing key or bad shape is found before loading
     weights.check_fully_used(folder.layouts())
     return folder
 

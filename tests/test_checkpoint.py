@@ -1,0 +1,129 @@
+"""Checkpoint loading: bit-exact round trip, and one clear error per kind of bad input."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from echox.checkpoint import open_model_folder, resolve_vocoder, resolve_whisper
+from echox.errors import EchoXError
+from echox.weights import Checkpoint, save_sharded
+
+
+@pytest.fixture
+def model_copy(tiny_root, tmp_path):
+    """A private copy of the tiny checkpoint that a test may damage."""
+    shutil.copytree(tiny_root, tmp_path / "root")
+    return tmp_path / "root" / "EchoX-tiny"
+
+
+def test_sharded_round_trip_is_bit_exact(tmp_path):
+    gen = torch.Generator().manual_seed(3)
+    tensors = {f"layer.{i}.w": torch.randn(5, i + 1, generator=gen).to(dtype)
+               for i, dtype in enumerate([torch.float32, torch.bfloat16, torch.float16] * 3)}
+    save_sharded(tensors, tmp_path, shards=4)
+    ckpt = Checkpoint(tmp_path)
+    assert sorted(ckpt.keys()) == sorted(tensors)
+    for key, tensor in tensors.items():
+        got = ckpt.get(key)
+        assert got.dtype == tensor.dtype and torch.equal(got, tensor)
+    assert ckpt.get("layer.0.w", dtype=torch.float16).dtype == torch.float16
+
+
+def test_tiny_checkpoint_loads_and_every_tensor_is_claimed(tiny_model_dir):
+    model = open_model_folder(tiny_model_dir)
+    claimed = set().union(*model.layouts())
+    assert claimed == set(model.weights.keys())
+    assert resolve_whisper(model, None).name == "whisper-tiny"
+    assert resolve_vocoder(model, None) == tiny_model_dir
+
+
+def _rewrite_shard(folder, edit):
+    shard = sorted(folder.glob("model-*.safetensors"))[0]
+    tensors = load_file(str(shard))
+    edit(tensors)
+    save_file(tensors, str(shard))
+
+
+def test_missing_tensor_is_named(model_copy):
+    victim = "model.layers.0.self_attn.k_proj.weight"
+    index = json.loads((model_copy / "model.safetensors.index.json").read_text())
+    shard = model_copy / index["weight_map"][victim]
+    tensors = load_file(str(shard))
+    del tensors[victim]
+    save_file(tensors, str(shard))
+    with pytest.raises(EchoXError, match="missing tensor 'model.layers.0.self_attn.k_proj.weight'"):
+        open_model_folder(model_copy)
+
+
+def test_unexpected_tensor_is_named(model_copy):
+    _rewrite_shard(model_copy, lambda t: t.update({"model.extra_head.weight": torch.zeros(2)}))
+    with pytest.raises(EchoXError, match="unexpected tensors.*model.extra_head.weight"):
+        open_model_folder(model_copy)
+
+
+def test_shape_mismatch_names_key_and_shapes(model_copy):
+    config = json.loads((model_copy / "config.json").read_text())
+    config["intermediate_size"] = 100
+    (model_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EchoXError, match=r"mlp.gate_proj.weight' has shape \[128, 64\], but the LLM config "
+                                         r"expects \[100, 64\]"):
+        open_model_folder(model_copy)
+
+
+def test_echo_decoder_size_disagreeing_with_unit_model(model_copy):
+    config = json.loads((model_copy / "config.json").read_text())
+    config["unit_model"] = "small"
+    (model_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EchoXError, match=r"unit_model='small' means .* 4 layers x 512, but the weights hold 2 x 64"):
+        open_model_folder(model_copy)
+
+
+def test_truncated_shard(model_copy):
+    shard = sorted(model_copy.glob("model-*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    with pytest.raises(EchoXError, match="not a readable safetensors file"):
+        open_model_folder(model_copy)
+
+
+def test_corrupt_shard(model_copy):
+    shard = sorted(model_copy.glob("model-*.safetensors"))[0]
+    shard.write_bytes(b"this is not a safetensors file at all")
+    with pytest.raises(EchoXError, match=f"{shard.name}: not a readable safetensors file"):
+        open_model_folder(model_copy)
+
+
+def test_missing_shard_listed_in_index(model_copy):
+    sorted(model_copy.glob("model-*.safetensors"))[0].unlink()
+    with pytest.raises(EchoXError, match="lists shards that are missing: model-00001-of-00002.safetensors"):
+        open_model_folder(model_copy)
+
+
+def test_folder_without_weights(model_copy):
+    for f in model_copy.glob("model*"):
+        f.unlink()
+    with pytest.raises(EchoXError, match="no \\*.safetensors weights"):
+        open_model_folder(model_copy)
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json"])
+def test_missing_config_or_tokenizer(model_copy, name):
+    (model_copy / name).unlink()
+    with pytest.raises(EchoXError, match=f"{name}: file not found"):
+        open_model_folder(model_copy)
+
+
+def test_unknown_rope_type(model_copy):
+    config = json.loads((model_copy / "config.json").read_text())
+    config["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+    (model_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EchoXError, match="rope_scaling type 'yarn' is not supported"):
+        open_model_folder(model_copy)
+
+
+def test_missing_whisper_folder_says_what_was_tried(model_copy):
+    shutil.rmtree(model_copy.parent / "whisper-tiny")
+    with pytest.raises(EchoXError, match="no Whisper encoder folder found .*pass --whisper"):
+        resolve_whisper(open_model_folder(model_copy), None)

@@ -1,0 +1,81 @@
+"""The prompt of SPEC §5 token by token, the echo prefixes of SPEC §7, and the unit table."""
+
+import pytest
+
+from echox.errors import EchoXError
+from echox.tokenizer import SYSTEM_PROMPT, Tokenizer, Turn
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    return Tokenizer(tiny_model_dir)
+
+
+def by_hand(tok, text):
+    """BOS then the raw bytes of `text`: the tiny vocabulary is byte-level with no merges."""
+    return [tok.bos] + [tok.hf.token_to_id(ch) for ch in _byte_level(text)]
+
+
+def _byte_level(text):
+    from tokenizers.pre_tokenizers import ByteLevel
+    return "".join(piece for piece, _ in ByteLevel(add_prefix_space=False).pre_tokenize_str(text))
+
+
+def test_special_ids_by_name(tok):
+    assert tok.pad == tok.eot
+    assert tok.audio_patch == tok.hf.token_to_id("<audio_patch>")
+    assert tok.period == tok.hf.token_to_id(".")
+
+
+def test_multi_turn_prompt_layout(tok):
+    turns = [Turn("user", "hi", audio=True), Turn("assistant", "Hello."), Turn("user", "more")]
+    S, E, B, EOT = tok.start_header, tok.end_header, tok.bos, tok.eot
+    expected = (
+        [B, S] + by_hand(tok, "system") + [E] + by_hand(tok, "\n") + by_hand(tok, SYSTEM_PROMPT) + [EOT]
+        + [S] + by_hand(tok, "user") + [E] + [B] + by_hand(tok, "\n")[1:] + [tok.audio_patch]
+        + by_hand(tok, "hi") + [EOT]
+        + [S] + by_hand(tok, "assistant") + [E] + by_hand(tok, "\n") + by_hand(tok, "Hello.") + [EOT]
+        + [S] + by_hand(tok, "user") + [E] + by_hand(tok, "more") + [EOT]
+        + [S] + by_hand(tok, "assistant") + [E] + by_hand(tok, "\n")
+    )
+    assert tok.prompt(turns) == expected
+    assert expected.count(B) == 14  # BOS repeats: one per tokenizer call of the reference
+
+
+def test_audio_only_turn_keeps_the_empty_text_bos(tok):
+    ids = tok.turn_ids(Turn("user", audio=True))
+    assert ids[-3:] == [tok.audio_patch, tok.bos, tok.eot]
+
+
+def test_user_turn_needs_content(tok):
+    with pytest.raises(EchoXError, match="needs speech, text, or both"):
+        tok.turn_ids(Turn("user"))
+
+
+def test_echo_prefixes_tiny_vocab_ends_in_bos(tok):
+    p_text, p_unit = tok.echo_prefixes()
+    speaker = [tok.start_header] + by_hand(tok, "speaker") + [tok.end_header] + by_hand(tok, "\n")
+    assert p_text == speaker + [tok.bos]
+    assert p_unit == [tok.eot] + speaker
+
+
+def test_echo_prefix_keeps_the_12800_typo_for_llama3_ids(tok, monkeypatch):
+    """With Llama-3's ids the released P_text is [128006, 128000, 65576, 128007, 128000, 198, 12800]."""
+    monkeypatch.setattr(tok, "bos", 128000)
+    p_text, _ = tok.echo_prefixes()
+    assert p_text[-1] == 12800 and p_text[1] == 128000
+
+
+def test_unit_table_reads_digit_runs_and_drops_out_of_range(tok, tiny_model_dir):
+    import json
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    vocab, units = config["vocab_size"], config["unit_vocab_size"]
+    table = tok.unit_table(vocab, units)
+    assert len(table) == units
+    for k, row in enumerate(table):
+        token = tok.hf.id_to_token(vocab + k)
+        numbers = [int(x) for x in token.removeprefix("<|unit_").removesuffix("|>").split("_")]
+        assert row == [n for n in numbers if n < 1000]
+    assert any(row == [] for row in table)  # the generator plants out-of-range units
+    with pytest.raises(EchoXError, match="has no unit token"):
+        tok.unit_table(vocab, units + 1)

@@ -29,7 +29,8 @@ def test_confident_peak_cuts_after_twenty_tokens():
 
 
 def test_weak_peak_needs_fifty_tokens():
-    scores = [-0.1] * 80  # flat stretches are peaks too (ties), so keep them below the real peaks
+    # A rising ramp has no peaks of its own (a flat stretch would: ties count as peaks).
+    scores = [-0.1 + 1e-4 * i for i in range(80)]
     scores[25] = 0.05  # a peak but not confident, and only 25 tokens in
     scores[60] = 0.05
     assert segment_all(scores) == [(0, 61), (61, 80)]

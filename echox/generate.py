@@ -1,0 +1,116 @@
+"""LLM decoding for EchoX: prompt with speech rows in, tokens with their hidden states out.
+
+The prompt is a list of *slots*: a text slot holds a token id, an audio slot holds one row of
+a turn's speech embeddings (its token id in traces is `<audio_patch>`). The KV cache of a
+conversation keeps the slots it has seen, so a new turn prefills only from the first slot
+that differs (the released model re-reads the whole history; the result is the same).
+
+Each decoding step yields the token t, the final-norm hidden state h_t that chose it, and
+s_t = cos(h_t, lm_head row of "."), the score the segmenter uses. The step itself has no host
+sync; the loop reads one small tensor per token back (token id and score) to stream text.
+"""
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .errors import EchoXError
+from .llama import LlamaLM
+from .sampling import SamplingParams, head_select
+
+
+@dataclass(frozen=True)
+class AudioSlot:
+    turn: int  # which speech turn of the conversation
+    row: int  # which of its embedding rows
+
+
+Slot = int | AudioSlot
+
+
+@dataclass
+class Token:
+    id: int
+    hidden: torch.Tensor  # [H] final-norm hidden state that produced this token (on the device)
+    score: float  # cosine with the "." row of the output head
+
+
+def common_prefix(a: list[Slot], b: list[Slot]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class TextDecoder:
+    """Owns the LLM's KV cache for one conversation and decodes one turn at a time."""
+
+    def __init__(self, lm: LlamaLM, pad_id: int, eot_id: int, period_id: int, max_len: int):
+        self.lm, self.pad_id, self.eot_id = lm, pad_id, eot_id
+        self.device = lm.lm_head.weight.device
+        lm.body.setup_cache(1, max_len)
+        self.cached: list[Slot] = []  # what the KV cache holds, position by position
+        period = lm.lm_head.weight[period_id].float()
+        self.period_row = period / period.norm()  # [H], unit norm: the score is one dot product
+        self.step = torch.zeros((), dtype=torch.int64, device=self.device)  # sampling counter
+
+    def embed(self, slots: list[Slot], speech: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """[1, n, H] embeddings and [1, n] key flags for `slots` (eot/pad keys are masked, SPEC §5)."""
+        ids = torch.tensor([s if isinstance(s, int) else self.pad_id for s in slots], device=self.device)
+        x = self.lm.embed_tokens(ids)
+        audio = [(i, s) for i, s in enumerate(slots) if isinstance(s, AudioSlot)]
+        if audio:
+            where = torch.tensor([i for i, _ in audio], device=self.device)
+            rows = torch.stack([speech[s.turn][s.row] for _, s in audio]).to(x.dtype)
+            x = x.index_copy(0, where, rows)
+        is_audio = torch.zeros(len(slots), dtype=torch.bool, device=self.device)
+        is_audio[[i for i, _ in audio]] = True
+        return x[None], ((ids != self.pad_id) | is_audio)[None]
+
+    def prefill(self, slots: list[Slot], speech: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Bring the cache to `slots`; return the last position's hidden state [1, H]."""
+        if len(slots) > self.lm.body.max_len:
+            raise EchoXError(f"the conversation needs {len(slots)} positions but the KV cache holds "
+                             f"{self.lm.body.max_len}; start a new session or raise max_len")
+        start = min(common_prefix(self.cached, slots), len(slots) - 1)
+        x, valid = self.embed(slots[start:], speech)
+        positions = torch.arange(start, len(slots), device=self.device)[None]
+        hidden = self.lm(x, positions, valid)[:, -1]
+        self.cached = list(slots)
+        return hidden
+
+    def decode_step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """token [1] int64 at position [1] -> hidden [1, H]. Static shapes, no host sync."""
+        x = self.lm.embed_tokens(token)[:, None]
+        valid = torch.ones(1, 1, dtype=torch.bool, device=self.device)  # eot ends a turn, so never fed
+        return self.lm(x, position[:, None], valid)[:, 0]
+
+    def select(self, hidden: torch.Tensor, sampling: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next token [1] and its score [1] from hidden [1, H]; bumps the sampling counter on device."""
+        token = head_select(hidden, self.lm.lm_head.weight, sampling, self.step)
+        self.step += 1
+        score = F.normalize(hidden.float(), dim=-1) @ self.period_row
+        return token, score
+
+    def generate(self, slots: list[Slot], speech: dict[int, torch.Tensor], sampling: SamplingParams,
+                 max_new_tokens: int) -> Iterator[Token]:
+        """Yield the answer's tokens (eot excluded); the cache then holds prompt + answer."""
+        hidden = self.prefill(slots, speech)
+        length = len(slots)
+        position = torch.tensor([length], device=self.device)
+        for _ in range(max_new_tokens):
+            if length >= self.lm.body.max_len:
+                raise EchoXError(f"the answer reached the KV cache size {self.lm.body.max_len}; raise max_len")
+            token, score = self.select(hidden, sampling)
+            token_id, score_value = torch.stack([token.float(), score]).view(-1).tolist()  # the one sync
+            if int(token_id) == self.eot_id:
+                return
+            yield Token(int(token_id), hidden[0], score_value)
+            hidden = self.decode_step(token, position)
+            self.cached.append(int(token_id))  # only once its keys are in the cache
+            position += 1
+            length += 1

@@ -1,0 +1,205 @@
+"""Audio in and out: any sound file -> 16 kHz mono float32 samples, and 16-bit WAV out.
+
+WAV is parsed here with the standard library (RIFF chunks, PCM 8/16/24/32-bit, IEEE float
+32/64-bit, WAVE_FORMAT_EXTENSIBLE), so the engine needs nothing else for the common case;
+FLAC, OGG and MP3 go through `soundfile` when it is installed. Every file is downmixed to mono
+(the mean of its channels) and resampled to 16 kHz with a Kaiser-windowed sinc filter.
+
+The 30 s cut happens in `load_audio`, because that is where the file name is known for the
+warning; Whisper sees at most 30 s (SPEC §2) and `log_mel` would cut silently otherwise.
+"""
+
+import math
+import struct
+import warnings
+from pathlib import Path
+
+import torch
+
+from .errors import EchoXError
+
+SAMPLE_RATE = 16000
+MAX_SECONDS = 30.0
+
+PCM, IEEE_FLOAT, EXTENSIBLE = 0x0001, 0x0003, 0xFFFE
+# Magic numbers of the compressed formats soundfile reads: FLAC, Ogg, MP3 (ID3 tag or frame sync).
+COMPRESSED_MAGIC = (b"fLaC", b"OggS", b"ID3")
+
+
+def load_audio(path: Path | str, max_seconds: float | None = MAX_SECONDS) -> torch.Tensor:
+    """[N] float32 mono samples at 16 kHz; audio longer than `max_seconds` is cut, with a warning."""
+    path = Path(path)
+    samples, rate = read_audio(path)  # [channels, frames]
+    if samples.shape[1] == 0:
+        raise EchoXError(f"{path}: the file holds no audio samples (zero length)")
+    mono = resample(samples.mean(dim=0), rate, SAMPLE_RATE)
+    if max_seconds is not None and mono.shape[0] > max_seconds * SAMPLE_RATE:
+        warnings.warn(f"{path}: audio is {mono.shape[0] / SAMPLE_RATE:.1f} s long; "
+                      f"only the first {max_seconds:g} s are used", stacklevel=2)
+        mono = mono[:int(max_seconds * SAMPLE_RATE)]
+    return mono
+
+
+def read_audio(path: Path) -> tuple[torch.Tensor, int]:
+    """The file's own samples [channels, frames] as float32 in [-1, 1], and its sample rate."""
+    if not path.is_file():
+        raise EchoXError(f"{path}: audio file not found")
+    with path.open("rb") as f:
+        head = f.read(12)
+    if not head:
+        raise EchoXError(f"{path}: the file is empty")
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        return read_wav(path)
+    return read_with_soundfile(path, head)
+
+
+def read_with_soundfile(path: Path, head: bytes) -> tuple[torch.Tensor, int]:
+    looks_compressed = head.startswith(COMPRESSED_MAGIC) or (len(head) > 1 and head[0] == 0xFF
+                                                             and head[1] & 0xE0 == 0xE0)
+    try:
+        import soundfile
+    except ImportError:
+        if looks_compressed:
+            raise EchoXError(f"{path}: reading FLAC/OGG/MP3 needs the soundfile package "
+                             f"(pip install soundfile), or convert the file to WAV") from None
+        raise EchoXError(f"{path}: not a WAV file (expected a RIFF/WAVE header; "
+                         f"pip install soundfile to read FLAC, OGG or MP3)") from None
+    try:
+        data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)  # [frames, channels]
+    except Exception as e:  # libsndfile reports corrupt and unknown files with its own error types
+        raise EchoXError(f"{path}: not a readable audio file ({e})") from None
+    return torch.from_numpy(data.T.copy()), int(rate)
+
+
+# ---- WAV --------------------------------------------------------------------------------------
+
+def riff_chunks(data: bytes, path: Path) -> dict[bytes, bytes]:
+    """The chunks after the 12-byte RIFF/WAVE header, by id (the first of each id wins)."""
+    chunks: dict[bytes, bytes] = {}
+    pos = 12
+    while pos + 8 <= len(data):
+        chunk_id, size = struct.unpack_from("<4sI", data, pos)
+        body = data[pos + 8:pos + 8 + size]
+        if len(body) < size:
+            raise EchoXError(f"{path}: truncated WAV file: chunk {chunk_id.decode('latin-1')!r} declares "
+                             f"{size} bytes but only {len(body)} follow")
+        chunks.setdefault(chunk_id, body)
+        pos += 8 + size + (size & 1)  # chunks are padded to an even size
+    return chunks
+
+
+def wav_format(fmt: bytes, path: Path) -> tuple[int, int, int, int]:
+    """(format code, channels, sample rate, bits per sample) from a `fmt ` chunk."""
+    if len(fmt) < 16:
+        raise EchoXError(f"{path}: corrupt WAV file: the 'fmt ' chunk is {len(fmt)} bytes, expected at least 16")
+    code, channels, rate, _, block_align, bits = struct.unpack_from("<HHIIHH", fmt)
+    if code == EXTENSIBLE:
+        if len(fmt) < 40:
+            raise EchoXError(f"{path}: corrupt WAV file: WAVE_FORMAT_EXTENSIBLE 'fmt ' chunk is too short")
+        code = struct.unpack_from("<H", fmt, 24)[0]  # the first two bytes of the SubFormat GUID
+    if channels == 0 or rate == 0:
+        raise EchoXError(f"{path}: corrupt WAV file: {channels} channels at {rate} Hz")
+    if block_align != channels * ((bits + 7) // 8):
+        raise EchoXError(f"{path}: corrupt WAV file: block align {block_align} does not match "
+                         f"{channels} channels of {bits} bits")
+    return code, channels, rate, bits
+
+
+def decode_samples(raw: bytes, code: int, bits: int, path: Path) -> torch.Tensor:
+    """Interleaved little-endian samples -> float32 in [-1, 1] (integers scaled by 2^(bits-1))."""
+    buffer = bytearray(raw)  # frombuffer needs a writable buffer to avoid a warning
+    if code == IEEE_FLOAT and bits in (32, 64):
+        return torch.frombuffer(buffer, dtype=torch.float32 if bits == 32 else torch.float64).float()
+    if code != PCM or bits not in (8, 16, 24, 32):
+        raise EchoXError(f"{path}: unsupported WAV encoding (format code {code:#06x}, {bits} bits); "
+                         f"expected PCM 8/16/24/32-bit or IEEE float 32/64-bit")
+    if bits == 8:  # 8-bit WAV is unsigned, centred on 128
+        return (torch.frombuffer(buffer, dtype=torch.uint8).float() - 128) / 128
+    if bits == 24:
+        triples = torch.frombuffer(buffer, dtype=torch.uint8).view(-1, 3).int()
+        value = triples[:, 0] | (triples[:, 1] << 8) | (triples[:, 2] << 16)
+        value = value - ((value & 0x800000) << 1)  # sign-extend bit 23
+        return value.double().div(2 ** 23).float()
+    dtype = torch.int16 if bits == 16 else torch.int32
+    return torch.frombuffer(buffer, dtype=dtype).double().div(2 ** (bits - 1)).float()
+
+
+def read_wav(path: Path) -> tuple[torch.Tensor, int]:
+    data = path.read_bytes()
+    chunks = riff_chunks(data, path)
+    if b"fmt " not in chunks:
+        raise EchoXError(f"{path}: corrupt WAV file: no 'fmt ' chunk")
+    if b"data" not in chunks:
+        raise EchoXError(f"{path}: corrupt WAV file: no 'data' chunk")
+    code, channels, rate, bits = wav_format(chunks[b"fmt "], path)
+    raw = chunks[b"data"]
+    if not raw:
+        raise EchoXError(f"{path}: the file holds no audio samples (zero length)")
+    frame_bytes = channels * ((bits + 7) // 8)
+    if len(raw) % frame_bytes:
+        raise EchoXError(f"{path}: truncated WAV file: {len(raw)} data bytes is not a whole number "
+                         f"of {frame_bytes}-byte frames")
+    samples = decode_samples(raw, code, bits, path)
+    return samples.view(-1, channels).T.contiguous(), rate  # [channels, frames]
+
+
+def write_wav(path: Path | str, samples: torch.Tensor, sample_rate: int = SAMPLE_RATE, overwrite: bool = False):
+    """Write [N] mono samples as 16-bit PCM WAV, clipping to [-1, 1]."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise EchoXError(f"{path}: already exists; choose another output path or allow overwriting")
+    pcm = (samples.detach().float().cpu().reshape(-1).clamp(-1, 1) * 32767).round().to(torch.int16)
+    payload = pcm.numpy().astype("<i2").tobytes()
+    fmt = struct.pack("<HHIIHH", PCM, 1, sample_rate, 2 * sample_rate, 2, 16)
+    header = b"RIFF" + struct.pack("<I", 4 + 8 + len(fmt) + 8 + len(payload)) + b"WAVE"
+    path.write_bytes(header + b"fmt " + struct.pack("<I", len(fmt)) + fmt
+                     + b"data" + struct.pack("<I", len(payload)) + payload)
+
+
+# ---- resampling --------------------------------------------------------------------------------
+
+# The filter passes up to ROLLOFF x the lower Nyquist frequency; with ZERO_CROSSINGS sinc lobes
+# per side and a Kaiser window of BETA (about 100 dB stopband), the transition band is about
+# 13% of the cutoff wide, so it ends below the new Nyquist (little aliasing) and the passband
+# stays flat to 1e-5 up to about 0.86 x Nyquist.
+ROLLOFF = 0.92
+ZERO_CROSSINGS = 48
+KAISER_BETA = 10.0
+
+
+def resample_kernels(orig_sr: int, new_sr: int) -> tuple[torch.Tensor, int, int, int]:
+    """Polyphase filters [up, 1, taps] for output phases 0..up-1, and (up, down, half width).
+
+    Output sample m sits at input position m * down / up. Writing m = q * up + p, phase p reads
+    the input window starting at q * down - half and is the windowed sinc evaluated at its
+    fractional offset p * down / up from the window's reference point.
+    """
+    g = math.gcd(orig_sr, new_sr)
+    up, down = new_sr // g, orig_sr // g
+    cutoff = ROLLOFF * min(up, down) / (2 * down)  # cycles per input sample
+    half = math.ceil(ZERO_CROSSINGS / (2 * cutoff))  # input samples on each side
+    taps = 2 * half + down
+    offset = torch.arange(up, dtype=torch.float64)[:, None] * down / up
+    t = offset + half - torch.arange(taps, dtype=torch.float64)[None, :]  # [up, taps], input samples
+    inside = (t / half).clamp(-1, 1)
+    window = torch.special.i0(KAISER_BETA * torch.sqrt(1 - inside ** 2)) / torch.special.i0(torch.tensor(KAISER_BETA))
+    kernel = 2 * cutoff * torch.sinc(2 * cutoff * t) * window * (t.abs() <= half)
+    return kernel[:, None, :].float(), up, down, half
+
+
+def resample(x: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
+    """Band-limited resampling of [..., N] samples from orig_sr to new_sr: [..., ceil(N * new / orig)]."""
+    if orig_sr <= 0 or new_sr <= 0:
+        raise EchoXError(f"sample rates must be positive (got {orig_sr} -> {new_sr})")
+    if orig_sr == new_sr:
+        return x
+    kernels, up, down, half = resample_kernels(orig_sr, new_sr)
+    lead, n = x.shape[:-1], x.shape[-1]
+    out_len = -(-n * up // down)
+    rows = -(-out_len // up)  # outputs per phase
+    padded_len = (rows - 1) * down + kernels.shape[-1]
+    flat = x.reshape(-1, 1, n).to(torch.float32)
+    flat = torch.nn.functional.pad(flat, (half, max(0, padded_len - n - half)))
+    phases = torch.nn.functional.conv1d(flat, kernels.to(flat.device), stride=down)  # [B, up, rows]
+    out = phases[:, :, :rows].transpose(1, 2).reshape(flat.shape[0], rows * up)[:, :out_len]
+    return out.reshape(*lead, out_len).to(x.dtype)

@@ -1,0 +1,185 @@
+"""Audio loading, WAV decoding, band-limited resampling and WAV writing."""
+
+import math
+import struct
+import sys
+import wave
+
+import pytest
+import torch
+
+from echox.audio import load_audio, read_audio, resample, write_wav
+from echox.errors import EchoXError
+
+KSDATAFORMAT_SUFFIX = bytes.fromhex("000000001000800000aa00389b71")  # GUID tail after the format code
+
+
+def wav_bytes(code: int, channels: int, rate: int, bits: int, payload: bytes, extensible: bool = False) -> bytes:
+    """A WAV file built by hand, independently of echox.audio (for float and EXTENSIBLE)."""
+    block = channels * bits // 8
+    if extensible:
+        fmt = struct.pack("<HHIIHHHHI", 0xFFFE, channels, rate, rate * block, block, bits, 22, bits, 0)
+        fmt += struct.pack("<H", code) + KSDATAFORMAT_SUFFIX
+    else:
+        fmt = struct.pack("<HHIIHH", code, channels, rate, rate * block, block, bits)
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt
+    body += b"LIST" + struct.pack("<I", 3) + b"abc\0"  # an odd-sized extra chunk, padded, to be skipped
+    body += b"data" + struct.pack("<I", len(payload)) + payload
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def tone(rate: int, seconds: float, freq: float, amplitude: float = 0.5) -> torch.Tensor:
+    t = torch.arange(int(rate * seconds), dtype=torch.float64) / rate
+    return amplitude * torch.sin(2 * math.pi * freq * t + 0.3)
+
+
+# Integer ranges per width, and how the WAV standard maps them to [-1, 1).
+PCM_CASES = {8: (0, 256, 128), 16: (-2 ** 15, 2 ** 15, 0), 24: (-2 ** 23, 2 ** 23, 0), 32: (-2 ** 31, 2 ** 31, 0)}
+
+
+@pytest.mark.parametrize("bits", [8, 16, 24, 32])
+def test_pcm_widths_decode_to_scaled_integers(tmp_path, bits):
+    low, high, centre = PCM_CASES[bits]
+    values = torch.cat([torch.tensor([low, high - 1, centre]), torch.randint(low, high, (997,))]).long()
+    path = tmp_path / f"pcm{bits}.wav"
+    with wave.open(str(path), "wb") as w:  # the standard library writes the reference file
+        w.setnchannels(1), w.setsampwidth(bits // 8), w.setframerate(16000)
+        w.writeframes(b"".join(int(v).to_bytes(bits // 8, "little", signed=bits > 8) for v in values))
+    expected = (values - centre).double() / 2 ** (bits - 1)
+    torch.testing.assert_close(load_audio(path).double(), expected, atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("bits,extensible", [(32, False), (64, False), (32, True), (64, True)])
+def test_float_and_extensible_wav(tmp_path, bits, extensible):
+    x = torch.rand(2, 500, dtype=torch.float64) * 2 - 1  # [channels, frames]
+    payload = x.T.contiguous().numpy().astype("<f4" if bits == 32 else "<f8").tobytes()
+    path = tmp_path / "float.wav"
+    path.write_bytes(wav_bytes(0x0003, 2, 16000, bits, payload, extensible))
+    samples, rate = read_audio(path)
+    assert rate == 16000
+    torch.testing.assert_close(samples.double(), x, atol=1e-7, rtol=0)
+    torch.testing.assert_close(load_audio(path).double(), x.mean(0), atol=1e-7, rtol=0)  # downmix = mean
+
+
+def test_extensible_pcm24_stereo(tmp_path):
+    values = torch.randint(-2 ** 23, 2 ** 23, (300, 2))
+    payload = b"".join(int(v).to_bytes(3, "little", signed=True) for v in values.reshape(-1))
+    path = tmp_path / "x24.wav"
+    path.write_bytes(wav_bytes(0x0001, 2, 16000, 24, payload, extensible=True))
+    torch.testing.assert_close(load_audio(path).double(), values.double().mean(1) / 2 ** 23, atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("rate", [44100, 22050, 8000, 48000])
+def test_resampler_passband_matches_analytic_tone(rate):
+    out_rate = 16000
+    for freq in (200.0, 0.2 * min(rate, out_rate), 0.375 * min(rate, out_rate)):
+        y = resample(tone(rate, 1.0, freq).float(), rate, out_rate)
+        assert y.shape == (out_rate,)
+        expected = tone(out_rate, 1.0, freq)
+        error = (y.double() - expected)[500:-500].abs().max().item()  # away from the zero-padded edges
+        assert error < 1e-3, f"{rate} Hz -> {out_rate} Hz, {freq} Hz tone: error {error:.2e}"
+
+
+def test_resampler_removes_content_above_the_new_nyquist():
+    """A 10 kHz tone cannot exist at 16 kHz; a naive interpolator would alias it to 6 kHz."""
+    y = resample(tone(44100, 1.0, 10000.0).float(), 44100, 16000)
+    assert y[500:-500].abs().max() < 1e-3
+
+
+def test_resampler_handles_batches_and_tiny_inputs():
+    x = torch.randn(3, 2, 441)
+    y = resample(x, 44100, 16000)
+    assert y.shape == (3, 2, 160)
+    torch.testing.assert_close(y[1, 0], resample(x[1, 0], 44100, 16000))
+    assert resample(torch.ones(1), 8000, 16000).shape == (2,)
+
+
+def test_load_audio_resamples_to_16k(tmp_path):
+    path = tmp_path / "cd.wav"
+    write_wav(path, tone(44100, 0.5, 440.0), sample_rate=44100)
+    y = load_audio(path)
+    assert y.dtype == torch.float32 and y.shape == (8000,)
+    assert (y.double() - tone(16000, 0.5, 440.0))[300:-300].abs().max() < 2e-4  # 16-bit quantisation
+
+
+def test_silent_and_very_short_audio_load(tmp_path):
+    silent = tmp_path / "silent.wav"
+    write_wav(silent, torch.zeros(16000))
+    assert torch.equal(load_audio(silent), torch.zeros(16000))
+    short = tmp_path / "short.wav"
+    write_wav(short, torch.tensor([0.5]), sample_rate=8000)
+    assert load_audio(short).shape == (2,)
+
+
+def test_long_audio_is_cut_to_30_seconds_with_a_warning(tmp_path):
+    path = tmp_path / "long.wav"
+    write_wav(path, torch.full((31 * 16000,), 0.25))
+    with pytest.warns(UserWarning, match="first 30 s"):
+        y = load_audio(path)
+    assert y.shape == (480000,)
+    assert load_audio(path, max_seconds=None).shape == (31 * 16000,)
+
+
+def test_write_wav_clips_and_refuses_to_overwrite(tmp_path):
+    path = tmp_path / "out.wav"
+    write_wav(path, torch.tensor([2.0, -3.0, 0.5, 0.0]))
+    with wave.open(str(path)) as w:
+        assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (1, 2, 16000)
+    torch.testing.assert_close(load_audio(path), torch.tensor([32767, -32767, 16384, 0]) / 32768)
+    with pytest.raises(EchoXError, match="already exists"):
+        write_wav(path, torch.zeros(4))
+    write_wav(path, torch.zeros(4), overwrite=True)
+    assert torch.equal(load_audio(path), torch.zeros(4))
+
+
+def _bad_files(tmp_path):
+    good = wav_bytes(0x0001, 1, 16000, 16, bytes(200))
+    return {
+        "empty": (b"", "empty"),
+        "zero_length": (wav_bytes(0x0001, 1, 16000, 16, b""), "zero length"),
+        "truncated": (good[:-50], "truncated"),
+        "half_frame": (wav_bytes(0x0001, 1, 16000, 16, bytes(201)), "not a whole number"),
+        "no_fmt": (b"RIFF" + struct.pack("<I", 12) + b"WAVE" + b"data" + struct.pack("<I", 0), "no 'fmt '"),
+        "adpcm": (wav_bytes(0x0002, 1, 16000, 16, bytes(200)), "unsupported WAV encoding"),
+        "zero_rate": (wav_bytes(0x0001, 1, 0, 16, bytes(200)), "0 Hz"),
+        "text": (b"this is not audio at all\n" * 4, "not a WAV file|not a readable audio file"),
+    }
+
+
+@pytest.mark.parametrize("case", ["empty", "zero_length", "truncated", "half_frame", "no_fmt", "adpcm",
+                                  "zero_rate", "text"])
+def test_bad_files_raise_clear_errors(tmp_path, case):
+    content, message = _bad_files(tmp_path)[case]
+    path = tmp_path / f"{case}.wav"
+    path.write_bytes(content)
+    with pytest.raises(EchoXError, match=message) as info:
+        load_audio(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(EchoXError, match="not found"):
+        load_audio(tmp_path / "nope.wav")
+
+
+def test_compressed_audio_without_soundfile_says_how_to_fix(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "soundfile", None)  # makes `import soundfile` fail
+    path = tmp_path / "x.flac"
+    path.write_bytes(b"fLaC" + bytes(100))
+    with pytest.raises(EchoXError, match="pip install soundfile"):
+        load_audio(path)
+
+
+def test_flac_through_soundfile(tmp_path):
+    soundfile = pytest.importorskip("soundfile")
+    x = tone(22050, 0.5, 300.0)
+    stereo = torch.stack([x, -0.5 * x], dim=1).numpy()  # [frames, channels]
+    path = tmp_path / "x.flac"
+    soundfile.write(str(path), stereo, 22050, subtype="PCM_16")
+    y = load_audio(path)
+    assert y.shape == (8000,)
+    assert (y.double() - 0.25 * tone(16000, 0.5, 300.0))[300:-300].abs().max() < 2e-4
+    corrupt = tmp_path / "bad.flac"
+    corrupt.write_bytes(path.read_bytes()[:60])
+    with pytest.raises(EchoXError, match="not a readable audio file"):
+        load_audio(corrupt)

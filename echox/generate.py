@@ -96,11 +96,10 @@ class TextDecoder:
         score = F.normalize(hidden.float(), dim=-1) @ self.period_row
         return token, score
 
-    def generate(self, slots: list[Slot], speech: dict[int, torch.Tensor], sampling: SamplingParams,
-                 max_new_tokens: int) -> Iterator[Token]:
-        """Yield the answer's tokens (eot excluded); the cache then holds prompt + answer."""
-        hidden = self.prefill(slots, speech)
-        length = len(slots)
+    def decode(self, hidden: torch.Tensor, length: int, sampling: SamplingParams,
+               max_new_tokens: int) -> Iterator[Token]:
+        """Yield the answer's tokens (eot excluded) after a prefill of `length` slots that gave
+        `hidden` [1, H]; the cache then holds prompt + answer."""
         position = torch.tensor([length], device=self.device)
         for _ in range(max_new_tokens):
             if length >= self.lm.body.max_len:

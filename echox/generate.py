@@ -16,6 +16,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from .cuda_graph import GraphedStep
 from .errors import EchoXError
 from .llama import LlamaLM
 from .sampling import SamplingParams, head_select
@@ -49,10 +50,14 @@ def common_prefix(a: list[Slot], b: list[Slot]) -> int:
 class TextDecoder:
     """Owns the LLM's KV cache for one conversation and decodes one turn at a time."""
 
-    def __init__(self, lm: LlamaLM, pad_id: int, eot_id: int, period_id: int, max_len: int):
+    def __init__(self, lm: LlamaLM, pad_id: int, eot_id: int, period_id: int, max_len: int,
+                 use_graphs: bool | None = None):
         self.lm, self.pad_id, self.eot_id = lm, pad_id, eot_id
         self.device = lm.lm_head.weight.device
-        lm.body.setup_cache(1, max_len)
+        self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
+        self.graphs: dict[SamplingParams, GraphedStep] = {}
+        self.state = lm.body.allocate_state(1, max_len)  # this conversation's KV cache
+        self.max_len = max_len
         self.cached: list[Slot] = []  # what the KV cache holds, position by position
         period = lm.lm_head.weight[period_id].float()
         self.period_row = period / period.norm()  # [H], unit norm: the score is one dot product
@@ -72,10 +77,14 @@ class TextDecoder:
         return x[None], ((ids != self.pad_id) | is_audio)[None]
 
     def prefill(self, slots: list[Slot], speech: dict[int, torch.Tensor]) -> torch.Tensor:
-        """Bring the cache to `slots`; return the last position's hidden state [1, H]."""
-        if len(slots) > self.lm.body.max_len:
+        """Bring the cache to `slots`; return the last position's hidden state [1, H].
+
+        The engine runs one turn at a time: a turn points the LLM's layers at this conversation's
+        cache here, and decodes with it until the turn ends."""
+        self.lm.body.use_state(self.state)
+        if len(slots) > self.max_len:
             raise EchoXError(f"the conversation needs {len(slots)} positions but the KV cache holds "
-                             f"{self.lm.body.max_len}; start a new session or raise max_len")
+                             f"{self.max_len}; start a new session or raise max_len")
         start = min(common_prefix(self.cached, slots), len(slots) - 1)
         x, valid = self.embed(slots[start:], speech)
         positions = torch.arange(start, len(slots), device=self.device)[None]
@@ -96,20 +105,37 @@ class TextDecoder:
         score = F.normalize(hidden.float(), dim=-1) @ self.period_row
         return token, score
 
+    def step_function(self, sampling: SamplingParams):
+        """(token [1], position [1]) -> (hidden [1, H], next token [1], score [1]): eager, or a
+        CUDA graph captured once per sampling setting (the setting is baked into the kernels)."""
+        def step(token, position):
+            hidden = self.decode_step(token, position)
+            return (hidden, *self.select(hidden, sampling))
+
+        if not self.use_graphs:
+            return step
+        if sampling not in self.graphs:
+            counter = self.step.clone()  # warm-up runs advance the sampling counter: undo that
+            position = torch.tensor([len(self.cached)], device=self.device)  # rewritten by the real step
+            self.graphs[sampling] = GraphedStep(step, torch.zeros_like(position), position)
+            self.step.copy_(counter)
+        return self.graphs[sampling]
+
     def decode(self, hidden: torch.Tensor, length: int, sampling: SamplingParams,
                max_new_tokens: int) -> Iterator[Token]:
         """Yield the answer's tokens (eot excluded) after a prefill of `length` slots that gave
         `hidden` [1, H]; the cache then holds prompt + answer."""
+        token, score = self.select(hidden, sampling)
+        step = self.step_function(sampling)
         position = torch.tensor([length], device=self.device)
         for _ in range(max_new_tokens):
-            if length >= self.lm.body.max_len:
-                raise EchoXError(f"the answer reached the KV cache size {self.lm.body.max_len}; raise max_len")
-            token, score = self.select(hidden, sampling)
             token_id, score_value = torch.stack([token.float(), score]).view(-1).tolist()  # the one sync
             if int(token_id) == self.eot_id:
                 return
-            yield Token(int(token_id), hidden[0], score_value)
-            hidden = self.decode_step(token, position)
+            yield Token(int(token_id), hidden[0].clone(), score_value)
+            if length >= self.max_len:
+                raise EchoXError(f"the answer reached the KV cache size {self.max_len}; raise max_len")
+            hidden, token, score = step(token, position)
             self.cached.append(int(token_id))  # only once its keys are in the cache
             position += 1
             length += 1

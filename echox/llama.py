@@ -10,6 +10,7 @@ no host syncs, so the decode step can be captured in a CUDA graph.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +84,13 @@ class KVCache(nn.Module):
         self.k[rows, :, positions] = k.transpose(1, 2)
         self.v[rows, :, positions] = v.transpose(1, 2)
         self.key_valid[rows, positions] = key_valid
+
+
+@dataclass
+class DecoderState:
+    caches: list[KVCache]
+    rope_cos: torch.Tensor  # [max_len, D] fp32
+    rope_sin: torch.Tensor
 
 
 class Attention(nn.Module):
@@ -166,14 +174,23 @@ class LlamaBody(nn.Module):
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
 
+    def allocate_state(self, batch: int, max_len: int) -> "DecoderState":
+        """A KV cache per layer and RoPE tables for `max_len` positions, owned by the caller (a
+        conversation), so that several conversations can share one set of weights."""
+        weight = self.layers[0].attention.wqkv.weight
+        caches = [KVCache(batch, self.cfg.num_kv_heads, max_len, self.cfg.head_dim, weight.dtype, weight.device)
+                  for _ in self.layers]
+        return DecoderState(caches, *rope_tables(self.cfg, max_len, weight.device))
+
+    def use_state(self, state: "DecoderState"):
+        """Point every layer at `state`'s buffers (no copy): the next forward reads and writes them."""
+        for layer, cache in zip(self.layers, state.caches):
+            layer.attention.cache = cache
+        self.rope_cos, self.rope_sin = state.rope_cos, state.rope_sin
+
     def setup_cache(self, batch: int, max_len: int):
-        """Allocate the static KV cache and RoPE tables once; every later step reuses them."""
-        weight = self.norm.weight
-        dtype = self.layers[0].attention.wqkv.weight.dtype
-        for layer in self.layers:
-            layer.attention.cache = KVCache(batch, self.cfg.num_kv_heads, max_len, self.cfg.head_dim,
-                                            dtype, weight.device)
-        self.rope_cos, self.rope_sin = rope_tables(self.cfg, max_len, weight.device)
+        """Allocate a fresh state and use it; every later step reuses its static buffers."""
+        self.use_state(self.allocate_state(batch, max_len))
 
     @property
     def max_len(self) -> int:

@@ -1,11 +1,51 @@
-"""Echo decoder (T2U, SPEC §7): LLM hidden states of one segment -> unit-language tokens."""
+"""Echo decoder (T2U, SPEC §7): LLM hidden states of one segment -> unit-language tokens.
+
+For a segment S [n, H] of the LLM's final-norm hidden states, the decoder reads
+
+    adapter( concat( T[P_text], aligner_MLP(S), T[P_unit] ) )        [L, h],  L = |P_text| + n + |P_unit|
+
+where T = concat(text embeddings, unit embeddings) [V+U, H] and `adapter` projects the LLM
+width H to the body width h. A small Llama body then decodes greedily, one token at a time,
+each new token embedded as adapter(T[id]), until eot. Token ids >= V are unit-language
+tokens; each spells one or more HuBERT units (`EchoDecoder.units_of`).
+
+Two output heads select the next token, both greedy through `sampling.head_select`:
+- the full head, all V+U rows of `lm_head`: the released computation, kept as the reference;
+- the unit head, only the eot row and the U unit rows (the fast path: ~16x fewer rows for
+  the 8B vocabulary). Its rows are in increasing token-id order (eot < V <= units), so argmax
+  ties break to the same token as over the full head.
+The two pick the same token whenever the full head's argmax is eot or a unit. When the full
+head's argmax is a text token other than eot, the unit head picks the best unit or eot
+instead; the full path feeds the text token back, as the released decoder does (it generates
+over the whole vocabulary), and yields nothing for it, since it stands for no unit.
+
+Length: the body has max_position_embeddings (2048) positions, and the static KV cache holds
+exactly that many, so prompt + new tokens <= 2048. A decode stops at eot, after `max_units`
+new tokens (default `EchoDecoderConfig.max_new_tokens`, 2048), or when the positions run out,
+whichever comes first.
+"""
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
 
 from .config import EchoDecoderConfig
-from .llama import body_layout
+from .errors import EchoXError
+from .llama import LlamaBody, body_layout
+from .sampling import GREEDY, head_select
+from .tokenizer import Tokenizer
 from .weights import Layout
 
+if TYPE_CHECKING:  # checkpoint.py imports this module for echo_layout
+    from .checkpoint import ModelFolder
 
-def echo_layout(cfg: EchoDecoderConfig, prefix: str = "unit_translator.") -> Layout:
+ECHO_PREFIX = "unit_translator."
+
+
+def echo_layout(cfg: EchoDecoderConfig, prefix: str = ECHO_PREFIX) -> Layout:
     big_h, inner, width = cfg.llm_hidden_size, cfg.aligner_intermediate, cfg.body.hidden_size
     return {
         prefix + "aligner_MLP.0.weight": (inner, big_h), prefix + "aligner_MLP.0.bias": (inner,),
@@ -15,3 +55,164 @@ def echo_layout(cfg: EchoDecoderConfig, prefix: str = "unit_translator.") -> Lay
         prefix + "adapter.weight": (width, big_h), prefix + "adapter.bias": (width,),
         prefix + "lm_head.weight": (cfg.body.vocab_size, width),
     } | body_layout(cfg.body, prefix + "model.")
+
+
+@dataclass(frozen=True)
+class EchoVocabulary:
+    """What the echo decoder takes from the tokenizer, read once at load."""
+
+    text_prefix: tuple[int, ...]  # P_text, ending in the 12800 quirk for Llama-3
+    unit_prefix: tuple[int, ...]  # P_unit
+    eot: int
+    units: tuple[tuple[int, ...], ...]  # unit token k (id V + k) -> its HuBERT units, values < 1000
+
+    @staticmethod
+    def from_tokenizer(tokenizer: Tokenizer, cfg: EchoDecoderConfig) -> "EchoVocabulary":
+        text_prefix, unit_prefix = tokenizer.echo_prefixes()
+        table = tokenizer.unit_table(cfg.text_vocab_size, cfg.unit_vocab_size)
+        return EchoVocabulary(tuple(text_prefix), tuple(unit_prefix), tokenizer.eot,
+                              tuple(tuple(units) for units in table))
+
+
+def _aligner_mlp(big_h: int, inner: int) -> nn.Sequential:
+    """The denoising adapter; indices match the released keys `aligner_MLP.0` and `.3`."""
+    # Index 2 was Dropout in training; at inference it is the identity.
+    return nn.Sequential(nn.Linear(big_h, inner), nn.ReLU(), nn.Identity(), nn.Linear(inner, big_h))
+
+
+class EchoDecoder(nn.Module):
+    """The T2U decoder with its own static KV cache (batch 1, max_position_embeddings long)."""
+
+    def __init__(self, cfg: EchoDecoderConfig, vocab: EchoVocabulary, tensors: dict[str, torch.Tensor]):
+        """`tensors` keyed as `echo_layout(cfg, prefix="")`; they become the weights (no copy)."""
+        super().__init__()
+        self.cfg, self.vocab = cfg, vocab
+        device = tensors["adapter.weight"].device
+        # Built on the meta device and left uninitialised: a random init of these sizes costs
+        # seconds and every value is overwritten below.
+        with torch.device("meta"):
+            self.aligner_mlp = _aligner_mlp(cfg.llm_hidden_size, cfg.aligner_intermediate)
+            self.adapter = nn.Linear(cfg.llm_hidden_size, cfg.body.hidden_size)
+            self.body = LlamaBody(cfg.body)
+        self.to_empty(device=device)
+        self._load(tensors)
+        self.requires_grad_(False).eval()
+        self.body.setup_cache(1, cfg.body.max_position_embeddings)
+
+    def _load(self, tensors: dict[str, torch.Tensor]):
+        cfg, vocab = self.cfg, self.vocab
+        for index in (0, 3):
+            self.aligner_mlp[index].weight.data = tensors[f"aligner_MLP.{index}.weight"]
+            self.aligner_mlp[index].bias.data = tensors[f"aligner_MLP.{index}.bias"]
+        self.adapter.weight.data, self.adapter.bias.data = tensors["adapter.weight"], tensors["adapter.bias"]
+        self.body.load_released({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
+        device = self.adapter.weight.device
+        text_table = tensors["model.embed_tokens.weight"]
+        self.register_buffer("token_table", torch.cat([text_table, tensors["unit_embedding.weight"]]),
+                             persistent=False)  # T [V+U, H]
+        self.register_buffer("lm_head", tensors["lm_head.weight"], persistent=False)  # [V+U, h]
+        if not 0 <= vocab.eot < cfg.text_vocab_size:
+            raise EchoXError(f"eot id {vocab.eot} is not a text token id (0..{cfg.text_vocab_size - 1})")
+        # Unit-head row r stands for token id unit_head_ids[r]: eot first, then every unit token.
+        unit_ids = torch.arange(cfg.text_vocab_size, cfg.body.vocab_size, device=device)
+        self.register_buffer("unit_head_ids", torch.cat([torch.tensor([vocab.eot], device=device), unit_ids]),
+                             persistent=False)  # [1+U]
+        self.register_buffer("unit_head", self.lm_head[self.unit_head_ids], persistent=False)  # [1+U, h]
+        self.register_buffer("text_prefix", torch.tensor(vocab.text_prefix, device=device), persistent=False)
+        self.register_buffer("unit_prefix", torch.tensor(vocab.unit_prefix, device=device), persistent=False)
+        # Greedy selection ignores the sampling counter, but head_select takes one.
+        self.register_buffer("select_step", torch.zeros(1, dtype=torch.int64, device=device), persistent=False)
+        self.register_buffer("one_valid_key", torch.ones(1, 1, dtype=torch.bool, device=device), persistent=False)
+
+    @property
+    def max_len(self) -> int:
+        return self.body.max_len
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """token_ids [...] -> adapter(T[id]) [..., h]."""
+        return self.adapter(self.token_table[token_ids])
+
+    def prompt_embeddings(self, segment: torch.Tensor) -> torch.Tensor:
+        """segment [n, H] -> adapter(concat(T[P_text], aligner_MLP(S), T[P_unit])) [L, h]."""
+        if segment.dim() != 2 or segment.shape[1] != self.cfg.llm_hidden_size:
+            raise EchoXError(f"an echo-decoder segment must be [n, {self.cfg.llm_hidden_size}] LLM hidden "
+                             f"states, got shape {list(segment.shape)}")
+        denoised = self.aligner_mlp(segment.to(self.token_table))  # [n, H]
+        pieces = [self.token_table[self.text_prefix], denoised, self.token_table[self.unit_prefix]]
+        return self.adapter(torch.cat(pieces))
+
+    def select(self, hidden: torch.Tensor, full_head: bool = False) -> torch.Tensor:
+        """hidden [B, h] -> greedy next token id [B], over the full head or the unit head."""
+        if full_head:
+            return head_select(hidden, self.lm_head, GREEDY, self.select_step)
+        return self.unit_head_ids[head_select(hidden, self.unit_head, GREEDY, self.select_step)]
+
+    def prefill(self, prompt: torch.Tensor, full_head: bool = False) -> torch.Tensor:
+        """Write prompt [L, h] at positions 0..L-1 of the cache; return the first new token id [1]."""
+        length = prompt.shape[0]
+        positions = torch.arange(length, device=prompt.device)[None]  # [1, L]
+        key_valid = torch.ones(1, length, dtype=torch.bool, device=prompt.device)
+        hidden = self.body(prompt[None], positions, key_valid)  # [1, L, h]
+        return self.select(hidden[:, -1], full_head)
+
+    def decode_step(self, token_id: torch.Tensor, position: torch.Tensor, full_head: bool = False) -> torch.Tensor:
+        """Feed token_id [1] at position [1, 1]; return the next token id [1].
+
+        Static shapes, no host sync: a CUDA graph can capture it with token_id and position as
+        its input buffers.
+        """
+        hidden = self.body(self.embed(token_id[:, None]), position, self.one_valid_key)  # [1, 1, h]
+        return self.select(hidden[:, 0], full_head)
+
+    def unit_budget(self, prompt_length: int, max_units: int | None = None) -> int:
+        """How many new tokens a prompt of this length may get: prompt + new tokens <= max_len."""
+        limit = self.cfg.max_new_tokens if max_units is None else max_units
+        if limit < 1:
+            raise EchoXError(f"max_units must be at least 1, got {limit}")
+        room = self.max_len - prompt_length
+        if room < 1:
+            raise EchoXError(f"the echo-decoder prompt of this segment has {prompt_length} positions, leaving no "
+                             f"room for units in the decoder's {self.max_len}; cut the segment shorter")
+        return min(limit, room)
+
+    @torch.no_grad()
+    def generate(self, segment: torch.Tensor, max_units: int | None = None,
+                 full_head: bool = False) -> Iterator[int]:
+        """Decode one segment [n, H] greedily; yield each unit token id (>= V) as it is produced.
+
+        eot ends the decode and is not yielded. The loop reads each token back to the host
+        once (eot check and yield): the one sync per token, to be removed by the graph runner.
+        """
+        prompt = self.prompt_embeddings(segment)  # [L, h]
+        budget = self.unit_budget(prompt.shape[0], max_units)
+        token_id = self.prefill(prompt, full_head)  # [1]
+        position = torch.full((1, 1), prompt.shape[0], device=prompt.device)  # [1, 1]
+        for produced in range(1, budget + 1):
+            value = int(token_id)
+            if value == self.vocab.eot:
+                return
+            if value >= self.cfg.text_vocab_size:
+                yield value
+            if produced == budget:
+                return
+            token_id = self.decode_step(token_id, position, full_head)
+            position += 1
+
+    def units_of(self, token_ids: Iterable[int]) -> list[int]:
+        """Unit token ids (V..V+U-1) -> the HuBERT units they spell, in order."""
+        first = self.cfg.text_vocab_size
+        units: list[int] = []
+        for token_id in token_ids:
+            if not first <= token_id < first + self.cfg.unit_vocab_size:
+                raise EchoXError(f"token id {token_id} is not a unit token (unit ids are "
+                                 f"{first}..{first + self.cfg.unit_vocab_size - 1})")
+            units.extend(self.vocab.units[token_id - first])
+        return units
+
+
+def load_echo_decoder(model: "ModelFolder", dtype: torch.dtype = torch.float32,
+                      device: torch.device | str = "cpu") -> EchoDecoder:
+    """The echo decoder of an EchoX model folder, with its KV cache allocated on `device`."""
+    cfg = model.config.echo
+    tensors = model.weights.take(echo_layout(cfg), "echo decoder", dtype, device, strip=ECHO_PREFIX)
+    return EchoDecoder(cfg, EchoVocabulary.from_tokenizer(model.tokenizer, cfg), tensors)

@@ -1,6 +1,21 @@
-"""Speech adapter (SPEC §4): Whisper frames -> v speech embeddings at the LLM's width."""
+"""Speech adapter (SPEC §4): Whisper frames -> v speech embeddings at the LLM's width.
+
+Pairs of Whisper frames are concatenated and projected to the LLM width, passed through one
+pre-norm encoder layer and a LayerNorm, labelled by a CTC head, shrunk to one frame per run of
+equal labels, and refined by a look-back attention among the kept frames. Two quirks of the
+released model are reproduced (both are what its weights were trained with):
+- the encoder layer ran with batch_first=False on a [1, 750, H] tensor, so its attention saw
+  sequences of length 1: each frame attends only to itself, and softmax over one key is 1, so
+  attention is out_proj(v_proj(x)); the q and k rows of `in_proj_weight` never matter;
+- the shrink keeps the first frame of every run of equal labels, blank runs included.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 from .config import AdapterConfig
+from .errors import EchoXError
 from .weights import Layout
 
 
@@ -21,3 +36,105 @@ def adapter_layout(cfg: AdapterConfig, prefix: str = "model.") -> Layout:
         prefix + "lbm.out_proj.weight": (h, h), prefix + "lbm.out_proj.bias": (h,),
         prefix + "atten_layer_norm.weight": (h,), prefix + "atten_layer_norm.bias": (h,),
     }
+
+
+def shrink_keep(labels: torch.Tensor) -> torch.Tensor:
+    """[T] per-frame labels -> [v] int64 indices of the frames that start a run of equal labels."""
+    starts = torch.ones_like(labels, dtype=torch.bool)
+    starts[1:] = labels[1:] != labels[:-1]
+    return starts.nonzero().squeeze(1)
+
+
+class FramewiseEncoderLayer(nn.Module):
+    """The released pre-norm TransformerEncoderLayer as it actually ran: attention over length-1
+    sequences (each frame attends only to itself), then a ReLU feed-forward."""
+
+    def __init__(self, cfg: AdapterConfig):
+        super().__init__()
+        h = cfg.hidden_size
+        self.norm1 = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
+        self.value = nn.Linear(h, h)
+        self.out = nn.Linear(h, h)
+        self.norm2 = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
+        self.linear1 = nn.Linear(h, cfg.ffn_dim)
+        self.linear2 = nn.Linear(cfg.ffn_dim, h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.out(self.value(self.norm1(x)))
+        return x + self.linear2(F.relu(self.linear1(self.norm2(x))))
+
+
+class LookBackAttention(nn.Module):
+    """Multi-head attention of the kept frames among themselves.
+
+    The released module takes the kept frames as queries and all frames as keys and values, with
+    a key padding mask that hides every frame not kept; so exactly the kept frames are the keys.
+    """
+
+    def __init__(self, cfg: AdapterConfig):
+        super().__init__()
+        h = cfg.hidden_size
+        self.heads = cfg.num_heads
+        self.wqkv = nn.Linear(h, 3 * h)
+        self.wo = nn.Linear(h, h)
+
+    def forward(self, kept: torch.Tensor) -> torch.Tensor:
+        frames, h = kept.shape
+        q, k, v = self.wqkv(kept).view(frames, 3, self.heads, h // self.heads).permute(1, 2, 0, 3)
+        out = F.scaled_dot_product_attention(q, k, v)  # [heads, v, head_dim]
+        return self.wo(out.transpose(0, 1).reshape(frames, h))
+
+
+class SpeechAdapter(nn.Module):
+    def __init__(self, cfg: AdapterConfig):
+        super().__init__()
+        self.cfg = cfg
+        h = cfg.hidden_size
+        self.projector = nn.Linear(2 * cfg.encoder_dim, h)
+        self.layer = FramewiseEncoderLayer(cfg)
+        self.out_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
+        self.ctc_head = nn.Linear(h, cfg.vocab_size, bias=False)
+        self.lookback = LookBackAttention(cfg)
+        self.lookback_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
+
+    def frame_features(self, frames: torch.Tensor) -> torch.Tensor:
+        """Whisper frames [T, encoder_dim] (T even, 1500) -> adapter frames [T / 2, H]."""
+        count, width = frames.shape
+        if width != self.cfg.encoder_dim or count % 2:
+            raise EchoXError(f"speech adapter expects an even number of Whisper frames of width "
+                             f"{self.cfg.encoder_dim}, got {list(frames.shape)}; is the Whisper folder the "
+                             f"one this model was trained with?")
+        pairs = frames.to(self.projector.weight.dtype).reshape(count // 2, 2 * width)  # frames 2i, 2i+1 side by side
+        return self.out_norm(self.layer(self.projector(pairs)))
+
+    def ctc_logits(self, frames: torch.Tensor) -> torch.Tensor:
+        """Whisper frames [1500, encoder_dim] -> CTC logits [750, V] (blank = <audio_patch>)."""
+        return self.ctc_head(self.frame_features(frames))
+
+    def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whisper frames [1500, encoder_dim] -> (speech embeddings [v, H], kept frame indices [v])."""
+        features = self.frame_features(frames)  # [750, H]
+        kept = shrink_keep(self.ctc_head(features).argmax(dim=-1))
+        query = features[kept]  # [v, H]
+        return self.lookback_norm(self.lookback(query) + query), kept
+
+    def load_released(self, tensors: dict[str, torch.Tensor]):
+        """Take weights named as in `adapter_layout(cfg, prefix="")`."""
+        h = self.cfg.hidden_size
+        enc = "asr_transformer_encoder.layers.0."
+        state = {
+            "projector.weight": tensors["mm_projector1.weight"], "projector.bias": tensors["mm_projector1.bias"],
+            # Only the value rows of the fused in-projection act on a length-1 sequence; the clone
+            # lets the unused q/k rows be freed.
+            "layer.value.weight": tensors[enc + "self_attn.in_proj_weight"][2 * h:].clone(),
+            "layer.value.bias": tensors[enc + "self_attn.in_proj_bias"][2 * h:].clone(),
+            "layer.out.weight": tensors[enc + "self_attn.out_proj.weight"],
+            "layer.out.bias": tensors[enc + "self_attn.out_proj.bias"],
+            "ctc_head.weight": tensors["audio_feature_head.weight"],
+            "lookback.wqkv.weight": tensors["lbm.in_proj_weight"], "lookback.wqkv.bias": tensors["lbm.in_proj_bias"],
+            "lookback.wo.weight": tensors["lbm.out_proj.weight"], "lookback.wo.bias": tensors["lbm.out_proj.bias"],
+        }
+        renamed = {"layer.norm1": enc + "norm1", "layer.norm2": enc + "norm2", "out_norm": "out_norm",
+                 "lookback_norm": "atten_layer_norm", "layer.linear1": enc + "linear1", "layer.linear2": enc + "linear2"}
+        state |= {f"{ours}.{w}": tensors[f"{released}.{w}"] for ours, released in renamed.items() for w in ("weight", "bias")}
+        self.load_state_dict(state, strict=True, assign=True)

@@ -11,6 +11,13 @@ from setuptools import setup
 
 
 def cuda_extension():
+    """The `echox_cuda` extension from csrc/, or nothing where it cannot be built.
+
+    It needs torch with CUDA at build time. pip's default build isolation hides the installed
+    torch from setup.py, so a GPU build is `pip install --no-build-isolation -e .`; with
+    isolation (or on a CPU machine, or with ECHOX_NO_CUDA=1) the package installs without it.
+    Architectures come from TORCH_CUDA_ARCH_LIST, by default sm_80 and sm_90a.
+    """
     if os.environ.get("ECHOX_NO_CUDA") == "1" or shutil.which("nvcc") is None:
         return [], {}
     try:
@@ -23,9 +30,9 @@ def cuda_extension():
     sources = sorted(os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith((".cu", ".cpp")))
     if not sources:
         return [], {}
-    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
-    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
-    ext = CUDAExtension("echox_cuda", sources, extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]})
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    # No --use_fast_math: sampling must evaluate logf exactly as torch does to draw the same token.
+    ext = CUDAExtension("echox_cuda", sources, extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]})
     return [ext], {"build_ext": BuildExtension}
 
 

@@ -165,26 +165,20 @@ def write_wav(path: Path | str, samples: torch.Tensor, sample_rate: int = SAMPLE
 ROLLOFF = 0.92
 ZERO_CROSSINGS = 48
 KAISER_BETA = 10.0
+# Common rate pairs have few output phases (44.1 -> 16 kHz: 160), so one filter per phase is
+# tabulated and run as a strided convolution; odd pairs (44101 Hz) would need a table of
+# millions of filters, so theirs are interpolated from a finer table per output sample.
+MAX_TABLE = 1 << 24
+CHUNK = 1 << 22  # taps x outputs evaluated at once on the per-sample path
+PHASE_STEPS = 1024
 
 
-def resample_kernels(orig_sr: int, new_sr: int) -> tuple[torch.Tensor, int, int, int]:
-    """Polyphase filters [up, 1, taps] for output phases 0..up-1, and (up, down, half width).
-
-    Output sample m sits at input position m * down / up. Writing m = q * up + p, phase p reads
-    the input window starting at q * down - half and is the windowed sinc evaluated at its
-    fractional offset p * down / up from the window's reference point.
-    """
-    g = math.gcd(orig_sr, new_sr)
-    up, down = new_sr // g, orig_sr // g
-    cutoff = ROLLOFF * min(up, down) / (2 * down)  # cycles per input sample
-    half = math.ceil(ZERO_CROSSINGS / (2 * cutoff))  # input samples on each side
-    taps = 2 * half + down
-    offset = torch.arange(up, dtype=torch.float64)[:, None] * down / up
-    t = offset + half - torch.arange(taps, dtype=torch.float64)[None, :]  # [up, taps], input samples
+def windowed_sinc(t: torch.Tensor, cutoff: float, half: int) -> torch.Tensor:
+    """Kaiser-windowed low-pass impulse response at offsets t (input samples), zero beyond +-half;
+    its sum over unit-spaced t is ~1, so the passband gain is 1."""
     inside = (t / half).clamp(-1, 1)
     window = torch.special.i0(KAISER_BETA * torch.sqrt(1 - inside ** 2)) / torch.special.i0(torch.tensor(KAISER_BETA))
-    kernel = 2 * cutoff * torch.sinc(2 * cutoff * t) * window * (t.abs() <= half)
-    return kernel[:, None, :].float(), up, down, half
+    return 2 * cutoff * torch.sinc(2 * cutoff * t) * window * (t.abs() <= half)
 
 
 def resample(x: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
@@ -193,13 +187,49 @@ def resample(x: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
         raise EchoXError(f"sample rates must be positive (got {orig_sr} -> {new_sr})")
     if orig_sr == new_sr:
         return x
-    kernels, up, down, half = resample_kernels(orig_sr, new_sr)
+    g = math.gcd(orig_sr, new_sr)
+    up, down = new_sr // g, orig_sr // g  # output m sits at input position m * down / up
+    cutoff = ROLLOFF * min(up, down) / (2 * down)  # cycles per input sample
+    half = math.ceil(ZERO_CROSSINGS / (2 * cutoff))  # filter half-length in input samples
     lead, n = x.shape[:-1], x.shape[-1]
     out_len = -(-n * up // down)
-    rows = -(-out_len // up)  # outputs per phase
-    padded_len = (rows - 1) * down + kernels.shape[-1]
-    flat = x.reshape(-1, 1, n).to(torch.float32)
-    flat = torch.nn.functional.pad(flat, (half, max(0, padded_len - n - half)))
-    phases = torch.nn.functional.conv1d(flat, kernels.to(flat.device), stride=down)  # [B, up, rows]
-    out = phases[:, :, :rows].transpose(1, 2).reshape(flat.shape[0], rows * up)[:, :out_len]
+    flat = x.reshape(-1, n).to(torch.float32)
+    if up * (2 * half + down) <= MAX_TABLE:
+        out = resample_polyphase(flat, up, down, cutoff, half, out_len)
+    else:
+        out = resample_per_sample(flat, up, down, cutoff, half, out_len)
     return out.reshape(*lead, out_len).to(x.dtype)
+
+
+def resample_polyphase(x: torch.Tensor, up: int, down: int, cutoff: float, half: int, out_len: int) -> torch.Tensor:
+    """x [B, N] -> [B, out_len]. Output m = q * up + p is phase p's q-th output: it reads the input
+    window starting at q * down - half, at fractional offset p * down / up past its reference point."""
+    taps = 2 * half + down
+    offset = torch.arange(up, dtype=torch.float64)[:, None] * down / up
+    t = offset + half - torch.arange(taps, dtype=torch.float64)[None, :]  # [up, taps]
+    kernels = windowed_sinc(t, cutoff, half)[:, None, :].float().to(x.device)  # [up, 1, taps]
+    rows = -(-out_len // up)  # outputs per phase
+    padded = torch.nn.functional.pad(x[:, None], (half, max(0, (rows - 1) * down + taps - x.shape[-1] - half)))
+    phases = torch.nn.functional.conv1d(padded, kernels, stride=down)[:, :, :rows]  # [B, up, rows]
+    return phases.transpose(1, 2).reshape(x.shape[0], rows * up)[:, :out_len]
+
+
+def resample_per_sample(x: torch.Tensor, up: int, down: int, cutoff: float, half: int, out_len: int) -> torch.Tensor:
+    """x [B, N] -> [B, out_len] for rate pairs with too many phases to tabulate exactly: the filter is
+    tabulated at PHASE_STEPS fractional offsets and linearly interpolated (error ~1e-7)."""
+    taps = torch.arange(1 - half, half + 1)  # input offsets around floor(position)
+    grid = torch.arange(PHASE_STEPS + 1, dtype=torch.float64)[:, None] / PHASE_STEPS
+    table = windowed_sinc(grid - taps, cutoff, half).float().to(x.device)  # [PHASE_STEPS + 1, taps]
+    padded = torch.nn.functional.pad(x, (half, half + 1))
+    step = max(1, CHUNK // taps.numel())
+    chunks = []
+    for start in range(0, out_len, step):
+        position = torch.arange(start, min(start + step, out_len), dtype=torch.float64) * down / up
+        whole = position.floor()
+        fraction = (position - whole) * PHASE_STEPS
+        row = fraction.floor().long()
+        mix = (fraction - row).float()[:, None].to(x.device)
+        weights = table[row] * (1 - mix) + table[row + 1] * mix  # [M, taps]
+        index = (whole.long()[:, None] + taps + half).to(x.device)  # [M, taps], into `padded`
+        chunks.append((padded[:, index] * weights).sum(-1))  # [B, M]
+    return torch.cat(chunks, dim=1)

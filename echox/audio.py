@@ -32,12 +32,16 @@ def load_audio(path: Path | str, max_seconds: float | None = MAX_SECONDS) -> tor
     samples, rate = read_audio(path)  # [channels, frames]
     if samples.shape[1] == 0:
         raise EchoXError(f"{path}: the file holds no audio samples (zero length)")
+    seconds = samples.shape[1] / rate
+    too_long = max_seconds is not None and seconds > max_seconds
+    if too_long:
+        warnings.warn(f"{path}: audio is {seconds:.1f} s long; only the first {max_seconds:g} s are used",
+                      stacklevel=2)
+        # Keep one second past the cut (more than the resampling filter reaches), so the kept part
+        # is exactly what resampling the whole file would give, without resampling all of it.
+        samples = samples[:, :math.ceil((max_seconds + 1) * rate)]
     mono = resample(samples.mean(dim=0), rate, SAMPLE_RATE)
-    if max_seconds is not None and mono.shape[0] > max_seconds * SAMPLE_RATE:
-        warnings.warn(f"{path}: audio is {mono.shape[0] / SAMPLE_RATE:.1f} s long; "
-                      f"only the first {max_seconds:g} s are used", stacklevel=2)
-        mono = mono[:int(max_seconds * SAMPLE_RATE)]
-    return mono
+    return mono[:int(max_seconds * SAMPLE_RATE)] if too_long else mono
 
 
 def read_audio(path: Path) -> tuple[torch.Tensor, int]:

@@ -122,11 +122,12 @@ def test_silent_and_very_short_audio_load(tmp_path):
 
 def test_long_audio_is_cut_to_30_seconds_with_a_warning(tmp_path):
     path = tmp_path / "long.wav"
-    write_wav(path, torch.full((31 * 16000,), 0.25))
-    with pytest.warns(UserWarning, match="first 30 s"):
+    write_wav(path, torch.randn(31 * 22050, generator=torch.Generator().manual_seed(0)) * 0.1, sample_rate=22050)
+    with pytest.warns(UserWarning, match="31.0 s long; only the first 30 s"):
         y = load_audio(path)
-    assert y.shape == (480000,)
-    assert load_audio(path, max_seconds=None).shape == (31 * 16000,)
+    whole = load_audio(path, max_seconds=None)
+    assert y.shape == (480000,) and whole.shape == (31 * 16000,)
+    torch.testing.assert_close(y, whole[:480000], atol=1e-6, rtol=0)  # the cut does not change what is kept
 
 
 def test_write_wav_clips_and_refuses_to_overwrite(tmp_path):

@@ -1,0 +1,291 @@
+"""Exact streaming of the unit vocoder: units in a few at a time, waveform chunks out.
+
+Every layer of the vocoder looks ahead ("same" padding), so a sample is final only once its
+right receptive field has arrived. Here each layer keeps the few inputs its kernel still needs
+(its left context) and emits exactly the outputs whose inputs are all present; at the end of a
+segment each layer gets its own right zero padding, as the offline convs do. Where two paths
+meet (a residual add, the mean of a stage's resblocks) the one that ran ahead is held back.
+So each push costs work proportional to the new units, and the chunks of a segment concatenate
+to the offline waveform of the same units. The duration predictor streams the same way: a
+unit's frames go to the generator once its duration's right context has arrived.
+
+The per-layer ops `stream_conv1d`, `stream_conv_transpose1d` and `stream_residual_step` take
+their cache in and hand the new one back, and the per-stream state is one plain object, so
+many streams run side by side and Triton/CUDA kernels can replace exactly those functions.
+Tensors are [B, C, T]; the vocoder's own use is B = 1.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .vocoder import FINAL_SLOPE, STAGE_SLOPE, ResBlock1, Vocoder, durations_from_log
+
+
+def conv1d_left_pad(kernel: int, dilation: int) -> int:
+    """"Same" padding of an odd kernel: the zeros before the first input (and after the last)."""
+    return (kernel - 1) * dilation // 2
+
+
+def conv_transpose1d_context(kernel: int, stride: int) -> tuple[int, int]:
+    """(left, right): inputs before and after input i that outputs i*stride .. i*stride+stride-1 use,
+    with padding (kernel - stride) / 2."""
+    pad = (kernel - stride) // 2
+    return (kernel - 1 - pad) // stride, (stride - 1 + pad) // stride
+
+
+def _with_zeros(x: torch.Tensor, count: int) -> torch.Tensor:
+    return torch.cat([x, x.new_zeros(*x.shape[:-1], count)], dim=-1)
+
+
+def stream_conv1d(cache: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                  dilation: int, final: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """A "same"-padded dilated Conv1d over a stream.
+
+    cache [B, C_in, <= span] holds the inputs still needed (starts as the left zero padding);
+    x [B, C_in, n] are new inputs; `final` appends the right zero padding. Returns the outputs
+    that are now complete, [B, C_out, m], and the new cache.
+    """
+    span = (weight.shape[-1] - 1) * dilation
+    if final:
+        x = _with_zeros(x, span // 2)
+    buffer = torch.cat([cache, x], dim=-1)  # [B, C_in, L]
+    ready = max(0, buffer.shape[-1] - span)
+    if ready == 0:
+        return buffer.new_zeros(buffer.shape[0], weight.shape[0], 0), buffer
+    return F.conv1d(buffer, weight, bias, dilation=dilation), buffer[..., ready:]
+
+
+def stream_conv_transpose1d(cache: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                            stride: int, final: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """ConvTranspose1d with padding (kernel - stride) / 2 over a stream; weight [C_in, C_out, k].
+
+    Input i yields outputs i*stride .. i*stride + stride - 1, complete once inputs i - left ..
+    i + right are present. cache [B, C_in, <= left + right] starts as `left` zeros; `final`
+    appends `right` zeros. Returns [B, C_out, stride * m] and the new cache.
+    """
+    kernel = weight.shape[-1]
+    left, right = conv_transpose1d_context(kernel, stride)
+    if final:
+        x = _with_zeros(x, right)
+    buffer = torch.cat([cache, x], dim=-1)  # [B, C_in, L]
+    ready = max(0, buffer.shape[-1] - left - right)
+    if ready == 0:
+        return buffer.new_zeros(buffer.shape[0], weight.shape[1], 0), buffer
+    full = F.conv_transpose1d(buffer, weight, bias, stride=stride)  # [B, C_out, (L - 1) * stride + k]
+    start = left * stride + (kernel - stride) // 2
+    return full[..., start:start + ready * stride], buffer[..., ready:]
+
+
+def release_aligned(waiting: list[torch.Tensor], new: list[torch.Tensor]) -> tuple[list[torch.Tensor],
+                                                                                   list[torch.Tensor]]:
+    """Paths that produce the same time steps at different lags: release the steps all have reached.
+
+    Returns (ready [B, C, m] per path, still waiting per path).
+    """
+    joined = [torch.cat([w, n], dim=-1) for w, n in zip(waiting, new)]
+    ready = min(j.shape[-1] for j in joined)
+    return [j[..., :ready] for j in joined], [j[..., ready:] for j in joined]
+
+
+def _conv(cache: torch.Tensor, x: torch.Tensor, conv: nn.Conv1d, final: bool):
+    return stream_conv1d(cache, x, conv.weight, conv.bias, conv.dilation[0], final)
+
+
+def _conv_cache(conv: nn.Conv1d) -> torch.Tensor:
+    """The empty cache of `conv`: its left zero padding, [1, C_in, pad]."""
+    pad = conv1d_left_pad(conv.kernel_size[0], conv.dilation[0])
+    return conv.weight.new_zeros(1, conv.in_channels, pad)
+
+
+@dataclass
+class ResidualStepState:
+    """One step x + conv2(lrelu(conv1_d(lrelu(x)))) of a ResBlock1."""
+
+    conv1: torch.Tensor  # [1, C, <= (k-1)d] conv1 inputs still needed
+    conv2: torch.Tensor  # [1, C, <= k-1]
+    skip: torch.Tensor  # [1, C, <= (k-1)(d+1)/2] inputs waiting for their residual branch
+
+
+@dataclass
+class StageState:
+    """One upsampling stage: the transposed conv, then the mean of its resblocks."""
+
+    up: torch.Tensor  # [1, C_in, <= left + right] transposed-conv inputs still needed
+    blocks: list[list[ResidualStepState]]  # [resblock][dilation]
+    waiting: list[torch.Tensor]  # per resblock [1, C, *]: outputs waiting for the slowest resblock
+
+
+@dataclass
+class GeneratorState:
+    conv_pre: torch.Tensor  # [1, E (+ S), <= 6]
+    stages: list[StageState]
+    conv_post: torch.Tensor  # [1, C_last, <= 6]
+
+
+@dataclass
+class DurationState:
+    units: torch.Tensor  # [n] pushed unit ids whose durations still wait for right context
+    conv1: torch.Tensor  # [1, E, <= k-1]
+    conv2: torch.Tensor  # [1, hidden, <= k-1]
+
+
+@dataclass
+class VocoderStreamState:
+    """Everything one stream (one segment being spoken) carries between pushes."""
+
+    durations: DurationState
+    generator: GeneratorState
+
+
+def stream_residual_step(state: ResidualStepState, x: torch.Tensor, conv1: nn.Conv1d, conv2: nn.Conv1d,
+                         final: bool = False) -> tuple[torch.Tensor, ResidualStepState]:
+    h, conv1_cache = _conv(state.conv1, F.leaky_relu(x, STAGE_SLOPE), conv1, final)
+    h, conv2_cache = _conv(state.conv2, F.leaky_relu(h, STAGE_SLOPE), conv2, final)
+    skip = torch.cat([state.skip, x], dim=-1)
+    ready = h.shape[-1]  # the branch lags the skip path, so the skip always has these steps
+    return h + skip[..., :ready], ResidualStepState(conv1_cache, conv2_cache, skip[..., ready:])
+
+
+def stream_resblock(states: list[ResidualStepState], x: torch.Tensor, block: ResBlock1,
+                    final: bool) -> tuple[torch.Tensor, list[ResidualStepState]]:
+    new_states = []
+    for state, conv1, conv2 in zip(states, block.convs1, block.convs2):
+        x, state = stream_residual_step(state, x, conv1, conv2, final)
+        new_states.append(state)
+    return x, new_states
+
+
+def stream_stage(vocoder: Vocoder, stage: int, state: StageState, x: torch.Tensor,
+                 final: bool) -> tuple[torch.Tensor, StageState]:
+    up = vocoder.ups[stage]
+    x, up_cache = stream_conv_transpose1d(state.up, F.leaky_relu(x, STAGE_SLOPE), up.weight, up.bias,
+                                          up.stride[0], final)
+    outputs, block_states = [], []
+    for block, states in zip(vocoder.stage_blocks(stage), state.blocks):
+        out, states = stream_resblock(states, x, block, final)
+        outputs.append(out)
+        block_states.append(states)
+    ready, waiting = release_aligned(state.waiting, outputs)
+    total = ready[0]
+    for out in ready[1:]:  # summed in the offline order, for the same rounding
+        total = total + out
+    return total / len(ready), StageState(up_cache, block_states, waiting)
+
+
+def stream_generator(vocoder: Vocoder, state: GeneratorState, features: torch.Tensor,
+                     final: bool = False) -> tuple[torch.Tensor, GeneratorState]:
+    """conv_pre input frames [1, E (+ S), n] -> the newly final samples [m] and the new state."""
+    x, conv_pre = _conv(state.conv_pre, features, vocoder.conv_pre, final)
+    stages = []
+    for stage, stage_state in enumerate(state.stages):
+        x, stage_state = stream_stage(vocoder, stage, stage_state, x, final)
+        stages.append(stage_state)
+    y, conv_post = _conv(state.conv_post, F.leaky_relu(x, FINAL_SLOPE), vocoder.conv_post, final)
+    return torch.tanh(y)[0, 0], GeneratorState(conv_pre, stages, conv_post)
+
+
+def stream_durations(vocoder: Vocoder, state: DurationState, units: torch.Tensor,
+                     final: bool = False) -> tuple[torch.Tensor, torch.Tensor, DurationState]:
+    """New unit ids [n] -> (units whose durations are now known [m], their durations [m], state)."""
+    predictor = vocoder.dur_predictor
+    h, conv1 = _conv(state.conv1, vocoder.dict(units).T[None], predictor.conv1[0], final)
+    h, conv2 = _conv(state.conv2, predictor.after_conv1(h), predictor.conv2[0], final)
+    durations = durations_from_log(predictor.after_conv2(h)[0])  # [m]
+    waiting = torch.cat([state.units, units])
+    ready = durations.shape[0]
+    return waiting[:ready], durations, DurationState(waiting[ready:], conv1, conv2)
+
+
+def initial_state(vocoder: Vocoder) -> VocoderStreamState:
+    """The state of a stream that has seen nothing: every cache holds its left zero padding."""
+    device = vocoder.dict.weight.device
+    stages = []
+    for stage, up in enumerate(vocoder.ups):
+        left, _ = conv_transpose1d_context(up.kernel_size[0], up.stride[0])
+        blocks = vocoder.stage_blocks(stage)
+        stages.append(StageState(
+            up=up.weight.new_zeros(1, up.in_channels, left),
+            blocks=[[ResidualStepState(_conv_cache(c1), _conv_cache(c2), up.weight.new_zeros(1, up.out_channels, 0))
+                     for c1, c2 in zip(block.convs1, block.convs2)] for block in blocks],
+            waiting=[up.weight.new_zeros(1, up.out_channels, 0) for _ in blocks]))
+    predictor = vocoder.dur_predictor
+    return VocoderStreamState(
+        DurationState(torch.zeros(0, dtype=torch.int64, device=device),
+                      _conv_cache(predictor.conv1[0]), _conv_cache(predictor.conv2[0])),
+        GeneratorState(_conv_cache(vocoder.conv_pre), stages, _conv_cache(vocoder.conv_post)))
+
+
+def _conv_pad(conv: nn.Conv1d) -> int:
+    return conv1d_left_pad(conv.kernel_size[0], conv.dilation[0])
+
+
+def generator_right_context(vocoder: Vocoder) -> int:
+    """Frames after frame f that must have arrived before the last sample of frame f is released.
+
+    Walks from that sample back through the layers, each needing inputs as far right as the
+    stream ops above wait for; a stage's resblocks wait for the slowest one.
+    """
+    needed = vocoder.cfg.hop_length - 1  # last sample of frame 0
+    needed += _conv_pad(vocoder.conv_post)
+    for stage in reversed(range(len(vocoder.ups))):
+        needed += max(sum(_conv_pad(c1) + _conv_pad(c2) for c1, c2 in zip(block.convs1, block.convs2))
+                      for block in vocoder.stage_blocks(stage))
+        up = vocoder.ups[stage]
+        _, right = conv_transpose1d_context(up.kernel_size[0], up.stride[0])
+        needed = needed // up.stride[0] + right
+    return needed + _conv_pad(vocoder.conv_pre)
+
+
+def duration_right_context(vocoder: Vocoder) -> int:
+    """Units after unit i that must have arrived before unit i's duration is known."""
+    predictor = vocoder.dur_predictor
+    return _conv_pad(predictor.conv1[0]) + _conv_pad(predictor.conv2[0])
+
+
+def lookahead_units(vocoder: Vocoder) -> int:
+    """Units after unit i to push before all of unit i's samples are out.
+
+    Every unit lasts at least one frame, so the generator's right context in frames is at most
+    that many units, each of which must first have its own duration.
+    """
+    return duration_right_context(vocoder) + generator_right_context(vocoder)
+
+
+class StreamingVocoder:
+    """One stream: `push` units as they are decoded, `flush` at the end of a segment.
+
+    The chunks returned between two flushes concatenate to `vocoder(units)` of all units pushed.
+    """
+
+    def __init__(self, vocoder: Vocoder, speaker: int | None = None):
+        self.vocoder = vocoder
+        self.speaker = vocoder.speaker_embedding(speaker)  # [S] or None
+        self.lookahead_units = lookahead_units(vocoder)
+        self.reset()
+
+    def reset(self):
+        """Drop everything pushed since the last flush."""
+        self.state = initial_state(self.vocoder)
+
+    def push(self, units: torch.Tensor) -> torch.Tensor:
+        """New unit ids [n] -> the samples that are now final [m] (possibly none)."""
+        return self._advance(self.vocoder.check_units(units), final=False)
+
+    def flush(self) -> torch.Tensor:
+        """The remaining samples of the segment; the stream is then ready for the next one."""
+        empty = torch.zeros(0, dtype=torch.int64, device=self.vocoder.dict.weight.device)
+        samples = self._advance(empty, final=True)
+        self.reset()
+        return samples
+
+    def _advance(self, units: torch.Tensor, final: bool) -> torch.Tensor:
+        vocoder, state = self.vocoder, self.state
+        ready, durations, duration_state = stream_durations(vocoder, state.durations, units, final)
+        frames = torch.repeat_interleave(ready, durations)  # [sum(durations)]
+        samples, generator_state = stream_generator(vocoder, state.generator,
+                                                    vocoder.frame_features(frames, self.speaker), final)
+        self.state = VocoderStreamState(duration_state, generator_state)
+        return samples

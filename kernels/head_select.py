@@ -1,0 +1,313 @@
+"""Fused output head + token selection in Triton: logits tile by tile, never the [B, R] matrix.
+
+Contract: exactly `echox.sampling.head_select` / `select_reference` on hidden @ weight.T:
+greedy argmax (ties to the lowest row), or Gumbel-max sampling of logits / T restricted to the
+top-k and top-p sets, with the noise of `echox.sampling.uniform_noise` (same counter hash), so
+the kernel draws the same row as the torch reference. No host sync: every decision lives on
+the device, and the launch sequence depends only on shapes and the (host) SamplingParams.
+
+Every pass streams the weight once, recomputing its logits tile in fp32, reduces per program
+into small partials [B, P, ...], and a combine kernel (grid B) merges the P programs:
+1. stats: max logit and the range of order keys (fp32 bits mapped to order-preserving int32);
+2. top-k, then top-p: a cutoff key c such that the kept set is {columns with key >= c}.
+   Both sets have the form "column i is kept iff W(columns with key > key_i) < bound" with
+   W = count, bound = k (top-k), or W = softmax mass, bound = top_p (top-p). W(key > x) falls
+   as x grows, so the cutoff is the smallest column key where it drops below the bound. A
+   pass splits the bracket (lo, hi] (W(lo) >= bound > W(hi), hi a column key) at NT
+   candidate keys and keeps the sub-bracket where W crosses the bound: 64 candidates per pass
+   narrow 2^32 keys to one in 6 passes. A row is done early when no column key lies strictly
+   inside its bracket; once all rows are, later passes return without reading the weight.
+3. final: argmax of logits / T + Gumbel noise over columns with key >= cutoff.
+Ties in probability share their key, so they are kept or dropped together, as in the reference.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from echox.sampling import SamplingParams
+
+BLOCK_R = 64  # head rows per tile
+CANDIDATES = 64  # cutoff candidates tested per pass
+SEARCH_PASSES = math.ceil(32 / math.log2(CANDIDATES))  # enough to pin one of 2^32 keys
+TARGET_PROGRAMS = 512  # programs per pass: about 4 per H100 SM
+_KEY_FLOOR = -(2 ** 31)  # below every order key: "keep all"
+_BELOW_ALL = tl.constexpr(-(2 ** 40))  # sentinels outside the int32 key range, for min/max
+_ABOVE_ALL = tl.constexpr(2 ** 40)
+_MASK32 = 0xFFFFFFFF
+
+
+@triton.jit
+def _scaled_logits(hidden_ptr, weight_ptr, rows, batch, num_rows, hidden_size, stride_hb, stride_wr,
+                   temperature, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_B, BLOCK_R] fp32 logits / T of head rows `rows`; FMA reduction, no tf32 rounding."""
+    b = tl.arange(0, BLOCK_B)
+    acc = tl.zeros([BLOCK_B, BLOCK_R], tl.float32)
+    for k0 in range(0, hidden_size, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(hidden_ptr + b[:, None] * stride_hb + k[None, :],
+                    mask=(b[:, None] < batch) & (k[None, :] < hidden_size), other=0.0).to(tl.float32)
+        w = tl.load(weight_ptr + rows[:, None] * stride_wr + k[None, :],
+                    mask=(rows[:, None] < num_rows) & (k[None, :] < hidden_size), other=0.0).to(tl.float32)
+        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+    return acc / temperature  # a division, as in the reference, so the values match bit for bit
+
+
+@triton.jit
+def _order_key(x):
+    """fp32 -> int64 holding an int32 with the same order (-0.0 first folded into +0.0)."""
+    bits = (x + 0.0).to(tl.int32, bitcast=True)
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)
+
+
+@triton.jit
+def _gumbel(cols, batch_rows, step, seed_term):
+    """Gumbel noise of echox.sampling.gumbel_noise: murmur3 fmix32 of a uint32 counter, 24 bits."""
+    key = (cols.to(tl.uint32) * tl.full([], 0x9E3779B1, tl.uint32)
+           + batch_rows.to(tl.uint32) * tl.full([], 0x85EBCA77, tl.uint32)
+           + step.to(tl.uint32) * tl.full([], 0xC2B2AE3D, tl.uint32) + seed_term.to(tl.uint32))
+    key = key ^ (key >> 16)
+    key = key * tl.full([], 0x85EBCA6B, tl.uint32)
+    key = key ^ (key >> 13)
+    key = key * tl.full([], 0xC2B2AE35, tl.uint32)
+    key = key ^ (key >> 16)
+    uniform = ((key >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+    return -tl.log(-tl.log(uniform))
+
+
+@triton.jit
+def _stats_kernel(hidden_ptr, weight_ptr, part_max_ptr, part_min_key_ptr, part_max_key_ptr,  # partials [B, P]
+                  batch, num_rows, hidden_size, stride_hb, stride_wr, rows_per_program, num_programs, temperature,
+                  BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    program = tl.program_id(0)
+    b = tl.arange(0, BLOCK_B)
+    best = tl.full([BLOCK_B], float("-inf"), tl.float32)
+    worst = tl.full([BLOCK_B], float("inf"), tl.float32)
+    first = program * rows_per_program
+    for tile in range(first, tl.minimum(first + rows_per_program, num_rows), BLOCK_R):
+        rows = tile + tl.arange(0, BLOCK_R)
+        scaled = _scaled_logits(hidden_ptr, weight_ptr, rows, batch, num_rows, hidden_size, stride_hb, stride_wr,
+                                temperature, BLOCK_B, BLOCK_R, BLOCK_K)
+        in_range = (rows < num_rows)[None, :]
+        best = tl.maximum(best, tl.max(tl.where(in_range, scaled, float("-inf")), axis=1))
+        worst = tl.minimum(worst, tl.min(tl.where(in_range, scaled, float("inf")), axis=1))
+    out = b * num_programs + program
+    tl.store(part_max_ptr + out, best, mask=b < batch)
+    tl.store(part_min_key_ptr + out, _order_key(worst), mask=b < batch)
+    tl.store(part_max_key_ptr + out, _order_key(best), mask=b < batch)
+
+
+@triton.jit
+def _cutoff_pass_kernel(hidden_ptr, weight_ptr, bracket_ptr, done_ptr, floor_ptr, max_ptr,  # [B, 2], [B], [B], [B]
+                        part_weight_ptr, part_below_ptr, part_above_ptr, part_total_ptr,  # [B, P, NT] x3, [B, P]
+                        batch, num_rows, hidden_size, stride_hb, stride_wr, rows_per_program, num_programs,
+                        temperature, MASS: tl.constexpr, NT: tl.constexpr,
+                        BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Per candidate key t_j of each row's bracket: W(key > t_j), max key <= t_j, min key > t_j."""
+    program = tl.program_id(0)
+    b = tl.arange(0, BLOCK_B)
+    live_row = b < batch
+    pending = tl.sum((tl.load(done_ptr + b, mask=live_row, other=1) == 0).to(tl.int32), axis=0)
+    if pending > 0:  # all rows settled: skip the weight read
+        lo = tl.load(bracket_ptr + 2 * b, mask=live_row, other=0)
+        hi = tl.load(bracket_ptr + 2 * b + 1, mask=live_row, other=0)
+        floor = tl.load(floor_ptr + b, mask=live_row, other=0)  # keys below it are out (the top-k cut)
+        row_max = tl.load(max_ptr + b, mask=live_row, other=0.0)
+        j = tl.arange(0, NT)
+        cand = lo[:, None] + ((hi - lo)[:, None] * j[None, :]) // NT  # [BLOCK_B, NT], cand[:, 0] = lo
+        weight_above = tl.zeros([BLOCK_B, NT], tl.float32)
+        below = tl.full([BLOCK_B, NT], _BELOW_ALL, tl.int64)
+        above = tl.full([BLOCK_B, NT], _ABOVE_ALL, tl.int64)
+        total = tl.zeros([BLOCK_B], tl.float32)
+        first = program * rows_per_program
+        for tile in range(first, tl.minimum(first + rows_per_program, num_rows), BLOCK_R):
+            rows = tile + tl.arange(0, BLOCK_R)
+            scaled = _scaled_logits(hidden_ptr, weight_ptr, rows, batch, num_rows, hidden_size, stride_hb,
+                                    stride_wr, temperature, BLOCK_B, BLOCK_R, BLOCK_K)
+            keys = _order_key(scaled)  # [BLOCK_B, BLOCK_R]
+            eligible = (rows < num_rows)[None, :] & live_row[:, None] & (keys >= floor[:, None])
+            if MASS:
+                w = tl.where(eligible, tl.exp(scaled - row_max[:, None]), 0.0)
+            else:
+                w = eligible.to(tl.float32)
+            is_above = keys[:, :, None] > cand[:, None, :]  # [BLOCK_B, BLOCK_R, NT]
+            weight_above += tl.sum(tl.where(is_above, w[:, :, None], 0.0), axis=1)
+            keys3 = keys[:, :, None] + tl.zeros([BLOCK_B, BLOCK_R, NT], tl.int64)
+            eligible3 = eligible[:, :, None]
+            below = tl.maximum(below, tl.max(tl.where(eligible3 & ~is_above, keys3, _BELOW_ALL), axis=1))
+            above = tl.minimum(above, tl.min(tl.where(eligible3 & is_above, keys3, _ABOVE_ALL), axis=1))
+            total += tl.sum(w, axis=1)
+        out = (b[:, None] * num_programs + program) * NT + j[None, :]
+        tl.store(part_weight_ptr + out, weight_above, mask=live_row[:, None])
+        tl.store(part_below_ptr + out, below, mask=live_row[:, None])
+        tl.store(part_above_ptr + out, above, mask=live_row[:, None])
+        tl.store(part_total_ptr + b * num_programs + program, total, mask=live_row)
+
+
+@triton.jit
+def _cutoff_combine_kernel(bracket_ptr, done_ptr, part_weight_ptr, part_below_ptr, part_above_ptr, part_total_ptr,
+                           num_programs, bound, MASS: tl.constexpr, NT: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Row b: merge the programs and narrow the bracket to the sub-bracket where W crosses the bound."""
+    b = tl.program_id(0)
+    if tl.load(done_ptr + b) == 0:
+        j = tl.arange(0, NT)
+        weight_above = tl.zeros([NT], tl.float32)
+        below = tl.full([NT], _BELOW_ALL, tl.int64)
+        above = tl.full([NT], _ABOVE_ALL, tl.int64)
+        total = tl.zeros([BLOCK_P], tl.float32)
+        for p0 in range(0, num_programs, BLOCK_P):  # fixed order: the sums are deterministic
+            p = p0 + tl.arange(0, BLOCK_P)
+            at = (b * num_programs + p)[:, None] * NT + j[None, :]
+            live = (p < num_programs)[:, None]
+            weight_above += tl.sum(tl.load(part_weight_ptr + at, mask=live, other=0.0), axis=0)
+            below = tl.maximum(below, tl.max(tl.load(part_below_ptr + at, mask=live, other=_BELOW_ALL), axis=0))
+            above = tl.minimum(above, tl.min(tl.load(part_above_ptr + at, mask=live, other=_ABOVE_ALL), axis=0))
+            total += tl.load(part_total_ptr + b * num_programs + p, mask=p < num_programs, other=0.0)
+        if MASS:
+            bound = bound * tl.sum(total, axis=0)  # top_p of the softmax mass over the eligible columns
+        lo = tl.load(bracket_ptr + 2 * b)
+        hi = tl.load(bracket_ptr + 2 * b + 1)
+        cand = lo + ((hi - lo) * j) // NT
+        # W(cand_0 = lo) >= bound by the invariant, and W falls with j: the last j still >= bound.
+        crossing = tl.max(tl.where(weight_above >= bound, j, -1), axis=0)
+        new_lo = tl.max(tl.where(j == crossing, cand, _BELOW_ALL), axis=0)
+        # The next candidate has W < bound; its largest column key has the same W and becomes hi.
+        new_hi = tl.max(tl.where(j == crossing + 1, below, _BELOW_ALL), axis=0)
+        new_hi = tl.where(crossing + 1 < NT, new_hi, hi)
+        first_key_above_lo = tl.min(tl.where(j == crossing, above, _ABOVE_ALL), axis=0)
+        tl.store(bracket_ptr + 2 * b, new_lo)
+        tl.store(bracket_ptr + 2 * b + 1, new_hi)
+        tl.store(done_ptr + b, (first_key_above_lo == new_hi).to(tl.int32))
+
+
+@triton.jit
+def _argmax_kernel(hidden_ptr, weight_ptr, cutoff_ptr, step_ptr, part_value_ptr, part_index_ptr,  # [B], [], [B, P]
+                   batch, num_rows, hidden_size, stride_hb, stride_wr, rows_per_program, num_programs,
+                   temperature, seed_term, SAMPLE: tl.constexpr,
+                   BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Per program: best (logits / T [+ Gumbel]) over columns with key >= cutoff, lowest index on ties."""
+    program = tl.program_id(0)
+    b = tl.arange(0, BLOCK_B)
+    live_row = b < batch
+    cutoff = tl.load(cutoff_ptr + b, mask=live_row, other=0)
+    step = tl.load(step_ptr)
+    best = tl.full([BLOCK_B], float("-inf"), tl.float32)
+    best_index = tl.zeros([BLOCK_B], tl.int32)
+    first = program * rows_per_program
+    for tile in range(first, tl.minimum(first + rows_per_program, num_rows), BLOCK_R):
+        rows = tile + tl.arange(0, BLOCK_R)
+        scaled = _scaled_logits(hidden_ptr, weight_ptr, rows, batch, num_rows, hidden_size, stride_hb, stride_wr,
+                                temperature, BLOCK_B, BLOCK_R, BLOCK_K)
+        kept = (rows < num_rows)[None, :] & (_order_key(scaled) >= cutoff[:, None])
+        if SAMPLE:
+            scaled += _gumbel(rows[None, :], b[:, None], step, seed_term)
+        value = tl.where(kept, scaled, float("-inf"))
+        tile_best = tl.max(value, axis=1)
+        tile_index = tile + tl.argmax(value, axis=1, tie_break_left=True)
+        better = tile_best > best  # strict: an earlier tile (lower index) wins ties
+        best = tl.where(better, tile_best, best)
+        best_index = tl.where(better, tile_index, best_index)
+    tl.store(part_value_ptr + b * num_programs + program, best, mask=live_row)
+    tl.store(part_index_ptr + b * num_programs + program, best_index, mask=live_row)
+
+
+@triton.jit
+def _argmax_combine_kernel(part_value_ptr, part_index_ptr, out_ptr, num_programs, BLOCK_P: tl.constexpr):
+    b = tl.program_id(0)
+    best = tl.full([], float("-inf"), tl.float32)
+    best_index = tl.full([], 0, tl.int32)
+    for p0 in range(0, num_programs, BLOCK_P):  # programs hold increasing rows: strict > keeps the lowest
+        p = p0 + tl.arange(0, BLOCK_P)
+        value = tl.load(part_value_ptr + b * num_programs + p, mask=p < num_programs, other=float("-inf"))
+        index = tl.load(part_index_ptr + b * num_programs + p, mask=p < num_programs, other=0)
+        chunk_best = tl.max(value, axis=0)
+        chunk_index = tl.min(tl.where(value == chunk_best, index, 2 ** 31 - 1), axis=0)
+        better = chunk_best > best
+        best_index = tl.where(better, chunk_index, best_index)
+        best = tl.maximum(best, chunk_best)
+    tl.store(out_ptr + b, best_index.to(tl.int64))
+
+
+class _Launch:
+    """Shapes and tiling shared by every pass of one head_select call."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, temperature: float):
+        self.hidden, self.weight, self.temperature = hidden, weight, temperature
+        self.batch, self.hidden_size = hidden.shape
+        self.num_rows = weight.shape[0]
+        self.block_b = triton.next_power_of_2(self.batch)
+        self.block_k = max(16, min(128, triton.next_power_of_2(self.hidden_size)) // self.block_b)
+        tiles = triton.cdiv(self.num_rows, BLOCK_R)
+        self.rows_per_program = triton.cdiv(tiles, TARGET_PROGRAMS) * BLOCK_R
+        self.programs = triton.cdiv(self.num_rows, self.rows_per_program)
+        self.block_p = min(64, triton.next_power_of_2(self.programs))
+
+    def shape_args(self):
+        return (self.batch, self.num_rows, self.hidden_size, self.hidden.stride(0), self.weight.stride(0),
+                self.rows_per_program, self.programs, self.temperature)
+
+    def blocks(self):
+        return dict(BLOCK_B=self.block_b, BLOCK_R=BLOCK_R, BLOCK_K=self.block_k, num_warps=4)
+
+    def partials(self, *tail, dtype=torch.float32):
+        return torch.empty(self.batch, self.programs, *tail, device=self.hidden.device, dtype=dtype)
+
+
+def _stats(run: _Launch):
+    """Per row: max logit / T [B] fp32 and the (min, max) order keys [B] int64."""
+    part_max = run.partials()
+    part_min_key, part_max_key = run.partials(dtype=torch.int64), run.partials(dtype=torch.int64)
+    _stats_kernel[(run.programs,)](run.hidden, run.weight, part_max, part_min_key, part_max_key,
+                                   *run.shape_args(), **run.blocks())
+    return part_max.amax(1), part_min_key.amin(1), part_max_key.amax(1)
+
+
+def _search_cutoff(run: _Launch, lo: torch.Tensor, hi: torch.Tensor, floor: torch.Tensor, row_max: torch.Tensor,
+                   bound: float, mass: bool) -> torch.Tensor:
+    """Smallest column key where W(key > it) < bound (the bracket (lo, hi] holds it). [B] int64."""
+    bracket = torch.stack([lo, hi], dim=1).contiguous()  # [B, 2]
+    done = torch.zeros(run.batch, device=lo.device, dtype=torch.int32)
+    part_weight = run.partials(CANDIDATES)
+    part_below = run.partials(CANDIDATES, dtype=torch.int64)
+    part_above = run.partials(CANDIDATES, dtype=torch.int64)
+    part_total = run.partials()
+    for _ in range(SEARCH_PASSES):  # a fixed count: settled passes return at once, nothing waits on the host
+        _cutoff_pass_kernel[(run.programs,)](
+            run.hidden, run.weight, bracket, done, floor, row_max, part_weight, part_below, part_above, part_total,
+            *run.shape_args(), MASS=mass, NT=CANDIDATES, **run.blocks())
+        _cutoff_combine_kernel[(run.batch,)](
+            bracket, done, part_weight, part_below, part_above, part_total, run.programs, float(bound),
+            MASS=mass, NT=CANDIDATES, BLOCK_P=run.block_p, num_warps=4)
+    return bracket[:, 1]
+
+
+def _keep_cutoff(run: _Launch, params: SamplingParams) -> torch.Tensor:
+    """[B] int64 order key: the top-k/top-p set is {columns with key >= cutoff}."""
+    keep_all = torch.full((run.batch,), _KEY_FLOOR, device=run.hidden.device, dtype=torch.int64)
+    use_top_k = 0 < params.top_k < run.num_rows
+    if params.greedy or (not use_top_k and params.top_p >= 1):
+        return keep_all
+    row_max, min_key, max_key = _stats(run)
+    cutoff = keep_all
+    if use_top_k:
+        cutoff = _search_cutoff(run, min_key - 1, max_key, keep_all, row_max, params.top_k, mass=False)
+    if params.top_p < 1:
+        cutoff = _search_cutoff(run, torch.maximum(min_key, cutoff) - 1, max_key, cutoff, row_max, params.top_p,
+                                mass=True)
+    return cutoff
+
+
+def head_select(hidden: torch.Tensor, weight: torch.Tensor, params: SamplingParams, step: torch.Tensor) -> torch.Tensor:
+    """hidden [B, h], weight [R, h], step int64 [] or [1] on the device -> selected row [B] int64."""
+    assert hidden.shape[1] == weight.shape[1], f"hidden size {hidden.shape[1]} != head width {weight.shape[1]}"
+    assert hidden.stride(1) == weight.stride(1) == 1, "the hidden dim must be contiguous"
+    run = _Launch(hidden, weight, 1.0 if params.greedy else params.temperature)
+    cutoff = _keep_cutoff(run, params)
+    part_value, part_index = run.partials(), run.partials(dtype=torch.int32)
+    _argmax_kernel[(run.programs,)](hidden, weight, cutoff, step, part_value, part_index, *run.shape_args(),
+                                    (params.seed * 0x27D4EB2F) & _MASK32, SAMPLE=not params.greedy, **run.blocks())
+    out = torch.empty(run.batch, device=hidden.device, dtype=torch.int64)
+    _argmax_combine_kernel[(run.batch,)](part_value, part_index, out, run.programs, BLOCK_P=run.block_p)
+    return out

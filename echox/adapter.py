@@ -16,7 +16,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .errors import EchoXError
-from .weights import Layout
+from .weights import Checkpoint, Layout
 
 
 def adapter_layout(cfg: AdapterConfig, prefix: str = "model.") -> Layout:
@@ -78,9 +78,10 @@ class LookBackAttention(nn.Module):
         self.wqkv = nn.Linear(h, 3 * h)
         self.wo = nn.Linear(h, h)
 
-    def forward(self, kept: torch.Tensor) -> torch.Tensor:
-        frames, h = kept.shape
-        q, k, v = self.wqkv(kept).view(frames, 3, self.heads, h // self.heads).permute(1, 2, 0, 3)
+    def forward(self, kept_frames: torch.Tensor) -> torch.Tensor:
+        """kept_frames [v, H] -> [v, H]."""
+        frames, h = kept_frames.shape
+        q, k, v = self.wqkv(kept_frames).view(frames, 3, self.heads, h // self.heads).permute(1, 2, 0, 3)
         out = F.scaled_dot_product_attention(q, k, v)  # [heads, v, head_dim]
         return self.wo(out.transpose(0, 1).reshape(frames, h))
 
@@ -134,7 +135,18 @@ class SpeechAdapter(nn.Module):
             "lookback.wqkv.weight": tensors["lbm.in_proj_weight"], "lookback.wqkv.bias": tensors["lbm.in_proj_bias"],
             "lookback.wo.weight": tensors["lbm.out_proj.weight"], "lookback.wo.bias": tensors["lbm.out_proj.bias"],
         }
-        renamed = {"layer.norm1": enc + "norm1", "layer.norm2": enc + "norm2", "out_norm": "out_norm",
-                 "lookback_norm": "atten_layer_norm", "layer.linear1": enc + "linear1", "layer.linear2": enc + "linear2"}
-        state |= {f"{ours}.{w}": tensors[f"{released}.{w}"] for ours, released in renamed.items() for w in ("weight", "bias")}
+        renamed = {"layer.norm1": enc + "norm1", "layer.norm2": enc + "norm2", "layer.linear1": enc + "linear1",
+                   "layer.linear2": enc + "linear2", "out_norm": "out_norm", "lookback_norm": "atten_layer_norm"}
+        state |= {f"{ours}.{w}": tensors[f"{released}.{w}"]
+                  for ours, released in renamed.items() for w in ("weight", "bias")}
         self.load_state_dict(state, strict=True, assign=True)
+
+
+def load_adapter(weights: Checkpoint, cfg: AdapterConfig, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> SpeechAdapter:
+    """The adapter of an EchoX checkpoint (keys under `model.`), checked against `cfg`."""
+    tensors = weights.take(adapter_layout(cfg), "speech adapter", dtype, device, strip="model.")
+    with torch.device("meta"):  # no random init of the [V, H] CTC head: every tensor is replaced
+        adapter = SpeechAdapter(cfg)
+    adapter.load_released(tensors)
+    return adapter.eval()

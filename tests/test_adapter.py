@@ -1,13 +1,14 @@
 """The speech adapter against torch's own TransformerEncoderLayer and MultiheadAttention,
 run the way the released code ran them (quirks included)."""
 
+import dataclasses
 import itertools
 
 import pytest
 import torch
 from torch import nn
 
-from echox.adapter import SpeechAdapter, adapter_layout, shrink_keep
+from echox.adapter import SpeechAdapter, adapter_layout, load_adapter, shrink_keep
 from echox.checkpoint import open_model_folder
 from echox.config import AdapterConfig
 from echox.errors import EchoXError
@@ -103,12 +104,11 @@ def test_small_adapter_matches_torch_reference():
 def test_tiny_checkpoint_adapter_loads_and_matches_torch_reference(tiny_model_dir):
     folder = open_model_folder(tiny_model_dir)
     cfg = folder.config.adapter
+    adapter = load_adapter(folder.weights, cfg)
     tensors = folder.weights.take(adapter_layout(cfg), "adapter", strip="model.")
-    adapter = SpeechAdapter(cfg)
-    adapter.load_released(tensors)
     frames = runny_frames(cfg, seed=2)
     with torch.no_grad():
-        embeddings, kept = adapter.eval()(frames)
+        embeddings, kept = adapter(frames)
         expected, expected_kept, _ = torch_reference(cfg, tensors, frames)
         logits = adapter.ctc_logits(frames)
     assert logits.shape == (750, cfg.vocab_size)
@@ -120,3 +120,10 @@ def test_wrong_frame_width_is_refused():
     adapter, _ = small_adapter()
     with pytest.raises(EchoXError, match="width 24"):
         adapter(torch.randn(1500, 64))
+
+
+def test_adapter_config_that_disagrees_with_the_weights_is_refused(tiny_model_dir):
+    folder = open_model_folder(tiny_model_dir)
+    wrong = dataclasses.replace(folder.config.adapter, encoder_dim=32)
+    with pytest.raises(EchoXError, match="mm_projector1.weight"):
+        load_adapter(folder.weights, wrong)

@@ -47,6 +47,114 @@ def cmd_tiny(args) -> None:
     print(f"wrote {model_dir} (random weights: its text is gibberish and its speech is noise)")
 
 
+def _check_output(path: Path, overwrite: bool):
+    if path.exists() and not overwrite:
+        raise EchoXError(f"{path}: already exists (pass --overwrite to replace it)")
+    if not path.parent.exists():
+        raise EchoXError(f"{path.parent}: folder does not exist")
+
+
+def _sampling(args):
+    from .sampling import GREEDY, SamplingParams
+    if args.greedy:
+        return GREEDY
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+
+
+def _speak(session, audio, text: str | None, output: Path, overwrite: bool, trace: Path | None) -> dict:
+    """Run one turn, streaming its text to the terminal; write the answer's audio (and trace)."""
+    import json
+
+    import torch
+
+    from .audio import write_wav
+    from .engine import AudioChunk, TextDelta, TurnDone
+    chunks, done = [], None
+    for event in session.respond(audio=audio, text=text):
+        if isinstance(event, TextDelta):
+            print(event.text, end="", flush=True)
+        elif isinstance(event, AudioChunk):
+            chunks.append(event.samples)
+        elif isinstance(event, TurnDone):
+            done = event
+    print()
+    wave = torch.cat(chunks) if chunks else torch.zeros(0)
+    write_wav(output, wave, overwrite=overwrite)
+    if trace is not None:
+        trace.write_text(json.dumps(done.trace, indent=1) + "\n")
+    timings = done.trace["timings_ms"]
+    seconds = wave.numel() / 16000
+    tokens = len(done.trace["tokens"])
+    first = timings["time_to_first_audio"]
+    print(f"wrote {output}: {seconds:.2f} s of audio in {len(done.trace['segments'])} segments; "
+          f"time to first audio {first:.0f} ms; " if first is not None else f"wrote {output}: no audio; ", end="")
+    per_token = timings["decode_per_token"]
+    print(f"{tokens} tokens at {1000 / per_token:.1f} tokens/s; real-time factor "
+          f"{timings['total'] / 1000 / seconds:.3f}" if seconds else f"{tokens} tokens")
+    return done.trace
+
+
+def cmd_chat(args) -> None:
+    """One spoken (or written) turn with a real or tiny checkpoint."""
+    from . import engine as echox_engine
+    output = Path(args.output)
+    _check_output(output, args.overwrite)
+    if args.trace:
+        _check_output(Path(args.trace), args.overwrite)
+    if args.input is None and not args.text:
+        raise EchoXError("give --input IN.wav, --text STR, or both")
+    sampling = _sampling(args)
+    engine = echox_engine.load(args.model, whisper=args.whisper, vocoder=args.vocoder, device=args.device,
+                               dtype=args.dtype)
+    print(f"whisper: {engine.whisper_dir}\nvocoder: {engine.vocoder_dir}", file=sys.stderr)
+    session = engine.session(sampling=sampling, max_new_tokens=args.max_new_tokens)
+    _speak(session, args.input, args.text, output, args.overwrite, Path(args.trace) if args.trace else None)
+
+
+def demo_question(seconds: float = 3.0):
+    """A deterministic speech-like signal (a voiced tone with moving formants), so the demo needs
+    no text-to-speech program; the tiny model is random, so any input serves to show the pipeline."""
+    import torch
+    t = torch.arange(int(seconds * 16000)) / 16000
+    pitch = 120 + 30 * torch.sin(2 * torch.pi * 0.7 * t)
+    phase = 2 * torch.pi * torch.cumsum(pitch, 0) / 16000
+    voice = sum(torch.sin(k * phase) / k for k in range(1, 12))
+    envelope = 0.5 * (1 - torch.cos(2 * torch.pi * 2.5 * t)).clamp(min=0)
+    return (0.1 * voice * envelope).float()
+
+
+def cmd_demo(args) -> None:
+    """The whole pipeline end to end on the tiny random checkpoint, on the CPU."""
+    import os
+
+    from . import engine as echox_engine
+    from .sampling import GREEDY
+    from .tiny import write_tiny_checkpoint
+    output = Path(args.output)
+    _check_output(output, args.overwrite)
+    cache = Path(os.environ.get("ECHOX_CACHE", Path.home() / ".cache" / "echox")) / "tiny-v1"
+    model_dir = cache / "EchoX-tiny"
+    if not (model_dir / "config.json").is_file():
+        write_tiny_checkpoint(cache)
+    print(f"tiny random checkpoint: {model_dir}\n"
+          "Its weights are random: the text below is gibberish and the speech is noise. The demo shows "
+          "the pipeline and its timings.\n")
+    engine = echox_engine.load(model_dir, device="cpu")
+    session = engine.session(sampling=GREEDY, max_new_tokens=args.max_new_tokens, max_units=args.max_units)
+    trace = _speak(session, demo_question(), None, output, True, None)
+    print("latency breakdown (ms): " + ", ".join(
+        f"{k} {v:.1f}" for k, v in trace["timings_ms"].items() if v is not None))
+
+
+def cmd_convert(args) -> None:
+    """fairseq vocoder checkpoint (g_* + vocoder_config.json) -> folded safetensors."""
+    from .vocoder import convert_fairseq_vocoder
+    out = Path(args.output)
+    _check_output(out, args.overwrite)
+    convert_fairseq_vocoder(Path(args.vocoder), out, overwrite=args.overwrite)
+    print(f"wrote {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="echox", description="EchoX speech-to-speech engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,6 +166,37 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--overwrite", action="store_true")
     tiny.set_defaults(run=cmd_tiny)
+
+    demo = sub.add_parser("demo", help="run one spoken turn on the tiny random model (CPU)")
+    demo.add_argument("--output", default="demo.wav")
+    demo.add_argument("--overwrite", action="store_true")
+    demo.add_argument("--max-new-tokens", type=int, default=64)
+    demo.add_argument("--max-units", type=int, default=200, help="unit tokens per segment")
+    demo.set_defaults(run=cmd_demo)
+
+    chat = sub.add_parser("chat", help="answer one spoken or written turn")
+    chat.add_argument("--model", required=True, help="EchoX model folder")
+    chat.add_argument("--whisper", help="Whisper encoder folder (default: from config.json audio_tower)")
+    chat.add_argument("--vocoder", help="vocoder folder (default: the model folder, then ../vocoder)")
+    chat.add_argument("--input", help="spoken question (WAV; FLAC/OGG/MP3 with soundfile)")
+    chat.add_argument("--text", help="written question, or text that goes with the speech")
+    chat.add_argument("--output", required=True, help="answer audio (16 kHz WAV)")
+    chat.add_argument("--overwrite", action="store_true")
+    chat.add_argument("--greedy", action="store_true")
+    chat.add_argument("--temperature", type=float, default=0.2)
+    chat.add_argument("--top-p", type=float, default=0.9)
+    chat.add_argument("--seed", type=int, default=0)
+    chat.add_argument("--max-new-tokens", type=int, default=512)
+    chat.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    chat.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    chat.add_argument("--trace", help="write a JSON trace of the turn here")
+    chat.set_defaults(run=cmd_chat)
+
+    convert = sub.add_parser("convert", help="fairseq vocoder (g_* + vocoder_config.json) -> safetensors")
+    convert.add_argument("vocoder", help="folder holding g_* and vocoder_config.json")
+    convert.add_argument("output", help="the .safetensors file to write")
+    convert.add_argument("--overwrite", action="store_true")
+    convert.set_defaults(run=cmd_convert)
     return parser
 
 

@@ -21,6 +21,11 @@ from .config import LlamaConfig, RopeScaling
 from .weights import Layout
 
 
+def set_weight(module: nn.Module, tensor: torch.Tensor):
+    """Install a loaded tensor as `module.weight` (works on modules built on the meta device)."""
+    module.weight = nn.Parameter(tensor, requires_grad=False)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -208,14 +213,13 @@ class LlamaBody(nn.Module):
         for i, layer in enumerate(self.layers):
             p = f"layers.{i}."
             attn, ffn = layer.attention, layer.ffn
-            attn.wqkv.weight.data = torch.cat([tensors[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
-            attn.wo.weight.data = tensors[p + "self_attn.o_proj.weight"]
-            ffn.w_gate_up.weight.data = torch.cat([tensors[p + "mlp.gate_proj.weight"],
-                                                   tensors[p + "mlp.up_proj.weight"]])
-            ffn.w_down.weight.data = tensors[p + "mlp.down_proj.weight"]
-            layer.attention_norm.weight.data = tensors[p + "input_layernorm.weight"]
-            layer.ffn_norm.weight.data = tensors[p + "post_attention_layernorm.weight"]
-        self.norm.weight.data = tensors["norm.weight"]
+            set_weight(attn.wqkv, torch.cat([tensors[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]))
+            set_weight(attn.wo, tensors[p + "self_attn.o_proj.weight"])
+            set_weight(ffn.w_gate_up, torch.cat([tensors[p + "mlp.gate_proj.weight"], tensors[p + "mlp.up_proj.weight"]]))
+            set_weight(ffn.w_down, tensors[p + "mlp.down_proj.weight"])
+            set_weight(layer.attention_norm, tensors[p + "input_layernorm.weight"])
+            set_weight(layer.ffn_norm, tensors[p + "post_attention_layernorm.weight"])
+        set_weight(self.norm, tensors["norm.weight"])
 
 
 def lm_layout(cfg: LlamaConfig) -> Layout:
@@ -243,9 +247,9 @@ class LlamaLM(nn.Module):
 
     def load_released(self, tensors: dict[str, torch.Tensor]):
         """`tensors` keyed as in `lm_layout(cfg)`."""
-        self.embed_tokens.weight.data = tensors["model.embed_tokens.weight"]
+        set_weight(self.embed_tokens, tensors["model.embed_tokens.weight"])
         self.body.load_released({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
         if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         else:
-            self.lm_head.weight.data = tensors["lm_head.weight"]
+            set_weight(self.lm_head, tensors["lm_head.weight"])

@@ -1,0 +1,323 @@
+"""The streaming engine: load EchoX once, then hold conversations that answer in text and speech.
+
+One turn runs as a pipeline of two workers:
+  main thread   speech in -> log-mel -> Whisper -> adapter -> LLM prefill -> token by token:
+                text deltas out, scores into the segmenter, each finished segment handed on;
+  speech thread per segment: echo decoder -> units -> streaming vocoder -> audio chunks out.
+So audio for segment k is synthesised while the LLM writes segment k+1. Events come out of
+`Session.respond` in the order they happen: `TextDelta`, `AudioChunk`, and a final `TurnDone`
+carrying the trace (ids, frames, tokens, scores, segments, timings).
+"""
+
+import contextlib
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .adapter import SpeechAdapter, load_adapter
+from .audio import load_audio
+from .checkpoint import ModelFolder, open_model_folder, resolve_vocoder, resolve_whisper
+from .echo import EchoDecoder, load_echo_decoder
+from .errors import EchoXError
+from .generate import AudioSlot, Slot, TextDecoder
+from .llama import LlamaLM, lm_layout
+from .mel import log_mel
+from .sampling import RELEASED_SAMPLING, SamplingParams
+from .segmenter import RELEASED_SEGMENTER, Segmenter, SegmenterParams
+from .streaming_vocoder import StreamingVocoder
+from .tokenizer import Turn
+from .vocoder import Vocoder, load_vocoder
+from .whisper import WhisperEncoder, load_whisper
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class TextDelta:
+    text: str
+
+
+@dataclass
+class AudioChunk:
+    samples: torch.Tensor  # [n] float32 on the CPU, 16 kHz
+    segment: int
+
+
+@dataclass
+class TurnDone:
+    text: str
+    trace: dict
+
+
+Event = TextDelta | AudioChunk | TurnDone
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EchoXError("--device cuda was asked for, but this machine has no usable CUDA GPU")
+    if device.type not in ("cpu", "cuda"):
+        raise EchoXError(f"device {device} is not supported (cpu or cuda)")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise EchoXError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+class Clock:
+    """Wall-clock milliseconds; waits for the GPU first so device work is counted where it ran."""
+
+    def __init__(self, device: torch.device):
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.origin = self.now()
+
+    def now(self) -> float:
+        self.sync()
+        return time.perf_counter() * 1000.0
+
+    def since(self, start: float) -> float:
+        return self.now() - start
+
+
+@dataclass
+class Engine:
+    """Every part of EchoX, loaded once. Create conversations with `session()`."""
+
+    folder: ModelFolder
+    lm: LlamaLM
+    adapter: SpeechAdapter
+    whisper: WhisperEncoder
+    echo: EchoDecoder
+    vocoder: Vocoder
+    whisper_dir: Path
+    vocoder_dir: Path
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def tokenizer(self):
+        return self.folder.tokenizer
+
+    def session(self, **options) -> "Session":
+        return Session(self, **options)
+
+
+def load(model_dir: Path | str, whisper: Path | str | None = None, vocoder: Path | str | None = None,
+         device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None) -> Engine:
+    """Load an EchoX model folder, its Whisper encoder and its vocoder onto `device`."""
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    folder = open_model_folder(model_dir)
+    cfg, weights = folder.config, folder.weights
+    whisper_dir, vocoder_dir = resolve_whisper(folder, whisper), resolve_vocoder(folder, vocoder)
+    encoder = load_whisper(whisper_dir, dtype, device)
+    if encoder.cfg.d_model != cfg.adapter.encoder_dim:
+        raise EchoXError(f"{whisper_dir}: this Whisper encoder has width {encoder.cfg.d_model}, but the "
+                         f"model's adapter expects {cfg.adapter.encoder_dim}: wrong --whisper folder?")
+    with torch.device("meta"):  # no time spent on a random initialisation that is overwritten
+        lm = LlamaLM(cfg.llm)
+    lm.load_released(weights.take(lm_layout(cfg.llm), "LLM", dtype, device))
+    adapter = load_adapter(weights, cfg.adapter, dtype, device)
+    return Engine(folder, lm.eval(), adapter.eval(), encoder.eval(), load_echo_decoder(folder, dtype, device),
+                  load_vocoder(vocoder_dir, torch.float32, device), whisper_dir, vocoder_dir, device, dtype)
+
+
+@dataclass
+class SegmentRecord:
+    start: int
+    end: int
+    unit_tokens: list[int] = field(default_factory=list)
+    units: list[int] = field(default_factory=list)
+    samples: int = 0
+
+    def as_dict(self) -> dict:
+        return {"start": self.start, "end": self.end, "unit_tokens": self.unit_tokens, "units": self.units,
+                "samples": self.samples}
+
+
+class SpeechWorker(threading.Thread):
+    """Turns segments of LLM hidden states into audio, one segment after another, in its own thread."""
+
+    def __init__(self, engine: Engine, max_units: int, clock: Clock, out: queue.Queue):
+        super().__init__(daemon=True)
+        self.engine, self.max_units, self.clock, self.out = engine, max_units, clock, out
+        self.todo: queue.Queue = queue.Queue()
+        self.records: list[SegmentRecord] = []
+        self.echo_ms = self.vocoder_ms = 0.0
+        self.first_audio_ms: float | None = None
+        self.error: BaseException | None = None
+
+    def submit(self, record: SegmentRecord, hidden: torch.Tensor):
+        self.records.append(record)
+        self.todo.put((len(self.records) - 1, record, hidden))
+
+    def close(self):
+        self.todo.put(None)
+
+    def run(self):
+        # On a GPU the speech work gets its own stream, so it overlaps the LLM's decoding.
+        stream = torch.cuda.Stream(self.engine.device) if self.engine.device.type == "cuda" else None
+        try:
+            with torch.inference_mode(), (torch.cuda.stream(stream) if stream else contextlib.nullcontext()):
+                while (job := self.todo.get()) is not None:
+                    self.speak(*job)
+        except BaseException as e:  # handed to the main thread, which re-raises it
+            self.error = e
+        finally:
+            self.out.put(None)
+
+    def speak(self, index: int, record: SegmentRecord, hidden: torch.Tensor):
+        echo, voice = self.engine.echo, StreamingVocoder(self.engine.vocoder)
+        started, vocoder_before = self.clock.now(), self.vocoder_ms
+        for unit_token in echo.generate(hidden, max_units=self.max_units):
+            units = echo.units_of([unit_token])
+            record.unit_tokens.append(unit_token)
+            record.units.extend(units)
+            if units:
+                self.vocode(index, record, voice.push, torch.tensor(units))
+        self.vocode(index, record, voice.flush)
+        self.echo_ms += self.clock.since(started) - (self.vocoder_ms - vocoder_before)
+
+    def vocode(self, index: int, record: SegmentRecord, step, *args):
+        started = self.clock.now()
+        samples = step(*args)
+        self.vocoder_ms += self.clock.since(started)
+        if samples.numel() == 0:
+            return
+        record.samples += samples.numel()
+        if self.first_audio_ms is None:
+            self.first_audio_ms = self.clock.since(self.clock.origin)
+        self.out.put(AudioChunk(samples.float().cpu(), index))
+
+
+def _drain(out: queue.Queue, block: bool) -> Iterator[AudioChunk]:
+    """Audio chunks the speech worker has finished; with block, until it says it is done."""
+    while True:
+        try:
+            item = out.get(block=block)
+        except queue.Empty:
+            return
+        if item is None:
+            return
+        yield item
+
+
+class Session:
+    """One conversation: its turns, its speech embeddings and the LLM's KV cache across turns."""
+
+    def __init__(self, engine: Engine, sampling: SamplingParams = RELEASED_SAMPLING,
+                 segmenter: SegmenterParams = RELEASED_SEGMENTER, max_new_tokens: int = 512,
+                 max_units: int = 2048, max_len: int = 4096):
+        if max_new_tokens < 1 or max_units < 1:
+            raise EchoXError("max_new_tokens and max_units must be at least 1")
+        tok = engine.tokenizer
+        self.engine, self.sampling, self.segmenter = engine, sampling, segmenter
+        self.max_new_tokens, self.max_units = max_new_tokens, max_units
+        self.decoder = TextDecoder(engine.lm, tok.pad, tok.eot, tok.period, max_len)
+        self.turns: list[Turn] = []
+        self.speech: dict[int, torch.Tensor] = {}  # turn index -> its speech embeddings [v, H]
+
+    def listen(self, audio: Path | str | torch.Tensor, clock: Clock, timings: dict) -> tuple[torch.Tensor, list]:
+        """Speech -> (embeddings [v, H], kept frame indices): mel, Whisper, adapter (SPEC §2-4)."""
+        engine = self.engine
+        samples = audio if isinstance(audio, torch.Tensor) else load_audio(audio)
+        started = clock.now()
+        mel = log_mel(samples.float(), engine.whisper.cfg.num_mel_bins).to(engine.device, engine.dtype)
+        frames = engine.whisper(mel)[0]  # [1500, d]
+        timings["encoder"] = clock.since(started)
+        started = clock.now()
+        embeddings, kept = engine.adapter(frames)
+        timings["adapter"] = clock.since(started)
+        return embeddings, kept.tolist()
+
+    def slots(self) -> list[Slot]:
+        """The whole conversation as prompt slots, each <audio_patch> expanded into its speech rows."""
+        tok = self.engine.tokenizer
+        audio_turns = iter(sorted(self.speech))
+        slots: list[Slot] = []
+        for token in tok.prompt(self.turns):
+            if token != tok.audio_patch:
+                slots.append(token)
+                continue
+            turn = next(audio_turns, None)
+            if turn is None:
+                raise EchoXError("the text of a turn contains '<audio_patch>', which is reserved for speech")
+            slots.extend(AudioSlot(turn, row) for row in range(self.speech[turn].shape[0]))
+        return slots
+
+    def respond(self, audio: Path | str | torch.Tensor | None = None, text: str | None = None) -> Iterator[Event]:
+        """Answer one user turn (speech, text, or both), streaming text and audio as they exist."""
+        if audio is None and not text:
+            raise EchoXError("a turn needs speech (audio=...) or text (text=...)")
+        with torch.inference_mode():
+            yield from self._respond(audio, text or "")
+
+    def _respond(self, audio, text: str) -> Iterator[Event]:
+        engine, tok = self.engine, self.engine.tokenizer
+        clock, timings = Clock(engine.device), {}
+        kept: list[int] = []
+        if audio is not None:
+            embeddings, kept = self.listen(audio, clock, timings)
+            self.speech[len(self.turns)] = embeddings
+        self.turns.append(Turn("user", text, audio=audio is not None))
+        slots = self.slots()
+        started = clock.now()
+        hidden = self.decoder.prefill(slots, self.speech)
+        timings["prefill"] = clock.since(started)
+
+        out: queue.Queue = queue.Queue()
+        worker = SpeechWorker(engine, self.max_units, clock, out)
+        worker.start()
+        segmenter = Segmenter(self.segmenter)
+        tokens, hiddens, scores, shown = [], [], [], ""
+        started = clock.now()
+        try:
+            for token in self.decoder.decode(hidden, len(slots), self.sampling, self.max_new_tokens):
+                tokens.append(token.id)
+                hiddens.append(token.hidden)
+                scores.append(token.score)
+                text_now = tok.decode(tokens)
+                if not text_now.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                    yield TextDelta(text_now[len(shown):])
+                    shown = text_now
+                if (cut := segmenter.push(token.score)) is not None:
+                    worker.submit(SegmentRecord(*cut), torch.stack(hiddens[cut[0]:cut[1]]))
+                yield from _drain(out, block=False)
+            decode_ms = clock.since(started)
+            if (cut := segmenter.finish()) is not None:
+                worker.submit(SegmentRecord(*cut), torch.stack(hiddens[cut[0]:cut[1]]))
+        finally:
+            worker.close()
+        yield from _drain(out, block=True)
+        worker.join()
+        if worker.error is not None:
+            raise worker.error
+        answer = tok.decode(tokens)
+        if answer != shown:
+            yield TextDelta(answer[len(shown):])
+        self.turns.append(Turn("assistant", answer))
+        timings |= {"decode_per_token": decode_ms / max(len(tokens), 1), "echo_decoder": worker.echo_ms,
+                    "vocoder": worker.vocoder_ms, "time_to_first_audio": worker.first_audio_ms,
+                    "total": clock.since(clock.origin)}
+        trace = {
+            "prompt_ids": [s if isinstance(s, int) else tok.audio_patch for s in slots],
+            "speech_frames": kept,
+            "tokens": tokens,
+            "text": answer,
+            "scores": scores,
+            "segments": [record.as_dict() for record in worker.records],
+            "timings_ms": timings,
+        }
+        yield TurnDone(answer, trace)

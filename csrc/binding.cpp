@@ -14,6 +14,7 @@
 extern "C" {
 int echox_decode_attention_num_splits(int batch, int q_heads, int kv_heads, int max_len);
 int echox_head_select_parts(int rows);
+int echox_head_select_filtered(int rows, float temperature, float top_p, int top_k);
 }
 
 #define ECHOX_DECLARE_LAUNCHERS(suffix)                                                                              \
@@ -125,7 +126,10 @@ torch::Tensor head_select(const torch::Tensor& hidden, const torch::Tensor& weig
   TORCH_CHECK(top_k >= 0, "echox_cuda.head_select: top_k must be >= 0, got ", top_k);
 
   const c10::cuda::CUDAGuard guard(hidden.device());
-  const bool filtered = temperature > 0 && ((top_k > 0 && top_k < rows) || top_p < 1);
+  // The kernels see these values in fp32; the path and its workspace are decided on them too.
+  const float temperature_f = static_cast<float>(temperature), top_p_f = static_cast<float>(top_p);
+  const int top_k_i = static_cast<int>(std::min<int64_t>(top_k, rows));
+  const bool filtered = echox_head_select_filtered(rows, temperature_f, top_p_f, top_k_i);
   const int parts = echox_head_select_parts(rows);
   const auto f32 = hidden.options().dtype(torch::kFloat32);
   // Only the workspace of the chosen path is sized; the other is empty.
@@ -135,8 +139,7 @@ torch::Tensor head_select(const torch::Tensor& hidden, const torch::Tensor& weig
   auto out = torch::empty({batch}, hidden.options().dtype(torch::kInt64));
   const auto launch =
       by_dtype<HeadSelectLauncher>(hidden, op, echox_head_select_fp32, echox_head_select_fp16, echox_head_select_bf16);
-  check_launch(launch(hidden.data_ptr(), weight.data_ptr(), batch, rows, width, static_cast<float>(temperature),
-                      static_cast<float>(top_p), static_cast<int>(std::min<int64_t>(top_k, rows)),
+  check_launch(launch(hidden.data_ptr(), weight.data_ptr(), batch, rows, width, temperature_f, top_p_f, top_k_i,
                       static_cast<uint32_t>(seed), reinterpret_cast<const long long*>(step.data_ptr<int64_t>()),
                       scaled.data_ptr<float>(), part_val.data_ptr<float>(), part_idx.data_ptr<int>(),
                       reinterpret_cast<long long*>(out.data_ptr<int64_t>()), c10::cuda::getCurrentCUDAStream()),

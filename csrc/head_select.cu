@@ -13,6 +13,12 @@
 
 #include "common.cuh"
 
+// Whether a call takes the top-k/top-p path (and so needs the `scaled` workspace instead of
+// the partial argmaxes): one definition for the launcher and for the binding that sizes both.
+extern "C" int echox_head_select_filtered(int rows, float temperature, float top_p, int top_k) {
+  return temperature > 0.f && ((top_k > 0 && top_k < rows) || top_p < 1.f);
+}
+
 namespace {
 
 using echox::ceil_div;
@@ -387,10 +393,9 @@ cudaError_t launch_head_select(const void* hidden, const void* weight, int batch
                                float* scaled, float* part_val, int* part_idx, long long* out, cudaStream_t stream) {
   // The reciprocal, as torch's CUDA division by a Python scalar computes it.
   const float inv_temperature = temperature > 0.f ? 1.f / temperature : 0.f;
-  const bool filtered = (top_k > 0 && top_k < rows) || top_p < 1.f;
   if (temperature == 0.f) {
     launch_gemv<T, kGreedy>(hidden, weight, batch, rows, width, 0.f, seed, step, nullptr, part_val, part_idx, stream);
-  } else if (!filtered) {
+  } else if (!echox_head_select_filtered(rows, temperature, top_p, top_k)) {
     launch_gemv<T, kSample>(hidden, weight, batch, rows, width, inv_temperature, seed, step, nullptr, part_val,
                             part_idx, stream);
   } else {

@@ -9,6 +9,7 @@ the device, and the launch sequence depends only on shapes and the (host) Sampli
 Every pass streams the weight once, recomputing its logits tile in fp32, reduces per program
 into small partials [B, P, ...], and a combine kernel (grid B) merges the P programs:
 1. stats: max logit and the range of order keys (fp32 bits mapped to order-preserving int32);
+   its [B, P] partials are merged by three torch reductions on the device;
 2. top-k, then top-p: a cutoff key c such that the kept set is {columns with key >= c}.
    Both sets have the form "column i is kept iff W(columns with key > key_i) < bound" with
    W = count, bound = k (top-k), or W = softmax mass, bound = top_p (top-p). W(key > x) falls

@@ -1,0 +1,144 @@
+"""Streaming the vocoder gives exactly the offline waveform, with the look-ahead it announces."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from echox.config import VocoderConfig
+from echox.streaming_vocoder import (StreamingVocoder, generator_right_context, initial_state,
+                                     stream_conv1d, stream_conv_transpose1d, stream_generator)
+from echox.vocoder import Vocoder
+from test_vocoder import TINY, one_thread, random_vocoder  # noqa: F401 (one_thread: an autouse fixture)
+
+
+@pytest.fixture(scope="module")
+def vocoder():
+    return random_vocoder()
+
+
+def random_units(count: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 1000, (count,), generator=torch.Generator().manual_seed(seed))
+
+
+def streamed(stream: StreamingVocoder, units: torch.Tensor, chunk: int) -> torch.Tensor:
+    pieces = [stream.push(units[i:i + chunk]) for i in range(0, len(units), chunk)]
+    return torch.cat(pieces + [stream.flush()])
+
+
+def split_points(length: int, seed: int) -> list[int]:
+    """Random chunk boundaries, empty chunks included."""
+    cuts = torch.randint(0, length + 1, (6,), generator=torch.Generator().manual_seed(seed)).sort().values
+    return [0, *cuts.tolist(), length]
+
+
+@pytest.mark.parametrize("kernel, dilation", [(3, 1), (7, 3), (11, 5)])
+def test_stream_conv1d_equals_same_padded_conv(kernel, dilation):
+    torch.manual_seed(kernel)
+    x, weight, bias = torch.randn(2, 4, 40), torch.randn(5, 4, kernel), torch.randn(5)
+    cache = torch.zeros(2, 4, (kernel - 1) * dilation // 2)
+    bounds = split_points(40, kernel)
+    pieces = []
+    for start, end in zip(bounds, bounds[1:]):
+        y, cache = stream_conv1d(cache, x[..., start:end], weight, bias, dilation)
+        pieces.append(y)
+    y, _ = stream_conv1d(cache, x[..., :0], weight, bias, dilation, final=True)
+    expected = F.conv1d(x, weight, bias, dilation=dilation, padding=(kernel - 1) * dilation // 2)
+    torch.testing.assert_close(torch.cat(pieces + [y], dim=-1), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kernel, stride", [(11, 5), (8, 4), (4, 2)])
+def test_stream_conv_transpose1d_equals_offline(kernel, stride):
+    torch.manual_seed(kernel)
+    x, weight, bias = torch.randn(1, 6, 30), torch.randn(6, 3, kernel), torch.randn(3)
+    left = (kernel - 1 - (kernel - stride) // 2) // stride
+    cache = torch.zeros(1, 6, left)
+    bounds = split_points(30, stride)
+    pieces = []
+    for start, end in zip(bounds, bounds[1:]):
+        y, cache = stream_conv_transpose1d(cache, x[..., start:end], weight, bias, stride)
+        assert y.shape[-1] % stride == 0
+        pieces.append(y)
+    y, _ = stream_conv_transpose1d(cache, x[..., :0], weight, bias, stride, final=True)
+    expected = F.conv_transpose1d(x, weight, bias, stride=stride, padding=(kernel - stride) // 2)
+    torch.testing.assert_close(torch.cat(pieces + [y], dim=-1), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 50])
+@pytest.mark.parametrize("length", [1, 5, 40])  # 1 and 5 are shorter than the look-ahead
+def test_streaming_equals_offline(vocoder, chunk, length):
+    units = random_units(length, seed=length)
+    stream = StreamingVocoder(vocoder)
+    assert length < stream.lookahead_units or length == 40
+    offline = vocoder(units)
+    wave = streamed(stream, units, chunk)
+    assert wave.shape == offline.shape
+    assert (wave - offline).abs().max() <= 1e-5
+
+
+def test_reset_and_flush_start_a_fresh_segment(vocoder):
+    stream = StreamingVocoder(vocoder)
+    stream.push(random_units(9, seed=1))
+    stream.reset()
+    first, second = random_units(13, seed=2), random_units(30, seed=3)
+    assert (streamed(stream, first, 3) - vocoder(first)).abs().max() <= 1e-5
+    assert (streamed(stream, second, 7) - vocoder(second)).abs().max() <= 1e-5
+    assert stream.flush().numel() == 0
+    assert stream.push(torch.zeros(0, dtype=torch.int64)).numel() == 0
+
+
+def test_interleaved_streams_keep_their_own_state(vocoder):
+    a, b = StreamingVocoder(vocoder), StreamingVocoder(vocoder)
+    units_a, units_b = random_units(25, seed=4), random_units(25, seed=5)
+    out_a, out_b = [], []
+    for i in range(0, 25, 4):
+        out_a.append(a.push(units_a[i:i + 4]))
+        out_b.append(b.push(units_b[i:i + 4]))
+    assert (torch.cat(out_a + [a.flush()]) - vocoder(units_a)).abs().max() <= 1e-5
+    assert (torch.cat(out_b + [b.flush()]) - vocoder(units_b)).abs().max() <= 1e-5
+
+
+def test_samples_come_out_within_the_announced_lookahead(vocoder):
+    stream = StreamingVocoder(vocoder)
+    units = random_units(60, seed=6)
+    frames = vocoder.durations(units).cumsum(0)
+    emitted = 0
+    for pushed in range(1, 61):
+        emitted += stream.push(units[pushed - 1:pushed]).numel()
+        done = pushed - stream.lookahead_units  # units whose samples must all be out
+        if done > 0:
+            assert emitted >= int(frames[done - 1]) * TINY.hop_length
+
+
+def test_generator_right_context_is_exact(vocoder):
+    """Frame by frame: after n frames the generator has released all of frame n - 1 - R, not frame n - R."""
+    context, hop = generator_right_context(vocoder), TINY.hop_length
+    state = initial_state(vocoder).generator
+    features = vocoder.frame_features(random_units(40, seed=7), None)
+    emitted = 0
+    for n in range(1, 41):
+        samples, state = stream_generator(vocoder, state, features[..., n - 1:n])
+        emitted += samples.numel()
+        assert max(0, n - context) * hop <= emitted < max(1, n - context + 1) * hop
+
+
+def test_real_size_lookahead_matches_the_spec():
+    """SPEC §8: about 21 unit frames of generator context; plus 2 units for the duration convs."""
+    with torch.device("meta"):
+        real = Vocoder(VocoderConfig())
+    assert generator_right_context(real) == 21
+    assert StreamingVocoder(real).lookahead_units == 23
+
+
+def test_multi_speaker_streaming_equals_offline():
+    cfg = VocoderConfig(upsample_initial_channel=32, embedding_dim=16, duration_hidden=16,
+                        num_speakers=3, speaker_embedding_dim=8)
+    vocoder = random_vocoder(cfg, seed=1)
+    units = random_units(20, seed=8)
+    wave = streamed(StreamingVocoder(vocoder, speaker=2), units, 3)
+    assert (wave - vocoder(units, speaker=2)).abs().max() <= 1e-5
+
+
+def test_real_size_streaming_equals_offline():
+    vocoder = random_vocoder(VocoderConfig(), seed=2)
+    units = random_units(6, seed=9)
+    assert (streamed(StreamingVocoder(vocoder), units, 4) - vocoder(units)).abs().max() <= 1e-5

@@ -55,3 +55,10 @@ def test_split_plan_covers_the_cache_from_shapes_only():
         num_splits, split_len = split_plan(batch, kv_heads, cache_len)
         assert split_len % BLOCK_N == 0
         assert (num_splits - 1) * split_len < cache_len <= num_splits * split_len
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("q_heads,kv_heads,dim", HEAD_SHAPES[:3])
+def test_large_bf16_cache_on_gpu(q_heads, kv_heads, dim):
+    args = make_inputs(q_heads, kv_heads, dim, 4096, [4096, 1500, 3], torch.bfloat16, seed=3)
+    torch.testing.assert_close(decode_attention(*args), decode_attention_reference(*args), atol=2e-2, rtol=2e-2)

@@ -100,3 +100,15 @@ def test_tied_columns_are_kept_or_dropped_together():
     for step in range(3):
         assert torch.equal(head_select(hidden, weight, params, step_tensor(step)),
                            reference(hidden, weight, params, step_tensor(step)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.2, top_p=0.9, seed=1)],
+                         ids=["greedy", "released"])
+def test_llm_vocab_bf16_on_gpu(params):
+    """EchoX-8B head size; exact-grid weights keep the bf16 logits free of summation-order ulps."""
+    hidden, weight = make_exact_head(2, 128257, 4096, seed=3)
+    hidden, weight = hidden.bfloat16(), weight.bfloat16()
+    for step in range(3):
+        assert torch.equal(head_select(hidden, weight, params, step_tensor(step)),
+                           reference(hidden, weight, params, step_tensor(step)))

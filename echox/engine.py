@@ -261,8 +261,14 @@ class Session:
         """Answer one user turn (speech, text, or both), streaming text and audio as they exist."""
         if audio is None and not text:
             raise EchoXError("a turn needs speech (audio=...) or text (text=...)")
-        with torch.inference_mode():
-            yield from self._respond(audio, text or "")
+        turns_before, speech_before = len(self.turns), dict(self.speech)
+        try:
+            with torch.inference_mode():
+                yield from self._respond(audio, text or "")
+        except BaseException:  # a failed or abandoned turn leaves no trace in the history
+            del self.turns[turns_before:]
+            self.speech = speech_before
+            raise
 
     def _respond(self, audio, text: str) -> Iterator[Event]:
         engine, tok = self.engine, self.engine.tokenizer

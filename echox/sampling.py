@@ -61,7 +61,8 @@ def uniform_noise(seed: int, step: torch.Tensor, rows: int, cols: int, device=No
     """
     row = torch.arange(rows, device=device, dtype=torch.int64)[:, None]
     col = torch.arange(cols, device=device, dtype=torch.int64)[None, :]
-    key = (col * 0x9E3779B1 + row * 0x85EBCA77 + step.reshape(1, 1) * 0xC2B2AE3D + seed * 0x27D4EB2F) & _MASK32
+    key = (col * 0x9E3779B1 + row * 0x85EBCA77 + step.reshape(1, 1) * 0xC2B2AE3D
+           + (seed & _MASK32) * 0x27D4EB2F) & _MASK32  # kernels use the seed's low 32 bits
     bits = _fmix32(key) >> 8  # 24 random bits
     return (bits.float() + 0.5) * (1.0 / (1 << 24))
 

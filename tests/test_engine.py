@@ -1,0 +1,108 @@
+"""The end-to-end engine on the tiny checkpoint: determinism, exact streaming, a complete trace."""
+
+import pytest
+import torch
+
+import echox.engine as echox_engine
+from echox.cli import demo_question
+from echox.engine import AudioChunk, TextDelta, TurnDone
+from echox.errors import EchoXError
+from echox.sampling import GREEDY, SamplingParams
+from echox.segmenter import SegmenterParams, segment_all
+
+# Short thresholds so that a 40-token answer has several segments.
+SHORT = SegmenterParams(min_len=12, min_len_confident=6)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    return echox_engine.load(tiny_model_dir)
+
+
+def run_turn(session, **turn):
+    events = list(session.respond(**turn))
+    assert isinstance(events[-1], TurnDone)
+    return events, events[-1].trace
+
+
+def new_session(engine, **options):
+    return engine.session(**({"sampling": GREEDY, "segmenter": SHORT, "max_new_tokens": 40, "max_units": 24}
+                             | options))
+
+
+def test_greedy_turn_is_deterministic(engine):
+    _, first = run_turn(new_session(engine), audio=demo_question(2.0))
+    _, second = run_turn(new_session(engine), audio=demo_question(2.0))
+    del first["timings_ms"], second["timings_ms"]
+    assert first == second
+
+
+def test_trace_is_complete_and_consistent(engine):
+    tok = engine.tokenizer
+    events, trace = run_turn(new_session(engine), audio=demo_question(2.0), text="Please answer.")
+    assert set(trace) >= {"prompt_ids", "speech_frames", "tokens", "text", "scores", "segments", "timings_ms"}
+    frames = trace["speech_frames"]
+    assert frames[0] == 0 and frames == sorted(frames) and frames[-1] < 750
+    assert trace["prompt_ids"].count(tok.audio_patch) == len(frames)
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == trace["text"] == tok.decode(trace["tokens"])
+    assert len(trace["scores"]) == len(trace["tokens"]) == 40
+    bounds = [(s["start"], s["end"]) for s in trace["segments"]]
+    assert bounds == segment_all(trace["scores"], SHORT) and len(bounds) > 1
+    chunks = [e for e in events if isinstance(e, AudioChunk)]
+    for index, segment in enumerate(trace["segments"]):
+        assert len(segment["unit_tokens"]) <= 24
+        assert segment["units"] == engine.echo.units_of(segment["unit_tokens"])
+        frames_out = int(engine.vocoder.durations(torch.tensor(segment["units"])).sum()) if segment["units"] else 0
+        assert segment["samples"] == 320 * frames_out
+        assert sum(c.samples.numel() for c in chunks if c.segment == index) == segment["samples"]
+    timings = trace["timings_ms"]
+    assert all(timings[k] >= 0 for k in ("encoder", "adapter", "prefill", "decode_per_token", "echo_decoder",
+                                         "vocoder", "total"))
+
+
+def test_streamed_audio_equals_offline_vocoding_of_each_segment(engine):
+    events, trace = run_turn(new_session(engine), audio=demo_question(2.0))
+    for index, segment in enumerate(trace["segments"]):
+        streamed = [e.samples for e in events if isinstance(e, AudioChunk) and e.segment == index]
+        if not segment["units"]:
+            assert not streamed
+            continue
+        offline = engine.vocoder(torch.tensor(segment["units"]))
+        torch.testing.assert_close(torch.cat(streamed), offline, atol=1e-5, rtol=0)
+
+
+def test_text_only_and_multi_turn(engine):
+    session = new_session(engine, max_new_tokens=12)
+    _, first = run_turn(session, text="Hello there.")
+    assert first["speech_frames"] == [] and engine.tokenizer.audio_patch not in first["prompt_ids"]
+    _, second = run_turn(session, audio=demo_question(1.0))
+    _, third = run_turn(session, text="Thanks.")
+    assert len(session.turns) == 6
+    # The third prompt holds the whole history, so it starts with the second prompt.
+    assert third["prompt_ids"][:len(second["prompt_ids"])] == second["prompt_ids"]
+    # Reusing the KV cache across turns gives what a fresh conversation with that history gives.
+    fresh = new_session(engine, max_new_tokens=12)
+    fresh.turns, fresh.speech = session.turns[:4], dict(session.speech)
+    _, replay = run_turn(fresh, text="Thanks.")
+    assert replay["tokens"] == third["tokens"]
+
+
+def test_seeded_sampling_reproducible(engine):
+    sampling = SamplingParams(temperature=0.8, top_p=0.9, seed=7)
+    runs = [run_turn(new_session(engine, sampling=sampling, max_new_tokens=10), text="Hi")[1]["tokens"]
+            for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_turn_needs_speech_or_text(engine):
+    with pytest.raises(EchoXError, match="needs speech"):
+        list(new_session(engine).respond())
+
+
+def test_audio_patch_in_user_text_is_refused_and_forgotten(engine):
+    session = new_session(engine, max_new_tokens=5)
+    with pytest.raises(EchoXError, match="reserved for speech"):
+        list(session.respond(text="say <audio_patch> now"))
+    assert session.turns == []
+    run_turn(session, text="fine")
+    assert len(session.turns) == 2

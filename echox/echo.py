@@ -84,45 +84,50 @@ class EchoDecoder(nn.Module):
     """The T2U decoder with its own static KV cache (batch 1, max_position_embeddings long)."""
 
     def __init__(self, cfg: EchoDecoderConfig, vocab: EchoVocabulary, tensors: dict[str, torch.Tensor]):
-        """`tensors` keyed as `echo_layout(cfg, prefix="")`; they become the weights (no copy)."""
+        """`tensors` keyed as `echo_layout(cfg, prefix="")` become the weights; only the token
+        table T and the unit head are new tensors (concatenated or gathered from them)."""
         super().__init__()
+        if not 0 <= vocab.eot < cfg.text_vocab_size:
+            raise EchoXError(f"eot id {vocab.eot} is not a text token id (0..{cfg.text_vocab_size - 1})")
         self.cfg, self.vocab = cfg, vocab
-        device = tensors["adapter.weight"].device
         # Built on the meta device and left uninitialised: a random init of these sizes costs
-        # seconds and every value is overwritten below.
+        # seconds and every value is overwritten by the released weights.
         with torch.device("meta"):
             self.aligner_mlp = _aligner_mlp(cfg.llm_hidden_size, cfg.aligner_intermediate)
             self.adapter = nn.Linear(cfg.llm_hidden_size, cfg.body.hidden_size)
             self.body = LlamaBody(cfg.body)
-        self.to_empty(device=device)
-        self._load(tensors)
+        self.to_empty(device=tensors["adapter.weight"].device)
+        self._load_modules(tensors)
+        self._build_tables(tensors)
         self.requires_grad_(False).eval()
         self.body.setup_cache(1, cfg.body.max_position_embeddings)
 
-    def _load(self, tensors: dict[str, torch.Tensor]):
-        cfg, vocab = self.cfg, self.vocab
+    def _load_modules(self, tensors: dict[str, torch.Tensor]):
         for index in (0, 3):
             self.aligner_mlp[index].weight.data = tensors[f"aligner_MLP.{index}.weight"]
             self.aligner_mlp[index].bias.data = tensors[f"aligner_MLP.{index}.bias"]
         self.adapter.weight.data, self.adapter.bias.data = tensors["adapter.weight"], tensors["adapter.bias"]
         self.body.load_released({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
-        device = self.adapter.weight.device
-        text_table = tensors["model.embed_tokens.weight"]
-        self.register_buffer("token_table", torch.cat([text_table, tensors["unit_embedding.weight"]]),
-                             persistent=False)  # T [V+U, H]
-        self.register_buffer("lm_head", tensors["lm_head.weight"], persistent=False)  # [V+U, h]
-        if not 0 <= vocab.eot < cfg.text_vocab_size:
-            raise EchoXError(f"eot id {vocab.eot} is not a text token id (0..{cfg.text_vocab_size - 1})")
+
+    def _build_tables(self, tensors: dict[str, torch.Tensor]):
+        """The token table, both heads, the prefixes, and the small constants of a decode step."""
+        cfg, device = self.cfg, self.adapter.weight.device
+
+        def constant(name: str, value: torch.Tensor):
+            self.register_buffer(name, value, persistent=False)
+
+        constant("token_table", torch.cat([tensors["model.embed_tokens.weight"],
+                                           tensors["unit_embedding.weight"]]))  # T [V+U, H]
+        constant("lm_head", tensors["lm_head.weight"])  # [V+U, h]
         # Unit-head row r stands for token id unit_head_ids[r]: eot first, then every unit token.
         unit_ids = torch.arange(cfg.text_vocab_size, cfg.body.vocab_size, device=device)
-        self.register_buffer("unit_head_ids", torch.cat([torch.tensor([vocab.eot], device=device), unit_ids]),
-                             persistent=False)  # [1+U]
-        self.register_buffer("unit_head", self.lm_head[self.unit_head_ids], persistent=False)  # [1+U, h]
-        self.register_buffer("text_prefix", torch.tensor(vocab.text_prefix, device=device), persistent=False)
-        self.register_buffer("unit_prefix", torch.tensor(vocab.unit_prefix, device=device), persistent=False)
+        constant("unit_head_ids", torch.cat([torch.tensor([self.vocab.eot], device=device), unit_ids]))  # [1+U]
+        constant("unit_head", self.lm_head[self.unit_head_ids])  # [1+U, h]
+        constant("text_prefix", torch.tensor(self.vocab.text_prefix, device=device))
+        constant("unit_prefix", torch.tensor(self.vocab.unit_prefix, device=device))
         # Greedy selection ignores the sampling counter, but head_select takes one.
-        self.register_buffer("select_step", torch.zeros(1, dtype=torch.int64, device=device), persistent=False)
-        self.register_buffer("one_valid_key", torch.ones(1, 1, dtype=torch.bool, device=device), persistent=False)
+        constant("select_step", torch.zeros(1, dtype=torch.int64, device=device))
+        constant("one_valid_key", torch.ones(1, 1, dtype=torch.bool, device=device))
 
     @property
     def max_len(self) -> int:

@@ -94,10 +94,13 @@ def _conv(cache: torch.Tensor, x: torch.Tensor, conv: nn.Conv1d, final: bool):
     return stream_conv1d(cache, x, conv.weight, conv.bias, conv.dilation[0], final)
 
 
+def _conv_pad(conv: nn.Conv1d) -> int:
+    return conv1d_left_pad(conv.kernel_size[0], conv.dilation[0])
+
+
 def _conv_cache(conv: nn.Conv1d) -> torch.Tensor:
     """The empty cache of `conv`: its left zero padding, [1, C_in, pad]."""
-    pad = conv1d_left_pad(conv.kernel_size[0], conv.dilation[0])
-    return conv.weight.new_zeros(1, conv.in_channels, pad)
+    return conv.weight.new_zeros(1, conv.in_channels, _conv_pad(conv))
 
 
 @dataclass
@@ -216,10 +219,6 @@ def initial_state(vocoder: Vocoder) -> VocoderStreamState:
         DurationState(torch.zeros(0, dtype=torch.int64, device=device),
                       _conv_cache(predictor.conv1[0]), _conv_cache(predictor.conv2[0])),
         GeneratorState(_conv_cache(vocoder.conv_pre), stages, _conv_cache(vocoder.conv_post)))
-
-
-def _conv_pad(conv: nn.Conv1d) -> int:
-    return conv1d_left_pad(conv.kernel_size[0], conv.dilation[0])
 
 
 def generator_right_context(vocoder: Vocoder) -> int:

@@ -39,9 +39,9 @@ def fairseq_layout(cfg: VocoderConfig) -> Layout:
     layout: Layout = {"dict.weight": (cfg.num_embeddings, emb)}
     if cfg.num_speakers:
         layout["spkr.weight"] = (cfg.num_speakers, cfg.speaker_embedding_dim)
-    layout |= _weight_norm_conv("conv_pre", cfg.upsample_initial_channel, emb + cfg.speaker_embedding_dim, PRE_POST_KERNEL)
     channels = cfg.upsample_initial_channel
-    for stage, (rate, kernel) in enumerate(zip(cfg.upsample_rates, cfg.upsample_kernel_sizes)):
+    layout |= _weight_norm_conv("conv_pre", channels, emb + cfg.speaker_embedding_dim, PRE_POST_KERNEL)
+    for stage, kernel in enumerate(cfg.upsample_kernel_sizes):
         layout |= _weight_norm_conv(f"ups.{stage}", channels // 2, channels, kernel, transposed=True)
         channels //= 2
         for j, res_kernel in enumerate(cfg.resblock_kernel_sizes):
@@ -103,7 +103,9 @@ def check_tensors(tensors: dict[str, torch.Tensor], layout: Layout, source: Path
 
 def check_architecture(cfg: VocoderConfig):
     """Shapes for which "same" padding and exact `hop_length` upsampling hold, as the model needs."""
-    for rate, kernel in zip(cfg.upsample_rates, cfg.upsample_kernel_sizes, strict=True):
+    if len(cfg.upsample_rates) != len(cfg.upsample_kernel_sizes):
+        raise EchoXError("vocoder_config.json: upsample_rates and upsample_kernel_sizes need the same length")
+    for rate, kernel in zip(cfg.upsample_rates, cfg.upsample_kernel_sizes):
         if kernel < rate or (kernel - rate) % 2:
             raise EchoXError(f"vocoder_config.json: upsample kernel {kernel} with rate {rate}: expected "
                              "kernel >= rate with an even difference")

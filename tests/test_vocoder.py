@@ -204,3 +204,8 @@ def test_multi_speaker_vocoder_needs_a_valid_speaker():
             vocoder(units, speaker=speaker)
     with pytest.raises(EchoXError, match="one voice"):
         random_vocoder()(units, speaker=0)
+
+
+def test_configs_without_exact_upsampling_are_refused():
+    with pytest.raises(EchoXError, match="upsample kernel 10 with rate 5"):
+        Vocoder(VocoderConfig(upsample_kernel_sizes=(10, 8, 8, 4, 4)))

@@ -11,13 +11,12 @@ from pathlib import Path
 
 from .adapter import adapter_layout
 from .config import EchoXConfig, read_json
+from .echo import ECHO_PREFIX as ECHO
 from .echo import echo_layout
 from .errors import EchoXError
 from .llama import lm_layout
 from .tokenizer import Tokenizer
 from .weights import Checkpoint
-
-ECHO = "unit_translator."
 
 
 @dataclass

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .config import EchoDecoderConfig
+from .cuda_graph import GraphedStep
 from .errors import EchoXError
 from .llama import LlamaBody, body_layout
 from .sampling import GREEDY, head_select
@@ -101,6 +102,8 @@ class EchoDecoder(nn.Module):
         self._build_tables(tensors)
         self.requires_grad_(False).eval()
         self.body.setup_cache(1, cfg.body.max_position_embeddings)
+        self.use_graphs = self.adapter.weight.device.type == "cuda"  # a flag, so graphs can be turned off
+        self.graphs: dict[bool, GraphedStep] = {}
 
     def _load_modules(self, tensors: dict[str, torch.Tensor]):
         for index in (0, 3):
@@ -180,17 +183,33 @@ class EchoDecoder(nn.Module):
                              f"room for units in the decoder's {self.max_len}; cut the segment shorter")
         return min(limit, room)
 
+    def step_function(self, full_head: bool):
+        """(token [1], position [1, 1]) -> next token [1]: eager, or a CUDA graph captured once per
+        head. The cache buffers never move (allocated once in __init__), so the graph stays valid;
+        the warm-up runs write at the last position, which a real step rewrites before reading."""
+        def step(token_id, position):
+            return self.decode_step(token_id, position, full_head)
+
+        if not self.use_graphs:
+            return step
+        if full_head not in self.graphs:
+            device = self.adapter.weight.device
+            self.graphs[full_head] = GraphedStep(step, torch.zeros(1, dtype=torch.int64, device=device),
+                                                 torch.full((1, 1), self.max_len - 1, device=device))
+        return self.graphs[full_head]
+
     @torch.no_grad()
     def generate(self, segment: torch.Tensor, max_units: int | None = None,
                  full_head: bool = False) -> Iterator[int]:
         """Decode one segment [n, H] greedily; yield each unit token id (>= V) as it is produced.
 
         eot ends the decode and is not yielded. The loop reads each token back to the host
-        once (eot check and yield): the one sync per token, to be removed by the graph runner.
+        once (eot check and yield): the one sync per token, which streaming needs anyway.
         """
         prompt = self.prompt_embeddings(segment)  # [L, h]
         budget = self.unit_budget(prompt.shape[0], max_units)
         token_id = self.prefill(prompt, full_head)  # [1]
+        step = self.step_function(full_head)
         position = torch.full((1, 1), prompt.shape[0], device=prompt.device)  # [1, 1]
         for produced in range(1, budget + 1):
             value = int(token_id)
@@ -200,7 +219,7 @@ class EchoDecoder(nn.Module):
                 yield value
             if produced == budget:
                 return
-            token_id = self.decode_step(token_id, position, full_head)
+            token_id = step(token_id, position)
             position += 1
 
     def units_of(self, token_ids: Iterable[int]) -> list[int]:

@@ -1,0 +1,182 @@
+"""An EchoX `Engine` with random weights at a named size, built without writing a checkpoint.
+
+Sizes: "tiny" (TinySpec), "mid" (runs in seconds on a CPU), "3b" and "8b" (the released shapes:
+Llama-3.2-3B / Llama-3.1-8B, Whisper-large-v3, the adapter, the echo decoder the `unit_model`
+rule gives, 8000 unit tokens, the released vocoder config).
+
+Only the files are skipped. The config goes through `EchoXConfig.parse` as a config.json would,
+the tokenizer is a real `tokenizers` file read by `echox.tokenizer.Tokenizer`, and every module
+is filled through its own loader (`load_released`, `load_adapter`, `load_echo_decoder`,
+`Vocoder.from_weights`) from the released layouts. `RandomCheckpoint` stands in for the
+safetensors index: its `take` hands out random tensors, created directly on the target device
+in the target dtype (8B in bf16 is 16 GB: drawing it on the CPU in fp32 would take minutes).
+
+At "3b" and "8b" the tokenizer has the released ids (BOS 128000, eot 128009, `<audio_patch>`
+128256, units from 128257), so the echo decoder's 12800 prefix quirk is the path exercised.
+"""
+
+import dataclasses
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+
+from echox.adapter import load_adapter
+from echox.checkpoint import ModelFolder
+from echox.config import (AUDIO_PATCH_TOKEN, ECHOX_3B_LLM, ECHOX_8B_LLM, WHISPER_LARGE_V3, EchoXConfig,
+                          LlamaConfig, VocoderConfig, WhisperConfig)
+from echox.echo import load_echo_decoder
+from echox.engine import Engine, resolve_device, resolve_dtype
+from echox.llama import LlamaLM, lm_layout
+from echox.tiny import EMBEDDING_TABLES, LLAMA3_SPECIALS, TinySpec
+from echox.tokenizer import BOS, END_HEADER, EOT, LLAMA3_BOS_ID, START_HEADER, Tokenizer
+from echox.vocoder import Vocoder, folded_layout
+from echox.weights import Layout
+from echox.whisper import WhisperEncoder, whisper_layout
+
+LLAMA3_SPECIAL_COUNT = 256  # ids 128000..128255 in the released vocabulary
+
+
+@dataclass(frozen=True)
+class BenchSize:
+    llm: LlamaConfig  # vocab_size is replaced by the tokenizer's text vocabulary
+    unit_model: str | None  # config.json `unit_model`: picks the echo decoder body (SPEC §7)
+    unit_vocab_size: int
+    aligner_intermediate: int
+    whisper: WhisperConfig
+    vocoder: VocoderConfig
+    released_vocab: bool  # Llama-3 ids (128000.. specials) rather than specials right after the bytes
+
+
+_TINY = TinySpec()
+SIZES = {
+    "tiny": BenchSize(
+        LlamaConfig(hidden_size=_TINY.hidden_size, num_layers=_TINY.num_layers, num_heads=_TINY.num_heads,
+                    num_kv_heads=_TINY.num_kv_heads, head_dim=_TINY.hidden_size // _TINY.num_heads,
+                    intermediate_size=_TINY.intermediate_size, vocab_size=0, max_position_embeddings=4096),
+        _TINY.unit_model, _TINY.unit_vocab_size, _TINY.aligner_intermediate, _TINY.whisper, _TINY.vocoder,
+        released_vocab=False),
+    "mid": BenchSize(
+        LlamaConfig(hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=4, head_dim=64, intermediate_size=1536,
+                    vocab_size=0, max_position_embeddings=4096),
+        "large", 1024, 1024,  # "large" = 2 layers at the LLM width (512): the rule size nearest "small and fast"
+        WhisperConfig(num_mel_bins=128, d_model=384, num_layers=4, num_heads=6, ffn_dim=1536),
+        VocoderConfig(upsample_initial_channel=128), released_vocab=False),
+    # Released shapes. The aligner width is not in any config (read off the weights at load);
+    # 2048 is an assumption, and a small share of the echo decoder's work either way.
+    "3b": BenchSize(ECHOX_3B_LLM, None, 8000, 2048, WHISPER_LARGE_V3, VocoderConfig(), released_vocab=True),
+    "8b": BenchSize(ECHOX_8B_LLM, "8x768", 8000, 2048, WHISPER_LARGE_V3, VocoderConfig(), released_vocab=True),
+}
+
+
+def unit_token_strings(count: int) -> list[str]:
+    """`count` distinct unit-language tokens: ids below 1000 spell one unit, the rest two."""
+    return ["<|unit_" + (f"{k}" if k < 1000 else f"{k // 1000}_{k % 1000}") + "|>" for k in range(count)]
+
+
+def bench_tokenizer(units: int, released_vocab: bool) -> HFTokenizer:
+    """Byte-level BPE over the 256 bytes (no merges), Llama-3 specials, `<audio_patch>`, unit tokens.
+
+    With `released_vocab` the base vocabulary is padded with never-produced filler entries so the
+    specials land on their Llama-3 ids (128000..128255, unnamed ones as reserved tokens)."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    specials = list(LLAMA3_SPECIALS)
+    if released_vocab:
+        vocab |= {f"<filler_{i}>": i for i in range(len(vocab), LLAMA3_BOS_ID)}
+        named = {0: BOS, 1: "<|end_of_text|>", 6: START_HEADER, 7: END_HEADER, 8: "<|eom_id|>", 9: EOT}
+        specials = [named.get(i, f"<|reserved_special_token_{i}|>") for i in range(LLAMA3_SPECIAL_COUNT)]
+    tokenizer = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    tokenizer.add_special_tokens([AddedToken(AUDIO_PATCH_TOKEN, special=True, normalized=False)])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in unit_token_strings(units)])
+    return tokenizer
+
+
+def load_tokenizer(hf: HFTokenizer) -> Tokenizer:
+    """An `echox.tokenizer.Tokenizer` over `hf`, read back from a tokenizer.json as a model folder's is."""
+    with tempfile.TemporaryDirectory() as folder:
+        hf.save(str(Path(folder) / "tokenizer.json"))
+        return Tokenizer(folder)
+
+
+def config_json(llm: LlamaConfig, unit_vocab_size: int, unit_model: str | None) -> dict:
+    """The config.json fields `EchoXConfig.parse` reads, for an LLM of `llm`'s shape."""
+    scaling = llm.rope_scaling
+    raw = {
+        "hidden_size": llm.hidden_size, "num_hidden_layers": llm.num_layers,
+        "num_attention_heads": llm.num_heads, "num_key_value_heads": llm.num_kv_heads, "head_dim": llm.head_dim,
+        "intermediate_size": llm.intermediate_size, "vocab_size": llm.vocab_size,
+        "max_position_embeddings": llm.max_position_embeddings, "rms_norm_eps": llm.rms_norm_eps,
+        "rope_theta": llm.rope_theta, "tie_word_embeddings": llm.tie_word_embeddings,
+        "rope_scaling": None if scaling is None else {"rope_type": "llama3", **dataclasses.asdict(scaling)},
+        "unit_vocab_size": unit_vocab_size,
+    }
+    return raw | ({"unit_model": unit_model} if unit_model is not None else {})
+
+
+def random_tensor(key: str, shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor:
+    """The scaling rules of `echox.tiny.random_tensors` (activations stay O(1)), drawn on `device`."""
+    noise = torch.randn(shape, generator=gen, dtype=dtype, device=device)
+    if key.endswith(EMBEDDING_TABLES):
+        return noise
+    if len(shape) == 1 and key.endswith(".weight"):  # a norm's gain
+        return noise.mul_(0.1).add_(1)
+    if len(shape) == 1:  # a bias
+        return noise.mul_(0.02)
+    return noise.mul_(1 / math.sqrt(math.prod(shape[1:])))
+
+
+class RandomCheckpoint:
+    """Stands in for `echox.weights.Checkpoint`: `take` returns fresh random tensors of a layout."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.generators: dict[torch.device, torch.Generator] = {}
+
+    def take(self, layout: Layout, what: str, dtype: torch.dtype | None = None,
+             device: torch.device | str = "cpu", strip: str = "") -> dict[str, torch.Tensor]:
+        device = torch.device(device)
+        if device not in self.generators:
+            self.generators[device] = torch.Generator(device).manual_seed(self.seed)
+        return {key.removeprefix(strip): random_tensor(key, shape, self.generators[device],
+                                                       dtype or torch.float32, device)
+                for key, shape in layout.items()}
+
+
+def model_folder(size: BenchSize, seed: int) -> ModelFolder:
+    """What `open_model_folder` would give for a checkpoint of this size, without one."""
+    tokenizer = load_tokenizer(bench_tokenizer(size.unit_vocab_size, size.released_vocab))
+    llm = dataclasses.replace(size.llm, vocab_size=tokenizer.audio_patch + 1)
+    path = Path("random") / "config.json"
+    config = EchoXConfig.parse(config_json(llm, size.unit_vocab_size, size.unit_model), path,
+                               blank_id=tokenizer.audio_patch, aligner_intermediate=size.aligner_intermediate,
+                               whisper_dim=size.whisper.d_model)
+    return ModelFolder(path.parent, config, tokenizer, RandomCheckpoint(seed))
+
+
+def build_engine(name: str, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+                 seed: int = 0) -> Engine:
+    """A random-weight Engine of size `name` (see SIZES) on `device` (bf16 on CUDA, fp32 on CPU)."""
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    size = SIZES[name]
+    folder = model_folder(size, seed)
+    weights = folder.weights
+    with torch.device("meta"):  # every parameter is replaced by a taken tensor: no init
+        lm = LlamaLM(folder.config.llm)
+        whisper = WhisperEncoder(size.whisper)
+    lm.load_released(weights.take(lm_layout(folder.config.llm), "LLM", dtype, device))
+    whisper.load_released(weights.take(whisper_layout(size.whisper, prefix=""), "Whisper encoder", dtype, device))
+    adapter = load_adapter(weights, folder.config.adapter, dtype, device)
+    vocoder = Vocoder.from_weights(size.vocoder, weights.take(folded_layout(size.vocoder), "vocoder",
+                                                              torch.float32, device), "random", torch.float32, device)
+    return Engine(folder, lm.eval(), adapter, whisper.eval(), load_echo_decoder(folder, dtype, device), vocoder,
+                  folder.path, folder.path, device, dtype)

@@ -34,6 +34,7 @@ from .tokenizer import Turn
 from .vocoder import Vocoder, load_vocoder
 from .whisper import WhisperEncoder, load_whisper
 
+HUBERT_UNITS = 1000  # mHuBERT layer-11 k-means codebook (SPEC §8)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -126,12 +127,16 @@ def load(model_dir: Path | str, whisper: Path | str | None = None, vocoder: Path
     if encoder.cfg.d_model != cfg.adapter.encoder_dim:
         raise EchoXError(f"{whisper_dir}: this Whisper encoder has width {encoder.cfg.d_model}, but the "
                          f"model's adapter expects {cfg.adapter.encoder_dim}: wrong --whisper folder?")
+    voice = load_vocoder(vocoder_dir, torch.float32, device)  # fp32: it is small and its output is audio
+    if voice.cfg.num_embeddings < HUBERT_UNITS:
+        raise EchoXError(f"{vocoder_dir}: this vocoder knows {voice.cfg.num_embeddings} units, but EchoX speaks "
+                         f"HuBERT units 0..{HUBERT_UNITS - 1}: wrong --vocoder folder?")
     with torch.device("meta"):  # no time spent on a random initialisation that is overwritten
         lm = LlamaLM(cfg.llm)
     lm.load_released(weights.take(lm_layout(cfg.llm), "LLM", dtype, device))
     adapter = load_adapter(weights, cfg.adapter, dtype, device)
     return Engine(folder, lm.eval(), adapter.eval(), encoder.eval(), load_echo_decoder(folder, dtype, device),
-                  load_vocoder(vocoder_dir, torch.float32, device), whisper_dir, vocoder_dir, device, dtype)
+                  voice, whisper_dir, vocoder_dir, device, dtype)
 
 
 @dataclass

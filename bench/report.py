@@ -1,0 +1,268 @@
+"""Run every benchmark and write bench/results/<date>-<device>.json plus a Markdown summary.
+
+    python bench/report.py                 microbenchmarks (pytest-benchmark) + e2e.py, then the report
+    python bench/report.py --readme        print the newest report as the table the README quotes
+
+The summary holds the device, the torch/triton/CUDA versions and the date; every microbenchmark
+median with its speed-up over the torch reference (and, for Triton/CUDA kernels, over the best
+baseline timed beside it); the end-to-end table; and each DESIGN.md performance target with its
+measured value and met/missed. An existing results file is never replaced without --overwrite.
+"""
+
+import argparse
+import datetime
+import json
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+REFERENCE = "torch_reference"
+KERNELS = ("triton", "cuda")  # implementations under test; every other one is a baseline
+
+
+# ---- environment and file names --------------------------------------------------------------
+
+def environment(device: str) -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    cuda = device == "cuda"
+    return {
+        "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()})",
+        "device_type": device,
+        "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "created": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+
+
+def device_slug(env: dict) -> str:
+    name = env["device"] if env["device_type"] == "cuda" else "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def shown(path: Path) -> str:
+    """`path` relative to the repository when it is inside it."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def result_paths(env: dict, out_dir: Path) -> tuple[Path, Path]:
+    stem = f"{env['created'][:10]}-{device_slug(env)}"
+    return out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+
+
+# ---- microbenchmarks ---------------------------------------------------------------------------
+
+def run_microbenchmarks(json_path: Path) -> int:
+    """pytest's exit code: a failing case (a kernel off its reference) is reported, not fatal, so
+    the other cases and the e2e run still make it into the results."""
+    return subprocess.run([sys.executable, "-m", "pytest", "bench/", "-q", "-p", "no:cacheprovider",
+                           f"--benchmark-json={json_path}"], cwd=ROOT).returncode
+
+
+def micro_rows(benchmark_json: dict) -> list[dict]:
+    """One row per timed case: median, speed-up over the torch reference of the same case and,
+    for kernels, over the fastest baseline of that case."""
+    rows = []
+    for bench in benchmark_json["benchmarks"]:
+        function, _, case = bench["name"].partition("[")
+        rows.append({"file": Path(bench["fullname"].split("::")[0]).stem.removeprefix("bench_"),
+                     "case": case.rstrip("]"), "implementation": function.removeprefix("test_"),
+                     "median_ms": bench["stats"]["median"] * 1000})
+    by_case: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        by_case.setdefault((row["file"], row["case"]), []).append(row)
+    for group in by_case.values():
+        reference = next((r["median_ms"] for r in group if r["implementation"] == REFERENCE), None)
+        baselines = [r for r in group if r["implementation"] not in KERNELS]
+        best = min(baselines, key=lambda r: r["median_ms"]) if baselines else None
+        for row in group:
+            row["vs_reference"] = reference / row["median_ms"] if reference else None
+            is_kernel = row["implementation"] in KERNELS and best is not None
+            row["best_baseline"] = best["implementation"] if is_kernel else None
+            row["vs_best_baseline"] = best["median_ms"] / row["median_ms"] if is_kernel else None
+    return rows
+
+
+# ---- end to end --------------------------------------------------------------------------------
+
+def run_e2e(device: str, sizes: list[str] | None, repeats: int, jsonl_path: Path) -> list[dict]:
+    command = [sys.executable, "bench/e2e.py", "--device", device, "--repeats", str(repeats), "--out", str(jsonl_path)]
+    subprocess.run(command + (["--sizes", *sizes] if sizes else []), cwd=ROOT, check=True)
+    return [json.loads(line) for line in jsonl_path.read_text().splitlines()]
+
+
+# ---- performance targets (shared/DESIGN.md) ------------------------------------------------------
+
+@dataclass(frozen=True)
+class Target:
+    text: str
+    size: str  # which e2e size the target speaks of
+    read: Callable[[dict], float | None]
+    unit: str
+    limit: float
+    at_most: bool  # True: measured <= limit; False: measured >= limit
+
+
+TARGETS = [
+    Target("LLM decode step, EchoX-8B: <= 5.6 ms/token", "8b", lambda r: r["llm_ms_per_token"], "ms/token", 5.6, True),
+    Target("LLM decode step, EchoX-3B: <= 2.4 ms/token", "3b", lambda r: r["llm_ms_per_token"], "ms/token", 2.4, True),
+    Target("LLM decode step at >= 80% of HBM roofline, EchoX-8B", "8b", lambda r: r["llm_hbm_roofline_pct"], "%",
+           80, False),
+    Target("LLM decode step at >= 80% of HBM roofline, EchoX-3B", "3b", lambda r: r["llm_hbm_roofline_pct"], "%",
+           80, False),
+    Target("Echo decoder: <= 0.15 ms per unit token", "8b", lambda r: r["echo_ms_per_unit"], "ms/unit", 0.15, True),
+    Target("Vocoder: >= 500x real time, streaming", "8b", lambda r: r["vocoder_x_realtime"], "x real time", 500,
+           False),
+    Target("Vocoder: first chunk after <= 25 units of look-ahead", "8b",
+           lambda r: r["vocoder_units_before_first_chunk"], "units", 25, True),
+    Target("Time to first audio, 5 s question, EchoX-8B, released segmentation: <= 150 ms", "8b",
+           lambda r: r["ttfa"]["released"]["ms"], "ms", 150, True),
+    Target("Time to first audio, 5 s question, EchoX-8B, low-latency first segment (opt-in): <= 80 ms", "8b",
+           lambda r: r["ttfa"]["low_latency"]["ms"], "ms", 80, True),
+]
+KERNEL_TARGET = "Each kernel beats its best available baseline in bench/"
+
+
+def evaluate(target: Target, e2e: dict[str, dict]) -> dict:
+    row = {"target": target.text, "measured": None, "unit": target.unit}
+    if target.size not in e2e:
+        return row | {"status": f"not measured (no {target.size} run on this device)"}
+    value = target.read(e2e[target.size])
+    if value is None:
+        return row | {"status": "not measured (see the e2e details)"}
+    met = value <= target.limit if target.at_most else value >= target.limit
+    return row | {"measured": value, "status": "met" if met else "missed"}
+
+
+def evaluate_kernels(micro: list[dict]) -> dict:
+    ratios = [r["vs_best_baseline"] for r in micro if r["vs_best_baseline"] is not None]
+    row = {"target": KERNEL_TARGET, "unit": "x over best baseline (slowest case)"}
+    if not ratios:
+        return row | {"measured": None, "status": "not measured (no Triton/CUDA kernel timed on this device)"}
+    return row | {"measured": min(ratios), "status": "met" if min(ratios) > 1 else "missed",
+                  "cases": f"{sum(r > 1 for r in ratios)} of {len(ratios)} kernel cases faster"}
+
+
+def evaluate_targets(e2e: list[dict], micro: list[dict]) -> list[dict]:
+    by_size = {r["size"]: r for r in e2e}
+    return [evaluate(t, by_size) for t in TARGETS] + [evaluate_kernels(micro)]
+
+
+# ---- Markdown ------------------------------------------------------------------------------------
+
+def fmt(value, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def table(header: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
+           ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+
+
+def targets_table(targets: list[dict]) -> list[str]:
+    return table(["target", "measured", "status"],
+                 [[t["target"], "-" if t["measured"] is None else f"{fmt(t['measured'])} {t['unit']}", t["status"]]
+                  for t in targets])
+
+
+def e2e_table(e2e: list[dict]) -> list[str]:
+    rows = [[r["size"], r["encoder_ms"], r["adapter_ms"], r["prefill_ms"], r["llm_ms_per_token"],
+             r["llm_hbm_roofline_pct"], r["echo_ms_per_unit"], r["vocoder_x_realtime"],
+             r["ttfa"]["released"]["ms"], r["ttfa"]["low_latency"]["ms"]] for r in e2e]
+    return table(["size", "encoder ms", "adapter ms", "prefill ms", "LLM ms/token", "HBM roofline %",
+                  "echo ms/unit", "vocoder x real time", "TTFA released ms", "TTFA low-latency ms"], rows)
+
+
+def ttfa_details(e2e: list[dict]) -> list[str]:
+    rows = [[r["size"], policy, t["ms"], t["cold_ms"], r["prompt_length"], t.get("audio_segment"),
+             t.get("audio_segment_tokens"), t.get("tokens_before_audio_segment_cut"), t.get("audio_segment_cut_by"),
+             t.get("units_before_first_chunk"), t.get("first_chunk_at_flush")]
+            for r in e2e for policy, t in r["ttfa"].items()]
+    return table(["size", "policy", "TTFA ms", "first turn ms (graph capture)", "prompt slots", "audio segment",
+                  "its tokens", "tokens when cut", "cut by", "units before first chunk", "only at flush"], rows)
+
+
+def micro_table(micro: list[dict]) -> list[str]:
+    rows = [[r["file"], r["case"], r["implementation"], f"{r['median_ms']:.4f}", r["vs_reference"],
+             r["best_baseline"], r["vs_best_baseline"]] for r in micro]
+    return table(["benchmark", "case", "implementation", "median ms", "x vs torch reference", "best baseline",
+                  "x vs best baseline"], rows)
+
+
+def render_markdown(report: dict) -> str:
+    env = report["environment"]
+    lines = [f"# Benchmarks: {env['device']}, {env['created'][:10]}", "",
+             f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, Python {env['python']}; "
+             f"created {env['created']} by `{report['command']}`. Random weights; every number is a median.", ""]
+    if env["device_type"] == "cpu":
+        lines += ["CPU run: shapes are tiny and mid, not EchoX's; on a shared machine the timings are noisy.", ""]
+    lines += ["## Performance targets (DESIGN.md: H100 SXM, batch 1, bf16)", "", *targets_table(report["targets"]),
+              "", "## End to end", "", *e2e_table(report["e2e"]), "",
+              "What each time to first audio waited for (random weights do not segment like the trained model):",
+              "", *ttfa_details(report["e2e"]), "",
+              "## Microbenchmarks", "", f"pytest exit code {report['micro_exit_code']} (0: every case passed).", "",
+              *micro_table(report["micro"]), ""]
+    return "\n".join(lines)
+
+
+def readme_table(results_dir: Path = RESULTS) -> str:
+    """The newest report as the lines the README quotes: where and when, e2e, targets."""
+    reports = [json.loads(p.read_text()) | {"path": p} for p in results_dir.glob("*.json")]
+    if not reports:
+        raise SystemExit(f"no reports in {results_dir}")
+    newest = max(reports, key=lambda r: r["environment"]["created"])
+    env = newest["environment"]
+    lines = [f"Measured on {env['device']}, {env['created'][:10]} (torch {env['torch']}, random weights; "
+             f"{shown(newest['path'])}):", "", *e2e_table(newest["e2e"]), "",
+             *targets_table(newest["targets"])]
+    return "\n".join(lines)
+
+
+# ---- command line --------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sizes", nargs="+", help="e2e sizes (default: 8b 3b on CUDA, tiny mid on CPU)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    parser.add_argument("--overwrite", action="store_true", help="replace today's results for this device")
+    parser.add_argument("--readme", action="store_true", help="print the newest report as a README table")
+    args = parser.parse_args(argv)
+    if args.readme:
+        print(readme_table(args.out_dir))
+        return
+    env = environment(args.device)
+    json_path, md_path = result_paths(env, args.out_dir)
+    existing = [p for p in (json_path, md_path) if p.exists()]
+    if existing and not args.overwrite:
+        raise SystemExit(f"{existing[0]} already exists; pass --overwrite to replace it")
+    with tempfile.TemporaryDirectory() as tmp:
+        micro_exit_code = run_microbenchmarks(Path(tmp) / "micro.json")
+        micro = micro_rows(json.loads((Path(tmp) / "micro.json").read_text()))
+        e2e = run_e2e(args.device, args.sizes, args.repeats, Path(tmp) / "e2e.jsonl")
+    report = {"environment": env, "command": " ".join(["python", "bench/report.py", *(argv or sys.argv[1:])]),
+              "micro_exit_code": micro_exit_code, "micro": micro, "e2e": e2e, "targets": evaluate_targets(e2e, micro)}
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(report, indent=1) + "\n")
+    md_path.write_text(render_markdown(report))
+    print(render_markdown(report))
+    print(f"wrote {shown(json_path)} and {shown(md_path)}")
+
+
+if __name__ == "__main__":
+    main()

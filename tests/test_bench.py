@@ -1,0 +1,67 @@
+"""The benchmark harness on the CPU: the tiny random engine through one e2e measurement, and the
+report's speed-ups, target checks and Markdown. Timings are not asserted, only their presence."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))  # bench/ holds scripts, not a package
+
+import e2e  # noqa: E402
+import report  # noqa: E402
+from random_engine import SIZES, build_engine, model_folder  # noqa: E402
+
+E2E_KEYS = {"size", "device", "dtype", "settings", "prompt_length", "speech_frames", "encoder_ms", "adapter_ms",
+            "prefill_ms", "turn_decode_ms_per_token", "llm_ms_per_token", "llm_tokens_timed", "llm_context_mean",
+            "llm_bytes_per_step", "llm_hbm_roofline_pct", "peak_bandwidth_bytes_per_s", "echo_ms_per_unit",
+            "echo_prefill_ms", "echo_units_timed", "vocoder_x_realtime", "vocoder_audio_s",
+            "vocoder_units_before_first_chunk", "vocoder_lookahead_units", "ttfa"}
+TTFA_KEYS = {"ms", "cold_ms", "answer_tokens", "segments", "audio_segment", "timings_ms", "prompt_length",
+             "speech_frames"}
+
+
+@pytest.fixture(scope="module")
+def tiny_result():
+    engine = build_engine("tiny", "cpu")
+    settings = e2e.Settings(repeats=1, max_new_tokens=40, max_units=32, echo_units=8, vocoder_units=40)
+    return e2e.measure(engine, "tiny", settings)
+
+
+def test_random_engine_uses_released_ids_at_real_sizes():
+    folder = model_folder(SIZES["8b"], seed=0)
+    tok = folder.tokenizer
+    assert (tok.bos, tok.eot, tok.audio_patch) == (128000, 128009, 128256)
+    assert tok.echo_prefixes()[0][-1] == 12800  # the released prefix quirk
+    assert (folder.config.echo.body.num_layers, folder.config.echo.body.hidden_size) == (8, 768)
+    assert folder.config.echo.unit_vocab_size == 8000
+
+
+def test_e2e_reports_every_key(tiny_result):
+    assert E2E_KEYS <= tiny_result.keys()
+    assert set(tiny_result["ttfa"]) == set(e2e.POLICIES)
+    for policy in tiny_result["ttfa"].values():
+        assert TTFA_KEYS <= policy.keys()
+    assert tiny_result["llm_ms_per_token"] > 0 and tiny_result["vocoder_x_realtime"] > 0
+    assert tiny_result["llm_hbm_roofline_pct"] is None  # CPU: ms/token only
+    for target in report.TARGETS:  # every key a target reads exists
+        target.read(tiny_result)
+
+
+def test_markdown_has_every_target(tiny_result):
+    micro = report.micro_rows({"benchmarks": [
+        {"name": f"test_{impl}[case]", "fullname": f"bench/bench_op.py::test_{impl}[case]",
+         "stats": {"median": seconds}} for impl, seconds in
+        (("torch_reference", 4e-3), ("torch_sdpa", 2e-3), ("triton", 1e-3))]})
+    triton = next(r for r in micro if r["implementation"] == "triton")
+    assert triton["vs_reference"] == pytest.approx(4) and triton["vs_best_baseline"] == pytest.approx(2)
+    assert triton["best_baseline"] == "torch_sdpa"
+    targets = report.evaluate_targets([tiny_result], micro)
+    rendered = report.render_markdown({"environment": report.environment("cpu"), "command": "test",
+                                       "micro_exit_code": 0, "micro": micro, "e2e": [tiny_result],
+                                       "targets": targets})
+    for text in [t.text for t in report.TARGETS] + [report.KERNEL_TARGET]:
+        assert text in rendered
+    assert next(t for t in targets if t["target"] == report.KERNEL_TARGET)["status"] == "met"
+    assert all(t["status"].startswith("not measured") for t in targets[:-1])  # no 8b/3b run on the CPU

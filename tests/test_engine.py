@@ -106,3 +106,22 @@ def test_audio_patch_in_user_text_is_refused_and_forgotten(engine):
     assert session.turns == []
     run_turn(session, text="fine")
     assert len(session.turns) == 2
+
+
+def test_speech_of_a_segment_arrives_while_the_llm_still_writes(engine):
+    """Pipelining: with a slowed-down LLM, audio of the first segment comes before the last text."""
+    import time
+    session = new_session(engine)
+    decode = session.decoder.decode
+
+    def slow_decode(*args, **kwargs):
+        for token in decode(*args, **kwargs):
+            time.sleep(0.05)
+            yield token
+
+    session.decoder.decode = slow_decode
+    events, trace = run_turn(session, text="Tell me more.")
+    kinds = [type(e).__name__ for e in events]
+    assert len(trace["segments"]) > 1 and "AudioChunk" in kinds
+    first_audio = kinds.index("AudioChunk")
+    assert "TextDelta" in kinds[first_audio:]

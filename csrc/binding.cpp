@@ -10,11 +10,12 @@
 #include <cmath>
 #include <cstdint>
 
-// The launchers, as defined in decode_attention.cu and head_select.cu (one per dtype).
+// The launchers, as defined in decode_attention.cu, head_select.cu and vocoder_conv.cu (one per dtype).
 extern "C" {
 int echox_decode_attention_num_splits(int batch, int q_heads, int kv_heads, int max_len);
 int echox_head_select_parts(int rows);
 int echox_head_select_filtered(int rows, float temperature, float top_p, int top_k);
+int echox_vocoder_conv_splits(int batch, int cin, int cout, int out_len);
 }
 
 #define ECHOX_DECLARE_LAUNCHERS(suffix)                                                                              \
@@ -25,7 +26,15 @@ int echox_head_select_filtered(int rows, float temperature, float top_p, int top
   extern "C" cudaError_t echox_head_select_##suffix(                                                                \
       const void* hidden, const void* weight, int batch, int rows, int width, float temperature, float top_p,        \
       int top_k, uint32_t seed, const long long* step, float* scaled, float* part_val, int* part_idx,               \
-      long long* out, cudaStream_t stream);
+      long long* out, cudaStream_t stream);                                                                        \
+  extern "C" cudaError_t echox_conv1d_valid_##suffix(                                                               \
+      const void* x, const void* weight, const void* bias, const void* residual, void* y, float* partial,          \
+      int batch, int cin, int cout, int length, int kernel, int dilation, float input_slope, int splits,           \
+      cudaStream_t stream);                                                                                         \
+  extern "C" cudaError_t echox_conv_transpose1d_window_##suffix(                                                    \
+      const void* x, const void* weight, const void* bias, void* y, float* partial, int batch, int cin, int cout,  \
+      int length, int kernel, int stride, int start, int count, float input_slope, int splits,                     \
+      cudaStream_t stream);
 
 ECHOX_DECLARE_LAUNCHERS(fp32)
 ECHOX_DECLARE_LAUNCHERS(fp16)
@@ -35,6 +44,8 @@ namespace {
 
 using AttentionLauncher = decltype(&echox_decode_attention_bf16);
 using HeadSelectLauncher = decltype(&echox_head_select_bf16);
+using Conv1dLauncher = decltype(&echox_conv1d_valid_bf16);
+using ConvTransposeLauncher = decltype(&echox_conv_transpose1d_window_bf16);
 
 template <typename Launcher>
 Launcher by_dtype(const torch::Tensor& t, const char* op, Launcher fp32, Launcher fp16, Launcher bf16) {
@@ -147,14 +158,112 @@ torch::Tensor head_select(const torch::Tensor& hidden, const torch::Tensor& weig
   return out;
 }
 
+// The vocoder convs take any layout (streaming buffers are often slices): operands are made
+// contiguous here, and read element by element, so no alignment is asked for.
+torch::Tensor conv_operand(const torch::Tensor& t, const char* op, const char* name, int64_t dims,
+                           const torch::Tensor& like) {
+  TORCH_CHECK(t.is_cuda(), "echox_cuda.", op, ": ", name, " must be a CUDA tensor");
+  TORCH_CHECK(t.dim() == dims, "echox_cuda.", op, ": ", name, " must have ", dims, " dimensions, got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "echox_cuda.", op, ": ", name, " is ", t.scalar_type(),
+              " but x is ", like.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), "echox_cuda.", op, ": ", name, " is on another device than x");
+  TORCH_CHECK(t.numel() < INT32_MAX, "echox_cuda.", op, ": ", name, " has too many elements for 32-bit indices");
+  return t.contiguous();
+}
+
+// fp32 partial sums over input-channel splits, [splits, B, Cout, out_len]; empty for one split.
+torch::Tensor split_partials(const torch::Tensor& x, int64_t cout, int64_t out_len, int splits) {
+  const int64_t size = splits > 1 ? splits * x.size(0) * cout * out_len : 0;
+  return torch::empty({size}, x.options().dtype(torch::kFloat32));
+}
+
+torch::Tensor conv1d_valid(const torch::Tensor& x_in, const torch::Tensor& weight_in, const torch::Tensor& bias_in,
+                           int64_t dilation, double input_slope, const c10::optional<torch::Tensor>& residual_in) {
+  const char* op = "conv1d_valid";
+  const auto x = conv_operand(x_in, op, "x", 3, x_in);
+  const auto weight = conv_operand(weight_in, op, "weight", 3, x_in);
+  const auto bias = conv_operand(bias_in, op, "bias", 1, x_in);
+  const int64_t batch = x.size(0), cin = x.size(1), length = x.size(2);
+  const int64_t cout = weight.size(0), kernel = weight.size(2);
+  TORCH_CHECK(weight.size(1) == cin && kernel >= 1, "echox_cuda.conv1d_valid: weight ", weight.sizes(),
+              " does not match x ", x.sizes(), " (expected [Cout, ", cin, ", K])");
+  TORCH_CHECK(bias.size(0) == cout, "echox_cuda.conv1d_valid: bias ", bias.sizes(), " does not match ", cout,
+              " output channels");
+  TORCH_CHECK(dilation >= 1, "echox_cuda.conv1d_valid: dilation must be >= 1, got ", dilation);
+  const int64_t out_len = length - (kernel - 1) * dilation;
+  TORCH_CHECK(out_len >= 0, "echox_cuda.conv1d_valid: ", length, " inputs are fewer than the kernel's span ",
+              (kernel - 1) * dilation + 1);
+  torch::Tensor residual;
+  if (residual_in.has_value()) {
+    residual = conv_operand(*residual_in, op, "residual", 3, x_in);
+    TORCH_CHECK(residual.sizes() == torch::IntArrayRef({batch, cout, out_len}), "echox_cuda.conv1d_valid: residual ",
+                residual.sizes(), " differs from the output [", batch, ", ", cout, ", ", out_len, "]");
+  }
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto out = torch::empty({batch, cout, out_len}, x.options());
+  if (out.numel() == 0) return out;
+  const int splits = echox_vocoder_conv_splits(batch, cin, cout, out_len);
+  auto partial = split_partials(x, cout, out_len, splits);
+  const auto launch =
+      by_dtype<Conv1dLauncher>(x, op, echox_conv1d_valid_fp32, echox_conv1d_valid_fp16, echox_conv1d_valid_bf16);
+  const void* residual_ptr = residual.defined() ? residual.data_ptr() : nullptr;
+  check_launch(launch(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), residual_ptr, out.data_ptr(),
+                      partial.data_ptr<float>(), batch, cin, cout, length, kernel, dilation,
+                      static_cast<float>(input_slope), splits, c10::cuda::getCurrentCUDAStream()),
+               op);
+  return out;
+}
+
+torch::Tensor conv_transpose1d_window(const torch::Tensor& x_in, const torch::Tensor& weight_in,
+                                      const torch::Tensor& bias_in, int64_t stride, int64_t start, int64_t count,
+                                      double input_slope) {
+  const char* op = "conv_transpose1d_window";
+  const auto x = conv_operand(x_in, op, "x", 3, x_in);
+  const auto weight = conv_operand(weight_in, op, "weight", 3, x_in);
+  const auto bias = conv_operand(bias_in, op, "bias", 1, x_in);
+  const int64_t batch = x.size(0), cin = x.size(1), length = x.size(2);
+  const int64_t cout = weight.size(1), kernel = weight.size(2);
+  TORCH_CHECK(weight.size(0) == cin && kernel >= 1, "echox_cuda.conv_transpose1d_window: weight ", weight.sizes(),
+              " does not match x ", x.sizes(), " (expected [", cin, ", Cout, K])");
+  TORCH_CHECK(bias.size(0) == cout, "echox_cuda.conv_transpose1d_window: bias ", bias.sizes(), " does not match ",
+              cout, " output channels");
+  TORCH_CHECK(stride >= 1, "echox_cuda.conv_transpose1d_window: stride must be >= 1, got ", stride);
+  const int64_t full_length = length > 0 ? (length - 1) * stride + kernel : 0;
+  TORCH_CHECK(start >= 0 && count >= 0 && start + count <= full_length, "echox_cuda.conv_transpose1d_window: window ",
+              start, " + ", count, " is outside the ", full_length, " outputs");
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto out = torch::empty({batch, cout, count}, x.options());
+  if (out.numel() == 0) return out;
+  const int splits = echox_vocoder_conv_splits(batch, cin, cout, count);
+  auto partial = split_partials(x, cout, count, splits);
+  const auto launch = by_dtype<ConvTransposeLauncher>(x, op, echox_conv_transpose1d_window_fp32,
+                                                      echox_conv_transpose1d_window_fp16,
+                                                      echox_conv_transpose1d_window_bf16);
+  check_launch(launch(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(), partial.data_ptr<float>(),
+                      batch, cin, cout, length, kernel, stride, start, count, static_cast<float>(input_slope), splits,
+                      c10::cuda::getCurrentCUDAStream()),
+               op);
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "echox CUDA kernels: decode attention and fused head projection + token selection";
+  m.doc() = "echox CUDA kernels: decode attention, fused head projection + token selection, vocoder convs";
   m.def("decode_attention", &decode_attention, "q [B, Hq, D], k_cache/v_cache [B, Hkv, S, D], lengths [B], "
         "key_valid [B, S] -> [B, Hq, D] in q's dtype", py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("lengths"), py::arg("key_valid"));
   m.def("head_select", &head_select, "hidden [B, h], weight [R, h] -> chosen row [B] (int64); temperature 0 is greedy",
         py::arg("hidden"), py::arg("weight"), py::arg("temperature"), py::arg("top_p"), py::arg("top_k"),
         py::arg("seed"), py::arg("step"));
+  m.def("conv1d_valid", &conv1d_valid, "conv1d(leaky_relu(x, input_slope), weight, bias, dilation), no padding, "
+        "(+ residual): x [B, Cin, L], weight [Cout, Cin, K] -> [B, Cout, L - (K - 1) * dilation] in x's dtype",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("dilation"), py::arg("input_slope") = 1.0,
+        py::arg("residual") = py::none());
+  m.def("conv_transpose1d_window", &conv_transpose1d_window, "outputs start .. start + count - 1 of "
+        "conv_transpose1d(leaky_relu(x, input_slope), weight, bias, stride), no padding: x [B, Cin, L], "
+        "weight [Cin, Cout, K] -> [B, Cout, count] in x's dtype", py::arg("x"), py::arg("weight"), py::arg("bias"),
+        py::arg("stride"), py::arg("start"), py::arg("count"), py::arg("input_slope") = 1.0);
 }

@@ -45,6 +45,11 @@ __device__ __forceinline__ void load_vec(const __nv_bfloat16* p, float (&out)[8]
   }
 }
 
+// One element widened to fp32, for loads that cannot be 16-byte vectors.
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
 // Round to nearest even, as torch's .to(dtype) does.
 template <typename T>
 __device__ __forceinline__ T from_float(float x);

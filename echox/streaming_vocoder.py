@@ -11,17 +11,20 @@ unit's frames go to the generator once its duration's right context has arrived.
 
 The per-layer ops `stream_conv1d`, `stream_conv_transpose1d` and `stream_residual_step` take
 their cache in and hand the new one back, and the per-stream state is one plain object, so
-many streams run side by side and Triton/CUDA kernels can replace exactly those functions.
+many streams run side by side. Their arithmetic is the two ops of echox/vocoder_ops.py (torch
+reference, Triton or CUDA kernel): a valid conv over cache + new inputs, and the window of a
+transposed conv that is complete. The leaky relu before a conv runs inside the op, so caches
+hold raw inputs; that is exact, because the zero padding stays zero: leaky_relu(0) = 0.
 Tensors are [B, C, T]; the vocoder's own use is B = 1.
 """
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .vocoder import FINAL_SLOPE, STAGE_SLOPE, ResBlock1, Vocoder, durations_from_log
+from .vocoder_ops import conv1d_valid, conv_transpose1d_window
 
 
 def conv1d_left_pad(kernel: int, dilation: int) -> int:
@@ -41,12 +44,14 @@ def _with_zeros(x: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def stream_conv1d(cache: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                  dilation: int, final: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """A "same"-padded dilated Conv1d over a stream.
+                  dilation: int, final: bool = False, input_slope: float = 1.0,
+                  skip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A "same"-padded dilated Conv1d of leaky_relu(inputs, input_slope) over a stream.
 
-    cache [B, C_in, <= span] holds the inputs still needed (starts as the left zero padding);
+    cache [B, C_in, <= span] holds the raw inputs still needed (starts as the left zero padding);
     x [B, C_in, n] are new inputs; `final` appends the right zero padding. Returns the outputs
-    that are now complete, [B, C_out, m], and the new cache.
+    that are now complete, [B, C_out, m], plus the first m steps of `skip` [B, C_out, >= m] if
+    given (a residual path), and the new cache.
     """
     span = (weight.shape[-1] - 1) * dilation
     if final:
@@ -55,12 +60,15 @@ def stream_conv1d(cache: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bi
     ready = max(0, buffer.shape[-1] - span)
     if ready == 0:
         return buffer.new_zeros(buffer.shape[0], weight.shape[0], 0), buffer
-    return F.conv1d(buffer, weight, bias, dilation=dilation), buffer[..., ready:]
+    residual = None if skip is None else skip[..., :ready]
+    return conv1d_valid(buffer, weight, bias, dilation, input_slope, residual), buffer[..., ready:]
 
 
 def stream_conv_transpose1d(cache: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                            stride: int, final: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """ConvTranspose1d with padding (kernel - stride) / 2 over a stream; weight [C_in, C_out, k].
+                            stride: int, final: bool = False,
+                            input_slope: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """ConvTranspose1d of leaky_relu(inputs, input_slope), padding (kernel - stride) / 2, over a
+    stream; weight [C_in, C_out, k].
 
     Input i yields outputs i*stride .. i*stride + stride - 1, complete once inputs i - left ..
     i + right are present. cache [B, C_in, <= left + right] starts as `left` zeros; `final`
@@ -74,9 +82,10 @@ def stream_conv_transpose1d(cache: torch.Tensor, x: torch.Tensor, weight: torch.
     ready = max(0, buffer.shape[-1] - left - right)
     if ready == 0:
         return buffer.new_zeros(buffer.shape[0], weight.shape[1], 0), buffer
-    full = F.conv_transpose1d(buffer, weight, bias, stride=stride)  # [B, C_out, (L - 1) * stride + k]
+    # Of the unpadded output [B, C_out, (L - 1) * stride + k], the steps of inputs left .. left + ready - 1.
     start = left * stride + (kernel - stride) // 2
-    return full[..., start:start + ready * stride], buffer[..., ready:]
+    return (conv_transpose1d_window(buffer, weight, bias, stride, start, ready * stride, input_slope),
+            buffer[..., ready:])
 
 
 def release_aligned(waiting: list[torch.Tensor], new: list[torch.Tensor]) -> tuple[list[torch.Tensor],
@@ -90,8 +99,9 @@ def release_aligned(waiting: list[torch.Tensor], new: list[torch.Tensor]) -> tup
     return [j[..., :ready] for j in joined], [j[..., ready:] for j in joined]
 
 
-def _conv(cache: torch.Tensor, x: torch.Tensor, conv: nn.Conv1d, final: bool):
-    return stream_conv1d(cache, x, conv.weight, conv.bias, conv.dilation[0], final)
+def _conv(cache: torch.Tensor, x: torch.Tensor, conv: nn.Conv1d, final: bool, input_slope: float = 1.0,
+          skip: torch.Tensor | None = None):
+    return stream_conv1d(cache, x, conv.weight, conv.bias, conv.dilation[0], final, input_slope, skip)
 
 
 def _conv_pad(conv: nn.Conv1d) -> int:
@@ -107,8 +117,8 @@ def _conv_cache(conv: nn.Conv1d) -> torch.Tensor:
 class ResidualStepState:
     """One step x + conv2(lrelu(conv1_d(lrelu(x)))) of a ResBlock1."""
 
-    conv1: torch.Tensor  # [1, C, <= (k-1)d] conv1 inputs still needed
-    conv2: torch.Tensor  # [1, C, <= k-1]
+    conv1: torch.Tensor  # [1, C, <= (k-1)d] raw conv1 inputs still needed
+    conv2: torch.Tensor  # [1, C, <= k-1] raw conv2 inputs (conv1 outputs)
     skip: torch.Tensor  # [1, C, <= (k-1)(d+1)/2] inputs waiting for their residual branch
 
 
@@ -116,7 +126,7 @@ class ResidualStepState:
 class StageState:
     """One upsampling stage: the transposed conv, then the mean of its resblocks."""
 
-    up: torch.Tensor  # [1, C_in, <= left + right] transposed-conv inputs still needed
+    up: torch.Tensor  # [1, C_in, <= left + right] raw transposed-conv inputs still needed
     blocks: list[list[ResidualStepState]]  # [resblock][dilation]
     waiting: list[torch.Tensor]  # per resblock [1, C, *]: outputs waiting for the slowest resblock
 
@@ -145,11 +155,11 @@ class VocoderStreamState:
 
 def stream_residual_step(state: ResidualStepState, x: torch.Tensor, conv1: nn.Conv1d, conv2: nn.Conv1d,
                          final: bool = False) -> tuple[torch.Tensor, ResidualStepState]:
-    h, conv1_cache = _conv(state.conv1, F.leaky_relu(x, STAGE_SLOPE), conv1, final)
-    h, conv2_cache = _conv(state.conv2, F.leaky_relu(h, STAGE_SLOPE), conv2, final)
+    h, conv1_cache = _conv(state.conv1, x, conv1, final, STAGE_SLOPE)
     skip = torch.cat([state.skip, x], dim=-1)
-    ready = h.shape[-1]  # the branch lags the skip path, so the skip always has these steps
-    return h + skip[..., :ready], ResidualStepState(conv1_cache, conv2_cache, skip[..., ready:])
+    # The branch lags the skip path, so the skip has every step conv2 completes; conv2 adds them.
+    y, conv2_cache = _conv(state.conv2, h, conv2, final, STAGE_SLOPE, skip)
+    return y, ResidualStepState(conv1_cache, conv2_cache, skip[..., y.shape[-1]:])
 
 
 def stream_resblock(states: list[ResidualStepState], x: torch.Tensor, block: ResBlock1,
@@ -164,8 +174,7 @@ def stream_resblock(states: list[ResidualStepState], x: torch.Tensor, block: Res
 def stream_stage(vocoder: Vocoder, stage: int, state: StageState, x: torch.Tensor,
                  final: bool) -> tuple[torch.Tensor, StageState]:
     up = vocoder.ups[stage]
-    x, up_cache = stream_conv_transpose1d(state.up, F.leaky_relu(x, STAGE_SLOPE), up.weight, up.bias,
-                                          up.stride[0], final)
+    x, up_cache = stream_conv_transpose1d(state.up, x, up.weight, up.bias, up.stride[0], final, STAGE_SLOPE)
     outputs, block_states = [], []
     for block, states in zip(vocoder.stage_blocks(stage), state.blocks):
         out, states = stream_resblock(states, x, block, final)
@@ -186,7 +195,7 @@ def stream_generator(vocoder: Vocoder, state: GeneratorState, features: torch.Te
     for stage, stage_state in enumerate(state.stages):
         x, stage_state = stream_stage(vocoder, stage, stage_state, x, final)
         stages.append(stage_state)
-    y, conv_post = _conv(state.conv_post, F.leaky_relu(x, FINAL_SLOPE), vocoder.conv_post, final)
+    y, conv_post = _conv(state.conv_post, x, vocoder.conv_post, final, FINAL_SLOPE)
     return torch.tanh(y)[0, 0], GeneratorState(conv_pre, stages, conv_post)
 
 

@@ -27,20 +27,28 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_BLOCK_CO = 64  # output channels per tile
-MAX_BLOCK_T = 128  # output steps per tile
 DOT_MIN = 16  # the smallest tl.dot tile side
-BROADCAST_ELEMENTS = 4096  # [BLOCK_CO, BLOCK_R, BLOCK_T] product of the broadcast path: bounded registers
+
+
+@dataclass(frozen=True)
+class TileLimits:
+    block_co: int  # most output channels per tile
+    block_t: int  # most output steps per tile
+    block_r: int  # reduction step of a 16-bit tl.dot (fp32 takes half)
+    broadcast: int  # most elements of the broadcast path's [BLOCK_CO, BLOCK_R, BLOCK_T] product
+
+
+GPU_TILES = TileLimits(block_co=64, block_t=128, block_r=64, broadcast=4096)
+# The interpreter pays a fixed Python cost per op of a program whatever the tile size, so on the
+# CPU the fewest, largest tiles run fastest (tests only: timings there say nothing).
+INTERPRETER_TILES = TileLimits(block_co=128, block_t=1024, block_r=256, broadcast=1 << 16)
 
 
 @triton.jit
-def _leaky_relu(x, slope):
-    return tl.where(x >= 0, x, x * slope)
-
-
-@triton.jit
-def _accumulate(acc, w, x, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """acc [BLOCK_CO, BLOCK_T] fp32 += w [BLOCK_CO, BLOCK_R] @ x [BLOCK_R, BLOCK_T] (x in fp32)."""
+def _accumulate(acc, w, x, input_slope, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc [BLOCK_CO, BLOCK_T] fp32 += w [BLOCK_CO, BLOCK_R] @ leaky_relu(x [BLOCK_R, BLOCK_T])."""
+    x = x.to(tl.float32)
+    x = tl.where(x >= 0, x, x * input_slope)
     if USE_DOT:
         acc += tl.dot(w, x.to(w.dtype), input_precision=DOT_PRECISION)  # 16-bit x back to the tensor cores
     else:
@@ -80,7 +88,7 @@ def _conv1d_valid_kernel(
         ci, k = r // KERNEL, r % KERNEL
         x = tl.load(x_ptr + (b * in_channels + ci[:, None]) * in_len + k[:, None] * dilation + t[None, :],
                     mask=r_ok[:, None] & (t < out_len)[None, :], other=0.0)
-        acc = _accumulate(acc, w, _leaky_relu(x.to(tl.float32), input_slope), USE_DOT, DOT_PRECISION)
+        acc = _accumulate(acc, w, x, input_slope, USE_DOT, DOT_PRECISION)
     _finish(acc, bias_ptr, residual_ptr, out_ptr, b, co, t, out_channels, out_len, HAS_RESIDUAL)
 
 
@@ -107,7 +115,7 @@ def _conv_transpose1d_window_kernel(
         i = q[None, :] - m[:, None]  # [BLOCK_R, BLOCK_T] input steps
         x = tl.load(x_ptr + (b * in_channels + ci[:, None]) * in_len + i,
                     mask=(r < reduction)[:, None] & (i >= 0) & (i < in_len), other=0.0)
-        acc = _accumulate(acc, w, _leaky_relu(x.to(tl.float32), input_slope), USE_DOT, DOT_PRECISION)
+        acc = _accumulate(acc, w, x, input_slope, USE_DOT, DOT_PRECISION)
     _finish(acc, bias_ptr, bias_ptr, out_ptr, b, co, q * STRIDE + phase - start, out_channels, count, False)
 
 
@@ -134,9 +142,10 @@ class _Tiles:
 
 def _tiles(x: torch.Tensor, out_channels: int, columns: int, phases: int = 1) -> _Tiles:
     """Tile sizes for `phases` x `columns` output steps of `out_channels` channels per batch row."""
+    limits = GPU_TILES if x.is_cuda else INTERPRETER_TILES
     use_dot = out_channels >= DOT_MIN
-    block_co = min(MAX_BLOCK_CO, triton.next_power_of_2(out_channels))
-    block_t = min(MAX_BLOCK_T, max(DOT_MIN, triton.next_power_of_2(columns)))
+    block_co = min(limits.block_co, triton.next_power_of_2(out_channels))
+    block_t = min(limits.block_t, max(DOT_MIN, triton.next_power_of_2(columns)))
 
     def programs():
         return x.shape[0] * phases * triton.cdiv(out_channels, block_co) * triton.cdiv(columns, block_t)
@@ -147,9 +156,9 @@ def _tiles(x: torch.Tensor, out_channels: int, columns: int, phases: int = 1) ->
     while programs() < target and block_co > DOT_MIN:
         block_co //= 2
     if use_dot:
-        block_r = 32 if x.dtype == torch.float32 else 64
+        block_r = limits.block_r // 2 if x.dtype == torch.float32 else limits.block_r
     else:
-        block_r = max(1, min(32, BROADCAST_ELEMENTS // (block_co * block_t)))
+        block_r = max(1, min(limits.block_r, limits.broadcast // (block_co * block_t)))
     # fp32 must not be rounded to tf32 inside tl.dot; fp16/bf16 go to the tensor cores as they are.
     return _Tiles(block_co, block_t, block_r, use_dot, "ieee" if x.dtype == torch.float32 else "tf32")
 

@@ -1,0 +1,138 @@
+"""The vocoder conv kernels against the torch references (interpreter on CPU), and the streaming
+vocoder run on them."""
+
+import pytest
+import torch
+
+from echox.vocoder_ops import conv1d_valid_reference, conv_transpose1d_window_reference
+from echox_kernels import vocoder_conv
+from echox_kernels.vocoder_conv import conv1d_valid, conv_transpose1d_window
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}  # absolute, at unit-scale outputs
+
+
+@pytest.fixture(params=["gpu-tiles", "interpreter-tiles"])
+def tiles(request, monkeypatch):
+    """Run each case with the GPU's tile sizes too, so several tiles and their edges are exercised."""
+    if request.param == "gpu-tiles":
+        monkeypatch.setattr(vocoder_conv, "INTERPRETER_TILES", vocoder_conv.GPU_TILES)
+    return request.param
+
+
+def make(*shape, dtype=torch.float32, seed=0, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=gen) * scale).to(DEVICE, dtype)
+
+
+def conv_operands(batch, cin, cout, kernel, length, dtype, seed=0, transposed=False):
+    """x [B, Cin, L], weight scaled for unit-size outputs, bias."""
+    weight_shape = (cin, cout, kernel) if transposed else (cout, cin, kernel)
+    return (make(batch, cin, length, dtype=dtype, seed=seed),
+            make(*weight_shape, dtype=dtype, seed=seed + 1, scale=(cin * kernel) ** -0.5),
+            make(cout, dtype=dtype, seed=seed + 2))
+
+
+def assert_matches(out, expected, dtype):
+    assert out.dtype == expected.dtype and out.shape == expected.shape
+    assert (out.float() - expected.float()).abs().max() <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("kernel, dilation", [(3, 1), (7, 3), (11, 5), (3, 5)])
+@pytest.mark.parametrize("cin, cout", [(24, 80), (16, 1), (5, 3)], ids=["dot", "conv_post", "narrow"])
+def test_conv1d_valid_fp32(tiles, cin, cout, kernel, dilation):
+    x, weight, bias = conv_operands(2, cin, cout, kernel, 140 + (kernel - 1) * dilation, torch.float32, seed=kernel)
+    residual = make(2, cout, 140, seed=3)
+    for slope, res in [(0.1, residual), (1.0, None)]:
+        assert_matches(conv1d_valid(x, weight, bias, dilation, slope, res),
+                       conv1d_valid_reference(x, weight, bias, dilation, slope, res), torch.float32)
+
+
+@pytest.mark.parametrize("cin, cout", [(32, 16), (16, 1)], ids=["dot", "conv_post"])
+def test_conv1d_valid_fp16(cin, cout):
+    x, weight, bias = conv_operands(1, cin, cout, 7, 60, torch.float16)
+    residual = make(1, cout, 60 - 6 * 3, dtype=torch.float16, seed=4)
+    assert_matches(conv1d_valid(x, weight, bias, 3, 0.01, residual),
+                   conv1d_valid_reference(x, weight, bias, 3, 0.01, residual), torch.float16)
+
+
+def test_conv1d_valid_strided_input_and_empty_output():
+    x, weight, bias = conv_operands(1, 8, 16, 3, 40, torch.float32)
+    sliced = x[..., 5:30]  # a cache-like view: not contiguous
+    assert_matches(conv1d_valid(sliced, weight, bias, 1, 0.1), conv1d_valid_reference(sliced, weight, bias, 1, 0.1),
+                   torch.float32)
+    assert conv1d_valid(x[..., :2], weight, bias, 1).shape == (1, 16, 0)
+
+
+def full_length(length, kernel, stride):
+    return (length - 1) * stride + kernel
+
+
+@pytest.mark.parametrize("kernel, stride", [(11, 5), (8, 4), (4, 2)])  # the released ups
+@pytest.mark.parametrize("cin, cout", [(24, 20), (6, 3)], ids=["dot", "narrow"])
+def test_conv_transpose1d_window_fp32(tiles, cin, cout, kernel, stride):
+    length = 30
+    x, weight, bias = conv_operands(2, cin, cout, kernel, length, torch.float32, seed=kernel, transposed=True)
+    full = full_length(length, kernel, stride)
+    # the whole output, odd starts, a single step, and the streaming window of the released padding
+    pad = (kernel - stride) // 2
+    for start, count in [(0, full), (3, full - 8), (7, 1), (2 * stride + 1, 2 * stride + 3), (pad, full - 2 * pad)]:
+        assert_matches(conv_transpose1d_window(x, weight, bias, stride, start, count, 0.1),
+                       conv_transpose1d_window_reference(x, weight, bias, stride, start, count, 0.1), torch.float32)
+
+
+def test_conv_transpose1d_window_spans_tiles(tiles):
+    """Enough inputs that each phase needs several time tiles at GPU sizes; no activation."""
+    x, weight, bias = conv_operands(1, 4, 16, 8, 300, torch.float32, transposed=True)
+    assert_matches(conv_transpose1d_window(x, weight, bias, 4, 5, 1150),
+                   conv_transpose1d_window_reference(x, weight, bias, 4, 5, 1150), torch.float32)
+
+
+@pytest.mark.parametrize("kernel, stride, cout", [(11, 5, 16), (4, 2, 3)])
+def test_conv_transpose1d_window_fp16(kernel, stride, cout):
+    x, weight, bias = conv_operands(1, 32, cout, kernel, 20, torch.float16, transposed=True)
+    count = full_length(20, kernel, stride) - 9
+    assert_matches(conv_transpose1d_window(x, weight, bias, stride, 5, count, 0.1),
+                   conv_transpose1d_window_reference(x, weight, bias, stride, 5, count, 0.1), torch.float16)
+
+
+def test_conv_transpose1d_window_empty():
+    x, weight, bias = conv_operands(1, 4, 16, 8, 3, torch.float32, transposed=True)
+    assert conv_transpose1d_window(x, weight, bias, 4, 6, 0).shape == (1, 16, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("cin, cout, kernel, dilation, length", [
+    (128, 512, 7, 1, 400), (256, 256, 11, 5, 2000), (32, 32, 7, 3, 20000), (16, 1, 7, 1, 64000)],
+    ids=["conv_pre", "stage0-resblock", "stage3-resblock", "conv_post"])
+def test_conv1d_valid_real_shapes_on_gpu(dtype, cin, cout, kernel, dilation, length):
+    x, weight, bias = conv_operands(1, cin, cout, kernel, length, dtype)
+    residual = make(1, cout, length - (kernel - 1) * dilation, dtype=dtype, seed=5)
+    assert_matches(conv1d_valid(x, weight, bias, dilation, 0.1, residual),
+                   conv1d_valid_reference(x, weight, bias, dilation, 0.1, residual), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("cin, cout, kernel, stride, length", [
+    (512, 256, 11, 5, 400), (256, 128, 8, 4, 2000), (32, 16, 4, 2, 16000)])
+def test_conv_transpose1d_window_real_shapes_on_gpu(dtype, cin, cout, kernel, stride, length):
+    x, weight, bias = conv_operands(1, cin, cout, kernel, length, dtype, transposed=True)
+    start, count = stride + 1, (length - 2) * stride
+    assert_matches(conv_transpose1d_window(x, weight, bias, stride, start, count, 0.1),
+                   conv_transpose1d_window_reference(x, weight, bias, stride, start, count, 0.1), dtype)
+
+
+@pytest.mark.parametrize("units, chunk", [(8, 1), (10, 3), (10, 50)])
+def test_streaming_on_triton_equals_offline(monkeypatch, units, chunk):
+    from echox.streaming_vocoder import StreamingVocoder
+    from test_vocoder import random_vocoder
+    monkeypatch.setenv("ECHOX_BACKEND", "triton")
+    vocoder = random_vocoder().to(DEVICE)
+    ids = torch.randint(0, 1000, (units,), generator=torch.Generator().manual_seed(units)).to(DEVICE)
+    stream = StreamingVocoder(vocoder)
+    wave = torch.cat([stream.push(ids[i:i + chunk]) for i in range(0, units, chunk)] + [stream.flush()])
+    offline = vocoder(ids)
+    assert wave.shape == offline.shape
+    assert (wave - offline).abs().max() <= 1e-4

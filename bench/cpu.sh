@@ -3,5 +3,8 @@
 # e2e benchmark at tiny and mid sizes, in the same report format under bench/results/.
 #   bash bench/cpu.sh [report.py options, e.g. --overwrite]
 set -euo pipefail
+# One intra-op thread unless told otherwise: on a small machine shared with other jobs, torch's
+# multi-threaded CPU ops were seen to run 10-30x slower under contention (spinning threads).
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 cd "$(dirname "$0")/.."
 python bench/report.py --device cpu "$@"

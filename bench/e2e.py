@@ -124,7 +124,7 @@ def measure_turns(engine: Engine, settings: Settings) -> dict:
     for policy_name, policy in POLICIES.items():
         session = engine.session(sampling=GREEDY, segmenter=policy, max_new_tokens=settings.max_new_tokens,
                                  max_units=settings.max_units)
-        cold = run_turn(session, audio)  # warm-up; its TTFA includes capturing the decode graph
+        cold = run_turn(session, audio)  # warm-up; on CUDA its TTFA includes capturing the decode graphs
         traces = [run_turn(session, audio) for _ in range(settings.repeats)]
         ttfa = [t["timings_ms"]["time_to_first_audio"] for t in traces]
         out[policy_name] = {

@@ -11,10 +11,11 @@ python -m pip install -q --no-build-isolation --no-deps -e . || exit 1
 python -c "import echox_cuda; print('echox_cuda built')" || echo "echox_cuda NOT built: CUDA kernels are not timed"
 python -m pytest -q -m gpu tests/ 2>&1 | tail -n 30
 gpu_tests=${PIPESTATUS[0]}
+started=$(mktemp)  # its time stamp marks which results files this run wrote
 python bench/report.py --device cuda "$@"
 report=$?
 if [ -n "${OUT:-}" ]; then
-    cp bench/results/*.json bench/results/*.md "$OUT"/ 2>/dev/null || true
+    find bench/results -newer "$started" -type f -exec cp {} "$OUT"/ \;
 fi
 echo "gpu tests exit code ${gpu_tests}; report exit code ${report}"
 exit $(( gpu_tests != 0 || report != 0 ))

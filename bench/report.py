@@ -42,7 +42,7 @@ def environment(device: str) -> dict:
         "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()})",
         "device_type": device,
         "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
-        "python": platform.python_version(),
+        "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
     }
 
@@ -192,7 +192,7 @@ def ttfa_details(e2e: list[dict]) -> list[str]:
              t.get("audio_segment_tokens"), t.get("tokens_before_audio_segment_cut"), t.get("audio_segment_cut_by"),
              t.get("units_before_first_chunk"), t.get("first_chunk_at_flush")]
             for r in e2e for policy, t in r["ttfa"].items()]
-    return table(["size", "policy", "TTFA ms", "first turn ms (graph capture)", "prompt slots", "audio segment",
+    return table(["size", "policy", "TTFA ms", "cold first turn ms", "prompt slots", "audio segment",
                   "its tokens", "tokens when cut", "cut by", "units before first chunk", "only at flush"], rows)
 
 
@@ -206,7 +206,8 @@ def micro_table(micro: list[dict]) -> list[str]:
 def render_markdown(report: dict) -> str:
     env = report["environment"]
     lines = [f"# Benchmarks: {env['device']}, {env['created'][:10]}", "",
-             f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, Python {env['python']}; "
+             f"torch {env['torch']} ({env['torch_threads']} CPU threads), triton {env['triton']}, CUDA {env['cuda']}, "
+             f"Python {env['python']}; "
              f"created {env['created']} by `{report['command']}`. Random weights; every number is a median.", ""]
     if env["device_type"] == "cpu":
         lines += ["CPU run: shapes are tiny and mid, not EchoX's; on a shared machine the timings are noisy.", ""]

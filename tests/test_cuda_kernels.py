@@ -1,8 +1,9 @@
 """The CUDA kernels of echox_cuda against their torch references, at EchoX shapes (GPU only).
 
 Uses the installed extension (`pip install --no-build-isolation -e .`), or builds it on the fly
-from csrc/ when nvcc and ninja are there. Attention must match within the rounding of its
-dtype; selection must pick the very same rows: greedy always, sampling for the same seed/step.
+from csrc/ when nvcc and ninja are there. Attention and the vocoder convs must match within the
+rounding of their dtype; selection must pick the very same rows: greedy always, sampling for
+the same seed/step.
 """
 
 import importlib
@@ -14,6 +15,7 @@ import torch
 
 from echox.attention import decode_attention_reference
 from echox.sampling import SamplingParams, head_select
+from echox.vocoder_ops import conv1d_valid_reference, conv_transpose1d_window_reference
 
 pytestmark = pytest.mark.gpu
 
@@ -173,3 +175,166 @@ def test_head_select_replays_in_a_cuda_graph(ext, params):
         step.fill_(n)
         graph.replay()
         assert torch.equal(token, expected(hidden, weight, params, step))
+
+
+@pytest.fixture
+def exact_fp32_convs():
+    """cuDNN may run fp32 convs in TF32, too coarse for a reference at 1e-4: off for these tests."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = saved
+
+
+CONV_TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 3e-3, torch.float32: 1e-4}
+
+
+def conv_inputs(x_shape, w_shape, cout, dtype, seed=0):
+    """x ~ N(0, 1); weights scaled by 1 / sqrt(Cin * K), so outputs stay O(1) as in the vocoder."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(*x_shape, device="cuda", generator=g)
+    w = torch.randn(*w_shape, device="cuda", generator=g) / (x_shape[1] * w_shape[2]) ** 0.5
+    b = torch.randn(cout, device="cuda", generator=g) * 0.1
+    return x.to(dtype), w.to(dtype), b.to(dtype)
+
+
+def random_like(shape, dtype, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return torch.randn(*shape, device="cuda", generator=g).to(dtype)
+
+
+# (batch, Cin, Cout, kernel, dilation, input length, input slope, with residual): the released
+# vocoder's convs as the streaming vocoder calls them, inputs = new steps + (K - 1) * dilation of
+# cache. Pushes of one frame (5, 20, 80, 160, 320 steps per stage) and of 50 frames (one second).
+CONV1D_SHAPES = {
+    "conv_pre-1": (1, 128, 512, 7, 1, 1 + 6, 1.0, False),
+    "conv_pre-50": (1, 128, 512, 7, 1, 50 + 6, 1.0, False),
+    "s0-k3-d1-1": (1, 256, 256, 3, 1, 5 + 2, 0.1, False),
+    "s0-k11-d5-1": (1, 256, 256, 11, 5, 5 + 50, 0.1, False),
+    "s0-k11-d1-50-res": (1, 256, 256, 11, 1, 250 + 10, 0.1, True),
+    "s0-k7-d3-50": (1, 256, 256, 7, 3, 250 + 18, 0.1, False),
+    "s1-k7-d3-1": (1, 128, 128, 7, 3, 20 + 18, 0.1, False),
+    "s1-k11-d5-50-res": (1, 128, 128, 11, 5, 1000 + 50, 0.1, True),
+    "s2-k11-d5-1-res": (1, 64, 64, 11, 5, 80 + 50, 0.1, True),
+    "s2-k3-d3-50": (1, 64, 64, 3, 3, 4000 + 6, 0.1, False),
+    "s3-k7-d5-1": (1, 32, 32, 7, 5, 160 + 30, 0.1, False),
+    "s3-k11-d1-50-res": (1, 32, 32, 11, 1, 8000 + 10, 0.1, True),
+    "s4-k3-d1-1-res": (1, 16, 16, 3, 1, 320 + 2, 0.1, True),
+    "s4-k11-d5-50": (1, 16, 16, 11, 5, 16000 + 50, 0.1, False),
+    "conv_post-1": (1, 16, 1, 7, 1, 320 + 6, 0.01, False),
+    "conv_post-50": (1, 16, 1, 7, 1, 16000 + 6, 0.01, False),
+    "batch-3": (3, 256, 256, 7, 3, 40 + 18, 0.1, True),
+    "odd-sizes": (2, 37, 70, 5, 2, 101, 0.2, True),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float32], ids=str)
+@pytest.mark.parametrize("shape", CONV1D_SHAPES.values(), ids=CONV1D_SHAPES.keys())
+def test_conv1d_valid_matches_reference(ext, exact_fp32_convs, shape, dtype):
+    batch, cin, cout, kernel, dilation, length, slope, with_residual = shape
+    x, w, b = conv_inputs((batch, cin, length), (cout, cin, kernel), cout, dtype)
+    out_len = length - (kernel - 1) * dilation
+    residual = random_like((batch, cout, out_len), dtype, seed=1) if with_residual else None
+    out = ext.conv1d_valid(x, w, b, dilation, slope, residual)
+    ref = conv1d_valid_reference(x, w, b, dilation, slope, residual)
+    assert out.dtype == dtype and out.shape == (batch, cout, out_len)
+    tol = CONV_TOLERANCE[dtype]
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+# (batch, Cin, Cout, kernel, stride, input length, window start, window count): the released
+# upsampling convs as the streaming vocoder calls them (left and right context of one input, the
+# window after the padding), pushes of one and of 50 frames; whole and odd windows.
+CONV_TRANSPOSE_SHAPES = {
+    "ups0-1": (1, 512, 256, 11, 5, 1 + 2, 8, 5),
+    "ups0-50": (1, 512, 256, 11, 5, 50 + 2, 8, 250),
+    "ups1-1": (1, 256, 128, 8, 4, 5 + 2, 6, 20),
+    "ups1-50": (1, 256, 128, 8, 4, 250 + 2, 6, 1000),
+    "ups2-1": (1, 128, 64, 8, 4, 20 + 2, 6, 80),
+    "ups2-50": (1, 128, 64, 8, 4, 1000 + 2, 6, 4000),
+    "ups3-1": (1, 64, 32, 4, 2, 80 + 2, 3, 160),
+    "ups3-50": (1, 64, 32, 4, 2, 4000 + 2, 3, 8000),
+    "ups4-1": (1, 32, 16, 4, 2, 160 + 2, 3, 320),
+    "ups4-50": (1, 32, 16, 4, 2, 8000 + 2, 3, 16000),
+    "whole": (1, 512, 256, 11, 5, 7, 0, 6 * 5 + 11),
+    "odd-window": (2, 40, 70, 7, 3, 33, 1, 100),
+    "one-channel": (2, 16, 1, 5, 2, 600, 4, 1190),
+    "batch-3": (3, 256, 128, 8, 4, 12, 6, 40),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float32], ids=str)
+@pytest.mark.parametrize("shape", CONV_TRANSPOSE_SHAPES.values(), ids=CONV_TRANSPOSE_SHAPES.keys())
+def test_conv_transpose1d_window_matches_reference(ext, exact_fp32_convs, shape, dtype):
+    batch, cin, cout, kernel, stride, length, start, count = shape
+    x, w, b = conv_inputs((batch, cin, length), (cin, cout, kernel), cout, dtype)
+    out = ext.conv_transpose1d_window(x, w, b, stride, start, count, 0.1)
+    ref = conv_transpose1d_window_reference(x, w, b, stride, start, count, 0.1)
+    assert out.dtype == dtype and out.shape == (batch, cout, count)
+    tol = CONV_TOLERANCE[dtype]
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+def test_vocoder_convs_are_deterministic(ext):
+    """Input-channel splits are summed in a fixed order: the same call gives the same bits."""
+    x, w, b = conv_inputs((1, 256, 5 + 50), (256, 256, 11), 256, torch.bfloat16)
+    first = ext.conv1d_valid(x, w, b, 5, 0.1)
+    assert all(torch.equal(ext.conv1d_valid(x, w, b, 5, 0.1), first) for _ in range(5))
+    x, w, b = conv_inputs((1, 512, 3), (512, 256, 11), 256, torch.bfloat16)
+    first = ext.conv_transpose1d_window(x, w, b, 5, 8, 5, 0.1)
+    assert all(torch.equal(ext.conv_transpose1d_window(x, w, b, 5, 8, 5, 0.1), first) for _ in range(5))
+
+
+def test_vocoder_convs_take_slices_and_defaults(ext, exact_fp32_convs):
+    """Streaming caches are slices of larger buffers; slope 1.0 (no activation) is the default."""
+    x, w, b = conv_inputs((1, 64, 300), (64, 64, 7), 64, torch.float32)
+    part = x[..., 17:217]  # not contiguous
+    residual = random_like((1, 64, 300), torch.float32, seed=2)[..., :200 - 6 * 3]
+    out = ext.conv1d_valid(part, w, b, 3, residual=residual)
+    torch.testing.assert_close(out, conv1d_valid_reference(part, w, b, 3, 1.0, residual), atol=1e-4, rtol=1e-4)
+    x, w, b = conv_inputs((1, 64, 300), (64, 32, 4), 32, torch.float32)
+    out = ext.conv_transpose1d_window(x[..., 100:], w, b, 2, 3, 390)
+    ref = conv_transpose1d_window_reference(x[..., 100:], w, b, 2, 3, 390)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_conv1d_valid_long_span_uses_more_shared_memory(ext, exact_fp32_convs):
+    """A window beyond 48 KB of shared memory per block opts in to more, rather than failing."""
+    x, w, b = conv_inputs((1, 16, 3000), (1, 16, 11), 1, torch.float32)
+    out = ext.conv1d_valid(x, w, b, 200, 0.01)
+    torch.testing.assert_close(out, conv1d_valid_reference(x, w, b, 200, 0.01), atol=1e-4, rtol=1e-4)
+
+
+def test_conv1d_valid_without_outputs(ext):
+    """Exactly the kernel's span of inputs: no output is complete yet (torch's conv1d refuses this)."""
+    x, w, b = conv_inputs((1, 64, 50), (64, 64, 11), 64, torch.bfloat16)
+    assert ext.conv1d_valid(x, w, b, 5, 0.1).shape == (1, 64, 0)
+
+
+def test_vocoder_convs_reject_bad_windows(ext):
+    x, w, b = conv_inputs((1, 32, 10), (32, 16, 4), 16, torch.float16)
+    with pytest.raises(RuntimeError, match="outside"):
+        ext.conv_transpose1d_window(x, w, b, 2, 20, 5)  # 22 outputs in all
+    with pytest.raises(RuntimeError, match="fewer than"):
+        ext.conv1d_valid(x, w.transpose(0, 1).contiguous(), b, 5)  # span 16 > 10 inputs
+    with pytest.raises(RuntimeError, match="bias"):
+        ext.conv1d_valid(x, w.transpose(0, 1).contiguous(), b[:8], 1)
+
+
+def test_vocoder_convs_replay_in_a_cuda_graph(ext):
+    """No host sync: both ops capture, and inputs changed in place take effect on replay."""
+    x, w, b = conv_inputs((1, 256, 5 + 50), (256, 256, 11), 256, torch.bfloat16)
+    xt, wt, bt = conv_inputs((1, 512, 3), (512, 256, 11), 256, torch.bfloat16, seed=3)
+    ext.conv1d_valid(x, w, b, 5, 0.1)
+    ext.conv_transpose1d_window(xt, wt, bt, 5, 8, 5, 0.1)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ext.conv1d_valid(x, w, b, 5, 0.1)
+        out_t = ext.conv_transpose1d_window(xt, wt, bt, 5, 8, 5, 0.1)
+    for seed in (4, 5):
+        x.copy_(random_like(x.shape, x.dtype, seed))
+        xt.copy_(random_like(xt.shape, xt.dtype, seed + 10))
+        graph.replay()
+        torch.testing.assert_close(out.float(), conv1d_valid_reference(x, w, b, 5, 0.1).float(), atol=2e-2, rtol=2e-2)
+        ref_t = conv_transpose1d_window_reference(xt, wt, bt, 5, 8, 5, 0.1)
+        torch.testing.assert_close(out_t.float(), ref_t.float(), atol=2e-2, rtol=2e-2)

@@ -22,6 +22,9 @@ SM90 = ("cuda", 90, 32)
 
 DTYPES = ("fp16", "bf16")
 ATTENTION_GROUPS = [(4, 128), (3, 128), (1, 64)]  # (q heads per kv head, head_dim): 8B, 3B, echo decoder
+VOCODER_DTYPES = ("fp16", "bf16", "fp32")
+VOCODER_CONVS = {"resblock-k11": 11, "resblock-k3": 3}  # name: kernel size
+VOCODER_UPS = {"up-k11-s5": (11, 5), "up-k8-s4": (8, 4), "up-k4-s2": (4, 2)}  # name: (kernel, stride)
 
 
 def case_ids() -> list[str]:
@@ -30,7 +33,34 @@ def case_ids() -> list[str]:
         ids += [f"attention-split-{dtype}-g{group}-d{dim}" for group, dim in ATTENTION_GROUPS]
         ids += [f"attention-combine-{dtype}"]
         ids += [f"select-{name}-{dtype}" for name in ("stats", "count-pass", "mass-pass", "greedy", "sample")]
+    for dtype in VOCODER_DTYPES:
+        ids += [f"vocoder-conv1d-{name}-{dtype}" for name in (*VOCODER_CONVS, "conv-post")]
+        ids += [f"vocoder-{name}-{dtype}" for name in VOCODER_UPS]
     return ids + ["select-cutoff-combine-count", "select-cutoff-combine-mass", "select-argmax-combine"]
+
+
+def vocoder_conv_cases() -> dict:
+    """Both vocoder conv kernels at the tiles the launcher picks on a GPU, tl.dot and broadcast paths."""
+    from echox_kernels import vocoder_conv as conv
+    cases = {}
+    for dtype in VOCODER_DTYPES:
+        limits = conv.GPU_TILES
+        dot = {"USE_DOT": True, "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "BLOCK_CO": limits.block_co,
+               "BLOCK_T": limits.block_t, "BLOCK_R": limits.block_r // 2 if dtype == "fp32" else limits.block_r}
+        operands = {"x_ptr": f"*{dtype}", "weight_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "out_ptr": f"*{dtype}"}
+        for name, kernel in VOCODER_CONVS.items():
+            cases[f"vocoder-conv1d-{name}-{dtype}"] = (
+                conv._conv1d_valid_kernel, {**operands, "residual_ptr": f"*{dtype}"}, ("input_slope",),
+                {"KERNEL": kernel, "HAS_RESIDUAL": True, **dot})
+        cases[f"vocoder-conv1d-conv-post-{dtype}"] = (
+            conv._conv1d_valid_kernel, {**operands, "residual_ptr": f"*{dtype}"}, ("input_slope",),
+            {"KERNEL": 7, "HAS_RESIDUAL": False, "USE_DOT": False, "DOT_PRECISION": "ieee", "BLOCK_CO": 1,
+             "BLOCK_T": limits.block_t, "BLOCK_R": limits.broadcast // limits.block_t})
+        for name, (kernel, stride) in VOCODER_UPS.items():
+            cases[f"vocoder-{name}-{dtype}"] = (
+                conv._conv_transpose1d_window_kernel, operands, ("input_slope",),
+                {"KERNEL": kernel, "STRIDE": stride, "TAPS": -(-kernel // stride), **dot})
+    return cases
 
 
 def compile_cases() -> dict:
@@ -80,7 +110,7 @@ def compile_cases() -> dict:
     cases["select-argmax-combine"] = (
         select._argmax_combine_kernel, {"part_value_ptr": "*fp32", "part_index_ptr": "*i32", "out_ptr": "*i64"},
         (), {"BLOCK_P": 64})
-    return cases
+    return cases | vocoder_conv_cases()
 
 
 def compile_for_sm90(kernel, pointers: dict, floats: tuple, constexprs: dict) -> str:

@@ -45,8 +45,8 @@ struct Tile {
 
 using WideTile = Tile<16, 4, 4>;    // 64 channels x 64 steps: long inputs, >= 64 channels
 using ShortTile = Tile<32, 1, 1>;   // 32 x 8: pushes of a few frames, many blocks per weight
-using NarrowTile = Tile<4, 4, 4>;   // 16 x 256: the 16- and 32-channel late stages
-using SingleTile = Tile<1, 1, 4>;   // 1 x 1024: conv_post's single channel
+using NarrowTile = Tile<4, 4, 2>;   // 16 x 128: the 16- and 32-channel late stages
+using SingleTile = Tile<1, 1, 1>;   // 1 x 256: conv_post's single channel (no input splits: 16 channels)
 
 enum TileKind { kWide, kShort, kNarrow, kSingle };
 

@@ -25,23 +25,23 @@ cuda_built = pytest.mark.skipif(not (HAS_GPU and cuda_extension_available()), re
 compiled_on_gpu = pytest.mark.skipif(not HAS_GPU, reason="torch.compile is timed on CUDA only")
 
 FRAMES = 100 if HAS_GPU else 10
-# name: (Cin, Cout, kernel, dilation, output steps, input slope, with residual)
+# conv1d cases, name: (Cin, Cout, kernel, dilation, output steps, input slope, with residual)
 CONVS = {
     "conv_pre": (128, 512, 7, 1, FRAMES, 1.0, False),
-    "stage0-k11-d5": (256, 256, 11, 5, FRAMES * 5, 0.1, True),
-    "stage2-k7-d3": (64, 64, 7, 3, FRAMES * 80, 0.1, True),
-    "stage4-k3-d1": (16, 16, 3, 1, FRAMES * 320, 0.1, True),
+    "res-stage0-k11-d5": (256, 256, 11, 5, FRAMES * 5, 0.1, True),
+    "res-stage2-k7-d3": (64, 64, 7, 3, FRAMES * 80, 0.1, True),
+    "res-stage4-k3-d1": (16, 16, 3, 1, FRAMES * 320, 0.1, True),
     "conv_post": (16, 1, 7, 1, FRAMES * 320, 0.01, False),
 } if HAS_GPU else {
     "conv_pre": (32, 128, 7, 1, FRAMES, 1.0, False),
-    "stage0-k11-d5": (64, 64, 11, 5, FRAMES * 5, 0.1, True),
-    "stage4-k3-d1": (4, 4, 3, 1, FRAMES * 320, 0.1, True),
+    "res-stage0-k11-d5": (64, 64, 11, 5, FRAMES * 5, 0.1, True),
+    "res-stage4-k3-d1": (4, 4, 3, 1, FRAMES * 320, 0.1, True),
 }
-# name: (Cin, Cout, kernel, stride, input steps)
+# transposed-conv cases, name: (Cin, Cout, kernel, stride, input steps)
 UPS = {
-    "stage0-k11-s5": (512, 256, 11, 5, FRAMES), "stage2-k8-s4": (128, 64, 8, 4, FRAMES * 20),
-    "stage4-k4-s2": (32, 16, 4, 2, FRAMES * 160),
-} if HAS_GPU else {"stage0-k11-s5": (128, 64, 11, 5, FRAMES), "stage4-k4-s2": (8, 4, 4, 2, FRAMES * 160)}
+    "up-stage0-k11-s5": (512, 256, 11, 5, FRAMES), "up-stage2-k8-s4": (128, 64, 8, 4, FRAMES * 20),
+    "up-stage4-k4-s2": (32, 16, 4, 2, FRAMES * 160),
+} if HAS_GPU else {"up-stage0-k11-s5": (128, 64, 11, 5, FRAMES), "up-stage4-k4-s2": (8, 4, 4, 2, FRAMES * 160)}
 
 
 def randn(*shape, scale=1.0):
@@ -73,61 +73,48 @@ def native_up(x, weight, bias, stride, start, count, slope):
     return F.conv_transpose1d(F.leaky_relu(x, slope), weight, bias, stride=stride)[..., start:start + count]
 
 
-compiled_conv = torch.compile(native_conv, dynamic=False) if HAS_GPU else None
-compiled_up = torch.compile(native_up, dynamic=False) if HAS_GPU else None
+def inputs(case: str) -> tuple:
+    """The op ("conv1d" or "up") of a case and its arguments."""
+    if case in CONVS:
+        return "conv1d", conv_inputs(*CONVS[case])
+    return "up", up_inputs(*UPS[case])
 
 
-@pytest.mark.parametrize("shape", CONVS)
-def test_conv1d_torch_reference(timed, shape):
-    timed(conv1d_valid_reference, *conv_inputs(*CONVS[shape]))
+# op: (torch reference, native torch, the dispatch)
+OPS = {"conv1d": (conv1d_valid_reference, native_conv, conv1d_valid),
+       "up": (conv_transpose1d_window_reference, native_up, conv_transpose1d_window)}
+COMPILED = {op: torch.compile(native, dynamic=False) for op, (_, native, _) in OPS.items()} if HAS_GPU else {}
+CASES = [*CONVS, *UPS]
 
 
-@pytest.mark.parametrize("shape", CONVS)
-def test_conv1d_torch_native(timed, shape):
-    timed(native_conv, *conv_inputs(*CONVS[shape]))
+@pytest.mark.parametrize("case", CASES)
+def test_torch_reference(timed, case):
+    op, args = inputs(case)
+    timed(OPS[op][0], *args)
 
 
-@compiled_on_gpu
-@pytest.mark.parametrize("shape", CONVS)
-def test_conv1d_torch_compiled(timed, shape):
-    timed(compiled_conv, *conv_inputs(*CONVS[shape]))
-
-
-@triton_on_gpu
-@pytest.mark.parametrize("shape", CONVS)
-def test_conv1d_triton(timed, shape):
-    timed(lambda *args: conv1d_valid(*args, backend_name="triton"), *conv_inputs(*CONVS[shape]))
-
-
-@cuda_built
-@pytest.mark.parametrize("shape", CONVS)
-def test_conv1d_cuda(timed, shape):
-    timed(lambda *args: conv1d_valid(*args, backend_name="cuda"), *conv_inputs(*CONVS[shape]))
-
-
-@pytest.mark.parametrize("shape", UPS)
-def test_up_torch_reference(timed, shape):
-    timed(conv_transpose1d_window_reference, *up_inputs(*UPS[shape]))
-
-
-@pytest.mark.parametrize("shape", UPS)
-def test_up_torch_native(timed, shape):
-    timed(native_up, *up_inputs(*UPS[shape]))
+@pytest.mark.parametrize("case", CASES)
+def test_torch_native(timed, case):
+    op, args = inputs(case)
+    timed(OPS[op][1], *args)
 
 
 @compiled_on_gpu
-@pytest.mark.parametrize("shape", UPS)
-def test_up_torch_compiled(timed, shape):
-    timed(compiled_up, *up_inputs(*UPS[shape]))
+@pytest.mark.parametrize("case", CASES)
+def test_torch_compiled(timed, case):
+    op, args = inputs(case)
+    timed(COMPILED[op], *args)
 
 
 @triton_on_gpu
-@pytest.mark.parametrize("shape", UPS)
-def test_up_triton(timed, shape):
-    timed(lambda *args: conv_transpose1d_window(*args, backend_name="triton"), *up_inputs(*UPS[shape]))
+@pytest.mark.parametrize("case", CASES)
+def test_triton(timed, case):
+    op, args = inputs(case)
+    timed(lambda *a: OPS[op][2](*a, backend_name="triton"), *args)
 
 
 @cuda_built
-@pytest.mark.parametrize("shape", UPS)
-def test_up_cuda(timed, shape):
-    timed(lambda *args: conv_transpose1d_window(*args, backend_name="cuda"), *up_inputs(*UPS[shape]))
+@pytest.mark.parametrize("case", CASES)
+def test_cuda(timed, case):
+    op, args = inputs(case)
+    timed(lambda *a: OPS[op][2](*a, backend_name="cuda"), *args)

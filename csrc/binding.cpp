@@ -1,6 +1,6 @@
 // The torch binding of `echox_cuda`: checks the tensors, allocates outputs and workspaces with
 // torch's caching allocator, and calls the extern "C" launchers of csrc/*.cu on the current
-// stream. Nothing here reads device memory, so both ops are free of host syncs.
+// stream. Nothing here reads device memory, so the ops are free of host syncs.
 
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

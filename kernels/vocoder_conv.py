@@ -16,8 +16,9 @@ gathering its input tile [BLOCK_R, BLOCK_T] straight from x, so no im2col buffer
   (taps past K masked): no multiplications by the zeros a zero-stuffed input would hold.
 Where the output has >= 16 channels the tile product is a tl.dot (fp32 in IEEE precision: no
 tf32 rounding); narrower outputs (conv_post has one channel) use a broadcast multiply-sum.
-Tile sizes come from shapes only: the largest tile, halved in time and then in channels until
-the grid has about two programs per SM, since a push of a few frames would leave most SMs idle.
+Tile sizes come from shapes only: on a GPU the largest tile of GPU_TILES, halved in time and
+then in channels until the grid has about two programs per SM, since a push of a few frames would
+otherwise leave most SMs idle; in the CPU interpreter the larger INTERPRETER_TILES.
 """
 
 import functools
@@ -169,6 +170,7 @@ def _check_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, i
     assert x.shape[1] == in_channels, f"x has {x.shape[1]} channels, the weight {in_channels}"
     assert bias.shape == (out_channels,), f"bias {list(bias.shape)} must be [{out_channels}]"
     assert weight.dtype == x.dtype, f"weight {weight.dtype} must match x {x.dtype}"
+    assert x.numel() < 2 ** 31, "the kernels index x with int32 offsets"
 
 
 def conv1d_valid(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dilation: int,
@@ -181,6 +183,7 @@ def conv1d_valid(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dila
     out_len = in_len - (kernel - 1) * dilation
     assert out_len >= 0, f"{in_len} steps are fewer than the receptive field {(kernel - 1) * dilation + 1}"
     out = torch.empty(batch, out_channels, out_len, device=x.device, dtype=x.dtype)
+    assert out.numel() < 2 ** 31, "the kernels index the output with int32 offsets"
     if out.numel() == 0:
         return out
     if residual is not None:
@@ -203,8 +206,10 @@ def conv_transpose1d_window(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     _check_operands(x, weight, bias, in_channels, out_channels)
     batch, _, in_len = x.shape
     full_length = (in_len - 1) * stride + kernel
-    assert 0 <= start and 0 <= count and start + count <= full_length, f"window {start}+{count} outside 0..{full_length}"
+    assert 0 <= start and 0 <= count and start + count <= full_length, \
+        f"window {start}+{count} outside 0..{full_length}"
     out = torch.empty(batch, out_channels, count, device=x.device, dtype=x.dtype)
+    assert out.numel() < 2 ** 31, "the kernels index the output with int32 offsets"
     if out.numel() == 0:
         return out
     per_phase = triton.cdiv(count, stride)  # the most outputs any phase has in the window

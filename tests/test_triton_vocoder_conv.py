@@ -9,7 +9,16 @@ from echox_kernels import vocoder_conv
 from echox_kernels.vocoder_conv import conv1d_valid, conv_transpose1d_window
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}  # absolute, at unit-scale outputs
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}  # abs and rel, unit-scale outputs
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32_convs():
+    """cuDNN may run fp32 convs in TF32, too coarse for the references (and the offline vocoder) at 1e-4."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = saved
 
 
 @pytest.fixture(params=["gpu-tiles", "interpreter-tiles"])
@@ -34,8 +43,8 @@ def conv_operands(batch, cin, cout, kernel, length, dtype, seed=0, transposed=Fa
 
 
 def assert_matches(out, expected, dtype):
-    assert out.dtype == expected.dtype and out.shape == expected.shape
-    assert (out.float() - expected.float()).abs().max() <= TOLERANCE[dtype]
+    assert out.dtype == expected.dtype
+    torch.testing.assert_close(out.float(), expected.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("kernel, dilation", [(3, 1), (7, 3), (11, 5), (3, 5)])

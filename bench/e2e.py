@@ -93,11 +93,7 @@ def units_before_first_chunk(engine: Engine, unit_tokens: list[int]) -> tuple[in
 
 def run_turn(session, audio: torch.Tensor) -> dict:
     """One speech turn as a fresh conversation on the session's warm buffers; returns its trace."""
-    # A stand-in for a Session.reset(): forget the history but keep the KV cache and the captured
-    # decode graph, so the timed turn is a new conversation without the one-off graph capture.
-    session.turns.clear()
-    session.speech.clear()
-    session.decoder.cached.clear()
+    session.reset()  # a new conversation on the warm KV cache and captured decode graph
     return [event for event in session.respond(audio=audio)][-1].trace
 
 

@@ -16,7 +16,6 @@ At "3b" and "8b" the tokenizer has the released ids (BOS 128000, eot 128009, `<a
 """
 
 import dataclasses
-import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +30,8 @@ from echox.config import (AUDIO_PATCH_TOKEN, ECHOX_3B_LLM, ECHOX_8B_LLM, WHISPER
                           LlamaConfig, VocoderConfig, WhisperConfig)
 from echox.echo import load_echo_decoder
 from echox.engine import Engine, resolve_device, resolve_dtype
-from echox.llama import LlamaLM, lm_layout
-from echox.tiny import EMBEDDING_TABLES, LLAMA3_SPECIALS, TinySpec
+from echox.llama import load_lm
+from echox.tiny import LLAMA3_SPECIALS, TinySpec, random_tensor
 from echox.tokenizer import BOS, END_HEADER, EOT, LLAMA3_BOS_ID, START_HEADER, Tokenizer
 from echox.vocoder import Vocoder, folded_layout
 from echox.weights import Layout
@@ -121,19 +120,6 @@ def config_json(llm: LlamaConfig, unit_vocab_size: int, unit_model: str | None) 
     return raw | ({"unit_model": unit_model} if unit_model is not None else {})
 
 
-def random_tensor(key: str, shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype,
-                  device: torch.device) -> torch.Tensor:
-    """The scaling rules of `echox.tiny.random_tensors` (activations stay O(1)), drawn on `device`."""
-    noise = torch.randn(shape, generator=gen, dtype=dtype, device=device)
-    if key.endswith(EMBEDDING_TABLES):
-        return noise
-    if len(shape) == 1 and key.endswith(".weight"):  # a norm's gain
-        return noise.mul_(0.1).add_(1)
-    if len(shape) == 1:  # a bias
-        return noise.mul_(0.02)
-    return noise.mul_(1 / math.sqrt(math.prod(shape[1:])))
-
-
 class RandomCheckpoint:
     """Stands in for `echox.weights.Checkpoint`: `take` returns fresh random tensors of a layout."""
 
@@ -171,12 +157,10 @@ def build_engine(name: str, device: str | torch.device = "cpu", dtype: str | tor
     folder = model_folder(size, seed)
     weights = folder.weights
     with torch.device("meta"):  # every parameter is replaced by a taken tensor: no init
-        lm = LlamaLM(folder.config.llm)
         whisper = WhisperEncoder(size.whisper)
-    lm.load_released(weights.take(lm_layout(folder.config.llm), "LLM", dtype, device))
     whisper.load_released(weights.take(whisper_layout(size.whisper, prefix=""), "Whisper encoder", dtype, device))
     adapter = load_adapter(weights, folder.config.adapter, dtype, device)
     vocoder = Vocoder.from_weights(size.vocoder, weights.take(folded_layout(size.vocoder), "vocoder",
                                                               torch.float32, device), "random", torch.float32, device)
-    return Engine(folder, lm.eval(), adapter, whisper.eval(), load_echo_decoder(folder, dtype, device), vocoder,
-                  folder.path, folder.path, device, dtype)
+    return Engine(folder, load_lm(weights, folder.config.llm, dtype, device), adapter, whisper.eval(),
+                  load_echo_decoder(folder, dtype, device), vocoder, folder.path, folder.path, device, dtype)

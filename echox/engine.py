@@ -25,7 +25,7 @@ from .checkpoint import ModelFolder, open_model_folder, resolve_vocoder, resolve
 from .echo import EchoDecoder, load_echo_decoder
 from .errors import EchoXError
 from .generate import AudioSlot, Slot, TextDecoder
-from .llama import LlamaLM, lm_layout
+from .llama import LlamaLM, load_lm
 from .mel import log_mel
 from .sampling import RELEASED_SAMPLING, SamplingParams
 from .segmenter import RELEASED_SEGMENTER, Segmenter, SegmenterParams
@@ -131,12 +131,9 @@ def load(model_dir: Path | str, whisper: Path | str | None = None, vocoder: Path
     if voice.cfg.num_embeddings < HUBERT_UNITS:
         raise EchoXError(f"{vocoder_dir}: this vocoder knows {voice.cfg.num_embeddings} units, but EchoX speaks "
                          f"HuBERT units 0..{HUBERT_UNITS - 1}: wrong --vocoder folder?")
-    with torch.device("meta"):  # no time spent on a random initialisation that is overwritten
-        lm = LlamaLM(cfg.llm)
-    lm.load_released(weights.take(lm_layout(cfg.llm), "LLM", dtype, device))
-    adapter = load_adapter(weights, cfg.adapter, dtype, device)
-    return Engine(folder, lm.eval(), adapter.eval(), encoder.eval(), load_echo_decoder(folder, dtype, device),
-                  voice, whisper_dir, vocoder_dir, device, dtype)
+    return Engine(folder, load_lm(weights, cfg.llm, dtype, device), load_adapter(weights, cfg.adapter, dtype, device),
+                  encoder.eval(), load_echo_decoder(folder, dtype, device), voice, whisper_dir, vocoder_dir,
+                  device, dtype)
 
 
 @dataclass
@@ -231,8 +228,14 @@ class Session:
         self.engine, self.sampling, self.segmenter = engine, sampling, segmenter
         self.max_new_tokens, self.max_units = max_new_tokens, max_units
         self.decoder = TextDecoder(engine.lm, tok.pad, tok.eot, tok.period, max_len)
+        self.decoder.step_function(sampling)  # capture the CUDA graph now, not inside the first answer
+        self.reset()
+
+    def reset(self):
+        """Forget the conversation; the KV cache buffers and captured graphs are kept for reuse."""
         self.turns: list[Turn] = []
         self.speech: dict[int, torch.Tensor] = {}  # turn index -> its speech embeddings [v, H]
+        self.decoder.cached = []
 
     def listen(self, audio: Path | str | torch.Tensor, clock: Clock, timings: dict) -> tuple[torch.Tensor, list]:
         """Speech -> (embeddings [v, H], kept frame indices): mel, Whisper, adapter (SPEC §2-4)."""

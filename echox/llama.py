@@ -253,3 +253,12 @@ class LlamaLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         else:
             set_weight(self.lm_head, tensors["lm_head.weight"])
+
+
+def load_lm(weights, cfg: LlamaConfig, dtype: torch.dtype, device) -> LlamaLM:
+    """The LLM from a checkpoint (anything with `take(layout, what, dtype, device)`), built on the
+    meta device so no time goes into a random initialisation that the weights replace."""
+    with torch.device("meta"):
+        lm = LlamaLM(cfg)
+    lm.load_released(weights.take(lm_layout(cfg), "LLM", dtype, device))
+    return lm.eval()

@@ -74,22 +74,23 @@ def random_unit_tokens(count: int, gen: torch.Generator) -> list[str]:
     return list(dict.fromkeys(tokens))  # duplicates would collapse into one id
 
 
+def random_tensor(key: str, shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype = torch.float32,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """A value that keeps activations O(1): norms near 1, weights ~ 1/sqrt(fan_in); drawn on `device`."""
+    noise = torch.randn(shape, generator=gen, dtype=dtype, device=device)
+    if key.endswith(EMBEDDING_TABLES):
+        return noise
+    if len(shape) == 1 and key.endswith(".weight"):  # a norm's gain
+        return noise.mul_(0.1).add_(1)
+    if len(shape) == 1:  # a bias
+        return noise.mul_(0.02)
+    if key.endswith(".weight_g"):
+        return noise.abs_().mul_(0.1).add_(1)
+    return noise.mul_(1 / math.sqrt(math.prod(shape[1:])))
+
+
 def random_tensors(layout: Layout, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """Values that keep activations O(1): norms near 1, weights ~ 1/sqrt(fan_in)."""
-    out = {}
-    for key, shape in layout.items():
-        noise = torch.randn(shape, generator=gen)
-        if key.endswith(EMBEDDING_TABLES):
-            out[key] = noise
-        elif len(shape) == 1 and key.endswith(".weight"):  # a norm's gain
-            out[key] = 1 + 0.1 * noise
-        elif len(shape) == 1:  # a bias
-            out[key] = 0.02 * noise
-        elif key.endswith(".weight_g"):
-            out[key] = 1 + 0.1 * noise.abs()
-        else:
-            out[key] = noise / math.sqrt(math.prod(shape[1:]))
-    return out
+    return {key: random_tensor(key, shape, gen) for key, shape in layout.items()}
 
 
 def _write_json(path: Path, obj: dict):

@@ -13,6 +13,9 @@ import torch
 HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # The CPU tests use small tensors, and the engine runs two Python threads (LLM and speech): a
+    # second intra-op thread per op costs more in hand-offs than it saves on a 2-core machine.
+    torch.set_num_threads(1)
 
 
 def pytest_configure(config):

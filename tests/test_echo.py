@@ -119,7 +119,7 @@ def test_heads_break_a_tie_between_eot_and_a_unit_alike(model):
 
 
 def test_heads_agree_when_no_text_row_can_win(model):
-    cfg, eot = model.config.echo, model.tokenizer.eot
+    cfg = model.config.echo
 
     def silence_text_rows(tensors):
         tensors["lm_head.weight"][:cfg.text_vocab_size] = 0  # eot's row too: the decode runs to its limit

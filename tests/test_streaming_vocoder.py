@@ -8,7 +8,7 @@ from echox.config import VocoderConfig
 from echox.streaming_vocoder import (StreamingVocoder, generator_right_context, initial_state,
                                      stream_conv1d, stream_conv_transpose1d, stream_generator)
 from echox.vocoder import Vocoder
-from test_vocoder import TINY, one_thread, random_vocoder  # noqa: F401 (one_thread: an autouse fixture)
+from test_vocoder import TINY, random_vocoder
 
 
 @pytest.fixture(scope="module")

@@ -19,16 +19,6 @@ from echox.vocoder import (Vocoder, convert_fairseq_vocoder, durations_from_log,
 TINY = TinySpec().vocoder
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These convs are small: with a second intra-op thread on a busy 2-core machine, handing work
-    between threads costs more than the work (tests ran 10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_vocoder(cfg: VocoderConfig = TINY, seed: int = 0) -> Vocoder:
     raw = random_tensors(fairseq_layout(cfg), torch.Generator().manual_seed(seed))
     return Vocoder.from_weights(cfg, fold_fairseq_weights(raw))

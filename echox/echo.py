@@ -160,7 +160,7 @@ class EchoDecoder(nn.Module):
         length = prompt.shape[0]
         positions = torch.arange(length, device=prompt.device)[None]  # [1, L]
         key_valid = torch.ones(1, length, dtype=torch.bool, device=prompt.device)
-        hidden = self.body(prompt[None], positions, key_valid)  # [1, L, h]
+        hidden = self.body(prompt[None], positions, key_valid, kv_len=length)  # [1, L, h]
         return self.select(hidden[:, -1], full_head)
 
     def decode_step(self, token_id: torch.Tensor, position: torch.Tensor, full_head: bool = False) -> torch.Tensor:

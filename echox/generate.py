@@ -88,7 +88,7 @@ class TextDecoder:
         start = min(common_prefix(self.cached, slots), len(slots) - 1)
         x, valid = self.embed(slots[start:], speech)
         positions = torch.arange(start, len(slots), device=self.device)[None]
-        hidden = self.lm(x, positions, valid)[:, -1]
+        hidden = self.lm(x, positions, valid, kv_len=len(slots))[:, -1]
         self.cached = list(slots)
         return hidden
 

@@ -106,7 +106,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         self.cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, positions, key_valid):
+    def forward(self, x, cos, sin, positions, key_valid, kv_len=None):
         batch, length, _ = x.shape
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -119,7 +119,8 @@ class Attention(nn.Module):
         if length == 1:
             out = decode_attention(q[:, :, 0], cache.k, cache.v, positions[:, 0] + 1, cache.key_valid)[:, :, None]
         else:
-            out = cached_attention(q, cache.k, cache.v, positions, cache.key_valid)
+            end = cache.k.shape[2] if kv_len is None else kv_len  # a prefill need not scan the whole cache
+            out = cached_attention(q, cache.k[:, :, :end], cache.v[:, :, :end], positions, cache.key_valid[:, :end])
         return self.wo(out.transpose(1, 2).reshape(batch, length, q_size))
 
 
@@ -142,8 +143,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.ffn = FeedForward(cfg)
 
-    def forward(self, x, cos, sin, positions, key_valid):
-        x = x + self.attention(self.attention_norm(x), cos, sin, positions, key_valid)
+    def forward(self, x, cos, sin, positions, key_valid, kv_len=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, positions, key_valid, kv_len)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -201,11 +202,15 @@ class LlamaBody(nn.Module):
     def max_len(self) -> int:
         return self.rope_cos.shape[0]
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
-        """x [B, T, H] at positions [B, T], key_valid [B, T] bool -> final-norm hidden [B, T, H]."""
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor,
+                kv_len: int | None = None) -> torch.Tensor:
+        """x [B, T, H] at positions [B, T], key_valid [B, T] bool -> final-norm hidden [B, T, H].
+
+        kv_len (optional, T > 1): the last position + 1, so a prefill reads only the cache it needs.
+        """
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         for layer in self.layers:
-            x = layer(x, cos, sin, positions, key_valid)
+            x = layer(x, cos, sin, positions, key_valid, kv_len)
         return self.norm(x)
 
     def load_released(self, tensors: dict[str, torch.Tensor]):
@@ -242,8 +247,9 @@ class LlamaLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
-        return self.body(x, positions, key_valid)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor,
+                kv_len: int | None = None) -> torch.Tensor:
+        return self.body(x, positions, key_valid, kv_len)
 
     def load_released(self, tensors: dict[str, torch.Tensor]):
         """`tensors` keyed as in `lm_layout(cfg)`."""

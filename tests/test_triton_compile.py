@@ -23,8 +23,8 @@ SM90 = ("cuda", 90, 32)
 DTYPES = ("fp16", "bf16")
 ATTENTION_GROUPS = [(4, 128), (3, 128), (1, 64)]  # (q heads per kv head, head_dim): 8B, 3B, echo decoder
 VOCODER_DTYPES = ("fp16", "bf16", "fp32")
-VOCODER_CONVS = {"resblock-k11": 11, "resblock-k3": 3}  # name: kernel size
-VOCODER_UPS = {"up-k11-s5": (11, 5), "up-k8-s4": (8, 4), "up-k4-s2": (4, 2)}  # name: (kernel, stride)
+VOCODER_CONVS = {"resblock-k11": 11}  # name: kernel size
+VOCODER_UPS = {"up-k11-s5": (11, 5), "up-k4-s2": (4, 2)}  # name: (kernel, stride): 3 and 2 taps per phase
 
 
 def case_ids() -> list[str]:

@@ -42,9 +42,8 @@ def case_ids() -> list[str]:
 def vocoder_conv_cases() -> dict:
     """Both vocoder conv kernels at the tiles the launcher picks on a GPU, tl.dot and broadcast paths."""
     from echox_kernels import vocoder_conv as conv
-    cases = {}
+    limits, cases = conv.GPU_TILES, {}
     for dtype in VOCODER_DTYPES:
-        limits = conv.GPU_TILES
         dot = {"USE_DOT": True, "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "BLOCK_CO": limits.block_co,
                "BLOCK_T": limits.block_t, "BLOCK_R": limits.block_r // 2 if dtype == "fp32" else limits.block_r}
         operands = {"x_ptr": f"*{dtype}", "weight_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "out_ptr": f"*{dtype}"}

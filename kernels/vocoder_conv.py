@@ -117,7 +117,8 @@ def _conv_transpose1d_window_kernel(
         x = tl.load(x_ptr + (b * in_channels + ci[:, None]) * in_len + i,
                     mask=(r < reduction)[:, None] & (i >= 0) & (i < in_len), other=0.0)
         acc = _accumulate(acc, w, x, input_slope, USE_DOT, DOT_PRECISION)
-    _finish(acc, bias_ptr, bias_ptr, out_ptr, b, co, q * STRIDE + phase - start, out_channels, count, False)
+    window_steps = q * STRIDE + phase - start  # [BLOCK_T], >= 0 by the choice of first_q
+    _finish(acc, bias_ptr, bias_ptr, out_ptr, b, co, window_steps, out_channels, count, False)  # no residual
 
 
 @functools.cache

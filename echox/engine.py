@@ -152,9 +152,9 @@ class SegmentRecord:
 class SpeechWorker(threading.Thread):
     """Turns segments of LLM hidden states into audio, one segment after another, in its own thread."""
 
-    def __init__(self, engine: Engine, max_units: int, clock: Clock, out: queue.Queue):
+    def __init__(self, engine: Engine, max_units: int, push_units: int, clock: Clock, out: queue.Queue):
         super().__init__(daemon=True)
-        self.engine, self.max_units, self.clock, self.out = engine, max_units, clock, out
+        self.engine, self.max_units, self.push_units, self.clock, self.out = engine, max_units, push_units, clock, out
         self.todo: queue.Queue = queue.Queue()
         self.records: list[SegmentRecord] = []
         self.echo_ms = self.vocoder_ms = 0.0
@@ -181,14 +181,25 @@ class SpeechWorker(threading.Thread):
             self.out.put(None)
 
     def speak(self, index: int, record: SegmentRecord, hidden: torch.Tensor):
+        """Echo-decode one segment and vocode its units in small batches.
+
+        No sample can leave the vocoder before `lookahead_units` + 1 units are in, so the first
+        push waits for that many and later pushes take `push_units` at a time: the first audio
+        comes as early as pushing every unit would give it, with far fewer vocoder calls."""
         echo, voice = self.engine.echo, StreamingVocoder(self.engine.vocoder)
         started, vocoder_before = self.clock.now(), self.vocoder_ms
+        waiting: list[int] = []
+        batch = voice.lookahead_units + 1
         for unit_token in echo.generate(hidden, max_units=self.max_units):
             units = echo.units_of([unit_token])
             record.unit_tokens.append(unit_token)
             record.units.extend(units)
-            if units:
-                self.vocode(index, record, voice.push, torch.tensor(units))
+            waiting.extend(units)
+            if len(waiting) >= batch:
+                self.vocode(index, record, voice.push, torch.tensor(waiting))
+                waiting, batch = [], self.push_units
+        if waiting:
+            self.vocode(index, record, voice.push, torch.tensor(waiting))
         self.vocode(index, record, voice.flush)
         self.echo_ms += self.clock.since(started) - (self.vocoder_ms - vocoder_before)
 
@@ -221,12 +232,12 @@ class Session:
 
     def __init__(self, engine: Engine, sampling: SamplingParams = RELEASED_SAMPLING,
                  segmenter: SegmenterParams = RELEASED_SEGMENTER, max_new_tokens: int = 512,
-                 max_units: int = 2048, max_len: int = 4096):
-        if max_new_tokens < 1 or max_units < 1:
-            raise EchoXError("max_new_tokens and max_units must be at least 1")
+                 max_units: int = 2048, max_len: int = 4096, push_units: int = 8):
+        if max_new_tokens < 1 or max_units < 1 or push_units < 1:
+            raise EchoXError("max_new_tokens, max_units and push_units must be at least 1")
         tok = engine.tokenizer
         self.engine, self.sampling, self.segmenter = engine, sampling, segmenter
-        self.max_new_tokens, self.max_units = max_new_tokens, max_units
+        self.max_new_tokens, self.max_units, self.push_units = max_new_tokens, max_units, push_units
         self.decoder = TextDecoder(engine.lm, tok.pad, tok.eot, tok.period, max_len)
         self.decoder.step_function(sampling)  # capture the CUDA graph now, not inside the first answer
         self.reset()
@@ -292,7 +303,7 @@ class Session:
         timings["prefill"] = clock.since(started)
 
         out: queue.Queue = queue.Queue()
-        worker = SpeechWorker(engine, self.max_units, clock, out)
+        worker = SpeechWorker(engine, self.max_units, self.push_units, clock, out)
         worker.start()
         segmenter = Segmenter(self.segmenter)
         tokens, hiddens, scores, shown = [], [], [], ""

@@ -89,6 +89,8 @@ class Checkpoint:
             raise EchoXError(f"{self.source}: missing tensor {key!r}")
 
     def get(self, key: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+        """One tensor, cast and moved. Kept in its stored dtype on the CPU, it is a view of the file's
+        private memory map (no copy; every read of the key shares it): treat it as read-only."""
         self._require(key)
         file = self._file_of[key]
         if file not in self._handles:

@@ -23,6 +23,7 @@ from .adapter import SpeechAdapter, load_adapter
 from .audio import load_audio
 from .checkpoint import ModelFolder, open_model_folder, resolve_vocoder, resolve_whisper
 from .echo import EchoDecoder, load_echo_decoder
+from .config import WhisperConfig
 from .errors import EchoXError
 from .generate import AudioSlot, Slot, TextDecoder
 from .llama import LlamaLM, load_lm
@@ -123,17 +124,17 @@ def load(model_dir: Path | str, whisper: Path | str | None = None, vocoder: Path
     folder = open_model_folder(model_dir)
     cfg, weights = folder.config, folder.weights
     whisper_dir, vocoder_dir = resolve_whisper(folder, whisper), resolve_vocoder(folder, vocoder)
-    encoder = load_whisper(whisper_dir, dtype, device)
-    if encoder.cfg.d_model != cfg.adapter.encoder_dim:
-        raise EchoXError(f"{whisper_dir}: this Whisper encoder has width {encoder.cfg.d_model}, but the "
+    whisper_width = WhisperConfig.from_dir(whisper_dir).d_model  # checked before gigabytes are read
+    if whisper_width != cfg.adapter.encoder_dim:
+        raise EchoXError(f"{whisper_dir}: this Whisper encoder has width {whisper_width}, but the "
                          f"model's adapter expects {cfg.adapter.encoder_dim}: wrong --whisper folder?")
     voice = load_vocoder(vocoder_dir, torch.float32, device)  # fp32: it is small and its output is audio
     if voice.cfg.num_embeddings < HUBERT_UNITS:
         raise EchoXError(f"{vocoder_dir}: this vocoder knows {voice.cfg.num_embeddings} units, but EchoX speaks "
                          f"HuBERT units 0..{HUBERT_UNITS - 1}: wrong --vocoder folder?")
     return Engine(folder, load_lm(weights, cfg.llm, dtype, device), load_adapter(weights, cfg.adapter, dtype, device),
-                  encoder.eval(), load_echo_decoder(folder, dtype, device), voice, whisper_dir, vocoder_dir,
-                  device, dtype)
+                  load_whisper(whisper_dir, dtype, device).eval(), load_echo_decoder(folder, dtype, device), voice,
+                  whisper_dir, vocoder_dir, device, dtype)
 
 
 @dataclass

@@ -105,7 +105,7 @@ def cmd_chat(args) -> None:
         raise EchoXError("give --input IN.wav, --text STR, or both")
     sampling = _sampling(args)
     engine = echox_engine.load(args.model, whisper=args.whisper, vocoder=args.vocoder, device=args.device,
-                               dtype=args.dtype)
+                               dtype=args.dtype, cuda_graphs=not args.no_cuda_graphs)
     print(f"whisper: {engine.whisper_dir}\nvocoder: {engine.vocoder_dir}", file=sys.stderr)
     session = engine.session(sampling=sampling, max_new_tokens=args.max_new_tokens)
     _speak(session, args.input, args.text, output, args.overwrite, Path(args.trace) if args.trace else None)
@@ -190,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     chat.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     chat.add_argument("--trace", help="write a JSON trace of the turn here")
+    chat.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly (debugging)")
     chat.set_defaults(run=cmd_chat)
 
     convert = sub.add_parser("convert", help="fairseq vocoder (g_* + vocoder_config.json) -> safetensors")

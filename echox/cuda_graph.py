@@ -20,7 +20,8 @@ class GraphedStep:
                 fn(*self.inputs)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: the engine's other thread may sync or allocate while this one captures.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.outputs = fn(*self.inputs)
 
     def __call__(self, *inputs: torch.Tensor):

@@ -79,10 +79,11 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 class Clock:
-    """Wall-clock milliseconds; waits for the GPU first so device work is counted where it ran."""
+    """Wall-clock milliseconds; waits for the GPU stream first so device work is counted where it ran."""
 
     def __init__(self, device: torch.device):
-        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        # Only the calling thread's stream: the LLM and the speech worker each time their own work.
+        self.sync = (lambda: torch.cuda.current_stream().synchronize()) if device.type == "cuda" else (lambda: None)
         self.origin = self.now()
 
     def now(self) -> float:
@@ -108,17 +109,32 @@ class Engine:
     device: torch.device
     dtype: torch.dtype
 
+    cuda_graphs: bool = False
+
     @property
     def tokenizer(self):
         return self.folder.tokenizer
+
+    def prepare(self, cuda_graphs: bool) -> "Engine":
+        """Decide on CUDA graphs and capture the echo decoder's step now, before any turn starts
+        threads (its cache never moves, so one capture serves every segment of every session)."""
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self.echo.use_graphs = self.cuda_graphs
+        if self.cuda_graphs:
+            self.echo.step_function(full_head=False)
+        return self
 
     def session(self, **options) -> "Session":
         return Session(self, **options)
 
 
 def load(model_dir: Path | str, whisper: Path | str | None = None, vocoder: Path | str | None = None,
-         device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None) -> Engine:
-    """Load an EchoX model folder, its Whisper encoder and its vocoder onto `device`."""
+         device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+         cuda_graphs: bool = True) -> Engine:
+    """Load an EchoX model folder, its Whisper encoder and its vocoder onto `device`.
+
+    On a GPU the LLM and echo-decoder decode steps run as CUDA graphs unless `cuda_graphs` is
+    False (for debugging: eager steps show each kernel in a profiler and raise where they fail)."""
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     folder = open_model_folder(model_dir)
@@ -134,7 +150,7 @@ def load(model_dir: Path | str, whisper: Path | str | None = None, vocoder: Path
                          f"HuBERT units 0..{HUBERT_UNITS - 1}: wrong --vocoder folder?")
     return Engine(folder, load_lm(weights, cfg.llm, dtype, device), load_adapter(weights, cfg.adapter, dtype, device),
                   load_whisper(whisper_dir, dtype, device).eval(), load_echo_decoder(folder, dtype, device), voice,
-                  whisper_dir, vocoder_dir, device, dtype)
+                  whisper_dir, vocoder_dir, device, dtype).prepare(cuda_graphs)
 
 
 @dataclass
@@ -239,7 +255,7 @@ class Session:
         tok = engine.tokenizer
         self.engine, self.sampling, self.segmenter = engine, sampling, segmenter
         self.max_new_tokens, self.max_units, self.push_units = max_new_tokens, max_units, push_units
-        self.decoder = TextDecoder(engine.lm, tok.pad, tok.eot, tok.period, max_len)
+        self.decoder = TextDecoder(engine.lm, tok.pad, tok.eot, tok.period, max_len, use_graphs=engine.cuda_graphs)
         self.decoder.step_function(sampling)  # capture the CUDA graph now, not inside the first answer
         self.reset()
 

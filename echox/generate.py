@@ -115,6 +115,7 @@ class TextDecoder:
         if not self.use_graphs:
             return step
         if sampling not in self.graphs:
+            self.lm.body.use_state(self.state)  # the graph records this conversation's cache buffers
             counter = self.step.clone()  # warm-up runs advance the sampling counter: undo that
             position = torch.tensor([len(self.cached)], device=self.device)  # rewritten by the real step
             self.graphs[sampling] = GraphedStep(step, torch.zeros_like(position), position)

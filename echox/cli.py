@@ -107,7 +107,9 @@ def cmd_chat(args) -> None:
     engine = echox_engine.load(args.model, whisper=args.whisper, vocoder=args.vocoder, device=args.device,
                                dtype=args.dtype, cuda_graphs=not args.no_cuda_graphs)
     print(f"whisper: {engine.whisper_dir}\nvocoder: {engine.vocoder_dir}", file=sys.stderr)
-    session = engine.session(sampling=sampling, max_new_tokens=args.max_new_tokens)
+    from .segmenter import LOW_LATENCY_SEGMENTER, RELEASED_SEGMENTER
+    segmenter = LOW_LATENCY_SEGMENTER if args.low_latency else RELEASED_SEGMENTER
+    session = engine.session(sampling=sampling, segmenter=segmenter, max_new_tokens=args.max_new_tokens)
     _speak(session, args.input, args.text, output, args.overwrite, Path(args.trace) if args.trace else None)
 
 
@@ -190,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     chat.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     chat.add_argument("--trace", help="write a JSON trace of the turn here")
+    chat.add_argument("--low-latency", action="store_true",
+                      help="cut the first segment after 8 tokens (opt-in; the released policy waits for 20-50)")
     chat.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly (debugging)")
     chat.set_defaults(run=cmd_chat)
 

@@ -42,6 +42,14 @@ def test_chat_writes_audio_and_a_complete_trace(tiny_model_dir, question, tmp_pa
     assert out.stat().st_size == 44 + 2 * samples  # a 16-bit mono WAV of exactly the streamed samples
 
 
+def test_low_latency_cuts_the_first_segment_early(tiny_model_dir, tmp_path, capsys):
+    trace = tmp_path / "trace.json"
+    assert main(["chat", "--model", str(tiny_model_dir), "--greedy", "--max-new-tokens", "30", "--text", "Hi",
+                 "--low-latency", "--output", str(tmp_path / "a.wav"), "--trace", str(trace)]) == 0
+    first = json.loads(trace.read_text())["segments"][0]
+    assert first["end"] - first["start"] < 20  # the released policy never cuts before 20 tokens
+
+
 def test_existing_output_is_not_overwritten(tiny_model_dir, question, tmp_path, capsys):
     out = tmp_path / "answer.wav"
     out.write_bytes(b"mine")

@@ -15,16 +15,32 @@ def _human_bytes(n: int) -> str:
     return f"{n:.1f} GiB"
 
 
+RELEASED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                  "special_tokens_map.json", "vocoder_config.json")
+
+
+def _list_files(folder: Path) -> None:
+    """Which of the released files a folder holds (the weights are listed by the index or glob)."""
+    missing = [name for name in RELEASED_FILES if not (folder / name).is_file()]
+    shards = sorted(folder.glob("*.safetensors"))
+    vocoders = sorted(folder.glob("g_*"))
+    print(f"files          {len(shards)} safetensors file(s), {_human_bytes(sum(f.stat().st_size for f in shards))}; "
+          f"vocoder checkpoint: {', '.join(f.name for f in vocoders) or 'none'}")
+    print(f"missing        {', '.join(missing) if missing else 'nothing'}")
+
+
 def cmd_info(args) -> None:
     """What a model folder holds, what it lacks, its sizes and dtype."""
     from .checkpoint import open_model_folder, resolve_vocoder, resolve_whisper
-    model = open_model_folder(args.model)
+    folder = Path(args.model)
+    if not folder.is_dir():
+        raise EchoXError(f"{folder}: model folder not found")
+    print(f"model folder   {folder}")
+    _list_files(folder)
+    model = open_model_folder(folder)  # the first problem that stops loading ends here, named
     cfg = model.config
     llm, body = cfg.llm, cfg.echo.body
-    size = sum(f.stat().st_size for f in model.path.glob("*.safetensors"))
-    print(f"model folder   {model.path}")
-    print(f"weights        {len(model.weights.keys())} tensors, {_human_bytes(size)}, stored as "
-          f"{model.weights.stored_dtype()}")
+    print(f"weights        {len(model.weights.keys())} tensors, stored as {model.weights.stored_dtype()}")
     print(f"LLM            {llm.num_layers} layers x {llm.hidden_size}, {llm.num_heads} heads / "
           f"{llm.num_kv_heads} kv, FFN {llm.intermediate_size}, vocab {llm.vocab_size}, "
           f"{'tied' if llm.tie_word_embeddings else 'separate'} output head")

@@ -125,6 +125,17 @@ def test_info_describes_the_folder(tiny_model_dir, capsys):
     assert "2 layers x 64" in out and "unit_model='large'" in out and "MISSING" not in out
 
 
+def test_info_names_what_is_missing(tiny_root, tmp_path, capsys):
+    shutil.copytree(tiny_root, tmp_path / "root")
+    model = tmp_path / "root" / "EchoX-tiny"
+    (model / "generation_config.json").unlink()
+    (model / "tokenizer.json").unlink()
+    assert main(["info", str(model)]) == 2
+    captured = capsys.readouterr()
+    assert "missing        generation_config.json, tokenizer.json" in captured.out
+    assert "tokenizer.json: file not found" in captured.err and "Traceback" not in captured.err
+
+
 def test_convert_round_trip(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "vocoder.safetensors"
     assert main(["convert", str(tiny_model_dir), str(out)]) == 0

@@ -96,7 +96,10 @@ class Clock:
 
 @dataclass
 class Engine:
-    """Every part of EchoX, loaded once. Create conversations with `session()`."""
+    """Every part of EchoX, loaded once. Create conversations with `session()`.
+
+    Sessions share the weights and the echo decoder's cache, so an engine answers one turn at a
+    time; turns of different sessions may alternate freely (each session owns its LLM cache)."""
 
     folder: ModelFolder
     lm: LlamaLM

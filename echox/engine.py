@@ -113,6 +113,7 @@ class Engine:
     dtype: torch.dtype
 
     cuda_graphs: bool = False
+    busy: threading.Lock = field(default_factory=threading.Lock)  # held while a turn is being answered
 
     @property
     def tokenizer(self):
@@ -180,20 +181,28 @@ class SpeechWorker(threading.Thread):
         self.echo_ms = self.vocoder_ms = 0.0
         self.first_audio_ms: float | None = None
         self.error: BaseException | None = None
+        self.cancelled = False
 
     def submit(self, record: SegmentRecord, hidden: torch.Tensor):
         self.records.append(record)
         self.todo.put((len(self.records) - 1, record, hidden))
 
     def close(self):
+        """No more segments: finish the queued ones, then stop."""
         self.todo.put(None)
+
+    def cancel(self):
+        """Drop the queued segments, stop the current one at its next unit, and wait for that."""
+        self.cancelled = True
+        self.todo.put(None)
+        self.join()
 
     def run(self):
         # On a GPU the speech work gets its own stream, so it overlaps the LLM's decoding.
         stream = torch.cuda.Stream(self.engine.device) if self.engine.device.type == "cuda" else None
         try:
             with torch.inference_mode(), (torch.cuda.stream(stream) if stream else contextlib.nullcontext()):
-                while (job := self.todo.get()) is not None:
+                while (job := self.todo.get()) is not None and not self.cancelled:
                     self.speak(*job)
         except BaseException as e:  # handed to the main thread, which re-raises it
             self.error = e
@@ -211,6 +220,8 @@ class SpeechWorker(threading.Thread):
         waiting: list[int] = []
         batch = voice.lookahead_units + 1
         for unit_token in echo.generate(hidden, max_units=self.max_units):
+            if self.cancelled:
+                return
             units = echo.units_of([unit_token])
             record.unit_tokens.append(unit_token)
             record.units.extend(units)
@@ -300,6 +311,8 @@ class Session:
         """Answer one user turn (speech, text, or both), streaming text and audio as they exist."""
         if audio is None and not text:
             raise EchoXError("a turn needs speech (audio=...) or text (text=...)")
+        if not self.engine.busy.acquire(blocking=False):
+            raise EchoXError("this engine is answering another turn: finish (or close) that one first")
         turns_before, speech_before = len(self.turns), dict(self.speech)
         try:
             with torch.inference_mode():
@@ -308,6 +321,8 @@ class Session:
             del self.turns[turns_before:]
             self.speech = speech_before
             raise
+        finally:
+            self.engine.busy.release()
 
     def _respond(self, audio, text: str) -> Iterator[Event]:
         engine, tok = self.engine, self.engine.tokenizer
@@ -343,9 +358,11 @@ class Session:
             decode_ms = clock.since(started)
             if (cut := segmenter.finish()) is not None:
                 worker.submit(SegmentRecord(*cut), torch.stack(hiddens[cut[0]:cut[1]]))
-        finally:
             worker.close()
-        yield from _drain(out, block=True)
+            yield from _drain(out, block=True)
+        except BaseException:  # an error, or the caller stopped listening: stop speaking too
+            worker.cancel()
+            raise
         worker.join()
         if worker.error is not None:
             raise worker.error

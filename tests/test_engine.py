@@ -1,5 +1,7 @@
 """The end-to-end engine on the tiny checkpoint: determinism, exact streaming, a complete trace."""
 
+import threading
+
 import pytest
 import torch
 
@@ -125,3 +127,13 @@ def test_speech_of_a_segment_arrives_while_the_llm_still_writes(engine):
     assert len(trace["segments"]) > 1 and "AudioChunk" in kinds
     first_audio = kinds.index("AudioChunk")
     assert "TextDelta" in kinds[first_audio:]
+
+
+def test_one_turn_at_a_time_per_engine(engine):
+    first = new_session(engine).respond(text="One.")
+    next(first)  # the first turn is under way
+    with pytest.raises(EchoXError, match="answering another turn"):
+        next(new_session(engine).respond(text="Two."))
+    first.close()  # abandoning a turn stops its speech worker and frees the engine
+    assert not any(isinstance(t, echox_engine.SpeechWorker) and t.is_alive() for t in threading.enumerate())
+    run_turn(new_session(engine, max_new_tokens=4), text="Three.")

@@ -284,7 +284,7 @@ class Session:
         engine = self.engine
         samples = audio if isinstance(audio, torch.Tensor) else load_audio(audio)
         started = clock.now()
-        mel = log_mel(samples.float(), engine.whisper.cfg.num_mel_bins).to(engine.device, engine.dtype)
+        mel = log_mel(samples.to(engine.device, torch.float32), engine.whisper.cfg.num_mel_bins).to(engine.dtype)
         frames = engine.whisper(mel)[0]  # [1500, d]
         timings["encoder"] = clock.since(started)
         started = clock.now()

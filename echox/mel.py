@@ -5,6 +5,7 @@ Slaney mel filters over 0..8000 Hz with area normalisation, log10, a dynamic-ran
 decades below the loudest value of the window, then the fixed affine map (L + 4) / 4.
 """
 
+import functools
 import math
 
 import torch
@@ -32,6 +33,7 @@ def mel_to_hz(mel: torch.Tensor) -> torch.Tensor:
     return torch.where(mel < BREAK_MEL, mel * LINEAR_HZ_PER_MEL, log_part)
 
 
+@functools.cache  # the same few filterbanks serve every utterance; callers must not modify them
 def mel_filters(n_mels: int, sample_rate: int = SAMPLE_RATE, n_fft: int = N_FFT,
                 f_max: float = SAMPLE_RATE / 2) -> torch.Tensor:
     """[n_mels, n_fft // 2 + 1] triangular filters, evenly spaced in Slaney mels over 0..f_max,

@@ -45,7 +45,6 @@ class BenchSize:
     llm: LlamaConfig  # vocab_size is replaced by the tokenizer's text vocabulary
     unit_model: str | None  # config.json `unit_model`: picks the echo decoder body (SPEC §7)
     unit_vocab_size: int
-    aligner_intermediate: int
     whisper: WhisperConfig
     vocoder: VocoderConfig
     released_vocab: bool  # Llama-3 ids (128000.. specials) rather than specials right after the bytes
@@ -57,18 +56,17 @@ SIZES = {
         LlamaConfig(hidden_size=_TINY.hidden_size, num_layers=_TINY.num_layers, num_heads=_TINY.num_heads,
                     num_kv_heads=_TINY.num_kv_heads, head_dim=_TINY.hidden_size // _TINY.num_heads,
                     intermediate_size=_TINY.intermediate_size, vocab_size=0, max_position_embeddings=4096),
-        _TINY.unit_model, _TINY.unit_vocab_size, _TINY.aligner_intermediate, _TINY.whisper, _TINY.vocoder,
+        _TINY.unit_model, _TINY.unit_vocab_size, _TINY.whisper, _TINY.vocoder,
         released_vocab=False),
     "mid": BenchSize(
         LlamaConfig(hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=4, head_dim=64, intermediate_size=1536,
                     vocab_size=0, max_position_embeddings=4096),
-        "large", 1024, 1024,  # "large" = 2 layers at the LLM width (512): the rule size nearest "small and fast"
+        "large", 1024,  # "large" = 2 layers at the LLM width (512): the rule size nearest "small and fast"
         WhisperConfig(num_mel_bins=128, d_model=384, num_layers=4, num_heads=6, ffn_dim=1536),
         VocoderConfig(upsample_initial_channel=128), released_vocab=False),
-    # Released shapes. The aligner width is not in any config (read off the weights at load);
-    # 2048 is an assumption, and a small share of the echo decoder's work either way.
-    "3b": BenchSize(ECHOX_3B_LLM, None, 8000, 2048, WHISPER_LARGE_V3, VocoderConfig(), released_vocab=True),
-    "8b": BenchSize(ECHOX_8B_LLM, "8x768", 8000, 2048, WHISPER_LARGE_V3, VocoderConfig(), released_vocab=True),
+    # Released shapes; the aligner MLP is as wide as the LLM's feed-forward layer, as released.
+    "3b": BenchSize(ECHOX_3B_LLM, None, 8000, WHISPER_LARGE_V3, VocoderConfig(), released_vocab=True),
+    "8b": BenchSize(ECHOX_8B_LLM, "8x768", 8000, WHISPER_LARGE_V3, VocoderConfig(), released_vocab=True),
 }
 
 
@@ -143,7 +141,7 @@ def model_folder(size: BenchSize, seed: int) -> ModelFolder:
     llm = dataclasses.replace(size.llm, vocab_size=tokenizer.audio_patch + 1)
     path = Path("random") / "config.json"
     config = EchoXConfig.parse(config_json(llm, size.unit_vocab_size, size.unit_model), path,
-                               blank_id=tokenizer.audio_patch, aligner_intermediate=size.aligner_intermediate,
+                               blank_id=tokenizer.audio_patch, aligner_intermediate=llm.intermediate_size,
                                whisper_dim=size.whisper.d_model)
     return ModelFolder(path.parent, config, tokenizer, RandomCheckpoint(seed))
 

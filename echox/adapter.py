@@ -32,9 +32,10 @@ def adapter_layout(cfg: AdapterConfig, prefix: str = "model.") -> Layout:
         layer + "norm2.weight": (h,), layer + "norm2.bias": (h,),
         prefix + "out_norm.weight": (h,), prefix + "out_norm.bias": (h,),
         prefix + "audio_feature_head.weight": (cfg.vocab_size, h),
-        prefix + "lbm.in_proj_weight": (3 * h, h), prefix + "lbm.in_proj_bias": (3 * h,),
-        prefix + "lbm.out_proj.weight": (h, h), prefix + "lbm.out_proj.bias": (h,),
-        prefix + "atten_layer_norm.weight": (h,), prefix + "atten_layer_norm.bias": (h,),
+        # The released LookBackModule holds its MultiheadAttention as `encoder_attn` and its own norm.
+        prefix + "lbm.encoder_attn.in_proj_weight": (3 * h, h), prefix + "lbm.encoder_attn.in_proj_bias": (3 * h,),
+        prefix + "lbm.encoder_attn.out_proj.weight": (h, h), prefix + "lbm.encoder_attn.out_proj.bias": (h,),
+        prefix + "lbm.atten_layer_norm.weight": (h,), prefix + "lbm.atten_layer_norm.bias": (h,),
     }
 
 
@@ -122,7 +123,7 @@ class SpeechAdapter(nn.Module):
     def load_released(self, tensors: dict[str, torch.Tensor]):
         """Take weights named as in `adapter_layout(cfg, prefix="")`."""
         h = self.cfg.hidden_size
-        enc = "asr_transformer_encoder.layers.0."
+        enc, lbm = "asr_transformer_encoder.layers.0.", "lbm.encoder_attn."
         state = {
             "projector.weight": tensors["mm_projector1.weight"], "projector.bias": tensors["mm_projector1.bias"],
             # Only the value rows of the fused in-projection act on a length-1 sequence; the clone
@@ -132,11 +133,11 @@ class SpeechAdapter(nn.Module):
             "layer.out.weight": tensors[enc + "self_attn.out_proj.weight"],
             "layer.out.bias": tensors[enc + "self_attn.out_proj.bias"],
             "ctc_head.weight": tensors["audio_feature_head.weight"],
-            "lookback.wqkv.weight": tensors["lbm.in_proj_weight"], "lookback.wqkv.bias": tensors["lbm.in_proj_bias"],
-            "lookback.wo.weight": tensors["lbm.out_proj.weight"], "lookback.wo.bias": tensors["lbm.out_proj.bias"],
+            "lookback.wqkv.weight": tensors[lbm + "in_proj_weight"], "lookback.wqkv.bias": tensors[lbm + "in_proj_bias"],
+            "lookback.wo.weight": tensors[lbm + "out_proj.weight"], "lookback.wo.bias": tensors[lbm + "out_proj.bias"],
         }
         renamed = {"layer.norm1": enc + "norm1", "layer.norm2": enc + "norm2", "layer.linear1": enc + "linear1",
-                   "layer.linear2": enc + "linear2", "out_norm": "out_norm", "lookback_norm": "atten_layer_norm"}
+                   "layer.linear2": enc + "linear2", "out_norm": "out_norm", "lookback_norm": "lbm.atten_layer_norm"}
         state |= {f"{ours}.{w}": tensors[f"{released}.{w}"]
                   for ours, released in renamed.items() for w in ("weight", "bias")}
         self.load_state_dict(state, strict=True, assign=True)

@@ -59,7 +59,9 @@ def open_model_folder(path: Path | str) -> ModelFolder:
     folder = ModelFolder(path, config, tokenizer, weights)
     for layout, what in zip(folder.layouts(), ("LLM", "speech adapter", "echo decoder")):
         weights.check(layout, what)  # headers only: every missing key or bad shape is found before loading
-    weights.check_fully_used(folder.layouts())
+    # A tied model (EchoX-3B) reads its output head from the embeddings, as the reference does, so a
+    # stored copy of the head is ignored rather than refused.
+    weights.check_fully_used(folder.layouts(), ("lm_head.weight",) if config.llm.tie_word_embeddings else ())
     return folder
 
 

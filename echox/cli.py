@@ -147,10 +147,10 @@ def cmd_demo(args) -> None:
 
     from . import engine as echox_engine
     from .sampling import GREEDY
-    from .tiny import write_tiny_checkpoint
+    from .tiny import LAYOUT_VERSION, write_tiny_checkpoint
     output = Path(args.output)
     _check_output(output, args.overwrite)
-    cache = Path(os.environ.get("ECHOX_CACHE", Path.home() / ".cache" / "echox")) / "tiny-v1"
+    cache = Path(os.environ.get("ECHOX_CACHE", Path.home() / ".cache" / "echox")) / f"tiny-v{LAYOUT_VERSION}"
     model_dir = cache / "EchoX-tiny"
     if not (model_dir / "config.json").is_file():
         write_tiny_checkpoint(cache)

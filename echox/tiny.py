@@ -29,6 +29,8 @@ from .vocoder import fairseq_layout
 from .weights import Layout, save_sharded
 from .whisper import whisper_layout
 
+# Bumped whenever the generated files change, so a cached tiny model of an older layout is not reused.
+LAYOUT_VERSION = 2
 LLAMA3_SPECIALS = [BOS, "<|end_of_text|>", START_HEADER, END_HEADER, "<|eom_id|>", EOT]
 EMBEDDING_TABLES = ("embed_tokens.weight", "unit_embedding.weight", "dict.weight", "embed_positions.weight",
                     "spkr.weight")
@@ -43,7 +45,6 @@ class TinySpec:
     intermediate_size: int = 128
     unit_vocab_size: int = 48
     unit_model: str | None = "large"  # 2 layers at LLM width: the only rule size that stays tiny
-    aligner_intermediate: int = 96
     tie_word_embeddings: bool = False
     whisper: WhisperConfig = WhisperConfig(num_mel_bins=128, d_model=64, num_layers=2, num_heads=4, ffn_dim=128)
     vocoder: VocoderConfig = VocoderConfig(upsample_initial_channel=64, embedding_dim=32, duration_hidden=32)
@@ -157,8 +158,9 @@ def write_tiny_checkpoint(root: Path | str, spec: TinySpec = TinySpec(), seed: i
     raw = _llm_config_json(spec, text_vocab) | {"unit_vocab_size": units}
     model_dir = root / "EchoX-tiny"
     model_dir.mkdir(parents=True, exist_ok=True)
+    # The released aligner MLP is as wide as the LLM's feed-forward layer.
     config = EchoXConfig.parse(raw, model_dir / "config.json", blank_id=text_vocab - 1,
-                               aligner_intermediate=spec.aligner_intermediate, whisper_dim=spec.whisper.d_model)
+                               aligner_intermediate=spec.intermediate_size, whisper_dim=spec.whisper.d_model)
     tensors = {}
     for layout in (lm_layout(config.llm), adapter_layout(config.adapter), echo_layout(config.echo)):
         tensors |= random_tensors(layout, gen)

@@ -30,8 +30,10 @@ def torch_reference(cfg: AdapterConfig, tensors: dict[str, torch.Tensor], frames
                                if k.startswith("mm_projector1.")})
     layer.load_state_dict({k.removeprefix(enc): v for k, v in tensors.items() if k.startswith(enc)})
     out_norm.load_state_dict({"weight": tensors["out_norm.weight"], "bias": tensors["out_norm.bias"]})
-    lbm.load_state_dict({k.removeprefix("lbm."): v for k, v in tensors.items() if k.startswith("lbm.")})
-    lbm_norm.load_state_dict({"weight": tensors["atten_layer_norm.weight"], "bias": tensors["atten_layer_norm.bias"]})
+    lbm.load_state_dict({k.removeprefix("lbm.encoder_attn."): v for k, v in tensors.items()
+                         if k.startswith("lbm.encoder_attn.")})
+    lbm_norm.load_state_dict({"weight": tensors["lbm.atten_layer_norm.weight"],
+                              "bias": tensors["lbm.atten_layer_norm.bias"]})
     for module in (layer, lbm):
         module.eval()
     with torch.no_grad():

@@ -127,3 +127,15 @@ def test_missing_whisper_folder_says_what_was_tried(model_copy):
     shutil.rmtree(model_copy.parent / "whisper-tiny")
     with pytest.raises(EchoXError, match="no Whisper encoder folder found .*pass --whisper"):
         resolve_whisper(open_model_folder(model_copy), None)
+
+
+def test_tied_model_ignores_a_stored_head_copy(tmp_path):
+    """EchoX-3B style: the head is the embedding table; a stored lm_head.weight is not refused."""
+    from echox.llama import load_lm
+    from echox.tiny import TinySpec, write_tiny_checkpoint
+    model_dir = write_tiny_checkpoint(tmp_path, TinySpec(tie_word_embeddings=True))
+    assert "lm_head.weight" not in open_model_folder(model_dir).weights.keys()
+    _rewrite_shard(model_dir, lambda t: t.update({"lm_head.weight": torch.zeros(263, 64)}))
+    folder = open_model_folder(model_dir)
+    lm = load_lm(folder.weights, folder.config.llm, torch.float32, "cpu")
+    assert lm.lm_head.weight is lm.embed_tokens.weight and lm.lm_head.weight.abs().sum() > 0

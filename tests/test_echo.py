@@ -111,10 +111,11 @@ def test_heads_break_a_tie_between_eot_and_a_unit_alike(model):
     last_unit = cfg.body.vocab_size - 1
 
     def unit_copies_eot(tensors):
+        tensors["lm_head.weight"][eot] *= 10  # long enough that, along its own direction, nothing else wins
         tensors["lm_head.weight"][last_unit] = tensors["lm_head.weight"][eot]
 
     tied = build_decoder(model, unit_copies_eot)
-    hidden = 10 * tied.lm_head[eot][None]  # eot's logit (and its copy's) far above the rest
+    hidden = tied.lm_head[eot][None]  # eot's logit (and its copy's) far above the rest
     assert tied.select(hidden, full_head=True).item() == eot == tied.select(hidden).item()
 
 
@@ -153,15 +154,17 @@ def test_eot_ends_the_decode_and_is_not_yielded(model, endless):
     seg = segment(model, 10)
     free_run = list(endless.generate(seg, max_units=12))
     stop_at = 5
-    hidden = full_forward(endless, seg, free_run[:stop_at])[-1]  # predicts token stop_at
-    best = (endless.unit_head @ hidden).max()
-    scale = (best + 1) / hidden.dot(hidden)  # eot's logit at that step: just above the best unit
+    states = full_forward(endless, seg, free_run[:stop_at])[-(stop_at + 1):]  # state j predicts token j
+    best = (endless.unit_head @ states.T).max(dim=0).values  # [stop_at + 1] best unit logit per step
+    eot_row = (best[-1] + 1) / states[-1].dot(states[-1]) * states[-1]  # fires at step stop_at for sure
 
     def eot_row_fires(tensors):
-        tensors["lm_head.weight"][model.tokenizer.eot] = scale * hidden
+        tensors["lm_head.weight"][model.tokenizer.eot] = eot_row
 
+    # The eot row leaves the hidden states alone, so the decode stops at the first step it wins.
+    first_win = int((states @ eot_row > best).nonzero()[0])
     stopping = build_decoder(model, eot_row_fires)
-    assert list(stopping.generate(seg)) == free_run[:stop_at]
+    assert list(stopping.generate(seg)) == free_run[:first_win] and 0 < first_win <= stop_at
 
 
 def test_units_of_expands_token_strings_in_order(model, decoder):

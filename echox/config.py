@@ -197,8 +197,9 @@ class VocoderConfig:
             embedding_dim=int(cfg.get("embedding_dim", 128)),
             duration_hidden=int(dur.get("var_pred_hidden_dim", 128)),
             duration_kernel_size=int(dur.get("var_pred_kernel_size", 3)),
-            num_speakers=int(cfg.get("num_speakers", 0)) if multispkr else 0,
-            speaker_embedding_dim=int(cfg.get("speaker_embedding_dim", 0)) if multispkr else 0,
+            # fairseq's CodeHiFiGAN defaults: 200 speakers, embedded at the unit-embedding width.
+            num_speakers=int(cfg.get("num_speakers", 200)) if multispkr else 0,
+            speaker_embedding_dim=int(cfg.get("speaker_embedding_dim", cfg.get("embedding_dim", 128))) if multispkr else 0,
         )
 
     def to_json(self) -> dict:

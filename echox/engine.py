@@ -36,6 +36,7 @@ from .vocoder import Vocoder, load_vocoder
 from .whisper import WhisperEncoder, load_whisper
 
 HUBERT_UNITS = 1000  # mHuBERT layer-11 k-means codebook (SPEC §8)
+RELEASED_SPEAKER = 1
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -118,6 +119,11 @@ class Engine:
     @property
     def tokenizer(self):
         return self.folder.tokenizer
+
+    @property
+    def speaker(self) -> int | None:
+        """The released inference speaks with speaker 1 when the vocoder has several voices."""
+        return RELEASED_SPEAKER if self.vocoder.cfg.num_speakers else None
 
     def prepare(self, cuda_graphs: bool) -> "Engine":
         """Decide on CUDA graphs and capture the echo decoder's step now, before any turn starts
@@ -215,7 +221,7 @@ class SpeechWorker(threading.Thread):
         No sample can leave the vocoder before `lookahead_units` + 1 units are in, so the first
         push waits for that many and later pushes take `push_units` at a time: the first audio
         comes as early as pushing every unit would give it, with far fewer vocoder calls."""
-        echo, voice = self.engine.echo, StreamingVocoder(self.engine.vocoder)
+        echo, voice = self.engine.echo, StreamingVocoder(self.engine.vocoder, self.engine.speaker)
         started, vocoder_before = self.clock.now(), self.vocoder_ms
         waiting: list[int] = []
         batch = voice.lookahead_units + 1

@@ -137,3 +137,18 @@ def test_one_turn_at_a_time_per_engine(engine):
     first.close()  # abandoning a turn stops its speech worker and frees the engine
     assert not any(isinstance(t, echox_engine.SpeechWorker) and t.is_alive() for t in threading.enumerate())
     run_turn(new_session(engine, max_new_tokens=4), text="Three.")
+
+
+def test_multi_speaker_vocoder_speaks_with_the_released_speaker(tmp_path):
+    from echox.config import VocoderConfig
+    from echox.tiny import TinySpec, write_tiny_checkpoint
+    voices = VocoderConfig(upsample_initial_channel=64, embedding_dim=32, duration_hidden=32, num_speakers=4,
+                           speaker_embedding_dim=32)
+    engine = echox_engine.load(write_tiny_checkpoint(tmp_path, TinySpec(vocoder=voices)))
+    assert engine.speaker == 1
+    events, trace = run_turn(new_session(engine), text="Say something.")
+    for index, segment in enumerate(trace["segments"]):
+        streamed = [e.samples for e in events if isinstance(e, AudioChunk) and e.segment == index]
+        if segment["units"]:
+            offline = engine.vocoder(torch.tensor(segment["units"]), speaker=1)
+            torch.testing.assert_close(torch.cat(streamed), offline, atol=1e-5, rtol=0)

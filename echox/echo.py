@@ -19,8 +19,10 @@ head's argmax is a text token other than eot, the unit head picks the best unit 
 instead; the full path feeds the text token back, as the released decoder does (it generates
 over the whole vocabulary), and yields nothing for it, since it stands for no unit.
 
-Length: the body has max_position_embeddings (2048) positions, and the static KV cache holds
-exactly that many, so prompt + new tokens <= 2048. A decode stops at eot, after `max_units`
+Length: the released decoder (Hugging Face generate) may write 2048 new tokens after a prompt
+of any length; RoPE has no hard position limit. The static KV cache here holds the prompt of a
+segment of up to LONGEST_SEGMENT tokens plus 2048 new ones, so every segment of a released-size
+answer (at most 512 tokens) gets the full budget. A decode stops at eot, after `max_units`
 new tokens (default `EchoDecoderConfig.max_new_tokens`, 2048), or when the positions run out,
 whichever comes first.
 """
@@ -44,6 +46,7 @@ if TYPE_CHECKING:  # checkpoint.py imports this module for echo_layout
     from .checkpoint import ModelFolder
 
 ECHO_PREFIX = "unit_translator."
+LONGEST_SEGMENT = 512  # LLM tokens: the released answer limit, so no released segment is longer
 
 
 def echo_layout(cfg: EchoDecoderConfig, prefix: str = ECHO_PREFIX) -> Layout:
@@ -82,7 +85,7 @@ def _aligner_mlp(big_h: int, inner: int) -> nn.Sequential:
 
 
 class EchoDecoder(nn.Module):
-    """The T2U decoder with its own static KV cache (batch 1, max_position_embeddings long)."""
+    """The T2U decoder with its own static KV cache (batch 1, room for a segment and 2048 units)."""
 
     def __init__(self, cfg: EchoDecoderConfig, vocab: EchoVocabulary, tensors: dict[str, torch.Tensor]):
         """`tensors` keyed as `echo_layout(cfg, prefix="")` become the weights; only the token
@@ -101,7 +104,8 @@ class EchoDecoder(nn.Module):
         self._load_modules(tensors)
         self._build_tables(tensors)
         self.requires_grad_(False).eval()
-        self.body.setup_cache(1, cfg.body.max_position_embeddings)
+        prompt_room = len(vocab.text_prefix) + LONGEST_SEGMENT + len(vocab.unit_prefix)
+        self.body.setup_cache(1, prompt_room + cfg.max_new_tokens)
         self.use_graphs = self.adapter.weight.device.type == "cuda"  # a flag, so graphs can be turned off
         self.graphs: dict[bool, GraphedStep] = {}
 

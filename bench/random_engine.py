@@ -21,23 +21,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from echox.adapter import load_adapter
 from echox.checkpoint import ModelFolder
-from echox.config import (AUDIO_PATCH_TOKEN, ECHOX_3B_LLM, ECHOX_8B_LLM, WHISPER_LARGE_V3, EchoXConfig,
+from echox.config import (ECHOX_3B_LLM, ECHOX_8B_LLM, WHISPER_LARGE_V3, EchoXConfig,
                           LlamaConfig, VocoderConfig, WhisperConfig)
 from echox.echo import load_echo_decoder
 from echox.engine import Engine, resolve_device, resolve_dtype
 from echox.llama import load_lm
-from echox.tiny import LLAMA3_SPECIALS, TinySpec, random_tensor
-from echox.tokenizer import BOS, END_HEADER, EOT, LLAMA3_BOS_ID, START_HEADER, Tokenizer
+from echox.tiny import TinySpec, random_tensor, tiny_tokenizer
+from echox.tokenizer import Tokenizer
 from echox.vocoder import Vocoder, folded_layout
 from echox.weights import Layout
 from echox.whisper import WhisperEncoder, whisper_layout
 
-LLAMA3_SPECIAL_COUNT = 256  # ids 128000..128255 in the released vocabulary
 
 
 @dataclass(frozen=True)
@@ -73,27 +71,6 @@ SIZES = {
 def unit_token_strings(count: int) -> list[str]:
     """`count` distinct unit-language tokens: ids below 1000 spell one unit, the rest two."""
     return ["<|unit_" + (f"{k}" if k < 1000 else f"{k // 1000}_{k % 1000}") + "|>" for k in range(count)]
-
-
-def bench_tokenizer(units: int, released_vocab: bool) -> HFTokenizer:
-    """Byte-level BPE over the 256 bytes (no merges), Llama-3 specials, `<audio_patch>`, unit tokens.
-
-    With `released_vocab` the base vocabulary is padded with never-produced filler entries so the
-    specials land on their Llama-3 ids (128000..128255, unnamed ones as reserved tokens)."""
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {ch: i for i, ch in enumerate(alphabet)}
-    specials = list(LLAMA3_SPECIALS)
-    if released_vocab:
-        vocab |= {f"<filler_{i}>": i for i in range(len(vocab), LLAMA3_BOS_ID)}
-        named = {0: BOS, 1: "<|end_of_text|>", 6: START_HEADER, 7: END_HEADER, 8: "<|eom_id|>", 9: EOT}
-        specials = [named.get(i, f"<|reserved_special_token_{i}|>") for i in range(LLAMA3_SPECIAL_COUNT)]
-    tokenizer = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-    tokenizer.add_special_tokens([AddedToken(AUDIO_PATCH_TOKEN, special=True, normalized=False)])
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in unit_token_strings(units)])
-    return tokenizer
 
 
 def load_tokenizer(hf: HFTokenizer) -> Tokenizer:
@@ -137,7 +114,7 @@ class RandomCheckpoint:
 
 def model_folder(size: BenchSize, seed: int) -> ModelFolder:
     """What `open_model_folder` would give for a checkpoint of this size, without one."""
-    tokenizer = load_tokenizer(bench_tokenizer(size.unit_vocab_size, size.released_vocab))
+    tokenizer = load_tokenizer(tiny_tokenizer(unit_token_strings(size.unit_vocab_size), size.released_vocab))
     llm = dataclasses.replace(size.llm, vocab_size=tokenizer.audio_patch + 1)
     path = Path("random") / "config.json"
     config = EchoXConfig.parse(config_json(llm, size.unit_vocab_size, size.unit_model), path,

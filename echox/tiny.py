@@ -24,13 +24,14 @@ from .adapter import adapter_layout
 from .config import AUDIO_PATCH_TOKEN, EchoXConfig, VocoderConfig, WhisperConfig
 from .echo import echo_layout
 from .llama import lm_layout
-from .tokenizer import BOS, END_HEADER, EOT, START_HEADER
+from .tokenizer import BOS, END_HEADER, EOT, LLAMA3_BOS_ID, START_HEADER
 from .vocoder import fairseq_layout
 from .weights import Layout, save_sharded
 from .whisper import whisper_layout
 
 # Bumped whenever the generated files change, so a cached tiny model of an older layout is not reused.
 LAYOUT_VERSION = 2
+LLAMA3_SPECIAL_COUNT = 256  # ids 128000..128255 in the released vocabulary
 LLAMA3_SPECIALS = [BOS, "<|end_of_text|>", START_HEADER, END_HEADER, "<|eom_id|>", EOT]
 EMBEDDING_TABLES = ("embed_tokens.weight", "unit_embedding.weight", "dict.weight", "embed_positions.weight",
                     "spkr.weight")
@@ -51,12 +52,20 @@ class TinySpec:
     shards: int = 2
 
 
-def tiny_tokenizer(unit_tokens: list[str]) -> HFTokenizer:
-    byte_alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokenizer = HFTokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(byte_alphabet)}, merges=[]))
+def tiny_tokenizer(unit_tokens: list[str], released_ids: bool = False) -> HFTokenizer:
+    """Byte-level BPE over the 256 bytes (no merges), the Llama-3 specials, `<audio_patch>`, then
+    the unit tokens. With `released_ids` the byte vocabulary is padded with never-produced filler
+    entries so that the 256 specials land on their Llama-3 ids (BOS 128000 ... <audio_patch> 128256)."""
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    specials = LLAMA3_SPECIALS
+    if released_ids:
+        vocab |= {f"<filler_{i}>": i for i in range(len(vocab), LLAMA3_BOS_ID)}
+        named = {0: BOS, 1: "<|end_of_text|>", 6: START_HEADER, 7: END_HEADER, 8: "<|eom_id|>", 9: EOT}
+        specials = [named.get(i, f"<|reserved_special_token_{i}|>") for i in range(LLAMA3_SPECIAL_COUNT)]
+    tokenizer = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in LLAMA3_SPECIALS])
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     tokenizer.add_special_tokens([AddedToken(AUDIO_PATCH_TOKEN, special=True, normalized=False)])
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in unit_tokens])
     return tokenizer

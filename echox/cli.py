@@ -2,6 +2,7 @@
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from .errors import EchoXError
@@ -125,7 +126,8 @@ def cmd_chat(args) -> None:
     print(f"whisper: {engine.whisper_dir}\nvocoder: {engine.vocoder_dir}", file=sys.stderr)
     from .segmenter import LOW_LATENCY_SEGMENTER, RELEASED_SEGMENTER
     segmenter = LOW_LATENCY_SEGMENTER if args.low_latency else RELEASED_SEGMENTER
-    session = engine.session(sampling=sampling, segmenter=segmenter, max_new_tokens=args.max_new_tokens)
+    session = engine.session(sampling=sampling, segmenter=segmenter, max_new_tokens=args.max_new_tokens,
+                             max_units=args.max_units)
     _speak(session, args.input, args.text, output, args.overwrite, Path(args.trace) if args.trace else None)
 
 
@@ -205,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--top-p", type=float, default=0.9)
     chat.add_argument("--seed", type=int, default=0)
     chat.add_argument("--max-new-tokens", type=int, default=512)
+    chat.add_argument("--max-units", type=int, default=2048, help="unit tokens per segment (released: 2048)")
     chat.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     chat.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     chat.add_argument("--trace", help="write a JSON trace of the turn here")
@@ -221,8 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Warnings meant for the user (e.g. audio cut to 30 s) as one plain line, without source lines."""
+    print(f"echox: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.showwarning = _show_warning
     try:
         args.run(args)
     except EchoXError as e:

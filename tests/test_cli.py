@@ -19,7 +19,8 @@ def question(tmp_path_factory):
 
 
 def chat(model, *extra):
-    return main(["chat", "--model", str(model), "--greedy", "--max-new-tokens", "8", *map(str, extra)])
+    return main(["chat", "--model", str(model), "--greedy", "--max-new-tokens", "8", "--max-units", "32",
+                 *map(str, extra)])
 
 
 def fails_with(capsys, code, pattern):
@@ -48,6 +49,15 @@ def test_low_latency_cuts_the_first_segment_early(tiny_model_dir, tmp_path, caps
                  "--low-latency", "--output", str(tmp_path / "a.wav"), "--trace", str(trace)]) == 0
     first = json.loads(trace.read_text())["segments"][0]
     assert first["end"] - first["start"] < 20  # the released policy never cuts before 20 tokens
+
+
+def test_long_audio_is_cut_with_a_one_line_warning(tiny_model_dir, tmp_path, capsys):
+    import torch
+    long = tmp_path / "long.wav"
+    write_wav(long, 0.1 * torch.randn(16000 * 31, generator=torch.Generator().manual_seed(0)))
+    assert chat(tiny_model_dir, "--input", long, "--output", tmp_path / "a.wav") == 0
+    err = capsys.readouterr().err
+    assert "echox: warning: " in err and "only the first 30 s are used" in err and "UserWarning" not in err
 
 
 def test_existing_output_is_not_overwritten(tiny_model_dir, question, tmp_path, capsys):

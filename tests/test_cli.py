@@ -45,8 +45,8 @@ def test_chat_writes_audio_and_a_complete_trace(tiny_model_dir, question, tmp_pa
 
 def test_low_latency_cuts_the_first_segment_early(tiny_model_dir, tmp_path, capsys):
     trace = tmp_path / "trace.json"
-    assert main(["chat", "--model", str(tiny_model_dir), "--greedy", "--max-new-tokens", "30", "--text", "Hi",
-                 "--low-latency", "--output", str(tmp_path / "a.wav"), "--trace", str(trace)]) == 0
+    assert main(["chat", "--model", str(tiny_model_dir), "--greedy", "--max-new-tokens", "30", "--max-units", "32",
+                 "--text", "Hi", "--low-latency", "--output", str(tmp_path / "a.wav"), "--trace", str(trace)]) == 0
     first = json.loads(trace.read_text())["segments"][0]
     assert first["end"] - first["start"] < 20  # the released policy never cuts before 20 tokens
 

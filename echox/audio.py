@@ -30,13 +30,22 @@ def load_audio(path: Path | str, max_seconds: float | None = MAX_SECONDS) -> tor
     """[N] float32 mono samples at 16 kHz; audio longer than `max_seconds` is cut, with a warning."""
     path = Path(path)
     samples, rate = read_audio(path)  # [channels, frames]
+    return prepare_speech(samples, rate, str(path), max_seconds)
+
+
+def prepare_speech(samples: torch.Tensor, rate: int, name: str = "audio",
+                   max_seconds: float | None = MAX_SECONDS) -> torch.Tensor:
+    """Samples [N] or [channels, N] at `rate` -> [N'] float32 mono at 16 kHz, cut to `max_seconds`."""
+    samples = samples.float().reshape(-1, samples.shape[-1])  # [channels, frames]
     if samples.shape[1] == 0:
-        raise EchoXError(f"{path}: the file holds no audio samples (zero length)")
+        raise EchoXError(f"{name}: holds no audio samples (zero length)")
+    if rate <= 0:
+        raise EchoXError(f"{name}: sample rate must be positive, got {rate}")
     seconds = samples.shape[1] / rate
     too_long = max_seconds is not None and seconds > max_seconds
     if too_long:
-        warnings.warn(f"{path}: audio is {seconds:.1f} s long; only the first {max_seconds:g} s are used",
-                      stacklevel=2)
+        warnings.warn(f"{name}: audio is {seconds:.1f} s long; only the first {max_seconds:g} s are used",
+                      stacklevel=3)
         # Keep one second past the cut (more than the resampling filter reaches), so the kept part
         # is exactly what resampling the whole file would give, without resampling all of it.
         samples = samples[:, :math.ceil((max_seconds + 1) * rate)]

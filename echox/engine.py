@@ -20,7 +20,7 @@ from typing import Iterator
 import torch
 
 from .adapter import SpeechAdapter, load_adapter
-from .audio import load_audio
+from .audio import SAMPLE_RATE, load_audio, prepare_speech
 from .checkpoint import ModelFolder, open_model_folder, resolve_vocoder, resolve_whisper
 from .echo import EchoDecoder, load_echo_decoder
 from .config import WhisperConfig
@@ -58,6 +58,7 @@ class TurnDone:
 
 
 Event = TextDelta | AudioChunk | TurnDone
+Speech = Path | str | torch.Tensor | tuple[torch.Tensor, int]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -285,10 +286,15 @@ class Session:
         self.speech: dict[int, torch.Tensor] = {}  # turn index -> its speech embeddings [v, H]
         self.decoder.cached = []
 
-    def listen(self, audio: Path | str | torch.Tensor, clock: Clock, timings: dict) -> tuple[torch.Tensor, list]:
+    def listen(self, audio: Speech, clock: Clock, timings: dict) -> tuple[torch.Tensor, list]:
         """Speech -> (embeddings [v, H], kept frame indices): mel, Whisper, adapter (SPEC §2-4)."""
         engine = self.engine
-        samples = audio if isinstance(audio, torch.Tensor) else load_audio(audio)
+        if isinstance(audio, tuple):  # (samples [N] or [channels, N], sample rate)
+            samples = prepare_speech(*audio)
+        elif isinstance(audio, torch.Tensor):  # already 16 kHz
+            samples = prepare_speech(audio, SAMPLE_RATE)
+        else:
+            samples = load_audio(audio)
         started = clock.now()
         mel = log_mel(samples.to(engine.device, torch.float32), engine.whisper.cfg.num_mel_bins).to(engine.dtype)
         frames = engine.whisper(mel)[0]  # [1500, d]
@@ -313,8 +319,11 @@ class Session:
             slots.extend(AudioSlot(turn, row) for row in range(self.speech[turn].shape[0]))
         return slots
 
-    def respond(self, audio: Path | str | torch.Tensor | None = None, text: str | None = None) -> Iterator[Event]:
-        """Answer one user turn (speech, text, or both), streaming text and audio as they exist."""
+    def respond(self, audio: Speech | None = None, text: str | None = None) -> Iterator[Event]:
+        """Answer one user turn (speech, text, or both), streaming text and audio as they exist.
+
+        `audio` is a sound file's path, a 16 kHz float tensor, or a (samples, sample rate) pair;
+        stereo is downmixed, other rates resampled, and more than 30 s cut with a warning."""
         if audio is None and not text:
             raise EchoXError("a turn needs speech (audio=...) or text (text=...)")
         if not self.engine.busy.acquire(blocking=False):

@@ -152,3 +152,13 @@ def test_multi_speaker_vocoder_speaks_with_the_released_speaker(tmp_path):
         if segment["units"]:
             offline = engine.vocoder(torch.tensor(segment["units"]), speaker=1)
             torch.testing.assert_close(torch.cat(streamed), offline, atol=1e-5, rtol=0)
+
+
+def test_speech_as_samples_at_any_rate(engine):
+    from echox.audio import prepare_speech, resample
+    stereo = resample(demo_question(1.5), 16000, 44100).repeat(2, 1)  # [2, N] at 44.1 kHz
+    _, from_pair = run_turn(new_session(engine, max_new_tokens=6), audio=(stereo, 44100))
+    _, from_16k = run_turn(new_session(engine, max_new_tokens=6), audio=prepare_speech(stereo, 44100))
+    assert from_pair["speech_frames"] == from_16k["speech_frames"] and from_pair["tokens"] == from_16k["tokens"]
+    with pytest.raises(EchoXError, match="sample rate must be positive"):
+        list(new_session(engine).respond(audio=(stereo, 0)))

@@ -47,6 +47,7 @@ if TYPE_CHECKING:  # checkpoint.py imports this module for echo_layout
 
 ECHO_PREFIX = "unit_translator."
 LONGEST_SEGMENT = 512  # LLM tokens: the released answer limit, so no released segment is longer
+UNITS_PER_READ = 8  # decode steps per host read: a unit costs ~0.1 ms on a GPU, a read about as much
 
 
 def echo_layout(cfg: EchoDecoderConfig, prefix: str = ECHO_PREFIX) -> Layout:
@@ -105,7 +106,8 @@ class EchoDecoder(nn.Module):
         self._build_tables(tensors)
         self.requires_grad_(False).eval()
         prompt_room = len(vocab.text_prefix) + LONGEST_SEGMENT + len(vocab.unit_prefix)
-        self.body.setup_cache(1, prompt_room + cfg.max_new_tokens)
+        # A block may run up to UNITS_PER_READ - 1 steps past the last useful one: room for those too.
+        self.body.setup_cache(1, prompt_room + cfg.max_new_tokens + UNITS_PER_READ)
         self.use_graphs = self.adapter.weight.device.type == "cuda"  # a flag, so graphs can be turned off
         self.graphs: dict[bool, GraphedStep] = {}
 
@@ -138,7 +140,8 @@ class EchoDecoder(nn.Module):
 
     @property
     def max_len(self) -> int:
-        return self.body.max_len
+        """Positions a prompt and its units may use (the cache also holds one block's overrun)."""
+        return self.body.max_len - UNITS_PER_READ
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """token_ids [...] -> adapter(T[id]) [..., h]."""
@@ -187,19 +190,30 @@ class EchoDecoder(nn.Module):
                              f"room for units in the decoder's {self.max_len}; cut the segment shorter")
         return min(limit, room)
 
-    def step_function(self, full_head: bool):
-        """(token [1], position [1, 1]) -> next token [1]: eager, or a CUDA graph captured once per
-        head. The cache buffers never move (allocated once in __init__), so the graph stays valid;
-        the warm-up runs write at the last position, which a real step rewrites before reading."""
-        def step(token_id, position):
-            return self.decode_step(token_id, position, full_head)
+    def decode_block(self, token_id: torch.Tensor, position: torch.Tensor, full_head: bool = False) -> torch.Tensor:
+        """UNITS_PER_READ greedy steps from token_id [1] at position [1, 1] -> the next tokens [K].
+
+        Each step feeds the token the previous one chose, so the block equals K single steps; the
+        host reads the K tokens back at once instead of once per token."""
+        tokens = []
+        for offset in range(UNITS_PER_READ):
+            token_id = self.decode_step(token_id, position + offset, full_head)
+            tokens.append(token_id)
+        return torch.cat(tokens)
+
+    def block_function(self, full_head: bool):
+        """decode_block, eager or as a CUDA graph captured once per head. The cache buffers never
+        move (allocated once in __init__), so the graph stays valid; the warm-up runs write at the
+        last positions, which real steps rewrite before reading."""
+        def block(token_id, position):
+            return self.decode_block(token_id, position, full_head)
 
         if not self.use_graphs:
-            return step
+            return block
         if full_head not in self.graphs:
             device = self.adapter.weight.device
-            self.graphs[full_head] = GraphedStep(step, torch.zeros(1, dtype=torch.int64, device=device),
-                                                 torch.full((1, 1), self.max_len - 1, device=device))
+            self.graphs[full_head] = GraphedStep(block, torch.zeros(1, dtype=torch.int64, device=device),
+                                                 torch.full((1, 1), self.max_len, device=device))
         return self.graphs[full_head]
 
     @torch.no_grad()
@@ -207,24 +221,27 @@ class EchoDecoder(nn.Module):
                  full_head: bool = False) -> Iterator[int]:
         """Decode one segment [n, H] greedily; yield each unit token id (>= V) as it is produced.
 
-        eot ends the decode and is not yielded. The loop reads each token back to the host
-        once (eot check and yield): the one sync per token, which streaming needs anyway.
+        eot ends the decode and is not yielded. Tokens come back to the host a block at a time
+        (one sync per UNITS_PER_READ tokens); steps a block ran past eot or the budget are dropped.
         """
         prompt = self.prompt_embeddings(segment)  # [L, h]
         budget = self.unit_budget(prompt.shape[0], max_units)
         token_id = self.prefill(prompt, full_head)  # [1]
-        step = self.step_function(full_head)
+        block = self.block_function(full_head)
         position = torch.full((1, 1), prompt.shape[0], device=prompt.device)  # [1, 1]
-        for produced in range(1, budget + 1):
-            value = int(token_id)
-            if value == self.vocab.eot:
-                return
-            if value >= self.cfg.text_vocab_size:
-                yield value
-            if produced == budget:
-                return
-            token_id = step(token_id, position)
-            position += 1
+        ready, produced = token_id.tolist(), 0
+        while True:
+            for value in ready:
+                if value == self.vocab.eot:
+                    return
+                if value >= self.cfg.text_vocab_size:
+                    yield value
+                produced += 1
+                if produced == budget:
+                    return
+            tokens = block(token_id, position)  # [K]
+            position += UNITS_PER_READ
+            ready, token_id = tokens.tolist(), tokens[-1:]
 
     def units_of(self, token_ids: Iterable[int]) -> list[int]:
         """Unit token ids (V..V+U-1) -> the HuBERT units they spell, in order."""

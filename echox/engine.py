@@ -132,7 +132,7 @@ class Engine:
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.echo.use_graphs = self.cuda_graphs
         if self.cuda_graphs:
-            self.echo.step_function(full_head=False)
+            self.echo.block_function(full_head=False)
         return self
 
     def session(self, **options) -> "Session":

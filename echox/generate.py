@@ -7,7 +7,8 @@ that differs (the released model re-reads the whole history; the result is the s
 
 Each decoding step yields the token t, the final-norm hidden state h_t that chose it, and
 s_t = cos(h_t, lm_head row of "."), the score the segmenter uses. The step itself has no host
-sync; the loop reads one small tensor per token back (token id and score) to stream text.
+sync; the loop reads one small tensor per token back (token id and score) to stream text, and
+queues the next step before it waits for that read, so the device never idles on the host.
 """
 
 from dataclasses import dataclass
@@ -62,6 +63,8 @@ class TextDecoder:
         period = lm.lm_head.weight[period_id].float()
         self.period_row = period / period.norm()  # [H], unit norm: the score is one dot product
         self.step = torch.zeros((), dtype=torch.int64, device=self.device)  # sampling counter
+        # Two pinned host buffers for reading tokens back without blocking the queue (GPU only).
+        self.host_buffers = torch.empty(2, 2, pin_memory=True) if self.device.type == "cuda" else None
 
     def embed(self, slots: list[Slot], speech: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """[1, n, H] embeddings and [1, n] key flags for `slots` (eot/pad keys are masked, SPEC §5)."""
@@ -122,21 +125,50 @@ class TextDecoder:
             self.step.copy_(counter)
         return self.graphs[sampling]
 
+    def start_read(self, token: torch.Tensor, score: torch.Tensor, slot: int):
+        """Begin copying (token, score) to the host; the returned function waits for them.
+
+        On a GPU the copy goes to pinned memory behind an event, so the caller can queue more
+        work first; slot picks one of two host buffers, so a read never lands on the last one."""
+        values = torch.stack([token.float(), score]).view(-1)  # [2]
+        if self.device.type != "cuda":
+            return values.tolist
+        host = self.host_buffers[slot]
+        host.copy_(values, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+
+        def wait():
+            copied.synchronize()
+            return host.tolist()
+        return wait
+
     def decode(self, hidden: torch.Tensor, length: int, sampling: SamplingParams,
                max_new_tokens: int) -> Iterator[Token]:
         """Yield the answer's tokens (eot excluded) after a prefill of `length` slots that gave
-        `hidden` [1, H]; the cache then holds prompt + answer."""
+        `hidden` [1, H]; the cache then holds prompt + answer.
+
+        Each step is queued before the token it consumes is read back, so the device runs step
+        t + 1 while the host handles token t; the step queued after eot is simply never used."""
         token, score = self.select(hidden, sampling)
         step = self.step_function(sampling)
         position = torch.tensor([length], device=self.device)
-        for _ in range(max_new_tokens):
-            token_id, score_value = torch.stack([token.float(), score]).view(-1).tolist()  # the one sync
+        kept = hidden[0].clone()
+        for n in range(max_new_tokens):
+            read = self.start_read(token, score, n % 2)
+            ahead = None
+            if length < self.max_len and n + 1 < max_new_tokens:
+                next_hidden, next_token, next_score = step(token, position)
+                ahead = next_hidden[0].clone(), next_token, next_score  # clone: a graph reuses its outputs
+            token_id, score_value = read()
             if int(token_id) == self.eot_id:
                 return
-            yield Token(int(token_id), hidden[0].clone(), score_value)
-            if length >= self.max_len:
-                raise EchoXError(f"the answer reached the KV cache size {self.max_len}; raise max_len")
-            hidden, token, score = step(token, position)
-            self.cached.append(int(token_id))  # only once its keys are in the cache
+            yield Token(int(token_id), kept, score_value)
+            if ahead is None:
+                if n + 1 < max_new_tokens:
+                    raise EchoXError(f"the answer reached the KV cache size {self.max_len}; raise max_len")
+                return
+            self.cached.append(int(token_id))  # its keys went into the cache with the step queued above
+            kept, token, score = ahead
             position += 1
             length += 1

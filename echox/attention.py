@@ -1,4 +1,4 @@
-"""Attention over a static KV cache: the torch reference and the dispatch for decode.
+"""Attention over a static KV cache: the torch references and the dispatch for prefill and decode.
 
 The cache holds, per sequence b and position s, a key/value pair and a flag `key_valid[b, s]`.
 A query at position p sees the keys s <= p whose flag is set. The flag carries the eot quirk of
@@ -18,8 +18,8 @@ def visible_keys(positions: torch.Tensor, key_valid: torch.Tensor) -> torch.Tens
     return (key_index[None, None, :] <= positions[:, :, None]) & key_valid[:, None, :]
 
 
-def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     positions: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+def cached_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               positions: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
     """Attention of T new queries over the whole cache (prefill; also the decode reference).
 
     q [B, Hq, T, D]; k_cache, v_cache [B, Hkv, S, D]; positions [B, T]; key_valid [B, S].
@@ -28,6 +28,17 @@ def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     mask = visible_keys(positions, key_valid)[:, None]  # [B, 1, T, S]
     return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask,
                                           enable_gqa=q.shape[1] != k_cache.shape[1])
+
+
+def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+                     key_valid: torch.Tensor, backend_name: str | None = None) -> torch.Tensor:
+    """Prefill attention through the dispatch: the SDPA reference or the Triton kernel."""
+    which = backend.choose("prefill_attention", q, backend_name)
+    if which == "triton":
+        from echox_kernels.prefill_attention import prefill_attention as kernel
+        return kernel(q, k_cache, v_cache, positions, key_valid)
+    # There is no CUDA prefill kernel: "cuda" runs the reference (SDPA), as "torch" does.
+    return cached_attention_reference(q, k_cache, v_cache, positions, key_valid)
 
 
 def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

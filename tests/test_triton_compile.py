@@ -16,12 +16,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 SM90 = ("cuda", 90, 32)
 
 
 DTYPES = ("fp16", "bf16")
 ATTENTION_GROUPS = [(4, 128), (3, 128), (1, 64)]  # (q heads per kv head, head_dim): 8B, 3B, echo decoder
+PREFILL_GROUPS = [(4, 128), (1, 64)]  # the LLM's and the echo decoder's prefill
 VOCODER_DTYPES = ("fp16", "bf16", "fp32")
 VOCODER_CONVS = {"resblock-k11": 11}  # name: kernel size
 VOCODER_UPS = {"up-k11-s5": (11, 5), "up-k4-s2": (4, 2)}  # name: (kernel, stride): 3 and 2 taps per phase
@@ -32,6 +34,7 @@ def case_ids() -> list[str]:
     for dtype in DTYPES:
         ids += [f"attention-split-{dtype}-g{group}-d{dim}" for group, dim in ATTENTION_GROUPS]
         ids += [f"attention-combine-{dtype}"]
+        ids += [f"prefill-attention-{dtype}-g{group}-d{dim}" for group, dim in PREFILL_GROUPS]
         ids += [f"select-{name}-{dtype}" for name in ("stats", "count-pass", "mass-pass", "greedy", "sample")]
     for dtype in VOCODER_DTYPES:
         ids += [f"vocoder-conv1d-{name}-{dtype}" for name in (*VOCODER_CONVS, "conv-post")]
@@ -66,6 +69,7 @@ def compile_cases() -> dict:
     """case id -> (kernel, pointer types, fp32 scalar names, constexprs); other scalars are int32."""
     from echox_kernels import decode_attention as attention
     from echox_kernels import head_select as select
+    from echox_kernels import prefill_attention as prefill
     head_blocks = {"BLOCK_B": 1, "BLOCK_R": select.BLOCK_R, "BLOCK_K": 128}
     cases = {}
     for dtype in DTYPES:
@@ -82,6 +86,15 @@ def compile_cases() -> dict:
             {"part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", "part_acc_ptr": "*fp32", "lengths_ptr": "*i64",
              "out_ptr": f"*{dtype}"},
             (), {"HEAD_DIM": 128, "BLOCK_S": attention.MAX_SPLITS})
+        for group, dim in PREFILL_GROUPS:
+            plan = prefill.tile_plan(dim, {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype])
+            cases[f"prefill-attention-{dtype}-g{group}-d{dim}"] = (
+                prefill._prefill_attention_kernel,
+                {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "positions_ptr": "*i64",
+                 "key_valid_ptr": "*i1", "out_ptr": f"*{dtype}"},
+                ("scale_log2",),
+                {"GROUP": group, "HEAD_DIM": dim, "BLOCK_M": plan["BLOCK_M"], "BLOCK_N": plan["BLOCK_N"],
+                 "DOT_PRECISION": "tf32"})
         head = {"hidden_ptr": f"*{dtype}", "weight_ptr": f"*{dtype}"}
         cases[f"select-stats-{dtype}"] = (
             select._stats_kernel,

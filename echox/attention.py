@@ -33,11 +33,10 @@ def cached_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
                      key_valid: torch.Tensor, backend_name: str | None = None) -> torch.Tensor:
     """Prefill attention through the dispatch: the SDPA reference or the Triton kernel."""
-    which = backend.choose("prefill_attention", q, backend_name)
-    if which == "triton":
+    # There is no CUDA prefill kernel: on a GPU the Triton kernel runs unless torch is asked for.
+    if backend.choose("prefill_attention", q, backend_name, kernels=("triton",)) == "triton":
         from echox_kernels.prefill_attention import prefill_attention as kernel
         return kernel(q, k_cache, v_cache, positions, key_valid)
-    # There is no CUDA prefill kernel: "cuda" runs the reference (SDPA), as "torch" does.
     return cached_attention_reference(q, k_cache, v_cache, positions, key_valid)
 
 

@@ -43,9 +43,14 @@ def _requested(override: str | None) -> str | None:
     return name
 
 
-def choose(op: str, tensor: torch.Tensor, override: str | None = None) -> str:
-    """Which implementation of `op` runs for `tensor`."""
+def choose(op: str, tensor: torch.Tensor, override: str | None = None,
+           kernels: tuple[str, ...] = ("triton", "cuda")) -> str:
+    """Which implementation of `op` runs for `tensor`; `kernels` lists the ones `op` has besides
+    torch. Asking for one it lacks (say ECHOX_BACKEND=cuda for an op with only a Triton kernel)
+    falls back to the default choice among those it has."""
     name = _requested(override)
+    if name not in (None, "torch", *kernels):
+        name = None
     on_gpu = tensor.is_cuda
     if name == "cuda":
         if not (on_gpu and cuda_extension_available()):
@@ -58,6 +63,6 @@ def choose(op: str, tensor: torch.Tensor, override: str | None = None) -> str:
         return "triton"
     if name == "torch" or not on_gpu:
         return "torch"
-    if cuda_extension_available():
+    if "cuda" in kernels and cuda_extension_available():
         return "cuda"
-    return "triton" if triton_available() else "torch"
+    return "triton" if "triton" in kernels and triton_available() else "torch"

@@ -39,3 +39,10 @@ def test_cpu_decode_attention_reads_only_the_used_cache():
     valid[:, 0] = True
     torch.testing.assert_close(decode_attention(q, k, v, lengths, valid, "torch"),
                                decode_attention_reference(q, k, v, lengths, valid), atol=1e-6, rtol=0)
+
+
+def test_an_op_without_the_asked_kernel_falls_back(monkeypatch):
+    monkeypatch.setenv("ECHOX_BACKEND", "cuda")
+    assert backend.choose("prefill_attention", torch.zeros(1), kernels=("triton",)) == "torch"  # CPU tensor
+    with pytest.raises(EchoXError, match="CUDA backend needs"):
+        backend.choose("decode_attention", torch.zeros(1))

@@ -191,8 +191,14 @@ class SpeechWorker(threading.Thread):
         self.cancelled = False
 
     def submit(self, record: SegmentRecord, hidden: torch.Tensor):
+        """Queue a segment's hidden states [n, H]. On a GPU they are still being written on the
+        LLM's stream: an event marks where, and the speech stream waits for it before reading."""
+        ready = None
+        if hidden.is_cuda:
+            ready = torch.cuda.Event()
+            ready.record()
         self.records.append(record)
-        self.todo.put((len(self.records) - 1, record, hidden))
+        self.todo.put((len(self.records) - 1, record, hidden, ready))
 
     def close(self):
         """No more segments: finish the queued ones, then stop."""
@@ -216,7 +222,7 @@ class SpeechWorker(threading.Thread):
         finally:
             self.out.put(None)
 
-    def speak(self, index: int, record: SegmentRecord, hidden: torch.Tensor):
+    def speak(self, index: int, record: SegmentRecord, hidden: torch.Tensor, ready: torch.cuda.Event | None):
         """Echo-decode one segment and vocode its units in small batches.
 
         No sample can leave the vocoder before `lookahead_units` + 1 units are in, so the first
@@ -224,6 +230,10 @@ class SpeechWorker(threading.Thread):
         comes as early as pushing every unit would give it, with far fewer vocoder calls. Once
         audio plays, later chunks only need to stay ahead of it, and each call has a fixed cost
         (about a hundred small layer ops), so larger pushes serve throughput."""
+        if ready is not None:
+            stream = torch.cuda.current_stream()
+            stream.wait_event(ready)
+            hidden.record_stream(stream)  # its memory is not reused before this stream is done with it
         echo, voice = self.engine.echo, StreamingVocoder(self.engine.vocoder, self.engine.speaker)
         started, vocoder_before = self.clock.now(), self.vocoder_ms
         waiting: list[int] = []

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .online_softmax import online_softmax_step
+
 BLOCK_N = 64  # keys per tile
 TARGET_PROGRAMS = 1024  # enough (sequence, kv head, split) programs to fill an H100 several times
 MAX_SPLITS = 128  # bounds the combine's tile of partials
@@ -62,15 +64,8 @@ def _split_partials_kernel(
             k = tl.load(k_base + n[:, None] * stride_ks + d[None, :], mask=in_range[:, None], other=0.0)
             v = tl.load(v_base + n[:, None] * stride_vs + d[None, :], mask=in_range[:, None], other=0.0)
             visible = tl.load(key_valid_ptr + b * stride_valid_b + n, mask=in_range, other=0) != 0
-            # Scores in log2 units (scale * log2(e) folded in) so the softmax uses exp2.
-            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_G, BLOCK_N]
-            scores = tl.where(visible[None, :], scores, float("-inf"))
-            new_max = tl.maximum(run_max, tl.max(scores, axis=1))
-            rescale = tl.exp2(run_max - new_max)
-            p = tl.exp2(scores - new_max[:, None])
-            run_sum = run_sum * rescale + tl.sum(p, axis=1)
-            acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            run_max = new_max
+            run_max, run_sum, acc = online_softmax_step(
+                q, k, v, visible[None, :], run_max, run_sum, acc, scale_log2, DOT_PRECISION)
         row = (b * kv_heads * GROUP + q_head) * num_splits + split  # [BLOCK_G] into [B * Hq, NS]
         is_head = g < GROUP
         tl.store(part_max_ptr + row, run_max, mask=is_head)

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .online_softmax import online_softmax_step
+
 _NO_SCORE = tl.constexpr(-1.0e30)  # finite "minus infinity" for the running max: keeps 2^(m_old - m_new) NaN-free
 LOG2_E = 1.4426950408889634
 
@@ -60,15 +62,8 @@ def _prefill_attention_kernel(
         v = tl.load(v_base + s[:, None] * stride_vs + d[None, :], mask=in_range[:, None], other=0.0)
         key_ok = tl.load(key_valid_ptr + b * stride_valid_b + s * stride_valid_s, mask=in_range, other=0) != 0
         visible = key_ok[None, :] & (s[None, :] <= query_pos[:, None])  # [BLOCK_M, BLOCK_N]
-        # Scores in log2 units (scale * log2(e) folded in) so the softmax uses exp2.
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        scores = tl.where(visible, scores, float("-inf"))
-        new_max = tl.maximum(run_max, tl.max(scores, axis=1))
-        rescale = tl.exp2(run_max - new_max)
-        p = tl.exp2(scores - new_max[:, None])
-        run_sum = run_sum * rescale + tl.sum(p, axis=1)
-        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        run_max = new_max
+        run_max, run_sum, acc = online_softmax_step(
+            q, k, v, visible, run_max, run_sum, acc, scale_log2, DOT_PRECISION)
     out = acc / run_sum[:, None]
     tl.store(out_ptr + b * stride_ob + q_head * stride_oh + t[:, None] * stride_ot + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=is_query[:, None])

@@ -1,21 +1,51 @@
 #!/usr/bin/env bash
 # Everything a lent GPU machine (no network, one call of at most 10 minutes) is for:
 # build csrc into echox_cuda, run the `gpu` tests, then every benchmark into bench/results/.
-# Results are also copied to $OUT when it is set (the device tool brings back only that folder).
+# Each phase has a time limit (480 s in all), so the whole script ends within 8 minutes, and its log and the
+# results are copied to $OUT when it is set (the device tool brings back only that folder),
+# whichever phase fails.
 #   bash bench/gpu.sh [report.py options, e.g. --overwrite]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv || true
-python -m pip install -q --no-build-isolation --no-deps -e . || exit 1
-python -c "import echox_cuda; print('echox_cuda built')" || echo "echox_cuda NOT built: CUDA kernels are not timed"
-python -m pytest -q -m gpu tests/ 2>&1 | tail -n 30
-gpu_tests=${PIPESTATUS[0]}
+# The image may carry nvcc only as a wrapper on the PATH; the toolkit's own bin holds the rest.
+if [ -d /usr/local/cuda/bin ]; then export PATH="/usr/local/cuda/bin:$PATH"; fi
+export MAX_JOBS="$(nproc)"  # torch's cpp_extension compiles the .cu files in parallel
+OUT_DIR="${OUT:-}"
+log="${OUT_DIR:-/tmp}/gpu_sh.log"
+: > "$log"
 started=$(mktemp)  # its time stamp marks which results files this run wrote
-python bench/report.py --device cuda "$@"
+phase_times=()
+
+# phase NAME SECONDS COMMAND...: run it under a time limit, log it, remember its exit code and wall time.
+phase() {
+    local name=$1 limit=$2
+    shift 2
+    local begin=$SECONDS
+    echo "=== ${name} (limit ${limit} s)" | tee -a "$log"
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$log" | tail -n 40
+    local code=${PIPESTATUS[0]}
+    phase_times+=("${name}: exit ${code}, $((SECONDS - begin)) s")
+    echo "=== ${name}: exit ${code}, $((SECONDS - begin)) s" | tee -a "$log"
+    return "$code"
+}
+
+save_results() {
+    if [ -n "$OUT_DIR" ]; then
+        [ -d bench/results ] && find bench/results -newer "$started" -type f -exec cp {} "$OUT_DIR"/ \;
+    fi
+    printf '%s\n' "${phase_times[@]}"
+}
+trap save_results EXIT
+
+phase gpu-info 20 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
+phase build 170 python -m pip install -q --no-build-isolation --no-deps -e .
+# torch first: echox_cuda links against libtorch and libc10, which importing torch loads.
+phase import-check 30 python -c "import torch, echox_cuda; print('echox_cuda built for', torch.cuda.get_device_name())" \
+    || echo "echox_cuda NOT built: CUDA kernels are not timed"
+phase gpu-tests 120 python -m pytest -q -m gpu tests/
+gpu_tests=$?
+phase report 140 python bench/report.py --device cuda "$@"
 report=$?
-if [ -n "${OUT:-}" ]; then
-    find bench/results -newer "$started" -type f -exec cp {} "$OUT"/ \;
-fi
 echo "gpu tests exit code ${gpu_tests}; report exit code ${report}"
 exit $(( gpu_tests != 0 || report != 0 ))

@@ -18,6 +18,30 @@ if not HAS_GPU:
     torch.set_num_threads(1)
 
 
+def _patch_triton_interpreter_index():
+    """Triton < 3.7's interpreter turns a scalar into an index with int() on its shape-(1,) array,
+    which numpy >= 2.4 refuses ("only 0-dimensional arrays can be converted"); triton 3.7 squeezes
+    the array first. Do the same on the older versions (the GPU machine's image has triton 3.6)."""
+    try:
+        import triton
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    if tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 7):
+        return
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patch_tensor_with_squeezed_index(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patch_tensor_with_squeezed_index
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _patch_triton_interpreter_index()
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped where there is none)")
     config.addinivalue_line("markers", "nvcc: needs nvcc on the PATH (skipped where there is none)")

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from .attention import cached_attention, decode_attention
+from .attention import cached_attention, cached_attention_reference, decode_attention
 from .config import LlamaConfig, RopeScaling
 from .weights import Layout
 
@@ -115,6 +116,9 @@ class Attention(nn.Module):
         v = v.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache = self.cache
+        if cache is None:  # whole sequences with gradients (training): their own keys are all the keys
+            out = cached_attention_reference(q, k, v, positions, key_valid)
+            return self.wo(out.transpose(1, 2).reshape(batch, length, q_size))
         cache.update(positions, k, v, key_valid)
         if length == 1:
             out = decode_attention(q[:, :, 0], cache.k, cache.v, positions[:, 0] + 1, cache.key_valid)[:, :, None]
@@ -212,6 +216,42 @@ class LlamaBody(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin, positions, key_valid, kv_len)
         return self.norm(x)
+
+    def forward_sequences(self, x: torch.Tensor, key_valid: torch.Tensor,
+                          checkpointed: bool = False) -> torch.Tensor:
+        """Whole sequences with gradients, for training: x [B, T, H] at positions 0..T-1, key_valid
+        [B, T] bool -> final-norm hidden [B, T, H]. No KV cache is used (the layers must not hold one);
+        a query sees the valid keys at or before it, exactly as a cached prefill would. Padding goes
+        on the right, so every query still sees position 0. `checkpointed` recomputes each layer's
+        activations in the backward pass instead of storing them."""
+        batch, length, _ = x.shape
+        cos, sin = rope_tables(self.cfg, length, x.device)
+        positions = torch.arange(length, device=x.device).expand(batch, length)
+        cos, sin = cos[positions], sin[positions]
+        for layer in self.layers:
+            if checkpointed:
+                x = checkpoint(layer, x, cos, sin, positions, key_valid, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, positions, key_valid)
+        return self.norm(x)
+
+    def released_tensors(self) -> dict[str, torch.Tensor]:
+        """The weights named as in `body_layout(cfg, prefix="")`: the inverse of `load_released`,
+        splitting the fused q/k/v and gate/up matrices again."""
+        cfg, tensors = self.cfg, {}
+        sizes = [cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim]
+        for i, layer in enumerate(self.layers):
+            p = f"layers.{i}."
+            attn, ffn = layer.attention, layer.ffn
+            q, k, v = attn.wqkv.weight.detach().split(sizes)
+            gate, up = ffn.w_gate_up.weight.detach().chunk(2)
+            tensors |= {p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
+                        p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": attn.wo.weight.detach(),
+                        p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
+                        p + "mlp.down_proj.weight": ffn.w_down.weight.detach(),
+                        p + "input_layernorm.weight": layer.attention_norm.weight.detach(),
+                        p + "post_attention_layernorm.weight": layer.ffn_norm.weight.detach()}
+        return tensors | {"norm.weight": self.norm.weight.detach()}
 
     def load_released(self, tensors: dict[str, torch.Tensor]):
         """Copy weights named as in `body_layout(cfg, prefix="")`, fusing q/k/v and gate/up."""

@@ -224,7 +224,13 @@ class EchoDecoder(nn.Module):
         eot ends the decode and is not yielded. Tokens come back to the host a block at a time
         (one sync per UNITS_PER_READ tokens); steps a block ran past eot or the budget are dropped.
         """
-        prompt = self.prompt_embeddings(segment)  # [L, h]
+        yield from self.generate_from_prompt(self.prompt_embeddings(segment), max_units, full_head)
+
+    @torch.no_grad()
+    def generate_from_prompt(self, prompt: torch.Tensor, max_units: int | None = None,
+                             full_head: bool = False) -> Iterator[int]:
+        """`generate` from a prompt already embedded [L, h]; training decodes text prompts with it
+        (text embeddings in the segment slots) to make its echo pseudo-labels."""
         budget = self.unit_budget(prompt.shape[0], max_units)
         token_id = self.prefill(prompt, full_head)  # [1]
         block = self.block_function(full_head)

@@ -221,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("output", help="the .safetensors file to write")
     convert.add_argument("--overwrite", action="store_true")
     convert.set_defaults(run=cmd_convert)
+
+    from .train.cli import add_train_command  # argparse only: training imports torch when it runs
+    add_train_command(sub)
     return parser
 
 

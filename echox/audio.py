@@ -1,29 +1,126 @@
-"""Audio in and out: any sound file -> 16 kHz mono float32 samples, and 16-bit WAV out.
+"""Audio in and out: any sound file or sample buffer -> 16 kHz mono float32 samples, and 16-bit WAV out.
 
 WAV is parsed here with the standard library (RIFF chunks, PCM 8/16/24/32-bit, IEEE float
 32/64-bit, WAVE_FORMAT_EXTENSIBLE), so the engine needs nothing else for the common case;
 FLAC, OGG and MP3 go through `soundfile` when it is installed. Every file is downmixed to mono
 (the mean of its channels) and resampled to 16 kHz with a Kaiser-windowed sinc filter.
 
-The 30 s cut happens in `load_audio`, because that is where the file name is known for the
-warning; Whisper sees at most 30 s (SPEC §2) and `log_mel` would cut silently otherwise.
+`speech_input` is the one door for speech a user hands over (a path, a tensor or numpy array,
+or a (samples, rate) pair), and `prepare_speech` the one place where files and buffers alike
+are checked before any work: a sample rate in MIN_RATE..MAX_RATE (a header claiming 30 MHz
+would otherwise make the resampler build gigabytes of filter table), at least one sample,
+finite values within MAX_AMPLITUDE, and at most 30 s, the rest cut with a warning, because
+Whisper sees at most 30 s (SPEC §2) and `log_mel` would cut silently otherwise.
 """
 
 import math
+import numbers
+import os
 import struct
+import sys
 import warnings
 from pathlib import Path
 
 import torch
 
 from .errors import EchoXError
+from .outputs import atomic_file
 
 SAMPLE_RATE = 16000
 MAX_SECONDS = 30.0
+# Telephone speech is 8 kHz and studio gear records up to 384 kHz; a rate outside these bounds is
+# a corrupt header or a swapped argument.
+MIN_RATE, MAX_RATE = 1000, 384000
+# Float samples live in [-1, 1] (a little more after gain). Anything beyond 60 dB over full scale
+# is a mistake, typically int16 values stored as floats, which would shift Whisper's log-mel.
+MAX_AMPLITUDE = 1000.0
+# A 2-D buffer is [channels, N] or, as soundfile and numpy users hold it, [N, channels]: the
+# short side (at most this many) is the channel axis.
+MAX_CHANNELS = 8
+# Integer PCM as WAV stores it: value -> (value - offset) / scale, so full scale maps to [-1, 1).
+PCM_SCALE = {torch.uint8: (128, 128), torch.int8: (128, 0), torch.int16: (2 ** 15, 0), torch.int32: (2 ** 31, 0)}
 
 PCM, IEEE_FLOAT, EXTENSIBLE = 0x0001, 0x0003, 0xFFFE
 # Magic numbers of the compressed formats soundfile reads: FLAC, Ogg, MP3 (ID3 tag or frame sync).
 COMPRESSED_MAGIC = (b"fLaC", b"OggS", b"ID3")
+
+
+def speech_input(audio) -> torch.Tensor:
+    """Speech in any form a user may pass -> [N] float32 mono at 16 kHz: finite, non-empty, at most
+    30 s (longer input is cut with a warning).
+
+    - a path (str or os.PathLike) to a sound file (WAV; FLAC/OGG/MP3 with soundfile);
+    - samples already at 16 kHz: a torch tensor or numpy array, [N], [channels, N] or [N, channels]
+      (see `channels_first`), float in [-1, 1] or integer PCM (uint8, int8, int16, int32, scaled
+      as WAV does);
+    - a (samples, rate) pair, samples as above at `rate` Hz, an int (or integral float) in
+      MIN_RATE..MAX_RATE; it is resampled.
+    Anything else (bytes, lists, bool or int64 samples, ...) is refused with one EchoXError."""
+    if isinstance(audio, (str, os.PathLike)):
+        return load_audio(audio)
+    if isinstance(audio, (bytes, bytearray)):
+        raise EchoXError("audio given as bytes: pass the file's path as a str or pathlib.Path, "
+                         "or its samples as a tensor")
+    if isinstance(audio, tuple):
+        if len(audio) != 2:
+            raise EchoXError(f"audio as a tuple must be a (samples, sample rate) pair, got {len(audio)} items")
+        samples, rate = audio
+        return prepare_speech(channels_first(samples), checked_rate(rate))
+    return prepare_speech(channels_first(audio), SAMPLE_RATE)
+
+
+def checked_rate(rate, name: str = "audio") -> int:
+    """A sample rate as an int in MIN_RATE..MAX_RATE Hz; bools, strings and fractional rates are refused."""
+    if isinstance(rate, float) and rate.is_integer():
+        rate = int(rate)
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Integral):  # numpy integers are Integral
+        raise EchoXError(f"{name}: the sample rate must be a whole number of Hz, got {rate!r}")
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise EchoXError(f"{name}: sample rate {rate} Hz is outside the accepted {MIN_RATE}..{MAX_RATE} Hz")
+    return int(rate)
+
+
+def channels_first(samples) -> torch.Tensor:
+    """A user's sample buffer (tensor or numpy array) -> [channels, N] float32 on the CPU.
+
+    Layout rule for 2-D buffers [a, b]: [channels, N] when a <= MAX_CHANNELS and a <= b, else
+    [N, channels] when b <= MAX_CHANNELS (the soundfile layout); otherwise it is refused."""
+    tensor = _as_tensor(samples)
+    if tensor.dim() == 1:
+        tensor = tensor[None]
+    elif tensor.dim() == 2:
+        rows, cols = tensor.shape
+        if not (rows <= MAX_CHANNELS and rows <= cols):
+            if cols > MAX_CHANNELS:
+                raise EchoXError(f"audio: cannot tell channels from samples in shape {list(tensor.shape)} "
+                                 f"(expected [N], [channels, N] or [N, channels] with at most {MAX_CHANNELS} channels)")
+            tensor = tensor.T
+    else:
+        raise EchoXError(f"audio: samples must be [N], [channels, N] or [N, channels], got shape {list(tensor.shape)}")
+    return _to_float(tensor)
+
+
+def _as_tensor(samples) -> torch.Tensor:
+    if isinstance(samples, torch.Tensor):
+        return samples.detach().cpu()
+    numpy = sys.modules.get("numpy")  # a numpy array can only exist if numpy is already imported
+    if numpy is not None and isinstance(samples, numpy.ndarray):
+        if samples.dtype.kind not in "biuf":
+            raise EchoXError(f"audio: numpy samples of dtype {samples.dtype} are not numbers")
+        return torch.from_numpy(numpy.ascontiguousarray(samples, dtype=samples.dtype.newbyteorder("=")))
+    raise EchoXError(f"audio: expected a file path, a tensor or numpy array of samples, or a "
+                     f"(samples, sample rate) pair; got {type(samples).__name__}")
+
+
+def _to_float(tensor: torch.Tensor) -> torch.Tensor:
+    """Float samples as float32; integer PCM scaled to [-1, 1) as WAV stores it."""
+    if tensor.dtype in PCM_SCALE:
+        scale, offset = PCM_SCALE[tensor.dtype]
+        return ((tensor.double() - offset) / scale).float()
+    if tensor.is_floating_point():
+        return tensor.float()
+    raise EchoXError(f"audio: samples of dtype {tensor.dtype} are not audio (expected float, or integer PCM "
+                     f"as uint8, int8, int16 or int32)")
 
 
 def load_audio(path: Path | str, max_seconds: float | None = MAX_SECONDS) -> torch.Tensor:
@@ -35,12 +132,14 @@ def load_audio(path: Path | str, max_seconds: float | None = MAX_SECONDS) -> tor
 
 def prepare_speech(samples: torch.Tensor, rate: int, name: str = "audio",
                    max_seconds: float | None = MAX_SECONDS) -> torch.Tensor:
-    """Samples [N] or [channels, N] at `rate` -> [N'] float32 mono at 16 kHz, cut to `max_seconds`."""
-    samples = samples.float().reshape(-1, samples.shape[-1])  # [channels, frames]
-    if samples.shape[1] == 0:
+    """Float samples [N] or [channels, N] at `rate` -> [N'] float32 mono at 16 kHz, cut to `max_seconds`.
+
+    The rate is checked before anything is computed from it, and only the kept part is checked for
+    non-finite or absurd values (what is cut off never reaches the model)."""
+    rate = checked_rate(rate, name)
+    if samples.numel() == 0:
         raise EchoXError(f"{name}: holds no audio samples (zero length)")
-    if rate <= 0:
-        raise EchoXError(f"{name}: sample rate must be positive, got {rate}")
+    samples = samples.float().reshape(-1, samples.shape[-1])  # [channels, frames]
     seconds = samples.shape[1] / rate
     too_long = max_seconds is not None and seconds > max_seconds
     if too_long:
@@ -49,21 +148,42 @@ def prepare_speech(samples: torch.Tensor, rate: int, name: str = "audio",
         # Keep one second past the cut (more than the resampling filter reaches), so the kept part
         # is exactly what resampling the whole file would give, without resampling all of it.
         samples = samples[:, :math.ceil((max_seconds + 1) * rate)]
+    check_sample_values(samples, name)
     mono = resample(samples.mean(dim=0), rate, SAMPLE_RATE)
     return mono[:int(max_seconds * SAMPLE_RATE)] if too_long else mono
 
 
+def check_sample_values(samples: torch.Tensor, name: str):
+    """NaN or infinite samples would turn every later activation into NaN; huge ones are a unit mistake."""
+    if not torch.isfinite(samples).all():
+        raise EchoXError(f"{name}: holds NaN or infinite samples")
+    peak = float(samples.abs().max())
+    if peak > MAX_AMPLITUDE:
+        raise EchoXError(f"{name}: sample magnitude {peak:g} is absurd; float samples belong in [-1, 1] "
+                         f"(at most {MAX_AMPLITUDE:g} is accepted; for int16 values divide by 32768)")
+
+
 def read_audio(path: Path) -> tuple[torch.Tensor, int]:
     """The file's own samples [channels, frames] as float32 in [-1, 1], and its sample rate."""
+    if path.is_dir():
+        raise EchoXError(f"{path}: is a folder, not an audio file")
     if not path.is_file():
         raise EchoXError(f"{path}: audio file not found")
-    with path.open("rb") as f:
-        head = f.read(12)
+    head = file_bytes(path, 12)
     if not head:
         raise EchoXError(f"{path}: the file is empty")
     if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
         return read_wav(path)
     return read_with_soundfile(path, head)
+
+
+def file_bytes(path: Path, limit: int = -1) -> bytes:
+    """The file's first `limit` bytes (all by default); a permission or I/O error is named, not raised raw."""
+    try:
+        with path.open("rb") as f:
+            return f.read(limit)
+    except OSError as e:
+        raise EchoXError(f"{path}: cannot be read ({e.strerror or e})") from None
 
 
 def read_with_soundfile(path: Path, head: bytes) -> tuple[torch.Tensor, int]:
@@ -138,7 +258,7 @@ def decode_samples(raw: bytes, code: int, bits: int, path: Path) -> torch.Tensor
 
 
 def read_wav(path: Path) -> tuple[torch.Tensor, int]:
-    data = path.read_bytes()
+    data = file_bytes(path)
     chunks = riff_chunks(data, path)
     if b"fmt " not in chunks:
         raise EchoXError(f"{path}: corrupt WAV file: no 'fmt ' chunk")
@@ -157,7 +277,7 @@ def read_wav(path: Path) -> tuple[torch.Tensor, int]:
 
 
 def write_wav(path: Path | str, samples: torch.Tensor, sample_rate: int = SAMPLE_RATE, overwrite: bool = False):
-    """Write [N] mono samples as 16-bit PCM WAV, clipping to [-1, 1]."""
+    """Write [N] mono samples as 16-bit PCM WAV, clipping to [-1, 1]; atomically (see outputs.py)."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise EchoXError(f"{path}: already exists; choose another output path or allow overwriting")
@@ -165,8 +285,9 @@ def write_wav(path: Path | str, samples: torch.Tensor, sample_rate: int = SAMPLE
     payload = pcm.numpy().astype("<i2").tobytes()
     fmt = struct.pack("<HHIIHH", PCM, 1, sample_rate, 2 * sample_rate, 2, 16)
     header = b"RIFF" + struct.pack("<I", 4 + 8 + len(fmt) + 8 + len(payload)) + b"WAVE"
-    path.write_bytes(header + b"fmt " + struct.pack("<I", len(fmt)) + fmt
-                     + b"data" + struct.pack("<I", len(payload)) + payload)
+    with atomic_file(path) as temporary:
+        temporary.write_bytes(header + b"fmt " + struct.pack("<I", len(fmt)) + fmt
+                              + b"data" + struct.pack("<I", len(payload)) + payload)
 
 
 # ---- resampling --------------------------------------------------------------------------------
@@ -196,8 +317,7 @@ def windowed_sinc(t: torch.Tensor, cutoff: float, half: int) -> torch.Tensor:
 
 def resample(x: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
     """Band-limited resampling of [..., N] samples from orig_sr to new_sr: [..., ceil(N * new / orig)]."""
-    if orig_sr <= 0 or new_sr <= 0:
-        raise EchoXError(f"sample rates must be positive (got {orig_sr} -> {new_sr})")
+    orig_sr, new_sr = checked_rate(orig_sr, "resampling"), checked_rate(new_sr, "resampling")
     if orig_sr == new_sr:
         return x
     g = math.gcd(orig_sr, new_sr)

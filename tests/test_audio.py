@@ -193,3 +193,138 @@ def test_flac_through_soundfile(tmp_path):
     corrupt.write_bytes(path.read_bytes()[:60])
     with pytest.raises(EchoXError, match="not a readable audio file"):
         load_audio(corrupt)
+
+
+# ---- speech_input: every form of speech a user may hand over ------------------------------------
+
+from echox.audio import speech_input  # noqa: E402
+
+
+def test_speech_input_layouts_agree():
+    """[N, channels] (soundfile/numpy), [channels, N], and a (samples, 16000) pair are one signal."""
+    x = tone(16000, 0.5, 300.0).float()
+    stereo = torch.stack([x, 0.5 * x])  # [2, N]
+    expected = speech_input(stereo)
+    assert torch.equal(expected, 0.75 * x)
+    torch.testing.assert_close(speech_input(stereo.T.numpy()), expected, atol=0, rtol=0)
+    torch.testing.assert_close(speech_input((stereo.T.contiguous(), 16000)), expected, atol=0, rtol=0)
+    assert torch.equal(speech_input(x[None].T), x)  # [N, 1]
+
+
+@pytest.mark.parametrize("dtype,scale,offset", [(torch.int16, 2 ** 15, 0), (torch.int32, 2 ** 31, 0),
+                                                (torch.uint8, 128, 128), (torch.int8, 128, 0)])
+def test_integer_pcm_is_scaled_like_wav(dtype, scale, offset):
+    info = torch.iinfo(dtype)
+    pcm = torch.linspace(info.min, info.max, 1000).round().to(dtype)
+    expected = ((pcm.double() - offset) / scale).float()
+    assert torch.equal(speech_input(pcm), expected)
+    assert speech_input(pcm).abs().max() <= 1
+
+
+def test_pairs_resample_and_accept_whole_rates():
+    np = pytest.importorskip("numpy")
+    x = tone(8000, 0.5, 300.0).float()
+    reference = speech_input((x, 8000))
+    assert reference.shape == (8000,)
+    assert torch.equal(speech_input((x, 8000.0)), reference)
+    assert torch.equal(speech_input((x.numpy(), np.int64(8000))), reference)
+
+
+@pytest.mark.parametrize("rate,message", [(True, "whole number"), ("16000", "whole number"),
+                                          (16000.5, "whole number"), (None, "whole number"),
+                                          (999, "outside the accepted 1000..384000 Hz"),
+                                          (384001, "outside the accepted"), (0, "outside"), (-16000, "outside")])
+def test_bad_sample_rates_are_refused(rate, message):
+    with pytest.raises(EchoXError, match=message):
+        speech_input((torch.zeros(1600), rate))
+
+
+def _bad_speech():
+    return {
+        "nan": (torch.tensor([0.1, float("nan"), 0.2]), "NaN or infinite"),
+        "inf": (torch.tensor([0.1, float("inf")]), "NaN or infinite"),
+        "absurd": (torch.full((100,), 1e30), "absurd"),
+        "int16_as_float": (torch.full((100,), 20000.0), "divide by 32768"),
+        "empty_channels": (torch.zeros(0, 1600), "no audio samples"),
+        "empty": (torch.zeros(0), "no audio samples"),
+        "scalar": (torch.tensor(0.5), "got shape \\[\\]"),
+        "3d": (torch.zeros(1, 2, 1600), "got shape \\[1, 2, 1600\\]"),
+        "square_ish": (torch.zeros(20, 30), "cannot tell channels from samples"),
+        "bool": (torch.ones(100, dtype=torch.bool), "not audio"),
+        "int64": (torch.ones(100, dtype=torch.int64), "not audio"),
+        "complex": (torch.ones(100, dtype=torch.complex64), "not audio"),
+        "list": ([0.0, 0.1, 0.2], "got list"),
+        "bytes": (b"RIFF....WAVE", "as bytes"),
+        "triple": ((torch.zeros(10), 16000, 1), "pair, got 3 items"),
+        "none_samples": ((None, 16000), "got NoneType"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_speech()))
+def test_bad_speech_is_refused_with_one_clear_error(case):
+    audio, message = _bad_speech()[case]
+    with pytest.raises(EchoXError, match=message):
+        speech_input(audio)
+
+
+def test_only_the_kept_30_seconds_are_checked():
+    x = torch.zeros(16000 * 32)
+    x[-1] = float("nan")  # past the cut: never reaches the model
+    with pytest.warns(UserWarning, match="only the first 30 s"):
+        assert speech_input(x).shape == (480000,)
+
+
+def test_speech_input_reads_paths(tmp_path):
+    path = tmp_path / "x.wav"
+    write_wav(path, 0.5 * torch.ones(160))
+    assert torch.equal(speech_input(path), speech_input(str(path)))
+    with pytest.raises(EchoXError, match="is a folder"):
+        speech_input(tmp_path)
+
+
+@pytest.mark.parametrize("rate", [30_000_001, 4_294_967_295, 999])
+def test_absurd_header_rates_are_refused_before_any_filter_is_built(tmp_path, monkeypatch, rate):
+    def no_filter(*args):
+        raise AssertionError("a resampling filter was built")
+    monkeypatch.setattr(audio, "windowed_sinc", no_filter)
+    path = tmp_path / "x.wav"
+    header_rate_at = 24  # RIFF, size, WAVE, "fmt ", its size, format code, channels
+    content = bytearray(wav_bytes(0x0001, 1, 16000, 16, bytes(4000)))
+    content[header_rate_at:header_rate_at + 4] = struct.pack("<I", rate)
+    path.write_bytes(bytes(content))
+    with pytest.raises(EchoXError, match=f"{path}: sample rate {rate} Hz is outside"):
+        load_audio(path)
+
+
+def test_float_wav_with_nan_is_refused(tmp_path):
+    path = tmp_path / "nan.wav"
+    samples = torch.tensor([0.1, float("nan"), -0.1, 0.0], dtype=torch.float32)
+    path.write_bytes(wav_bytes(0x0003, 1, 16000, 32, samples.numpy().tobytes()))
+    with pytest.raises(EchoXError, match="nan.wav: holds NaN"):
+        load_audio(path)
+
+
+@pytest.mark.skipif(hasattr(__import__("os"), "geteuid") and __import__("os").geteuid() == 0,
+                    reason="root reads files whatever their permissions")
+def test_unreadable_file_is_named(tmp_path):
+    path = tmp_path / "x.wav"
+    write_wav(path, torch.zeros(16))
+    path.chmod(0)
+    with pytest.raises(EchoXError, match="cannot be read"):
+        load_audio(path)
+
+
+def test_interrupted_wav_write_leaves_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "x.wav"
+    write_wav(path, torch.zeros(16))
+    before = path.read_bytes()
+
+    def interrupted_write(self, data):
+        self.open("wb").write(data[:10])  # half a file, then Ctrl-C
+        raise KeyboardInterrupt
+    monkeypatch.setattr(type(path), "write_bytes", interrupted_write)
+    with pytest.raises(KeyboardInterrupt):
+        write_wav(path, torch.ones(1600), overwrite=True)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["x.wav"]  # no temporary left behind

@@ -1,0 +1,92 @@
+"""Files echox writes for the user: checked writable before any work, written atomically.
+
+A turn or a conversion can take minutes; learning only afterwards that its output cannot be
+written loses the work. So each output path is checked up front by creating (and removing) a
+probe file in its folder: the one test that tells the truth on read-only mounts, under /proc and
+for root, where permission bits say nothing. Every write then goes to a temporary name in the
+same folder and is renamed onto the target only once complete: a rename within one folder is
+atomic, so an interrupted run leaves the old file (or none), never half of a new one.
+"""
+
+import contextlib
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+from .errors import EchoXError
+
+
+def check_writable_folder(folder: Path, what: str):
+    """`folder` exists and a file can be created in it."""
+    if not folder.is_dir():
+        raise EchoXError(f"{folder}: folder does not exist (needed for {what})")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".echox-probe-"):
+            pass
+    except OSError as e:
+        raise EchoXError(f"{folder}: cannot write {what} there ({e.strerror})") from None
+
+
+def check_output_file(path: Path, overwrite: bool, what: str):
+    """`path` can take a new file: not a folder, not an existing file unless `overwrite`, in a writable folder."""
+    if path.is_dir():
+        raise EchoXError(f"{path}: is a folder; {what} needs a file name")
+    if path.exists() and not overwrite:
+        raise EchoXError(f"{path}: already exists (pass --overwrite to replace it)")
+    check_writable_folder(path.parent, what)
+
+
+def check_output_folder(folder: Path, what: str):
+    """`folder`, or the nearest existing folder above it (where it will be created), is writable."""
+    if folder.exists() and not folder.is_dir():
+        raise EchoXError(f"{folder}: is a file, but {what} needs a folder")
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise EchoXError(f"{existing}: is a file, so {what} {folder} cannot be created")
+    check_writable_folder(existing, what)
+
+
+def _temporary_name(target: Path, kind: str) -> Path:
+    """A hidden name beside `target` that nothing else uses (the folder keeps its own permissions)."""
+    return target.parent / f".{target.name}.{kind}-{uuid.uuid4().hex[:12]}"
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; it becomes `path` when the block succeeds and is removed
+    when it fails or is interrupted. OS errors (disk full, read-only folder) become one clear error."""
+    temporary = _temporary_name(path, "tmp")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    except OSError as e:
+        raise EchoXError(f"{path}: cannot be written ({e.strerror or e})") from None
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(folder: Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `folder`; when the block succeeds it replaces `folder`
+    (an older one is moved aside first, then deleted), when it fails it is deleted."""
+    temporary = _temporary_name(folder, "tmp")
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        temporary.mkdir()
+        yield temporary
+        if folder.exists():
+            old = _temporary_name(folder, "old")
+            os.replace(folder, old)  # a rename cannot replace a non-empty folder: move the old one aside
+            os.replace(temporary, folder)
+            shutil.rmtree(old)
+        else:
+            os.replace(temporary, folder)
+    except OSError as e:
+        raise EchoXError(f"{folder}: cannot be written ({e.strerror or e})") from None
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)

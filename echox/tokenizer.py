@@ -3,13 +3,22 @@
 Every `tok(x)` in SPEC §5 is BOS followed by the tokens of x: the released code called the
 tokenizer once per piece, so BOS repeats inside the prompt. Special ids are looked up by name,
 never written as literals, so the same code serves the tiny test vocabulary.
+
+Text is encoded as plain text only: the prompt's special tokens are placed by id, so nothing a
+user types may ever become one. `tokenizers` matches its *added* tokens (`<|eot_id|>`,
+`<audio_patch>`, the unit tokens) inside any text before the model sees it; its
+`encode_special_tokens` switch stops that for special ones only, and unit tokens are added as
+non-special. So text goes through a copy of the tokenizer without its added tokens, where
+`<|eot_id|>` typed by a user is the ordinary characters it is made of.
 """
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.decoders import DecodeStream
 
 from .config import AUDIO_PATCH_TOKEN
 from .errors import EchoXError
@@ -22,6 +31,30 @@ START_HEADER, END_HEADER = "<|start_header_id|>", "<|end_header_id|>"
 LLAMA3_BOS_ID = 128000
 # The released T2U text prefix ends in 12800, a typo for 128000 that the model was trained with.
 RELEASED_PREFIX_TYPO_ID = 12800
+
+
+def user_text(text, name: str = "text") -> str:
+    """The text of a user turn as `Session.respond(text=...)` or `--text` gives it: "" for none
+    (None or ""), else a str holding something besides whitespace that is valid Unicode (argv
+    bytes that are not UTF-8 arrive as lone surrogates, which no tokenizer can encode)."""
+    if text is None:
+        return ""
+    if not isinstance(text, str):
+        raise EchoXError(f"{name} must be a str, got {type(text).__name__}")
+    if text and not text.strip():
+        raise EchoXError(f"{name} is only whitespace: give a question, or leave it out")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise EchoXError(f"{name} is not valid UTF-8 text (undecodable byte at character {e.start})") from None
+    return text
+
+
+def without_added_tokens(hf: HFTokenizer) -> HFTokenizer:
+    """The same tokenizer with no added tokens: it reads every string as ordinary text."""
+    raw = json.loads(hf.to_str())
+    raw["added_tokens"] = []
+    return HFTokenizer.from_str(json.dumps(raw))
 
 
 @dataclass(frozen=True)
@@ -41,6 +74,7 @@ class Tokenizer:
         except Exception as e:
             raise EchoXError(f"{path}: not a valid tokenizer ({e})") from None
         self.path = path
+        self.plain = without_added_tokens(self.hf)
         self.bos, self.eot = self.special_id(BOS), self.special_id(EOT)
         self.start_header, self.end_header = self.special_id(START_HEADER), self.special_id(END_HEADER)
         self.audio_patch = self.special_id(AUDIO_PATCH_TOKEN)
@@ -54,7 +88,8 @@ class Tokenizer:
         return token_id
 
     def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=False).ids
+        """Ordinary text tokens only: special and unit token strings in `text` stay text."""
+        return self.plain.encode(text, add_special_tokens=False).ids
 
     def tok(self, text: str) -> list[int]:
         """What one call of the reference tokenizer gives: BOS + tokens."""
@@ -62,6 +97,10 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=True)
+
+    def decode_stream(self) -> "TextStream":
+        """Incremental `decode` for text that streams out one token at a time."""
+        return TextStream(self.hf)
 
     def header(self, role: str) -> list[int]:
         return [self.start_header] + self.tok(role) + [self.end_header]
@@ -106,3 +145,14 @@ class Tokenizer:
                                  f"(expected {unit_vocab} unit tokens after the {text_vocab} text tokens)")
             table.append([int(run) for run in re.findall(r"\d+", token) if int(run) < 1000])
         return table
+
+
+class TextStream:
+    """`step(id)` gives the text one more token adds (special tokens skipped, as `decode` does), or
+    None while it ends inside a multi-byte character; it costs one token, not the whole answer."""
+
+    def __init__(self, hf: HFTokenizer):
+        self.hf, self.stream = hf, DecodeStream(skip_special_tokens=True)
+
+    def step(self, token_id: int) -> str | None:
+        return self.stream.step(self.hf, token_id)

@@ -8,6 +8,7 @@ named presets for benchmarks that run without a checkpoint.
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,20 +19,53 @@ AUDIO_PATCH_TOKEN = "<audio_patch>"
 
 
 def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a file; a missing, unreadable or malformed file is one named error."""
     if not path.is_file():
         raise EchoXError(f"{path}: file not found")
     try:
-        return json.loads(path.read_text())
+        raw = json.loads(path.read_text())
+    except OSError as e:
+        raise EchoXError(f"{path}: cannot be read ({e.strerror or e})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EchoXError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise EchoXError(f"{path}: expected a JSON object {{...}}, got {type(raw).__name__}")
+    return raw
 
 
-def _field(cfg: dict, name: str, path: Path, default: Any = None, required: bool = True) -> Any:
-    if name in cfg:
-        return cfg[name]
-    if required and default is None:
-        raise EchoXError(f"{path}: missing field {name!r}")
-    return default
+REQUIRED = object()  # the default of a field that must be present
+KIND_NAMES = {int: "a positive integer", float: "a positive number", bool: "true or false",
+              str: "a string", dict: "an object {...}", list: "a list"}
+
+
+def _checked(value: Any, kind: type, where: str) -> Any:
+    """`value` as `kind`. JSON has one number type, so a whole float passes as an int; bools are not
+    numbers; every number echox reads from a config is a size or a scale, so it must be positive."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int and number and (isinstance(value, int) or value.is_integer()) and value > 0:
+        return int(value)
+    if kind is float and number and math.isfinite(value) and value > 0:
+        return float(value)
+    if kind not in (int, float) and isinstance(value, kind):
+        return value
+    raise EchoXError(f"{where} is {json.dumps(value)}, expected {KIND_NAMES[kind]}")
+
+
+def _field(cfg: dict, name: str, path: Path | str, kind: type = int, default: Any = REQUIRED) -> Any:
+    """cfg[name] checked as `kind`; an absent or null optional field gives `default`. `path` names
+    the file (and the enclosing object, for nested fields) in errors."""
+    value = cfg.get(name)
+    if value is None:
+        if default is REQUIRED:
+            raise EchoXError(f"{path}: missing field {name!r}" if name not in cfg
+                             else f"{path}: field {name!r} is null, expected {KIND_NAMES[kind]}")
+        return default
+    return _checked(value, kind, f"{path}: field {name!r}")
+
+
+def _ints(cfg: dict, name: str, path: Path) -> tuple[int, ...]:
+    """A required list of positive integers."""
+    return tuple(_checked(v, int, f"{path}: an entry of {name!r}") for v in _field(cfg, name, path, list))
 
 
 @dataclass(frozen=True)
@@ -44,7 +78,8 @@ class RopeScaling:
     original_max_position_embeddings: int
 
     @staticmethod
-    def parse(raw: dict | None, path: Path) -> "RopeScaling | None":
+    def parse(cfg: dict, path: Path) -> "RopeScaling | None":
+        raw = _field(cfg, "rope_scaling", path, dict, None)
         if raw is None:
             return None
         kind = raw.get("rope_type", raw.get("type"))
@@ -52,11 +87,10 @@ class RopeScaling:
             return None
         if kind != "llama3":
             raise EchoXError(f"{path}: rope_scaling type {kind!r} is not supported (only 'llama3')")
-        try:
-            return RopeScaling(float(raw["factor"]), float(raw["low_freq_factor"]),
-                               float(raw["high_freq_factor"]), int(raw["original_max_position_embeddings"]))
-        except KeyError as e:
-            raise EchoXError(f"{path}: rope_scaling lacks {e.args[0]!r}") from None
+        where = f"{path}: rope_scaling"
+        return RopeScaling(_field(raw, "factor", where, float), _field(raw, "low_freq_factor", where, float),
+                           _field(raw, "high_freq_factor", where, float),
+                           _field(raw, "original_max_position_embeddings", where, int))
 
 
 LLAMA3_ROPE = RopeScaling(8.0, 1.0, 4.0, 8192)
@@ -86,21 +120,21 @@ class LlamaConfig:
 
     @staticmethod
     def from_hf(cfg: dict, path: Path) -> "LlamaConfig":
-        hidden = int(_field(cfg, "hidden_size", path))
-        heads = int(_field(cfg, "num_attention_heads", path))
+        hidden = _field(cfg, "hidden_size", path)
+        heads = _field(cfg, "num_attention_heads", path)
         return LlamaConfig(
             hidden_size=hidden,
-            num_layers=int(_field(cfg, "num_hidden_layers", path)),
+            num_layers=_field(cfg, "num_hidden_layers", path),
             num_heads=heads,
-            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
-            intermediate_size=int(_field(cfg, "intermediate_size", path)),
-            vocab_size=int(_field(cfg, "vocab_size", path)),
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 131072)),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-            rope_theta=float(cfg.get("rope_theta", 500000.0)),
-            rope_scaling=RopeScaling.parse(cfg.get("rope_scaling"), path),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            num_kv_heads=_field(cfg, "num_key_value_heads", path, int, heads),
+            head_dim=_field(cfg, "head_dim", path, int, hidden // heads),
+            intermediate_size=_field(cfg, "intermediate_size", path),
+            vocab_size=_field(cfg, "vocab_size", path),
+            max_position_embeddings=_field(cfg, "max_position_embeddings", path, int, 131072),
+            rms_norm_eps=_field(cfg, "rms_norm_eps", path, float, 1e-5),
+            rope_theta=_field(cfg, "rope_theta", path, float, 500000.0),
+            rope_scaling=RopeScaling.parse(cfg, path),
+            tie_word_embeddings=_field(cfg, "tie_word_embeddings", path, bool, False),
         )
 
 
@@ -143,12 +177,12 @@ class WhisperConfig:
         path = folder / "config.json"
         cfg = read_json(path)
         return WhisperConfig(
-            num_mel_bins=int(_field(cfg, "num_mel_bins", path)),
-            d_model=int(_field(cfg, "d_model", path)),
-            num_layers=int(_field(cfg, "encoder_layers", path)),
-            num_heads=int(_field(cfg, "encoder_attention_heads", path)),
-            ffn_dim=int(_field(cfg, "encoder_ffn_dim", path)),
-            max_source_positions=int(cfg.get("max_source_positions", 1500)),
+            num_mel_bins=_field(cfg, "num_mel_bins", path),
+            d_model=_field(cfg, "d_model", path),
+            num_layers=_field(cfg, "encoder_layers", path),
+            num_heads=_field(cfg, "encoder_attention_heads", path),
+            ffn_dim=_field(cfg, "encoder_ffn_dim", path),
+            max_source_positions=_field(cfg, "max_source_positions", path, int, 1500),
         )
 
 
@@ -185,21 +219,25 @@ class VocoderConfig:
         cfg = read_json(path)
         if str(cfg.get("resblock", "1")) != "1":
             raise EchoXError(f"{path}: resblock {cfg['resblock']!r} is not supported (only '1')")
-        dur = cfg.get("dur_predictor_params") or {}
-        multispkr = bool(cfg.get("multispkr"))
+        dur = _field(cfg, "dur_predictor_params", path, dict, {})
+        dur_path = f"{path}: dur_predictor_params"
+        multispkr = _field(cfg, "multispkr", path, bool, False)
+        embedding_dim = _field(cfg, "embedding_dim", path, int, 128)
+        dilations = _field(cfg, "resblock_dilation_sizes", path, list)
         return VocoderConfig(
-            upsample_rates=tuple(_field(cfg, "upsample_rates", path)),
-            upsample_kernel_sizes=tuple(_field(cfg, "upsample_kernel_sizes", path)),
-            upsample_initial_channel=int(_field(cfg, "upsample_initial_channel", path)),
-            resblock_kernel_sizes=tuple(_field(cfg, "resblock_kernel_sizes", path)),
-            resblock_dilation_sizes=tuple(tuple(d) for d in _field(cfg, "resblock_dilation_sizes", path)),
-            num_embeddings=int(cfg.get("num_embeddings", 1000)),
-            embedding_dim=int(cfg.get("embedding_dim", 128)),
-            duration_hidden=int(dur.get("var_pred_hidden_dim", 128)),
-            duration_kernel_size=int(dur.get("var_pred_kernel_size", 3)),
+            upsample_rates=_ints(cfg, "upsample_rates", path),
+            upsample_kernel_sizes=_ints(cfg, "upsample_kernel_sizes", path),
+            upsample_initial_channel=_field(cfg, "upsample_initial_channel", path),
+            resblock_kernel_sizes=_ints(cfg, "resblock_kernel_sizes", path),
+            resblock_dilation_sizes=tuple(_ints({"resblock_dilation_sizes": d}, "resblock_dilation_sizes", path)
+                                          for d in dilations),
+            num_embeddings=_field(cfg, "num_embeddings", path, int, 1000),
+            embedding_dim=embedding_dim,
+            duration_hidden=_field(dur, "var_pred_hidden_dim", dur_path, int, 128),
+            duration_kernel_size=_field(dur, "var_pred_kernel_size", dur_path, int, 3),
             # fairseq's CodeHiFiGAN defaults: 200 speakers, embedded at the unit-embedding width.
-            num_speakers=int(cfg.get("num_speakers", 200)) if multispkr else 0,
-            speaker_embedding_dim=int(cfg.get("speaker_embedding_dim", cfg.get("embedding_dim", 128))) if multispkr else 0,
+            num_speakers=_field(cfg, "num_speakers", path, int, 200) if multispkr else 0,
+            speaker_embedding_dim=_field(cfg, "speaker_embedding_dim", path, int, embedding_dim) if multispkr else 0,
         )
 
     def to_json(self) -> dict:
@@ -256,8 +294,8 @@ class EchoXConfig:
     def parse(cfg: dict, path: Path, blank_id: int, aligner_intermediate: int,
               whisper_dim: int = WHISPER_LARGE_V3.d_model) -> "EchoXConfig":
         llm = LlamaConfig.from_hf(cfg, path)
-        units = int(_field(cfg, "unit_vocab_size", path))
-        unit_model = cfg.get("unit_model")
+        units = _field(cfg, "unit_vocab_size", path)
+        unit_model = _field(cfg, "unit_model", path, str, None)
         return EchoXConfig(
             llm=llm,
             adapter=AdapterConfig(encoder_dim=whisper_dim, hidden_size=llm.hidden_size, num_heads=llm.num_heads,
@@ -266,8 +304,8 @@ class EchoXConfig:
                                    text_vocab_size=llm.vocab_size, unit_vocab_size=units,
                                    body=echo_body_for(unit_model, llm, llm.vocab_size + units)),
             unit_model=unit_model,
-            audio_tower=cfg.get("audio_tower"),
-            torch_dtype=cfg.get("torch_dtype"),
+            audio_tower=_field(cfg, "audio_tower", path, str, None),
+            torch_dtype=_field(cfg, "torch_dtype", path, str, None),
         )
 
 

@@ -22,14 +22,43 @@ INDEX_NAME = "model.safetensors.index.json"
 
 
 def _open(path: Path):
+    try:  # safetensors reports a file it may not read as "no such device": ask the OS first
+        with path.open("rb"):
+            pass
+    except OSError as e:
+        raise EchoXError(f"{path}: cannot be read ({e.strerror or e})") from None
     try:
         return safe_open(str(path), framework="pt")
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise EchoXError(f"{path}: not a readable safetensors file ({e})") from None
 
 
+def _shards_of_index(index: Path) -> list[Path]:
+    """The shard files an index names, each inside the index's own folder."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except OSError as e:
+        raise EchoXError(f"{index}: cannot be read ({e.strerror or e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise EchoXError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise EchoXError(f"{index}: 'weight_map' must map tensor names to shard file names")
+    # Names are checked, not resolved paths: a Hugging Face cache links its shards to blobs elsewhere.
+    outside = sorted({name for name in weight_map.values() if Path(name).is_absolute() or ".." in Path(name).parts})
+    if outside:
+        raise EchoXError(f"{index}: names shards outside the model folder: {', '.join(outside)}")
+    files = sorted({index.parent / name for name in weight_map.values()})
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise EchoXError(f"{index}: lists shards that are missing: {', '.join(missing)}")
+    return files
+
+
 class Checkpoint:
-    """Key -> file index of a safetensors checkpoint (a file, or a folder with or without an index)."""
+    """Key -> file index of a safetensors checkpoint (a file, or a folder with or without an index).
+
+    A folder without an index holds its model as `model*.safetensors` (Hugging Face's names) when it
+    has such files; other safetensors beside them, such as a converted vocoder, are not part of it."""
 
     def __init__(self, path: Path | str):
         path = Path(path)
@@ -55,16 +84,8 @@ class Checkpoint:
             raise EchoXError(f"{path}: no such file or folder")
         index = path / INDEX_NAME
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise EchoXError(f"{index}: not a valid safetensors index ({e})") from None
-            files = sorted({path / name for name in weight_map.values()})
-            missing = [f.name for f in files if not f.is_file()]
-            if missing:
-                raise EchoXError(f"{index}: lists shards that are missing: {', '.join(missing)}")
-            return files
-        files = sorted(path.glob("*.safetensors"))
+            return _shards_of_index(index)
+        files = sorted(path.glob("model*.safetensors")) or sorted(path.glob("*.safetensors"))
         if not files:
             raise EchoXError(f"{path}: no *.safetensors weights in this folder")
         return files

@@ -139,3 +139,75 @@ def test_tied_model_ignores_a_stored_head_copy(tmp_path):
     folder = open_model_folder(model_dir)
     lm = load_lm(folder.weights, folder.config.llm, torch.float32, "cpu")
     assert lm.lm_head.weight is lm.embed_tokens.weight and lm.lm_head.weight.abs().sum() > 0
+
+
+def _edit_json(path, edit):
+    raw = json.loads(path.read_text())
+    edit(raw)
+    path.write_text(json.dumps(raw))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("vocab_size", None, "field 'vocab_size' is null, expected a positive integer"),
+    ("vocab_size", "128257", 'field \'vocab_size\' is "128257", expected a positive integer'),
+    ("hidden_size", 64.5, "field 'hidden_size' is 64.5, expected a positive integer"),
+    ("num_attention_heads", 0, "field 'num_attention_heads' is 0"),
+    ("num_hidden_layers", True, "field 'num_hidden_layers' is true"),
+    ("rope_scaling", "yes", 'field \'rope_scaling\' is "yes", expected an object'),
+    ("rms_norm_eps", "abc", 'field \'rms_norm_eps\' is "abc", expected a positive number'),
+    ("rope_theta", -1, "field 'rope_theta' is -1"),
+    ("audio_tower", 5, "field 'audio_tower' is 5, expected a string"),
+    ("unit_model", ["large"], "field 'unit_model' is \\[\"large\"\\], expected a string"),
+    ("tie_word_embeddings", "false", "field 'tie_word_embeddings' is \"false\", expected true or false"),
+])
+def test_config_fields_of_the_wrong_type_are_named(model_copy, field, value, message):
+    _edit_json(model_copy / "config.json", lambda raw: raw.__setitem__(field, value))
+    with pytest.raises(EchoXError, match=message) as info:
+        open_model_folder(model_copy)
+    assert "config.json" in str(info.value)
+
+
+def test_nested_rope_scaling_field_is_named(model_copy):
+    _edit_json(model_copy / "config.json", lambda raw: raw["rope_scaling"].__setitem__("factor", "8"))
+    with pytest.raises(EchoXError, match="config.json: rope_scaling: field 'factor' is \"8\""):
+        open_model_folder(model_copy)
+
+
+def test_config_that_is_not_an_object(model_copy):
+    (model_copy / "config.json").write_text("[1, 2]")
+    with pytest.raises(EchoXError, match="expected a JSON object"):
+        open_model_folder(model_copy)
+
+
+@pytest.mark.parametrize("weight_map,message", [
+    (["model-00001-of-00002.safetensors"], "'weight_map' must map tensor names"),
+    ({"x": 5}, "'weight_map' must map tensor names"),
+    ({"x": "../../../etc/passwd"}, "names shards outside the model folder: ../../../etc/passwd"),
+    ({"x": "/etc/passwd"}, "names shards outside the model folder: /etc/passwd"),
+])
+def test_bad_index_is_refused_before_any_shard_is_opened(model_copy, weight_map, message):
+    _edit_json(model_copy / "model.safetensors.index.json", lambda raw: raw.__setitem__("weight_map", weight_map))
+    with pytest.raises(EchoXError, match=message):
+        open_model_folder(model_copy)
+
+
+def test_unreadable_shard_is_not_called_missing(model_copy):
+    """A shard the OS refuses to read (here a folder by that name; chmod 000 does not stop root)."""
+    shard = sorted(model_copy.glob("model-*.safetensors"))[0]
+    shard.unlink()
+    shard.mkdir()
+    with pytest.raises(EchoXError, match=f"{shard.name}: cannot be read \\(Is a directory\\)"):
+        open_model_folder(model_copy)
+
+
+def test_converted_vocoder_beside_an_unindexed_model(model_copy, tmp_path):
+    """A single-file model folder (no index) with a converted vocoder in it loads both parts."""
+    from echox.vocoder import convert_fairseq_vocoder, load_vocoder
+    weights = Checkpoint(model_copy)
+    save_file({key: weights.get(key) for key in weights.keys()}, str(model_copy / "model.safetensors"))
+    for old in [*model_copy.glob("model-*.safetensors"), model_copy / "model.safetensors.index.json"]:
+        old.unlink()
+    convert_fairseq_vocoder(model_copy, model_copy / "vocoder.safetensors")
+    (model_copy / "g_00500000").unlink()
+    assert set(open_model_folder(model_copy).weights.keys()) == set(weights.keys())
+    assert load_vocoder(model_copy).conv_post.weight.shape[0] == 1

@@ -1,8 +1,11 @@
 """Config parsing: the T2U size rule of SPEC §7 and the released presets."""
 
+import json
+
 import pytest
 
-from echox.config import ECHOX_3B_LLM, ECHOX_8B_LLM, echo_body_for
+from echox.config import ECHOX_3B_LLM, ECHOX_8B_LLM, VocoderConfig, WhisperConfig, echo_body_for
+from echox.errors import EchoXError
 
 
 @pytest.mark.parametrize("unit_model, expected", [
@@ -23,3 +26,24 @@ def test_echo_body_sizes(unit_model, expected):
 def test_released_presets():
     assert ECHOX_8B_LLM.vocab_size == ECHOX_3B_LLM.vocab_size == 128257
     assert ECHOX_3B_LLM.tie_word_embeddings and not ECHOX_8B_LLM.tie_word_embeddings
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("upsample_rates", 5, "field 'upsample_rates' is 5, expected a list"),
+    ("upsample_rates", [5, "4", 4, 2, 2], "an entry of 'upsample_rates' is \"4\""),
+    ("resblock_dilation_sizes", [[1, 3, 5], [1, None, 5], [1, 3, 5]], "an entry of 'resblock_dilation_sizes' is null"),
+    ("dur_predictor_params", [128], "field 'dur_predictor_params' is \\[128\\], expected an object"),
+    ("multispkr", "no", "field 'multispkr' is \"no\", expected true or false"),
+])
+def test_vocoder_config_fields_of_the_wrong_type_are_named(tmp_path, field, value, message):
+    raw = VocoderConfig().to_json() | {field: value}
+    (tmp_path / "vocoder_config.json").write_text(json.dumps(raw))
+    with pytest.raises(EchoXError, match=message):
+        VocoderConfig.from_dir(tmp_path)
+
+
+def test_whisper_config_size_of_the_wrong_type(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"num_mel_bins": 128, "d_model": "1280", "encoder_layers": 2,
+                                                      "encoder_attention_heads": 4, "encoder_ffn_dim": 8}))
+    with pytest.raises(EchoXError, match="field 'd_model' is \"1280\", expected a positive integer"):
+        WhisperConfig.from_dir(tmp_path)

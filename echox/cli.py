@@ -224,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .train.cli import add_train_command  # argparse only: training imports torch when it runs
     add_train_command(sub)
+    from .serve.cli import add_serve_command  # argparse only: the server imports aiohttp when it runs
+    add_serve_command(sub)
     return parser
 
 

@@ -1,0 +1,66 @@
+"""The `echox serve` subcommand, registered by echox/cli.py; heavy imports wait until it runs."""
+
+import argparse
+from pathlib import Path
+
+from ..errors import EchoXError
+
+
+def add_serve_command(sub: argparse._SubParsersAction):
+    serve = sub.add_parser("serve", help="serve realtime spoken conversations (OpenAI Realtime API subset)")
+    model = serve.add_mutually_exclusive_group(required=True)
+    model.add_argument("--model", help="EchoX model folder")
+    model.add_argument("--demo", action="store_true", help="serve the built-in tiny random model (CPU)")
+    serve.add_argument("--whisper", help="Whisper encoder folder (default: from config.json audio_tower)")
+    serve.add_argument("--vocoder", help="vocoder folder (default: the model folder, then ../vocoder)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8998, help="0 picks a free port (printed at start)")
+    serve.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    serve.add_argument("--temperature", type=float, default=0.2, help="default sampling (session.update changes it)")
+    serve.add_argument("--top-p", type=float, default=0.9)
+    serve.add_argument("--max-new-tokens", type=int, default=512, help="default max_output_tokens of a response")
+    serve.add_argument("--max-units", type=int, default=2048, help="unit tokens per segment (released: 2048)")
+    serve.add_argument("--low-latency", action="store_true", help="cut the first segment after 8 tokens")
+    serve.add_argument("--max-connections", type=int, default=8)
+    serve.add_argument("--max-buffer-seconds", type=float, default=30.0,
+                       help="input audio buffer limit per connection (24 kHz pcm16)")
+    serve.add_argument("--idle-timeout", type=float, default=300.0, help="seconds without client events")
+    serve.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    serve.set_defaults(run=cmd_serve)
+
+
+def demo_model_dir() -> Path:
+    """The tiny random checkpoint `echox demo` uses, written to the cache on first use."""
+    import os
+
+    from ..tiny import LAYOUT_VERSION, write_tiny_checkpoint
+    cache = Path(os.environ.get("ECHOX_CACHE", Path.home() / ".cache" / "echox")) / f"tiny-v{LAYOUT_VERSION}"
+    if not (cache / "EchoX-tiny" / "config.json").is_file():
+        write_tiny_checkpoint(cache)
+    return cache / "EchoX-tiny"
+
+
+def cmd_serve(args):
+    import asyncio
+
+    import torch
+
+    from .. import engine as echox_engine
+    from ..segmenter import LOW_LATENCY_SEGMENTER, RELEASED_SEGMENTER
+    from .server import Limits, Server, serve_forever
+    from .session_config import SessionConfig
+    if args.max_connections < 1 or args.max_buffer_seconds <= 0 or args.idle_timeout <= 0:
+        raise EchoXError("--max-connections, --max-buffer-seconds and --idle-timeout must be positive")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    defaults = SessionConfig(temperature=args.temperature, top_p=args.top_p, max_output_tokens=args.max_new_tokens)
+    defaults.sampling()  # checks the values now, with the sampler's own message
+    model = demo_model_dir() if args.demo else args.model
+    engine = echox_engine.load(model, whisper=args.whisper, vocoder=args.vocoder,
+                               device="cpu" if args.demo else args.device, dtype=args.dtype)
+    limits = Limits(max_connections=args.max_connections, max_buffer_bytes=int(args.max_buffer_seconds * 48000),
+                    idle_timeout_s=args.idle_timeout)
+    session_options = {"max_units": args.max_units,
+                       "segmenter": LOW_LATENCY_SEGMENTER if args.low_latency else RELEASED_SEGMENTER}
+    asyncio.run(serve_forever(Server(engine, defaults, limits, session_options), args.host, args.port))

@@ -1,0 +1,264 @@
+"""One WebSocket connection: a conversation held over the Realtime protocol.
+
+Client events are handled on the event loop in arrival order; each either changes the
+connection's state (session config, input audio buffer, pending user input) or queues a
+`Response` with the scheduler. Everything the server says goes through one outbox, drained
+by one sender task, so events from the loop and from the turn worker keep their order.
+
+State, top to bottom of a spoken turn:
+  input audio buffer   pcm16 bytes at 24 kHz since the last commit/clear (with server VAD, only
+                       `prefix_padding_ms` of it is kept while nobody speaks)
+  pending input        committed speech and user text items, waiting for response.create
+  active response      at most one per connection (queued or running), as in the API
+  engine session       created in the turn worker on the first turn; keeps history and KV cache
+"""
+
+import asyncio
+import json
+from typing import Callable
+
+import torch
+from aiohttp import WSMsgType, web
+
+from ..engine import Session
+from .audio_edge import API_RATE, pcm16_from_base64, samples_from_pcm16
+from .protocol import ProtocolError, error_event, new_id, object_field, parse_client_event, server_event
+from .response import Response
+from .scheduler import TurnScheduler
+from .session_config import SessionConfig, parse_max_output_tokens
+from .vad import EnergyVad, VadEvent
+
+PCM16_BYTES = 2
+
+
+class Connection:
+    def __init__(self, ws: web.WebSocketResponse, config: SessionConfig, scheduler: TurnScheduler,
+                 new_session: Callable[[], Session], max_buffer_bytes: int, idle_timeout_s: float):
+        self.ws, self.config, self.scheduler, self.new_session = ws, config, scheduler, new_session
+        self.max_buffer_bytes, self.idle_timeout_s = max_buffer_bytes, idle_timeout_s
+        self.loop = asyncio.get_running_loop()
+        self.outbox: asyncio.Queue = asyncio.Queue()
+        self.session_id = new_id("sess")
+        self.session: Session | None = None
+        self.buffer = bytearray()
+        self.appended = 0  # samples appended since the connection opened
+        self.vad: EnergyVad | None = None
+        self.speech_item: str | None = None  # the item id of the speech VAD hears now
+        self.pending_audio: list[torch.Tensor] = []  # committed speech, [n] at 24 kHz each
+        self.pending_text: list[str] = []
+        self.last_item: str | None = None
+        self.active: Response | None = None
+        self.answer_when_free = False  # server VAD heard a turn end while a response was active
+        self.handlers = {
+            "session.update": self.session_update,
+            "input_audio_buffer.append": self.append,
+            "input_audio_buffer.commit": self.commit_event,
+            "input_audio_buffer.clear": self.clear,
+            "conversation.item.create": self.item_create,
+            "response.create": self.response_create,
+            "response.cancel": self.response_cancel,
+        }
+
+    # ---- the connection's life ------------------------------------------------------------------
+
+    async def serve(self):
+        sender = asyncio.create_task(self.send_all())
+        self.post(server_event("session.created", session=self.config.as_dict(self.session_id)))
+        try:
+            await self.receive_all()
+        finally:
+            if self.active is not None:
+                self.cancel("client_cancelled")
+            self.post(None)  # the sender's last item
+            await sender
+            await self.ws.close()
+
+    async def receive_all(self):
+        while True:
+            try:
+                message = await self.ws.receive(timeout=self.idle_timeout_s)
+            except asyncio.TimeoutError:
+                if self.active is not None:  # a long answer is not idleness
+                    continue
+                self.post(error_event(ProtocolError("idle_timeout", f"no client event for {self.idle_timeout_s:g} s; "
+                                                    "closing the connection", kind="session_expired")))
+                return
+            if message.type == WSMsgType.TEXT:
+                self.handle(message.data)
+            elif message.type == WSMsgType.BINARY:
+                self.post(error_event(ProtocolError("invalid_event", "binary frames are not part of the protocol: "
+                                                    "send JSON events as text frames")))
+            else:  # close, closing, closed or a protocol error: the client is gone
+                return
+
+    def handle(self, message: str):
+        event = None
+        try:
+            event = parse_client_event(message)
+            self.handlers[event["type"]](event)
+        except ProtocolError as error:
+            client_event_id = event.get("event_id") if isinstance(event, dict) else None
+            self.post(error_event(error, client_event_id if isinstance(client_event_id, str) else None))
+
+    def post(self, event: dict | None):
+        """Queue an event for the client; safe from any thread (the worker posts through here too)."""
+        self.loop.call_soon_threadsafe(self.outbox.put_nowait, event)
+
+    async def send_all(self):
+        while (event := await self.outbox.get()) is not None:
+            if self.ws.closed:
+                continue  # the client left: drain without sending
+            try:
+                await self.ws.send_str(json.dumps(event))
+            except (ConnectionError, RuntimeError):  # closed under us; the receive side will notice
+                continue
+
+    # ---- session and input audio ----------------------------------------------------------------
+
+    def session_update(self, event: dict):
+        old_detection = self.config.turn_detection
+        self.config = self.config.updated(object_field(event, "session", "session"))
+        if self.config.turn_detection != old_detection:
+            self.restart_vad()
+        self.post(server_event("session.updated", session=self.config.as_dict(self.session_id)))
+
+    def restart_vad(self):
+        """A fresh detector from the current settings, counting from the samples appended so far."""
+        detection = self.config.turn_detection
+        self.speech_item = None
+        self.vad = None if detection is None else EnergyVad(detection.threshold, detection.silence_duration_ms,
+                                                            API_RATE, origin=self.appended)
+
+    def append(self, event: dict):
+        raw = pcm16_from_base64(event.get("audio"), "audio")
+        if len(self.buffer) + len(raw) > self.max_buffer_bytes:
+            seconds = self.max_buffer_bytes / (PCM16_BYTES * API_RATE)
+            raise ProtocolError("input_audio_buffer_full", f"the input audio buffer holds at most "
+                                f"{self.max_buffer_bytes} bytes ({seconds:g} s of 24 kHz pcm16); this append of "
+                                f"{len(raw)} bytes was dropped: commit or clear the buffer first", "audio")
+        self.buffer += raw
+        samples = samples_from_pcm16(raw)
+        self.appended += samples.numel()
+        if self.vad is not None:
+            for vad_event in self.vad.push(samples):
+                self.on_vad(vad_event)
+            if not self.vad.speaking:
+                self.keep_recent(self.config.turn_detection.prefix_padding_ms)
+
+    def on_vad(self, event: VadEvent):
+        ms = event.sample * 1000 // API_RATE
+        if event.kind == "started":
+            self.speech_item = new_id("item")
+            self.keep_recent(self.config.turn_detection.prefix_padding_ms, before=event.sample)
+            self.post(server_event("input_audio_buffer.speech_started", audio_start_ms=ms, item_id=self.speech_item))
+            if self.active is not None and self.config.turn_detection.interrupt_response:
+                self.cancel("turn_detected")  # barge-in
+            return
+        item = self.speech_item
+        self.post(server_event("input_audio_buffer.speech_stopped", audio_end_ms=ms, item_id=item))
+        self.commit(item)
+        if self.config.turn_detection.create_response:
+            self.answer_when_free = True
+            self.answer_if_free()
+
+    def keep_recent(self, padding_ms: int, before: int | None = None):
+        """Drop buffered audio older than `padding_ms` before sample `before` (default: the end)."""
+        end = self.appended if before is None else before
+        first_kept = end - padding_ms * API_RATE // 1000
+        buffer_start = self.appended - len(self.buffer) // PCM16_BYTES
+        if first_kept > buffer_start:
+            del self.buffer[:(first_kept - buffer_start) * PCM16_BYTES]
+
+    def commit_event(self, event: dict):
+        if not self.buffer:
+            raise ProtocolError("input_audio_buffer_commit_empty", "the input audio buffer is empty: append audio "
+                                "before committing")
+        self.commit(self.speech_item or new_id("item"))
+
+    def commit(self, item_id: str):
+        self.pending_audio.append(samples_from_pcm16(bytes(self.buffer)))
+        self.buffer.clear()
+        self.speech_item = None
+        self.post(server_event("input_audio_buffer.committed", previous_item_id=self.last_item, item_id=item_id))
+        self.add_item(item_id, [{"type": "input_audio", "transcript": None}])
+
+    def clear(self, event: dict):
+        self.buffer.clear()
+        self.restart_vad()
+        self.post(server_event("input_audio_buffer.cleared"))
+
+    # ---- conversation items and responses -------------------------------------------------------
+
+    def item_create(self, event: dict):
+        item = object_field(event, "item", "item")
+        if item.get("type", "message") != "message" or item.get("role") != "user":
+            raise ProtocolError("unsupported_item", "echox accepts only user messages: {\"type\": \"message\", "
+                                "\"role\": \"user\", \"content\": [{\"type\": \"input_text\", \"text\": ...}]}", "item")
+        content = item.get("content")
+        if not isinstance(content, list) or not content:
+            raise ProtocolError("invalid_value", "item.content must be a non-empty list of parts", "item.content")
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "input_text" or not isinstance(part.get("text"), str):
+                raise ProtocolError("unsupported_content", "each item.content part must be {\"type\": \"input_text\", "
+                                    "\"text\": \"...\"}; send speech with input_audio_buffer.append", "item.content")
+            texts.append(part["text"])
+        self.pending_text.append("\n".join(texts))
+        item_id = item["id"] if isinstance(item.get("id"), str) else new_id("item")
+        self.add_item(item_id, [{"type": "input_text", "text": text} for text in texts])
+
+    def add_item(self, item_id: str, content: list[dict]):
+        item = {"id": item_id, "object": "realtime.item", "type": "message", "role": "user", "status": "completed",
+                "content": content}
+        self.post(server_event("conversation.item.added", previous_item_id=self.last_item, item=item))
+        self.last_item = item_id
+
+    def response_create(self, event: dict):
+        if self.active is not None:
+            raise ProtocolError("conversation_already_has_active_response", f"response {self.active.id} is still "
+                                "in progress: wait for its response.done or send response.cancel")
+        self.start_response(object_field(event, "response", "response"))
+
+    def start_response(self, options: dict):
+        """Answer the pending input: committed speech (joined) and user text (joined) make one turn."""
+        if not self.pending_audio and not self.pending_text:
+            raise ProtocolError("no_input", "nothing to answer: commit input audio or create a user message first")
+        config = self.config
+        if "max_output_tokens" in options:
+            config = config.updated({"max_output_tokens": parse_max_output_tokens(options["max_output_tokens"],
+                                                                                  "response")})
+        audio = torch.cat(self.pending_audio) if self.pending_audio else None
+        text = "\n".join(self.pending_text)
+        self.pending_audio, self.pending_text = [], []
+        self.active = Response(config, audio, text, self.engine_session, self.post, self.response_finished)
+        self.post(self.active.created_event())
+        self.scheduler.submit(self.active)
+
+    def engine_session(self) -> Session:
+        """This connection's engine session; only the turn worker calls this, so no lock is needed."""
+        if self.session is None:
+            self.session = self.new_session()
+        return self.session
+
+    def response_finished(self):
+        self.active = None
+        self.answer_if_free()
+
+    def answer_if_free(self):
+        """Start the response server VAD asked for, once no other response is active (after a barge-in
+        the interrupted answer may still be stopping when the new speech ends)."""
+        if self.active is None and self.answer_when_free:
+            self.answer_when_free = False
+            if self.pending_audio or self.pending_text:
+                self.start_response({})
+
+    def response_cancel(self, event: dict):
+        wanted = event.get("response_id")
+        if self.active is None or (wanted is not None and wanted != self.active.id):
+            raise ProtocolError("response_cancel_not_active", "there is no active response to cancel"
+                                + (f" with id {wanted!r}" if wanted is not None else ""), "response_id")
+        self.cancel("client_cancelled")
+
+    def cancel(self, reason: str):
+        self.active.cancel_reason = reason
+        self.scheduler.cancel(self.active)

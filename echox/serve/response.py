@@ -1,0 +1,138 @@
+"""One answer: `Session.respond` run in the turn worker, its events sent as realtime server events.
+
+    response.created                       (sent by the connection when the turn is queued)
+    response.output_text.delta  ...        each TextDelta
+    response.output_audio.delta ...        each AudioChunk, resampled 16 -> 24 kHz, base64 pcm16
+    response.output_audio.done, response.output_text.done
+    response.done                          status, usage, and echox's timings and queue wait
+
+A response cancelled while it waits in the queue never reaches the engine; one cancelled while it
+runs is stopped by `Session.cancel()` within one decode step or vocoder push, and what was said
+so far (text and audio already sent) stays in the conversation. Engine errors a user can fix
+(`EchoXError`) become `error` events; anything else is logged with its traceback on the server
+and reported to the client as a `server_error`. Either way the connection stays usable.
+"""
+
+import logging
+from typing import Callable
+
+import torch
+
+from ..engine import AudioChunk, Session, TextDelta, TurnDone
+from ..errors import EchoXError
+from .audio_edge import StreamingResampler, pcm16_base64
+from .protocol import ProtocolError, error_event, new_id, server_event
+from .session_config import SessionConfig
+
+log = logging.getLogger("echox.serve")
+
+
+class Response:
+    def __init__(self, config: SessionConfig, audio: torch.Tensor | None, text: str,
+                 open_session: Callable[[], Session], post: Callable[[dict], None], on_finished: Callable[[], None]):
+        """`audio` is the user's speech at 24 kHz ([n] float) or None; `open_session` gives the
+        connection's engine session (called in the worker thread); `post` sends an event from any thread."""
+        self.id, self.item_id = new_id("resp"), new_id("item")
+        self.config, self.audio, self.text = config, audio, text
+        self.open_session, self.post, self.on_finished = open_session, post, on_finished
+        self.session: Session | None = None
+        self.cancel_reason: str | None = None  # set by stop(): "client_cancelled" or "turn_detected"
+        self.wait_ms = 0.0
+
+    # ---- the event loop's side ------------------------------------------------------------------
+
+    def created_event(self) -> dict:
+        return server_event("response.created", response=self.describe("in_progress"))
+
+    def stop(self):
+        """Ask the engine to end this answer early (any thread). The reason is set before the session
+        is read, and run() sets the session before reading the reason, so one of them sees the other."""
+        self.cancel_reason = self.cancel_reason or "client_cancelled"
+        if self.session is not None:
+            self.session.cancel()
+
+    def drop(self):
+        self.cancel_reason = self.cancel_reason or "client_cancelled"
+        self.post(server_event("response.done", response=self.describe("cancelled")))
+
+    def finished(self):
+        self.on_finished()
+
+    # ---- the worker thread's side ---------------------------------------------------------------
+
+    def run(self):
+        try:
+            session = self.open_session()
+            session.sampling = self.config.sampling()
+            session.max_new_tokens = self.config.max_output_tokens
+            self.session = session
+            if self.cancel_reason is not None:  # cancelled between leaving the queue and now
+                self.drop()
+                return
+            self.speak(session)
+        except EchoXError as e:
+            self.fail(ProtocolError("invalid_input", str(e)))
+        except Exception:
+            log.exception("response %s failed", self.id)
+            self.fail(ProtocolError("server_error", "the engine failed on this turn; the server log has the "
+                                    "details", kind="server_error"))
+
+    def speak(self, session: Session):
+        resampler, text, done = StreamingResampler(), [], None
+        for event in session.respond(audio=None if self.audio is None else (self.audio, 24000), text=self.text):
+            if isinstance(event, TextDelta) and event.text:
+                text.append(event.text)
+                self.post(self.part_event("response.output_text.delta", delta=event.text))
+            elif isinstance(event, AudioChunk):
+                self.send_audio(resampler.push(event.samples))
+            elif isinstance(event, TurnDone):
+                done = event
+        self.send_audio(resampler.flush())
+        self.post(self.part_event("response.output_audio.done"))
+        self.post(self.part_event("response.output_text.done", text="".join(text)))
+        self.post(server_event("response.done", response=self.describe(*self.outcome(done.trace), trace=done.trace,
+                                                                        text="".join(text))))
+
+    def send_audio(self, samples: torch.Tensor):
+        if samples.numel():
+            self.post(self.part_event("response.output_audio.delta", delta=pcm16_base64(samples)))
+
+    def outcome(self, trace: dict) -> tuple[str, str | None]:
+        """(status, reason) of a finished turn, in the API's terms."""
+        if trace.get("cancelled"):
+            return "cancelled", self.cancel_reason or "client_cancelled"
+        if len(trace["tokens"]) >= self.config.max_output_tokens:
+            return "incomplete", "max_output_tokens"
+        return "completed", None
+
+    def fail(self, error: ProtocolError):
+        self.post(error_event(error))
+        self.post(server_event("response.done", response=self.describe(
+            "failed", details={"type": "failed", "error": {"type": error.kind, "code": error.code,
+                                                           "message": error.message}})))
+
+    # ---- payloads -------------------------------------------------------------------------------
+
+    def part_event(self, event_type: str, **fields) -> dict:
+        return server_event(event_type, response_id=self.id, item_id=self.item_id, output_index=0,
+                            content_index=0, **fields)
+
+    def describe(self, status: str, reason: str | None = None, trace: dict | None = None, text: str = "",
+                 details: dict | None = None) -> dict:
+        """The response object of response.created / response.done."""
+        if status == "cancelled":
+            reason = reason or self.cancel_reason
+        if details is None and status != "in_progress":
+            details = {"type": status, "reason": reason} if reason else {"type": status}
+        response = {"object": "realtime.response", "id": self.id, "status": status, "status_details": details,
+                    "output_modalities": ["audio"], "max_output_tokens": self.config.max_output_tokens,
+                    "output": [], "usage": None}
+        if trace is not None:
+            content = [{"type": "output_audio", "transcript": text}]
+            response["output"] = [{"id": self.item_id, "object": "realtime.item", "type": "message",
+                                   "role": "assistant", "status": status, "content": content}]
+            prompt, answer = len(trace["prompt_ids"]), len(trace["tokens"])
+            response["usage"] = {"total_tokens": prompt + answer, "input_tokens": prompt, "output_tokens": answer}
+        response["echox"] = {"queue_wait_ms": round(self.wait_ms, 3),
+                             "timings_ms": trace["timings_ms"] if trace is not None else {}}
+        return response

@@ -1,0 +1,110 @@
+"""The aiohttp application: the browser page at `/`, the Realtime WebSocket at `/v1/realtime`.
+
+One engine serves every connection through one `TurnScheduler`. The limits below end a
+connection with an `error` event first and then a clean WebSocket close, never a reset:
+  max_connections    more simultaneous WebSockets are told so and closed (code 1013, try again later);
+  max_buffer_bytes   the input audio buffer of one connection (an oversize append is refused with
+                     an error event and dropped; the connection stays);
+  idle_timeout_s     a connection with no client event and no answer in progress for this long is
+                     closed (code 1000);
+  max_message_bytes  larger WebSocket frames are refused by aiohttp (close code 1009).
+"""
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import WSCloseCode, web
+
+from ..engine import Engine
+from ..errors import EchoXError
+from .connection import Connection
+from .protocol import ProtocolError, error_event
+from .scheduler import TurnScheduler
+from .session_config import SessionConfig
+
+STATIC = Path(__file__).parent / "static"
+log = logging.getLogger("echox.serve")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_connections: int = 8
+    max_buffer_bytes: int = 30 * 24000 * 2  # 30 s of 24 kHz pcm16: all Whisper hears of one turn
+    idle_timeout_s: float = 300.0
+    max_message_bytes: int = 16 * 1024 * 1024
+
+
+class Server:
+    def __init__(self, engine: Engine, defaults: SessionConfig, limits: Limits, session_options: dict):
+        """`defaults` is each connection's starting session; `session_options` go to `engine.session`."""
+        self.engine, self.defaults, self.limits, self.session_options = engine, defaults, limits, session_options
+        self.connections = 0
+        self.scheduler: TurnScheduler | None = None
+
+    def new_session(self):
+        return self.engine.session(**self.session_options)
+
+    async def start(self, app: web.Application):
+        self.scheduler = TurnScheduler()
+        app["scheduler_task"] = asyncio.create_task(self.scheduler.serve())
+
+    async def stop(self, app: web.Application):
+        app["scheduler_task"].cancel()
+        await asyncio.get_running_loop().run_in_executor(None, self.scheduler.close)
+
+    async def page(self, request: web.Request) -> web.FileResponse:
+        return web.FileResponse(STATIC / "index.html")
+
+    async def realtime(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(max_msg_size=self.limits.max_message_bytes, heartbeat=30.0)
+        if not ws.can_prepare(request).ok:
+            return web.Response(status=400, text="/v1/realtime is a WebSocket endpoint (the OpenAI Realtime "
+                                                 "protocol); connect with a WebSocket client\n")
+        await ws.prepare(request)
+        if self.connections >= self.limits.max_connections:
+            await ws.send_json(error_event(ProtocolError(
+                "too_many_connections", f"the server holds its limit of {self.limits.max_connections} "
+                "connections; try again later", kind="server_busy")))
+            await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"too many connections")
+            return ws
+        self.connections += 1
+        try:
+            await Connection(ws, self.defaults, self.scheduler, self.new_session, self.limits.max_buffer_bytes,
+                             self.limits.idle_timeout_s).serve()
+        finally:
+            self.connections -= 1
+        return ws
+
+
+def build_app(server: Server) -> web.Application:
+    app = web.Application()
+    app.router.add_get("/", server.page)
+    app.router.add_get("/v1/realtime", server.realtime)
+    app.router.add_static("/static/", STATIC)
+    app.on_startup.append(server.start)
+    app.on_cleanup.append(server.stop)
+    return app
+
+
+async def serve_forever(server: Server, host: str, port: int):
+    """Listen until SIGINT/SIGTERM; port 0 picks a free port. The first stdout line says where."""
+    runner = web.AppRunner(build_app(server))
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as e:
+        await runner.cleanup()
+        raise EchoXError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    bound_port = runner.addresses[0][1]
+    print(f"echox serve: listening on http://{host}:{bound_port}/ (page) and ws://{host}:{bound_port}/v1/realtime",
+          flush=True)
+    stopped = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stopped.set)
+    try:
+        await stopped.wait()
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,112 @@
+"""What a connection's `session.update` can set, checked, and how the session is reported back.
+
+Supported (GA field names): `audio.input.format` / `audio.output.format` (only pcm16 at 24 kHz,
+`{"type": "audio/pcm", "rate": 24000}`), `audio.input.turn_detection` (null or `server_vad` with
+threshold, prefix_padding_ms, silence_duration_ms, create_response, interrupt_response),
+`max_output_tokens`, and two echox extensions for sampling, `temperature` and `top_p` (the GA
+session has no sampling fields; EchoX's released sampling is temperature 0.2, top-p 0.9).
+`instructions`, `voice`, `tools` and the other fields are accepted and ignored: the released EchoX
+prompt has no system message and the vocoder has one voice. The reported session says so.
+"""
+
+from dataclasses import asdict, dataclass, field, replace
+
+from ..sampling import SamplingParams
+from .protocol import ProtocolError, number_field, object_field
+
+PCM_FORMAT = {"type": "audio/pcm", "rate": 24000}
+MAX_OUTPUT_TOKENS = 4096  # the API's own upper bound for an integer max_output_tokens
+
+
+@dataclass(frozen=True)
+class TurnDetection:
+    """server_vad settings (vad.py explains how `threshold` maps to a loudness)."""
+
+    threshold: float = 0.5
+    prefix_padding_ms: int = 300
+    silence_duration_ms: int = 500
+    create_response: bool = True
+    interrupt_response: bool = True
+
+    def updated(self, fields: dict) -> "TurnDetection":
+        if fields.get("type") != "server_vad":
+            raise ProtocolError("unsupported_turn_detection", "audio.input.turn_detection must be null or of type "
+                                "'server_vad' (echox has an energy-based VAD, no semantic_vad)",
+                                "session.audio.input.turn_detection.type")
+        changes = {}
+        for name, high in (("threshold", 1.0), ("prefix_padding_ms", 5000), ("silence_duration_ms", 10000)):
+            value = number_field(fields, name, f"session.audio.input.turn_detection.{name}", 0, high)
+            if value is not None:
+                changes[name] = value if name == "threshold" else int(value)
+        for name in ("create_response", "interrupt_response"):
+            if name in fields:
+                if not isinstance(fields[name], bool):
+                    raise ProtocolError("invalid_value", f"session.audio.input.turn_detection.{name} must be "
+                                        f"true or false", f"session.audio.input.turn_detection.{name}")
+                changes[name] = fields[name]
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    temperature: float
+    top_p: float
+    max_output_tokens: int
+    turn_detection: TurnDetection | None = field(default=None)
+
+    def updated(self, session: dict) -> "SessionConfig":
+        """This config with the fields of a session.update's `session` applied; all or nothing."""
+        changes = {}
+        for name, low, high in (("temperature", 0.0, 2.0), ("top_p", 1e-6, 1.0)):
+            value = number_field(session, name, f"session.{name}", low, high)
+            if value is not None:
+                changes[name] = value
+        if "max_output_tokens" in session:
+            changes["max_output_tokens"] = parse_max_output_tokens(session["max_output_tokens"], "session")
+        audio = object_field(session, "audio", "session.audio")
+        for direction in ("input", "output"):
+            check_format(object_field(audio, direction, f"session.audio.{direction}"), f"session.audio.{direction}")
+        audio_input = object_field(audio, "input", "session.audio.input")
+        if "turn_detection" in audio_input:
+            detection = audio_input["turn_detection"]
+            if detection is not None and not isinstance(detection, dict):
+                raise ProtocolError("invalid_value", "session.audio.input.turn_detection must be null or an object",
+                                    "session.audio.input.turn_detection")
+            changes["turn_detection"] = None if detection is None else \
+                (self.turn_detection or TurnDetection()).updated(detection)
+        return replace(self, **changes)
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p)
+
+    def as_dict(self, session_id: str) -> dict:
+        """The session as session.created / session.updated report it (GA shape plus echox's fields)."""
+        detection = None if self.turn_detection is None else {"type": "server_vad", **asdict(self.turn_detection)}
+        return {
+            "type": "realtime", "object": "realtime.session", "id": session_id, "model": "echox",
+            "output_modalities": ["audio"], "instructions": "", "tools": [],
+            "audio": {"input": {"format": PCM_FORMAT, "turn_detection": detection},
+                      "output": {"format": PCM_FORMAT, "voice": "echox"}},
+            "max_output_tokens": self.max_output_tokens,
+            "temperature": self.temperature, "top_p": self.top_p,
+        }
+
+
+def parse_max_output_tokens(value: object, where: str) -> int:
+    """An integer 1..4096, or "inf" (meaning the API's maximum)."""
+    if value == "inf":
+        return MAX_OUTPUT_TOKENS
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_OUTPUT_TOKENS:
+        raise ProtocolError("invalid_value", f"{where}.max_output_tokens must be an integer from 1 to "
+                            f"{MAX_OUTPUT_TOKENS} or \"inf\", got {value!r}", f"{where}.max_output_tokens")
+    return value
+
+
+def check_format(direction: dict, param: str):
+    """Only the API's default pcm16 at 24 kHz is served; g711 and other rates are refused."""
+    fmt = direction.get("format")
+    if fmt is None:
+        return
+    if not isinstance(fmt, dict) or fmt.get("type") != "audio/pcm" or fmt.get("rate", 24000) != 24000:
+        raise ProtocolError("unsupported_audio_format", f"{param}.format must be {{\"type\": \"audio/pcm\", "
+                            f"\"rate\": 24000}} (pcm16 mono at 24 kHz), got {fmt!r}", f"{param}.format")

@@ -1,0 +1,102 @@
+"""The echo decoder in trainable form: teacher-forced unit-token logits, with gradients.
+
+The same model as `echo.EchoDecoder` (SPEC §7), laid out for training. For one example with
+n slot rows S [n, H] and target unit tokens u_1..u_m, the decoder reads
+
+    adapter( concat( T[P_text], S, T[P_unit], T[u_1 .. u_m] ) )
+
+and the states at the last P_unit position and at each u_i predict u_1, ..., u_m, eot. The slot
+rows are what a stage puts there: the text embeddings E_text of the response (stage II, and the
+frozen copy that makes stage III's pseudo-labels), or aligner_MLP(h_t) (stage III, and
+inference). T's text part E_text is frozen: it is the LLM's embedding table; the unit
+embeddings, the aligner, the adapter, the body and the head train.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import EchoDecoderConfig
+from ..echo import _aligner_mlp
+from ..llama import LlamaBody
+from .batching import pad_rows
+
+
+@dataclass
+class UnitLogits:
+    logits: torch.Tensor  # [B, M, V+U] at the positions that predict the targets
+    targets: torch.Tensor  # [B, M] unit token ids (>= V), then eot
+    mask: torch.Tensor  # [B, M] True on real targets
+
+
+class TrainableEchoDecoder(nn.Module):
+    def __init__(self, cfg: EchoDecoderConfig, prefixes: tuple[list[int], list[int]], eot: int,
+                 tensors: dict[str, torch.Tensor], checkpointed: bool = False):
+        """`tensors` keyed as `echo_layout(cfg, prefix="")` (copied: the loaded ones stay untouched)."""
+        super().__init__()
+        self.cfg, self.eot, self.checkpointed = cfg, eot, checkpointed
+        big_h, width = cfg.llm_hidden_size, cfg.body.hidden_size
+        with torch.device("meta"):  # every value comes from `tensors`
+            self.aligner_mlp = _aligner_mlp(big_h, cfg.aligner_intermediate)
+            self.adapter = nn.Linear(big_h, width)
+            self.body = LlamaBody(cfg.body)
+            self.lm_head = nn.Linear(width, cfg.body.vocab_size, bias=False)
+            self.unit_embedding = nn.Embedding(cfg.unit_vocab_size, big_h)
+        own = {k: v.clone() for k, v in tensors.items()}
+        self.load_state_dict({
+            "aligner_mlp.0.weight": own["aligner_MLP.0.weight"], "aligner_mlp.0.bias": own["aligner_MLP.0.bias"],
+            "aligner_mlp.3.weight": own["aligner_MLP.3.weight"], "aligner_mlp.3.bias": own["aligner_MLP.3.bias"],
+            "adapter.weight": own["adapter.weight"], "adapter.bias": own["adapter.bias"],
+            "lm_head.weight": own["lm_head.weight"], "unit_embedding.weight": own["unit_embedding.weight"],
+        }, strict=False, assign=True)
+        self.body.load_released({k.removeprefix("model."): v for k, v in own.items() if k.startswith("model.layers.")}
+                                | {"norm.weight": own["model.norm.weight"]})
+        self.requires_grad_(True)
+        self.register_buffer("text_embeddings", own["model.embed_tokens.weight"], persistent=False)  # E_text, frozen
+        device = self.adapter.weight.device
+        self.register_buffer("text_prefix", torch.tensor(prefixes[0], device=device), persistent=False)
+        self.register_buffer("unit_prefix", torch.tensor(prefixes[1], device=device), persistent=False)
+
+    def table(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """T[id] [..., H]: text embeddings below V, unit embeddings from V on."""
+        first_unit = self.cfg.text_vocab_size
+        text = self.text_embeddings[token_ids.clamp(max=first_unit - 1)]
+        units = self.unit_embedding(token_ids.sub(first_unit).clamp(min=0))
+        return torch.where((token_ids < first_unit)[..., None], text, units)
+
+    def forward(self, slots: list[torch.Tensor], targets: list[list[int]]) -> UnitLogits:
+        """slots: per example [n_b, H]; targets: per example unit token ids (eot is appended here)."""
+        device = self.adapter.weight.device
+        before, after = self.table(self.text_prefix), self.table(self.unit_prefix)
+        rows, starts, answers = [], [], []
+        for slot, units in zip(slots, targets):
+            answer = torch.tensor(list(units) + [self.eot], device=device)
+            sequence = torch.cat([before, slot.to(before.dtype), after, self.table(answer[:-1])])
+            rows.append(sequence)
+            starts.append(len(sequence) - len(answer))  # the last P_unit position predicts the first unit
+            answers.append(answer)
+        x, present = pad_rows(rows)
+        hidden = self.body.forward_sequences(self.adapter(x), present, self.checkpointed)  # [B, L, h]
+        answer_ids, answer_mask = pad_rows(answers)
+        where = torch.tensor(starts, device=device)[:, None] + torch.arange(answer_ids.shape[1], device=device)
+        where = where.clamp(max=hidden.shape[1] - 1)  # padded targets are masked
+        predicting = hidden.gather(1, where[..., None].expand(-1, -1, hidden.shape[-1]))
+        return UnitLogits(self.lm_head(predicting), answer_ids, answer_mask)
+
+    def released_tensors(self) -> dict[str, torch.Tensor]:
+        """The weights keyed as `echo_layout(cfg, prefix="")`."""
+        body = {"model." + k: v for k, v in self.body.released_tensors().items()}
+        mlp = self.aligner_mlp
+        return body | {
+            "aligner_MLP.0.weight": mlp[0].weight, "aligner_MLP.0.bias": mlp[0].bias,
+            "aligner_MLP.3.weight": mlp[3].weight, "aligner_MLP.3.bias": mlp[3].bias,
+            "model.embed_tokens.weight": self.text_embeddings, "unit_embedding.weight": self.unit_embedding.weight,
+            "adapter.weight": self.adapter.weight, "adapter.bias": self.adapter.bias, "lm_head.weight": self.lm_head.weight,
+        }
+
+
+def unit_accuracy(out: UnitLogits) -> float:
+    """Teacher-forced accuracy: the share of target tokens (units and the final eot) that are argmax."""
+    hits = (out.logits.argmax(-1) == out.targets) & out.mask
+    return hits.sum().item() / out.mask.sum().item()

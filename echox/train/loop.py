@@ -1,0 +1,136 @@
+"""The optimisation loop shared by the three stages.
+
+A stage hands over an `nn.Module` whose forward takes its step's local batch and returns the
+loss terms (a dict of scalars, "loss" being the one to minimise), and the list of parameters
+that train. The loop, step by step: forward, backward, gradient clipping, AdamW; then one line
+of `metrics.jsonl` (every term, averaged over all processes) and the progress bar.
+
+Several processes: run the same command under `torchrun`; the loop joins the process group
+that torchrun describes in the environment (gloo on CPU, NCCL on GPUs) and wraps the module in
+DistributedDataParallel, which averages the gradients. Each process takes its slice of every
+global batch (`batching.local_share`). Only process 0 writes files.
+
+Resumable: `train_state.pt` holds the step, the trainable parameters, AdamW's state and the
+RNG state; batches are a function of (seed, step), so a resumed run continues exactly.
+"""
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..errors import EchoXError
+
+GRADIENT_CLIP = 1.0
+
+
+def join_process_group(device: str) -> tuple[int, int]:
+    """(rank, world size): from torchrun's environment, or (0, 1) for a plain run."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def global_mean(value: torch.Tensor) -> torch.Tensor:
+    """A detached scalar averaged over all processes (itself when there is one)."""
+    value = value.detach().clone()
+    if dist.is_initialized():
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return value
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    stage: str
+    steps: int
+    lr: float
+    device: str
+    metrics: Path
+    state: Path
+    log_every: int = 1
+    save_every: int = 0
+    resume: bool = False
+
+
+class Progress:
+    """One line per stage on stderr, redrawn in place: bar, step, loss, elapsed time."""
+
+    def __init__(self, stage: str, total: int, start: int):
+        self.stage, self.total, self.start_time = stage, total, time.monotonic()
+        self.draw(start, None)
+
+    def draw(self, step: int, loss: float | None):
+        filled = 24 * step // max(self.total, 1)
+        shown = "" if loss is None else f" loss {loss:.4f}"
+        sys.stderr.write(f"\r{self.stage} [{'#' * filled}{'-' * (24 - filled)}] {step}/{self.total}{shown} "
+                         f"{time.monotonic() - self.start_time:.0f}s")
+        sys.stderr.flush()
+
+    def close(self):
+        sys.stderr.write("\n")
+
+
+def save_state(path: Path, step: int, params: list[nn.Parameter], optimizer: torch.optim.Optimizer):
+    state = {"step": step, "params": [p.detach().cpu() for p in params], "optimizer": optimizer.state_dict(),
+             "rng": torch.get_rng_state()}
+    partial = path.with_name(path.name + ".partial")
+    torch.save(state, partial)
+    partial.replace(path)  # a crash mid-save never leaves a half-written state behind
+
+
+def load_state(path: Path, params: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> int:
+    if not path.is_file():
+        raise EchoXError(f"{path}: no training state to resume from")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if len(state["params"]) != len(params) or any(s.shape != p.shape for s, p in zip(state["params"], params)):
+        raise EchoXError(f"{path}: this state belongs to another model or stage (its parameters do not match)")
+    with torch.no_grad():
+        for saved, param in zip(state["params"], params):
+            param.copy_(saved)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    return state["step"]
+
+
+def train(model: nn.Module, params: list[nn.Parameter], batch_of_step: Callable[[int], object],
+          settings: LoopSettings) -> list[dict]:
+    """Run the steps; return the logged metric lines (also appended to settings.metrics on process 0)."""
+    rank, world = join_process_group(settings.device)
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    start = load_state(settings.state, params, optimizer) if settings.resume else 0
+    stepped = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model  # buffers are constants
+    progress = Progress(settings.stage, settings.steps, start) if rank == 0 else None
+    logged = []
+    for step in range(start, settings.steps):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=settings.device == "cuda"):
+            terms = stepped(batch_of_step(step))
+        optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(params, GRADIENT_CLIP)
+        optimizer.step()
+        line = {"stage": settings.stage, "step": step + 1} | {k: global_mean(v).item() for k, v in terms.items()}
+        if rank == 0 and ((step + 1) % settings.log_every == 0 or step + 1 == settings.steps):
+            logged.append(line)
+            with settings.metrics.open("a") as f:
+                f.write(json.dumps(line) + "\n")
+        if progress:
+            progress.draw(step + 1, line["loss"])
+        if rank == 0 and settings.save_every and (step + 1) % settings.save_every == 0:
+            save_state(settings.state, step + 1, params, optimizer)
+    if progress:
+        progress.close()
+    if rank == 0:
+        save_state(settings.state, settings.steps, params, optimizer)
+    return logged

@@ -1,0 +1,312 @@
+"""The three stages of echo training (SPEC §9), each from a model folder to a model folder.
+
+  stage1  speech -> text   L_S2T = CE(response) + 0.3 CTC(transcript); Whisper frozen, adapter
+                           trained, LLM through LoRA (merged when saved)
+  stage2  text -> units    the echo decoder with CE on (response text ids -> unit tokens); its
+                           text embeddings are the LLM's, frozen; optionally a new unit language
+  stage3  echo             a frozen copy of the stage-II decoder turns each response text into
+                           pseudo-label unit tokens (greedy, once per example); the trainable
+                           decoder reads aligner_MLP(h_t); L_echo, L_den, lambda, total of SPEC §9;
+                           gradients reach the LoRA and the adapter through h_t
+
+Each stage reads `--model`, trains, and writes OUT/model in the released layout (export.py),
+OUT/metrics.jsonl and the resumable OUT/train_state.pt.
+"""
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..adapter import load_adapter
+from ..checkpoint import ModelFolder, open_model_folder, resolve_whisper
+from ..echo import ECHO_PREFIX, echo_layout, load_echo_decoder
+from ..errors import EchoXError
+from ..llama import load_lm
+from ..whisper import load_whisper
+from .batching import batch_at, local_share
+from .echo_trainer import TrainableEchoDecoder, unit_accuracy
+from .export import adapter_tensors, echo_tensors, llm_tensors, save_model
+from .lora import add_lora, parse_targets
+from .loop import LoopSettings, global_mean, join_process_group, train
+from .losses import (denoising_loss, echo_lambda, sequence_cross_entropy, speech_to_text_loss, text_to_unit_loss,
+                     total_loss)
+from .manifest import Example, read_manifest
+from .speech_to_text import SpeechToText, SpeechTurn, prepare_turns
+from .units import UnitLanguage, write_unit_tokens
+
+
+@dataclass(frozen=True)
+class StageOptions:
+    manifest: Path
+    model: Path
+    out: Path
+    whisper: Path | None = None
+    steps: int = 200
+    batch_size: int = 4
+    lr: float = 1e-3
+    seed: int = 0
+    log_every: int = 1
+    save_every: int = 0
+    device: str = "cpu"
+    checkpointed: bool = False
+    resume: bool = False
+    overwrite: bool = False
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: str = "q,k,v,o,gate,up,down"
+    unit_vocab: int | None = None  # stage 2: build a new unit language of this size
+    heldout: Path | None = None  # stage 3: report teacher-forced unit accuracy on these
+    max_units: int = 2048  # stage 3: pseudo-label length limit (the released decode budget)
+    metrics: Path | None = None  # default OUT/metrics.jsonl (the demo gathers all stages in one)
+
+    @staticmethod
+    def from_args(args) -> "StageOptions":
+        given = {f.name: getattr(args, f.name) for f in dataclasses.fields(StageOptions) if hasattr(args, f.name)}
+        paths = {k: Path(v) for k, v in given.items() if k in ("manifest", "model", "out", "whisper", "heldout") and v}
+        return StageOptions(**(given | paths), checkpointed=args.gradient_checkpointing)
+
+
+@dataclass
+class Prepared:
+    """What every stage starts from."""
+
+    source: ModelFolder
+    whisper: Path
+    examples: list[Example]
+    settings: LoopSettings
+    rank: int
+    world: int
+
+
+def prepare(stage: str, options: StageOptions) -> Prepared:
+    rank, world = join_process_group(options.device)
+    if options.device == "cuda" and not torch.cuda.is_available():
+        raise EchoXError("--device cuda was asked for, but torch sees no CUDA device")
+    if options.device == "cuda":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    model_out, state = options.out / "model", options.out / "train_state.pt"
+    if model_out.exists() and not (options.overwrite or options.resume):
+        raise EchoXError(f"{model_out}: already exists (pass --overwrite to replace it, or --resume)")
+    metrics = options.metrics or options.out / "metrics.jsonl"
+    if options.metrics is None and metrics.exists() and not options.resume:
+        if not options.overwrite:
+            raise EchoXError(f"{metrics}: already exists (pass --overwrite to start it again, or --resume)")
+        if rank == 0:
+            metrics.unlink()
+    if options.steps < 1 or options.batch_size < 1:
+        raise EchoXError("--steps and --batch-size must be at least 1")
+    if options.batch_size % world:
+        raise EchoXError(f"--batch-size {options.batch_size} does not split over {world} processes")
+    examples = read_manifest(options.manifest, need_units=stage == "stage2")
+    if options.batch_size > len(examples):
+        raise EchoXError(f"--batch-size {options.batch_size} is larger than the manifest ({len(examples)} examples)")
+    options.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(options.seed)
+    source = open_model_folder(options.model)
+    settings = LoopSettings(stage, options.steps, options.lr, options.device, metrics, state,
+                            options.log_every, options.save_every, options.resume)
+    return Prepared(source, resolve_whisper(source, options.whisper), examples, settings, rank, world)
+
+
+def steps_of(items: list, lengths: list[int], options: StageOptions, rank: int, world: int):
+    """step -> this process's share of that step's global batch."""
+    def batch(step: int) -> list:
+        return [items[i] for i in local_share(batch_at(step, lengths, options.batch_size, options.seed), rank, world)]
+    return batch
+
+
+# Stage I -------------------------------------------------------------------------------------------
+
+class SpeechToTextStage(nn.Module):
+    def __init__(self, model: SpeechToText):
+        super().__init__()
+        self.model = model
+
+    def forward(self, turns: list[SpeechTurn]) -> dict[str, torch.Tensor]:
+        out = self.model(turns)
+        return {"loss": speech_to_text_loss(out.cross_entropy, out.ctc), "cross_entropy": out.cross_entropy,
+                "ctc": out.ctc}
+
+
+def speech_model(run: Prepared, options: StageOptions) -> tuple[SpeechToText, list[SpeechTurn], list[nn.Parameter]]:
+    """The LLM with LoRA, the trainable adapter, and the examples' cached Whisper frames."""
+    cfg, weights, device = run.source.config, run.source.weights, options.device
+    whisper = load_whisper(run.whisper, torch.float32, device)
+    turns = prepare_turns(run.examples, run.source.tokenizer, whisper)
+    del whisper
+    lm = load_lm(weights, cfg.llm, torch.float32, device)
+    lora = add_lora(lm, parse_targets(options.lora_targets), options.lora_rank, options.lora_alpha)
+    adapter = load_adapter(weights, cfg.adapter, torch.float32, device)
+    for param in adapter.parameters():
+        param.data = param.data.clone()  # loaded tensors may share the file's memory map: train a copy
+    adapter.requires_grad_(True)
+    model = SpeechToText(lm, adapter, run.source.tokenizer, options.checkpointed)
+    return model, turns, lora + list(adapter.parameters())
+
+
+def turn_lengths(turns: list[SpeechTurn]) -> list[int]:
+    return [len(t.response) + len(t.transcript) for t in turns]
+
+
+def stage1(run: Prepared, options: StageOptions) -> dict:
+    model, turns, params = speech_model(run, options)
+    logged = train(SpeechToTextStage(model), params, steps_of(turns, turn_lengths(turns), options, run.rank, run.world),
+                   run.settings)
+    if run.rank == 0:
+        trained = llm_tensors(model.lm) | adapter_tensors(model.adapter, run.source)
+        save_model(options.out / "model", run.source, trained, run.whisper)
+    return {"metrics": logged}
+
+
+# Stage II ------------------------------------------------------------------------------------------
+
+class TextToUnitStage(nn.Module):
+    def __init__(self, decoder: TrainableEchoDecoder):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, batch: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+        device = self.decoder.adapter.weight.device
+        slots = [self.decoder.table(torch.tensor(text, device=device)) for text, _ in batch]
+        out = self.decoder(slots, [units for _, units in batch])
+        loss = sequence_cross_entropy(out.logits, out.targets, out.mask)
+        return {"loss": loss, "unit_cross_entropy": loss}
+
+
+def resize_units(tensors: dict[str, torch.Tensor], cfg, units: int, seed: int):
+    """A new unit language makes the old unit rows meaningless: fresh unit embeddings and head rows."""
+    gen = torch.Generator().manual_seed(seed)
+    text = tensors["model.embed_tokens.weight"]
+    width = tensors["lm_head.weight"].shape[1]
+    tensors["unit_embedding.weight"] = torch.randn(units, text.shape[1], generator=gen).to(text) * text.float().std()
+    fresh_rows = (torch.randn(units, width, generator=gen) / width ** 0.5).to(text)
+    tensors["lm_head.weight"] = torch.cat([tensors["lm_head.weight"][:cfg.text_vocab_size], fresh_rows])
+    return dataclasses.replace(cfg, unit_vocab_size=units, body=dataclasses.replace(
+        cfg.body, vocab_size=cfg.text_vocab_size + units))
+
+
+def unit_language(run: Prepared, options: StageOptions) -> tuple[UnitLanguage, Path | None]:
+    """The manifest's new unit language (written into OUT/tokenizer.json), or the model's own."""
+    cfg, tokenizer = run.source.config.echo, run.source.tokenizer
+    if options.unit_vocab is None:
+        return UnitLanguage.from_tokenizer(tokenizer, cfg.text_vocab_size, cfg.unit_vocab_size), None
+    language = UnitLanguage.build([list(e.response_units) for e in run.examples], options.unit_vocab)
+    written = options.out / "tokenizer.json"
+    if run.rank == 0:
+        write_unit_tokens(tokenizer.path, written, language, cfg.text_vocab_size)
+    return language, written
+
+
+def stage2(run: Prepared, options: StageOptions) -> dict:
+    source, tokenizer = run.source, run.source.tokenizer
+    cfg = source.config.echo
+    language, tokenizer_json = unit_language(run, options)
+    tensors = source.weights.take(echo_layout(cfg), "echo decoder", torch.float32, options.device, strip=ECHO_PREFIX)
+    # The decoder's text embeddings are the LLM's own table, frozen.
+    tensors["model.embed_tokens.weight"] = source.weights.get("model.embed_tokens.weight", torch.float32, options.device)
+    if options.unit_vocab is not None:
+        cfg = resize_units(tensors, cfg, len(language.tokens), options.seed)
+    decoder = TrainableEchoDecoder(cfg, tokenizer.echo_prefixes(), tokenizer.eot, tensors, options.checkpointed)
+    decoder.aligner_mlp.requires_grad_(False)  # stage II never runs it: text embeddings fill the slots
+    pairs = [(tokenizer.tok(e.response), [cfg.text_vocab_size + k for k in language.encode(list(e.response_units))])
+             for e in run.examples]
+    params = [p for p in decoder.parameters() if p.requires_grad]
+    lengths = [len(text) + len(units) for text, units in pairs]
+    logged = train(TextToUnitStage(decoder), params, steps_of(pairs, lengths, options, run.rank, run.world),
+                   run.settings)
+    if run.rank == 0:
+        save_model(options.out / "model", source, echo_tensors(decoder), run.whisper,
+                   {"unit_vocab_size": cfg.unit_vocab_size}, tokenizer_json)
+    return {"metrics": logged, "unit_tokens": cfg.unit_vocab_size}
+
+
+# Stage III -----------------------------------------------------------------------------------------
+
+class EchoStage(nn.Module):
+    def __init__(self, speech: SpeechToText, decoder: TrainableEchoDecoder):
+        super().__init__()
+        self.speech, self.decoder = speech, decoder
+
+    def unit_logits(self, turns: list[SpeechTurn], pseudo_labels: list[list[int]]):
+        """(speech-to-text output, aligner_MLP(h_t) [B, n, H], the decoder's teacher-forced logits)."""
+        out = self.speech(turns)
+        denoised = self.decoder.aligner_mlp(out.hidden)
+        lengths = out.text_mask.sum(1).tolist()
+        units = self.decoder([denoised[b, :n] for b, n in enumerate(lengths)], pseudo_labels)
+        return out, denoised, units
+
+    def forward(self, batch: list[tuple[SpeechTurn, list[int]]]) -> dict[str, torch.Tensor]:
+        out, denoised, units = self.unit_logits([t for t, _ in batch], [p for _, p in batch])
+        s2t = speech_to_text_loss(out.cross_entropy, out.ctc)
+        echo = sequence_cross_entropy(units.logits, units.targets, units.mask)
+        denoising = denoising_loss(denoised, self.decoder.text_embeddings[out.text_ids], out.text_mask)
+        # lambda and the total's branch are values of the whole global batch (the same on every process).
+        weight = echo_lambda(global_mean(echo), global_mean(denoising))
+        t2u = text_to_unit_loss(echo, denoising, weight)
+        loss = total_loss(s2t, t2u, branch_value=global_mean(s2t))
+        return {"loss": loss, "s2t": s2t, "cross_entropy": out.cross_entropy, "ctc": out.ctc, "echo": echo,
+                "denoising": denoising, "lambda": weight, "t2u": t2u}
+
+
+@torch.no_grad()
+def pseudo_labels(source: ModelFolder, examples: list[Example], options: StageOptions) -> list[list[int]]:
+    """The frozen stage-II decoder's greedy unit tokens for each response text (SPEC §7 prompt)."""
+    frozen = load_echo_decoder(source, torch.float32, options.device)
+    tokenizer = source.tokenizer
+    labels = []
+    for example in examples:
+        text = torch.tensor(tokenizer.tok(example.response), device=options.device)
+        prompt = frozen.embed(torch.cat([frozen.text_prefix, text, frozen.unit_prefix]))  # [L, h]
+        labels.append(list(frozen.generate_from_prompt(prompt, options.max_units)))
+    return labels
+
+
+@torch.no_grad()
+def heldout_accuracy(stage: EchoStage, turns: list[SpeechTurn], labels: list[list[int]]) -> float:
+    return unit_accuracy(stage.unit_logits(turns, labels)[2])
+
+
+def stage3(run: Prepared, options: StageOptions) -> dict:
+    source = run.source
+    speech, turns, params = speech_model(run, options)
+    labels = pseudo_labels(source, run.examples, options)
+    tensors = source.weights.take(echo_layout(source.config.echo), "echo decoder", torch.float32, options.device,
+                                  strip=ECHO_PREFIX)
+    tokenizer = source.tokenizer
+    decoder = TrainableEchoDecoder(source.config.echo, tokenizer.echo_prefixes(), tokenizer.eot, tensors,
+                                   options.checkpointed)
+    stage = EchoStage(speech, decoder)
+    heldout = None
+    if options.heldout is not None and run.rank == 0:
+        held = read_manifest(options.heldout)
+        heldout = (prepare_turns(held, tokenizer, load_whisper(run.whisper, torch.float32, options.device)),
+                   pseudo_labels(source, held, options))
+    before = heldout_accuracy(stage, *heldout) if heldout else None
+    lengths = [len(t.response) + len(p) for t, p in zip(turns, labels)]
+    logged = train(stage, params + list(decoder.parameters()),
+                   steps_of(list(zip(turns, labels)), lengths, options, run.rank, run.world), run.settings)
+    result = {"metrics": logged}
+    if heldout:
+        result |= {"heldout_accuracy_before": before, "heldout_accuracy_after": heldout_accuracy(stage, *heldout)}
+        print(f"held-out teacher-forced unit-token accuracy: {before:.3f} before stage III, "
+              f"{result['heldout_accuracy_after']:.3f} after")
+        (options.out / "heldout_accuracy.json").write_text(json.dumps(
+            {k: v for k, v in result.items() if k != "metrics"}, indent=2) + "\n")
+    if run.rank == 0:
+        trained = llm_tensors(speech.lm) | adapter_tensors(speech.adapter, source) | echo_tensors(decoder)
+        save_model(options.out / "model", source, trained, run.whisper)
+    return result
+
+
+STAGES = {"stage1": stage1, "stage2": stage2, "stage3": stage3}
+
+
+def run_stage(name: str, options: StageOptions) -> dict:
+    """Train one stage; return its logged metrics (and stage-specific results)."""
+    result = STAGES[name](prepare(name, options), options)
+    print(f"{name}: wrote {options.out / 'model'}")
+    return result

@@ -1,4 +1,9 @@
-"""The `echox` command. Every user mistake ends in one line on stderr and exit status 2."""
+"""The `echox` command. Every user mistake ends in one line on stderr and exit status 2.
+
+Everything a command needs from the user (output paths writable, input audio readable and sane,
+the question's text) is checked before any model is loaded, and outputs are written atomically
+(outputs.py): a failed or interrupted run never leaves half a file or loses the user's own.
+"""
 
 import argparse
 import sys
@@ -6,6 +11,7 @@ import warnings
 from pathlib import Path
 
 from .errors import EchoXError
+from .outputs import atomic_file, check_output_file, check_output_folder
 
 
 def _human_bytes(n: int) -> str:
@@ -32,7 +38,7 @@ def _list_files(folder: Path) -> None:
 
 def cmd_info(args) -> None:
     """What a model folder holds, what it lacks, its sizes and dtype."""
-    from .checkpoint import open_model_folder, resolve_vocoder, resolve_whisper
+    from .checkpoint import open_model_folder, resolve_whisper
     folder = Path(args.model)
     if not folder.is_dir():
         raise EchoXError(f"{folder}: model folder not found")
@@ -47,28 +53,40 @@ def cmd_info(args) -> None:
           f"{'tied' if llm.tie_word_embeddings else 'separate'} output head")
     print(f"echo decoder   unit_model={cfg.unit_model!r}: {body.num_layers} layers x {body.hidden_size}, "
           f"{body.num_heads} heads / {body.num_kv_heads} kv, {cfg.echo.unit_vocab_size} unit tokens")
-    for name, resolve in (("whisper", resolve_whisper), ("vocoder", resolve_vocoder)):
-        try:
-            print(f"{name:<14} {resolve(model, None)}")
-        except EchoXError as e:
-            print(f"{name:<14} MISSING: {e}")
+    try:
+        print(f"{'whisper':<14} {resolve_whisper(model, None)}")
+    except EchoXError as e:
+        print(f"{'whisper':<14} MISSING: {e}")
+    _describe_vocoder(model)
+
+
+def _describe_vocoder(model) -> None:
+    """Where the vocoder is, once its weights have loaded: a file named g_* is not yet a vocoder."""
+    from .checkpoint import resolve_vocoder
+    from .vocoder import find_vocoder_weights, load_vocoder
+    try:
+        folder = resolve_vocoder(model, None)
+    except EchoXError as e:
+        print(f"{'vocoder':<14} MISSING: {e}")
+        return
+    try:
+        voice = load_vocoder(folder)
+    except EchoXError as e:
+        print(f"{'vocoder':<14} UNUSABLE: {e}")
+        return
+    print(f"{'vocoder':<14} {find_vocoder_weights(folder)} ({voice.cfg.num_embeddings} units, "
+          f"{sum(p.numel() for p in voice.parameters()) / 1e6:.1f} M parameters)")
 
 
 def cmd_tiny(args) -> None:
     """Write the tiny random checkpoint (tests and the demo use the same generator)."""
     from .tiny import write_tiny_checkpoint
     out = Path(args.out)
+    check_output_folder(out, "the tiny checkpoint")
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise EchoXError(f"{out}: exists and is not empty (pass --overwrite to replace its tiny model)")
     model_dir = write_tiny_checkpoint(out, seed=args.seed)
     print(f"wrote {model_dir} (random weights: its text is gibberish and its speech is noise)")
-
-
-def _check_output(path: Path, overwrite: bool):
-    if path.exists() and not overwrite:
-        raise EchoXError(f"{path}: already exists (pass --overwrite to replace it)")
-    if not path.parent.exists():
-        raise EchoXError(f"{path.parent}: folder does not exist")
 
 
 def _sampling(args):
@@ -78,8 +96,24 @@ def _sampling(args):
     return SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
 
 
+def _keep_spoken_audio(chunks: list, output: Path, overwrite: bool):
+    """After Ctrl-C: write the audio spoken so far (if any) and say where it went."""
+    import torch
+
+    from .audio import write_wav
+    print()
+    if not chunks:
+        print("echox: interrupted before any audio was spoken; nothing written", file=sys.stderr)
+        return
+    wave = torch.cat(chunks)
+    write_wav(output, wave, overwrite=overwrite)
+    print(f"echox: interrupted; the {wave.numel() / 16000:.2f} s of audio spoken so far are in {output}",
+          file=sys.stderr)
+
+
 def _speak(session, audio, text: str | None, output: Path, overwrite: bool, trace: Path | None) -> dict:
-    """Run one turn, streaming its text to the terminal; write the answer's audio (and trace)."""
+    """Run one turn, streaming its text to the terminal; write the answer's audio (and trace).
+    Ctrl-C keeps what was already spoken in `output`, then ends the command (exit 130)."""
     import json
 
     import torch
@@ -87,18 +121,23 @@ def _speak(session, audio, text: str | None, output: Path, overwrite: bool, trac
     from .audio import write_wav
     from .engine import AudioChunk, TextDelta, TurnDone
     chunks, done = [], None
-    for event in session.respond(audio=audio, text=text):
-        if isinstance(event, TextDelta):
-            print(event.text, end="", flush=True)
-        elif isinstance(event, AudioChunk):
-            chunks.append(event.samples)
-        elif isinstance(event, TurnDone):
-            done = event
+    try:
+        for event in session.respond(audio=audio, text=text):
+            if isinstance(event, TextDelta):
+                print(event.text, end="", flush=True)
+            elif isinstance(event, AudioChunk):
+                chunks.append(event.samples)
+            elif isinstance(event, TurnDone):
+                done = event
+    except KeyboardInterrupt:
+        _keep_spoken_audio(chunks, output, overwrite)
+        raise
     print()
     wave = torch.cat(chunks) if chunks else torch.zeros(0)
     write_wav(output, wave, overwrite=overwrite)
     if trace is not None:
-        trace.write_text(json.dumps(done.trace, indent=1) + "\n")
+        with atomic_file(trace) as temporary:
+            temporary.write_text(json.dumps(done.trace, indent=1) + "\n")
     timings = done.trace["timings_ms"]
     seconds = wave.numel() / 16000
     tokens = len(done.trace["tokens"])
@@ -114,12 +153,18 @@ def _speak(session, audio, text: str | None, output: Path, overwrite: bool, trac
 def cmd_chat(args) -> None:
     """One spoken (or written) turn with a real or tiny checkpoint."""
     from . import engine as echox_engine
-    output = Path(args.output)
-    _check_output(output, args.overwrite)
-    if args.trace:
-        _check_output(Path(args.trace), args.overwrite)
-    if args.input is None and not args.text:
+    from .audio import speech_input
+    from .tokenizer import user_text
+    output, trace = Path(args.output), Path(args.trace) if args.trace else None
+    check_output_file(output, args.overwrite, "--output")
+    if trace is not None:
+        if trace.resolve() == output.resolve():
+            raise EchoXError(f"{trace}: --trace and --output name the same file; give the trace its own path")
+        check_output_file(trace, args.overwrite, "--trace")
+    text = user_text(args.text, "--text")
+    if args.input is None and not text:
         raise EchoXError("give --input IN.wav, --text STR, or both")
+    speech = None if args.input is None else speech_input(Path(args.input))  # read and checked before loading
     sampling = _sampling(args)
     engine = echox_engine.load(args.model, whisper=args.whisper, vocoder=args.vocoder, device=args.device,
                                dtype=args.dtype, cuda_graphs=not args.no_cuda_graphs)
@@ -128,7 +173,7 @@ def cmd_chat(args) -> None:
     segmenter = LOW_LATENCY_SEGMENTER if args.low_latency else RELEASED_SEGMENTER
     session = engine.session(sampling=sampling, segmenter=segmenter, max_new_tokens=args.max_new_tokens,
                              max_units=args.max_units)
-    _speak(session, args.input, args.text, output, args.overwrite, Path(args.trace) if args.trace else None)
+    _speak(session, speech, text, output, args.overwrite, trace)
 
 
 def demo_question(seconds: float = 3.0):
@@ -149,13 +194,14 @@ def cmd_demo(args) -> None:
 
     from . import engine as echox_engine
     from .sampling import GREEDY
-    from .tiny import LAYOUT_VERSION, write_tiny_checkpoint
+    from .tiny import LAYOUT_VERSION, is_complete, write_tiny_checkpoint
     output = Path(args.output)
-    _check_output(output, args.overwrite)
+    check_output_file(output, args.overwrite, "--output")
     cache = Path(os.environ.get("ECHOX_CACHE", Path.home() / ".cache" / "echox")) / f"tiny-v{LAYOUT_VERSION}"
-    model_dir = cache / "EchoX-tiny"
-    if not (model_dir / "config.json").is_file():
+    if not is_complete(cache):  # first run, or an older run's leftovers: build it (again)
+        check_output_folder(cache, "the demo's model cache (set ECHOX_CACHE to another folder)")
         write_tiny_checkpoint(cache)
+    model_dir = cache / "EchoX-tiny"
     print(f"tiny random checkpoint: {model_dir}\n"
           "Its weights are random: the text below is gibberish and the speech is noise. The demo shows "
           "the pipeline and its timings.\n")
@@ -170,7 +216,7 @@ def cmd_convert(args) -> None:
     """fairseq vocoder checkpoint (g_* + vocoder_config.json) -> folded safetensors."""
     from .vocoder import convert_fairseq_vocoder
     out = Path(args.output)
-    _check_output(out, args.overwrite)
+    check_output_file(out, args.overwrite, "the converted vocoder")
     convert_fairseq_vocoder(Path(args.vocoder), out, overwrite=args.overwrite)
     print(f"wrote {out}")
 

@@ -35,7 +35,7 @@ def check_output_file(path: Path, overwrite: bool, what: str):
     if path.is_dir():
         raise EchoXError(f"{path}: is a folder; {what} needs a file name")
     if path.exists() and not overwrite:
-        raise EchoXError(f"{path}: already exists (pass --overwrite to replace it)")
+        raise EchoXError(f"{path}: already exists (allow overwriting, --overwrite, to replace it)")
     check_writable_folder(path.parent, what)
 
 

@@ -6,7 +6,9 @@
                      the vocoder g_00500000 (fairseq-style pickle) and vocoder_config.json
   root/whisper-tiny/ config.json, model.safetensors (Hugging Face key names, `model.` prefix)
 The weights are random, so the model's text is gibberish and its speech is noise; every name,
-shape, file and quirk is the released one. The tokenizer is byte-level BPE over the 256 bytes
+shape, file and quirk is the released one. Each folder is written under a temporary name and
+renamed into place once complete, so an interrupted run (Ctrl-C in the first `echox demo`)
+never leaves a partial model where a later run looks; `is_complete` checks a cached one. The tokenizer is byte-level BPE over the 256 bytes
 (no merges), then the Llama-3 special tokens, `<audio_patch>`, and unit-language tokens.
 """
 
@@ -25,12 +27,17 @@ from .config import AUDIO_PATCH_TOKEN, EchoXConfig, VocoderConfig, WhisperConfig
 from .echo import echo_layout
 from .llama import lm_layout
 from .tokenizer import BOS, END_HEADER, EOT, LLAMA3_BOS_ID, START_HEADER
+from .outputs import atomic_folder
 from .vocoder import fairseq_layout
-from .weights import Layout, save_sharded
+from .weights import INDEX_NAME, Layout, save_sharded
 from .whisper import whisper_layout
 
 # Bumped whenever the generated files change, so a cached tiny model of an older layout is not reused.
 LAYOUT_VERSION = 2
+MODEL_FOLDER, WHISPER_FOLDER = "EchoX-tiny", "whisper-tiny"
+MODEL_FILES = ("config.json", "generation_config.json", INDEX_NAME, "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "g_00500000", "vocoder_config.json")
+WHISPER_FILES = ("config.json", "model.safetensors")
 LLAMA3_SPECIAL_COUNT = 256  # ids 128000..128255 in the released vocabulary
 LLAMA3_SPECIALS = [BOS, "<|end_of_text|>", START_HEADER, END_HEADER, "<|eom_id|>", EOT]
 EMBEDDING_TABLES = ("embed_tokens.weight", "unit_embedding.weight", "dict.weight", "embed_positions.weight",
@@ -157,16 +164,11 @@ def _write_whisper(folder: Path, cfg: WhisperConfig, gen: torch.Generator):
         "decoder_ffn_dim": cfg.ffn_dim, "activation_function": "gelu"})
 
 
-def write_tiny_checkpoint(root: Path | str, spec: TinySpec = TinySpec(), seed: int = 0) -> Path:
-    """Write the tiny model under `root` and return the EchoX model folder."""
-    root = Path(root)
-    gen = torch.Generator().manual_seed(seed)
+def _write_model(model_dir: Path, spec: TinySpec, gen: torch.Generator):
     tokenizer = tiny_tokenizer(random_unit_tokens(spec.unit_vocab_size, gen))
     text_vocab = tokenizer.token_to_id(AUDIO_PATCH_TOKEN) + 1
     units = tokenizer.get_vocab_size() - text_vocab
     raw = _llm_config_json(spec, text_vocab) | {"unit_vocab_size": units}
-    model_dir = root / "EchoX-tiny"
-    model_dir.mkdir(parents=True, exist_ok=True)
     # The released aligner MLP is as wide as the LLM's feed-forward layer.
     config = EchoXConfig.parse(raw, model_dir / "config.json", blank_id=text_vocab - 1,
                                aligner_intermediate=spec.intermediate_size, whisper_dim=spec.whisper.d_model)
@@ -179,5 +181,27 @@ def write_tiny_checkpoint(root: Path | str, spec: TinySpec = TinySpec(), seed: i
     _write_tokenizer(model_dir, tokenizer)
     torch.save({"generator": random_tensors(fairseq_layout(spec.vocoder), gen)}, model_dir / "g_00500000")
     _write_json(model_dir / "vocoder_config.json", spec.vocoder.to_json())
-    _write_whisper(root / "whisper-tiny", spec.whisper, gen)
-    return model_dir
+
+
+def write_tiny_checkpoint(root: Path | str, spec: TinySpec = TinySpec(), seed: int = 0) -> Path:
+    """Write the tiny model under `root` (replacing an older one) and return the EchoX model folder."""
+    root = Path(root)
+    gen = torch.Generator().manual_seed(seed)
+    with atomic_folder(root / MODEL_FOLDER) as model_dir:
+        _write_model(model_dir, spec, gen)
+    with atomic_folder(root / WHISPER_FOLDER) as whisper_dir:
+        _write_whisper(whisper_dir, spec.whisper, gen)
+    return root / MODEL_FOLDER
+
+
+def is_complete(root: Path) -> bool:
+    """Whether `root` holds every file of a tiny checkpoint, each shard its index names included."""
+    model, whisper = root / MODEL_FOLDER, root / WHISPER_FOLDER
+    files = [model / name for name in MODEL_FILES] + [whisper / name for name in WHISPER_FILES]
+    if not all(f.is_file() and f.stat().st_size > 0 for f in files):
+        return False
+    try:
+        shards = set(json.loads((model / INDEX_NAME).read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return all((model / shard).is_file() for shard in shards)

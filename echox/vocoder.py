@@ -20,6 +20,7 @@ from torch import nn
 
 from .config import VocoderConfig
 from .errors import EchoXError
+from .outputs import atomic_file, check_output_file, check_output_folder
 from .weights import Checkpoint, Layout
 
 STAGE_SLOPE = 0.1  # leaky relu slope inside the generator (fairseq LRELU_SLOPE)
@@ -329,11 +330,13 @@ def load_vocoder(folder: Path | str, dtype: torch.dtype = torch.float32,
 def convert_fairseq_vocoder(src_folder: Path | str, out_file: Path | str, overwrite: bool = False) -> Path:
     """Write the folded fp32 weights of `src_folder`'s `g_*` as safetensors at `out_file`.
 
-    A folder holding that file and the same vocoder_config.json loads to identical weights.
+    A folder holding that file and the same vocoder_config.json loads to identical weights. The
+    output is checked writable before any work and written atomically (see outputs.py).
     """
     src_folder, out_file = Path(src_folder), Path(out_file)
-    if out_file.exists() and not overwrite:
-        raise EchoXError(f"{out_file}: already exists (pass overwrite=True to replace it)")
+    check_output_folder(out_file.parent, "the converted vocoder")
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    check_output_file(out_file, overwrite, "the converted vocoder")
     if not src_folder.is_dir():
         raise EchoXError(f"{src_folder}: vocoder folder not found")
     cfg = VocoderConfig.from_dir(src_folder)
@@ -341,6 +344,6 @@ def convert_fairseq_vocoder(src_folder: Path | str, out_file: Path | str, overwr
     if pickle is None:
         raise EchoXError(f"{src_folder}: no fairseq g_* vocoder checkpoint to convert")
     folded = fold_fairseq_weights(_read_fairseq(pickle, cfg))
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in folded.items()}, str(out_file), metadata={"format": "pt"})
+    with atomic_file(out_file) as temporary:
+        save_file({k: v.contiguous() for k, v in folded.items()}, str(temporary), metadata={"format": "pt"})
     return out_file

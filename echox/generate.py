@@ -9,6 +9,12 @@ Each decoding step yields the token t, the final-norm hidden state h_t that chos
 s_t = cos(h_t, lm_head row of "."), the score the segmenter uses. The step itself has no host
 sync; the loop reads one small tensor per token back (token id and score) to stream text, and
 queues the next step before it waits for that read, so the device never idles on the host.
+
+The KV cache holds `max_len` positions for the whole conversation (system prompt, every turn,
+every speech row, every answer). A prompt that does not fit is refused before the prefill runs
+(`require_room`, which a caller may also ask earlier, before encoding speech); an answer that
+reaches the end of the cache stops with an error naming the limit, as no position is left for
+its next token.
 """
 
 from dataclasses import dataclass
@@ -84,16 +90,20 @@ class TextDecoder:
 
         The engine runs one turn at a time: a turn points the LLM's layers at this conversation's
         cache here, and decodes with it until the turn ends."""
+        self.require_room(len(slots))
         self.lm.body.use_state(self.state)
-        if len(slots) > self.max_len:
-            raise EchoXError(f"the conversation needs {len(slots)} positions but the KV cache holds "
-                             f"{self.max_len}; start a new session or raise max_len")
         start = min(common_prefix(self.cached, slots), len(slots) - 1)
         x, valid = self.embed(slots[start:], speech)
         positions = torch.arange(start, len(slots), device=self.device)[None]
         hidden = self.lm(x, positions, valid, kv_len=len(slots))[:, -1]
         self.cached = list(slots)
         return hidden
+
+    def require_room(self, positions: int):
+        """Refuse a prompt of `positions` slots that this conversation's KV cache cannot hold."""
+        if positions > self.max_len:
+            raise EchoXError(f"the conversation needs {positions} positions but its KV cache holds {self.max_len} "
+                             f"(max_len): reset the session or start a new one, or create it with a larger max_len")
 
     def decode_step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """token [1] int64 at position [1] -> hidden [1, H]. Static shapes, no host sync."""
@@ -166,7 +176,8 @@ class TextDecoder:
             yield Token(int(token_id), kept, score_value)
             if ahead is None:
                 if n + 1 < max_new_tokens:
-                    raise EchoXError(f"the answer reached the KV cache size {self.max_len}; raise max_len")
+                    raise EchoXError(f"the answer reached the KV cache size {self.max_len} (max_len) after "
+                                     f"{n + 1} tokens: reset the session or start a new one, or raise max_len")
                 return
             self.cached.append(int(token_id))  # its keys went into the cache with the step queued above
             kept, token, score = ahead

@@ -81,3 +81,13 @@ def test_cache_overflow_is_a_clear_error(parts):
         run_turn(new_decoder(parts, max_len=len(slots) - 1), slots)
     with pytest.raises(EchoXError, match="reached the KV cache size"):
         run_turn(new_decoder(parts, max_len=len(slots) + 2), slots, n=10)
+
+
+@torch.no_grad()
+def test_prompt_that_cannot_fit_is_refused_before_the_prefill_runs(parts):
+    slots = parts[1].prompt([Turn("user", "x" * 40)])
+    decoder = new_decoder(parts, max_len=len(slots) - 1)
+    decoder.require_room(len(slots) - 1)  # exactly full is allowed: the first token needs no new position
+    with pytest.raises(EchoXError, match=f"needs {len(slots)} positions but its KV cache holds {len(slots) - 1}"):
+        decoder.prefill(slots, {})
+    assert decoder.cached == []  # nothing was computed into the cache

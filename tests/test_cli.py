@@ -327,3 +327,15 @@ def test_ctrl_c_keeps_the_audio_spoken_so_far(tiny_model_dir, tmp_path, monkeypa
     assert len(spoken) == 1 and "of audio spoken so far are in" in err
     assert out.stat().st_size == 44 + 2 * spoken[0].numel()
     assert [p.name for p in tmp_path.iterdir()] == ["a.wav"]  # no temporary file left
+
+
+def test_tiny_overwrite_replaces_only_the_model(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["tiny", str(out)]) == 0
+    (out / "notes.txt").write_text("mine")
+    fails_with(capsys, main(["tiny", str(out)]), "pass --overwrite")
+    before = (out / "EchoX-tiny" / "model-00001-of-00002.safetensors").read_bytes()
+    assert main(["tiny", str(out), "--seed", "1", "--overwrite"]) == 0
+    assert (out / "EchoX-tiny" / "model-00001-of-00002.safetensors").read_bytes() != before
+    assert sorted(p.name for p in out.iterdir()) == ["EchoX-tiny", "notes.txt", "whisper-tiny"]
+    assert is_complete(out)

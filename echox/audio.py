@@ -71,8 +71,8 @@ def speech_input(audio) -> torch.Tensor:
 
 def checked_rate(rate, name: str = "audio") -> int:
     """A sample rate as an int in MIN_RATE..MAX_RATE Hz; bools, strings and fractional rates are refused."""
-    if isinstance(rate, float) and rate.is_integer():
-        rate = int(rate)
+    if isinstance(rate, numbers.Real) and not isinstance(rate, numbers.Integral) and float(rate).is_integer():
+        rate = int(rate)  # 16000.0, also as a numpy float
     if isinstance(rate, bool) or not isinstance(rate, numbers.Integral):  # numpy integers are Integral
         raise EchoXError(f"{name}: the sample rate must be a whole number of Hz, got {rate!r}")
     if not MIN_RATE <= rate <= MAX_RATE:
@@ -134,8 +134,9 @@ def prepare_speech(samples: torch.Tensor, rate: int, name: str = "audio",
                    max_seconds: float | None = MAX_SECONDS) -> torch.Tensor:
     """Float samples [N] or [channels, N] at `rate` -> [N'] float32 mono at 16 kHz, cut to `max_seconds`.
 
-    The rate is checked before anything is computed from it, and only the kept part is checked for
-    non-finite or absurd values (what is cut off never reaches the model)."""
+    The rate is checked before anything is computed from it, and the samples that reach the
+    resampler (all of them, or 30 s plus the filter's reach) are checked for non-finite or absurd
+    values: one NaN there would make every output sample near it NaN."""
     rate = checked_rate(rate, name)
     if samples.numel() == 0:
         raise EchoXError(f"{name}: holds no audio samples (zero length)")

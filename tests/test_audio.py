@@ -228,6 +228,7 @@ def test_pairs_resample_and_accept_whole_rates():
     assert reference.shape == (8000,)
     assert torch.equal(speech_input((x, 8000.0)), reference)
     assert torch.equal(speech_input((x.numpy(), np.int64(8000))), reference)
+    assert torch.equal(speech_input((x, np.float32(8000))), reference)
 
 
 @pytest.mark.parametrize("rate,message", [(True, "whole number"), ("16000", "whole number"),

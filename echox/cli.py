@@ -199,7 +199,7 @@ def cmd_demo(args) -> None:
     check_output_file(output, args.overwrite, "--output")
     cache = Path(os.environ.get("ECHOX_CACHE", Path.home() / ".cache" / "echox")) / f"tiny-v{LAYOUT_VERSION}"
     if not is_complete(cache):  # first run, or an older run's leftovers: build it (again)
-        check_output_folder(cache, "the demo's model cache (set ECHOX_CACHE to another folder)")
+        check_output_folder(cache, "the demo's model cache (ECHOX_CACHE)")
         write_tiny_checkpoint(cache)
     model_dir = cache / "EchoX-tiny"
     print(f"tiny random checkpoint: {model_dir}\n"

@@ -1,0 +1,130 @@
+"""Training computes what inference computes: the same decoder outputs, the same h_t pairing, the
+same echo-decoder layout, and a saved folder that holds exactly the weights trained."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from echox.adapter import load_adapter
+from echox.audio import write_wav
+from echox.checkpoint import open_model_folder, resolve_whisper
+from echox.cli import demo_question
+from echox.config import LlamaConfig
+from echox.echo import ECHO_PREFIX, echo_layout, load_echo_decoder
+from echox.engine import load
+from echox.llama import LlamaBody, load_lm
+from echox.sampling import GREEDY
+from echox.train.echo_trainer import TrainableEchoDecoder
+from echox.train.export import adapter_tensors, echo_tensors, llm_tensors, save_model
+from echox.train.lora import LoRALinear, add_lora
+from echox.train.manifest import Example
+from echox.train.speech_to_text import SpeechToText, prepare_turns
+from echox.whisper import load_whisper
+
+CFG = LlamaConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=48,
+                  vocab_size=50, max_position_embeddings=64)
+
+
+@pytest.fixture(scope="module")
+def body():
+    torch.manual_seed(0)
+    return LlamaBody(CFG)
+
+
+def cached_prefill(body, x, key_valid):
+    """The engine's path: one sequence [T, H] written into a fresh KV cache."""
+    body.setup_cache(1, 16)
+    positions = torch.arange(len(x))[None]
+    out = body(x[None], positions, key_valid[None], kv_len=len(x))[0]
+    for layer in body.layers:
+        layer.attention.cache = None  # back to training mode
+    return out
+
+
+def test_sequence_forward_equals_cached_prefill_and_padding_never_mixes(body):
+    gen = torch.Generator().manual_seed(1)
+    short, long = torch.randn(5, 32, generator=gen), torch.randn(8, 32, generator=gen)
+    short_valid = torch.tensor([True, True, False, True, True])  # a masked (eot) key, as prompts have
+    long_valid = torch.ones(8, dtype=torch.bool)
+    x = torch.zeros(2, 8, 32)
+    x[0, :5], x[1] = short, long
+    key_valid = torch.zeros(2, 8, dtype=torch.bool)
+    key_valid[0, :5], key_valid[1] = short_valid, long_valid
+    with torch.no_grad():
+        batched = body.forward_sequences(x, key_valid)
+        checkpointed = body.forward_sequences(x, key_valid, checkpointed=True)
+        torch.testing.assert_close(batched[0, :5], cached_prefill(body, short, short_valid), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(batched[1], cached_prefill(body, long, long_valid), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(checkpointed, batched)
+
+
+def test_lora_starts_at_the_base_and_merges_only_its_targets():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(32, 64, bias=False)
+    lora = LoRALinear(base, [("q", 32), ("k", 16), ("v", 16)], {"q", "v"}, rank=4, alpha=8.0)
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(lora(x), base(x))  # B = 0 at the start
+    with torch.no_grad():
+        for up in lora.up.values():
+            up.normal_()
+    merged = lora.weight
+    torch.testing.assert_close(lora(x), x @ merged.T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(merged[32:48], base.weight[32:48])  # k rows untouched
+    assert not torch.allclose(merged[:32], base.weight[:32]) and not torch.allclose(merged[48:], base.weight[48:])
+    assert set(lora.up) == {"q", "v"} and not base.weight.requires_grad
+
+
+def test_trainable_echo_decoder_reproduces_greedy_decoding(tiny_model_dir):
+    folder = open_model_folder(tiny_model_dir)
+    engine_decoder = load_echo_decoder(folder)
+    cfg, tokenizer = folder.config.echo, folder.tokenizer
+    tensors = folder.weights.take(echo_layout(cfg), "echo decoder", torch.float32, strip=ECHO_PREFIX)
+    trainer = TrainableEchoDecoder(cfg, tokenizer.echo_prefixes(), tokenizer.eot, tensors)
+    segment = torch.randn(6, cfg.llm_hidden_size, generator=torch.Generator().manual_seed(2))
+    units = list(engine_decoder.generate(segment, max_units=12))
+    with torch.no_grad():
+        out = trainer([trainer.aligner_mlp(segment)], [units])
+    # The unit head ranks eot and the unit rows only: the trainer must pick what inference picked.
+    restricted = engine_decoder.unit_head_ids[out.logits[0][:, engine_decoder.unit_head_ids].argmax(-1)]
+    assert restricted[:len(units)].tolist() == units
+
+
+def test_hidden_states_pair_with_the_tokens_they_predict(tiny_model_dir, tmp_path):
+    """The engine answers greedily; teacher-forcing that answer, every h_t the trainer pairs with token
+    t has t as its argmax, and the speech rows are the engine adapter's."""
+    question = tmp_path / "q.wav"
+    write_wav(question, demo_question(1.0))
+    session = load(tiny_model_dir).session(sampling=GREEDY, max_new_tokens=10, max_units=4)
+    tokens = [e for e in session.respond(audio=question)][-1].trace["tokens"]
+    folder = open_model_folder(tiny_model_dir)
+    whisper = load_whisper(resolve_whisper(folder, None))
+    turn = prepare_turns([Example(1, question, "a", "b")], folder.tokenizer, whisper)[0]
+    turn = dataclasses.replace(turn, response=tuple(tokens) + (folder.tokenizer.eot,))
+    adapter = load_adapter(folder.weights, folder.config.adapter)
+    model = SpeechToText(load_lm(folder.weights, folder.config.llm, torch.float32, "cpu"), adapter, folder.tokenizer)
+    with torch.no_grad():
+        out = model([turn])
+        speech, _ = model.listen(turn.frames)
+        torch.testing.assert_close(speech, adapter(turn.frames)[0])
+        assert model.lm.lm_head(out.hidden[0]).argmax(-1).tolist() == tokens
+    assert out.text_ids[0].tolist() == tokens and out.text_mask.all()
+
+
+def test_saving_untrained_modules_rewrites_the_source_exactly(tiny_model_dir, tmp_path):
+    folder = open_model_folder(tiny_model_dir)
+    cfg, weights, tokenizer = folder.config, folder.weights, folder.tokenizer
+    lm = load_lm(weights, cfg.llm, torch.float32, "cpu")
+    add_lora(lm, {"q", "v", "down"}, rank=2, alpha=4.0)  # B = 0: merged weights equal the loaded ones
+    tensors = weights.take(echo_layout(cfg.echo), "echo decoder", torch.float32, strip=ECHO_PREFIX)
+    decoder = TrainableEchoDecoder(cfg.echo, tokenizer.echo_prefixes(), tokenizer.eot, tensors)
+    trained = llm_tensors(lm) | adapter_tensors(load_adapter(weights, cfg.adapter), folder) | echo_tensors(decoder)
+    assert set(trained) < set(weights.keys())
+    out = tmp_path / "model"
+    save_model(out, folder, trained, resolve_whisper(folder, None))
+    saved = open_model_folder(out)  # the engine's own loader accepts it
+    assert sorted(saved.weights.keys()) == sorted(weights.keys())
+    for key in weights.keys():
+        torch.testing.assert_close(saved.weights.get(key), weights.get(key), rtol=0, atol=0, msg=key)
+    assert resolve_whisper(saved, None) == resolve_whisper(folder, None)
+    assert (out / "g_00500000").read_bytes() == (tiny_model_dir / "g_00500000").read_bytes()

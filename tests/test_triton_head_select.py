@@ -3,8 +3,11 @@
 import pytest
 import torch
 
-from echox.sampling import SamplingParams, allowed_columns, select_reference
-from echox_kernels.head_select import BLOCK_R, _keep_cutoff, _Launch, head_select
+from echox.sampling import SamplingParams, allowed_columns, gumbel_noise, select_reference
+from echox_kernels import head_select as select
+from echox_kernels.head_select import _Launch, head_select, tempered_logits_and_cutoff
+
+BLOCK_R = select.MAX_BLOCK_R
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -74,7 +77,8 @@ def order_key(x: torch.Tensor) -> torch.Tensor:
 ], ids=["top-p", "released", "top-k", "top-k+top-p", "wide-top-p", "top-1"])
 def test_keep_set_is_the_reference_set(params):
     hidden, weight = make_exact_head(2, 3 * BLOCK_R + 1, 16, seed=11)
-    cutoff = _keep_cutoff(_Launch(hidden, weight, params.temperature), params)  # [B] order key
+    run = _Launch(hidden, weight, params.temperature, reciprocal=False)
+    _, cutoff = tempered_logits_and_cutoff(run, params, step_tensor(0), 0)  # [B] order key
     scaled = (hidden.float() @ weight.float().T) / params.temperature
     keep = order_key(scaled) >= cutoff[:, None]
     assert torch.equal(keep, allowed_columns(scaled, params.top_p, params.top_k))
@@ -100,6 +104,82 @@ def test_tied_columns_are_kept_or_dropped_together():
     for step in range(3):
         assert torch.equal(head_select(hidden, weight, params, step_tensor(step)),
                            reference(hidden, weight, params, step_tensor(step)))
+
+
+class WeightReads:
+    """Wraps every kernel of the module and counts the launches that are handed the head weight."""
+
+    def __init__(self, monkeypatch, weight):
+        self.weight, self.launches = weight, []
+        for name in dir(select):
+            kernel = getattr(select, name)
+            if name.endswith("_kernel"):
+                monkeypatch.setattr(select, name, self.counting(name, kernel))
+
+    def counting(self, name, kernel):
+        reads = self
+
+        class Counting:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    if any(arg is reads.weight for arg in args):
+                        reads.launches.append(name)
+                    return kernel[grid](*args, **kwargs)
+                return launch
+        return Counting()
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(), SamplingParams(temperature=0.7), SamplingParams(temperature=0.2, top_p=0.9),
+    SamplingParams(temperature=1.3, top_k=5, top_p=0.8),
+], ids=["greedy", "plain", "released", "top-k+top-p"])
+def test_the_weight_is_read_once_per_token(monkeypatch, params):
+    """The head weight is 1 GB at 8B: every extra pass over it costs ~0.3 ms per token."""
+    hidden, weight = make_exact_head(1, 3 * BLOCK_R + 5, 16, seed=4)
+    reads = WeightReads(monkeypatch, weight)
+    head_select(hidden, weight, params, step_tensor(2))
+    assert reads.launches == ["_gemv_kernel"]
+
+
+def reference_on_gpu(hidden, weight, params, step):
+    """What select_reference computes with CUDA tensors, here on the CPU: torch's CUDA division by a
+    Python scalar multiplies by the fp32 reciprocal (one rounding), then adds the noise."""
+    scaled = (hidden.float() @ weight.float().T) * reciprocal_of(params.temperature)
+    keep = allowed_columns(scaled, params.top_p, params.top_k)
+    noise = gumbel_noise(params.seed, step, *scaled.shape)
+    return (scaled + noise).masked_fill(~keep, float("-inf")).argmax(dim=-1)
+
+
+def reciprocal_of(temperature):
+    return torch.tensor(1.0) / torch.tensor(temperature, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("reciprocal", [False, True], ids=["cpu-division", "gpu-reciprocal"])
+def test_tempered_logits_round_as_torch_does_on_the_device(reciprocal):
+    """Exact logits (1/8 grid), T = 0.3: logits / T and logits * fp32(1 / T) differ in the last bit of
+    some columns, and the stored logits must be the ones torch computes on the kernel's device."""
+    params = SamplingParams(temperature=0.3, top_p=0.9)
+    hidden, weight = make_exact_head(2, 2 * BLOCK_R + 9, 24, seed=13)
+    logits = hidden @ weight.T
+    divided, multiplied = logits / params.temperature, logits * reciprocal_of(params.temperature)
+    assert not torch.equal(divided, multiplied)
+    scaled, _ = tempered_logits_and_cutoff(_Launch(hidden, weight, params.temperature, reciprocal), params,
+                                           step_tensor(0), 0)
+    assert torch.equal(scaled, multiplied if reciprocal else divided)
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.3, seed=8), SamplingParams(temperature=0.2, top_p=0.9, seed=1),
+    SamplingParams(temperature=0.6, top_k=7, seed=2), SamplingParams(temperature=0.45, top_k=12, top_p=0.7, seed=3),
+], ids=["plain", "released", "top-k", "top-k+top-p"])
+def test_gpu_rounding_draws_the_gpu_reference_token(params):
+    """Every sampling mode at temperatures other than 1, with the GPU's rounding, against the
+    reference as torch computes it on a GPU."""
+    hidden, weight = make_head(2, 2 * BLOCK_R + 9, 24, seed=13)
+    for step in (0, 5):
+        step = step_tensor(step, (1,))
+        assert torch.equal(head_select(hidden, weight, params, step, reciprocal=True),
+                           reference_on_gpu(hidden, weight, params, step))
 
 
 @pytest.mark.gpu

@@ -154,10 +154,13 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
     for (int t = 0; t < kBatchTile; ++t) {
       if (t >= nb) continue;
       const float logit = echox::group_sum<32>(acc[t]);
+      // Explicit round-to-nearest multiply, then add: the reference rounds logits / T before adding
+      // the noise, and nvcc would otherwise fuse the two into one fma (one rounding, other tokens).
       if constexpr (M == kStoreScaled) {
-        if (lane == 0) scaled[static_cast<size_t>(b0 + t) * rows + r] = logit * inv_temperature;
+        if (lane == 0) scaled[static_cast<size_t>(b0 + t) * rows + r] = __fmul_rn(logit, inv_temperature);
       } else {
-        const float v = M == kGreedy ? logit : logit * inv_temperature + gumbel(seed, step32, b0 + t, r);
+        const float v = M == kGreedy ? logit
+                                     : __fadd_rn(__fmul_rn(logit, inv_temperature), gumbel(seed, step32, b0 + t, r));
         if (v > best[t]) {  // rows rise within a warp, so a tie keeps the earlier row
           best[t] = v;
           best_row[t] = r;
@@ -361,7 +364,7 @@ __global__ void __launch_bounds__(kSelectThreads)
   int best_row = INT_MAX;
   for (int i = threadIdx.x; i < rows; i += kSelectThreads) {
     if (order_key(s[i]) < floor) continue;
-    const float v = s[i] + gumbel(seed, step32, b, i);
+    const float v = __fadd_rn(s[i], gumbel(seed, step32, b, i));
     if (v > best) {
       best = v;
       best_row = i;

@@ -125,6 +125,9 @@ SAMPLING = {
     "top-k": SamplingParams(temperature=0.8, top_k=50, seed=2),
     "top-k-p": SamplingParams(temperature=1.0, top_p=0.8, top_k=20, seed=3),
     "hot-top-p": SamplingParams(temperature=4.0, top_p=0.95, seed=4),
+    # temperatures whose reciprocal is inexact: logits / T must round as the reference rounds it
+    "cool-plain": SamplingParams(temperature=0.3, seed=5),
+    "cool-top-k-p": SamplingParams(temperature=0.7, top_p=0.85, top_k=40, seed=6),
 }
 
 

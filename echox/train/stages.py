@@ -15,8 +15,10 @@ OUT/metrics.jsonl and the resumable OUT/train_state.pt.
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -82,12 +84,25 @@ class Prepared:
     world: int
 
 
+@dataclass
+class Job:
+    """A built stage: the module the loop steps, what trains, the examples, and what gets saved."""
+
+    module: nn.Module
+    params: list[nn.Parameter]
+    items: list
+    lengths: list[int]  # per item, for bucketing
+    trained: Callable[[], dict[str, torch.Tensor]]  # released key -> tensor, read after training
+    config_updates: dict = dataclasses.field(default_factory=dict)
+    tokenizer_json: Path | None = None
+
+
 def prepare(stage: str, options: StageOptions) -> Prepared:
-    rank, world = join_process_group(options.device)
     if options.device == "cuda" and not torch.cuda.is_available():
         raise EchoXError("--device cuda was asked for, but torch sees no CUDA device")
-    if options.device == "cuda":
-        torch.cuda.set_device(rank % torch.cuda.device_count())
+    if options.device == "cuda":  # one GPU per torchrun process on each machine
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    rank, world = join_process_group(options.device)
     model_out, state = options.out / "model", options.out / "train_state.pt"
     if model_out.exists() and not (options.overwrite or options.resume):
         raise EchoXError(f"{model_out}: already exists (pass --overwrite to replace it, or --resume)")
@@ -152,14 +167,10 @@ def turn_lengths(turns: list[SpeechTurn]) -> list[int]:
     return [len(t.response) + len(t.transcript) for t in turns]
 
 
-def stage1(run: Prepared, options: StageOptions) -> dict:
+def build_stage1(run: Prepared, options: StageOptions) -> Job:
     model, turns, params = speech_model(run, options)
-    logged = train(SpeechToTextStage(model), params, steps_of(turns, turn_lengths(turns), options, run.rank, run.world),
-                   run.settings)
-    if run.rank == 0:
-        trained = llm_tensors(model.lm) | adapter_tensors(model.adapter, run.source)
-        save_model(options.out / "model", run.source, trained, run.whisper)
-    return {"metrics": logged}
+    return Job(SpeechToTextStage(model), params, turns, turn_lengths(turns),
+               lambda: llm_tensors(model.lm) | adapter_tensors(model.adapter, run.source))
 
 
 # Stage II ------------------------------------------------------------------------------------------
@@ -201,7 +212,7 @@ def unit_language(run: Prepared, options: StageOptions) -> tuple[UnitLanguage, P
     return language, written
 
 
-def stage2(run: Prepared, options: StageOptions) -> dict:
+def build_stage2(run: Prepared, options: StageOptions) -> Job:
     source, tokenizer = run.source, run.source.tokenizer
     cfg = source.config.echo
     language, tokenizer_json = unit_language(run, options)
@@ -214,14 +225,9 @@ def stage2(run: Prepared, options: StageOptions) -> dict:
     decoder.aligner_mlp.requires_grad_(False)  # stage II never runs it: text embeddings fill the slots
     pairs = [(tokenizer.tok(e.response), [cfg.text_vocab_size + k for k in language.encode(list(e.response_units))])
              for e in run.examples]
-    params = [p for p in decoder.parameters() if p.requires_grad]
     lengths = [len(text) + len(units) for text, units in pairs]
-    logged = train(TextToUnitStage(decoder), params, steps_of(pairs, lengths, options, run.rank, run.world),
-                   run.settings)
-    if run.rank == 0:
-        save_model(options.out / "model", source, echo_tensors(decoder), run.whisper,
-                   {"unit_vocab_size": cfg.unit_vocab_size}, tokenizer_json)
-    return {"metrics": logged, "unit_tokens": cfg.unit_vocab_size}
+    return Job(TextToUnitStage(decoder), [p for p in decoder.parameters() if p.requires_grad], pairs, lengths,
+               lambda: echo_tensors(decoder), {"unit_vocab_size": cfg.unit_vocab_size}, tokenizer_json)
 
 
 # Stage III -----------------------------------------------------------------------------------------
@@ -270,43 +276,50 @@ def heldout_accuracy(stage: EchoStage, turns: list[SpeechTurn], labels: list[lis
     return unit_accuracy(stage.unit_logits(turns, labels)[2])
 
 
-def stage3(run: Prepared, options: StageOptions) -> dict:
-    source = run.source
+def build_stage3(run: Prepared, options: StageOptions) -> Job:
+    source, tokenizer = run.source, run.source.tokenizer
     speech, turns, params = speech_model(run, options)
     labels = pseudo_labels(source, run.examples, options)
     tensors = source.weights.take(echo_layout(source.config.echo), "echo decoder", torch.float32, options.device,
                                   strip=ECHO_PREFIX)
-    tokenizer = source.tokenizer
     decoder = TrainableEchoDecoder(source.config.echo, tokenizer.echo_prefixes(), tokenizer.eot, tensors,
                                    options.checkpointed)
-    stage = EchoStage(speech, decoder)
-    heldout = None
-    if options.heldout is not None and run.rank == 0:
-        held = read_manifest(options.heldout)
-        heldout = (prepare_turns(held, tokenizer, load_whisper(run.whisper, torch.float32, options.device)),
-                   pseudo_labels(source, held, options))
-    before = heldout_accuracy(stage, *heldout) if heldout else None
     lengths = [len(t.response) + len(p) for t, p in zip(turns, labels)]
-    logged = train(stage, params + list(decoder.parameters()),
-                   steps_of(list(zip(turns, labels)), lengths, options, run.rank, run.world), run.settings)
-    result = {"metrics": logged}
-    if heldout:
-        result |= {"heldout_accuracy_before": before, "heldout_accuracy_after": heldout_accuracy(stage, *heldout)}
-        print(f"held-out teacher-forced unit-token accuracy: {before:.3f} before stage III, "
-              f"{result['heldout_accuracy_after']:.3f} after")
-        (options.out / "heldout_accuracy.json").write_text(json.dumps(
-            {k: v for k, v in result.items() if k != "metrics"}, indent=2) + "\n")
-    if run.rank == 0:
-        trained = llm_tensors(speech.lm) | adapter_tensors(speech.adapter, source) | echo_tensors(decoder)
-        save_model(options.out / "model", source, trained, run.whisper)
-    return result
+    return Job(EchoStage(speech, decoder), params + list(decoder.parameters()), list(zip(turns, labels)), lengths,
+               lambda: llm_tensors(speech.lm) | adapter_tensors(speech.adapter, source) | echo_tensors(decoder))
 
 
-STAGES = {"stage1": stage1, "stage2": stage2, "stage3": stage3}
+def heldout_set(run: Prepared, options: StageOptions) -> tuple[list[SpeechTurn], list[list[int]]]:
+    """The held-out manifest's turns and their pseudo-labels, from the same frozen decoder."""
+    held = read_manifest(options.heldout)
+    whisper = load_whisper(run.whisper, torch.float32, options.device)
+    return prepare_turns(held, run.source.tokenizer, whisper), pseudo_labels(run.source, held, options)
+
+
+# Running a stage -----------------------------------------------------------------------------------
+
+BUILDERS = {"stage1": build_stage1, "stage2": build_stage2, "stage3": build_stage3}
 
 
 def run_stage(name: str, options: StageOptions) -> dict:
-    """Train one stage; return its logged metrics (and stage-specific results)."""
-    result = STAGES[name](prepare(name, options), options)
-    print(f"{name}: wrote {options.out / 'model'}")
+    """Train one stage and save its model; return the logged metrics (and, for stage III with
+    --heldout, the teacher-forced unit accuracy before and after)."""
+    run = prepare(name, options)
+    job = BUILDERS[name](run, options)
+    heldout = heldout_set(run, options) if name == "stage3" and options.heldout and run.rank == 0 else None
+    result = {}
+    if heldout:
+        result["heldout_accuracy_before"] = heldout_accuracy(job.module, *heldout)
+    result["metrics"] = train(job.module, job.params, steps_of(job.items, job.lengths, options, run.rank, run.world),
+                              run.settings)
+    if heldout:
+        result["heldout_accuracy_after"] = heldout_accuracy(job.module, *heldout)
+        accuracy = {k: v for k, v in result.items() if k != "metrics"}
+        (options.out / "heldout_accuracy.json").write_text(json.dumps(accuracy, indent=2) + "\n")
+        print(f"held-out teacher-forced unit-token accuracy: {accuracy['heldout_accuracy_before']:.3f} before "
+              f"stage III, {accuracy['heldout_accuracy_after']:.3f} after")
+    if run.rank == 0:
+        save_model(options.out / "model", run.source, job.trained(), run.whisper, job.config_updates,
+                   job.tokenizer_json)
+        print(f"{name}: wrote {options.out / 'model'}")
     return result

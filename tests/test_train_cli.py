@@ -1,0 +1,68 @@
+"""`echox train stageN`: one error line for user mistakes, nothing of theirs overwritten, and a
+resumed run that ends exactly where an uninterrupted one does."""
+
+import json
+
+import pytest
+import torch
+
+from echox.audio import write_wav
+from echox.checkpoint import open_model_folder
+from echox.cli import demo_question, main
+from echox.echo import EchoVocabulary
+from echox.train.manifest import write_manifest
+from echox.weights import Checkpoint
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("units")
+    write_wav(folder / "q.wav", demo_question(0.5))
+    records = [{"audio": "q.wav", "transcript": "hi", "response": f"answer {i}.",
+                "response_units": [(7 * i + 3 * j) % 20 for j in range(12)]} for i in range(4)]
+    write_manifest(folder / "train.jsonl", records)
+    return folder / "train.jsonl"
+
+
+def stage2(model, manifest, out, *extra):
+    return main(["train", "stage2", "--manifest", str(manifest), "--model", str(model), "--out", str(out),
+                 "--batch-size", "2", "--unit-vocab", "30", *extra])
+
+
+def fails_with(capsys, code, pattern):
+    err = capsys.readouterr().err
+    assert code == 2 and pattern in err, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("echox: error:"), err  # one line, no traceback
+
+
+def test_a_bad_manifest_line_is_named(tiny_model_dir, manifest, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(manifest.read_text() + '{"audio": "q.wav", "transcript": "x"}\n')
+    (tmp_path / "q.wav").write_bytes((manifest.parent / "q.wav").read_bytes())
+    fails_with(capsys, stage2(tiny_model_dir, bad, tmp_path / "out"), "bad.jsonl:5: field 'response'")
+
+
+def test_an_existing_model_is_not_overwritten(tiny_model_dir, manifest, tmp_path, capsys):
+    (tmp_path / "out" / "model").mkdir(parents=True)
+    (tmp_path / "out" / "model" / "mine.txt").write_text("keep")
+    fails_with(capsys, stage2(tiny_model_dir, manifest, tmp_path / "out"), "already exists")
+    assert (tmp_path / "out" / "model" / "mine.txt").read_text() == "keep"
+
+
+def test_resuming_ends_where_an_uninterrupted_run_ends(tiny_model_dir, manifest, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert stage2(tiny_model_dir, manifest, straight, "--steps", "4") == 0
+    assert stage2(tiny_model_dir, manifest, resumed, "--steps", "2") == 0
+    assert stage2(tiny_model_dir, manifest, resumed, "--steps", "4", "--resume") == 0
+    a, b = Checkpoint(straight / "model"), Checkpoint(resumed / "model")
+    for key in a.keys():
+        torch.testing.assert_close(a.get(key), b.get(key), rtol=0, atol=0, msg=key)
+    lines = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3, 4]
+    assert (resumed / "metrics.jsonl").read_text().splitlines() == (straight / "metrics.jsonl").read_text().splitlines()
+    # The new unit language is in the saved tokenizer and config, and the engine reads it back.
+    folder = open_model_folder(straight / "model")
+    units = EchoVocabulary.from_tokenizer(folder.tokenizer, folder.config.echo).units
+    assert len(units) == folder.config.echo.unit_vocab_size <= 30
+    spoken = {u for line in manifest.read_text().splitlines() for u in json.loads(line)["response_units"]}
+    assert {u for token in units for u in token} == spoken

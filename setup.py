@@ -71,7 +71,7 @@ setup(
     name="echox",
     version="0.1.0",
     description="A compact, fast, from-scratch engine for the EchoX speech-to-speech LLM",
-    packages=["echox", "echox_kernels"],
+    packages=["echox", "echox.train", "echox_kernels"],
     package_dir={"echox": "echox", "echox_kernels": "kernels"},
     python_requires=">=3.10",
     install_requires=["torch", "safetensors", "tokenizers", "numpy"],
@@ -79,6 +79,7 @@ setup(
         "triton": ["triton"],
         "test": ["pytest", "pytest-benchmark", "transformers", "triton"],
         "audio": ["soundfile"],
+        "train": ["matplotlib"],  # the loss plot (bench/plot_training.py); training itself needs only torch
     },
     entry_points={"console_scripts": ["echox = echox.cli:main"]},
     ext_modules=ext_modules,

@@ -80,10 +80,11 @@ def compile_cases() -> dict:
             cases[f"attention-split-{dtype}-g{group}-d{dim}"] = (
                 attention._split_partials_kernel,
                 {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "lengths_ptr": "*i64",
-                 "key_valid_ptr": "*i1", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", "part_acc_ptr": "*fp32"},
+                 "key_valid_ptr": "*i1", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", "part_acc_ptr": "*fp32",
+                 "out_ptr": f"*{dtype}"},
                 ("scale_log2",),
                 {"GROUP": group, "HEAD_DIM": dim, "BLOCK_G": 16, "BLOCK_N": attention.BLOCK_N,
-                 "DOT_PRECISION": "tf32"})
+                 "DOT_PRECISION": "tf32", "SINGLE_SPLIT": False})
         cases[f"attention-combine-{dtype}"] = (
             attention._combine_splits_kernel,
             {"part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", "part_acc_ptr": "*fp32", "lengths_ptr": "*i64",

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from echox.attention import decode_attention_reference
-from echox_kernels.decode_attention import BLOCK_N, decode_attention, split_plan
+from echox_kernels.decode_attention import BLOCK_N, MIN_TILES_PER_SPLIT, decode_attention, split_plan
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -27,8 +27,24 @@ def make_inputs(q_heads, kv_heads, dim, cache_len, lengths, dtype, seed=0):
 
 @pytest.mark.parametrize("q_heads,kv_heads,dim", HEAD_SHAPES)
 def test_matches_reference_fp32(q_heads, kv_heads, dim):
-    cache_len = 3 * BLOCK_N + 8  # several splits and a ragged last tile
+    cache_len = 2 * MIN_TILES_PER_SPLIT * BLOCK_N + 8  # two splits and a ragged last tile
+    assert split_plan(3, kv_heads, cache_len)[0] == 2
     args = make_inputs(q_heads, kv_heads, dim, cache_len, [cache_len, 70, 1], torch.float32)
+    torch.testing.assert_close(decode_attention(*args), decode_attention_reference(*args), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("q_heads,kv_heads,dim", [(4, 2, 16), (12, 12, 64)])
+def test_single_split_writes_the_output_itself(q_heads, kv_heads, dim):
+    cache_len = 3 * BLOCK_N + 8
+    assert split_plan(2, kv_heads, cache_len)[0] == 1
+    args = make_inputs(q_heads, kv_heads, dim, cache_len, [cache_len, 70], torch.float32, seed=4)
+    torch.testing.assert_close(decode_attention(*args), decode_attention_reference(*args), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cache_len", [3 * BLOCK_N + 8, 2 * MIN_TILES_PER_SPLIT * BLOCK_N + 8], ids=["one-split", "splits"])
+def test_lengths_past_the_cache_are_clamped(cache_len):
+    """A length beyond the cache (a caller's off-by-one) reads the whole cache and nothing past it."""
+    args = make_inputs(4, 2, 16, cache_len, [cache_len + 100, 2 ** 31 - 1], torch.float32, seed=5)
     torch.testing.assert_close(decode_attention(*args), decode_attention_reference(*args), atol=1e-4, rtol=1e-4)
 
 
@@ -55,6 +71,20 @@ def test_split_plan_covers_the_cache_from_shapes_only():
         num_splits, split_len = split_plan(batch, kv_heads, cache_len)
         assert split_len % BLOCK_N == 0
         assert (num_splits - 1) * split_len < cache_len <= num_splits * split_len
+
+
+@pytest.mark.parametrize("sms", [132, 78])  # H100 / H200 SXM, and a smaller part
+def test_split_plan_pipelines_each_split_and_keeps_partials_small(sms):
+    """EchoX-8B at a 4096-key cache: each split runs >= MIN_TILES_PER_SPLIT key tiles (one 64-key
+    tile per split left the pipeline idle and made the partials 13% of the K/V traffic), the grid
+    still has at least one program per SM where the cache allows, and the partials stay under 5%."""
+    batch, q_heads, kv_heads, dim, cache_len = 1, 32, 8, 128, 4096
+    num_splits, split_len = split_plan(batch, kv_heads, cache_len, sms)
+    assert split_len >= MIN_TILES_PER_SPLIT * BLOCK_N
+    assert batch * kv_heads * num_splits >= min(sms, batch * kv_heads * cache_len // (MIN_TILES_PER_SPLIT * BLOCK_N))
+    kv_bytes = 2 * batch * kv_heads * cache_len * dim * 2  # bf16 K and V
+    partial_bytes = 2 * batch * q_heads * num_splits * (dim + 2) * 4  # written, then read by the combine
+    assert partial_bytes < 0.05 * kv_bytes
 
 
 @pytest.mark.gpu

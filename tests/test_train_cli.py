@@ -66,3 +66,15 @@ def test_resuming_ends_where_an_uninterrupted_run_ends(tiny_model_dir, manifest,
     assert len(units) == folder.config.echo.unit_vocab_size <= 30
     spoken = {u for line in manifest.read_text().splitlines() for u in json.loads(line)["response_units"]}
     assert {u for token in units for u in token} == spoken
+
+
+@pytest.mark.gpu
+def test_stages_train_on_a_gpu_in_bfloat16_with_checkpointing(tiny_model_dir, manifest, tmp_path):
+    common = ["--manifest", str(manifest), "--batch-size", "2", "--steps", "8", "--device", "cuda",
+              "--gradient-checkpointing"]
+    assert main(["train", "stage1", "--model", str(tiny_model_dir), "--out", str(tmp_path / "s1"), *common]) == 0
+    assert main(["train", "stage2", "--model", str(tmp_path / "s1" / "model"), "--out", str(tmp_path / "s2"),
+                 "--unit-vocab", "30", *common]) == 0
+    for stage in ("s1", "s2"):
+        losses = [json.loads(line)["loss"] for line in (tmp_path / stage / "metrics.jsonl").read_text().splitlines()]
+        assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]

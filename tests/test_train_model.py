@@ -59,6 +59,18 @@ def test_sequence_forward_equals_cached_prefill_and_padding_never_mixes(body):
     torch.testing.assert_close(checkpointed, batched)
 
 
+def test_checkpointing_gives_the_same_gradients(body):
+    x = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(3))
+    key_valid = torch.ones(2, 6, dtype=torch.bool)
+    grads = []
+    for checkpointed in (False, True):
+        body.zero_grad()
+        body.forward_sequences(x, key_valid, checkpointed).square().sum().backward()
+        grads.append([p.grad.clone() for p in body.parameters()])
+    for plain, recomputed in zip(*grads):
+        torch.testing.assert_close(recomputed, plain)
+
+
 def test_lora_starts_at_the_base_and_merges_only_its_targets():
     torch.manual_seed(0)
     base = torch.nn.Linear(32, 64, bias=False)

@@ -36,7 +36,9 @@ RELEASED_PREFIX_TYPO_ID = 12800
 def user_text(text, name: str = "text") -> str:
     """The text of a user turn as `Session.respond(text=...)` or `--text` gives it: "" for none
     (None or ""), else a str holding something besides whitespace that is valid Unicode (argv
-    bytes that are not UTF-8 arrive as lone surrogates, which no tokenizer can encode)."""
+    bytes that are not UTF-8 arrive as lone surrogates, which no tokenizer can encode). It may not
+    name `<audio_patch>`: that marker stands for a turn's speech, and a user who types it expects
+    speech where there is none; every other special-token string is kept as plain text."""
     if text is None:
         return ""
     if not isinstance(text, str):
@@ -47,6 +49,8 @@ def user_text(text, name: str = "text") -> str:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         raise EchoXError(f"{name} is not valid UTF-8 text (undecodable byte at character {e.start})") from None
+    if AUDIO_PATCH_TOKEN in text:
+        raise EchoXError(f"{name} contains {AUDIO_PATCH_TOKEN!r}, which is reserved for speech")
     return text
 
 
@@ -107,6 +111,7 @@ class Tokenizer:
 
     def turn_ids(self, turn: Turn) -> list[int]:
         if turn.role == "user":
+            user_text(turn.text)
             if turn.audio:
                 return self.header("user") + self.tok("\n") + [self.audio_patch] + self.tok(turn.text) + [self.eot]
             if not turn.text:

@@ -23,19 +23,17 @@ Assumption: every row has at least one visible key (BOS is always valid), so the
 denominator is never zero. A row with no visible key would give NaN, as the reference does.
 """
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from .online_softmax import online_softmax_step
+from .sm_count import H100_SMS, sm_count
 
 BLOCK_N = 64  # keys per tile
 PROGRAMS_PER_SM = 2  # (sequence, kv head, split) programs per SM
 MIN_TILES_PER_SPLIT = 4  # key tiles per split, where the cache has that many
 MAX_SPLITS = 128  # bounds the combine's tile of partials
-H100_SMS = 132  # the plan's SM count off the GPU (interpreter tests), so it matches the GPU's
 _NO_SCORE = tl.constexpr(-1.0e30)  # finite "minus infinity" for the running max: keeps 2^(m_old - m_new) NaN-free
 
 
@@ -115,13 +113,6 @@ def _combine_splits_kernel(
     tl.store(out_ptr + b * stride_ob + q_head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return H100_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def split_plan(batch: int, kv_heads: int, cache_len: int, sms: int = H100_SMS) -> tuple[int, int]:
     """(number of splits, keys per split) from shapes and the SM count only."""
     tiles = triton.cdiv(cache_len, BLOCK_N)
@@ -141,7 +132,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     assert q.stride(2) == k_cache.stride(3) == v_cache.stride(3) == 1, "the head dim must be contiguous"
     key_valid = key_valid.contiguous()
     group = q_heads // kv_heads
-    num_splits, split_len = split_plan(batch, kv_heads, cache_len, _sm_count(q.device))
+    num_splits, split_len = split_plan(batch, kv_heads, cache_len, sm_count(q.device) or H100_SMS)  # interpreter: the GPU's plan
     part_max = torch.empty(batch * q_heads, num_splits, device=q.device, dtype=torch.float32)
     part_sum = torch.empty_like(part_max)
     part_acc = torch.empty(batch * q_heads, num_splits, head_dim, device=q.device, dtype=torch.float32)

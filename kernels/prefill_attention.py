@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from .online_softmax import online_softmax_step
+from .sm_count import sm_count
 
 _NO_SCORE = tl.constexpr(-1.0e30)  # finite "minus infinity" for the running max: keeps 2^(m_old - m_new) NaN-free
 LOG2_E = 1.4426950408889634
@@ -69,12 +70,20 @@ def _prefill_attention_kernel(
              out.to(out_ptr.dtype.element_ty), mask=is_query[:, None])
 
 
-def tile_plan(head_dim: int, dtype: torch.dtype) -> dict:
+def tile_plan(head_dim: int, dtype: torch.dtype, num_queries: int = 0, seq_heads: int = 0, sms: int = 0) -> dict:
     """Tile sizes and launch shape. 16-bit tiles of 128 queries keep an H100's tensor cores busy
-    with 8 warps; fp32 K/V tiles are twice the bytes, so they get smaller tiles and fewer stages."""
+    with 8 warps; fp32 K/V tiles are twice the bytes, so they get smaller tiles and fewer stages.
+    Given the grid (num_queries over seq_heads = B * Hq) and the SM count, a short prompt gets
+    smaller query tiles (down to 32) until the grid has a program per SM: T = 256 at EchoX-8B's
+    32 heads is 64 tiles of 128 queries for 132 SMs, and 256 tiles of 32."""
     if dtype == torch.float32 or head_dim < 128:
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-    return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+        plan = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+    else:
+        plan = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+    while plan["BLOCK_M"] > 32 and seq_heads * triton.cdiv(num_queries, plan["BLOCK_M"]) < sms:
+        plan["BLOCK_M"] //= 2
+        plan["num_warps"] = 4
+    return plan
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -87,7 +96,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, f"head_dim {head_dim}: need a power of two >= 16"
     assert q.stride(3) == k_cache.stride(3) == v_cache.stride(3) == 1, "the head dim must be contiguous"
     out = torch.empty_like(q)  # keeps q's strides: [B, T, Hq, D] in memory when q is a transposed projection
-    plan = tile_plan(head_dim, q.dtype)
+    # In the interpreter (no SM count) the fewest, largest tiles run fastest.
+    plan = tile_plan(head_dim, q.dtype, num_queries, batch * q_heads, sm_count(q.device) or 0)
     block_m = plan.pop("BLOCK_M")
     # fp32 caches must not be rounded to tf32 inside tl.dot; fp16/bf16 use the tensor cores as is.
     precision = "ieee" if q.dtype == torch.float32 else "tf32"

@@ -21,12 +21,13 @@ then in channels until the grid has about two programs per SM, since a push of a
 otherwise leave most SMs idle; in the CPU interpreter the larger INTERPRETER_TILES.
 """
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from .sm_count import sm_count
 
 DOT_MIN = 16  # the smallest tl.dot tile side
 
@@ -121,12 +122,10 @@ def _conv_transpose1d_window_kernel(
     _finish(acc, bias_ptr, bias_ptr, out_ptr, b, co, window_steps, out_channels, count, False)  # no residual
 
 
-@functools.cache
 def _target_programs(device: torch.device) -> int:
     """Two programs per SM on a GPU; in the CPU interpreter, as few programs as the tiles allow."""
-    if device.type != "cuda":
-        return 1
-    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    sms = sm_count(device)
+    return 1 if sms is None else 2 * sms
 
 
 @dataclass(frozen=True)

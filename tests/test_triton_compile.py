@@ -26,6 +26,7 @@ SM90 = ("cuda", 90, 32)
 DTYPES = ("fp16", "bf16")
 ATTENTION_GROUPS = [(4, 128), (3, 128), (1, 64)]  # (q heads per kv head, head_dim): 8B, 3B, echo decoder
 PREFILL_GROUPS = [(4, 128), (1, 64)]  # the LLM's and the echo decoder's prefill
+SHORT_PREFILL = (256, 32)  # (queries, B * Hq): a 256-token EchoX-8B prompt, tiles shrunk to fill 132 SMs
 VOCODER_DTYPES = ("fp16", "bf16", "fp32")
 VOCODER_CONVS = {"resblock-k11": 11}  # name: kernel size
 VOCODER_UPS = {"up-k11-s5": (11, 5), "up-k4-s2": (4, 2)}  # name: (kernel, stride): 3 and 2 taps per phase
@@ -37,6 +38,7 @@ def case_ids() -> list[str]:
         ids += [f"attention-split-{dtype}-g{group}-d{dim}" for group, dim in ATTENTION_GROUPS]
         ids += [f"attention-combine-{dtype}"]
         ids += [f"prefill-attention-{dtype}-g{group}-d{dim}" for group, dim in PREFILL_GROUPS]
+        ids += [f"prefill-attention-short-{dtype}-g4-d128"]
         ids += [f"select-gemv-{name}-{dtype}" for name in ("greedy", "sample", "store")]
     for dtype in VOCODER_DTYPES:
         ids += [f"vocoder-conv1d-{name}-{dtype}" for name in (*VOCODER_CONVS, "conv-post")]
@@ -84,21 +86,25 @@ def compile_cases() -> dict:
                  "out_ptr": f"*{dtype}"},
                 ("scale_log2",),
                 {"GROUP": group, "HEAD_DIM": dim, "BLOCK_G": 16, "BLOCK_N": attention.BLOCK_N,
-                 "DOT_PRECISION": "tf32", "SINGLE_SPLIT": False})
+                 "DOT_PRECISION": "tf32", "SINGLE_SPLIT": False, "num_warps": 4, "num_stages": 2})
         cases[f"attention-combine-{dtype}"] = (
             attention._combine_splits_kernel,
             {"part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", "part_acc_ptr": "*fp32", "lengths_ptr": "*i64",
              "out_ptr": f"*{dtype}"},
             (), {"HEAD_DIM": 128, "BLOCK_S": attention.MAX_SPLITS})
-        for group, dim in PREFILL_GROUPS:
-            plan = prefill.tile_plan(dim, {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype])
-            cases[f"prefill-attention-{dtype}-g{group}-d{dim}"] = (
+        torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+        plans = {f"prefill-attention-{dtype}-g{group}-d{dim}": (group, dim, prefill.tile_plan(dim, torch_dtype))
+                 for group, dim in PREFILL_GROUPS}
+        plans[f"prefill-attention-short-{dtype}-g4-d128"] = (4, 128, prefill.tile_plan(128, torch_dtype, *SHORT_PREFILL,
+                                                                                        sms=132))
+        for case, (group, dim, plan) in plans.items():
+            cases[case] = (
                 prefill._prefill_attention_kernel,
                 {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "positions_ptr": "*i64",
                  "key_valid_ptr": "*i1", "out_ptr": f"*{dtype}"},
                 ("scale_log2",),
                 {"GROUP": group, "HEAD_DIM": dim, "BLOCK_M": plan["BLOCK_M"], "BLOCK_N": plan["BLOCK_N"],
-                 "DOT_PRECISION": "tf32"})
+                 "DOT_PRECISION": "tf32", "num_warps": plan["num_warps"], "num_stages": plan["num_stages"]})
         for name, store, sample in (("greedy", False, False), ("sample", False, True), ("store", True, False)):
             cases[f"select-gemv-{name}-{dtype}"] = (
                 select._gemv_kernel,
@@ -163,10 +169,13 @@ def ptxas_report(ptx: str) -> str:
 
 def compile_for_sm90(kernel, pointers: dict, floats: tuple, constexprs: dict) -> dict:
     """Build sm_90 cubin for `kernel`: {"status": "ok" or the compiler's error, and for the ok ones
-    the weight loop's instruction mix per iteration and the ptxas resource report}."""
+    the weight loop's instruction mix per iteration and the ptxas resource report}. num_warps and
+    num_stages among `constexprs` are the launch options the launcher passes."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    options = {name: constexprs[name] for name in ("num_warps", "num_stages") if name in constexprs}
+    constexprs = {name: value for name, value in constexprs.items() if name not in options}
     signature, attrs = {}, {}
     for index, name in enumerate(kernel.arg_names):
         if name in constexprs:
@@ -177,7 +186,7 @@ def compile_for_sm90(kernel, pointers: dict, floats: tuple, constexprs: dict) ->
             attrs[(index,)] = [["tt.divisibility", 16]]
     try:
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
-                                  target=GPUTarget(*SM90))
+                                  target=GPUTarget(*SM90), options=options)
     except Exception as error:  # reported per case by the parent test
         return {"status": f"{type(error).__name__}: {error}"}
     if not compiled.asm.get("cubin"):

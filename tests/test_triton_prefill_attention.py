@@ -50,6 +50,23 @@ def test_matches_reference_fp16(q_heads, kv_heads, dim):
     torch.testing.assert_close(out, cached_attention_reference(*args), atol=2e-3, rtol=2e-3)
 
 
+def test_short_prompt_tiles_fill_the_gpu():
+    """EchoX-8B (32 q heads): a 256-token prompt used to launch 64 programs for 132 SMs."""
+    for num_queries, fewest in ((256, 132), (40, 32)):
+        plan = tile_plan(128, torch.bfloat16, num_queries, 32, sms=132)
+        assert 32 * -(-num_queries // plan["BLOCK_M"]) >= fewest, plan
+    assert tile_plan(128, torch.bfloat16, 4096, 32, sms=132)["BLOCK_M"] == 128  # long prompts keep big tiles
+
+
+def test_small_query_tiles_match_the_reference(monkeypatch):
+    """What a GPU with many SMs picks for a short prompt (32-query tiles), run in the interpreter."""
+    from echox_kernels import prefill_attention as prefill
+    monkeypatch.setattr(prefill, "sm_count", lambda device: 132)
+    args = make_inputs(4, 2, 16, [0, 9], 40, torch.float32, seed=3)
+    assert tile_plan(16, torch.float32, 40, 2 * 4, sms=132)["BLOCK_M"] == 32
+    torch.testing.assert_close(prefill_attention(*args), cached_attention_reference(*args), atol=1e-4, rtol=1e-4)
+
+
 def test_positions_are_read_per_query_row():
     """The contract holds for any positions, not only consecutive ones: shuffled, with gaps."""
     q, k, v, _, key_valid = make_inputs(4, 2, 16, [0, 0], 20, torch.float32, spare=0, seed=2)

@@ -141,6 +141,15 @@ def test_the_weight_is_read_once_per_token(monkeypatch, params):
     assert reads.launches == ["_gemv_kernel"]
 
 
+@pytest.mark.parametrize("rows,width,block_r", [(128257, 4096, 64), (8193, 768, 32), (8193, 512, 32)],
+                         ids=["8b-lm", "unit-8x768", "unit-6x512"])
+def test_small_heads_get_smaller_tiles_to_fill_the_gpu(rows, width, block_r):
+    """The ~8k-row unit head in 64-row tiles was 129 programs for 132 SMs."""
+    run = _Launch(torch.empty(1, width, device="meta"), torch.empty(rows, width, device="meta"), 1.0, True)
+    assert run.block_r == block_r and run.programs >= select.MIN_PROGRAMS
+    assert run.programs * run.rows_per_program >= rows
+
+
 def reference_on_gpu(hidden, weight, params, step):
     """What select_reference computes with CUDA tensors, here on the CPU: torch's CUDA division by a
     Python scalar multiplies by the fp32 reciprocal (one rounding), then adds the noise."""

@@ -1,9 +1,10 @@
 """The streaming engine: load EchoX once, then hold conversations that answer in text and speech.
 
-One turn runs as a pipeline of two workers:
+One turn runs as a pipeline of three threads:
   main thread   speech in -> log-mel -> Whisper -> adapter -> LLM prefill -> token by token:
                 text deltas out, scores into the segmenter, each finished segment handed on;
-  speech thread per segment: echo decoder -> units -> streaming vocoder -> audio chunks out.
+  echo, vocoder per segment: echo decoder -> units -> streaming vocoder -> audio chunks out
+                (echox/speech_pipeline.py: the two overlap each other too).
 So audio for segment k is synthesised while the LLM writes segment k+1. Events come out of
 `Session.respond` in the order they happen: `TextDelta`, `AudioChunk`, and a final `TurnDone`
 carrying the trace (ids, frames, tokens, scores, segments, timings).
@@ -20,7 +21,7 @@ from typing import Iterator
 import torch
 
 from .adapter import SpeechAdapter, load_adapter
-from .audio import SAMPLE_RATE, load_audio, prepare_speech
+from .audio import speech_input
 from .checkpoint import ModelFolder, open_model_folder, resolve_vocoder, resolve_whisper
 from .echo import EchoDecoder, load_echo_decoder
 from .config import WhisperConfig
@@ -30,8 +31,8 @@ from .llama import LlamaLM, load_lm
 from .mel import log_mel
 from .sampling import RELEASED_SAMPLING, SamplingParams
 from .segmenter import RELEASED_SEGMENTER, Segmenter, SegmenterParams
-from .streaming_vocoder import StreamingVocoder
-from .tokenizer import Turn
+from .speech_pipeline import AudioChunk, SegmentRecord, SpeechPipeline
+from .tokenizer import Turn, user_text
 from .vocoder import Vocoder, load_vocoder
 from .whisper import WhisperEncoder, load_whisper
 
@@ -43,12 +44,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @dataclass
 class TextDelta:
     text: str
-
-
-@dataclass
-class AudioChunk:
-    samples: torch.Tensor  # [n] float32 on the CPU, 16 kHz
-    segment: int
 
 
 @dataclass
@@ -163,110 +158,8 @@ def load(model_dir: Path | str, whisper: Path | str | None = None, vocoder: Path
                   load_whisper(whisper_dir, dtype, device).eval(), load_echo_decoder(folder, dtype, device), voice,
                   whisper_dir, vocoder_dir, device, dtype).prepare(cuda_graphs)
 
-
-@dataclass
-class SegmentRecord:
-    start: int
-    end: int
-    unit_tokens: list[int] = field(default_factory=list)
-    units: list[int] = field(default_factory=list)
-    samples: int = 0
-
-    def as_dict(self) -> dict:
-        return {"start": self.start, "end": self.end, "unit_tokens": self.unit_tokens, "units": self.units,
-                "samples": self.samples}
-
-
-class SpeechWorker(threading.Thread):
-    """Turns segments of LLM hidden states into audio, one segment after another, in its own thread."""
-
-    def __init__(self, engine: Engine, max_units: int, push_units: int, clock: Clock, out: queue.Queue):
-        super().__init__(daemon=True)
-        self.engine, self.max_units, self.push_units, self.clock, self.out = engine, max_units, push_units, clock, out
-        self.todo: queue.Queue = queue.Queue()
-        self.records: list[SegmentRecord] = []
-        self.echo_ms = self.vocoder_ms = 0.0
-        self.first_audio_ms: float | None = None
-        self.error: BaseException | None = None
-        self.cancelled = False
-
-    def submit(self, record: SegmentRecord, hidden: torch.Tensor):
-        """Queue a segment's hidden states [n, H]. On a GPU they are still being written on the
-        LLM's stream: an event marks where, and the speech stream waits for it before reading."""
-        ready = None
-        if hidden.is_cuda:
-            ready = torch.cuda.Event()
-            ready.record()
-        self.records.append(record)
-        self.todo.put((len(self.records) - 1, record, hidden, ready))
-
-    def close(self):
-        """No more segments: finish the queued ones, then stop."""
-        self.todo.put(None)
-
-    def cancel(self):
-        """Drop the queued segments, stop the current one at its next unit, and wait for that."""
-        self.cancelled = True
-        self.todo.put(None)
-        self.join()
-
-    def run(self):
-        # On a GPU the speech work gets its own stream, so it overlaps the LLM's decoding.
-        stream = torch.cuda.Stream(self.engine.device) if self.engine.device.type == "cuda" else None
-        try:
-            with torch.inference_mode(), (torch.cuda.stream(stream) if stream else contextlib.nullcontext()):
-                while (job := self.todo.get()) is not None and not self.cancelled:
-                    self.speak(*job)
-        except BaseException as e:  # handed to the main thread, which re-raises it
-            self.error = e
-        finally:
-            self.out.put(None)
-
-    def speak(self, index: int, record: SegmentRecord, hidden: torch.Tensor, ready: torch.cuda.Event | None):
-        """Echo-decode one segment and vocode its units in small batches.
-
-        No sample can leave the vocoder before `lookahead_units` + 1 units are in, so the first
-        push waits for that many and later pushes take `push_units` at a time: the first audio
-        comes as early as pushing every unit would give it, with far fewer vocoder calls. Once
-        audio plays, later chunks only need to stay ahead of it, and each call has a fixed cost
-        (about a hundred small layer ops), so larger pushes serve throughput."""
-        if ready is not None:
-            stream = torch.cuda.current_stream()
-            stream.wait_event(ready)
-            hidden.record_stream(stream)  # its memory is not reused before this stream is done with it
-        echo, voice = self.engine.echo, StreamingVocoder(self.engine.vocoder, self.engine.speaker)
-        started, vocoder_before = self.clock.now(), self.vocoder_ms
-        waiting: list[int] = []
-        batch = voice.lookahead_units + 1
-        for unit_token in echo.generate(hidden, max_units=self.max_units):
-            if self.cancelled:
-                return
-            units = echo.units_of([unit_token])
-            record.unit_tokens.append(unit_token)
-            record.units.extend(units)
-            waiting.extend(units)
-            if len(waiting) >= batch:
-                self.vocode(index, record, voice.push, torch.tensor(waiting))
-                waiting, batch = [], self.push_units
-        if waiting:
-            self.vocode(index, record, voice.push, torch.tensor(waiting))
-        self.vocode(index, record, voice.flush)
-        self.echo_ms += self.clock.since(started) - (self.vocoder_ms - vocoder_before)
-
-    def vocode(self, index: int, record: SegmentRecord, step, *args):
-        started = self.clock.now()
-        samples = step(*args)
-        self.vocoder_ms += self.clock.since(started)
-        if samples.numel() == 0:
-            return
-        record.samples += samples.numel()
-        if self.first_audio_ms is None:
-            self.first_audio_ms = self.clock.since(self.clock.origin)
-        self.out.put(AudioChunk(samples.float().cpu(), index))
-
-
 def _drain(out: queue.Queue, block: bool) -> Iterator[AudioChunk]:
-    """Audio chunks the speech worker has finished; with block, until it says it is done."""
+    """Audio chunks the speech pipeline has finished; with block, until it says it is done."""
     while True:
         try:
             item = out.get(block=block)
@@ -290,6 +183,9 @@ class Session:
         self.max_new_tokens, self.max_units, self.push_units = max_new_tokens, max_units, push_units
         self.decoder = TextDecoder(engine.lm, tok.pad, tok.eot, tok.period, max_len, use_graphs=engine.cuda_graphs)
         self.decoder.step_function(sampling)  # capture the CUDA graph now, not inside the first answer
+        self.cancelled = threading.Event()  # set by cancel(), read by the turn in progress
+        self.speaking: SpeechPipeline | None = None  # the speech of the turn in progress, for cancel()
+        self.answering = False  # a turn of this session is in progress
         self.reset()
 
     def reset(self):
@@ -298,15 +194,21 @@ class Session:
         self.speech: dict[int, torch.Tensor] = {}  # turn index -> its speech embeddings [v, H]
         self.decoder.cached = []
 
-    def listen(self, audio: Speech, clock: Clock, timings: dict) -> tuple[torch.Tensor, list]:
-        """Speech -> (embeddings [v, H], kept frame indices): mel, Whisper, adapter (SPEC §2-4)."""
+    def cancel(self):
+        """Stop this session's turn in progress, from any thread (e.g. a voice detector barging in).
+
+        The turn ends within one LLM step or one vocoder push: `respond` then yields the rest of
+        the text already decoded and a `TurnDone` whose trace has "cancelled": True. The history
+        keeps the question and, as the assistant's turn, the text yielded. Without a turn in
+        progress this does nothing."""
+        if self.answering:
+            self.cancelled.set()
+            if (speaking := self.speaking) is not None:
+                speaking.stop()
+
+    def listen(self, samples: torch.Tensor, clock: Clock, timings: dict) -> tuple[torch.Tensor, list]:
+        """16 kHz samples [N] -> (embeddings [v, H], kept frame indices): mel, Whisper, adapter (SPEC §2-4)."""
         engine = self.engine
-        if isinstance(audio, tuple):  # (samples [N] or [channels, N], sample rate)
-            samples = prepare_speech(*audio)
-        elif isinstance(audio, torch.Tensor):  # already 16 kHz
-            samples = prepare_speech(audio, SAMPLE_RATE)
-        else:
-            samples = load_audio(audio)
         started = clock.now()
         mel = log_mel(samples.to(engine.device, torch.float32), engine.whisper.cfg.num_mel_bins).to(engine.dtype)
         frames = engine.whisper(mel)[0]  # [1500, d]
@@ -334,71 +236,84 @@ class Session:
     def respond(self, audio: Speech | None = None, text: str | None = None) -> Iterator[Event]:
         """Answer one user turn (speech, text, or both), streaming text and audio as they exist.
 
-        `audio` is a sound file's path, a 16 kHz float tensor, or a (samples, sample rate) pair;
-        stereo is downmixed, other rates resampled, and more than 30 s cut with a warning."""
+        `audio` is a sound file's path, 16 kHz samples, or a (samples, sample rate) pair, as
+        `echox.audio.speech_input` takes them: stereo is downmixed, other rates resampled, more
+        than 30 s cut with a warning, and anything unusable refused before any model work.
+        A turn that fails, or that the caller abandons before its `TurnDone`, leaves the
+        conversation as it was; once `TurnDone` is out the turn is part of the history, whether
+        or not the caller reads on."""
+        text = user_text(text)  # checked, with the speech, before any model work
         if audio is None and not text:
             raise EchoXError("a turn needs speech (audio=...) or text (text=...)")
+        samples = None if audio is None else speech_input(audio)
         if not self.engine.busy.acquire(blocking=False):
             raise EchoXError("this engine is answering another turn: finish (or close) that one first")
-        turns_before, speech_before = len(self.turns), dict(self.speech)
+        turns_before, speech_before, finished = len(self.turns), dict(self.speech), False
+        self.cancelled.clear()
+        self.answering = True
         try:
-            with torch.inference_mode():
-                yield from self._respond(audio, text or "")
-        except BaseException:  # a failed or abandoned turn leaves no trace in the history
-            del self.turns[turns_before:]
-            self.speech = speech_before
+            with torch.inference_mode(), contextlib.closing(self._respond(samples, text)) as events:
+                for event in events:
+                    finished = isinstance(event, TurnDone)
+                    yield event
+        except BaseException:
+            if not finished:
+                del self.turns[turns_before:]
+                self.speech = speech_before
             raise
         finally:
+            self.answering, self.speaking = False, None
             self.engine.busy.release()
 
-    def _respond(self, audio, text: str) -> Iterator[Event]:
+    def _respond(self, samples: torch.Tensor | None, text: str) -> Iterator[Event]:
         engine, tok = self.engine, self.engine.tokenizer
         clock, timings = Clock(engine.device), {}
         kept: list[int] = []
-        if audio is not None:
-            embeddings, kept = self.listen(audio, clock, timings)
+        if samples is not None:
+            embeddings, kept = self.listen(samples, clock, timings)
             self.speech[len(self.turns)] = embeddings
-        self.turns.append(Turn("user", text, audio=audio is not None))
+        self.turns.append(Turn("user", text, audio=samples is not None))
         slots = self.slots()
         started = clock.now()
         hidden = self.decoder.prefill(slots, self.speech)
         timings["prefill"] = clock.since(started)
 
         out: queue.Queue = queue.Queue()
-        worker = SpeechWorker(engine, self.max_units, self.push_units, clock, out)
-        worker.start()
-        segmenter = Segmenter(self.segmenter)
+        speech = self.speaking = SpeechPipeline(engine, self.max_units, self.push_units, clock, out)
+        segmenter, text_stream = Segmenter(self.segmenter), tok.decode_stream()
         tokens, hiddens, scores, shown = [], [], [], ""
         started = clock.now()
         try:
             for token in self.decoder.decode(hidden, len(slots), self.sampling, self.max_new_tokens):
+                if self.cancelled.is_set():
+                    break
                 tokens.append(token.id)
                 hiddens.append(token.hidden)
                 scores.append(token.score)
-                text_now = tok.decode(tokens)
-                if not text_now.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                    yield TextDelta(text_now[len(shown):])
-                    shown = text_now
+                if delta := text_stream.step(token.id):  # None inside a multi-byte character
+                    shown += delta
+                    yield TextDelta(delta)
                 if (cut := segmenter.push(token.score)) is not None:
-                    worker.submit(SegmentRecord(*cut), torch.stack(hiddens[cut[0]:cut[1]]))
+                    speech.submit(SegmentRecord(*cut), torch.stack(hiddens[cut[0]:cut[1]]))
                 yield from _drain(out, block=False)
             decode_ms = clock.since(started)
-            if (cut := segmenter.finish()) is not None:
-                worker.submit(SegmentRecord(*cut), torch.stack(hiddens[cut[0]:cut[1]]))
-            worker.close()
+            answer = tok.decode(tokens)
+            if answer != shown:  # it ended inside a multi-byte character: say so now, not after the speech
+                yield TextDelta(answer[len(shown):])
+            if (cut := segmenter.finish()) is not None and not self.cancelled.is_set():
+                speech.submit(SegmentRecord(*cut), torch.stack(hiddens[cut[0]:cut[1]]))
+            speech.close()
             yield from _drain(out, block=True)
         except BaseException:  # an error, or the caller stopped listening: stop speaking too
-            worker.cancel()
+            speech.stop()
+            speech.join()
             raise
-        worker.join()
-        if worker.error is not None:
-            raise worker.error
-        answer = tok.decode(tokens)
-        if answer != shown:
-            yield TextDelta(answer[len(shown):])
+        speech.join()
+        if speech.errors:
+            raise speech.errors[0]
         self.turns.append(Turn("assistant", answer))
-        timings |= {"decode_per_token": decode_ms / max(len(tokens), 1), "echo_decoder": worker.echo_ms,
-                    "vocoder": worker.vocoder_ms, "time_to_first_audio": worker.first_audio_ms,
+        timings |= {"decode_per_token": decode_ms / max(len(tokens), 1), "echo_decoder": speech.echo_ms,
+                    "vocoder": speech.vocoder_ms, "time_to_first_audio": speech.first_audio_ms,
                     "total": clock.since(clock.origin)}
         trace = {
             "prompt_ids": [s if isinstance(s, int) else tok.audio_patch for s in slots],
@@ -406,7 +321,8 @@ class Session:
             "tokens": tokens,
             "text": answer,
             "scores": scores,
-            "segments": [record.as_dict() for record in worker.records],
+            "segments": [record.as_dict() for record in speech.records],
             "timings_ms": timings,
+            "cancelled": self.cancelled.is_set(),
         }
         yield TurnDone(answer, trace)

@@ -1,6 +1,7 @@
 """The end-to-end engine on the tiny checkpoint: determinism, exact streaming, a complete trace."""
 
 import threading
+import time
 
 import pytest
 import torch
@@ -138,7 +139,7 @@ def test_one_turn_at_a_time_per_engine(engine):
     with pytest.raises(EchoXError, match="answering another turn"):
         next(new_session(engine).respond(text="Two."))
     first.close()  # abandoning a turn stops its speech worker and frees the engine
-    assert not any(isinstance(t, echox_engine.SpeechWorker) and t.is_alive() for t in threading.enumerate())
+    assert not any(t.name in ("echox-echo", "echox-vocoder") and t.is_alive() for t in threading.enumerate())
     run_turn(new_session(engine, max_new_tokens=4), text="Three.")
 
 
@@ -163,5 +164,107 @@ def test_speech_as_samples_at_any_rate(engine):
     _, from_pair = run_turn(new_session(engine, max_new_tokens=6), audio=(stereo, 44100))
     _, from_16k = run_turn(new_session(engine, max_new_tokens=6), audio=prepare_speech(stereo, 44100))
     assert from_pair["speech_frames"] == from_16k["speech_frames"] and from_pair["tokens"] == from_16k["tokens"]
-    with pytest.raises(EchoXError, match="sample rate must be positive"):
+    with pytest.raises(EchoXError, match="sample rate"):
         list(new_session(engine).respond(audio=(stereo, 0)))
+
+
+def test_leaving_the_loop_at_turn_done_keeps_the_turn(engine):
+    session = new_session(engine, max_new_tokens=6)
+    for event in session.respond(text="Hello."):
+        if isinstance(event, TurnDone):
+            break
+    assert [t.role for t in session.turns] == ["user", "assistant"]
+    assert session.turns[1].text == event.text
+
+
+def _slowed(session, seconds: float = 0.03):
+    decode = session.decoder.decode
+
+    def slow_decode(*args, **kwargs):
+        for token in decode(*args, **kwargs):
+            time.sleep(seconds)
+            yield token
+    session.decoder.decode = slow_decode
+
+
+def test_cancel_from_another_thread_keeps_what_was_said(engine):
+    session = new_session(engine, max_new_tokens=40)
+    _slowed(session)
+    events = []
+    for event in session.respond(text="Talk for a while."):
+        events.append(event)
+        if sum(isinstance(e, TextDelta) for e in events) == 5:
+            threading.Thread(target=session.cancel).start()
+    done = events[-1]
+    assert isinstance(done, TurnDone) and done.trace["cancelled"]
+    said = "".join(e.text for e in events if isinstance(e, TextDelta))
+    assert 5 <= len(done.trace["tokens"]) < 40 and said == done.text == engine.tokenizer.decode(done.trace["tokens"])
+    assert [t.role for t in session.turns] == ["user", "assistant"] and session.turns[1].text == said
+    assert not any(t.name in ("echox-echo", "echox-vocoder") and t.is_alive() for t in threading.enumerate())
+    _, trace = run_turn(session, text="Go on.")  # the engine and the session are free again
+    assert not trace["cancelled"] and len(session.turns) == 4
+    session.cancel()  # no turn in progress: nothing happens
+    assert not session.cancelled.is_set()
+
+
+def test_last_text_comes_when_the_llm_stops_not_after_the_speech(engine):
+    """An answer that ends inside a multi-byte character still has all its text out before any of
+    the speech of its final segment, which is only cut when the LLM stops."""
+    tok = engine.tokenizer
+    ids = tok.encode("ok \u00e9")[:-1]  # the last token is the first byte of a two-byte character
+    session = new_session(engine, max_new_tokens=len(ids) + 5)
+    decode = session.decoder.decode
+
+    def scripted(*args, **kwargs):
+        for token, token_id in zip(decode(*args, **kwargs), ids):
+            token.id = token_id
+            yield token
+    session.decoder.decode = scripted
+    events, trace = run_turn(session, text="Say it.")
+    kinds = [type(e).__name__ for e in events]
+    assert "AudioChunk" in kinds
+    assert len(kinds) - 1 - kinds[::-1].index("TextDelta") < kinds.index("AudioChunk")
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == trace["text"] == tok.decode(ids)
+
+
+def test_streamed_text_equals_decoding_the_whole_answer(engine):
+    events, trace = run_turn(new_session(engine, max_new_tokens=60), audio=demo_question(1.0))
+    deltas = [e.text for e in events if isinstance(e, TextDelta)]
+    assert len(deltas) > 10 and "".join(deltas) == engine.tokenizer.decode(trace["tokens"])
+
+
+@pytest.mark.parametrize("audio, message", [
+    (torch.full((16000,), float("nan")), "NaN"),
+    (torch.zeros(0, 16000), "no audio samples"),
+    (torch.tensor(0.5), r"got shape \[\]"),
+    (torch.ones(16000, dtype=torch.bool), "bool"),
+    ([0.0] * 16000, "list"),
+    (b"question.wav", "bytes"),
+    ((torch.zeros(16000), "16000"), "rate"),
+    ((torch.zeros(16000), 30_000_001), "rate"),
+])
+def test_unusable_speech_is_refused_before_any_work_and_leaves_the_session_as_it_was(engine, audio, message):
+    session = new_session(engine, max_new_tokens=4)
+    run_turn(session, text="First.")
+    turns, speech, cached = list(session.turns), dict(session.speech), list(session.decoder.cached)
+    with pytest.raises(EchoXError, match=message):
+        list(session.respond(audio=audio))
+    assert session.turns == turns and session.speech == speech and session.decoder.cached == cached
+    _, trace = run_turn(session, text="Second.")  # not poisoned: a text turn still answers
+    assert len(set(trace["tokens"])) > 1
+
+
+def test_speech_layouts_users_have_give_the_same_turn(engine):
+    question = demo_question(1.0)
+    pcm16 = (question * 32767).round().to(torch.int16)
+    _, channels_first = run_turn(new_session(engine, max_new_tokens=6), audio=pcm16.repeat(2, 1))
+    _, channels_last = run_turn(new_session(engine, max_new_tokens=6), audio=pcm16.repeat(2, 1).T.numpy())
+    _, as_float = run_turn(new_session(engine, max_new_tokens=6), audio=pcm16.float() / 32768)
+    assert channels_first["tokens"] == channels_last["tokens"] == as_float["tokens"]
+    assert channels_first["speech_frames"] == as_float["speech_frames"]
+
+
+@pytest.mark.parametrize("text", ["   ", "\n\t", 42])
+def test_blank_or_non_string_text_is_refused(engine, text):
+    with pytest.raises(EchoXError, match="whitespace|str"):
+        list(new_session(engine).respond(text=text))

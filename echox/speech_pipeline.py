@@ -1,0 +1,159 @@
+"""The speech half of a turn: segments of LLM hidden states in, audio chunks out, in two threads.
+
+  echo thread     per segment: echo decoder -> unit tokens -> HuBERT units, handed on as they come;
+  vocoder thread  per segment: units -> streaming vocoder pushes -> audio chunks, then a flush.
+So the echo decoder writes the units of segment k (or of the rest of segment k) while the
+vocoder speaks what it has already written, and both run while the LLM writes segment k+1.
+On a GPU each thread has its own CUDA stream; on a CPU each runs torch ops with the engine's
+intra-op thread count (which torch keeps process-wide).
+
+The vocoder's pushes do not depend on timing: the first push of a segment waits for
+`lookahead_units` + 1 units (no sample can leave the vocoder before that), every later one
+for `push_units`, and the flush takes the rest. So the chunks, and every sample, are the same
+however the threads interleave. Chunks come out in segment order, each tagged with its segment.
+"""
+
+import contextlib
+import queue
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from .streaming_vocoder import StreamingVocoder
+
+END_OF_SEGMENT = None  # in the unit queue: the segment's units are all written
+
+
+@dataclass
+class SegmentRecord:
+    start: int
+    end: int
+    unit_tokens: list[int] = field(default_factory=list)
+    units: list[int] = field(default_factory=list)
+    samples: int = 0
+
+    def as_dict(self) -> dict:
+        return {"start": self.start, "end": self.end, "unit_tokens": self.unit_tokens, "units": self.units,
+                "samples": self.samples}
+
+
+@dataclass
+class AudioChunk:
+    samples: torch.Tensor  # [n] float32 on the CPU, 16 kHz
+    segment: int
+
+
+class SpeechPipeline:
+    """Speaks the segments `submit`ted to it; audio chunks, then None, go to `out`."""
+
+    def __init__(self, engine, max_units: int, push_units: int, clock, out: queue.Queue):
+        self.engine, self.max_units, self.push_units, self.clock, self.out = engine, max_units, push_units, clock, out
+        self.segments: queue.Queue = queue.Queue()  # (index, hidden [n, H], ready event) or None
+        self.units: queue.Queue = queue.Queue()  # (index, [units]) or (index, END_OF_SEGMENT) or None
+        self.records: list[SegmentRecord] = []
+        self.echo_ms = self.vocoder_ms = 0.0
+        self.first_audio_ms: float | None = None
+        self.errors: list[BaseException] = []
+        self.cancelled = False
+        # Each thread, however it ends, tells the next stage that nothing more comes from it.
+        self.threads = [threading.Thread(target=self._guarded, args=(loop, done), name=name, daemon=True)
+                        for name, loop, done in (("echox-echo", self._echo_loop, self.units),
+                                                 ("echox-vocoder", self._vocoder_loop, self.out))]
+        for thread in self.threads:
+            thread.start()
+
+    def submit(self, record: SegmentRecord, hidden: torch.Tensor):
+        """Queue a segment's hidden states [n, H]. On a GPU they are still being written on the
+        LLM's stream: an event marks where, and the echo stream waits for it before reading."""
+        ready = None
+        if hidden.is_cuda:
+            ready = torch.cuda.Event()
+            ready.record()
+        self.records.append(record)
+        self.segments.put((len(self.records) - 1, hidden, ready))
+
+    def close(self):
+        """No more segments: finish the queued ones, then stop."""
+        self.segments.put(None)
+
+    def stop(self):
+        """Drop what is queued and stop both threads at their next unit or push; do not wait."""
+        self.cancelled = True
+        self.segments.put(None)
+        self.units.put(None)
+
+    def join(self):
+        for thread in self.threads:
+            thread.join()
+
+    def alive(self) -> bool:
+        return any(thread.is_alive() for thread in self.threads)
+
+    def _guarded(self, loop, done: queue.Queue):
+        """Run one thread's loop on its own stream, then put None on `done`. An error stops the
+        whole pipeline and is kept for the main thread, which re-raises it."""
+        device = self.engine.device
+        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        try:
+            with torch.inference_mode(), (torch.cuda.stream(stream) if stream else contextlib.nullcontext()):
+                loop()
+        except BaseException as e:
+            self.errors.append(e)
+            self.stop()
+        finally:
+            done.put(None)
+
+    # ---- echo thread --------------------------------------------------------------------------
+
+    def _echo_loop(self):
+        while (job := self.segments.get()) is not None and not self.cancelled:
+            self._echo_segment(*job)
+
+    def _echo_segment(self, index: int, hidden: torch.Tensor, ready):
+        if ready is not None:
+            stream = torch.cuda.current_stream()
+            stream.wait_event(ready)
+            hidden.record_stream(stream)  # its memory is not reused before this stream is done with it
+        echo, record = self.engine.echo, self.records[index]
+        started = self.clock.now()
+        for unit_token in echo.generate(hidden, max_units=self.max_units):
+            if self.cancelled:
+                return
+            units = echo.units_of([unit_token])
+            record.unit_tokens.append(unit_token)
+            record.units.extend(units)
+            if units:
+                self.units.put((index, units))
+        self.echo_ms += self.clock.since(started)
+        self.units.put((index, END_OF_SEGMENT))
+
+    # ---- vocoder thread -----------------------------------------------------------------------
+
+    def _vocoder_loop(self):
+        voice = StreamingVocoder(self.engine.vocoder, self.engine.speaker)
+        waiting: list[int] = []
+        batch = voice.lookahead_units + 1
+        while (item := self.units.get()) is not None and not self.cancelled:
+            index, units = item
+            if units is END_OF_SEGMENT:
+                if waiting:
+                    self._vocode(index, voice.push, torch.tensor(waiting))
+                self._vocode(index, voice.flush)
+                waiting, batch = [], voice.lookahead_units + 1
+                continue
+            waiting.extend(units)
+            if len(waiting) >= batch:
+                self._vocode(index, voice.push, torch.tensor(waiting))
+                waiting, batch = [], self.push_units
+
+    def _vocode(self, index: int, step, *args):
+        started = self.clock.now()
+        samples = step(*args)
+        self.vocoder_ms += self.clock.since(started)
+        if samples.numel() == 0:
+            return
+        self.records[index].samples += samples.numel()
+        if self.first_audio_ms is None:
+            self.first_audio_ms = self.clock.since(self.clock.origin)
+        self.out.put(AudioChunk(samples.float().cpu(), index))

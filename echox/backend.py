@@ -4,6 +4,10 @@ Each op asks `choose(op, tensor, override)`. The answer is, in order of preceden
 explicit `override` argument, the `ECHOX_BACKEND` environment variable, and otherwise the
 fastest implementation available for the tensor's device. CPU tensors always run the torch
 reference, which is the definition every kernel is tested against.
+
+On a GPU the CUDA kernel is preferred, except for the vocoder convs where the Triton kernel's
+tl.dot runs on the tensor cores (16-bit activations, or fp32 as TF32 where torch allows TF32
+for its own convolutions): the CUDA conv kernel sums in fp32 on the CUDA cores, the exact mode.
 """
 
 import functools
@@ -15,6 +19,7 @@ import torch
 from .errors import EchoXError
 
 BACKENDS = ("torch", "triton", "cuda")
+VOCODER_CONV_OPS = ("conv1d_valid", "conv_transpose1d_window")
 
 
 @functools.cache
@@ -63,6 +68,15 @@ def choose(op: str, tensor: torch.Tensor, override: str | None = None,
         return "triton"
     if name == "torch" or not on_gpu:
         return "torch"
-    if "cuda" in kernels and cuda_extension_available():
-        return "cuda"
-    return "triton" if "triton" in kernels and triton_available() else "torch"
+    for kernel in _fastest_first(op, tensor):
+        if kernel in kernels and (cuda_extension_available() if kernel == "cuda" else triton_available()):
+            return kernel
+    return "torch"
+
+
+def _fastest_first(op: str, tensor: torch.Tensor) -> tuple[str, str]:
+    """The default order of the kernels on a GPU."""
+    tensor_cores = tensor.dtype != torch.float32 or torch.backends.cudnn.allow_tf32
+    if op in VOCODER_CONV_OPS and tensor_cores:
+        return ("triton", "cuda")
+    return ("cuda", "triton")

@@ -14,8 +14,14 @@ gathering its input tile [BLOCK_R, BLOCK_T] straight from x, so no im2col buffer
   q - m, m = 0 .. TAPS - 1, TAPS = ceil(K / stride). For one phase that is an ordinary conv over
   q, so a program owns one phase and BLOCK_T consecutive q, reducing over r = ci * TAPS + m
   (taps past K masked): no multiplications by the zeros a zero-stuffed input would hold.
-Where the output has >= 16 channels the tile product is a tl.dot (fp32 in IEEE precision: no
-tf32 rounding); narrower outputs (conv_post has one channel) use a broadcast multiply-sum.
+Where the output has >= 16 channels the tile product is a tl.dot on the tensor cores; narrower
+outputs (conv_post has one channel) use a broadcast multiply-sum. fp32 operands go to the
+tensor cores as TF32 exactly when torch lets its own GPU convolutions do so
+(`torch.backends.cudnn.allow_tf32`, on by default, as it was for the released fp32 vocoder on
+Ampere and later GPUs): the fast path. TF32 keeps 10 mantissa bits of each operand, with fp32
+sums; on the released architecture that moves the waveform by about 7e-4 at most and 1.3e-3 in
+relative L2 (tests hold it under TF32_MAX_ABS_ERROR and TF32_RELATIVE_L2_ERROR). With the flag off,
+the dot runs in IEEE fp32 (exact mode).
 Tile sizes come from shapes only: on a GPU the largest tile of GPU_TILES, halved in time and
 then in channels until the grid has about two programs per SM, since a push of a few frames would
 otherwise leave most SMs idle; in the CPU interpreter the larger INTERPRETER_TILES.
@@ -30,6 +36,8 @@ import triton.language as tl
 from .sm_count import sm_count
 
 DOT_MIN = 16  # the smallest tl.dot tile side
+TF32_MAX_ABS_ERROR = 2e-3  # the waveform error the TF32 fast path is held to (samples in [-1, 1])
+TF32_RELATIVE_L2_ERROR = 3e-3
 
 
 @dataclass(frozen=True)
@@ -160,8 +168,14 @@ def _tiles(x: torch.Tensor, out_channels: int, columns: int, phases: int = 1) ->
         block_r = limits.block_r // 2 if x.dtype == torch.float32 else limits.block_r
     else:
         block_r = max(1, min(limits.block_r, limits.broadcast // (block_co * block_t)))
-    # fp32 must not be rounded to tf32 inside tl.dot; fp16/bf16 go to the tensor cores as they are.
-    return _Tiles(block_co, block_t, block_r, use_dot, "ieee" if x.dtype == torch.float32 else "tf32")
+    return _Tiles(block_co, block_t, block_r, use_dot, dot_precision(x.dtype))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp16/bf16 go to the tensor cores as they are; fp32 as TF32 only where torch allows it."""
+    if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
+        return "ieee"
+    return "tf32"
 
 
 def _check_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, in_channels: int, out_channels: int):

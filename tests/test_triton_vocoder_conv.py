@@ -1,9 +1,14 @@
 """The vocoder conv kernels against the torch references (interpreter on CPU), and the streaming
 vocoder run on them."""
 
+import types
+
 import pytest
 import torch
+import torch.nn.functional as F
 
+from echox import backend
+from echox.config import VocoderConfig
 from echox.vocoder_ops import conv1d_valid_reference, conv_transpose1d_window_reference
 from echox_kernels import vocoder_conv
 from echox_kernels.vocoder_conv import conv1d_valid, conv_transpose1d_window
@@ -145,3 +150,64 @@ def test_streaming_on_triton_equals_offline(monkeypatch, units, chunk):
     offline = vocoder(ids)
     assert wave.shape == offline.shape
     assert (wave - offline).abs().max() <= 1e-4
+
+
+def tf32(x: torch.Tensor) -> torch.Tensor:
+    """x with the 10-bit mantissa the tensor cores read (round to nearest, ties away: cvt.rna.tf32)."""
+    bits = x.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def waveform_error(fast: torch.Tensor, exact: torch.Tensor) -> tuple[float, float]:
+    diff = (fast - exact).float()
+    return diff.abs().max().item(), (diff.norm() / exact.float().norm()).item()
+
+
+def test_tf32_waveform_stays_within_the_stated_tolerance(monkeypatch):
+    """The released architecture (512 channels, five stages) with every conv's operands rounded to
+    TF32, as the fast path's tensor cores round them, against exact fp32: the audio moves by about
+    7e-4 at most and 1.3e-3 in relative L2, inside the stated bounds with a 2.5x margin."""
+    from test_vocoder import random_vocoder
+    vocoder = random_vocoder(VocoderConfig(), seed=1).eval()
+    ids = torch.randint(0, 1000, (25,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        exact = vocoder(ids)
+        conv1d, conv_transpose1d = F.conv1d, F.conv_transpose1d
+        monkeypatch.setattr(F, "conv1d", lambda x, w, *args, **kw: conv1d(tf32(x), tf32(w), *args, **kw))
+        monkeypatch.setattr(F, "conv_transpose1d",
+                            lambda x, w, *args, **kw: conv_transpose1d(tf32(x), tf32(w), *args, **kw))
+        fast = vocoder(ids)
+    max_abs, relative_l2 = waveform_error(fast, exact)
+    assert 0 < max_abs <= vocoder_conv.TF32_MAX_ABS_ERROR and relative_l2 <= vocoder_conv.TF32_RELATIVE_L2_ERROR
+
+
+@pytest.mark.parametrize("dtype, allow_tf32, expected", [
+    (torch.float32, True, "triton"), (torch.float32, False, "cuda"), (torch.bfloat16, False, "triton")])
+def test_gpu_dispatch_runs_vocoder_convs_on_the_tensor_cores(monkeypatch, dtype, allow_tf32, expected):
+    """With both kernels built: Triton (tl.dot on tensor cores) unless exact fp32 is asked for."""
+    monkeypatch.setattr(backend, "cuda_extension_available", lambda: True)
+    monkeypatch.setattr(backend, "triton_available", lambda: True)
+    torch.backends.cudnn.allow_tf32 = allow_tf32  # restored by exact_fp32_convs
+    on_gpu = types.SimpleNamespace(is_cuda=True, dtype=dtype)
+    assert backend.choose("conv1d_valid", on_gpu) == expected
+    assert backend.choose("conv_transpose1d_window", on_gpu) == expected
+    assert backend.choose("head_select", on_gpu) == "cuda"
+    assert vocoder_conv.dot_precision(dtype) == ("ieee" if expected == "cuda" else "tf32")
+
+
+@pytest.mark.gpu
+def test_tf32_streaming_vocoder_on_gpu_within_tolerance(monkeypatch):
+    """The fast path end to end: the released architecture streamed through the Triton convs in
+    TF32 against the offline vocoder in exact fp32."""
+    from echox.streaming_vocoder import StreamingVocoder
+    from test_vocoder import random_vocoder
+    vocoder = random_vocoder(VocoderConfig(), seed=1).to(DEVICE)
+    ids = torch.randint(0, 1000, (60,), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    with torch.no_grad():
+        exact = vocoder(ids)
+        torch.backends.cudnn.allow_tf32 = True  # restored by exact_fp32_convs
+        monkeypatch.setenv("ECHOX_BACKEND", "triton")
+        stream = StreamingVocoder(vocoder)
+        fast = torch.cat([stream.push(ids[i:i + 25]) for i in range(0, 60, 25)] + [stream.flush()])
+    max_abs, relative_l2 = waveform_error(fast, exact)
+    assert max_abs <= vocoder_conv.TF32_MAX_ABS_ERROR and relative_l2 <= vocoder_conv.TF32_RELATIVE_L2_ERROR

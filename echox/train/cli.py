@@ -59,6 +59,8 @@ def add_train_command(sub):
                                help="build a new unit language of this many tokens from the manifest's units")
         if name == "stage3":
             stage.add_argument("--heldout", help="manifest whose teacher-forced unit accuracy is reported")
+            stage.add_argument("--max-units", type=int, default=2048,
+                               help="longest pseudo-label in unit tokens (the released decode budget)")
         stage.set_defaults(run=_run_stage)
     demo = stages.add_parser("demo", help="all three stages on a synthetic spoken task, on the CPU")
     demo.add_argument("out", help="folder to create (data, stages, metrics.jsonl, model/)")

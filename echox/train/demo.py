@@ -27,7 +27,7 @@ import torch
 from ..audio import load_audio
 from ..errors import EchoXError
 from ..tiny import TinySpec, write_tiny_checkpoint
-from .manifest import write_manifest
+from .manifest import read_manifest, write_manifest
 from .stages import StageOptions, run_stage
 from .stand_in_units import fit_centroids, log_mel_frames, units_of
 
@@ -97,20 +97,53 @@ def loss_ends(metrics: Path) -> dict[str, dict[str, float]]:
     return ends
 
 
-def answer_heldout(model: Path, question: Path, output: Path) -> str:
-    """The trained model answers one held-out spoken question through the inference engine."""
+def answer_heldout(model: Path, heldout: Path, output: Path) -> list[dict]:
+    """The trained model answers every held-out spoken question through the inference engine
+    (greedy); the first answer's speech goes to `output`."""
     from ..audio import write_wav
     from ..engine import AudioChunk, TextDelta, load
     from ..sampling import GREEDY
-    session = load(model, device="cpu").session(sampling=GREEDY, max_new_tokens=32, max_units=200)
-    text, chunks = "", []
-    for event in session.respond(audio=question):
-        if isinstance(event, TextDelta):
-            text += event.text
-        elif isinstance(event, AudioChunk):
-            chunks.append(event.samples)
-    write_wav(output, torch.cat(chunks) if chunks else torch.zeros(0))
-    return text
+    engine = load(model, device="cpu")
+    answers = []
+    for example in read_manifest(heldout):
+        text, chunks = "", []
+        for event in engine.session(sampling=GREEDY, max_new_tokens=32, max_units=200).respond(audio=example.audio):
+            if isinstance(event, TextDelta):
+                text += event.text
+            elif isinstance(event, AudioChunk):
+                chunks.append(event.samples)
+        if not answers:
+            write_wav(output, torch.cat(chunks) if chunks else torch.zeros(0))
+        answers.append({"question": example.audio.name, "transcript": example.transcript,
+                        "expected": example.response, "answer": text})
+    return answers
+
+
+def train_stages(out: Path, size: DemoSize, seed: int, train_manifest: Path, heldout_manifest: Path) -> dict:
+    """Stage I from the tiny random model, II from I's model, III from II's into OUT/model."""
+    base = write_tiny_checkpoint(out / "base", DEMO_MODEL, seed=seed)
+    common = dict(manifest=train_manifest, batch_size=size.batch_size, seed=seed, metrics=out / "metrics.jsonl",
+                  lora_rank=16, lora_alpha=32.0)
+    run_stage("stage1", StageOptions(model=base, out=out / "stage1", steps=size.steps[0], lr=LR["stage1"], **common))
+    run_stage("stage2", StageOptions(model=out / "stage1" / "model", out=out / "stage2", steps=size.steps[1],
+                                     lr=LR["stage2"], unit_vocab=size.unit_vocab, **common))
+    return run_stage("stage3", StageOptions(model=out / "stage2" / "model", out=out, steps=size.steps[2],
+                                            lr=LR["stage3"], heldout=heldout_manifest, max_units=size.max_units,
+                                            **common))
+
+
+def report(summary: dict, out: Path):
+    for stage, ends in summary["loss"].items():
+        print(f"{stage}: loss {ends['first']:.3f} -> {ends['last']:.3f}")
+    accuracy = summary["heldout_unit_accuracy"]
+    print(f"held-out teacher-forced unit-token accuracy: {accuracy['before_stage3']:.3f} before stage III, "
+          f"{accuracy['after_stage3']:.3f} after")
+    for a in summary["heldout_answers"]:
+        print(f"held-out {a['question']} ({a['transcript']!r}, a voice not trained on): {a['answer']!r}")
+    print(f"{summary['heldout_answers_correct']} held-out questions answered as trained")
+    first = out / "data" / summary["heldout_answers"][0]["question"]
+    print(f"wrote {out / 'model'} and {out / 'answer.wav'} in {summary['wall_seconds']:.0f} s; "
+          f"try: echox chat --model {out / 'model'} --input {first} --output answer.wav --greedy")
 
 
 def run_demo(out: Path, quick: bool = False, overwrite: bool = False, seed: int = 0) -> dict:
@@ -121,27 +154,14 @@ def run_demo(out: Path, quick: bool = False, overwrite: bool = False, seed: int 
     started = time.monotonic()
     size = QUICK if quick else FULL
     train_manifest, heldout_manifest = build_task(out / "data", size, seed)
-    base = write_tiny_checkpoint(out / "base", DEMO_MODEL, seed=seed)
-    metrics = out / "metrics.jsonl"
-    common = dict(manifest=train_manifest, batch_size=size.batch_size, seed=seed, metrics=metrics,
-                  lora_rank=16, lora_alpha=32.0)
-    run_stage("stage1", StageOptions(model=base, out=out / "stage1", steps=size.steps[0], lr=LR["stage1"], **common))
-    run_stage("stage2", StageOptions(model=out / "stage1" / "model", out=out / "stage2", steps=size.steps[1],
-                                     lr=LR["stage2"], unit_vocab=size.unit_vocab, **common))
-    echo = run_stage("stage3", StageOptions(model=out / "stage2" / "model", out=out, steps=size.steps[2],
-                                            lr=LR["stage3"], heldout=heldout_manifest, max_units=size.max_units,
-                                            **common))
-    question = out / "data" / "q0_v{}.wav".format(size.voices)  # question 0 in the held-out voice
-    answer = answer_heldout(out / "model", question, out / "answer.wav")
-    summary = {"loss": loss_ends(metrics),
+    echo = train_stages(out, size, seed, train_manifest, heldout_manifest)
+    answers = answer_heldout(out / "model", heldout_manifest, out / "answer.wav")
+    summary = {"loss": loss_ends(out / "metrics.jsonl"),
                "heldout_unit_accuracy": {"before_stage3": echo["heldout_accuracy_before"],
                                          "after_stage3": echo["heldout_accuracy_after"]},
-               "heldout_question": str(question.relative_to(out)), "answer": answer,
+               "heldout_answers": answers,
+               "heldout_answers_correct": f"{sum(a['answer'] == a['expected'] for a in answers)}/{len(answers)}",
                "wall_seconds": round(time.monotonic() - started, 1), "quick": quick}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    for stage, ends in summary["loss"].items():
-        print(f"{stage}: loss {ends['first']:.3f} -> {ends['last']:.3f}")
-    print(f"held-out question {question.name} ({QUESTIONS[0][0]!r}, a voice not trained on): {answer!r}")
-    print(f"wrote {out / 'model'} and {out / 'answer.wav'} in {summary['wall_seconds']:.0f} s; "
-          f"try: echox chat --model {out / 'model'} --input {question} --output answer.wav --greedy")
+    report(summary, out)
     return summary

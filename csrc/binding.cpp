@@ -26,7 +26,7 @@ int echox_vocoder_conv_splits(int batch, int cin, int cout, int out_len);
   extern "C" cudaError_t echox_head_select_##suffix(                                                                \
       const void* hidden, const void* weight, int batch, int rows, int width, float temperature, float top_p,        \
       int top_k, uint32_t seed, const long long* step, float* scaled, float* part_val, int* part_idx,               \
-      long long* out, cudaStream_t stream);                                                                        \
+      int* candidates, int* candidate_count, long long* out, cudaStream_t stream);                                 \
   extern "C" cudaError_t echox_conv1d_valid_##suffix(                                                               \
       const void* x, const void* weight, const void* bias, const void* residual, void* y, float* partial,          \
       int batch, int cin, int cout, int length, int kernel, int dilation, float input_slope, int splits,           \
@@ -143,16 +143,20 @@ torch::Tensor head_select(const torch::Tensor& hidden, const torch::Tensor& weig
   const bool filtered = echox_head_select_filtered(rows, temperature_f, top_p_f, top_k_i);
   const int parts = echox_head_select_parts(rows);
   const auto f32 = hidden.options().dtype(torch::kFloat32);
-  // Only the workspace of the chosen path is sized; the other is empty.
+  // The per-row workspace of top-k/top-p is sized only when that path runs; the rest is small.
+  const auto i32 = hidden.options().dtype(torch::kInt32);
   auto scaled = torch::empty({filtered ? batch * rows : 0}, f32);
-  auto part_val = torch::empty({filtered ? 0 : batch * parts}, f32);
-  auto part_idx = torch::empty({filtered ? 0 : batch * parts}, hidden.options().dtype(torch::kInt32));
+  auto candidates = torch::empty({filtered ? batch * rows : 0}, i32);
+  auto candidate_count = torch::empty({filtered ? batch : 0}, i32);
+  auto part_val = torch::empty({batch * parts}, f32);
+  auto part_idx = torch::empty({batch * parts}, i32);
   auto out = torch::empty({batch}, hidden.options().dtype(torch::kInt64));
   const auto launch =
       by_dtype<HeadSelectLauncher>(hidden, op, echox_head_select_fp32, echox_head_select_fp16, echox_head_select_bf16);
   check_launch(launch(hidden.data_ptr(), weight.data_ptr(), batch, rows, width, temperature_f, top_p_f, top_k_i,
                       static_cast<uint32_t>(seed), reinterpret_cast<const long long*>(step.data_ptr<int64_t>()),
                       scaled.data_ptr<float>(), part_val.data_ptr<float>(), part_idx.data_ptr<int>(),
+                      candidates.data_ptr<int>(), candidate_count.data_ptr<int>(),
                       reinterpret_cast<long long*>(out.data_ptr<int64_t>()), c10::cuda::getCurrentCUDAStream()),
                op);
   return out;

@@ -4,8 +4,12 @@
 // row per sequence is chosen:
 // - greedy: the argmax, fused into the GEMV (the logits never reach memory);
 // - temperature only: Gumbel-max, argmax of logits / T + g(seed, step, b, r), also fused;
-// - with top-k / top-p: the GEMV stores the tempered logits, and one block per sequence finds
-//   the cut-off by radix descent over the float bits, then draws by Gumbel-max over the kept set.
+// - with top-k / top-p: the GEMV stores the tempered logits and each block's maximum; a gather
+//   over many blocks keeps the candidates (with top-p, the columns within kCandidateSpan of the
+//   row maximum, the only ones top-p can keep, see below; with top-k alone, every column), and
+//   one block per sequence finds the cut-off among them by radix descent over the float bits,
+//   then draws by Gumbel-max over the kept set. At the released temperature 0.2 and top-p 0.9
+//   the 128k columns of a row typically leave a few hundred candidates.
 // The noise is the counter-based hash of echox.sampling.uniform_noise, so the same token as the
 // torch reference is drawn. `step` is read on the device. Ties go to the lowest row.
 
@@ -32,6 +36,15 @@ constexpr int kGemvUnroll = 4;       // 16-byte weight loads in flight per lane
 constexpr int kSelectThreads = 1024;
 constexpr int kBins = 256;  // radix digits of 8 bits: four passes pin down a 32-bit key
 constexpr float kMassScale = 1099511627776.0f;  // 2^40: masses in fixed point sum exactly, in any order
+constexpr int kGatherThreads = 256;
+constexpr int kGatherBlocksPerSm = 2;
+// Which columns can matter under top-p. A column more than 27.8 below the row maximum has mass
+// exp(x - max) * 2^40 < 1, zero in fixed point, and top-p < 1 never keeps a zero-mass column
+// (the mass above it is the whole mass). So with top-p the columns more than kCandidateSpan below
+// the maximum are dropped before the selection: no count within the kept set, no mass and no
+// draw changes. Not with top-k alone: the noise of the one 24-bit draw that rounds to u = 1 is
+// +inf, so a kept column wins however low it is, and top-k may keep low columns.
+constexpr float kCandidateSpan = 32.f;
 
 enum Mode { kGreedy, kSample, kStoreScaled };
 
@@ -102,8 +115,8 @@ __device__ float block_max(float v) {
 }
 
 // Grid (blocks, ceil(B / kBatchTile)). Each warp takes whole rows (grid-stride) and dots them
-// with up to kBatchTile hidden vectors, which stay in L1. Greedy/kSample leave each block's best
-// (value, row) per sequence in part_val/part_idx [B, blocks]; kStoreScaled writes logits / T.
+// with up to kBatchTile hidden vectors, which stay in L1. Each block leaves its best (value, row)
+// per sequence in part_val/part_idx [B, blocks]; kStoreScaled also writes logits / T to scaled.
 template <typename T, Mode M>
 __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
     head_gemv_kernel(const T* __restrict__ hidden, const T* __restrict__ weight, int batch, int rows, int width,
@@ -156,20 +169,21 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
       const float logit = echox::group_sum<32>(acc[t]);
       // Explicit round-to-nearest multiply, then add: the reference rounds logits / T before adding
       // the noise, and nvcc would otherwise fuse the two into one fma (one rounding, other tokens).
+      float v;
       if constexpr (M == kStoreScaled) {
-        if (lane == 0) scaled[static_cast<size_t>(b0 + t) * rows + r] = __fmul_rn(logit, inv_temperature);
+        v = __fmul_rn(logit, inv_temperature);
+        if (lane == 0) scaled[static_cast<size_t>(b0 + t) * rows + r] = v;
       } else {
-        const float v = M == kGreedy ? logit
-                                     : __fadd_rn(__fmul_rn(logit, inv_temperature), gumbel(seed, step32, b0 + t, r));
-        if (v > best[t]) {  // rows rise within a warp, so a tie keeps the earlier row
-          best[t] = v;
-          best_row[t] = r;
-        }
+        v = M == kGreedy ? logit : __fadd_rn(__fmul_rn(logit, inv_temperature), gumbel(seed, step32, b0 + t, r));
+      }
+      if (v > best[t]) {  // rows rise within a warp, so a tie keeps the earlier row
+        best[t] = v;
+        best_row[t] = r;
       }
     }
   }
 
-  if constexpr (M != kStoreScaled) {
+  {  // each block's best per sequence (for kStoreScaled, its maximum: the gather's row maximum)
     __shared__ float warp_best[kGemvWarps][kBatchTile];
     __shared__ int warp_row[kGemvWarps][kBatchTile];
     if (lane == 0) {
@@ -238,21 +252,29 @@ struct Region {
   }
 };
 
+// The candidates of one sequence: `count` column indices into its tempered logits, in any order.
+struct Candidates {
+  const float* scaled;
+  const int* index;
+  int count;
+
+  __device__ float value(int i) const { return i < count ? scaled[index[i]] : -INFINITY; }
+};
+
 // Histogram of the pass digit over the region, masses exp(s - max) in fixed point when asked.
 // Warp-aggregated counts keep the atomics few where most logits share their top bits.
-__device__ void fill_histogram(const float* __restrict__ s, int rows, Region region, bool with_mass, float max_value,
-                               Histogram& h) {
+__device__ void fill_histogram(Candidates c, Region region, bool with_mass, float max_value, Histogram& h) {
   for (int j = threadIdx.x; j < kBins; j += kSelectThreads) {
     h.count[j] = 0;
     h.mass[j] = 0;
   }
   __syncthreads();
   const int lane = threadIdx.x % 32;
-  for (int base = 0; base < rows; base += kSelectThreads) {
+  for (int base = 0; base < c.count; base += kSelectThreads) {
     const int i = base + threadIdx.x;
-    const float x = i < rows ? s[i] : -INFINITY;
+    const float x = c.value(i);
     const uint32_t key = order_key(x);
-    const bool in = i < rows && region.contains(key);
+    const bool in = i < c.count && region.contains(key);
     const unsigned members = __ballot_sync(echox::kFullWarp, in);
     if (!in) continue;
     const uint32_t digit = (key >> region.shift) & (kBins - 1);
@@ -287,13 +309,13 @@ __device__ void suffix_sums(Histogram& h) {
 
 // Key of the k-th largest column (counting repeats, as torch.topk): a column is in the top-k set
 // iff its key is >= this one.
-__device__ uint32_t kth_largest_key(const float* __restrict__ s, int rows, int k, Histogram& h) {
+__device__ uint32_t kth_largest_key(Candidates c, int k, Histogram& h) {
   __shared__ uint32_t chosen_digit;
   __shared__ int rank_left;
   Region region{0u, 0u, 24};
   int rank = k;  // rank of the target among the columns of the region, from the top
   for (; region.shift >= 0; region.shift -= 8) {
-    fill_histogram(s, rows, region, false, 0.f, h);
+    fill_histogram(c, region, false, 0.f, h);
     suffix_sums(h);
     const int j = threadIdx.x;
     if (j < kBins) {
@@ -314,14 +336,13 @@ __device__ uint32_t kth_largest_key(const float* __restrict__ s, int rows, int k
 // Key of the least likely column kept by top-p among the columns with key >= floor: column i is
 // kept iff the mass of the columns strictly more likely than i is < top_p. That set is every
 // key >= the one found: a radix descent into the lowest digit whose best column still qualifies.
-__device__ uint32_t top_p_key(const float* __restrict__ s, int rows, uint32_t floor, float max_value, float top_p,
-                              Histogram& h) {
+__device__ uint32_t top_p_key(Candidates c, uint32_t floor, float max_value, float top_p, Histogram& h) {
   __shared__ unsigned long long total_mass;
   __shared__ int lowest_digit;
   Region region{floor, 0u, 24};
   unsigned long long mass_above = 0;  // of the kept columns above the region
   for (; region.shift >= 0; region.shift -= 8) {
-    fill_histogram(s, rows, region, true, max_value, h);
+    fill_histogram(c, region, true, max_value, h);
     suffix_sums(h);
     const int j = threadIdx.x;
     if (j == 0) {
@@ -344,30 +365,56 @@ __device__ uint32_t top_p_key(const float* __restrict__ s, int rows, uint32_t fl
   return region.prefix;
 }
 
-// Grid B: top-k / top-p over the stored tempered logits [B, R], then Gumbel-max over the kept rows.
+// Grid (blocks, B): the row maximum from the GEMV blocks' maxima, then every column within
+// `span` of it appended to candidates[b] (order is free: the selection does not use it).
+__global__ void __launch_bounds__(kGatherThreads)
+    gather_candidates_kernel(const float* __restrict__ scaled, int rows, const float* __restrict__ part_max, int parts,
+                             float span, int* __restrict__ candidates, int* __restrict__ candidate_count) {
+  const int b = blockIdx.y, lane = threadIdx.x % 32;
+  const float* s = scaled + static_cast<size_t>(b) * rows;
+  float m = -INFINITY;
+  for (int p = threadIdx.x; p < parts; p += kGatherThreads) m = fmaxf(m, part_max[static_cast<size_t>(b) * parts + p]);
+  const float floor_value = block_max<kGatherThreads>(m) - span;
+  for (int base = blockIdx.x * kGatherThreads; base < rows; base += gridDim.x * kGatherThreads) {
+    const int i = base + threadIdx.x;
+    const bool keep = i < rows && s[i] >= floor_value;
+    const unsigned keepers = __ballot_sync(echox::kFullWarp, keep);
+    if (keepers == 0) continue;
+    int slot = 0;  // one atomic per warp: lane 0 reserves the warp's slots
+    if (lane == 0) slot = atomicAdd(candidate_count + b, __popc(keepers));
+    slot = __shfl_sync(echox::kFullWarp, slot, 0);
+    if (keep) candidates[static_cast<size_t>(b) * rows + slot + __popc(keepers & ((1u << lane) - 1u))] = i;
+  }
+}
+
+// Grid B: top-k / top-p over the candidates of the stored tempered logits, then Gumbel-max over the kept ones.
 __global__ void __launch_bounds__(kSelectThreads)
-    filtered_select_kernel(const float* __restrict__ scaled, int rows, int top_k, float top_p, uint32_t seed,
+    filtered_select_kernel(const float* __restrict__ scaled, int rows, const int* __restrict__ candidates,
+                           const int* __restrict__ candidate_count, int top_k, float top_p, uint32_t seed,
                            const long long* __restrict__ step, long long* __restrict__ out) {
   __shared__ Histogram h;
   const int b = blockIdx.x;
-  const float* s = scaled + static_cast<size_t>(b) * rows;
+  const Candidates c{scaled + static_cast<size_t>(b) * rows, candidates + static_cast<size_t>(b) * rows,
+                     candidate_count[b]};
   uint32_t floor = 0;
-  if (top_k > 0 && top_k < rows) floor = kth_largest_key(s, rows, top_k, h);
+  if (top_k > 0 && top_k < c.count) floor = kth_largest_key(c, top_k, h);
   if (top_p < 1.f) {
     float m = -INFINITY;
-    for (int i = threadIdx.x; i < rows; i += kSelectThreads) m = fmaxf(m, s[i]);
+    for (int i = threadIdx.x; i < c.count; i += kSelectThreads) m = fmaxf(m, c.value(i));
     m = block_max<kSelectThreads>(m);
-    floor = max(floor, top_p_key(s, rows, floor, m, top_p, h));
+    floor = max(floor, top_p_key(c, floor, m, top_p, h));
   }
   const uint32_t step32 = static_cast<uint32_t>(*step);
   float best = -INFINITY;
   int best_row = INT_MAX;
-  for (int i = threadIdx.x; i < rows; i += kSelectThreads) {
-    if (order_key(s[i]) < floor) continue;
-    const float v = __fadd_rn(s[i], gumbel(seed, step32, b, i));
-    if (v > best) {
+  for (int i = threadIdx.x; i < c.count; i += kSelectThreads) {
+    const float x = c.value(i);
+    if (order_key(x) < floor) continue;
+    const int row = c.index[i];
+    const float v = __fadd_rn(x, gumbel(seed, step32, b, row));
+    if (beats(v, row, best, best_row)) {  // candidates come in any order: ties compare rows
       best = v;
-      best_row = i;
+      best_row = row;
     }
   }
   const int row = block_argmax<kSelectThreads>(best, best_row);
@@ -390,10 +437,17 @@ void launch_gemv(const void* hidden, const void* weight, int batch, int rows, in
                                                             inv_temperature, seed, step, scaled, part_val, part_idx);
 }
 
+int gather_blocks(int rows) {
+  int device = 0, sms = 132;
+  if (cudaGetDevice(&device) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  return max(1, min(ceil_div(rows, kGatherThreads * 4), sms * kGatherBlocksPerSm));
+}
+
 template <typename T>
 cudaError_t launch_head_select(const void* hidden, const void* weight, int batch, int rows, int width,
                                float temperature, float top_p, int top_k, uint32_t seed, const long long* step,
-                               float* scaled, float* part_val, int* part_idx, long long* out, cudaStream_t stream) {
+                               float* scaled, float* part_val, int* part_idx, int* candidates, int* candidate_count,
+                               long long* out, cudaStream_t stream) {
   // The reciprocal, as torch's CUDA division by a Python scalar computes it.
   const float inv_temperature = temperature > 0.f ? 1.f / temperature : 0.f;
   if (temperature == 0.f) {
@@ -402,9 +456,15 @@ cudaError_t launch_head_select(const void* hidden, const void* weight, int batch
     launch_gemv<T, kSample>(hidden, weight, batch, rows, width, inv_temperature, seed, step, nullptr, part_val,
                             part_idx, stream);
   } else {
-    launch_gemv<T, kStoreScaled>(hidden, weight, batch, rows, width, inv_temperature, seed, step, scaled, nullptr,
-                                 nullptr, stream);
-    filtered_select_kernel<<<batch, kSelectThreads, 0, stream>>>(scaled, rows, top_k, top_p, seed, step, out);
+    launch_gemv<T, kStoreScaled>(hidden, weight, batch, rows, width, inv_temperature, seed, step, scaled, part_val,
+                                 part_idx, stream);
+    cudaError_t status = cudaMemsetAsync(candidate_count, 0, batch * sizeof(int), stream);
+    if (status != cudaSuccess) return status;
+    gather_candidates_kernel<<<dim3(gather_blocks(rows), batch), kGatherThreads, 0, stream>>>(
+        scaled, rows, part_val, gemv_blocks(rows), top_p < 1.f ? kCandidateSpan : INFINITY, candidates,
+        candidate_count);
+    filtered_select_kernel<<<batch, kSelectThreads, 0, stream>>>(scaled, rows, candidates, candidate_count, top_k,
+                                                                  top_p, seed, step, out);
     return cudaGetLastError();
   }
   argmax_parts_kernel<<<batch, kGemvThreads, 0, stream>>>(part_val, part_idx, gemv_blocks(rows), out);
@@ -414,16 +474,17 @@ cudaError_t launch_head_select(const void* hidden, const void* weight, int batch
 }  // namespace
 
 // Workspace the caller provides: part_val/part_idx of batch * echox_head_select_parts(rows)
-// entries (greedy and unfiltered sampling), scaled of batch * rows floats (top-k/top-p).
+// entries (every path); for top-k/top-p also scaled (floats) and candidates (ints) of batch * rows
+// and candidate_count of batch ints.
 extern "C" int echox_head_select_parts(int rows) { return gemv_blocks(rows); }
 
 #define ECHOX_HEAD_SELECT_LAUNCHER(suffix, T)                                                                       \
   extern "C" cudaError_t echox_head_select_##suffix(                                                                \
       const void* hidden, const void* weight, int batch, int rows, int width, float temperature, float top_p,       \
       int top_k, uint32_t seed, const long long* step, float* scaled, float* part_val, int* part_idx,              \
-      long long* out, cudaStream_t stream) {                                                                        \
+      int* candidates, int* candidate_count, long long* out, cudaStream_t stream) {                                 \
     return launch_head_select<T>(hidden, weight, batch, rows, width, temperature, top_p, top_k, seed, step,         \
-                                 scaled, part_val, part_idx, out, stream);                                          \
+                                 scaled, part_val, part_idx, candidates, candidate_count, out, stream);             \
   }
 
 ECHOX_HEAD_SELECT_LAUNCHER(fp32, float)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything a lent GPU machine (no network, one call of at most 10 minutes) is for:
 # build csrc into echox_cuda, run the `gpu` tests, then every benchmark into bench/results/.
-# Each phase has a time limit (480 s in all), so the whole script ends within 8 minutes, and its log and the
+# Each phase has a time limit (470 s in all, kill grace included), so the whole script ends within 8 minutes, and its log and the
 # results are copied to $OUT when it is set (the device tool brings back only that folder),
 # whichever phase fails.
 #   bash bench/gpu.sh [report.py options, e.g. --overwrite]
@@ -11,6 +11,7 @@ export PYTHONUNBUFFERED=1
 # The image may carry nvcc only as a wrapper on the PATH; the toolkit's own bin holds the rest.
 if [ -d /usr/local/cuda/bin ]; then export PATH="/usr/local/cuda/bin:$PATH"; fi
 export MAX_JOBS="$(nproc)"  # torch's cpp_extension compiles the .cu files in parallel
+PY="$(command -v python3 || command -v python)"  # the image's torch is behind `python3`
 OUT_DIR="${OUT:-}"
 log="${OUT_DIR:-/tmp}/gpu_sh.log"
 : > "$log"
@@ -23,7 +24,7 @@ phase() {
     shift 2
     local begin=$SECONDS
     echo "=== ${name} (limit ${limit} s)" | tee -a "$log"
-    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$log" | tail -n 40
+    timeout --kill-after=5 "$limit" "$@" 2>&1 | tee -a "$log" | tail -n 40
     local code=${PIPESTATUS[0]}
     phase_times+=("${name}: exit ${code}, $((SECONDS - begin)) s")
     echo "=== ${name}: exit ${code}, $((SECONDS - begin)) s" | tee -a "$log"
@@ -38,14 +39,14 @@ save_results() {
 }
 trap save_results EXIT
 
-phase gpu-info 20 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
-phase build 170 python -m pip install -q --no-build-isolation --no-deps -e .
+phase gpu-info 15 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
+phase build 160 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
 # torch first: echox_cuda links against libtorch and libc10, which importing torch loads.
-phase import-check 30 python -c "import torch, echox_cuda; print('echox_cuda built for', torch.cuda.get_device_name())" \
+phase import-check 20 "$PY" -c "import torch, echox_cuda; print('echox_cuda built for', torch.cuda.get_device_name())" \
     || echo "echox_cuda NOT built: CUDA kernels are not timed"
-phase gpu-tests 120 python -m pytest -q -m gpu tests/
+phase gpu-tests 110 "$PY" -m pytest -q -m gpu tests/
 gpu_tests=$?
-phase report 140 python bench/report.py --device cuda "$@"
+phase report 140 "$PY" bench/report.py --device cuda "$@"
 report=$?
 echo "gpu tests exit code ${gpu_tests}; report exit code ${report}"
 exit $(( gpu_tests != 0 || report != 0 ))

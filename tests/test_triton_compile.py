@@ -196,6 +196,8 @@ def compile_for_sm90(kernel, pointers: dict, floats: tuple, constexprs: dict) ->
     return {"status": "ok", "loop_lines": len(loop), "loop_shuffles": sum("shfl.sync" in line for line in loop),
             "loop_barriers": sum("bar.sync" in line for line in loop),
             "loop_vector_loads": sum("ld.global.v4" in line for line in loop),
+            "approximate_divisions": ptx.count("div.full") + ptx.count("div.approx"),
+            "rounded_multiplies": len(re.findall(r"fma\.rn\.f32[^;]*, 0f00000000;", ptx)),
             "shared_bytes": compiled.metadata.shared, "ptxas": ptxas_report(ptx)}
 
 
@@ -210,6 +212,15 @@ def compile_results() -> dict:
 @pytest.mark.parametrize("case", case_ids())
 def test_compiles_for_sm90(compile_results, case):
     assert compile_results[case]["status"] == "ok", compile_results[case]["status"]
+
+
+@pytest.mark.parametrize("case", [f"select-gemv-{mode}-{dtype}" for mode in ("sample", "store") for dtype in DTYPES])
+def test_head_gemv_tempers_with_one_rounding(compile_results, case):
+    """logits * fp32(1 / T) as torch's CUDA division by a scalar: fmas with a zero addend, one per
+    logit a thread holds (a plain multiply would be fused with the noise addition into one fma),
+    and no approximate division anywhere (Triton's `/` on fp32 is div.full)."""
+    result = compile_results[case]
+    assert result["approximate_divisions"] == 0 and result["rounded_multiplies"] >= 1, result
 
 
 @pytest.mark.parametrize("case", [f"select-gemv-{mode}-{dtype}" for mode in ("greedy", "sample", "store")

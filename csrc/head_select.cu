@@ -8,8 +8,8 @@
 //   over many blocks keeps the candidates (with top-p, the columns within kCandidateSpan of the
 //   row maximum, the only ones top-p can keep, see below; with top-k alone, every column), and
 //   one block per sequence finds the cut-off among them by radix descent over the float bits,
-//   then draws by Gumbel-max over the kept set. At the released temperature 0.2 and top-p 0.9
-//   the 128k columns of a row typically leave a few hundred candidates.
+//   then draws by Gumbel-max over the kept set. At the released temperature 0.2 the candidates
+//   are the columns within 6.4 raw logits of the best one, however many of the 128k that is.
 // The noise is the counter-based hash of echox.sampling.uniform_noise, so the same token as the
 // torch reference is drawn. `step` is read on the device. Ties go to the lowest row.
 

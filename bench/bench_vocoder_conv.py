@@ -4,8 +4,10 @@ CUDA: bf16 at the released vocoder's layers (upsample_initial_channel 512) for a
 unit frames (2 s of audio): conv_pre, a resblock conv of stage 0 (256 ch, k11 d5), stage 2
 (64 ch, k7 d3) and stage 4 (16 ch, k3), conv_post, and the transposed convs of stages 0, 2, 4.
 Baselines: the fp32 torch reference, native cuDNN convs in bf16 (lrelu and residual as separate
-ops), the same compiled, and the CUDA kernels when echox_cuda is built. CPU: fp32 small shapes,
-torch only.
+ops), the same compiled, and the CUDA kernels when echox_cuda is built. Cases ending in -fp32
+time fp32, the dtype the engine runs the vocoder in: there the Triton kernels use the tensor
+cores as TF32 (as cuDNN does by default) and the CUDA kernels sum in exact fp32. CPU: fp32 small
+shapes, torch only.
 """
 
 import pytest
@@ -74,17 +76,20 @@ def native_up(x, weight, bias, stride, start, count, slope):
 
 
 def inputs(case: str) -> tuple:
-    """The op ("conv1d" or "up") of a case and its arguments."""
-    if case in CONVS:
-        return "conv1d", conv_inputs(*CONVS[case])
-    return "up", up_inputs(*UPS[case])
+    """The op ("conv1d" or "up") of a case and its arguments (in fp32 for an -fp32 case)."""
+    name = case.removesuffix("-fp32")
+    op, args = ("conv1d", conv_inputs(*CONVS[name])) if name in CONVS else ("up", up_inputs(*UPS[name]))
+    if case.endswith("-fp32"):
+        args = tuple(arg.float() if isinstance(arg, torch.Tensor) else arg for arg in args)
+    return op, args
 
 
 # op: (torch reference, native torch, the dispatch)
 OPS = {"conv1d": (conv1d_valid_reference, native_conv, conv1d_valid),
        "up": (conv_transpose1d_window_reference, native_up, conv_transpose1d_window)}
 COMPILED = {op: torch.compile(native, dynamic=False) for op, (_, native, _) in OPS.items()} if HAS_GPU else {}
-CASES = [*CONVS, *UPS]
+FP32_CASES = ["res-stage0-k11-d5-fp32", "res-stage2-k7-d3-fp32", "up-stage0-k11-s5-fp32"] if HAS_GPU else []
+CASES = [*CONVS, *UPS, *FP32_CASES]
 
 
 @pytest.mark.parametrize("case", CASES)

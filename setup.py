@@ -71,14 +71,18 @@ setup(
     name="echox",
     version="0.1.0",
     description="A compact, fast, from-scratch engine for the EchoX speech-to-speech LLM",
-    packages=["echox", "echox.train", "echox_kernels"],
+    packages=["echox", "echox.train", "echox.serve", "echox_kernels"],
     package_dir={"echox": "echox", "echox_kernels": "kernels"},
+    package_data={"echox.serve": ["static/*"]},  # the browser page `echox serve` hands out
     python_requires=">=3.10",
     install_requires=["torch", "safetensors", "tokenizers", "numpy"],
     extras_require={
         "triton": ["triton"],
-        "test": ["pytest", "pytest-benchmark", "transformers", "triton"],
+        "test": ["pytest", "pytest-benchmark", "transformers", "triton",
+                 # the server tests: the server itself, the official realtime client, the browser driver
+                 "aiohttp>=3.9", "openai[realtime]>=1.107", "playwright>=1.40"],
         "audio": ["soundfile"],
+        "serve": ["aiohttp>=3.9"],  # `echox serve`
         "train": ["matplotlib"],  # the loss plot (bench/plot_training.py); training itself needs only torch
     },
     entry_points={"console_scripts": ["echox = echox.cli:main"]},

@@ -22,7 +22,8 @@ from aiohttp import WSMsgType, web
 
 from ..engine import Session
 from .audio_edge import API_RATE, pcm16_from_base64, samples_from_pcm16
-from .protocol import ProtocolError, error_event, new_id, object_field, parse_client_event, server_event
+from .protocol import (ProtocolError, check_event_type, error_event, new_id, object_field, parse_json_object,
+                       server_event)
 from .response import Response
 from .scheduler import TurnScheduler
 from .session_config import SessionConfig, parse_max_output_tokens
@@ -92,13 +93,16 @@ class Connection:
                 return
 
     def handle(self, message: str):
-        event = None
         try:
-            event = parse_client_event(message)
-            self.handlers[event["type"]](event)
+            event = parse_json_object(message)
         except ProtocolError as error:
-            client_event_id = event.get("event_id") if isinstance(event, dict) else None
-            self.post(error_event(error, client_event_id if isinstance(client_event_id, str) else None))
+            self.post(error_event(error))
+            return
+        client_event_id = event.get("event_id") if isinstance(event.get("event_id"), str) else None
+        try:
+            self.handlers[check_event_type(event)](event)
+        except ProtocolError as error:
+            self.post(error_event(error, client_event_id))
 
     def post(self, event: dict | None):
         """Queue an event for the client; safe from any thread (the worker posts through here too)."""

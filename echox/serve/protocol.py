@@ -42,21 +42,26 @@ def error_event(error: ProtocolError, client_event_id: str | None = None) -> dic
                                         "param": error.param, "event_id": client_event_id})
 
 
-def parse_client_event(message: str) -> dict:
-    """A text frame -> the event object; ProtocolError unless it is a JSON object of a known type."""
+def parse_json_object(message: str) -> dict:
+    """A text frame -> the JSON object it holds, or ProtocolError."""
     try:
         event = json.loads(message)
     except (ValueError, RecursionError):
         raise ProtocolError("invalid_json", "the message is not valid JSON") from None
     if not isinstance(event, dict):
         raise ProtocolError("invalid_event", "an event must be a JSON object with a 'type'")
+    return event
+
+
+def check_event_type(event: dict) -> str:
+    """The event's type, or ProtocolError unless it is one of CLIENT_EVENTS."""
     event_type = event.get("type")
     if not isinstance(event_type, str):
         raise ProtocolError("invalid_event", "the event has no string 'type'", "type")
     if event_type not in CLIENT_EVENTS:
         raise ProtocolError("unknown_event", f"unknown or unsupported event type {event_type!r}; echox "
                             f"serves {', '.join(CLIENT_EVENTS)}", "type")
-    return event
+    return event_type
 
 
 def object_field(event: dict, name: str, param: str) -> dict:

@@ -20,7 +20,7 @@ import torch
 
 from ..engine import AudioChunk, Session, TextDelta, TurnDone
 from ..errors import EchoXError
-from .audio_edge import StreamingResampler, pcm16_base64
+from .audio_edge import API_RATE, StreamingResampler, pcm16_base64
 from .protocol import ProtocolError, error_event, new_id, server_event
 from .session_config import SessionConfig
 
@@ -79,7 +79,9 @@ class Response:
 
     def speak(self, session: Session):
         resampler, text, done = StreamingResampler(), [], None
-        for event in session.respond(audio=None if self.audio is None else (self.audio, 24000), text=self.text):
+        for event in session.respond(audio=None if self.audio is None else (self.audio, API_RATE), text=self.text):
+            if self.cancel_reason is not None:
+                session.cancel()  # again: a cancel that came before respond() started was reset by it
             if isinstance(event, TextDelta) and event.text:
                 text.append(event.text)
                 self.post(self.part_event("response.output_text.delta", delta=event.text))

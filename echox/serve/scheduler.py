@@ -1,7 +1,7 @@
 """The fair queue: one engine answers one turn at a time, off the event loop, first come first served.
 
 An `Engine` shares its weights and echo-decoder cache between sessions, so turns of all
-connections go through one queue and one worker thread. A connection has at most one response
+connections go through one queue and run one at a time in a worker thread. A connection has at most one response
 in flight (the Realtime API's rule, enforced by the connection), so first-come-first-served order
 is round-robin across connections: no connection waits behind two turns of another. While a
 turn runs in the worker, the event loop keeps serving every connection's I/O.
@@ -15,9 +15,9 @@ and the scheduler sets `wait_ms`, how long it waited in the queue, before run().
 """
 
 import asyncio
+import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 
 
 class TurnScheduler:
@@ -25,7 +25,6 @@ class TurnScheduler:
         self.waiting: deque = deque()
         self.running = None
         self.arrived = asyncio.Event()
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="echox-turn")
 
     def submit(self, turn):
         turn.queued_at = time.perf_counter()
@@ -51,7 +50,6 @@ class TurnScheduler:
 
     async def serve(self):
         """Run queued turns one after another, forever (until the task is cancelled)."""
-        loop = asyncio.get_running_loop()
         while True:
             while not self.waiting:
                 self.arrived.clear()
@@ -60,13 +58,30 @@ class TurnScheduler:
             turn.wait_ms = (time.perf_counter() - turn.queued_at) * 1000
             self.running = turn
             try:
-                await loop.run_in_executor(self.worker, turn.run)
+                await run_in_thread(turn.run)
             finally:
                 self.running = None
                 turn.finished()
 
     def close(self):
-        """Stop the running turn and wait for the worker (server shutdown)."""
+        """Ask the running turn to stop (server shutdown); its thread is a daemon and never holds up the exit."""
         if self.running is not None:
             self.running.stop()
-        self.worker.shutdown(wait=True, cancel_futures=True)
+
+
+async def run_in_thread(work):
+    """Run `work()` in a fresh daemon thread and wait for it without blocking the event loop.
+
+    A daemon thread rather than an executor: should the engine ever hang in a turn, the server
+    can still shut down (an executor's threads are joined at interpreter exit)."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def run():
+        try:
+            work()
+        finally:
+            loop.call_soon_threadsafe(done.set_result, None)
+
+    threading.Thread(target=run, name="echox-turn", daemon=True).start()
+    await done

@@ -53,7 +53,7 @@ class Server:
 
     async def stop(self, app: web.Application):
         app["scheduler_task"].cancel()
-        await asyncio.get_running_loop().run_in_executor(None, self.scheduler.close)
+        self.scheduler.close()
 
     async def page(self, request: web.Request) -> web.FileResponse:
         return web.FileResponse(STATIC / "index.html")

@@ -1,0 +1,284 @@
+"""`echox serve` on 127.0.0.1 with the tiny model, driven by the official `openai` SDK's realtime
+client (and by plain aiohttp WebSockets where a client must misbehave)."""
+
+import asyncio
+import base64
+import json
+
+import aiohttp
+import pytest
+import torch
+from openai import AsyncOpenAI
+
+from echox.audio import resample
+from echox.cli import demo_question
+from echox.engine import AudioChunk, TurnDone
+from echox.sampling import GREEDY
+from echox.serve.audio_edge import samples_from_pcm16
+from echox.serve.launch import ServerProcess
+
+MAX_TOKENS, MAX_UNITS, MAX_CONNECTIONS, IDLE_S = 24, 60, 5, 3
+TEST_TIMEOUT_S = 120  # a hung server fails the test instead of stalling the suite
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    with ServerProcess(["--model", tiny_model_dir, "--threads", "1", "--temperature", "0",
+                        "--max-new-tokens", MAX_TOKENS, "--max-units", MAX_UNITS, "--max-connections",
+                        MAX_CONNECTIONS, "--idle-timeout", IDLE_S, "--max-buffer-seconds", 5]) as running:
+        yield running
+
+
+def run(conversation):
+    return asyncio.run(asyncio.wait_for(conversation, TEST_TIMEOUT_S))
+
+
+def question_pcm16(seconds: float = 3.0) -> bytes:
+    """The demo's speech-like question at the API's 24 kHz, as pcm16 bytes."""
+    samples = resample(demo_question(seconds), 16000, 24000)
+    return (samples.clamp(-1, 1) * 32767).round().to(torch.int16).numpy().tobytes()
+
+
+def silence_pcm16(seconds: float) -> bytes:
+    return bytes(2 * int(seconds * 24000))
+
+
+def chunks_b64(pcm: bytes, seconds: float = 0.1):
+    size = 2 * int(seconds * 24000)
+    return [base64.b64encode(pcm[i:i + size]).decode() for i in range(0, len(pcm), size)]
+
+
+def sdk(server):
+    return AsyncOpenAI(api_key="unused-by-echox", websocket_base_url=server.http_url.replace("http", "ws") + "/v1")
+
+
+async def until(connection, event_type: str, seen: list | None = None):
+    """Events up to and including the first of `event_type` (all of them appended to `seen`)."""
+    async for event in connection:
+        if seen is not None:
+            seen.append(event)
+        if event.type == "error" and event_type != "error":
+            raise AssertionError(f"unexpected error event: {event.error}")
+        if event.type == event_type:
+            return event
+    raise AssertionError(f"connection closed before {event_type}")
+
+
+async def spoken_turn(connection, pcm: bytes) -> list:
+    for chunk in chunks_b64(pcm):
+        await connection.input_audio_buffer.append(audio=chunk)
+    await connection.input_audio_buffer.commit()
+    await connection.response.create()
+    events = []
+    await until(connection, "response.done", events)
+    return events
+
+
+def received_audio(events) -> torch.Tensor:
+    return torch.cat([torch.zeros(0)] + [samples_from_pcm16(base64.b64decode(e.delta)) for e in events
+                                         if e.type == "response.output_audio.delta"])
+
+
+def received_text(events) -> str:
+    return "".join(e.delta for e in events if e.type == "response.output_text.delta")
+
+
+def expected_turns(model_dir, question: bytes, follow_up: str):
+    """What `Session.respond` says to the same two turns, with the server's settings, resampled to 24 kHz."""
+    import echox
+    session = echox.load(model_dir).session(sampling=GREEDY, max_new_tokens=MAX_TOKENS, max_units=MAX_UNITS)
+    turns = []
+    for kwargs in ({"audio": (samples_from_pcm16(question), 24000)}, {"text": follow_up}):
+        events = list(session.respond(**kwargs))
+        audio = torch.cat([e.samples for e in events if isinstance(e, AudioChunk)])
+        turns.append((events[-1].text, resample(audio, 16000, 24000).clamp(-1, 1)))
+        assert isinstance(events[-1], TurnDone)
+    return turns
+
+
+def test_sdk_round_trip_equals_session_respond(server, tiny_model_dir):
+    question, follow_up = question_pcm16(), "And then?"
+    expected = expected_turns(tiny_model_dir, question, follow_up)
+
+    async def talk():
+        async with sdk(server).realtime.connect(model="echox") as connection:
+            created = await until(connection, "session.created")
+            assert created.session.audio.input.format.rate == 24000
+            await connection.session.update(session={"type": "realtime", "temperature": 0.0,
+                                                     "max_output_tokens": MAX_TOKENS})
+            updated = await until(connection, "session.updated")
+            assert updated.session.max_output_tokens == MAX_TOKENS
+            spoken = await spoken_turn(connection, question)
+            await connection.conversation.item.create(item={"type": "message", "role": "user",
+                                                            "content": [{"type": "input_text", "text": follow_up}]})
+            await connection.response.create()
+            written = []
+            await until(connection, "response.done", written)
+            return spoken, written
+
+    spoken, written = run(talk())
+    types = [e.type for e in spoken]
+    assert types[:3] == ["input_audio_buffer.committed", "conversation.item.added", "response.created"]
+    assert types[-3:] == ["response.output_audio.done", "response.output_text.done", "response.done"]
+    for events, (text, audio) in zip((spoken, written), expected):
+        done = events[-1].response
+        assert done.status in ("completed", "incomplete") and done.usage.output_tokens <= MAX_TOKENS
+        assert set(done.model_extra["echox"]["timings_ms"]) >= {"prefill", "time_to_first_audio", "total"}
+        assert received_text(events) == text == events[-2].text
+        got = received_audio(events)
+        assert got.numel() == audio.numel() > 0
+        # The server sends pcm16: the same samples up to rounding to the 16-bit grid.
+        torch.testing.assert_close(got, audio, atol=1.01 / 32767, rtol=0)
+    assert written[-1].response.usage.input_tokens > spoken[-1].response.usage.total_tokens  # history kept
+
+
+def test_response_cancel_mid_answer_keeps_connection_usable(server):
+    async def talk():
+        async with sdk(server).realtime.connect(model="echox") as connection:
+            await connection.session.update(session={"type": "realtime", "max_output_tokens": 400})
+            for chunk in chunks_b64(question_pcm16()):
+                await connection.input_audio_buffer.append(audio=chunk)
+            await connection.input_audio_buffer.commit()
+            await connection.response.create()
+            first = await until(connection, "response.output_audio.delta")
+            await connection.response.cancel()
+            cancelled = await until(connection, "response.done")
+            await connection.conversation.item.create(item={"type": "message", "role": "user",
+                                                            "content": [{"type": "input_text", "text": "Go on."}]})
+            await connection.response.create(response={"max_output_tokens": 8})
+            return first, cancelled, await until(connection, "response.done")
+
+    first, cancelled, after = run(talk())
+    assert cancelled.response.id == first.response_id
+    assert cancelled.response.status == "cancelled"
+    assert cancelled.response.status_details.reason == "client_cancelled"
+    assert cancelled.response.usage.output_tokens < 400  # stopped early, not run to its budget
+    assert after.response.status == "incomplete" and after.response.usage.output_tokens == 8
+
+
+def test_server_vad_turns_and_barge_in(server):
+    """Speech then silence answers by itself; new speech during the answer cancels it (turn_detected)."""
+    async def talk():
+        async with sdk(server).realtime.connect(model="echox") as connection:
+            await connection.session.update(session={"type": "realtime", "max_output_tokens": 400, "audio": {
+                "input": {"turn_detection": {"type": "server_vad", "silence_duration_ms": 300}}}})
+            await until(connection, "session.updated")
+            seen = []
+            for chunk in chunks_b64(question_pcm16() + silence_pcm16(0.6)):
+                await connection.input_audio_buffer.append(audio=chunk)
+            await until(connection, "response.created", seen)
+            await connection.session.update(session={"type": "realtime", "max_output_tokens": MAX_TOKENS})
+            for chunk in chunks_b64(question_pcm16(1.0)):  # the user speaks over the answer
+                await connection.input_audio_buffer.append(audio=chunk)
+            interrupted = await until(connection, "response.done", seen)
+            for chunk in chunks_b64(silence_pcm16(0.6)):
+                await connection.input_audio_buffer.append(audio=chunk)
+            answered = await until(connection, "response.done", seen)
+            return seen, interrupted, answered
+
+    seen, interrupted, answered = run(talk())
+    types = [e.type for e in seen]
+    assert types[:5] == ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
+                         "input_audio_buffer.committed", "conversation.item.added", "response.created"]
+    started = [e for e in seen if e.type == "input_audio_buffer.speech_started"]
+    assert len(started) == 2 and started[0].audio_start_ms < 300  # the voice starts within the first 300 ms
+    assert interrupted.response.status == "cancelled"
+    assert interrupted.response.status_details.reason == "turn_detected"
+    assert answered.response.status in ("completed", "incomplete")
+    assert answered.response.id != interrupted.response.id
+
+
+def test_four_concurrent_clients_are_all_answered(server):
+    async def client():
+        async with sdk(server).realtime.connect(model="echox") as connection:
+            events = await spoken_turn(connection, question_pcm16())
+            return events[-1].response, received_audio(events).numel()
+
+    async def together():
+        return await asyncio.gather(*(client() for _ in range(4)))
+
+    results = run(together())
+    assert all(response.status in ("completed", "incomplete") and samples > 0 for response, samples in results)
+    waits = sorted(response.model_extra["echox"]["queue_wait_ms"] for response, _ in results)
+    assert waits[-1] > 0  # one engine: someone waited in the queue, and was answered all the same
+
+
+async def raw_events(server, messages: list, count: int) -> list[dict]:
+    """Send raw frames (str or bytes) on one WebSocket and read `count` events after session.created."""
+    async with aiohttp.ClientSession() as http, http.ws_connect(server.ws_url) as ws:
+        assert (await ws.receive_json())["type"] == "session.created"
+        for message in messages:
+            await (ws.send_bytes(message) if isinstance(message, bytes) else ws.send_str(message))
+        return [await ws.receive_json(timeout=60) for _ in range(count)]
+
+
+def test_bad_input_gets_error_events_and_the_connection_stays_usable(server):
+    bad = [
+        ("not json", "invalid_json"),
+        ("[1, 2]", "invalid_event"),
+        (json.dumps({"type": 5}), "invalid_event"),
+        (json.dumps({"type": "response.teleport", "event_id": "c1"}), "unknown_event"),
+        (json.dumps({"type": "input_audio_buffer.append", "audio": "@@not base64@@"}), "invalid_base64"),
+        (json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(b"odd").decode()}),
+         "invalid_audio"),
+        (json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(silence_pcm16(6)).decode()}),
+         "input_audio_buffer_full"),
+        (json.dumps({"type": "input_audio_buffer.commit"}), "input_audio_buffer_commit_empty"),
+        (json.dumps({"type": "response.cancel"}), "response_cancel_not_active"),
+        (json.dumps({"type": "response.create"}), "no_input"),
+        (json.dumps({"type": "session.update", "session": {"temperature": -1}}), "invalid_value"),
+        (json.dumps({"type": "session.update", "session": {"audio": {"input": {"turn_detection": {
+            "type": "semantic_vad"}}}}}), "unsupported_turn_detection"),
+        (json.dumps({"type": "session.update", "session": {"audio": {"output": {"format": {
+            "type": "audio/pcmu"}}}}}), "unsupported_audio_format"),
+        (json.dumps({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [
+            {"type": "input_image", "image_url": "x"}]}}), "unsupported_content"),
+        (b"\x00\x01", "invalid_event"),
+    ]
+    good = [json.dumps({"type": "conversation.item.create", "item": {"type": "message", "role": "user",
+                                                                     "content": [{"type": "input_text", "text": "Hi"}]}}),
+            json.dumps({"type": "response.create", "response": {"max_output_tokens": 4}})]
+    events = run(raw_events(server, [m for m, _ in bad] + good, len(bad) + 1))
+    errors = events[:len(bad)]
+    assert [e["type"] for e in errors] == ["error"] * len(bad)
+    assert [e["error"]["code"] for e in errors] == [code for _, code in bad]
+    assert errors[3]["error"]["event_id"] == "c1" and all(e["error"]["message"] for e in errors)
+    assert events[-1]["type"] == "conversation.item.added"  # then the same connection holds a turn
+
+
+def test_connection_limit_and_idle_timeout_close_cleanly(server):
+    async def crowd():
+        async with aiohttp.ClientSession() as http:
+            open_ones = [await http.ws_connect(server.ws_url) for _ in range(MAX_CONNECTIONS)]
+            for ws in open_ones:
+                assert (await ws.receive_json())["type"] == "session.created"
+            extra = await http.ws_connect(server.ws_url)
+            refused = await extra.receive_json()
+            closing = await extra.receive()
+            for ws in open_ones[1:]:
+                await ws.close()
+            idle = await open_ones[0].receive_json(timeout=IDLE_S + 30)  # the last one idles out
+            idle_close = await open_ones[0].receive()
+            return refused, closing, extra.close_code, idle, idle_close
+
+    refused, closing, code, idle, idle_close = run(crowd())
+    assert refused["error"]["code"] == "too_many_connections" and str(MAX_CONNECTIONS) in refused["error"]["message"]
+    assert closing.type == aiohttp.WSMsgType.CLOSE and code == 1013
+    assert idle["error"]["code"] == "idle_timeout"
+    assert idle_close.type == aiohttp.WSMsgType.CLOSE
+
+
+def test_page_and_plain_http_on_the_websocket_path(server):
+    async def fetch():
+        async with aiohttp.ClientSession() as http:
+            async with http.get(server.http_url + "/") as page:
+                html = (page.status, page.content_type, await page.text())
+            async with http.get(server.http_url + "/static/microphone-worklet.js") as worklet:
+                script = (worklet.status, await worklet.text())
+            async with http.get(server.http_url + "/v1/realtime") as plain:
+                return html, script, (plain.status, await plain.text())
+
+    (status, kind, html), (script_status, script), (plain_status, plain) = run(fetch())
+    assert status == 200 and kind == "text/html" and "/v1/realtime" in html and "microphone-worklet.js" in html
+    assert script_status == 200 and "registerProcessor" in script
+    assert plain_status == 400 and "WebSocket" in plain

@@ -1,0 +1,38 @@
+"""Energy VAD: where speech starts and stops, and how the API's threshold maps to a level."""
+
+import torch
+
+from echox.serve.vad import EnergyVad, threshold_rms
+
+RATE = 24000
+
+
+def tone(seconds: float, rms: float) -> torch.Tensor:
+    t = torch.arange(int(seconds * RATE)) / RATE
+    return rms * 2 ** 0.5 * torch.sin(2 * torch.pi * 220 * t)
+
+
+def test_threshold_maps_linearly_in_decibels():
+    assert abs(threshold_rms(0.5) - 10 ** (-30 / 20)) < 1e-12
+    assert threshold_rms(0.0) < threshold_rms(0.5) < threshold_rms(1.0) == 1.0
+
+
+def test_speech_start_and_stop_positions_in_odd_pushes():
+    quiet, loud = tone(1.0, 0.001), tone(0.6, 0.1)
+    audio = torch.cat([quiet, loud, quiet])
+    vad = EnergyVad(threshold=0.5, silence_duration_ms=300, rate=RATE, origin=1000)
+    events = []
+    for start in range(0, audio.numel(), 777):  # pushes that do not line up with 20 ms frames
+        events += vad.push(audio[start:start + 777])
+    assert [e.kind for e in events] == ["started", "stopped"]
+    frame = RATE // 50
+    assert abs(events[0].sample - (1000 + quiet.numel())) <= frame  # within one frame of the onset
+    assert abs(events[1].sample - (1000 + quiet.numel() + loud.numel())) <= frame
+    assert not vad.speaking
+
+
+def test_short_pauses_do_not_end_speech_and_quiet_input_never_starts_it():
+    vad = EnergyVad(threshold=0.5, silence_duration_ms=500, rate=RATE)
+    kinds = [e.kind for e in vad.push(torch.cat([tone(0.5, 0.1), tone(0.3, 0.0), tone(0.5, 0.1)]))]
+    assert kinds == ["started"] and vad.speaking
+    assert EnergyVad(threshold=0.5, silence_duration_ms=500, rate=RATE).push(tone(2.0, 0.02)) == []

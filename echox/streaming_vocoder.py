@@ -43,64 +43,102 @@ def _with_zeros(x: torch.Tensor, count: int) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(*x.shape[:-1], count)], dim=-1)
 
 
-def stream_conv1d(cache: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+@dataclass
+class Steps:
+    """New time steps of a stream: `data` [B, C, T], of which the first `valid` are real.
+
+    The rest is padding: every op computes its outputs too and marks them invalid, so a push
+    padded up to a fixed length runs every layer at the same shapes as any other push of that
+    length (on a CPU, oneDNN then reuses its convolution plans instead of building new ones).
+    No valid output ever depends on padding: each op's outputs are complete only from inputs
+    before `valid`, and at the end of a segment the right zero padding is written over it."""
+
+    data: torch.Tensor
+    valid: int
+
+    @classmethod
+    def padded(cls, x: torch.Tensor, length: int) -> "Steps":
+        """x [B, C, n] zero-padded on the right to `length` >= n steps."""
+        return cls(_with_zeros(x, length - x.shape[-1]), x.shape[-1])
+
+    def ending(self, zeros: int) -> "Steps":
+        """These steps followed by the segment's right zero padding: `zeros` more valid steps."""
+        data = _with_zeros(self.data, zeros)  # a copy, so the padding can be zeroed in place
+        data[..., self.valid:] = 0
+        return Steps(data, self.valid + zeros)
+
+
+def _no_steps(like: torch.Tensor, channels: int) -> Steps:
+    return Steps(like.new_zeros(like.shape[0], channels, 0), 0)
+
+
+def stream_conv1d(cache: torch.Tensor, x: Steps, weight: torch.Tensor, bias: torch.Tensor,
                   dilation: int, final: bool = False, input_slope: float = 1.0,
-                  skip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  skip: Steps | None = None) -> tuple[Steps, torch.Tensor]:
     """A "same"-padded dilated Conv1d of leaky_relu(inputs, input_slope) over a stream.
 
     cache [B, C_in, <= span] holds the raw inputs still needed (starts as the left zero padding);
-    x [B, C_in, n] are new inputs; `final` appends the right zero padding. Returns the outputs
-    that are now complete, [B, C_out, m], plus the first m steps of `skip` [B, C_out, >= m] if
-    given (a residual path), and the new cache.
+    x are new inputs; `final` appends the right zero padding. Returns the outputs that are now
+    complete, [B, C_out, m] valid, plus the first m steps of `skip` (a residual path, at least m
+    valid steps) if given, and the new cache.
     """
     span = (weight.shape[-1] - 1) * dilation
     if final:
-        x = _with_zeros(x, span // 2)
-    buffer = torch.cat([cache, x], dim=-1)  # [B, C_in, L]
-    ready = max(0, buffer.shape[-1] - span)
-    if ready == 0:
-        return buffer.new_zeros(buffer.shape[0], weight.shape[0], 0), buffer
-    residual = None if skip is None else skip[..., :ready]
-    return conv1d_valid(buffer, weight, bias, dilation, input_slope, residual), buffer[..., ready:]
+        x = x.ending(span // 2)
+    buffer = torch.cat([cache, x.data], dim=-1)  # [B, C_in, L], cache + x.valid steps real
+    real = cache.shape[-1] + x.valid
+    ready, length = max(0, real - span), max(0, buffer.shape[-1] - span)
+    if length == 0:
+        return _no_steps(buffer, weight.shape[0]), buffer[..., :real]
+    residual = None if skip is None else _fit(skip.data, length)
+    y = conv1d_valid(buffer, weight, bias, dilation, input_slope, residual)
+    return Steps(y, ready), buffer[..., ready:real]
 
 
-def stream_conv_transpose1d(cache: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+def _fit(x: torch.Tensor, length: int) -> torch.Tensor:
+    """x cut or zero-padded to `length` steps (only its valid steps matter)."""
+    return x[..., :length] if x.shape[-1] >= length else _with_zeros(x, length - x.shape[-1])
+
+
+def stream_conv_transpose1d(cache: torch.Tensor, x: Steps, weight: torch.Tensor, bias: torch.Tensor,
                             stride: int, final: bool = False,
-                            input_slope: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                            input_slope: float = 1.0) -> tuple[Steps, torch.Tensor]:
     """ConvTranspose1d of leaky_relu(inputs, input_slope), padding (kernel - stride) / 2, over a
     stream; weight [C_in, C_out, k].
 
     Input i yields outputs i*stride .. i*stride + stride - 1, complete once inputs i - left ..
     i + right are present. cache [B, C_in, <= left + right] starts as `left` zeros; `final`
-    appends `right` zeros. Returns [B, C_out, stride * m] and the new cache.
+    appends `right` zeros. Returns [B, C_out, stride * m] valid and the new cache.
     """
     kernel = weight.shape[-1]
     left, right = conv_transpose1d_context(kernel, stride)
     if final:
-        x = _with_zeros(x, right)
-    buffer = torch.cat([cache, x], dim=-1)  # [B, C_in, L]
-    ready = max(0, buffer.shape[-1] - left - right)
-    if ready == 0:
-        return buffer.new_zeros(buffer.shape[0], weight.shape[1], 0), buffer
-    # Of the unpadded output [B, C_out, (L - 1) * stride + k], the steps of inputs left .. left + ready - 1.
+        x = x.ending(right)
+    buffer = torch.cat([cache, x.data], dim=-1)  # [B, C_in, L]
+    real = cache.shape[-1] + x.valid
+    ready, length = max(0, real - left - right), max(0, buffer.shape[-1] - left - right)
+    if length == 0:
+        return _no_steps(buffer, weight.shape[1]), buffer[..., :real]
+    # Of the unpadded output [B, C_out, (L - 1) * stride + k], the steps of inputs left .. left + length - 1.
     start = left * stride + (kernel - stride) // 2
-    return (conv_transpose1d_window(buffer, weight, bias, stride, start, ready * stride, input_slope),
-            buffer[..., ready:])
+    y = conv_transpose1d_window(buffer, weight, bias, stride, start, length * stride, input_slope)
+    return Steps(y, ready * stride), buffer[..., ready:real]
 
 
-def release_aligned(waiting: list[torch.Tensor], new: list[torch.Tensor]) -> tuple[list[torch.Tensor],
-                                                                                   list[torch.Tensor]]:
+def release_aligned(waiting: list[torch.Tensor], new: list[Steps]) -> tuple[list[torch.Tensor], int,
+                                                                           list[torch.Tensor]]:
     """Paths that produce the same time steps at different lags: release the steps all have reached.
 
-    Returns (ready [B, C, m] per path, still waiting per path).
+    Returns (per path [B, C, L] whose first m steps are released, m, per path the steps still waiting).
     """
-    joined = [torch.cat([w, n], dim=-1) for w, n in zip(waiting, new)]
-    ready = min(j.shape[-1] for j in joined)
-    return [j[..., :ready] for j in joined], [j[..., ready:] for j in joined]
+    joined = [torch.cat([w, n.data], dim=-1) for w, n in zip(waiting, new)]
+    real = [w.shape[-1] + n.valid for w, n in zip(waiting, new)]
+    ready, length = min(real), min(j.shape[-1] for j in joined)
+    return [j[..., :length] for j in joined], ready, [j[..., ready:r] for j, r in zip(joined, real)]
 
 
-def _conv(cache: torch.Tensor, x: torch.Tensor, conv: nn.Conv1d, final: bool, input_slope: float = 1.0,
-          skip: torch.Tensor | None = None):
+def _conv(cache: torch.Tensor, x: Steps, conv: nn.Conv1d, final: bool, input_slope: float = 1.0,
+          skip: Steps | None = None):
     return stream_conv1d(cache, x, conv.weight, conv.bias, conv.dilation[0], final, input_slope, skip)
 
 
@@ -153,17 +191,17 @@ class VocoderStreamState:
     generator: GeneratorState
 
 
-def stream_residual_step(state: ResidualStepState, x: torch.Tensor, conv1: nn.Conv1d, conv2: nn.Conv1d,
-                         final: bool = False) -> tuple[torch.Tensor, ResidualStepState]:
+def stream_residual_step(state: ResidualStepState, x: Steps, conv1: nn.Conv1d, conv2: nn.Conv1d,
+                         final: bool = False) -> tuple[Steps, ResidualStepState]:
     h, conv1_cache = _conv(state.conv1, x, conv1, final, STAGE_SLOPE)
-    skip = torch.cat([state.skip, x], dim=-1)
+    skip = Steps(torch.cat([state.skip, x.data], dim=-1), state.skip.shape[-1] + x.valid)
     # The branch lags the skip path, so the skip has every step conv2 completes; conv2 adds them.
     y, conv2_cache = _conv(state.conv2, h, conv2, final, STAGE_SLOPE, skip)
-    return y, ResidualStepState(conv1_cache, conv2_cache, skip[..., y.shape[-1]:])
+    return y, ResidualStepState(conv1_cache, conv2_cache, skip.data[..., y.valid:skip.valid])
 
 
-def stream_resblock(states: list[ResidualStepState], x: torch.Tensor, block: ResBlock1,
-                    final: bool) -> tuple[torch.Tensor, list[ResidualStepState]]:
+def stream_resblock(states: list[ResidualStepState], x: Steps, block: ResBlock1,
+                    final: bool) -> tuple[Steps, list[ResidualStepState]]:
     new_states = []
     for state, conv1, conv2 in zip(states, block.convs1, block.convs2):
         x, state = stream_residual_step(state, x, conv1, conv2, final)
@@ -171,8 +209,8 @@ def stream_resblock(states: list[ResidualStepState], x: torch.Tensor, block: Res
     return x, new_states
 
 
-def stream_stage(vocoder: Vocoder, stage: int, state: StageState, x: torch.Tensor,
-                 final: bool) -> tuple[torch.Tensor, StageState]:
+def stream_stage(vocoder: Vocoder, stage: int, state: StageState, x: Steps,
+                 final: bool) -> tuple[Steps, StageState]:
     up = vocoder.ups[stage]
     x, up_cache = stream_conv_transpose1d(state.up, x, up.weight, up.bias, up.stride[0], final, STAGE_SLOPE)
     outputs, block_states = [], []
@@ -180,14 +218,14 @@ def stream_stage(vocoder: Vocoder, stage: int, state: StageState, x: torch.Tenso
         out, states = stream_resblock(states, x, block, final)
         outputs.append(out)
         block_states.append(states)
-    ready, waiting = release_aligned(state.waiting, outputs)
-    total = ready[0]
-    for out in ready[1:]:  # summed in the offline order, for the same rounding
+    released, ready, waiting = release_aligned(state.waiting, outputs)
+    total = released[0]
+    for out in released[1:]:  # summed in the offline order, for the same rounding
         total = total + out
-    return total / len(ready), StageState(up_cache, block_states, waiting)
+    return Steps(total / len(released), ready), StageState(up_cache, block_states, waiting)
 
 
-def stream_generator(vocoder: Vocoder, state: GeneratorState, features: torch.Tensor,
+def stream_generator(vocoder: Vocoder, state: GeneratorState, features: Steps,
                      final: bool = False) -> tuple[torch.Tensor, GeneratorState]:
     """conv_pre input frames [1, E (+ S), n] -> the newly final samples [m] and the new state."""
     x, conv_pre = _conv(state.conv_pre, features, vocoder.conv_pre, final)
@@ -196,19 +234,20 @@ def stream_generator(vocoder: Vocoder, state: GeneratorState, features: torch.Te
         x, stage_state = stream_stage(vocoder, stage, stage_state, x, final)
         stages.append(stage_state)
     y, conv_post = _conv(state.conv_post, x, vocoder.conv_post, final, FINAL_SLOPE)
-    return torch.tanh(y)[0, 0], GeneratorState(conv_pre, stages, conv_post)
+    return torch.tanh(y.data[0, 0, :y.valid]), GeneratorState(conv_pre, stages, conv_post)
 
 
-def stream_durations(vocoder: Vocoder, state: DurationState, units: torch.Tensor,
+def stream_durations(vocoder: Vocoder, state: DurationState, units: Steps,
                      final: bool = False) -> tuple[torch.Tensor, torch.Tensor, DurationState]:
-    """New unit ids [n] -> (units whose durations are now known [m], their durations [m], state)."""
+    """New unit ids (Steps of [n] ids) -> (units whose durations are now known [m], their
+    durations [m], state)."""
     predictor = vocoder.dur_predictor
-    h, conv1 = _conv(state.conv1, vocoder.dict(units).T[None], predictor.conv1[0], final)
-    h, conv2 = _conv(state.conv2, predictor.after_conv1(h), predictor.conv2[0], final)
-    durations = durations_from_log(predictor.after_conv2(h)[0])  # [m]
-    waiting = torch.cat([state.units, units])
-    ready = durations.shape[0]
-    return waiting[:ready], durations, DurationState(waiting[ready:], conv1, conv2)
+    embedded = Steps(vocoder.dict(units.data).T[None], units.valid)
+    h, conv1 = _conv(state.conv1, embedded, predictor.conv1[0], final)
+    h, conv2 = _conv(state.conv2, Steps(predictor.after_conv1(h.data), h.valid), predictor.conv2[0], final)
+    durations = durations_from_log(predictor.after_conv2(h.data)[0, :h.valid])  # [m]
+    waiting = torch.cat([state.units, units.data[:units.valid]])
+    return waiting[:h.valid], durations, DurationState(waiting[h.valid:], conv1, conv2)
 
 
 def initial_state(vocoder: Vocoder) -> VocoderStreamState:
@@ -262,6 +301,23 @@ def lookahead_units(vocoder: Vocoder) -> int:
     return duration_right_context(vocoder) + generator_right_context(vocoder)
 
 
+# Pushes are padded up to one of these lengths (units into the duration predictor, frames into
+# the generator), so that a few shapes serve every push; longer ones go in pieces of the largest.
+# Half-octave steps: padding costs at most a third more work, and the engine's pushes (24 units,
+# then 32) keep to a handful of them.
+BUCKETS = (16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+def bucket(steps: int) -> int:
+    """The padded length of a piece of `steps` <= BUCKETS[-1] steps."""
+    return next(size for size in BUCKETS if size >= steps)
+
+
+def pieces(steps: int) -> list[tuple[int, int]]:
+    """[start, stop) pieces of at most BUCKETS[-1] steps covering 0..steps; one empty piece for 0."""
+    return [(start, min(start + BUCKETS[-1], steps)) for start in range(0, max(steps, 1), BUCKETS[-1])]
+
+
 class StreamingVocoder:
     """One stream: `push` units as they are decoded, `flush` at the end of a segment.
 
@@ -290,10 +346,23 @@ class StreamingVocoder:
         return samples
 
     def _advance(self, units: torch.Tensor, final: bool) -> torch.Tensor:
+        """Units through the duration predictor, the frames they make through the generator,
+        each in bucket-padded pieces; only the segment's last piece is `final`."""
         vocoder, state = self.vocoder, self.state
-        ready, durations, duration_state = stream_durations(vocoder, state.durations, units, final)
-        frames = torch.repeat_interleave(ready, durations)  # [sum(durations)]
-        samples, generator_state = stream_generator(vocoder, state.generator,
-                                                    vocoder.frame_features(frames, self.speaker), final)
-        self.state = VocoderStreamState(duration_state, generator_state)
-        return samples
+        durations_state, generator_state, samples = state.durations, state.generator, []
+        unit_pieces = pieces(units.shape[0])
+        for i, (start, stop) in enumerate(unit_pieces):
+            last_units = final and i == len(unit_pieces) - 1
+            piece = Steps.padded(units[start:stop], bucket(stop - start))
+            ready, durations, durations_state = stream_durations(vocoder, durations_state, piece, last_units)
+            features = vocoder.frame_features(torch.repeat_interleave(ready, durations), self.speaker)
+            frame_pieces = pieces(features.shape[-1])
+            for j, (first, end) in enumerate(frame_pieces):
+                last = last_units and j == len(frame_pieces) - 1
+                if end == first and not last:
+                    continue  # no new frames: nothing to do until more units come
+                frames = Steps.padded(features[..., first:end], bucket(end - first))
+                out, generator_state = stream_generator(vocoder, generator_state, frames, last)
+                samples.append(out)
+        self.state = VocoderStreamState(durations_state, generator_state)
+        return torch.cat(samples) if samples else features.new_zeros(0)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from echox.config import VocoderConfig
-from echox.streaming_vocoder import (StreamingVocoder, generator_right_context, initial_state,
+from echox.streaming_vocoder import (BUCKETS, StreamingVocoder, Steps, generator_right_context, initial_state,
                                      stream_conv1d, stream_conv_transpose1d, stream_generator)
 from echox.vocoder import Vocoder
 from test_vocoder import TINY, random_vocoder
@@ -31,6 +31,12 @@ def split_points(length: int, seed: int) -> list[int]:
     return [0, *cuts.tolist(), length]
 
 
+def with_junk(x: torch.Tensor, extra: int, seed: int) -> Steps:
+    """x [B, C, n] followed by `extra` steps of large random padding: no valid output may see them."""
+    junk = 1e3 * torch.randn(*x.shape[:-1], extra, generator=torch.Generator().manual_seed(seed))
+    return Steps(torch.cat([x, junk], dim=-1), x.shape[-1])
+
+
 @pytest.mark.parametrize("kernel, dilation", [(3, 1), (7, 3), (11, 5)])
 def test_stream_conv1d_equals_same_padded_conv(kernel, dilation):
     torch.manual_seed(kernel)
@@ -39,11 +45,11 @@ def test_stream_conv1d_equals_same_padded_conv(kernel, dilation):
     bounds = split_points(40, kernel)
     pieces = []
     for start, end in zip(bounds, bounds[1:]):
-        y, cache = stream_conv1d(cache, x[..., start:end], weight, bias, dilation)
-        pieces.append(y)
-    y, _ = stream_conv1d(cache, x[..., :0], weight, bias, dilation, final=True)
+        y, cache = stream_conv1d(cache, with_junk(x[..., start:end], 5, start), weight, bias, dilation)
+        pieces.append(y.data[..., :y.valid])
+    y, _ = stream_conv1d(cache, with_junk(x[..., :0], 3, 0), weight, bias, dilation, final=True)
     expected = F.conv1d(x, weight, bias, dilation=dilation, padding=(kernel - 1) * dilation // 2)
-    torch.testing.assert_close(torch.cat(pieces + [y], dim=-1), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.cat(pieces + [y.data[..., :y.valid]], dim=-1), expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("kernel, stride", [(11, 5), (8, 4), (4, 2)])
@@ -55,12 +61,12 @@ def test_stream_conv_transpose1d_equals_offline(kernel, stride):
     bounds = split_points(30, stride)
     pieces = []
     for start, end in zip(bounds, bounds[1:]):
-        y, cache = stream_conv_transpose1d(cache, x[..., start:end], weight, bias, stride)
-        assert y.shape[-1] % stride == 0
-        pieces.append(y)
-    y, _ = stream_conv_transpose1d(cache, x[..., :0], weight, bias, stride, final=True)
+        y, cache = stream_conv_transpose1d(cache, with_junk(x[..., start:end], 4, start), weight, bias, stride)
+        assert y.valid % stride == 0
+        pieces.append(y.data[..., :y.valid])
+    y, _ = stream_conv_transpose1d(cache, with_junk(x[..., :0], 2, 0), weight, bias, stride, final=True)
     expected = F.conv_transpose1d(x, weight, bias, stride=stride, padding=(kernel - stride) // 2)
-    torch.testing.assert_close(torch.cat(pieces + [y], dim=-1), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.cat(pieces + [y.data[..., :y.valid]], dim=-1), expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 7, 50])
@@ -116,7 +122,7 @@ def test_generator_right_context_is_exact(vocoder):
     features = vocoder.frame_features(random_units(40, seed=7), None)
     emitted = 0
     for n in range(1, 41):
-        samples, state = stream_generator(vocoder, state, features[..., n - 1:n])
+        samples, state = stream_generator(vocoder, state, Steps(features[..., n - 1:n], 1))
         emitted += samples.numel()
         assert max(0, n - context) * hop <= emitted < max(1, n - context + 1) * hop
 
@@ -142,3 +148,44 @@ def test_real_size_streaming_equals_offline():
     vocoder = random_vocoder(VocoderConfig(), seed=2)
     units = random_units(6, seed=9)
     assert (streamed(StreamingVocoder(vocoder), units, 4) - vocoder(units)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("length, chunk", [(300, 300), (700, 90)])  # pieces longer than the largest bucket
+def test_long_pushes_go_in_pieces_and_stay_exact(vocoder, length, chunk):
+    units = random_units(length, seed=length)
+    assert (streamed(StreamingVocoder(vocoder), units, chunk) - vocoder(units)).abs().max() <= 1e-5
+
+
+def conv_shapes_per_push(monkeypatch, vocoder, segments: list[torch.Tensor], first: int, then: int):
+    """For each push (the engine's pattern: `first` units, then `then` at a time, then a flush) of
+    each segment: the input shapes of every conv the push ran, and the frames it made."""
+    import echox.streaming_vocoder as sv
+    calls = []
+    for name in ("conv1d_valid", "conv_transpose1d_window"):
+        op = getattr(sv, name)
+        monkeypatch.setattr(sv, name, lambda x, *args, op=op, name=name: calls.append((name, tuple(x.shape)))
+                            or op(x, *args))
+    pushes = []
+    for units in segments:
+        stream = StreamingVocoder(vocoder)
+        bounds = [0, *range(first, len(units), then), len(units)]
+        for start, end in zip(bounds, bounds[1:]):
+            calls.clear()
+            stream.push(units[start:end])
+            pushes.append(("push", start == 0, end - start, list(calls)))
+        calls.clear()
+        stream.flush()
+        pushes.append(("flush", False, 0, list(calls)))
+    return pushes
+
+
+def test_pushes_of_a_bucket_run_the_same_conv_shapes(monkeypatch, vocoder):
+    """Static shapes: whatever the units (and so the frame counts), pushes padded to the same
+    buckets run every conv at the same shapes, so shape-keyed plans (oneDNN, CUDA graphs) are reused."""
+    segments = [random_units(90, seed=s) for s in range(4)]
+    by_input: dict[tuple, set] = {}
+    for kind, first, count, shapes in conv_shapes_per_push(monkeypatch, vocoder, segments, 24, 32):
+        # The two duration convs and conv_pre show the push's unit and frame buckets.
+        by_input.setdefault((kind, first, tuple(shapes[:3])), set()).add(tuple(shapes[3:]))
+    assert len(by_input) < len(segments) * 5 / 2  # pushes of different segments share buckets
+    assert all(len(variants) == 1 for variants in by_input.values())

@@ -16,7 +16,10 @@ from torch import nn
 
 from .config import AdapterConfig
 from .errors import EchoXError
+from .sampling import GREEDY, head_select
 from .weights import Checkpoint, Layout
+
+CTC_ROWS = 64  # frames per CTC-head call: [64, V] fp32 logits at most, 33 MB at the released vocabulary
 
 
 def adapter_layout(cfg: AdapterConfig, prefix: str = "model.") -> Layout:
@@ -113,10 +116,18 @@ class SpeechAdapter(nn.Module):
         """Whisper frames [1500, encoder_dim] -> CTC logits [750, V] (blank = <audio_patch>)."""
         return self.ctc_head(self.frame_features(frames))
 
+    def ctc_labels(self, features: torch.Tensor) -> torch.Tensor:
+        """Adapter frames [T, H] -> the CTC head's argmax per frame [T], without the [T, V] logits
+        (385 MB in fp32 at the released vocabulary): through the head-select dispatch (the fused
+        kernels' argmax on a GPU), CTC_ROWS frames at a time."""
+        step = torch.zeros((), dtype=torch.int64, device=features.device)  # greedy draws no noise
+        return torch.cat([head_select(rows, self.ctc_head.weight, GREEDY, step)
+                          for rows in features.split(CTC_ROWS)])
+
     def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Whisper frames [1500, encoder_dim] -> (speech embeddings [v, H], kept frame indices [v])."""
         features = self.frame_features(frames)  # [750, H]
-        kept = shrink_keep(self.ctc_head(features).argmax(dim=-1))
+        kept = shrink_keep(self.ctc_labels(features))
         query = features[kept]  # [v, H]
         return self.lookback_norm(self.lookback(query) + query), kept
 

@@ -129,3 +129,20 @@ def test_adapter_config_that_disagrees_with_the_weights_is_refused(tiny_model_di
     wrong = dataclasses.replace(folder.config.adapter, encoder_dim=32)
     with pytest.raises(EchoXError, match="mm_projector1.weight"):
         load_adapter(folder.weights, wrong)
+
+
+@pytest.mark.parametrize("rows", [7, 64, 1000])
+def test_ctc_labels_come_in_chunks_and_equal_the_full_argmax(monkeypatch, rows):
+    """The CTC head never runs on more than CTC_ROWS frames at once (no [750, V] logits held)."""
+    import echox.adapter as adapter_module
+    adapter, _ = small_adapter(seed=3)
+    frames = runny_frames(SMALL)
+    seen, select = [], adapter_module.head_select
+    monkeypatch.setattr(adapter_module, "CTC_ROWS", rows)
+    monkeypatch.setattr(adapter_module, "head_select", lambda h, *a: seen.append(h.shape[0]) or select(h, *a))
+    with torch.no_grad():
+        features = adapter.frame_features(frames)
+        labels = adapter.ctc_labels(features)
+        expected = adapter.ctc_logits(frames).argmax(-1)
+    assert torch.equal(labels, expected)
+    assert max(seen) == min(rows, 750) and sum(seen) == 750

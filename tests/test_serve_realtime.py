@@ -14,7 +14,7 @@ from echox.audio import resample
 from echox.cli import demo_question
 from echox.engine import AudioChunk, TurnDone
 from echox.sampling import GREEDY
-from echox.serve.audio_edge import samples_from_pcm16
+from echox.serve.audio_edge import pcm16_bytes, samples_from_pcm16
 from echox.serve.launch import ServerProcess
 
 MAX_TOKENS, MAX_UNITS, MAX_CONNECTIONS, IDLE_S = 24, 60, 5, 3
@@ -35,8 +35,7 @@ def run(conversation):
 
 def question_pcm16(seconds: float = 3.0) -> bytes:
     """The demo's speech-like question at the API's 24 kHz, as pcm16 bytes."""
-    samples = resample(demo_question(seconds), 16000, 24000)
-    return (samples.clamp(-1, 1) * 32767).round().to(torch.int16).numpy().tobytes()
+    return pcm16_bytes(resample(demo_question(seconds), 16000, 24000))
 
 
 def silence_pcm16(seconds: float) -> bytes:

@@ -41,10 +41,14 @@ def samples_from_pcm16(raw: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(raw), dtype=torch.int16).float() / PCM16_SCALE
 
 
-def pcm16_base64(samples: torch.Tensor) -> str:
-    """[n] float samples -> base64 pcm16, clipped to [-1, 1] and rounded as `write_wav` does."""
+def pcm16_bytes(samples: torch.Tensor) -> bytes:
+    """[n] float samples -> little-endian pcm16, clipped to [-1, 1] and rounded as `write_wav` does."""
     pcm = (samples.float().clamp(-1, 1) * (PCM16_SCALE - 1)).round().to(torch.int16)
-    return base64.b64encode(pcm.numpy().astype("<i2").tobytes()).decode("ascii")
+    return pcm.numpy().astype("<i2").tobytes()
+
+
+def pcm16_base64(samples: torch.Tensor) -> str:
+    return base64.b64encode(pcm16_bytes(samples)).decode("ascii")
 
 
 def filter_reach(orig_sr: int, new_sr: int) -> tuple[int, int, int]:

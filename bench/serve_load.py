@@ -1,0 +1,173 @@
+"""Load test of `echox serve` on loopback: N concurrent clients, each asking one spoken question.
+
+For each N in --clients (default 1 2 4 8) a fresh round starts N WebSocket clients at once; each
+appends the same question (the demo's speech-like signal, pcm16 at 24 kHz), commits it, sends
+response.create and reads until response.done. Per client it records:
+  ttfa_ms      from response.create sent to the first response.output_audio.delta received;
+               with one engine this includes the wait behind the other clients' turns
+               (queue_wait_ms, from response.done, says how much);
+  underruns    how often the audio ran dry if played from its first chunk on: chunk k is due
+               when the audio before it has played (time of chunk 1 + its duration so far, plus
+               any earlier stalls); arriving later is an underrun, and playback resumes then;
+  stall_ms     the total time playback would have waited;
+  errors       error events, failed responses, and clients that did not finish in time.
+The server runs the built-in tiny random model on the CPU (its speech is noise; the timings are
+the pipeline's). Everything is bounded: each round has --round-timeout seconds.
+
+    python bench/serve_load.py                         # writes bench/results/serve/<date>-cpu.{json,md}
+"""
+
+import argparse
+import asyncio
+import base64
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+from echox.audio import resample
+from echox.cli import demo_question
+from echox.serve.audio_edge import pcm16_bytes
+from echox.serve.launch import ServerProcess
+from echox.tiny import write_tiny_checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import environment, table  # noqa: E402  (a sibling script, not a package)
+
+API_RATE = 24000
+APPEND_SECONDS = 0.1
+
+
+def question_appends(seconds: float) -> list[str]:
+    pcm = pcm16_bytes(resample(demo_question(seconds), 16000, API_RATE))
+    step = 2 * int(APPEND_SECONDS * API_RATE)
+    return [json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm[i:i + step]).decode()})
+            for i in range(0, len(pcm), step)]
+
+
+def playback(arrivals: list[tuple[float, float]]) -> tuple[int, float]:
+    """(underruns, stall ms) of audio chunks (arrival s, duration s) played from the first one on."""
+    underruns, stall, played_until = 0, 0.0, None
+    for arrival, duration in arrivals:
+        if played_until is not None and arrival > played_until:
+            underruns += 1
+            stall += arrival - played_until
+        played_until = max(played_until or arrival, arrival) + duration
+    return underruns, stall * 1000
+
+
+async def one_client(url: str, appends: list[str]) -> dict:
+    errors, arrivals, done = 0, [], None
+    async with aiohttp.ClientSession() as http, http.ws_connect(url, max_msg_size=0) as ws:
+        for message in appends:
+            await ws.send_str(message)
+        await ws.send_str(json.dumps({"type": "input_audio_buffer.commit"}))
+        await ws.send_str(json.dumps({"type": "response.create"}))
+        asked = time.perf_counter()
+        async for message in ws:
+            event = json.loads(message.data)
+            if event["type"] == "error":
+                errors += 1
+            elif event["type"] == "response.output_audio.delta":
+                duration = len(base64.b64decode(event["delta"])) / 2 / API_RATE
+                arrivals.append((time.perf_counter() - asked, duration))
+            elif event["type"] == "response.done":
+                done = event["response"]
+                break
+    if done is None or done["status"] == "failed":
+        errors += 1
+    underruns, stall_ms = playback(arrivals)
+    return {"ttfa_ms": arrivals[0][0] * 1000 if arrivals else None, "audio_s": sum(d for _, d in arrivals),
+            "underruns": underruns, "stall_ms": stall_ms, "errors": errors,
+            "queue_wait_ms": done["echox"]["queue_wait_ms"] if done else None,
+            "output_tokens": done["usage"]["output_tokens"] if done and done.get("usage") else None}
+
+
+async def one_round(url: str, clients: int, appends: list[str], timeout_s: float) -> list[dict]:
+    tasks = [asyncio.create_task(one_client(url, appends)) for _ in range(clients)]
+    finished, late = await asyncio.wait(tasks, timeout=timeout_s)
+    for task in late:
+        task.cancel()
+    results = []
+    for task in tasks:
+        failed = task in late or task.exception() is not None
+        results.append({"errors": 1, "ttfa_ms": None} if failed else task.result())
+    return results
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def summarize(clients: int, results: list[dict]) -> dict:
+    ttfa = [r["ttfa_ms"] for r in results if r.get("ttfa_ms") is not None]
+    answered = [r for r in results if "underruns" in r]
+    return {"clients": clients, "answered": len(ttfa), "ttfa_p50_ms": statistics.median(ttfa) if ttfa else None,
+            "ttfa_p95_ms": percentile(ttfa, 0.95), "underruns": sum(r["underruns"] for r in answered),
+            "stall_ms": sum(r["stall_ms"] for r in answered), "errors": sum(r["errors"] for r in results),
+            "audio_s": sum(r["audio_s"] for r in answered),
+            "max_queue_wait_ms": max((r["queue_wait_ms"] for r in answered if r["queue_wait_ms"] is not None),
+                                     default=None),
+            "per_client": results}
+
+
+def render(report: dict) -> str:
+    env, s = report["environment"], report["settings"]
+    rows = [[r["clients"], r["answered"], r["ttfa_p50_ms"], r["ttfa_p95_ms"], r["max_queue_wait_ms"], r["audio_s"],
+             r["underruns"], r["stall_ms"], r["errors"]] for r in report["rounds"]]
+    return "\n".join([
+        f"# echox serve load test, {env['created'][:10]}", "",
+        f"{env['device']}, torch {env['torch']}, Python {env['python']}; server: tiny random model, "
+        f"{s['threads']} torch thread(s), max_new_tokens {s['max_new_tokens']}, max_units {s['max_units']}; "
+        f"each client asks a {s['question_seconds']:g} s spoken question over loopback "
+        f"(`python bench/serve_load.py`).", "",
+        *table(["clients", "answered", "TTFA p50 ms", "TTFA p95 ms", "max queue wait ms", "audio s",
+                "underruns", "stall ms", "errors"], rows), "",
+        "TTFA counts from response.create to the first audio delta, queue wait included: one engine answers one "
+        "turn at a time, so with N clients the last waits for N - 1 turns. An underrun is an audio chunk that "
+        "arrived after the audio before it would have finished playing.", ""])
+
+
+def main(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--question-seconds", type=float, default=3.0)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--max-units", type=int, default=120)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--round-timeout", type=float, default=120.0)
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "serve"))
+    args = parser.parse_args(argv)
+    appends = question_appends(args.question_seconds)
+    with tempfile.TemporaryDirectory() as tiny, ServerProcess(
+            ["--model", Path(write_tiny_checkpoint(tiny)), "--threads", args.threads, "--temperature", 0,
+             "--max-new-tokens", args.max_new_tokens, "--max-units", args.max_units,
+             "--max-connections", max(args.clients)]) as server:
+        asyncio.run(one_round(server.ws_url, 1, appends, args.round_timeout))  # warm-up, not reported
+        rounds = []
+        for clients in args.clients:
+            rounds.append(summarize(clients, asyncio.run(one_round(server.ws_url, clients, appends,
+                                                                   args.round_timeout))))
+            print(f"{clients} clients: TTFA p50 {rounds[-1]['ttfa_p50_ms']} ms, p95 {rounds[-1]['ttfa_p95_ms']} ms, "
+                  f"underruns {rounds[-1]['underruns']}, errors {rounds[-1]['errors']}", flush=True)
+    settings = {"question_seconds": args.question_seconds, "max_new_tokens": args.max_new_tokens,
+                "max_units": args.max_units, "threads": args.threads}
+    report = {"environment": environment("cpu") | {"torch_threads": args.threads}, "settings": settings,
+              "rounds": rounds}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{report['environment']['created'][:10]}-cpu"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(render(report))
+    print(f"wrote {stem}.json and {stem}.md")
+
+
+if __name__ == "__main__":
+    main()

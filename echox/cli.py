@@ -167,6 +167,7 @@ def cmd_chat(args) -> None:
     speech = None if args.input is None else speech_input(Path(args.input))  # read and checked before loading
     sampling = _sampling(args)
     engine = echox_engine.load(args.model, whisper=args.whisper, vocoder=args.vocoder, device=args.device,
+                               threads=args.threads,
                                dtype=args.dtype, cuda_graphs=not args.no_cuda_graphs)
     print(f"whisper: {engine.whisper_dir}\nvocoder: {engine.vocoder_dir}", file=sys.stderr)
     from .segmenter import LOW_LATENCY_SEGMENTER, RELEASED_SEGMENTER
@@ -205,7 +206,7 @@ def cmd_demo(args) -> None:
     print(f"tiny random checkpoint: {model_dir}\n"
           "Its weights are random: the text below is gibberish and the speech is noise. The demo shows "
           "the pipeline and its timings.\n")
-    engine = echox_engine.load(model_dir, device="cpu")
+    engine = echox_engine.load(model_dir, device="cpu", threads=args.threads)
     session = engine.session(sampling=GREEDY, max_new_tokens=args.max_new_tokens, max_units=args.max_units)
     trace = _speak(session, demo_question(), None, output, True, None)
     print("latency breakdown (ms): " + ", ".join(
@@ -219,6 +220,23 @@ def cmd_convert(args) -> None:
     check_output_file(out, args.overwrite, "the converted vocoder")
     convert_fairseq_vocoder(Path(args.vocoder), out, overwrite=args.overwrite)
     print(f"wrote {out}")
+
+
+# Measured on a 2-core machine (bench/threads.py): a turn runs three busy threads (LLM, echo
+# decoder, vocoder), and one intra-op thread each beats two, which only fight over the cores.
+DEFAULT_THREADS = 1
+
+
+def _thread_count(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"threads must be a whole number >= 1, got {value!r}")
+    return int(value)
+
+
+def _add_threads(parser: argparse.ArgumentParser):
+    parser.add_argument("--threads", type=_thread_count, default=DEFAULT_THREADS,
+                        help=f"torch intra-op threads on the CPU, shared by the LLM, echo-decoder and vocoder "
+                             f"threads (default {DEFAULT_THREADS}: fastest turn measured on 2 cores)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -238,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--overwrite", action="store_true")
     demo.add_argument("--max-new-tokens", type=int, default=64)
     demo.add_argument("--max-units", type=int, default=200, help="unit tokens per segment")
+    _add_threads(demo)
     demo.set_defaults(run=cmd_demo)
 
     chat = sub.add_parser("chat", help="answer one spoken or written turn")
@@ -255,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=int, default=512)
     chat.add_argument("--max-units", type=int, default=2048, help="unit tokens per segment (released: 2048)")
     chat.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    _add_threads(chat)
     chat.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     chat.add_argument("--trace", help="write a JSON trace of the turn here")
     chat.add_argument("--low-latency", action="store_true",

@@ -136,11 +136,17 @@ class Engine:
 
 def load(model_dir: Path | str, whisper: Path | str | None = None, vocoder: Path | str | None = None,
          device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-         cuda_graphs: bool = True) -> Engine:
+         cuda_graphs: bool = True, threads: int | None = None) -> Engine:
     """Load an EchoX model folder, its Whisper encoder and its vocoder onto `device`.
 
     On a GPU the LLM and echo-decoder decode steps run as CUDA graphs unless `cuda_graphs` is
-    False (for debugging: eager steps show each kernel in a profiler and raise where they fail)."""
+    False (for debugging: eager steps show each kernel in a profiler and raise where they fail).
+    `threads` sets torch's intra-op CPU threads; torch keeps one count for the whole process, so
+    it serves the LLM, echo-decoder and vocoder threads alike (None: leave torch's setting)."""
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise EchoXError(f"threads must be a whole number >= 1, got {threads!r}")
+        torch.set_num_threads(threads)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     folder = open_model_folder(model_dir)

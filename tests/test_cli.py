@@ -165,6 +165,27 @@ def test_demo_runs_on_the_tiny_model(tmp_path, monkeypatch, capsys):
     assert "random" in text and "latency breakdown" in text and out.stat().st_size > 44
     fails_with(capsys, main(["demo", "--output", str(out)]), "already exists")
 
+
+@pytest.mark.parametrize("threads", ["0", "-2"])
+def test_threads_must_be_positive(tmp_path, monkeypatch, capsys, threads):
+    monkeypatch.setenv("ECHOX_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(SystemExit) as stop:  # argparse: one usage line and the reason, exit status 2
+        main(["demo", "--output", str(tmp_path / "a.wav"), "--threads", threads])
+    assert stop.value.code == 2 and "threads must be" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()  # refused before any work
+
+
+def test_load_sets_the_intra_op_threads(tiny_model_dir):
+    import torch
+
+    import echox
+    before = torch.get_num_threads()
+    try:
+        echox.load(tiny_model_dir, threads=2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
 # ---- hardening: outputs checked before any work, inputs before loading, nothing lost ----------------
 # Running as root (as CI may) makes permission bits meaningless, so unwritable places are paths
 # under /proc, where no one can create files; chmod-based cases run only for other users.

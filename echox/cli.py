@@ -222,7 +222,7 @@ def cmd_convert(args) -> None:
     print(f"wrote {out}")
 
 
-# Measured on a 2-core machine (bench/threads.py): a turn runs three busy threads (LLM, echo
+# Measured on a 2-core machine (bench/speech_path.py --threads 1 2): a turn runs three busy threads (LLM, echo
 # decoder, vocoder), and one intra-op thread each beats two, which only fight over the cores.
 DEFAULT_THREADS = 1
 

@@ -1,0 +1,142 @@
+"""Where a spoken turn's time goes on the CPU, and what exact streaming costs the vocoder.
+
+For one size (default "voice": the tiny LLM and Whisper with the released echo decoder and
+vocoder, see random_engine.py) and each torch thread count asked for, this runs a warm-up turn,
+then `--repeats` turns (a 3 s question, greedy, at most `--max-new-tokens` tokens, at most
+`--max-units` unit tokens per segment), and reports medians of:
+  turn_ms            wall time of the whole turn, respond() to TurnDone;
+  critical_path_ms   pre-LLM work (encoder + adapter + prefill) + max(LLM decoding, echo decoder,
+                     vocoder): the turn's length if its three threads overlapped perfectly;
+  llm_ms, echo_ms, vocoder_ms, time_to_first_audio_ms   from the turn's trace.
+Then the vocoder alone on the last turn's units, segment by segment, each timed `--repeats`
+times: `stream_ms` pushes them as the engine does (look-ahead + 1 units, then `push_units` at a
+time, then a flush) and `offline_ms` runs `Vocoder.forward` on them.
+
+    python bench/speech_path.py --threads 1 2 --out bench/results/<date>-cpu-speech.json
+It imports `echox` from wherever Python finds it, so the same script times an older checkout
+(PYTHONPATH=<checkout>) for a before/after comparison; `--label` names the run.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from echox.sampling import GREEDY
+from echox.segmenter import RELEASED_SEGMENTER
+from echox.streaming_vocoder import StreamingVocoder
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from e2e import question  # noqa: E402  (sibling scripts, not a package)
+from random_engine import build_engine  # noqa: E402
+
+PUSH_UNITS = 32  # the engine's default `push_units`
+
+
+def turn_numbers(trace: dict, wall_ms: float) -> dict:
+    t = trace["timings_ms"]
+    llm_ms = t["decode_per_token"] * len(trace["tokens"])
+    pre_llm = t.get("encoder", 0.0) + t.get("adapter", 0.0) + t["prefill"]
+    return {"turn_ms": wall_ms, "critical_path_ms": pre_llm + max(llm_ms, t["echo_decoder"], t["vocoder"]),
+            "pre_llm_ms": pre_llm, "llm_ms": llm_ms, "echo_ms": t["echo_decoder"], "vocoder_ms": t["vocoder"],
+            "time_to_first_audio_ms": t["time_to_first_audio"]}
+
+
+def timed_turn(session, audio: torch.Tensor) -> tuple[dict, dict]:
+    session.reset()
+    started = time.perf_counter()
+    trace = list(session.respond(audio=audio))[-1].trace
+    return trace, turn_numbers(trace, (time.perf_counter() - started) * 1000)
+
+
+def vocoder_costs(engine, segments: list[list[int]], repeats: int) -> dict:
+    """Streaming (the engine's pushes) and offline vocoding of the same units, in ms (medians)."""
+    vocoder = engine.vocoder
+
+    def stream(units: torch.Tensor):
+        voice = StreamingVocoder(vocoder, engine.speaker)
+        first = voice.lookahead_units + 1
+        bounds = [0, *range(first, len(units), PUSH_UNITS), len(units)]
+        return [voice.push(units[a:b]) for a, b in zip(bounds, bounds[1:])] + [voice.flush()]
+
+    def offline(units: torch.Tensor):
+        return vocoder(units, speaker=engine.speaker)
+
+    out = {}
+    units = [torch.tensor(s) for s in segments if s]
+    for name, run in (("stream_ms", stream), ("offline_ms", offline)):
+        runs = []
+        for _ in range(repeats + 1):  # the first run warms up
+            started = time.perf_counter()
+            for segment in units:
+                run(segment)
+            runs.append((time.perf_counter() - started) * 1000)
+        out[name] = statistics.median(runs[1:])
+    out["stream_over_offline"] = out["stream_ms"] / out["offline_ms"]
+    out["units"] = sum(len(s) for s in segments)
+    return out
+
+
+def measure(size: str, threads: int, args) -> dict:
+    torch.set_num_threads(threads)
+    engine = build_engine(size, "cpu")
+    session = engine.session(sampling=GREEDY, segmenter=RELEASED_SEGMENTER, max_new_tokens=args.max_new_tokens,
+                             max_units=args.max_units)
+    audio = question(args.question_seconds)
+    with torch.inference_mode():
+        timed_turn(session, audio)  # warm-up
+        turns = [timed_turn(session, audio) for _ in range(args.repeats)]
+        trace = turns[-1][0]
+        segments = [segment["units"] for segment in trace["segments"]]
+        vocoder = vocoder_costs(engine, segments, args.repeats)
+    numbers = {key: statistics.median(n[key] for _, n in turns) for key in turns[0][1]}
+    audio_s = sum(segment["samples"] for segment in trace["segments"]) / 16000
+    return {"label": args.label, "size": size, "threads": threads, "repeats": args.repeats,
+            "tokens": len(trace["tokens"]), "segments": len(segments), "audio_s": audio_s,
+            **numbers, "turn_over_critical_path": numbers["turn_ms"] / numbers["critical_path_ms"],
+            "vocoder_alone": vocoder}
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| run | threads | tokens | segments | audio s | turn ms | critical path ms | turn / critical path | "
+             "pre-LLM ms | LLM ms | echo ms | vocoder ms | TTFA ms | vocoder stream ms | vocoder offline ms | "
+             "stream / offline |",
+             "|" + "---|" * 16]
+    for r in rows:
+        v = r["vocoder_alone"]
+        lines.append(f"| {r['label']} | {r['threads']} | {r['tokens']} | {r['segments']} | {r['audio_s']:.2f} | "
+                     f"{r['turn_ms']:.0f} | {r['critical_path_ms']:.0f} | {r['turn_over_critical_path']:.2f} | "
+                     f"{r['pre_llm_ms']:.0f} | {r['llm_ms']:.0f} | {r['echo_ms']:.0f} | {r['vocoder_ms']:.0f} | "
+                     f"{r['time_to_first_audio_ms']:.0f} | {v['stream_ms']:.0f} | {v['offline_ms']:.0f} | "
+                     f"{v['stream_over_offline']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="voice")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-new-tokens", type=int, default=60)
+    parser.add_argument("--max-units", type=int, default=64)
+    parser.add_argument("--question-seconds", type=float, default=3.0)
+    parser.add_argument("--label", default="this checkout")
+    parser.add_argument("--out", type=Path, help="append each JSON object as a line to this file")
+    args = parser.parse_args(argv)
+    rows = []
+    for threads in args.threads:
+        row = measure(args.size, threads, args)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.out:
+            with args.out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -11,7 +11,6 @@ carrying the trace (ids, frames, tokens, scores, segments, timings).
 """
 
 import contextlib
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -164,18 +163,6 @@ def load(model_dir: Path | str, whisper: Path | str | None = None, vocoder: Path
                   load_whisper(whisper_dir, dtype, device).eval(), load_echo_decoder(folder, dtype, device), voice,
                   whisper_dir, vocoder_dir, device, dtype).prepare(cuda_graphs)
 
-def _drain(out: queue.Queue, block: bool) -> Iterator[AudioChunk]:
-    """Audio chunks the speech pipeline has finished; with block, until it says it is done."""
-    while True:
-        try:
-            item = out.get(block=block)
-        except queue.Empty:
-            return
-        if item is None:
-            return
-        yield item
-
-
 class Session:
     """One conversation: its turns, its speech embeddings and the LLM's KV cache across turns."""
 
@@ -284,8 +271,7 @@ class Session:
         hidden = self.decoder.prefill(slots, self.speech)
         timings["prefill"] = clock.since(started)
 
-        out: queue.Queue = queue.Queue()
-        speech = self.speaking = SpeechPipeline(engine, self.max_units, self.push_units, clock, out)
+        speech = self.speaking = SpeechPipeline(engine, self.max_units, self.push_units, clock)
         segmenter, text_stream = Segmenter(self.segmenter), tok.decode_stream()
         tokens, hiddens, scores, shown = [], [], [], ""
         started = clock.now()
@@ -301,7 +287,7 @@ class Session:
                     yield TextDelta(delta)
                 if (cut := segmenter.push(token.score)) is not None:
                     speech.submit(SegmentRecord(*cut), torch.stack(hiddens[cut[0]:cut[1]]))
-                yield from _drain(out, block=False)
+                yield from speech.chunks(wait=False)
             decode_ms = clock.since(started)
             answer = tok.decode(tokens)
             if answer != shown:  # it ended inside a multi-byte character: say so now, not after the speech
@@ -309,14 +295,12 @@ class Session:
             if (cut := segmenter.finish()) is not None and not self.cancelled.is_set():
                 speech.submit(SegmentRecord(*cut), torch.stack(hiddens[cut[0]:cut[1]]))
             speech.close()
-            yield from _drain(out, block=True)
+            yield from speech.chunks(wait=True)
         except BaseException:  # an error, or the caller stopped listening: stop speaking too
             speech.stop()
             speech.join()
             raise
         speech.join()
-        if speech.errors:
-            raise speech.errors[0]
         self.turns.append(Turn("assistant", answer))
         timings |= {"decode_per_token": decode_ms / max(len(tokens), 1), "echo_decoder": speech.echo_ms,
                     "vocoder": speech.vocoder_ms, "time_to_first_audio": speech.first_audio_ms,

@@ -17,6 +17,7 @@ import contextlib
 import queue
 import threading
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 
@@ -45,10 +46,12 @@ class AudioChunk:
 
 
 class SpeechPipeline:
-    """Speaks the segments `submit`ted to it; audio chunks, then None, go to `out`."""
+    """Speaks the segments `submit`ted to it; `chunks` hands out the audio as it is made."""
 
-    def __init__(self, engine, max_units: int, push_units: int, clock, out: queue.Queue):
-        self.engine, self.max_units, self.push_units, self.clock, self.out = engine, max_units, push_units, clock, out
+    def __init__(self, engine, max_units: int, push_units: int, clock):
+        self.engine, self.max_units, self.push_units, self.clock = engine, max_units, push_units, clock
+        self.out: queue.Queue = queue.Queue()  # AudioChunk, then None once the vocoder thread ends
+        self.ended = False  # that None has been read
         self.segments: queue.Queue = queue.Queue()  # (index, hidden [n, H], ready event) or None
         self.units: queue.Queue = queue.Queue()  # (index, [units]) or (index, END_OF_SEGMENT) or None
         self.records: list[SegmentRecord] = []
@@ -86,6 +89,21 @@ class SpeechPipeline:
     def join(self):
         for thread in self.threads:
             thread.join()
+
+    def chunks(self, wait: bool) -> Iterator[AudioChunk]:
+        """The audio chunks made so far; with `wait`, every chunk until the pipeline ends. An error
+        in either thread is raised here, once the pipeline has stopped."""
+        while not self.ended:
+            try:
+                item = self.out.get(block=wait)
+            except queue.Empty:
+                return
+            if item is None:
+                self.ended = True
+            else:
+                yield item
+        if self.errors:
+            raise self.errors[0]
 
     def alive(self) -> bool:
         return any(thread.is_alive() for thread in self.threads)

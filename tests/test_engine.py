@@ -268,3 +268,22 @@ def test_speech_layouts_users_have_give_the_same_turn(engine):
 def test_blank_or_non_string_text_is_refused(engine, text):
     with pytest.raises(EchoXError, match="whitespace|str"):
         list(new_session(engine).respond(text=text))
+
+
+def test_an_error_in_the_speech_threads_ends_the_turn_with_that_error(engine, monkeypatch):
+    """It surfaces in respond() (no hang, even while the LLM still writes) and the turn is forgotten."""
+    generate = engine.echo.generate
+
+    def failing(*args, **kwargs):
+        for n, unit in enumerate(generate(*args, **kwargs)):
+            if n == 3:
+                raise RuntimeError("echo decoder failed")
+            yield unit
+    monkeypatch.setattr(engine.echo, "generate", failing)
+    session = new_session(engine)
+    with pytest.raises(RuntimeError, match="echo decoder failed"):
+        list(session.respond(text="Speak."))
+    assert session.turns == []
+    assert not any(t.name in ("echox-echo", "echox-vocoder") and t.is_alive() for t in threading.enumerate())
+    monkeypatch.undo()
+    run_turn(session, text="Again.")

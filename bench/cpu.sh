@@ -8,3 +8,6 @@ set -euo pipefail
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 cd "$(dirname "$0")/.."
 python bench/report.py --device cpu "$@"
+# Where a turn's time goes with the released echo decoder and vocoder, and streaming vs offline vocoding.
+stem="bench/results/$(date +%F)-cpu-speech"
+python bench/speech_path.py --out "$stem.jsonl" --markdown "$stem.md"

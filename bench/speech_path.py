@@ -116,6 +116,16 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def header() -> str:
+    import os
+    import platform
+    return (f"# Speech path of a turn: {platform.machine()} CPU, {os.cpu_count()} cores, "
+            f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}\n\n"
+            "Random weights; medians. `turn / critical path` is the turn's wall time over pre-LLM work + "
+            "max(LLM, echo decoder, vocoder); `stream / offline` is the vocoder alone on the turn's units, "
+            "pushed as the engine pushes them vs `Vocoder.forward`. Made by `bench/speech_path.py`.\n\n")
+
+
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="voice")
@@ -126,6 +136,7 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--question-seconds", type=float, default=3.0)
     parser.add_argument("--label", default="this checkout")
     parser.add_argument("--out", type=Path, help="append each JSON object as a line to this file")
+    parser.add_argument("--markdown", type=Path, help="write the table of every line of --out here")
     args = parser.parse_args(argv)
     rows = []
     for threads in args.threads:
@@ -135,6 +146,9 @@ def main(argv: list[str] | None = None):
         if args.out:
             with args.out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
+    if args.out and args.markdown:
+        rows = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
+        args.markdown.write_text(header() + markdown(rows))
     print(markdown(rows))
 
 

@@ -65,3 +65,22 @@ def test_markdown_has_every_target(tiny_result):
         assert text in rendered
     assert next(t for t in targets if t["target"] == report.KERNEL_TARGET)["status"] == "met"
     assert all(t["status"].startswith("not measured") for t in targets[:-1])  # no 8b/3b run on the CPU
+
+
+def test_speech_path_reports_a_turn_beside_its_critical_path(tmp_path):
+    import speech_path
+    out, table = tmp_path / "speech.jsonl", tmp_path / "speech.md"
+    speech_path.main(["--size", "tiny", "--threads", "1", "--repeats", "1", "--max-new-tokens", "30",
+                      "--max-units", "16", "--out", str(out), "--markdown", str(table)])
+    row = speech_path.json.loads(out.read_text())
+    assert row["segments"] >= 1 and row["audio_s"] > 0 and row["vocoder_alone"]["units"] > 0
+    assert row["critical_path_ms"] >= row["pre_llm_ms"] + max(row["llm_ms"], row["echo_ms"], row["vocoder_ms"]) - 1e-6
+    assert row["turn_ms"] >= row["pre_llm_ms"]
+    assert "| this checkout | 1 |" in table.read_text()
+
+
+def test_voice_size_has_the_released_speech_output():
+    from echox.config import VocoderConfig
+    folder = model_folder(SIZES["voice"], seed=0)
+    assert SIZES["voice"].vocoder == VocoderConfig()
+    assert (folder.config.echo.body.num_layers, folder.config.echo.body.hidden_size) == (4, 512)

@@ -68,6 +68,7 @@ class Connection:
         try:
             await self.receive_all()
         finally:
+            self.pending_audio, self.pending_text, self.answer_when_free = [], [], False  # nothing more to answer
             if self.active is not None:
                 self.cancel("client_cancelled")
             self.post(None)  # the sender's last item

@@ -53,7 +53,7 @@ class Response:
 
     def drop(self):
         self.cancel_reason = self.cancel_reason or "client_cancelled"
-        self.post(server_event("response.done", response=self.describe("cancelled")))
+        self.post(server_event("response.done", response=self.describe("cancelled", self.cancel_reason)))
 
     def finished(self):
         self.on_finished()
@@ -92,8 +92,8 @@ class Response:
         self.send_audio(resampler.flush())
         self.post(self.part_event("response.output_audio.done"))
         self.post(self.part_event("response.output_text.done", text="".join(text)))
-        self.post(server_event("response.done", response=self.describe(*self.outcome(done.trace), trace=done.trace,
-                                                                        text="".join(text))))
+        status, reason = self.outcome(done.trace)
+        self.post(server_event("response.done", response=self.describe(status, reason, done.trace, "".join(text))))
 
     def send_audio(self, samples: torch.Tensor):
         if samples.numel():
@@ -109,9 +109,9 @@ class Response:
 
     def fail(self, error: ProtocolError):
         self.post(error_event(error))
-        self.post(server_event("response.done", response=self.describe(
-            "failed", details={"type": "failed", "error": {"type": error.kind, "code": error.code,
-                                                           "message": error.message}})))
+        failed = self.describe("failed")
+        failed["status_details"]["error"] = {"type": error.kind, "code": error.code, "message": error.message}
+        self.post(server_event("response.done", response=failed))
 
     # ---- payloads -------------------------------------------------------------------------------
 
@@ -119,13 +119,9 @@ class Response:
         return server_event(event_type, response_id=self.id, item_id=self.item_id, output_index=0,
                             content_index=0, **fields)
 
-    def describe(self, status: str, reason: str | None = None, trace: dict | None = None, text: str = "",
-                 details: dict | None = None) -> dict:
-        """The response object of response.created / response.done."""
-        if status == "cancelled":
-            reason = reason or self.cancel_reason
-        if details is None and status != "in_progress":
-            details = {"type": status, "reason": reason} if reason else {"type": status}
+    def describe(self, status: str, reason: str | None = None, trace: dict | None = None, text: str = "") -> dict:
+        """The response object of response.created / response.done; with the turn's trace once it has one."""
+        details = None if status == "in_progress" else {"type": status} | ({"reason": reason} if reason else {})
         response = {"object": "realtime.response", "id": self.id, "status": status, "status_details": details,
                     "output_modalities": ["audio"], "max_output_tokens": self.config.max_output_tokens,
                     "output": [], "usage": None}

@@ -2,14 +2,14 @@
 
     with ServerProcess(["--model", folder, "--threads", "1"]) as server:
         ... connect to server.ws_url (or server.http_url for the page) ...
-The child listens on a free port (`--port 0`) and prints where; this waits for that line.
+The child listens on a free port (`--port 0`) and prints where; this waits for that line (or
+for the child to end, or `start_timeout_s`, whichever comes first).
 """
 
 import re
 import subprocess
 import sys
 import threading
-import time
 
 from ..errors import EchoXError
 
@@ -25,26 +25,23 @@ class ServerProcess:
     def __enter__(self) -> "ServerProcess":
         command = [sys.executable, "-m", "echox.cli", "serve", "--port", "0", *self.args]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        address = self.wait_until_listening()
-        self.http_url, self.ws_url = f"http://{address}", f"ws://{address}/v1/realtime"
-        # Keep reading the child's output, so it never blocks on a full pipe.
+        self.address: str | None = None
+        self.listening = threading.Event()
+        # Read the child's output all along (so it never blocks on a full pipe), watching for the line.
         threading.Thread(target=self.collect, daemon=True).start()
+        if not self.listening.wait(self.start_timeout_s) or self.address is None:
+            self.__exit__()
+            raise EchoXError("echox serve did not start:\n" + "".join(self.log[-30:]))
+        self.http_url, self.ws_url = f"http://{self.address}", f"ws://{self.address}/v1/realtime"
         return self
-
-    def wait_until_listening(self) -> str:
-        deadline = time.monotonic() + self.start_timeout_s
-        for line in self.process.stdout:
-            self.log.append(line)
-            if found := READY.search(line):
-                return found.group(1)
-            if time.monotonic() > deadline:
-                break
-        self.__exit__()
-        raise EchoXError("echox serve did not start:\n" + "".join(self.log[-30:]))
 
     def collect(self):
         for line in self.process.stdout:
             self.log.append(line)
+            if not self.listening.is_set() and (found := READY.search(line)):
+                self.address = found.group(1)
+                self.listening.set()
+        self.listening.set()  # the child ended (before listening, if `address` is still None)
 
     def __exit__(self, *exc):
         if self.process.poll() is None:

@@ -10,7 +10,7 @@ then `--repeats` turns (a 3 s question, greedy, at most `--max-new-tokens` token
   llm_ms, echo_ms, vocoder_ms, time_to_first_audio_ms   from the turn's trace.
 Then the vocoder alone on the last turn's units, segment by segment, each timed `--repeats`
 times: `stream_ms` pushes them as the engine does (look-ahead + 1 units, then `push_units` at a
-time, then a flush) and `offline_ms` runs `Vocoder.forward` on them.
+time, the rest with the flush) and `offline_ms` runs `Vocoder.forward` on them.
 
     python bench/speech_path.py --threads 1 2 --out bench/results/<date>-cpu-speech.json
 It imports `echox` from wherever Python finds it, so the same script times an older checkout
@@ -18,6 +18,7 @@ It imports `echox` from wherever Python finds it, so the same script times an ol
 """
 
 import argparse
+import inspect
 import json
 import statistics
 import sys
@@ -33,9 +34,6 @@ from echox.streaming_vocoder import StreamingVocoder
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from e2e import question  # noqa: E402  (sibling scripts, not a package)
 from random_engine import build_engine  # noqa: E402
-
-PUSH_UNITS = 32  # the engine's default `push_units`
-
 
 def turn_numbers(trace: dict, wall_ms: float) -> dict:
     t = trace["timings_ms"]
@@ -53,31 +51,50 @@ def timed_turn(session, audio: torch.Tensor) -> tuple[dict, dict]:
     return trace, turn_numbers(trace, (time.perf_counter() - started) * 1000)
 
 
-def vocoder_costs(engine, segments: list[list[int]], repeats: int) -> dict:
-    """Streaming (the engine's pushes) and offline vocoding of the same units, in ms (medians)."""
+def engine_pushes(engine, unit_tokens: list[int], first: int, then: int) -> list[torch.Tensor]:
+    """A segment's units in the engine's vocoder calls (speech_pipeline.py): pushes once `first`,
+    then `then`, units are waiting (a unit token brings one or more), and the rest with the flush."""
+    calls, waiting, batch = [], [], first
+    for token in unit_tokens:
+        waiting.extend(engine.echo.units_of([token]))
+        if len(waiting) >= batch:
+            calls.append(torch.tensor(waiting))
+            waiting, batch = [], then
+    return calls + [torch.tensor(waiting, dtype=torch.int64)]
+
+
+def flush_with(voice: StreamingVocoder, units: torch.Tensor) -> list[torch.Tensor]:
+    """The segment's last vocoder call; a checkout from before `flush(units)` pushes, then flushes."""
+    if "units" in inspect.signature(voice.flush).parameters:
+        return [voice.flush(units)]
+    return [voice.push(units), voice.flush()]
+
+
+def vocoder_costs(engine, segments: list[list[int]], push_units: int, repeats: int) -> dict:
+    """Streaming (the engine's calls) and offline vocoding of the same units, in ms (medians)."""
     vocoder = engine.vocoder
+    first = StreamingVocoder(vocoder).lookahead_units + 1
 
-    def stream(units: torch.Tensor):
+    def stream(unit_tokens: list[int]):
         voice = StreamingVocoder(vocoder, engine.speaker)
-        first = voice.lookahead_units + 1
-        bounds = [0, *range(first, len(units), PUSH_UNITS), len(units)]
-        return [voice.push(units[a:b]) for a, b in zip(bounds, bounds[1:])] + [voice.flush()]
+        *pushes, last = engine_pushes(engine, unit_tokens, first, push_units)
+        return [voice.push(units) for units in pushes] + flush_with(voice, last)
 
-    def offline(units: torch.Tensor):
-        return vocoder(units, speaker=engine.speaker)
+    def offline(unit_tokens: list[int]):
+        return vocoder(torch.tensor(engine.echo.units_of(unit_tokens)), speaker=engine.speaker)
 
     out = {}
-    units = [torch.tensor(s) for s in segments if s]
+    segments = [s for s in segments if engine.echo.units_of(s)]
     for name, run in (("stream_ms", stream), ("offline_ms", offline)):
         runs = []
         for _ in range(repeats + 1):  # the first run warms up
             started = time.perf_counter()
-            for segment in units:
-                run(segment)
+            for unit_tokens in segments:
+                run(unit_tokens)
             runs.append((time.perf_counter() - started) * 1000)
         out[name] = statistics.median(runs[1:])
     out["stream_over_offline"] = out["stream_ms"] / out["offline_ms"]
-    out["units"] = sum(len(s) for s in segments)
+    out["units"] = sum(len(engine.echo.units_of(s)) for s in segments)
     return out
 
 
@@ -85,30 +102,31 @@ def measure(size: str, threads: int, args) -> dict:
     torch.set_num_threads(threads)
     engine = build_engine(size, "cpu")
     session = engine.session(sampling=GREEDY, segmenter=RELEASED_SEGMENTER, max_new_tokens=args.max_new_tokens,
-                             max_units=args.max_units)
+                             max_units=args.max_units, push_units=args.push_units)
     audio = question(args.question_seconds)
     with torch.inference_mode():
         timed_turn(session, audio)  # warm-up
         turns = [timed_turn(session, audio) for _ in range(args.repeats)]
         trace = turns[-1][0]
-        segments = [segment["units"] for segment in trace["segments"]]
-        vocoder = vocoder_costs(engine, segments, args.repeats)
+        segments = [segment["unit_tokens"] for segment in trace["segments"]]
+        vocoder = vocoder_costs(engine, segments, args.push_units, args.repeats)
     numbers = {key: statistics.median(n[key] for _, n in turns) for key in turns[0][1]}
     audio_s = sum(segment["samples"] for segment in trace["segments"]) / 16000
-    return {"label": args.label, "size": size, "threads": threads, "repeats": args.repeats,
+    return {"label": args.label, "size": size, "threads": threads, "push_units": args.push_units,
+            "repeats": args.repeats,
             "tokens": len(trace["tokens"]), "segments": len(segments), "audio_s": audio_s,
             **numbers, "turn_over_critical_path": numbers["turn_ms"] / numbers["critical_path_ms"],
             "vocoder_alone": vocoder}
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| run | threads | tokens | segments | audio s | turn ms | critical path ms | turn / critical path | "
+    lines = ["| run | threads | push units | tokens | segments | audio s | turn ms | critical path ms | turn / critical path | "
              "pre-LLM ms | LLM ms | echo ms | vocoder ms | TTFA ms | vocoder stream ms | vocoder offline ms | "
              "stream / offline |",
-             "|" + "---|" * 16]
+             "|" + "---|" * 17]
     for r in rows:
         v = r["vocoder_alone"]
-        lines.append(f"| {r['label']} | {r['threads']} | {r['tokens']} | {r['segments']} | {r['audio_s']:.2f} | "
+        lines.append(f"| {r['label']} | {r['threads']} | {r.get('push_units', 32)} | {r['tokens']} | {r['segments']} | {r['audio_s']:.2f} | "
                      f"{r['turn_ms']:.0f} | {r['critical_path_ms']:.0f} | {r['turn_over_critical_path']:.2f} | "
                      f"{r['pre_llm_ms']:.0f} | {r['llm_ms']:.0f} | {r['echo_ms']:.0f} | {r['vocoder_ms']:.0f} | "
                      f"{r['time_to_first_audio_ms']:.0f} | {v['stream_ms']:.0f} | {v['offline_ms']:.0f} | "
@@ -133,6 +151,7 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=60)
     parser.add_argument("--max-units", type=int, default=64)
+    parser.add_argument("--push-units", type=int, default=32, help="the session's push_units")
     parser.add_argument("--question-seconds", type=float, default=3.0)
     parser.add_argument("--label", default="this checkout")
     parser.add_argument("--out", type=Path, help="append each JSON object as a line to this file")

@@ -9,7 +9,7 @@ intra-op thread count (which torch keeps process-wide).
 
 The vocoder's pushes do not depend on timing: the first push of a segment waits for
 `lookahead_units` + 1 units (no sample can leave the vocoder before that), every later one
-for `push_units`, and the flush takes the rest. So the chunks, and every sample, are the same
+for `push_units`, and the flush takes the rest (with the segment's end, in one call). So the chunks, and every sample, are the same
 however the threads interleave. Chunks come out in segment order, each tagged with its segment.
 """
 
@@ -155,9 +155,7 @@ class SpeechPipeline:
         while (item := self.units.get()) is not None and not self.cancelled:
             index, units = item
             if units is END_OF_SEGMENT:
-                if waiting:
-                    self._vocode(index, voice.push, torch.tensor(waiting))
-                self._vocode(index, voice.flush)
+                self._vocode(index, voice.flush, torch.tensor(waiting, dtype=torch.int64))
                 waiting, batch = [], voice.lookahead_units + 1
                 continue
             waiting.extend(units)

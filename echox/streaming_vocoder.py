@@ -338,10 +338,13 @@ class StreamingVocoder:
         """New unit ids [n] -> the samples that are now final [m] (possibly none)."""
         return self._advance(self.vocoder.check_units(units), final=False)
 
-    def flush(self) -> torch.Tensor:
-        """The remaining samples of the segment; the stream is then ready for the next one."""
-        empty = torch.zeros(0, dtype=torch.int64, device=self.vocoder.dict.weight.device)
-        samples = self._advance(empty, final=True)
+    def flush(self, units: torch.Tensor | None = None) -> torch.Tensor:
+        """The segment's last units [n] (if any) -> all its remaining samples; the stream is then
+        ready for the next segment. One call instead of a push and a flush: a call of the
+        generator costs about a hundred conv launches whatever its length."""
+        if units is None:
+            units = torch.zeros(0, dtype=torch.int64, device=self.vocoder.dict.weight.device)
+        samples = self._advance(self.vocoder.check_units(units), final=True)
         self.reset()
         return samples
 

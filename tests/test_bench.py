@@ -76,7 +76,7 @@ def test_speech_path_reports_a_turn_beside_its_critical_path(tmp_path):
     assert row["segments"] >= 1 and row["audio_s"] > 0 and row["vocoder_alone"]["units"] > 0
     assert row["critical_path_ms"] >= row["pre_llm_ms"] + max(row["llm_ms"], row["echo_ms"], row["vocoder_ms"]) - 1e-6
     assert row["turn_ms"] >= row["pre_llm_ms"]
-    assert "| this checkout | 1 |" in table.read_text()
+    assert "| this checkout | 1 | 32 |" in table.read_text()
 
 
 def test_voice_size_has_the_released_speech_output():

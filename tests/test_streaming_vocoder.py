@@ -189,3 +189,15 @@ def test_pushes_of_a_bucket_run_the_same_conv_shapes(monkeypatch, vocoder):
         by_input.setdefault((kind, first, tuple(shapes[:3])), set()).add(tuple(shapes[3:]))
     assert len(by_input) < len(segments) * 5 / 2  # pushes of different segments share buckets
     assert all(len(variants) == 1 for variants in by_input.values())
+
+
+@pytest.mark.parametrize("length, chunk", [(3, 5), (40, 7), (40, 40)])
+def test_flush_takes_the_last_units(vocoder, length, chunk):
+    """flush(units) = push(units) then flush(), in one generator call."""
+    units = random_units(length, seed=length + chunk)
+    stream = StreamingVocoder(vocoder)
+    bounds = list(range(0, length, chunk))
+    pieces = [stream.push(units[a:b]) for a, b in zip(bounds, bounds[1:])]
+    wave = torch.cat(pieces + [stream.flush(units[bounds[-1]:])])
+    assert (wave - vocoder(units)).abs().max() <= 1e-5
+    assert stream.flush().numel() == 0  # the stream was reset

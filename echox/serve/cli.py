@@ -7,6 +7,7 @@ from ..errors import EchoXError
 
 
 def add_serve_command(sub: argparse._SubParsersAction):
+    from ..cli import _add_threads  # the same --threads as chat and demo
     serve = sub.add_parser("serve", help="serve realtime spoken conversations (OpenAI Realtime API subset)")
     model = serve.add_mutually_exclusive_group(required=True)
     model.add_argument("--model", help="EchoX model folder")
@@ -26,7 +27,7 @@ def add_serve_command(sub: argparse._SubParsersAction):
     serve.add_argument("--max-buffer-seconds", type=float, default=30.0,
                        help="input audio buffer limit per connection (24 kHz pcm16)")
     serve.add_argument("--idle-timeout", type=float, default=300.0, help="seconds without client events")
-    serve.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    _add_threads(serve)
     serve.set_defaults(run=cmd_serve)
 
 
@@ -44,21 +45,17 @@ def demo_model_dir() -> Path:
 def cmd_serve(args):
     import asyncio
 
-    import torch
-
     from .. import engine as echox_engine
     from ..segmenter import LOW_LATENCY_SEGMENTER, RELEASED_SEGMENTER
     from .server import Limits, Server, serve_forever
     from .session_config import SessionConfig
     if args.max_connections < 1 or args.max_buffer_seconds <= 0 or args.idle_timeout <= 0:
         raise EchoXError("--max-connections, --max-buffer-seconds and --idle-timeout must be positive")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     defaults = SessionConfig(temperature=args.temperature, top_p=args.top_p, max_output_tokens=args.max_new_tokens)
     defaults.sampling()  # checks the values now, with the sampler's own message
     model = demo_model_dir() if args.demo else args.model
     engine = echox_engine.load(model, whisper=args.whisper, vocoder=args.vocoder,
-                               device="cpu" if args.demo else args.device, dtype=args.dtype)
+                               device="cpu" if args.demo else args.device, dtype=args.dtype, threads=args.threads)
     limits = Limits(max_connections=args.max_connections, max_buffer_bytes=int(args.max_buffer_seconds * 48000),
                     idle_timeout_s=args.idle_timeout)
     session_options = {"max_units": args.max_units,

@@ -10,6 +10,7 @@
   loop.py      the optimisation loop: DDP, metrics.jsonl, progress bar, resumable state
   export.py    the released layout on disk (config, shards, tokenizer, vocoder), LoRA merged
   stages.py    stage I (speech -> text), II (text -> units), III (echo)
-  demo.py      a synthetic task (espeak-ng speech, k-means units) run through all three stages
+  stand_in_units.py  the demo's stand-in for HuBERT units: k-means of 20 ms log-mel frames
+  demo.py      a synthetic task (espeak-ng speech, stand-in units) run through all three stages
   cli.py       `echox train stage1|stage2|stage3|demo`
 """

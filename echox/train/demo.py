@@ -51,7 +51,7 @@ class DemoSize:
     max_units: int  # pseudo-label length limit
 
 
-FULL = DemoSize(questions=8, voices=5, steps=(300, 300, 150), batch_size=4, clusters=48, unit_vocab=96, max_units=200)
+FULL = DemoSize(questions=8, voices=5, steps=(300, 200, 150), batch_size=4, clusters=48, unit_vocab=96, max_units=200)
 QUICK = DemoSize(questions=4, voices=2, steps=(40, 60, 20), batch_size=4, clusters=24, unit_vocab=40, max_units=80)
 DEMO_MODEL = TinySpec(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
 LR = {"stage1": 3e-3, "stage2": 3e-3, "stage3": 1e-3}

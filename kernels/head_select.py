@@ -6,8 +6,10 @@ top-k and top-p sets, with the noise of `echox.sampling.uniform_noise` (same cou
 the kernel draws the same row as the torch reference. No host sync: every decision lives on
 the device, and the launch sequence depends only on shapes and the (host) SamplingParams.
 
-One GEMV pass streams the weight and computes the fp32 logits / T tile by tile; each program
-reduces its tiles into small partials [B, P, ...] that a combine kernel (grid B) merges:
+One GEMV pass streams the weight and computes the fp32 logits / T tile by tile (a program takes
+up to 4 sequences; more sequences run as more batch tiles over the same rows, which then come
+from L2); each program reduces its tiles into small partials [B, P, ...] that a combine kernel
+(grid B) merges:
 - greedy and plain sampling: the argmax of logits / T (+ Gumbel noise) is folded into the GEMV;
 - with top-k / top-p the GEMV also writes the tempered logits [B, R] (0.5 MB per row at the
   Llama-3 vocabulary, against 1 GB of weight) and its stats (max logit and the range of order
@@ -40,6 +42,8 @@ import triton.language as tl
 from echox.sampling import SamplingParams
 
 MAX_BLOCK_R = 64  # head rows per GEMV tile; fewer when the head is too small to fill the GPU
+MAX_BLOCK_B = 4  # sequences per program: a [B, R, K] partial-sum tile stays in registers
+INTERPRETER_MAX_BLOCK_B = 64  # the interpreter pays per program, not per register: few, large tiles
 CANDIDATES = 64  # cutoff candidates tested per pass
 SEARCH_PASSES = math.ceil(32 / math.log2(CANDIDATES))  # enough to pin one of 2^32 keys
 TARGET_PROGRAMS = 512  # programs per pass: about 4 per H100 SM
@@ -51,15 +55,14 @@ _MASK32 = 0xFFFFFFFF
 
 
 @triton.jit
-def _tempered_logits(hidden_ptr, weight_ptr, rows, batch, num_rows, hidden_size, stride_hb, stride_wr,
+def _tempered_logits(hidden_ptr, weight_ptr, b, rows, batch, num_rows, hidden_size, stride_hb, stride_wr,
                      temperature_term, RECIPROCAL: tl.constexpr,
                      BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """[BLOCK_B, BLOCK_R] fp32 logits / T of head rows `rows`, FMA sums (no tf32 rounding).
+    """[BLOCK_B, BLOCK_R] fp32 logits / T of sequences `b` and head rows `rows`, FMA sums (no tf32).
 
     The products accumulate in a [BLOCK_B, BLOCK_R, BLOCK_K] tile, each thread on its own
     elements, and are summed over K once after the loop: a reduction inside the loop would cost
     warp shuffles and barriers for every BLOCK_K columns of weight and cap the bandwidth."""
-    b = tl.arange(0, BLOCK_B)
     acc = tl.zeros([BLOCK_B, BLOCK_R, BLOCK_K], tl.float32)
     for k0 in range(0, hidden_size, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
@@ -116,8 +119,8 @@ def _gemv_kernel(hidden_ptr, weight_ptr, step_ptr, scaled_ptr,  # scaled [B, R] 
                  BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """The one pass over the weight. Without STORE: per program, the best row (greedy or Gumbel-max).
     With STORE: the tempered logits to `scaled` and per program their max and order-key range."""
-    program = tl.program_id(0)
-    b = tl.arange(0, BLOCK_B)
+    b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # this program's tile of sequences
+    program = tl.program_id(1)
     live_row = b < batch
     step = tl.load(step_ptr)
     best = tl.full([BLOCK_B], float("-inf"), tl.float32)
@@ -126,7 +129,7 @@ def _gemv_kernel(hidden_ptr, weight_ptr, step_ptr, scaled_ptr,  # scaled [B, R] 
     first = program * rows_per_program
     for tile in range(first, tl.minimum(first + rows_per_program, num_rows), BLOCK_R):
         rows = tile + tl.arange(0, BLOCK_R)
-        scaled = _tempered_logits(hidden_ptr, weight_ptr, rows, batch, num_rows, hidden_size, stride_hb, stride_wr,
+        scaled = _tempered_logits(hidden_ptr, weight_ptr, b, rows, batch, num_rows, hidden_size, stride_hb, stride_wr,
                                   temperature_term, RECIPROCAL, BLOCK_B, BLOCK_R, BLOCK_K)
         in_range = (rows < num_rows)[None, :]
         if STORE:
@@ -157,8 +160,8 @@ def _cutoff_pass_kernel(scaled_ptr, bracket_ptr, done_ptr, floor_ptr, max_ptr,  
                         batch, num_rows, rows_per_program, num_programs,
                         MASS: tl.constexpr, NT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr):
     """Per candidate key t_j of each row's bracket: W(key > t_j), max key <= t_j, min key > t_j."""
-    program = tl.program_id(0)
-    b = tl.arange(0, BLOCK_B)
+    b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # this program's tile of sequences
+    program = tl.program_id(1)
     live_row = b < batch
     pending = tl.sum((tl.load(done_ptr + b, mask=live_row, other=1) == 0).to(tl.int32), axis=0)
     if pending > 0:  # all rows settled: nothing to do
@@ -235,8 +238,8 @@ def _argmax_kernel(scaled_ptr, cutoff_ptr, step_ptr, part_value_ptr, part_index_
                    batch, num_rows, rows_per_program, num_programs, seed_term,
                    BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr):
     """Per program: best stored logits / T + Gumbel over columns with key >= cutoff, lowest index on ties."""
-    program = tl.program_id(0)
-    b = tl.arange(0, BLOCK_B)
+    b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # this program's tile of sequences
+    program = tl.program_id(1)
     live_row = b < batch
     cutoff = tl.load(cutoff_ptr + b, mask=live_row, other=0)
     step = tl.load(step_ptr)
@@ -287,7 +290,9 @@ class _Launch:
         self.temperature_term = _temperature_term(temperature, reciprocal)
         self.batch, self.hidden_size = hidden.shape
         self.num_rows = weight.shape[0]
-        self.block_b = triton.next_power_of_2(self.batch)
+        max_block_b = MAX_BLOCK_B if hidden.is_cuda else INTERPRETER_MAX_BLOCK_B
+        self.block_b = min(max_block_b, triton.next_power_of_2(self.batch))
+        self.batch_tiles = triton.cdiv(self.batch, self.block_b)
         self.block_k = max(16, min(128, triton.next_power_of_2(self.hidden_size)) // self.block_b)
         self.block_r = MAX_BLOCK_R
         while self.block_r > 16 and triton.cdiv(self.num_rows, self.block_r) < MIN_PROGRAMS:
@@ -298,12 +303,17 @@ class _Launch:
         self.block_p = min(64, triton.next_power_of_2(self.programs))
 
     def gemv(self, step: torch.Tensor, seed_term: int, scaled, part_a, part_b, part_c, store: bool, sample: bool):
-        _gemv_kernel[(self.programs,)](
+        _gemv_kernel[self.grid()](
             self.hidden, self.weight, step, scaled, part_a, part_b, part_c,
             self.batch, self.num_rows, self.hidden_size, self.hidden.stride(0), self.weight.stride(0),
             self.rows_per_program, self.programs, self.temperature_term, seed_term,
             RECIPROCAL=self.reciprocal, STORE=store, SAMPLE=sample,
             BLOCK_B=self.block_b, BLOCK_R=self.block_r, BLOCK_K=self.block_k, num_warps=4)
+
+    def grid(self) -> tuple[int, int]:
+        """Batch tiles along the fastest grid axis: the tiles that read the same head rows run side
+        by side, so the weight comes from DRAM once and from L2 for the other tiles."""
+        return (self.batch_tiles, self.programs)
 
     def logits_args(self):
         return (self.batch, self.num_rows, self.rows_per_program, self.programs)
@@ -322,13 +332,13 @@ def _search_cutoff(run: _Launch, scaled: torch.Tensor, lo: torch.Tensor, hi: tor
     part_above = run.partials(CANDIDATES, dtype=torch.int64)
     part_total = run.partials()
     for _ in range(SEARCH_PASSES):  # a fixed count: settled passes return at once, nothing waits on the host
-        _cutoff_pass_kernel[(run.programs,)](
+        _cutoff_pass_kernel[run.grid()](
             scaled, bracket, done, floor, row_max, part_weight, part_below, part_above, part_total,
             *run.logits_args(), MASS=mass, NT=CANDIDATES, BLOCK_B=run.block_b, BLOCK_R=run.block_r, num_warps=4)
         _cutoff_combine_kernel[(run.batch,)](
             bracket, done, part_weight, part_below, part_above, part_total, run.programs, float(bound),
             MASS=mass, NT=CANDIDATES, BLOCK_P=run.block_p, num_warps=4)
-    return bracket[:, 1]
+    return bracket[:, 1].contiguous()  # the kernels index it as a plain [B] array
 
 
 def _keep_cutoff(run: _Launch, params: SamplingParams, scaled: torch.Tensor, row_max: torch.Tensor,
@@ -375,7 +385,7 @@ def head_select(hidden: torch.Tensor, weight: torch.Tensor, params: SamplingPara
     part_value, part_index = run.partials(), run.partials(dtype=torch.int32)
     if filtered(params, run.num_rows):
         scaled, cutoff = tempered_logits_and_cutoff(run, params, step, seed_term)
-        _argmax_kernel[(run.programs,)](scaled, cutoff, step, part_value, part_index, *run.logits_args(), seed_term,
+        _argmax_kernel[run.grid()](scaled, cutoff, step, part_value, part_index, *run.logits_args(), seed_term,
                                         BLOCK_B=run.block_b, BLOCK_R=run.block_r, num_warps=4)
     else:
         run.gemv(step, seed_term, part_value, part_value, part_index, part_index, store=False,

@@ -43,6 +43,21 @@ def test_greedy_is_the_reference_argmax(dtype):
     assert torch.equal(head_select(hidden, weight, params, step_tensor(0)), reference(hidden, weight, params, step_tensor(0)))
 
 
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.6, top_k=9, top_p=0.8, seed=2)],
+                         ids=["greedy", "top-k+top-p"])
+def test_batch_tiles_of_a_large_batch(monkeypatch, params):
+    """Five sequences in tiles of two, as a GPU runs batches over 4 (the CTC head takes 64 frames).
+    Rows past the first also catch a cutoff read with the wrong stride (it once read the bracket's
+    other end for them)."""
+    hidden, weight = make_exact_head(5, 2 * BLOCK_R + 3, 16, seed=8)
+    monkeypatch.setattr(select, "MAX_BLOCK_B", 2)
+    monkeypatch.setattr(select, "INTERPRETER_MAX_BLOCK_B", 2)
+    run = _Launch(hidden, weight, 1.0, reciprocal=False)
+    assert (run.block_b, run.batch_tiles) == (2, 3)
+    step = step_tensor(3)
+    assert torch.equal(head_select(hidden, weight, params, step), reference(hidden, weight, params, step))
+
+
 def test_greedy_ties_go_to_the_lowest_row():
     hidden, weight = make_head(2, 3 * BLOCK_R, 32)
     weight[BLOCK_R + 5] = weight[2 * BLOCK_R + 1] = weight[7] = 10 * hidden[0] / hidden[0].norm()

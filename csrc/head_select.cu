@@ -42,8 +42,8 @@ constexpr int kGatherBlocksPerSm = 2;
 // exp(x - max) * 2^40 < 1, zero in fixed point, and top-p < 1 never keeps a zero-mass column
 // (the mass above it is the whole mass). So with top-p the columns more than kCandidateSpan below
 // the maximum are dropped before the selection: no count within the kept set, no mass and no
-// draw changes. Not with top-k alone: the noise of the one 24-bit draw that rounds to u = 1 is
-// +inf, so a kept column wins however low it is, and top-k may keep low columns.
+// draw changes. Not with top-k alone, which keeps its k columns however low they are (the noise
+// is bounded, within -2.8 .. 16.7, so this span would hold there too; top-k still scans them all).
 constexpr float kCandidateSpan = 32.f;
 
 enum Mode { kGreedy, kSample, kStoreScaled };
@@ -61,8 +61,8 @@ __device__ __forceinline__ uint32_t fmix32(uint32_t x) {
 // -log(-log(u)) with u in (0, 1); accurate logf (no fast math) so the bits match torch.log.
 __device__ __forceinline__ float gumbel(uint32_t seed, uint32_t step, uint32_t row, uint32_t col) {
   const uint32_t key = col * 0x9E3779B1u + row * 0x85EBCA77u + step * 0xC2B2AE3Du + seed * 0x27D4EB2Fu;
-  const uint32_t bits = fmix32(key) >> 8;  // 24 random bits
-  const float u = (static_cast<float>(bits) + 0.5f) * (1.0f / 16777216.0f);
+  const uint32_t bits = fmix32(key) >> 9;  // 23 random bits: u <= 1 - 2^-24, never 1.0
+  const float u = (static_cast<float>(bits) + 0.5f) * (1.0f / 8388608.0f);
   return -logf(-logf(u));
 }
 

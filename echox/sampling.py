@@ -63,8 +63,10 @@ def uniform_noise(seed: int, step: torch.Tensor, rows: int, cols: int, device=No
     col = torch.arange(cols, device=device, dtype=torch.int64)[None, :]
     key = (col * 0x9E3779B1 + row * 0x85EBCA77 + step.reshape(1, 1) * 0xC2B2AE3D
            + (seed & _MASK32) * 0x27D4EB2F) & _MASK32  # kernels use the seed's low 32 bits
-    bits = _fmix32(key) >> 8  # 24 random bits
-    return (bits.float() + 0.5) * (1.0 / (1 << 24))
+    # 23 random bits: (k + 0.5) / 2^23 is exact in fp32 and at most 1 - 2^-24. With 24 bits the
+    # largest draw rounded to 1.0, whose Gumbel noise is +inf: a column chosen whatever its logit.
+    bits = _fmix32(key) >> 9
+    return (bits.float() + 0.5) * (1.0 / (1 << 23))
 
 
 def gumbel_noise(seed: int, step: torch.Tensor, rows: int, cols: int, device=None) -> torch.Tensor:

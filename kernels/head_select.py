@@ -86,7 +86,7 @@ def _order_key(x):
 
 @triton.jit
 def _gumbel(cols, batch_rows, step, seed_term):
-    """Gumbel noise of echox.sampling.gumbel_noise: murmur3 fmix32 of a uint32 counter, 24 bits."""
+    """Gumbel noise of echox.sampling.gumbel_noise: murmur3 fmix32 of a uint32 counter, 23 bits."""
     key = (cols.to(tl.uint32) * tl.full([], 0x9E3779B1, tl.uint32)
            + batch_rows.to(tl.uint32) * tl.full([], 0x85EBCA77, tl.uint32)
            + step.to(tl.uint32) * tl.full([], 0xC2B2AE3D, tl.uint32) + seed_term.to(tl.uint32))
@@ -95,7 +95,7 @@ def _gumbel(cols, batch_rows, step, seed_term):
     key = key ^ (key >> 13)
     key = key * tl.full([], 0xC2B2AE35, tl.uint32)
     key = key ^ (key >> 16)
-    uniform = ((key >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+    uniform = ((key >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
     return -tl.log(-tl.log(uniform))
 
 

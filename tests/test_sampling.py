@@ -1,0 +1,35 @@
+"""The sampling noise: a pure function of (seed, step, row, column), strictly inside (0, 1)."""
+
+import torch
+
+from echox.sampling import gumbel_noise, uniform_noise
+
+MASK = (1 << 32) - 1
+
+
+def inverse_fmix32(h: int) -> int:
+    """The key whose murmur3 finaliser is h (each step of the finaliser is invertible mod 2^32)."""
+    h ^= h >> 16
+    h = (h * pow(0xC2B2AE35, -1, 1 << 32)) & MASK
+    h ^= (h >> 13) ^ (h >> 26)
+    h = (h * pow(0x85EBCA6B, -1, 1 << 32)) & MASK
+    return h ^ (h >> 16)
+
+
+def seed_drawing(h: int) -> int:
+    """A seed whose draw at step 0, row 0, column 0 hashes to h (the key there is seed * 0x27D4EB2F)."""
+    return (inverse_fmix32(h) * pow(0x27D4EB2F, -1, 1 << 32)) & MASK
+
+
+def test_extreme_draws_stay_inside_the_unit_interval():
+    step = torch.zeros((), dtype=torch.int64)
+    largest, smallest = (uniform_noise(seed_drawing(h), step, 1, 1).item() for h in (MASK, 0))
+    assert largest < 1.0 and smallest > 0.0
+    assert torch.isfinite(gumbel_noise(seed_drawing(MASK), step, 1, 1)).all()  # +inf would pick any column
+
+
+def test_noise_is_a_pure_function_of_its_counter():
+    step = torch.tensor(7)
+    first, again = uniform_noise(3, step, 2, 1000), uniform_noise(3, step, 2, 1000)
+    assert torch.equal(first, again) and not torch.equal(first, uniform_noise(3, step + 1, 2, 1000))
+    assert 0.45 < first.mean().item() < 0.55

@@ -189,20 +189,26 @@ def demo_question(seconds: float = 3.0):
     return (0.1 * voice * envelope).float()
 
 
-def cmd_demo(args) -> None:
-    """The whole pipeline end to end on the tiny random checkpoint, on the CPU."""
+def demo_model_dir() -> Path:
+    """The tiny random checkpoint of `echox demo` (and `serve --demo`), built in ECHOX_CACHE on first
+    use, and again if an earlier build was left incomplete."""
     import os
 
-    from . import engine as echox_engine
-    from .sampling import GREEDY
     from .tiny import LAYOUT_VERSION, is_complete, write_tiny_checkpoint
-    output = Path(args.output)
-    check_output_file(output, args.overwrite, "--output")
     cache = Path(os.environ.get("ECHOX_CACHE", Path.home() / ".cache" / "echox")) / f"tiny-v{LAYOUT_VERSION}"
-    if not is_complete(cache):  # first run, or an older run's leftovers: build it (again)
+    if not is_complete(cache):
         check_output_folder(cache, "the demo's model cache (ECHOX_CACHE)")
         write_tiny_checkpoint(cache)
-    model_dir = cache / "EchoX-tiny"
+    return cache / "EchoX-tiny"
+
+
+def cmd_demo(args) -> None:
+    """The whole pipeline end to end on the tiny random checkpoint, on the CPU."""
+    from . import engine as echox_engine
+    from .sampling import GREEDY
+    output = Path(args.output)
+    check_output_file(output, args.overwrite, "--output")
+    model_dir = demo_model_dir()
     print(f"tiny random checkpoint: {model_dir}\n"
           "Its weights are random: the text below is gibberish and the speech is noise. The demo shows "
           "the pipeline and its timings.\n")
@@ -233,7 +239,7 @@ def _thread_count(value: str) -> int:
     return int(value)
 
 
-def _add_threads(parser: argparse.ArgumentParser):
+def add_threads_argument(parser: argparse.ArgumentParser):
     parser.add_argument("--threads", type=_thread_count, default=DEFAULT_THREADS,
                         help=f"torch intra-op threads on the CPU, shared by the LLM, echo-decoder and vocoder "
                              f"threads (default {DEFAULT_THREADS}: fastest turn measured on 2 cores)")
@@ -256,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--overwrite", action="store_true")
     demo.add_argument("--max-new-tokens", type=int, default=64)
     demo.add_argument("--max-units", type=int, default=200, help="unit tokens per segment")
-    _add_threads(demo)
+    add_threads_argument(demo)
     demo.set_defaults(run=cmd_demo)
 
     chat = sub.add_parser("chat", help="answer one spoken or written turn")
@@ -274,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=int, default=512)
     chat.add_argument("--max-units", type=int, default=2048, help="unit tokens per segment (released: 2048)")
     chat.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    _add_threads(chat)
+    add_threads_argument(chat)
     chat.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     chat.add_argument("--trace", help="write a JSON trace of the turn here")
     chat.add_argument("--low-latency", action="store_true",

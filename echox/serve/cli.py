@@ -1,13 +1,12 @@
 """The `echox serve` subcommand, registered by echox/cli.py; heavy imports wait until it runs."""
 
 import argparse
-from pathlib import Path
 
 from ..errors import EchoXError
 
 
 def add_serve_command(sub: argparse._SubParsersAction):
-    from ..cli import _add_threads  # the same --threads as chat and demo
+    from ..cli import add_threads_argument  # the same --threads as chat and demo
     serve = sub.add_parser("serve", help="serve realtime spoken conversations (OpenAI Realtime API subset)")
     model = serve.add_mutually_exclusive_group(required=True)
     model.add_argument("--model", help="EchoX model folder")
@@ -27,25 +26,15 @@ def add_serve_command(sub: argparse._SubParsersAction):
     serve.add_argument("--max-buffer-seconds", type=float, default=30.0,
                        help="input audio buffer limit per connection (24 kHz pcm16)")
     serve.add_argument("--idle-timeout", type=float, default=300.0, help="seconds without client events")
-    _add_threads(serve)
+    add_threads_argument(serve)
     serve.set_defaults(run=cmd_serve)
-
-
-def demo_model_dir() -> Path:
-    """The tiny random checkpoint `echox demo` uses, written to the cache on first use."""
-    import os
-
-    from ..tiny import LAYOUT_VERSION, write_tiny_checkpoint
-    cache = Path(os.environ.get("ECHOX_CACHE", Path.home() / ".cache" / "echox")) / f"tiny-v{LAYOUT_VERSION}"
-    if not (cache / "EchoX-tiny" / "config.json").is_file():
-        write_tiny_checkpoint(cache)
-    return cache / "EchoX-tiny"
 
 
 def cmd_serve(args):
     import asyncio
 
     from .. import engine as echox_engine
+    from ..cli import demo_model_dir
     from ..segmenter import LOW_LATENCY_SEGMENTER, RELEASED_SEGMENTER
     from .server import Limits, Server, serve_forever
     from .session_config import SessionConfig

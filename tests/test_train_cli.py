@@ -42,6 +42,12 @@ def test_a_bad_manifest_line_is_named(tiny_model_dir, manifest, tmp_path, capsys
     fails_with(capsys, stage2(tiny_model_dir, bad, tmp_path / "out"), "bad.jsonl:5: field 'response'")
 
 
+def test_units_the_model_cannot_spell_are_named(tiny_model_dir, manifest, tmp_path, capsys):
+    code = main(["train", "stage2", "--manifest", str(manifest), "--model", str(tiny_model_dir),
+                 "--out", str(tmp_path / "out"), "--batch-size", "2"])  # the tiny model's own random unit tokens
+    fails_with(capsys, code, "has no token in this unit language (pass --unit-vocab N")
+
+
 def test_an_existing_model_is_not_overwritten(tiny_model_dir, manifest, tmp_path, capsys):
     (tmp_path / "out" / "model").mkdir(parents=True)
     (tmp_path / "out" / "model" / "mine.txt").write_text("keep")

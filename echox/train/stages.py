@@ -212,6 +212,14 @@ def unit_language(run: Prepared, options: StageOptions) -> tuple[UnitLanguage, P
     return language, written
 
 
+def unit_tokens(language: UnitLanguage, example: Example, options: StageOptions) -> list[int]:
+    try:
+        return language.encode(list(example.response_units))
+    except EchoXError as e:
+        raise EchoXError(f"{options.manifest}:{example.line}: {e} (pass --unit-vocab N to build a unit "
+                         f"language from the manifest)") from None
+
+
 def build_stage2(run: Prepared, options: StageOptions) -> Job:
     source, tokenizer = run.source, run.source.tokenizer
     cfg = source.config.echo
@@ -223,7 +231,7 @@ def build_stage2(run: Prepared, options: StageOptions) -> Job:
         cfg = resize_units(tensors, cfg, len(language.tokens), options.seed)
     decoder = TrainableEchoDecoder(cfg, tokenizer.echo_prefixes(), tokenizer.eot, tensors, options.checkpointed)
     decoder.aligner_mlp.requires_grad_(False)  # stage II never runs it: text embeddings fill the slots
-    pairs = [(tokenizer.tok(e.response), [cfg.text_vocab_size + k for k in language.encode(list(e.response_units))])
+    pairs = [(tokenizer.tok(e.response), [cfg.text_vocab_size + k for k in unit_tokens(language, e, options)])
              for e in run.examples]
     lengths = [len(text) + len(units) for text, units in pairs]
     return Job(TextToUnitStage(decoder), [p for p in decoder.parameters() if p.requires_grad], pairs, lengths,

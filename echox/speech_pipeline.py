@@ -105,9 +105,6 @@ class SpeechPipeline:
         if self.errors:
             raise self.errors[0]
 
-    def alive(self) -> bool:
-        return any(thread.is_alive() for thread in self.threads)
-
     def _guarded(self, loop, done: queue.Queue):
         """Run one thread's loop on its own stream, then put None on `done`. An error stops the
         whole pipeline and is kept for the main thread, which re-raises it."""

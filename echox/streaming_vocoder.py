@@ -16,6 +16,10 @@ reference, Triton or CUDA kernel): a valid conv over cache + new inputs, and the
 transposed conv that is complete. The leaky relu before a conv runs inside the op, so caches
 hold raw inputs; that is exact, because the zero padding stays zero: leaky_relu(0) = 0.
 Tensors are [B, C, T]; the vocoder's own use is B = 1.
+
+Each push is padded to one of a few lengths (`bucket`) and every op carries how many of its
+steps are real (`Steps`), so pushes of one length run every conv at the same shapes whatever
+their units: shape-keyed plans (oneDNN's on a CPU) are built once and reused.
 """
 
 from dataclasses import dataclass

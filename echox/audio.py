@@ -316,15 +316,21 @@ def windowed_sinc(t: torch.Tensor, cutoff: float, half: int) -> torch.Tensor:
     return 2 * cutoff * torch.sinc(2 * cutoff * t) * window * (t.abs() <= half)
 
 
+def resampling_plan(orig_sr: int, new_sr: int) -> tuple[int, int, float, int]:
+    """(up, down, cutoff, half): output m sits at input position m * down / up; the filter passes
+    `cutoff` cycles per input sample and reaches `half` input samples to each side."""
+    g = math.gcd(orig_sr, new_sr)
+    up, down = new_sr // g, orig_sr // g
+    cutoff = ROLLOFF * min(up, down) / (2 * down)
+    return up, down, cutoff, math.ceil(ZERO_CROSSINGS / (2 * cutoff))
+
+
 def resample(x: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
     """Band-limited resampling of [..., N] samples from orig_sr to new_sr: [..., ceil(N * new / orig)]."""
     orig_sr, new_sr = checked_rate(orig_sr, "resampling"), checked_rate(new_sr, "resampling")
     if orig_sr == new_sr:
         return x
-    g = math.gcd(orig_sr, new_sr)
-    up, down = new_sr // g, orig_sr // g  # output m sits at input position m * down / up
-    cutoff = ROLLOFF * min(up, down) / (2 * down)  # cycles per input sample
-    half = math.ceil(ZERO_CROSSINGS / (2 * cutoff))  # filter half-length in input samples
+    up, down, cutoff, half = resampling_plan(orig_sr, new_sr)
     lead, n = x.shape[:-1], x.shape[-1]
     out_len = -(-n * up // down)
     flat = x.reshape(-1, n).to(torch.float32)

@@ -11,11 +11,10 @@ the few outputs near the seam, and emits only outputs whose window is complete. 
 
 import base64
 import binascii
-import math
 
 import torch
 
-from ..audio import ROLLOFF, SAMPLE_RATE, ZERO_CROSSINGS, resample
+from ..audio import SAMPLE_RATE, resample, resampling_plan
 from .protocol import ProtocolError
 
 API_RATE = 24000  # the Realtime API's pcm16 rate, both directions
@@ -54,10 +53,8 @@ def pcm16_base64(samples: torch.Tensor) -> str:
 def filter_reach(orig_sr: int, new_sr: int) -> tuple[int, int, int]:
     """(up, down, reach): output m sits at input position m * down / up and reads the input samples
     within `reach` of floor(m / up) * down (the half-length `audio.resample` gives its filter)."""
-    g = math.gcd(orig_sr, new_sr)
-    up, down = new_sr // g, orig_sr // g
-    cutoff = ROLLOFF * min(up, down) / (2 * down)
-    return up, down, math.ceil(ZERO_CROSSINGS / (2 * cutoff))
+    up, down, _, reach = resampling_plan(orig_sr, new_sr)
+    return up, down, reach
 
 
 class StreamingResampler:

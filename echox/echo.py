@@ -105,9 +105,8 @@ class EchoDecoder(nn.Module):
         self._load_modules(tensors)
         self._build_tables(tensors)
         self.requires_grad_(False).eval()
-        prompt_room = len(vocab.text_prefix) + LONGEST_SEGMENT + len(vocab.unit_prefix)
-        # A block may run up to UNITS_PER_READ - 1 steps past the last useful one: room for those too.
-        self.body.setup_cache(1, prompt_room + cfg.max_new_tokens + UNITS_PER_READ)
+        self.state = self.body.allocate_state(1, self.cache_len)  # the solo decode's cache
+        self.body.use_state(self.state)
         self.use_graphs = self.adapter.weight.device.type == "cuda"  # a flag, so graphs can be turned off
         self.graphs: dict[bool, GraphedStep] = {}
 
@@ -139,9 +138,15 @@ class EchoDecoder(nn.Module):
         constant("one_valid_key", torch.ones(1, 1, dtype=torch.bool, device=device))
 
     @property
+    def cache_len(self) -> int:
+        """Positions of a segment's cache: its longest prompt, 2048 units and one block's overrun."""
+        vocab = self.vocab
+        return len(vocab.text_prefix) + LONGEST_SEGMENT + len(vocab.unit_prefix) + self.cfg.max_new_tokens + UNITS_PER_READ
+
+    @property
     def max_len(self) -> int:
         """Positions a prompt and its units may use (the cache also holds one block's overrun)."""
-        return self.body.max_len - UNITS_PER_READ
+        return self.cache_len - UNITS_PER_READ
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """token_ids [...] -> adapter(T[id]) [..., h]."""
@@ -171,12 +176,14 @@ class EchoDecoder(nn.Module):
         return self.select(hidden[:, -1], full_head)
 
     def decode_step(self, token_id: torch.Tensor, position: torch.Tensor, full_head: bool = False) -> torch.Tensor:
-        """Feed token_id [1] at position [1, 1]; return the next token id [1].
+        """Feed token_id [B] at position [B, 1] (one segment per row of the cache in use); return
+        the next token ids [B].
 
         Static shapes, no host sync: a CUDA graph can capture it with token_id and position as
         its input buffers.
         """
-        hidden = self.body(self.embed(token_id[:, None]), position, self.one_valid_key)  # [1, 1, h]
+        valid = self.one_valid_key.expand(token_id.shape[0], 1)
+        hidden = self.body(self.embed(token_id[:, None]), position, valid)  # [B, 1, h]
         return self.select(hidden[:, 0], full_head)
 
     def unit_budget(self, prompt_length: int, max_units: int | None = None) -> int:
@@ -191,7 +198,7 @@ class EchoDecoder(nn.Module):
         return min(limit, room)
 
     def decode_block(self, token_id: torch.Tensor, position: torch.Tensor, full_head: bool = False) -> torch.Tensor:
-        """UNITS_PER_READ greedy steps from token_id [1] at position [1, 1] -> the next tokens [K].
+        """UNITS_PER_READ greedy steps from token_id [B] at position [B, 1] -> the next tokens [B, K].
 
         Each step feeds the token the previous one chose, so the block equals K single steps; the
         host reads the K tokens back at once instead of once per token."""
@@ -199,7 +206,7 @@ class EchoDecoder(nn.Module):
         for offset in range(UNITS_PER_READ):
             token_id = self.decode_step(token_id, position + offset, full_head)
             tokens.append(token_id)
-        return torch.cat(tokens)
+        return torch.stack(tokens, dim=-1)
 
     def block_function(self, full_head: bool):
         """decode_block, eager or as a CUDA graph captured once per head. The cache buffers never
@@ -231,23 +238,22 @@ class EchoDecoder(nn.Module):
                              full_head: bool = False) -> Iterator[int]:
         """`generate` from a prompt already embedded [L, h]; training decodes text prompts with it
         (text embeddings in the segment slots) to make its echo pseudo-labels."""
-        budget = self.unit_budget(prompt.shape[0], max_units)
+        tally = self.tally(prompt.shape[0], max_units)
+        self.body.use_state(self.state)  # a batched decode may have pointed the layers elsewhere
         token_id = self.prefill(prompt, full_head)  # [1]
         block = self.block_function(full_head)
         position = torch.full((1, 1), prompt.shape[0], device=prompt.device)  # [1, 1]
-        ready, produced = token_id.tolist(), 0
+        ready = token_id.tolist()
         while True:
-            for value in ready:
-                if value == self.vocab.eot:
-                    return
-                if value >= self.cfg.text_vocab_size:
-                    yield value
-                produced += 1
-                if produced == budget:
-                    return
-            tokens = block(token_id, position)  # [K]
+            yield from tally.take(ready)
+            if tally.done:
+                return
+            tokens = block(token_id, position)[0]  # [K]
             position += UNITS_PER_READ
             ready, token_id = tokens.tolist(), tokens[-1:]
+
+    def tally(self, prompt_length: int, max_units: int | None = None) -> "UnitTally":
+        return UnitTally(self.vocab.eot, self.cfg.text_vocab_size, self.unit_budget(prompt_length, max_units))
 
     def units_of(self, token_ids: Iterable[int]) -> list[int]:
         """Unit token ids (V..V+U-1) -> the HuBERT units they spell, in order."""
@@ -259,6 +265,28 @@ class EchoDecoder(nn.Module):
                                  f"{first}..{first + self.cfg.unit_vocab_size - 1})")
             units.extend(self.vocab.units[token_id - first])
         return units
+
+
+class UnitTally:
+    """The host's view of one segment's decode: which new tokens are units, and when it ends
+    (at eot, or once `budget` new tokens were written, whichever comes first)."""
+
+    def __init__(self, eot: int, first_unit: int, budget: int):
+        self.eot, self.first_unit, self.budget = eot, first_unit, budget
+        self.produced, self.done = 0, False
+
+    def take(self, token_ids: list[int]) -> Iterator[int]:
+        """The unit token ids among `token_ids`, the decoder's next tokens in order, up to the end."""
+        for value in token_ids:
+            if self.done:
+                return
+            if value == self.eot:
+                self.done = True
+                return
+            if value >= self.first_unit:
+                yield value
+            self.produced += 1
+            self.done = self.produced == self.budget
 
 
 def load_echo_decoder(model: "ModelFolder", dtype: torch.dtype = torch.float32,

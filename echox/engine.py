@@ -13,17 +13,19 @@ carrying the trace (ids, frames, tokens, scores, segments, timings).
 import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from .adapter import SpeechAdapter, load_adapter
 from .audio import speech_input
+from .batch.echo_batcher import EchoBatcher
+from .batch.text_batcher import TextBatcher, TextRequest
 from .checkpoint import ModelFolder, open_model_folder, resolve_vocoder, resolve_whisper
-from .echo import EchoDecoder, load_echo_decoder
 from .config import WhisperConfig
+from .echo import EchoDecoder, load_echo_decoder
 from .errors import EchoXError
 from .generate import AudioSlot, Slot, TextDecoder
 from .llama import LlamaLM, load_lm
@@ -37,6 +39,7 @@ from .whisper import WhisperEncoder, load_whisper
 
 HUBERT_UNITS = 1000  # mHuBERT layer-11 k-means codebook (SPEC §8)
 RELEASED_SPEAKER = 1
+DEFAULT_MAX_LEN = 4096  # KV cache positions of one conversation
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -94,8 +97,10 @@ class Clock:
 class Engine:
     """Every part of EchoX, loaded once. Create conversations with `session()`.
 
-    Sessions share the weights and the echo decoder's cache, so an engine answers one turn at a
-    time; turns of different sessions may alternate freely (each session owns its LLM cache)."""
+    Without batching, sessions share the weights and the echo decoder's cache, so an engine
+    answers one turn at a time; turns of different sessions may alternate freely (each session
+    owns its LLM cache). With `batched(max_batch)` (load(max_batch=N)) up to N sessions answer at
+    once: their LLM and echo-decoder steps run as rows of shared batched steps (echox/batch/)."""
 
     folder: ModelFolder
     lm: LlamaLM
@@ -109,7 +114,9 @@ class Engine:
     dtype: torch.dtype
 
     cuda_graphs: bool = False
-    busy: threading.Lock = field(default_factory=threading.Lock)  # held while a turn is being answered
+    busy: threading.Lock = field(default_factory=threading.Lock)  # held while a turn is answered (no batching)
+    text_batcher: TextBatcher | None = None
+    echo_batcher: EchoBatcher | None = None
 
     @property
     def tokenizer(self):
@@ -129,19 +136,38 @@ class Engine:
             self.echo.block_function(full_head=False)
         return self
 
+    def batched(self, max_batch: int, max_len: int = DEFAULT_MAX_LEN) -> "Engine":
+        """Answer up to `max_batch` turns at once, each conversation in a KV slot of `max_len`
+        positions (memory: max_batch x max_len positions of every LLM layer, allocated now)."""
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise EchoXError(f"max_batch must be a whole number >= 1, got {max_batch!r}")
+        tok = self.tokenizer
+        self.text_batcher = TextBatcher(self.lm, tok.pad, tok.eot, tok.period, max_batch, max_len, self.cuda_graphs)
+        self.echo_batcher = EchoBatcher(self.echo, max_batch)
+        self.text_batcher.start()
+        self.echo_batcher.start()
+        return self
+
+    def echo_units(self, segment: torch.Tensor, max_units: int, ready=None) -> Iterator[int]:
+        """The unit tokens of one segment [n, H], from the echo decoder or its batch."""
+        if self.echo_batcher is not None:
+            return self.echo_batcher.generate(segment, max_units, ready)
+        return self.echo.generate(segment, max_units=max_units)
+
     def session(self, **options) -> "Session":
         return Session(self, **options)
 
 
 def load(model_dir: Path | str, whisper: Path | str | None = None, vocoder: Path | str | None = None,
          device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-         cuda_graphs: bool = True, threads: int | None = None) -> Engine:
+         cuda_graphs: bool = True, threads: int | None = None, max_batch: int | None = None) -> Engine:
     """Load an EchoX model folder, its Whisper encoder and its vocoder onto `device`.
 
     On a GPU the LLM and echo-decoder decode steps run as CUDA graphs unless `cuda_graphs` is
     False (for debugging: eager steps show each kernel in a profiler and raise where they fail).
     `threads` sets torch's intra-op CPU threads; torch keeps one count for the whole process, so
-    it serves the LLM, echo-decoder and vocoder threads alike (None: leave torch's setting)."""
+    it serves the LLM, echo-decoder and vocoder threads alike (None: leave torch's setting).
+    `max_batch` turns the engine into a batched one (`Engine.batched`)."""
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise EchoXError(f"threads must be a whole number >= 1, got {threads!r}")
@@ -159,23 +185,33 @@ def load(model_dir: Path | str, whisper: Path | str | None = None, vocoder: Path
     if voice.cfg.num_embeddings < HUBERT_UNITS:
         raise EchoXError(f"{vocoder_dir}: this vocoder knows {voice.cfg.num_embeddings} units, but EchoX speaks "
                          f"HuBERT units 0..{HUBERT_UNITS - 1}: wrong --vocoder folder?")
-    return Engine(folder, load_lm(weights, cfg.llm, dtype, device), load_adapter(weights, cfg.adapter, dtype, device),
-                  load_whisper(whisper_dir, dtype, device).eval(), load_echo_decoder(folder, dtype, device), voice,
-                  whisper_dir, vocoder_dir, device, dtype).prepare(cuda_graphs)
+    engine = Engine(folder, load_lm(weights, cfg.llm, dtype, device), load_adapter(weights, cfg.adapter, dtype, device),
+                    load_whisper(whisper_dir, dtype, device).eval(), load_echo_decoder(folder, dtype, device), voice,
+                    whisper_dir, vocoder_dir, device, dtype).prepare(cuda_graphs)
+    return engine if max_batch is None else engine.batched(max_batch)
 
 class Session:
     """One conversation: its turns, its speech embeddings and the LLM's KV cache across turns."""
 
     def __init__(self, engine: Engine, sampling: SamplingParams = RELEASED_SAMPLING,
                  segmenter: SegmenterParams = RELEASED_SEGMENTER, max_new_tokens: int = 512,
-                 max_units: int = 2048, max_len: int = 4096, push_units: int = 32):
+                 max_units: int = 2048, max_len: int | None = None, push_units: int = 32):
+        """`max_len`: positions of this conversation's KV cache (default 4096); a batched engine's
+        sessions use its slots instead, whose size is set when batching is turned on."""
         if max_new_tokens < 1 or max_units < 1 or push_units < 1:
             raise EchoXError("max_new_tokens, max_units and push_units must be at least 1")
         tok = engine.tokenizer
         self.engine, self.sampling, self.segmenter = engine, sampling, segmenter
         self.max_new_tokens, self.max_units, self.push_units = max_new_tokens, max_units, push_units
-        self.decoder = TextDecoder(engine.lm, tok.pad, tok.eot, tok.period, max_len, use_graphs=engine.cuda_graphs)
-        self.decoder.step_function(sampling)  # capture the CUDA graph now, not inside the first answer
+        self.decoder: TextDecoder | None = None  # this conversation's own KV cache, without batching
+        if engine.text_batcher is None:
+            self.decoder = TextDecoder(engine.lm, tok.pad, tok.eot, tok.period, max_len or DEFAULT_MAX_LEN,
+                                       use_graphs=engine.cuda_graphs)
+            self.decoder.step_function(sampling)  # capture the CUDA graph now, not inside the first answer
+        elif max_len not in (None, engine.text_batcher.max_len):
+            raise EchoXError(f"this engine batches conversations in KV slots of {engine.text_batcher.max_len} "
+                             f"positions; a session cannot ask for max_len={max_len}")
+        self.counter = torch.zeros(1, dtype=torch.int64, device=engine.device)  # sampling counter (batched)
         self.cancelled = threading.Event()  # set by cancel(), read by the turn in progress
         self.speaking: SpeechPipeline | None = None  # the speech of the turn in progress, for cancel()
         self.answering = False  # a turn of this session is in progress
@@ -185,7 +221,10 @@ class Session:
         """Forget the conversation; the KV cache buffers and captured graphs are kept for reuse."""
         self.turns: list[Turn] = []
         self.speech: dict[int, torch.Tensor] = {}  # turn index -> its speech embeddings [v, H]
-        self.decoder.cached = []
+        if self.decoder is not None:
+            self.decoder.cached = []
+        else:
+            self.engine.text_batcher.forget(self)
 
     def cancel(self):
         """Stop this session's turn in progress, from any thread (e.g. a voice detector barging in).
@@ -239,7 +278,10 @@ class Session:
         if audio is None and not text:
             raise EchoXError("a turn needs speech (audio=...) or text (text=...)")
         samples = None if audio is None else speech_input(audio)
-        if not self.engine.busy.acquire(blocking=False):
+        if self.answering:
+            raise EchoXError("this session is answering a turn already: finish (or close) that one first")
+        solo = self.decoder is not None  # batched turns need no lock: each is a row of the batch
+        if solo and not self.engine.busy.acquire(blocking=False):
             raise EchoXError("this engine is answering another turn: finish (or close) that one first")
         turns_before, speech_before, finished = len(self.turns), dict(self.speech), False
         self.cancelled.clear()
@@ -256,7 +298,28 @@ class Session:
             raise
         finally:
             self.answering, self.speaking = False, None
-            self.engine.busy.release()
+            if solo:
+                self.engine.busy.release()
+
+    def llm_tokens(self, slots: list[Slot], clock: Clock, timings: dict):
+        """(the answer's tokens, a function that adds the prefill's timings once they are out and
+        returns how much of the token loop's wall time they took). Without batching the prefill
+        runs here; with it, the turn waits for a KV slot and is prefilled by the batch."""
+        if self.decoder is not None:
+            started = clock.now()
+            hidden = self.decoder.prefill(slots, self.speech)
+            timings["prefill"] = clock.since(started)
+            return self.decoder.decode(hidden, len(slots), self.sampling, self.max_new_tokens), lambda _: 0.0
+        ready = None
+        if self.engine.device.type == "cuda":  # the speech embeddings are being written on this stream
+            ready = torch.cuda.Event()
+            ready.record()
+        request = TextRequest(self, slots, self.speech, self.sampling, self.max_new_tokens, self.counter, ready)
+
+        def finish(timings: dict) -> float:
+            timings |= {"kv_slot_wait": request.wait_ms, "prefill": request.prefill_ms}
+            return request.wait_ms + request.prefill_ms
+        return self.engine.text_batcher.answer(request), finish
 
     def _respond(self, samples: torch.Tensor | None, text: str) -> Iterator[Event]:
         engine, tok = self.engine, self.engine.tokenizer
@@ -267,16 +330,14 @@ class Session:
             self.speech[len(self.turns)] = embeddings
         self.turns.append(Turn("user", text, audio=samples is not None))
         slots = self.slots()
-        started = clock.now()
-        hidden = self.decoder.prefill(slots, self.speech)
-        timings["prefill"] = clock.since(started)
+        answer_tokens, finish_timings = self.llm_tokens(slots, clock, timings)
 
         speech = self.speaking = SpeechPipeline(engine, self.max_units, self.push_units, clock)
         segmenter, text_stream = Segmenter(self.segmenter), tok.decode_stream()
         tokens, hiddens, scores, shown = [], [], [], ""
         started = clock.now()
         try:
-            for token in self.decoder.decode(hidden, len(slots), self.sampling, self.max_new_tokens):
+            for token in answer_tokens:
                 if self.cancelled.is_set():
                     break
                 tokens.append(token.id)
@@ -302,6 +363,7 @@ class Session:
             raise
         speech.join()
         self.turns.append(Turn("assistant", answer))
+        decode_ms -= finish_timings(timings)
         timings |= {"decode_per_token": decode_ms / max(len(tokens), 1), "echo_decoder": speech.echo_ms,
                     "vocoder": speech.vocoder_ms, "time_to_first_audio": speech.first_audio_ms,
                     "total": clock.since(clock.origin)}

@@ -17,15 +17,15 @@ reaches the end of the cache stops with an error naming the limit, as no positio
 its next token.
 """
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
 from .cuda_graph import GraphedStep
 from .errors import EchoXError
-from .llama import LlamaLM
+from .llama import DecoderState, LlamaLM
 from .sampling import SamplingParams, head_select
 
 
@@ -45,6 +45,22 @@ class Token:
     score: float  # cosine with the "." row of the output head
 
 
+def period_direction(lm: LlamaLM, period_id: int) -> torch.Tensor:
+    """[H] unit-norm lm_head row of ".": a token's segmenter score is one dot product with it."""
+    period = lm.lm_head.weight[period_id].float()
+    return period / period.norm()
+
+
+def period_score(hidden: torch.Tensor, period_row: torch.Tensor) -> torch.Tensor:
+    """s_t = cos(h_t, lm_head row of "."), for hidden [B, H] -> [B] fp32."""
+    return F.normalize(hidden.float(), dim=-1) @ period_row
+
+
+def cache_full(max_len: int, tokens: int) -> EchoXError:
+    return EchoXError(f"the answer reached the KV cache size {max_len} (max_len) after {tokens} tokens: "
+                      f"reset the session or start a new one, or raise max_len")
+
+
 def common_prefix(a: list[Slot], b: list[Slot]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -58,16 +74,17 @@ class TextDecoder:
     """Owns the LLM's KV cache for one conversation and decodes one turn at a time."""
 
     def __init__(self, lm: LlamaLM, pad_id: int, eot_id: int, period_id: int, max_len: int,
-                 use_graphs: bool | None = None):
+                 use_graphs: bool | None = None, state: DecoderState | None = None):
+        """`state`: a KV cache of one sequence to use (a slot of a batched engine's cache, with room
+        for at least `max_len` positions); by default this decoder allocates its own."""
         self.lm, self.pad_id, self.eot_id = lm, pad_id, eot_id
         self.device = lm.lm_head.weight.device
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
         self.graphs: dict[SamplingParams, GraphedStep] = {}
-        self.state = lm.body.allocate_state(1, max_len)  # this conversation's KV cache
+        self.state = state or lm.body.allocate_state(1, max_len)  # this conversation's KV cache
         self.max_len = max_len
         self.cached: list[Slot] = []  # what the KV cache holds, position by position
-        period = lm.lm_head.weight[period_id].float()
-        self.period_row = period / period.norm()  # [H], unit norm: the score is one dot product
+        self.period_row = period_direction(lm, period_id)
         self.step = torch.zeros((), dtype=torch.int64, device=self.device)  # sampling counter
         # Two pinned host buffers for reading tokens back without blocking the queue (GPU only).
         self.host_buffers = torch.empty(2, 2, pin_memory=True) if self.device.type == "cuda" else None
@@ -115,8 +132,7 @@ class TextDecoder:
         """Next token [1] and its score [1] from hidden [1, H]; bumps the sampling counter on device."""
         token = head_select(hidden, self.lm.lm_head.weight, sampling, self.step)
         self.step += 1
-        score = F.normalize(hidden.float(), dim=-1) @ self.period_row
-        return token, score
+        return token, period_score(hidden, self.period_row)
 
     def step_function(self, sampling: SamplingParams):
         """(token [1], position [1]) -> (hidden [1, H], next token [1], score [1]): eager, or a
@@ -176,8 +192,7 @@ class TextDecoder:
             yield Token(int(token_id), kept, score_value)
             if ahead is None:
                 if n + 1 < max_new_tokens:
-                    raise EchoXError(f"the answer reached the KV cache size {self.max_len} (max_len) after "
-                                     f"{n + 1} tokens: reset the session or start a new one, or raise max_len")
+                    raise cache_full(self.max_len, n + 1)
                 return
             self.cached.append(int(token_id))  # its keys went into the cache with the step queued above
             kept, token, score = ahead

@@ -73,15 +73,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache(nn.Module):
-    """Preallocated keys/values [B, Hkv, S, D] plus the per-position key flag [B, S]."""
+    """Keys/values [B, Hkv, S, D] plus the per-position key flag [B, S], preallocated once."""
 
-    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor):
         super().__init__()
+        self.register_buffer("k", k, persistent=False)
+        self.register_buffer("v", v, persistent=False)
+        self.register_buffer("key_valid", key_valid, persistent=False)
+
+    @classmethod
+    def zeros(cls, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device) -> "KVCache":
         shape = (batch, kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("key_valid", torch.zeros(batch, max_len, dtype=torch.bool, device=device),
-                             persistent=False)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
+                   torch.zeros(batch, max_len, dtype=torch.bool, device=device))
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """Sequences start..stop-1 as a cache of their own that shares this one's memory."""
+        return KVCache(self.k[start:stop], self.v[start:stop], self.key_valid[start:stop])
 
     def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor):
         """Write k, v [B, Hkv, T, D] and key_valid [B, T] at positions [B, T]."""
@@ -97,6 +105,10 @@ class DecoderState:
     caches: list[KVCache]
     rope_cos: torch.Tensor  # [max_len, D] fp32
     rope_sin: torch.Tensor
+
+    def rows(self, start: int, stop: int) -> "DecoderState":
+        """Sequences start..stop-1 of every layer's cache, sharing memory (a batch's KV slots)."""
+        return DecoderState([cache.rows(start, stop) for cache in self.caches], self.rope_cos, self.rope_sin)
 
 
 class Attention(nn.Module):
@@ -188,7 +200,7 @@ class LlamaBody(nn.Module):
         """A KV cache per layer and RoPE tables for `max_len` positions, owned by the caller (a
         conversation), so that several conversations can share one set of weights."""
         weight = self.layers[0].attention.wqkv.weight
-        caches = [KVCache(batch, self.cfg.num_kv_heads, max_len, self.cfg.head_dim, weight.dtype, weight.device)
+        caches = [KVCache.zeros(batch, self.cfg.num_kv_heads, max_len, self.cfg.head_dim, weight.dtype, weight.device)
                   for _ in self.layers]
         return DecoderState(caches, *rope_tables(self.cfg, max_len, weight.device))
 

@@ -132,7 +132,7 @@ class SpeechPipeline:
             hidden.record_stream(stream)  # its memory is not reused before this stream is done with it
         echo, record = self.engine.echo, self.records[index]
         started = self.clock.now()
-        for unit_token in echo.generate(hidden, max_units=self.max_units):
+        for unit_token in self.engine.echo_units(hidden, self.max_units, ready):
             if self.cancelled:
                 return
             units = echo.units_of([unit_token])

@@ -1,0 +1,199 @@
+"""Continuous batching of the LLM: every active turn is one row of one decode step.
+
+A turn joins with its prompt slots. Between two decode steps the loop takes it into a KV slot
+(slots.py) and prefills it there as a batch of one, so each prefill delays the other rows' next
+token by its own length; the row then decodes with the others until eot, `max_new_tokens` or
+a full cache, and leaves without stopping them. A step covers rows 0..w-1, w one past the last
+busy slot (on a GPU, w rounded up to a captured graph's size); a row in that range with no turn
+runs a dummy step at the first position its slot does not use, which the next prefill or
+decode there overwrites, so it costs compute but never changes a cache.
+
+Every row has its own sampling settings and counter (the conversation's): greedy rows share one
+head projection; a sampled row selects alone, as row 0 with its own counter, so it draws the same
+token it would draw without batching.
+"""
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from ..cuda_graph import GraphedStep
+from ..generate import (
+    Slot,
+    TextDecoder,
+    Token,
+    cache_full,
+    period_direction,
+    period_score,
+)
+from ..llama import LlamaLM
+from ..sampling import GREEDY, SamplingParams, head_select
+from .slots import SlotTable
+from .worker import BatchWorker, Request
+
+
+class TextRequest(Request):
+    def __init__(self, owner, slots: list[Slot], speech: dict[int, torch.Tensor], sampling: SamplingParams,
+                 max_new_tokens: int, counter: torch.Tensor, ready=None):
+        super().__init__(ready)
+        self.owner, self.slots, self.speech = owner, slots, speech
+        self.sampling, self.max_new_tokens, self.counter = sampling, max_new_tokens, counter
+        self.queued_at = time.perf_counter()
+        self.wait_ms = self.prefill_ms = 0.0  # set when the turn joins
+
+
+@dataclass
+class Row:
+    request: TextRequest
+    slot: int
+    token: int  # the token fed at the next step
+    position: int  # where it goes
+    count: int  # tokens handed out so far
+
+
+class TextBatcher(BatchWorker):
+    def __init__(self, lm: LlamaLM, pad_id: int, eot_id: int, period_id: int, max_batch: int, max_len: int,
+                 use_graphs: bool = False):
+        super().__init__("echox-text-batch", lm.lm_head.weight.device)
+        self.lm, self.eot_id, self.pad_id, self.max_len = lm, eot_id, pad_id, max_len
+        # One position more than a conversation may use: where a full slot's dummy steps write.
+        self.state = lm.body.allocate_state(max_batch, max_len + 1)
+        self.decoders = [TextDecoder(lm, pad_id, eot_id, period_id, max_len, use_graphs=False,
+                                     state=self.state.rows(i, i + 1)) for i in range(max_batch)]
+        self.table = SlotTable(max_batch)
+        self.rows: dict[int, Row] = {}
+        self.period_row = period_direction(lm, period_id)
+        self.greedy_counter = torch.zeros(1, dtype=torch.int64, device=self.device)  # greedy ignores it
+        self.graphs = self.capture_graphs() if use_graphs else {}
+
+    # ---- the callers' side ----------------------------------------------------------------------
+
+    def answer(self, request: TextRequest) -> Iterator[Token]:
+        """Queue a turn; yield its tokens (eot excluded) as the batch decodes them."""
+        self.submit(request)
+        for token in request.items():
+            if token.hidden.is_cuda:  # made on the batch's stream, read on the caller's
+                token.hidden.record_stream(torch.cuda.current_stream())
+            yield token
+
+    def forget(self, owner):
+        """`owner`'s conversation starts over: its slot's cached history no longer counts."""
+        with self.arrived:
+            slot = self.table.forget(owner)
+            if slot is not None and not self.table.busy[slot]:
+                self.decoders[slot].cached = []
+
+    # ---- the loop's side ------------------------------------------------------------------------
+
+    def active(self) -> bool:
+        return bool(self.rows)
+
+    def admit(self, request: TextRequest) -> bool:
+        with self.arrived:
+            taken = self.table.take(request.owner)
+        if taken is None:
+            return False
+        slot, kept = taken
+        decoder = self.decoders[slot]
+        if not kept:
+            decoder.cached = []
+        request.wait_ms = (time.perf_counter() - request.queued_at) * 1000
+        started = time.perf_counter()
+        try:
+            hidden = decoder.prefill(request.slots, request.speech)
+            token = self.select(hidden, [request])
+            request.prefill_ms = (time.perf_counter() - started) * 1000
+            row = Row(request, slot, 0, len(request.slots), 0)
+            self.hand_out(row, hidden[0], *torch.stack([token.float(), period_score(hidden, self.period_row)])
+                          .view(-1).tolist())
+        except BaseException:
+            self.release(slot)
+            raise
+        return True
+
+    def select(self, hidden: torch.Tensor, requests: list[TextRequest]) -> torch.Tensor:
+        """Next token [B] of hidden [B, H], each row with its request's sampling; bumps the counters."""
+        tokens = torch.empty(len(requests), dtype=torch.int64, device=hidden.device)
+        greedy = [i for i, r in enumerate(requests) if r.sampling.greedy]
+        if greedy:
+            tokens[greedy] = head_select(hidden[greedy], self.lm.lm_head.weight, GREEDY, self.greedy_counter)
+        for i, request in enumerate(requests):
+            if not request.sampling.greedy:
+                tokens[i:i + 1] = head_select(hidden[i:i + 1], self.lm.lm_head.weight, request.sampling,
+                                              request.counter)
+            request.counter += 1
+        return tokens
+
+    def step(self):
+        width = self.width()
+        rows = [self.rows.get(i) for i in range(width)]
+        feed = torch.tensor([row.token if row else self.pad_id for row in rows], device=self.device)
+        at = torch.tensor([[row.position if row else min(len(self.decoders[i].cached), self.max_len)]
+                           for i, row in enumerate(rows)], device=self.device)
+        hidden = self.body_step(feed, at)  # [width, H]
+        active = [row for row in rows if row is not None]
+        where = [row.slot for row in active]
+        tokens = self.select(hidden[where], [row.request for row in active])
+        tokens, scores = torch.stack([tokens.float(), period_score(hidden[where], self.period_row)]).tolist()
+        for row, token, score, slot in zip(active, tokens, scores, where):
+            self.decoders[slot].cached.append(row.token)  # its keys and values are in the cache now
+            row.position += 1
+            self.hand_out(row, hidden[slot].clone(), token, score)
+
+    def hand_out(self, row: Row, hidden: torch.Tensor, token: float, score: float):
+        """Give the row's request its next token, or finish it (eot, its limit, a full cache, cancelled)."""
+        request, token = row.request, int(token)
+        if request.cancelled or token == self.eot_id:
+            return self.leave(row)
+        request.put(Token(token, hidden, score))
+        row.token, row.count = token, row.count + 1
+        if row.count == request.max_new_tokens:
+            return self.leave(row)
+        if row.position >= self.max_len:
+            return self.leave(row, cache_full(self.max_len, row.count))
+        self.rows[row.slot] = row
+
+    def leave(self, row: Row, error: BaseException | None = None):
+        self.rows.pop(row.slot, None)
+        self.release(row.slot)
+        row.request.finish(error)
+
+    def release(self, slot: int):
+        with self.arrived:
+            self.table.release(slot)
+
+    def fail_active(self, error: BaseException):
+        for row in list(self.rows.values()):
+            self.leave(row, error)
+
+    # ---- the batched step -----------------------------------------------------------------------
+
+    def width(self) -> int:
+        used = self.table.width()
+        return min((w for w in self.graphs if w >= used), default=used)
+
+    def body_step(self, feed: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        """Tokens [w] at positions [w, 1] through the LLM over slots 0..w-1 -> hidden [w, H]."""
+        if feed.shape[0] in self.graphs:
+            return self.graphs[feed.shape[0]](feed, at)
+        return self.decode(feed, at)
+
+    def decode(self, feed: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        width = feed.shape[0]
+        self.lm.body.use_state(self.state.rows(0, width))
+        valid = torch.ones(width, 1, dtype=torch.bool, device=self.device)
+        return self.lm(self.lm.embed_tokens(feed)[:, None], at, valid)[:, 0]
+
+    def capture_graphs(self) -> dict[int, GraphedStep]:
+        """One graph per power-of-two width up to the slot count (and the count itself); the
+        warm-up and capture runs write at the spare last position of every slot."""
+        count = len(self.table)
+        widths = sorted({1 << i for i in range(count.bit_length()) if 1 << i <= count} | {count})
+        graphs = {}
+        for width in widths:
+            feed = torch.full((width,), self.pad_id, device=self.device)
+            at = torch.full((width, 1), self.max_len, device=self.device)
+            graphs[width] = GraphedStep(self.decode, feed, at)
+        return graphs

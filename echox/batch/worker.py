@@ -1,0 +1,110 @@
+"""One batching loop in its own thread: requests queue up, join the batch when it has room, and
+get their results through a queue of their own.
+
+The loop, in `BatchWorker.run`: admit what waits (each admission may run work of its own, such
+as a prefill, between two batched steps), run one step over every active row, repeat; sleep
+while nothing is active. A failed step fails every active request, and the loop goes on.
+"""
+
+import contextlib
+import queue
+import threading
+from collections import deque
+from collections.abc import Iterator
+
+import torch
+
+FINISHED = object()  # a request's last item
+
+
+class Request:
+    """What a caller asked for, and the queue its results come back through."""
+
+    def __init__(self, ready: torch.cuda.Event | None = None):
+        self.ready = ready  # on a GPU: the caller's inputs are written once this event is done
+        self.results: queue.Queue = queue.Queue()
+        self.cancelled = False  # set by the caller's side; the loop drops the request
+
+    def put(self, item):
+        self.results.put(item)
+
+    def finish(self, error: BaseException | None = None):
+        if error is not None:
+            self.results.put(error)
+        self.results.put(FINISHED)
+
+    def items(self) -> Iterator:
+        """Results as they come; a failure is raised here; leaving early cancels the request."""
+        try:
+            while (item := self.results.get()) is not FINISHED:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.cancelled = True
+
+
+class BatchWorker:
+    """The loop; a subclass supplies the batch:
+      admit(request) -> bool   take the request into the batch (False: no room yet, it waits);
+      step()                   one batched step of every active row, results handed out;
+      active() -> bool         whether any row is active;
+      fail_active(error)       finish every active request with `error` and drop it."""
+
+    def __init__(self, name: str, device: torch.device):
+        self.device = device
+        self.waiting: deque[Request] = deque()
+        self.arrived = threading.Condition()
+        self.thread = threading.Thread(target=self.run, name=name, daemon=True)
+
+    def start(self):
+        self.thread.start()
+
+    def submit(self, request: Request) -> Request:
+        with self.arrived:
+            self.waiting.append(request)
+            self.arrived.notify()
+        return request
+
+    def run(self):
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        with torch.inference_mode(), (torch.cuda.stream(stream) if stream else contextlib.nullcontext()):
+            while True:
+                self.admit_waiting()
+                if not self.active():
+                    with self.arrived:
+                        while not self.waiting:
+                            self.arrived.wait()
+                    continue
+                try:
+                    self.step()
+                except Exception as error:  # noqa: BLE001 - handed to every caller of the failed step
+                    self.fail_active(error)
+
+    def admit_waiting(self):
+        """Admit waiting requests in arrival order until one finds no room."""
+        while True:
+            with self.arrived:
+                if not self.waiting:
+                    return
+                request = self.waiting[0]
+            if request.cancelled:
+                self.pop(request).finish()
+                continue
+            if request.ready is not None:
+                torch.cuda.current_stream().wait_event(request.ready)
+            try:
+                if not self.admit(request):
+                    return
+            except Exception as error:  # noqa: BLE001 - the request's own failure (e.g. too long)
+                request.finish(error)
+            self.pop(request)
+
+    def pop(self, request: Request) -> Request:
+        with self.arrived:
+            self.waiting.remove(request)
+        return request
+
+    def queued(self) -> int:
+        with self.arrived:
+            return len(self.waiting)

@@ -148,6 +148,11 @@ class Engine:
         self.echo_batcher.start()
         return self
 
+    @property
+    def max_batch(self) -> int:
+        """How many turns this engine answers at once."""
+        return 1 if self.text_batcher is None else len(self.text_batcher.table)
+
     def echo_units(self, segment: torch.Tensor, max_units: int, ready=None) -> Iterator[int]:
         """The unit tokens of one segment [n, H], from the echo decoder or its batch."""
         if self.echo_batcher is not None:

@@ -64,6 +64,7 @@ class TextBatcher(BatchWorker):
                                      state=self.state.rows(i, i + 1)) for i in range(max_batch)]
         self.table = SlotTable(max_batch)
         self.rows: dict[int, Row] = {}
+        self.steps = self.rows_stepped = 0  # decode steps run, and active rows summed over them
         self.period_row = period_direction(lm, period_id)
         self.greedy_counter = torch.zeros(1, dtype=torch.int64, device=self.device)  # greedy ignores it
         self.graphs = self.capture_graphs() if use_graphs else {}
@@ -134,6 +135,7 @@ class TextBatcher(BatchWorker):
                            for i, row in enumerate(rows)], device=self.device)
         hidden = self.body_step(feed, at)  # [width, H]
         active = [row for row in rows if row is not None]
+        self.steps, self.rows_stepped = self.steps + 1, self.rows_stepped + len(active)
         where = [row.slot for row in active]
         tokens = self.select(hidden[where], [row.request for row in active])
         tokens, scores = torch.stack([tokens.float(), period_score(hidden[where], self.period_row)]).tolist()

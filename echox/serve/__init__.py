@@ -6,7 +6,7 @@ How a spoken turn travels through the server, one file per step:
   protocol.py    event parsing, ids, `error` events        session_config.py  session.update
   audio_edge.py  base64 pcm16 at 24 kHz <-> the engine's float samples at 16 kHz
   vad.py         energy-based voice activity detection (server_vad turn detection)
-  scheduler.py   the fair queue: one engine answers one turn at a time, in a worker thread
+  scheduler.py   the fair queue and admission control: up to --max-batch turns at once, in worker threads
   response.py    one answer: `Session.respond` events -> realtime server events
   cli.py         the `echox serve` subcommand;  launch.py  a server in a child process (tests, bench)
   static/        the browser client (one page and its microphone worklet)

@@ -23,6 +23,9 @@ def add_serve_command(sub: argparse._SubParsersAction):
     serve.add_argument("--max-units", type=int, default=2048, help="unit tokens per segment (released: 2048)")
     serve.add_argument("--low-latency", action="store_true", help="cut the first segment after 8 tokens")
     serve.add_argument("--max-connections", type=int, default=8)
+    serve.add_argument("--max-batch", type=int, default=1,
+                       help="turns answered at once, as rows of batched LLM and echo-decoder steps; each holds a "
+                            "KV slot of 4096 positions (1: no batching, turns take turns)")
     serve.add_argument("--max-buffer-seconds", type=float, default=30.0,
                        help="input audio buffer limit per connection (24 kHz pcm16)")
     serve.add_argument("--idle-timeout", type=float, default=300.0, help="seconds without client events")
@@ -38,13 +41,14 @@ def cmd_serve(args):
     from ..segmenter import LOW_LATENCY_SEGMENTER, RELEASED_SEGMENTER
     from .server import Limits, Server, serve_forever
     from .session_config import SessionConfig
-    if args.max_connections < 1 or args.max_buffer_seconds <= 0 or args.idle_timeout <= 0:
-        raise EchoXError("--max-connections, --max-buffer-seconds and --idle-timeout must be positive")
+    if min(args.max_connections, args.max_batch) < 1 or args.max_buffer_seconds <= 0 or args.idle_timeout <= 0:
+        raise EchoXError("--max-connections, --max-batch, --max-buffer-seconds and --idle-timeout must be positive")
     defaults = SessionConfig(temperature=args.temperature, top_p=args.top_p, max_output_tokens=args.max_new_tokens)
     defaults.sampling()  # checks the values now, with the sampler's own message
     model = demo_model_dir() if args.demo else args.model
     engine = echox_engine.load(model, whisper=args.whisper, vocoder=args.vocoder,
-                               device="cpu" if args.demo else args.device, dtype=args.dtype, threads=args.threads)
+                               device="cpu" if args.demo else args.device, dtype=args.dtype, threads=args.threads,
+                               max_batch=args.max_batch if args.max_batch > 1 else None)
     limits = Limits(max_connections=args.max_connections, max_buffer_bytes=int(args.max_buffer_seconds * 48000),
                     idle_timeout_s=args.idle_timeout)
     session_options = {"max_units": args.max_units,

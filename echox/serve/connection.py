@@ -236,8 +236,8 @@ class Connection:
         text = "\n".join(self.pending_text)
         self.pending_audio, self.pending_text = [], []
         self.active = Response(config, audio, text, self.engine_session, self.post, self.response_finished)
-        self.post(self.active.created_event())
         self.scheduler.submit(self.active)
+        self.post(self.active.created_event(self.scheduler.turns_ahead(self.active)))
 
     def engine_session(self) -> Session:
         """This connection's engine session; only the turn worker calls this, so no lock is needed."""

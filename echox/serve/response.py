@@ -41,8 +41,12 @@ class Response:
 
     # ---- the event loop's side ------------------------------------------------------------------
 
-    def created_event(self) -> dict:
-        return server_event("response.created", response=self.describe("in_progress"))
+    def created_event(self, turns_ahead: int) -> dict:
+        """response.created; its echox.turns_ahead says how many running turns must end before this
+        one starts (0: it starts now), so a client can show that it waits."""
+        response = self.describe("in_progress")
+        response["echox"]["turns_ahead"] = turns_ahead
+        return server_event("response.created", response=response)
 
     def stop(self):
         """Ask the engine to end this answer early (any thread). The reason is set before the session

@@ -1,13 +1,16 @@
-"""The fair queue: one engine answers one turn at a time, off the event loop, first come first served.
+"""The fair queue and admission control: at most `capacity` turns run at once, off the event
+loop, the rest wait first come first served.
 
-An `Engine` shares its weights and echo-decoder cache between sessions, so turns of all
-connections go through one queue and run one at a time in a worker thread. A connection has at most one response
-in flight (the Realtime API's rule, enforced by the connection), so first-come-first-served order
-is round-robin across connections: no connection waits behind two turns of another. While a
-turn runs in the worker, the event loop keeps serving every connection's I/O.
+An engine without batching shares its weights and echo-decoder cache between sessions, so its
+turns run one at a time (capacity 1). A batched engine (`echox serve --max-batch N`) decodes up
+to N turns as rows of shared steps: capacity N, one worker thread per running turn. A
+connection has at most one response in flight (the Realtime API's rule, enforced by the
+connection), so first-come-first-served order is round-robin across connections: no connection
+waits behind two turns of another. While turns run, the event loop keeps serving every
+connection's I/O.
 
 A turn is any object with:
-  run()       the blocking work, called in the worker thread;
+  run()       the blocking work, called in a worker thread;
   stop()      ask a running turn to end early (callable from any thread);
   drop()      it was cancelled before it started (called on the event loop; run() never comes);
   finished()  called on the event loop after run() returned or drop(), exactly once;
@@ -21,24 +24,26 @@ from collections import deque
 
 
 class TurnScheduler:
-    def __init__(self):
+    def __init__(self, capacity: int = 1):
+        self.capacity = capacity
         self.waiting: deque = deque()
-        self.running = None
-        self.arrived = asyncio.Event()
+        self.running: set = set()
+        self.changed = asyncio.Event()  # a turn arrived or one finished
 
     def submit(self, turn):
         turn.queued_at = time.perf_counter()
         self.waiting.append(turn)
-        self.arrived.set()
+        self.changed.set()
 
-    def position(self, turn) -> int:
-        """How many turns will run before this one (0: it is running or next)."""
-        ahead = list(self.waiting).index(turn) if turn in self.waiting else 0
-        return ahead + (self.running is not None and turn is not self.running)
+    def turns_ahead(self, turn) -> int:
+        """How many turns must end before this one can start (0: it runs, or starts now)."""
+        if turn not in self.waiting:
+            return 0
+        return max(0, list(self.waiting).index(turn) + 1 - (self.capacity - len(self.running)))
 
     def cancel(self, turn) -> bool:
         """Stop a running turn, or drop a waiting one; False when the turn is neither."""
-        if turn is self.running:
+        if turn in self.running:
             turn.stop()
             return True
         if turn in self.waiting:
@@ -49,24 +54,28 @@ class TurnScheduler:
         return False
 
     async def serve(self):
-        """Run queued turns one after another, forever (until the task is cancelled)."""
+        """Start queued turns whenever fewer than `capacity` run, forever (until cancelled)."""
         while True:
-            while not self.waiting:
-                self.arrived.clear()
-                await self.arrived.wait()
-            turn = self.waiting.popleft()
-            turn.wait_ms = (time.perf_counter() - turn.queued_at) * 1000
-            self.running = turn
-            try:
-                await run_in_thread(turn.run)
-            finally:
-                self.running = None
-                turn.finished()
+            while self.waiting and len(self.running) < self.capacity:
+                self.start(self.waiting.popleft())
+            self.changed.clear()
+            await self.changed.wait()
+
+    def start(self, turn):
+        turn.wait_ms = (time.perf_counter() - turn.queued_at) * 1000
+        self.running.add(turn)
+        task = asyncio.create_task(run_in_thread(turn.run))
+        task.add_done_callback(lambda _: self.end(turn))
+
+    def end(self, turn):
+        self.running.discard(turn)
+        turn.finished()
+        self.changed.set()
 
     def close(self):
-        """Ask the running turn to stop (server shutdown); its thread is a daemon and never holds up the exit."""
-        if self.running is not None:
-            self.running.stop()
+        """Ask the running turns to stop (server shutdown); their threads are daemons and never hold up the exit."""
+        for turn in list(self.running):
+            turn.stop()
 
 
 async def run_in_thread(work):

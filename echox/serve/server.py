@@ -1,6 +1,7 @@
 """The aiohttp application: the browser page at `/`, the Realtime WebSocket at `/v1/realtime`.
 
-One engine serves every connection through one `TurnScheduler`. The limits below end a
+One engine serves every connection through one `TurnScheduler`, which runs as many turns at
+once as the engine batches (`--max-batch`, 1 without batching). The limits below end a
 connection with an `error` event first and then a clean WebSocket close, never a reset:
   max_connections    more simultaneous WebSockets are told so and closed (code 1013, try again later);
   max_buffer_bytes   the input audio buffer of one connection (an oversize append is refused with
@@ -48,7 +49,7 @@ class Server:
         return self.engine.session(**self.session_options)
 
     async def start(self, app: web.Application):
-        self.scheduler = TurnScheduler()
+        self.scheduler = TurnScheduler(self.engine.max_batch)
         app["scheduler_task"] = asyncio.create_task(self.scheduler.serve())
 
     async def stop(self, app: web.Application):

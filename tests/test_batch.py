@@ -1,0 +1,174 @@
+"""Batched engine (echox/batch/): concurrent conversations give what each gets alone."""
+
+import threading
+
+import pytest
+import torch
+
+import echox.engine as echox_engine
+from echox.batch.slots import SlotTable
+from echox.cli import demo_question
+from echox.engine import AudioChunk, TextDelta, TurnDone
+from echox.errors import EchoXError
+from echox.sampling import GREEDY, SamplingParams
+from echox.segmenter import SegmenterParams
+from echox.tokenizer import Turn
+
+SHORT = SegmenterParams(min_len=12, min_len_confident=6)
+SAMPLED = SamplingParams(temperature=0.8, top_p=0.9, seed=3)
+# (sampling, answer length, two turns): more conversations than the batched engine has slots.
+CONVERSATIONS = [
+    (GREEDY, 30, [{"audio": demo_question(2.0)}, {"text": "And then?"}]),
+    (GREEDY, 12, [{"text": "Hello there."}, {"audio": demo_question(1.5)}]),
+    (SAMPLED, 24, [{"audio": demo_question(1.0), "text": "Briefly."}, {"text": "More."}]),
+    (GREEDY, 5, [{"text": "Yes or no?"}, {"text": "Why?"}]),
+]
+
+
+@pytest.fixture(scope="module")
+def solo(tiny_model_dir):
+    return echox_engine.load(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def batched(tiny_model_dir):
+    return echox_engine.load(tiny_model_dir, max_batch=3)
+
+
+def session(engine, sampling, max_new_tokens):
+    return engine.session(sampling=sampling, segmenter=SHORT, max_new_tokens=max_new_tokens, max_units=30,
+                          push_units=4)
+
+
+def converse(engine, sampling, max_new_tokens, turns) -> list[tuple[dict, torch.Tensor]]:
+    """Each turn's trace (timings dropped) and its audio."""
+    talk = session(engine, sampling, max_new_tokens)
+    results = []
+    for turn in turns:
+        events = list(talk.respond(**turn))
+        trace = events[-1].trace
+        del trace["timings_ms"]
+        results.append((trace, torch.cat([e.samples for e in events if isinstance(e, AudioChunk)])))
+    return results
+
+
+def together(engine, conversations) -> list:
+    """Run the conversations at once, one thread each; re-raise the first failure."""
+    results = [None] * len(conversations)
+
+    def run(i):
+        try:
+            results[i] = converse(engine, *conversations[i])
+        except BaseException as error:  # noqa: BLE001 - handed to the test thread
+            results[i] = error
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(conversations))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results
+
+
+def assert_same_turns(got, expected):
+    for (trace, audio), (want_trace, want_audio) in zip(got, expected):
+        # A batched matmul may sum in another order: the scores agree to float rounding, and every
+        # decision taken from them (tokens, segment cuts, units) is the same.
+        torch.testing.assert_close(trace.pop("scores"), want_trace["scores"], atol=1e-5, rtol=0)
+        assert trace == {k: v for k, v in want_trace.items() if k != "scores"}
+        torch.testing.assert_close(audio, want_audio, atol=1e-5, rtol=0)
+
+
+def test_concurrent_conversations_equal_each_alone(solo, batched):
+    alone = [converse(solo, *c) for c in CONVERSATIONS]
+    before = batched.text_batcher.rows_stepped, batched.text_batcher.steps
+    for got, expected in zip(together(batched, CONVERSATIONS), alone):
+        assert_same_turns(got, expected)
+    rows, steps = (now - then for now, then in zip((batched.text_batcher.rows_stepped, batched.text_batcher.steps),
+                                                    before))
+    assert rows > steps  # turns really shared decode steps
+
+
+def test_cancelling_one_row_leaves_the_others_as_they_were(solo, batched):
+    expected = converse(solo, *CONVERSATIONS[0])
+    other = {}
+    thread = threading.Thread(target=lambda: other.setdefault("result", converse(batched, *CONVERSATIONS[0])))
+    thread.start()
+    talk = session(batched, GREEDY, 40)
+    events = []
+    for event in talk.respond(text="Talk for a while."):
+        events.append(event)
+        if sum(isinstance(e, TextDelta) for e in events) == 3:
+            talk.cancel()
+    thread.join()
+    assert events[-1].trace["cancelled"] and len(events[-1].trace["tokens"]) < 40
+    assert_same_turns(other["result"], expected)
+    assert [t.role for t in talk.turns] == ["user", "assistant"]  # what was said stays in the history
+    assert isinstance(list(talk.respond(text="Again."))[-1], TurnDone)  # its slot serves its next turn
+
+
+def test_a_turn_abandoned_by_its_caller_frees_its_row(batched):
+    turn = session(batched, GREEDY, 40).respond(text="Start.")
+    next(turn)
+    turn.close()
+    waited = [converse(batched, GREEDY, 5, [{"text": "Hi."}]) for _ in range(4)]  # more turns than slots
+    assert all(len(w[0][0]["tokens"]) <= 5 for w in waited)
+
+
+def test_limits_of_a_batched_engine_are_clear_errors(tiny_model_dir):
+    engine = echox_engine.load(tiny_model_dir)
+    with pytest.raises(EchoXError, match="max_batch must be"):
+        engine.batched(0)
+    room = len(engine.tokenizer.prompt([Turn("user", "Hi.")])) + 10  # a slot with room for 10 answer tokens
+    engine.batched(2, max_len=room)
+    with pytest.raises(EchoXError, match="cannot ask for max_len=100"):
+        engine.session(max_len=100)
+    talk = session(engine, GREEDY, 40)
+    with pytest.raises(EchoXError, match=f"positions but its KV cache holds {room}"):
+        list(talk.respond(text="word " * 60))
+    assert talk.turns == []
+    with pytest.raises(EchoXError, match=f"reached the KV cache size {room}"):
+        list(talk.respond(text="Hi."))
+    assert talk.turns == []
+    assert len(list(session(engine, GREEDY, 3).respond(text="Hi."))[-1].trace["tokens"]) == 3
+
+
+def test_slots_keep_a_conversation_evict_the_idlest_and_fill_from_the_front():
+    class Conversation:  # slots hold their conversations weakly
+        pass
+    table = SlotTable(2)
+    a, b, c = Conversation(), Conversation(), Conversation()
+    assert table.take(a) == (0, False) and table.take(b) == (1, False)
+    assert table.take(c) is None  # both in turns: c waits
+    table.release(0)
+    table.release(1)
+    assert table.take(a) == (0, True)  # a's history is still in slot 0
+    table.release(0)
+    assert table.take(c) == (1, False)  # slot 1 was idle longest: b loses its cache
+    assert table.width() == 2
+    table.release(1)
+    assert table.take(b) == (0, False) and table.width() == 1
+    assert table.forget(b) == 0 and table.holder(0) is None
+    del c
+    assert table.holder(1) is None  # a conversation that is gone holds nothing
+
+
+def test_batched_sessions_answer_one_turn_at_a_time_each(batched):
+    talk = session(batched, GREEDY, 20)
+    first = talk.respond(text="One.")
+    next(first)
+    with pytest.raises(EchoXError, match="answering a turn already"):
+        next(talk.respond(text="Two."))
+    first.close()
+
+
+@pytest.mark.gpu
+def test_graphed_batched_steps_equal_eager_ones(tiny_model_dir):
+    eager = echox_engine.load(tiny_model_dir, device="cuda", dtype="float32", cuda_graphs=False, max_batch=4)
+    graphed = echox_engine.load(tiny_model_dir, device="cuda", dtype="float32", max_batch=4)
+    assert graphed.text_batcher.graphs
+    for got, expected in zip(together(graphed, CONVERSATIONS), together(eager, CONVERSATIONS)):
+        for (trace, _), (want, _) in zip(got, expected):
+            assert trace["tokens"] == want["tokens"]

@@ -79,10 +79,11 @@ setup(
     extras_require={
         "triton": ["triton"],
         "test": ["pytest", "pytest-benchmark", "transformers", "triton",
-                 # the server tests: the server itself, the official realtime client, the browser driver
-                 "aiohttp>=3.9", "openai[realtime]>=1.107", "playwright>=1.40"],
+                 # the server tests: the server itself, the official realtime client, the browser driver, Ray
+                 "aiohttp>=3.9", "openai[realtime]>=1.107", "playwright>=1.40", "ray[serve]==2.60.0"],
         "audio": ["soundfile"],
         "serve": ["aiohttp>=3.9"],  # `echox serve`
+        "ray": ["ray[serve]==2.60.0", "aiohttp>=3.9"],  # `echox serve-ray`: replicas behind Ray Serve
         "train": ["matplotlib"],  # the loss plot (bench/plot_training.py); training itself needs only torch
     },
     entry_points={"console_scripts": ["echox = echox.cli:main"]},

@@ -298,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_command(sub)
     from .serve.cli import add_serve_command  # argparse only: the server imports aiohttp when it runs
     add_serve_command(sub)
+    from .serve.ray_cli import add_serve_ray_command  # Ray is imported when it runs
+    add_serve_ray_command(sub)
     return parser
 
 

@@ -1,0 +1,119 @@
+"""The `echox serve-ray` subcommand: `echox serve` replicas behind Ray Serve (ray_deployment.py).
+
+Registered by echox/cli.py with argparse only; Ray is imported when the command runs, so
+`echox --help` stays fast and works where Ray is not installed. Every option is checked before
+Ray starts: a mistake costs a line on stderr, not a cluster start.
+"""
+
+import argparse
+import signal
+import threading
+from pathlib import Path
+
+from ..errors import EchoXError
+
+APP_NAME = "echox"
+# serve-ray sets these on every replica's `echox serve` itself (a replica's child listens on a
+# loopback port of its own); after `--` they would override that.
+OWN_OPTIONS = ("--host", "--port", "--model", "--demo", "--device", "--threads")
+
+
+def add_serve_ray_command(sub: argparse._SubParsersAction):
+    from ..cli import add_threads_argument  # the same --threads as `echox serve`
+    command = sub.add_parser(
+        "serve-ray", help="`echox serve` replicas (one per GPU) behind Ray Serve's HTTP/WebSocket proxy",
+        epilog="Options after `--` go to every replica's `echox serve`, e.g. `-- --max-new-tokens 256`.")
+    command.add_argument("--replicas", type=int, required=True, help="replicas, each one `echox serve` (and GPU)")
+    model = command.add_mutually_exclusive_group(required=True)
+    model.add_argument("--model", help="EchoX model folder (the same path on every Ray node)")
+    model.add_argument("--demo", action="store_true", help="serve the built-in tiny random model (CPU)")
+    command.add_argument("--host", default="127.0.0.1", help="where Ray Serve's proxy listens")
+    command.add_argument("--port", type=int, default=8000)
+    command.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: one GPU per replica")
+    command.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
+    add_threads_argument(command)
+    command.add_argument("serve_args", nargs="*", metavar="-- ECHOX_SERVE_OPTION",
+                         help="more `echox serve` options for every replica")
+    command.set_defaults(run=cmd_serve_ray)
+
+
+def check_options(args):
+    """Refuse what cannot work before Ray starts; `echox serve`'s own parser checks the extra options."""
+    from ..cli import build_parser
+    if args.replicas < 1:
+        raise EchoXError(f"--replicas must be at least 1, got {args.replicas}")
+    if args.model is not None and not Path(args.model).is_dir():
+        raise EchoXError(f"{args.model}: model folder not found")
+    if args.device == "cuda" and not args.demo and args.address is None:
+        check_local_gpus(args.replicas)
+    owned = [arg for arg in args.serve_args if arg.split("=")[0] in OWN_OPTIONS]
+    if owned:
+        raise EchoXError(f"{', '.join(owned)}: give it to serve-ray itself, before `--` "
+                         f"(serve-ray sets {', '.join(OWN_OPTIONS)} on every replica)")
+    _, unknown = build_parser().parse_known_args(["serve", "--demo", *args.serve_args])  # bad values: exits
+    if unknown:
+        raise EchoXError(f"{' '.join(unknown)}: not `echox serve` options (see `echox serve --help`)")
+
+
+def check_local_gpus(replicas: int):
+    """One GPU per replica: Ray would otherwise wait for the missing GPUs forever, in silence."""
+    import torch
+    gpus = torch.cuda.device_count()  # what Ray finds too: both honour CUDA_VISIBLE_DEVICES
+    if gpus < replicas:
+        raise EchoXError(f"--replicas {replicas} with --device cuda needs {replicas} GPUs (one each); "
+                         f"this machine has {gpus}")
+
+
+def import_ray_serve():
+    """Ray and Serve, or one clear line: they are an optional extra."""
+    try:
+        import fastapi  # noqa: F401 - the deployment's ingress; `ray[serve]` brings it, bare `ray` does not
+        import ray
+        from ray import serve
+    except ImportError as e:
+        raise EchoXError(f"echox serve-ray needs Ray Serve ({e.name or e} is not installed): "
+                         "pip install 'echox[ray]'") from None
+    return ray, serve
+
+
+def wait_for_stop_signal():
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+
+
+def connect_ray(ray, address: str | None):
+    """A new local Ray instance, or the cluster at `address`."""
+    try:
+        ray.init(address=address or "local", include_dashboard=False)
+    except ConnectionError as e:  # after Ray's own retries
+        raise EchoXError(f"--address {address}: no Ray cluster answered ({e})") from None
+
+
+def deploy(serve, app):
+    """Run the application; wait until every replica's `echox serve` listens."""
+    try:
+        serve.run(app, name=APP_NAME, route_prefix="/")
+    except RuntimeError as e:  # Serve's "Deploying application ... failed", after its retries
+        raise EchoXError(f"the replicas did not start: {str(e).rstrip('.')} (what their `echox serve` said "
+                         "is in the log above)") from None
+
+
+def cmd_serve_ray(args):
+    check_options(args)
+    ray, serve = import_ray_serve()
+    from .ray_deployment import build_app
+    connect_ray(ray, args.address)
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        deploy(serve, build_app(args.replicas, args.model, args.demo, args.device, args.threads, args.serve_args))
+        print(f"echox serve-ray: listening on http://{args.host}:{args.port}/ (page) and "
+              f"ws://{args.host}:{args.port}/v1/realtime, {args.replicas} replica(s)", flush=True)
+        wait_for_stop_signal()
+    finally:
+        if args.address is None:  # a cluster we started goes away whole
+            serve.shutdown()
+        else:  # on someone else's we remove only our application
+            serve.delete(APP_NAME)
+        ray.shutdown()

@@ -1,0 +1,171 @@
+"""`echox serve` replicas behind Ray Serve: a local Ray on 127.0.0.1 (started and stopped here) with
+2 replicas of the tiny model, driven through Ray's proxy by the official `openai` SDK and by plain
+`websockets` clients (the SDK's own WebSocket library, whose handshake response shows the
+x-echox-replica header); and `echox serve-ray`'s refusals, which need no Ray."""
+
+import asyncio
+import json
+import socket
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+from openai import AsyncOpenAI
+from websockets.asyncio.client import connect
+
+from echox.cli import main
+
+REPLICAS, MAX_TOKENS, MAX_CONNECTIONS = 2, 24, 2  # MAX_CONNECTIONS per replica's `echox serve`
+TEST_TIMEOUT_S = 120  # a hung relay fails the test instead of stalling the suite
+REPLICA_HEADER = "x-echox-replica"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def replica_children(model_dir) -> list[str]:
+    """Live `echox serve` processes started by this test's replicas (told apart by the model path)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode()
+        except OSError:  # the process ended while we looked
+            continue
+        if "echox.cli serve" in text and f"--host 127.0.0.1 --model {Path(model_dir).resolve()}" in text:
+            found.append(text)
+    return found
+
+
+@pytest.fixture(scope="module")
+def address(tiny_model_dir):
+    ray = pytest.importorskip("ray")
+    serve = pytest.importorskip("ray.serve")
+    from echox.serve.ray_deployment import build_app
+    port = free_port()
+    ray.init(address="local", num_cpus=REPLICAS, include_dashboard=False, _node_ip_address="127.0.0.1")
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(REPLICAS, tiny_model_dir, threads=1, extra_args=[
+            "--temperature", "0", "--max-new-tokens", str(MAX_TOKENS), "--max-units", "60",
+            "--max-connections", str(MAX_CONNECTIONS)]), name="echox", route_prefix="/")
+        yield f"127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    assert replica_children(tiny_model_dir) == []  # each replica stopped its `echox serve`
+
+
+def run(conversation):
+    return asyncio.run(asyncio.wait_for(conversation, TEST_TIMEOUT_S))
+
+
+def user_text(text: str) -> dict:
+    return {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+
+
+async def sdk_text_turn(connection, text: str) -> list:
+    await connection.conversation.item.create(item=user_text(text))
+    await connection.response.create()
+    events = []
+    async for event in connection:
+        events.append(event)
+        if event.type == "error":
+            raise AssertionError(f"unexpected error event: {event.error}")
+        if event.type == "response.done":
+            return events
+    raise AssertionError("connection closed before response.done")
+
+
+def test_two_conversations_at_once_keep_their_history(address):
+    async def conversation(words: str):
+        client = AsyncOpenAI(api_key="unused-by-echox", websocket_base_url=f"ws://{address}/v1")
+        async with client.realtime.connect(model="echox") as connection:
+            return [await sdk_text_turn(connection, f"{words}, turn {turn}") for turn in (1, 2)]
+
+    async def both():
+        return await asyncio.gather(conversation("Hello"), conversation("Good evening"))
+
+    for first, second in run(both()):
+        for events in (first, second):
+            done = events[-1].response
+            assert done.status in ("completed", "incomplete") and done.usage.output_tokens <= MAX_TOKENS
+            assert any(e.type == "response.output_audio.delta" and e.delta for e in events)
+        # The second turn's prompt holds the whole first turn: the replica kept the session (KV cache).
+        assert second[-1].response.usage.input_tokens > first[-1].response.usage.total_tokens
+
+
+async def open_raw(address: str):
+    """A WebSocket through Ray's proxy, the replica that took it, and its first event."""
+    ws = await connect(f"ws://{address}/v1/realtime")
+    return ws, ws.response.headers[REPLICA_HEADER], json.loads(await ws.recv())
+
+
+async def raw_until(ws, event_type: str) -> dict:
+    while (event := json.loads(await ws.recv()))["type"] != event_type:
+        assert event["type"] != "error", event
+    return event
+
+
+async def short_turn(ws) -> dict:
+    await ws.send(json.dumps({"type": "conversation.item.create", "item": user_text("Hi")}))
+    await ws.send(json.dumps({"type": "response.create", "response": {"max_output_tokens": 4}}))
+    return await raw_until(ws, "response.done")
+
+
+def test_close_mid_answer_then_every_replica_serves_and_refuses_beyond_its_limit(address):
+    """A client leaving mid-answer harms nothing; then one connection more than all replicas hold:
+    the accepted ones cover both replicas and are answered, the extra one hears the child's own
+    refusal (an error event, close code 1013) through the relay."""
+    async def crowd():
+        leaving, _, _ = await open_raw(address)
+        await leaving.send(json.dumps({"type": "conversation.item.create", "item": user_text("Tell me more")}))
+        await leaving.send(json.dumps({"type": "response.create", "response": {"max_output_tokens": 400}}))
+        await raw_until(leaving, "response.output_audio.delta")
+        await leaving.close()
+
+        opened = [await open_raw(address) for _ in range(REPLICAS * MAX_CONNECTIONS + 1)]
+        accepted = [(ws, replica) for ws, replica, first in opened if first["type"] == "session.created"]
+        refused = [(ws, first) for ws, _, first in opened if first["type"] != "session.created"]
+        answers = await asyncio.gather(*(short_turn(ws) for ws, _ in accepted))
+        for ws, _ in refused:
+            await ws.wait_closed()
+        result = ({replica for _, replica in accepted}, answers,
+                  [(first["error"]["code"], ws.close_code) for ws, first in refused])
+        for ws, _, _ in opened:
+            await ws.close()
+        return result
+
+    replicas, answers, refusals = run(crowd())
+    assert len(replicas) == REPLICAS  # Ray spread the held connections over both replicas
+    assert all(done["response"]["status"] in ("completed", "incomplete") for done in answers)
+    assert refusals and all(refusal == ("too_many_connections", 1013) for refusal in refusals)
+
+
+def test_page_and_static_files_through_the_proxy(address):
+    with urllib.request.urlopen(f"http://{address}/") as page:
+        assert page.headers.get_content_type() == "text/html" and page.headers[REPLICA_HEADER]
+        assert "/v1/realtime" in page.read().decode()
+    with urllib.request.urlopen(f"http://{address}/static/microphone-worklet.js") as script:
+        assert "registerProcessor" in script.read().decode()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--replicas", "0", "--demo"], "--replicas must be at least 1"),
+    (["--replicas", "1", "--model", "/no/such/folder"], "model folder not found"),
+    (["--replicas", "1", "--demo", "--", "--port", "9000"], "give it to serve-ray itself"),
+    (["--replicas", "1", "--demo", "--", "--frobnicate"], "not `echox serve` options"),
+    (["--replicas", "64", "--model", "MODEL", "--device", "cuda"], "needs 64 GPUs (one each)"),
+])
+def test_serve_ray_refuses_bad_options_before_starting_ray(argv, message, tmp_path, capsys):
+    assert main(["serve-ray", *[str(tmp_path) if arg == "MODEL" else arg for arg in argv]]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_serve_ray_without_ray_says_how_to_install_it(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # how Python marks a package as not importable
+    assert main(["serve-ray", "--replicas", "1", "--demo"]) == 2
+    assert "pip install 'echox[ray]'" in capsys.readouterr().err

@@ -15,13 +15,21 @@ many streams run side by side. Their arithmetic is the two ops of echox/vocoder_
 reference, Triton or CUDA kernel): a valid conv over cache + new inputs, and the window of a
 transposed conv that is complete. The leaky relu before a conv runs inside the op, so caches
 hold raw inputs; that is exact, because the zero padding stays zero: leaky_relu(0) = 0.
-Tensors are [B, C, T]; the vocoder's own use is B = 1.
+Tensors are [B, C, T], one row per stream.
 
 Each push is padded to one of a few lengths (`bucket`) and every op carries how many of its
-steps are real (`Steps`), so pushes of one length run every conv at the same shapes whatever
-their units: shape-keyed plans (oneDNN's on a CPU) are built once and reused.
+steps are real in each row (`Steps`), so pushes of one length run every conv at the same shapes
+whatever their units: shape-keyed plans (oneDNN's on a CPU) are built once and reused.
+
+Several streams advance in one call (`advance_streams`, as a batched engine's vocoder does):
+their pushes are padded to a common length and every conv runs once over all of them. Rows
+must then enter each op with caches of equal length, which holds for streams whose states have
+the same shapes (every stream in steady state does: a conv cache is full after the first push);
+`advance_streams` groups the streams by that and runs each group as one batch.
 """
 
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +37,8 @@ from torch import nn
 
 from .vocoder import FINAL_SLOPE, STAGE_SLOPE, ResBlock1, Vocoder, durations_from_log
 from .vocoder_ops import conv1d_valid, conv_transpose1d_window
+
+Rows = tuple[torch.Tensor, ...]  # one tensor per stream, [1, C, L_b]: what each stream keeps
 
 
 def conv1d_left_pad(kernel: int, dilation: int) -> int:
@@ -49,7 +59,7 @@ def _with_zeros(x: torch.Tensor, count: int) -> torch.Tensor:
 
 @dataclass
 class Steps:
-    """New time steps of a stream: `data` [B, C, T], of which the first `valid` are real.
+    """New time steps of B streams: `data` [B, C, T], of which row b's first `valid[b]` are real.
 
     The rest is padding: every op computes its outputs too and marks them invalid, so a push
     padded up to a fixed length runs every layer at the same shapes as any other push of that
@@ -58,45 +68,58 @@ class Steps:
     before `valid`, and at the end of a segment the right zero padding is written over it."""
 
     data: torch.Tensor
-    valid: int
+    valid: tuple[int, ...]
 
     @classmethod
-    def padded(cls, x: torch.Tensor, length: int) -> "Steps":
-        """x [B, C, n] zero-padded on the right to `length` >= n steps."""
-        return cls(_with_zeros(x, length - x.shape[-1]), x.shape[-1])
+    def padded(cls, rows: Sequence[torch.Tensor], length: int) -> "Steps":
+        """Rows [1, C, n_b] (or [n_b] ids) zero-padded on the right to `length` >= every n_b, stacked."""
+        data = torch.cat([_with_zeros(x, length - x.shape[-1])[None] if x.dim() == 1 else
+                          _with_zeros(x, length - x.shape[-1]) for x in rows])
+        return cls(data, tuple(x.shape[-1] for x in rows))
 
-    def ending(self, zeros: int) -> "Steps":
-        """These steps followed by the segment's right zero padding: `zeros` more valid steps."""
+    def ending(self, zeros: int, final: tuple[bool, ...]) -> "Steps":
+        """Each `final` row's steps followed by its segment's right zero padding: `zeros` more
+        valid steps (the other rows only get `zeros` more steps of padding)."""
         data = _with_zeros(self.data, zeros)  # a copy, so the padding can be zeroed in place
-        data[..., self.valid:] = 0
-        return Steps(data, self.valid + zeros)
+        for row, (valid, ends) in enumerate(zip(self.valid, final)):
+            if ends:
+                data[row, ..., valid:] = 0
+        return Steps(data, tuple(v + zeros * ends for v, ends in zip(self.valid, final)))
+
+    def row(self, b: int) -> torch.Tensor:
+        """Row b's valid steps, [C, valid[b]] (or [valid[b]] for ids)."""
+        return self.data[b, ..., :self.valid[b]]
 
 
-def _no_steps(like: torch.Tensor, channels: int) -> Steps:
-    return Steps(like.new_zeros(like.shape[0], channels, 0), 0)
+def _keep(buffer: torch.Tensor, starts: Sequence[int], stops: Sequence[int]) -> Rows:
+    """What each stream keeps of its row of buffer [B, C, L]: steps start_b .. stop_b - 1."""
+    if len(starts) == 1:  # one stream: one slice
+        return (buffer[..., starts[0]:stops[0]],)
+    return tuple(buffer[b:b + 1, ..., start:stop] for b, (start, stop) in enumerate(zip(starts, stops)))
 
 
 def stream_conv1d(cache: torch.Tensor, x: Steps, weight: torch.Tensor, bias: torch.Tensor,
-                  dilation: int, final: bool = False, input_slope: float = 1.0,
-                  skip: Steps | None = None) -> tuple[Steps, torch.Tensor]:
-    """A "same"-padded dilated Conv1d of leaky_relu(inputs, input_slope) over a stream.
+                  dilation: int, final: tuple[bool, ...], input_slope: float = 1.0,
+                  skip: Steps | None = None) -> tuple[Steps, Rows]:
+    """A "same"-padded dilated Conv1d of leaky_relu(inputs, input_slope) over B streams.
 
-    cache [B, C_in, <= span] holds the raw inputs still needed (starts as the left zero padding);
-    x are new inputs; `final` appends the right zero padding. Returns the outputs that are now
-    complete, [B, C_out, m] valid, plus the first m steps of `skip` (a residual path, at least m
-    valid steps) if given, and the new cache.
+    cache [B, C_in, <= span] holds the raw inputs still needed (starts as the left zero padding),
+    as long in every row; x are new inputs; rows with `final` get the right zero padding. Returns
+    the outputs that are now complete, [B, C_out, *] with valid counts m_b, plus the first m_b
+    steps of `skip` (a residual path, at least m_b valid steps per row) if given, and each
+    stream's new cache.
     """
     span = (weight.shape[-1] - 1) * dilation
-    if final:
-        x = x.ending(span // 2)
-    buffer = torch.cat([cache, x.data], dim=-1)  # [B, C_in, L], cache + x.valid steps real
-    real = cache.shape[-1] + x.valid
-    ready, length = max(0, real - span), max(0, buffer.shape[-1] - span)
-    if length == 0:
-        return _no_steps(buffer, weight.shape[0]), buffer[..., :real]
-    residual = None if skip is None else _fit(skip.data, length)
-    y = conv1d_valid(buffer, weight, bias, dilation, input_slope, residual)
-    return Steps(y, ready), buffer[..., ready:real]
+    if any(final):
+        x = x.ending(span // 2, final)
+    buffer = torch.cat([cache, x.data], dim=-1)  # [B, C_in, L]
+    real = [cache.shape[-1] + v for v in x.valid]
+    ready = [max(0, r - span) for r in real]
+    length = max(0, buffer.shape[-1] - span)
+    residual = None if skip is None or length == 0 else _fit(skip.data, length)
+    y = conv1d_valid(buffer, weight, bias, dilation, input_slope, residual) if length else \
+        buffer.new_zeros(buffer.shape[0], weight.shape[0], 0)
+    return Steps(y, tuple(ready)), _keep(buffer, ready, real)
 
 
 def _fit(x: torch.Tensor, length: int) -> torch.Tensor:
@@ -105,43 +128,46 @@ def _fit(x: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def stream_conv_transpose1d(cache: torch.Tensor, x: Steps, weight: torch.Tensor, bias: torch.Tensor,
-                            stride: int, final: bool = False,
-                            input_slope: float = 1.0) -> tuple[Steps, torch.Tensor]:
-    """ConvTranspose1d of leaky_relu(inputs, input_slope), padding (kernel - stride) / 2, over a
-    stream; weight [C_in, C_out, k].
+                            stride: int, final: tuple[bool, ...],
+                            input_slope: float = 1.0) -> tuple[Steps, Rows]:
+    """ConvTranspose1d of leaky_relu(inputs, input_slope), padding (kernel - stride) / 2, over B
+    streams; weight [C_in, C_out, k].
 
     Input i yields outputs i*stride .. i*stride + stride - 1, complete once inputs i - left ..
     i + right are present. cache [B, C_in, <= left + right] starts as `left` zeros; `final`
-    appends `right` zeros. Returns [B, C_out, stride * m] valid and the new cache.
+    rows get `right` zeros. Returns [B, C_out, *] with stride * m_b valid, and the new caches.
     """
     kernel = weight.shape[-1]
     left, right = conv_transpose1d_context(kernel, stride)
-    if final:
-        x = x.ending(right)
+    if any(final):
+        x = x.ending(right, final)
     buffer = torch.cat([cache, x.data], dim=-1)  # [B, C_in, L]
-    real = cache.shape[-1] + x.valid
-    ready, length = max(0, real - left - right), max(0, buffer.shape[-1] - left - right)
+    real = [cache.shape[-1] + v for v in x.valid]
+    ready = [max(0, r - left - right) for r in real]
+    length = max(0, buffer.shape[-1] - left - right)
     if length == 0:
-        return _no_steps(buffer, weight.shape[1]), buffer[..., :real]
-    # Of the unpadded output [B, C_out, (L - 1) * stride + k], the steps of inputs left .. left + length - 1.
-    start = left * stride + (kernel - stride) // 2
-    y = conv_transpose1d_window(buffer, weight, bias, stride, start, length * stride, input_slope)
-    return Steps(y, ready * stride), buffer[..., ready:real]
+        y = buffer.new_zeros(buffer.shape[0], weight.shape[1], 0)
+    else:  # of the unpadded output [B, C_out, (L - 1) * stride + k], the steps of inputs left .. left + length - 1
+        start = left * stride + (kernel - stride) // 2
+        y = conv_transpose1d_window(buffer, weight, bias, stride, start, length * stride, input_slope)
+    return Steps(y, tuple(r * stride for r in ready)), _keep(buffer, ready, real)
 
 
-def release_aligned(waiting: list[torch.Tensor], new: list[Steps]) -> tuple[list[torch.Tensor], int,
-                                                                           list[torch.Tensor]]:
+def release_aligned(waiting: list[torch.Tensor], new: list[Steps]) -> tuple[list[torch.Tensor], tuple[int, ...],
+                                                                           list[Rows]]:
     """Paths that produce the same time steps at different lags: release the steps all have reached.
 
-    Returns (per path [B, C, L] whose first m steps are released, m, per path the steps still waiting).
+    waiting: per path [B, C, L_p] (as long in every row). Returns (per path [B, C, L] whose first
+    m_b steps are released in row b, m, per path what each stream keeps waiting).
     """
     joined = [torch.cat([w, n.data], dim=-1) for w, n in zip(waiting, new)]
-    real = [w.shape[-1] + n.valid for w, n in zip(waiting, new)]
-    ready, length = min(real), min(j.shape[-1] for j in joined)
-    return [j[..., :length] for j in joined], ready, [j[..., ready:r] for j, r in zip(joined, real)]
+    real = [[w.shape[-1] + v for v in n.valid] for w, n in zip(waiting, new)]
+    ready = tuple(min(column) for column in zip(*real))
+    length = min(j.shape[-1] for j in joined)
+    return [j[..., :length] for j in joined], ready, [_keep(j, ready, r) for j, r in zip(joined, real)]
 
 
-def _conv(cache: torch.Tensor, x: Steps, conv: nn.Conv1d, final: bool, input_slope: float = 1.0,
+def _conv(cache: torch.Tensor, x: Steps, conv: nn.Conv1d, final: tuple[bool, ...], input_slope: float = 1.0,
           skip: Steps | None = None):
     return stream_conv1d(cache, x, conv.weight, conv.bias, conv.dilation[0], final, input_slope, skip)
 
@@ -154,6 +180,11 @@ def _conv_cache(conv: nn.Conv1d) -> torch.Tensor:
     """The empty cache of `conv`: its left zero padding, [1, C_in, pad]."""
     return conv.weight.new_zeros(1, conv.in_channels, _conv_pad(conv))
 
+
+# A stream's state is a tree of these dataclasses whose tensors are [1, C, L] (one stream). To
+# advance B streams at once their states are stacked into one tree of [B, C, L] tensors; the ops
+# hand back `Rows` (a tuple, one tensor per stream) where the stream's new tensor goes, and
+# `split_rows` turns that tree back into B states.
 
 @dataclass
 class ResidualStepState:
@@ -182,7 +213,7 @@ class GeneratorState:
 
 @dataclass
 class DurationState:
-    units: torch.Tensor  # [n] pushed unit ids whose durations still wait for right context
+    units: torch.Tensor  # [1, n] pushed unit ids whose durations still wait for right context
     conv1: torch.Tensor  # [1, E, <= k-1]
     conv2: torch.Tensor  # [1, hidden, <= k-1]
 
@@ -195,17 +226,46 @@ class VocoderStreamState:
     generator: GeneratorState
 
 
+def _map_tree(fn: Callable, *trees):
+    """fn over the leaves (tensors, or Rows tuples) of same-shaped state trees."""
+    first = trees[0]
+    if isinstance(first, list):
+        return [_map_tree(fn, *nodes) for nodes in zip(*trees)]
+    if dataclasses.is_dataclass(first):
+        return type(first)(**{f.name: _map_tree(fn, *(getattr(t, f.name) for t in trees))
+                              for f in dataclasses.fields(first)})
+    return fn(*trees)
+
+
+def stack_rows(states: list):
+    """B one-stream states (equal shapes) -> one state of [B, ...] tensors."""
+    return states[0] if len(states) == 1 else _map_tree(lambda *rows: torch.cat(rows), *states)
+
+
+def split_rows(state, count: int) -> list:
+    """A state whose leaves are Rows (one tensor per stream) -> `count` one-stream states."""
+    return [_map_tree(lambda rows, b=b: rows[b], state) for b in range(count)]
+
+
+def state_shape(state) -> tuple:
+    """The shapes of a state's tensors: streams of equal shape can be stacked."""
+    shapes = []
+    _map_tree(lambda leaf: shapes.append(tuple(leaf.shape)), state)
+    return tuple(shapes)
+
+
 def stream_residual_step(state: ResidualStepState, x: Steps, conv1: nn.Conv1d, conv2: nn.Conv1d,
-                         final: bool = False) -> tuple[Steps, ResidualStepState]:
+                         final: tuple[bool, ...]) -> tuple[Steps, ResidualStepState]:
     h, conv1_cache = _conv(state.conv1, x, conv1, final, STAGE_SLOPE)
-    skip = Steps(torch.cat([state.skip, x.data], dim=-1), state.skip.shape[-1] + x.valid)
+    skip_data = torch.cat([state.skip, x.data], dim=-1)
+    skip = Steps(skip_data, tuple(state.skip.shape[-1] + v for v in x.valid))
     # The branch lags the skip path, so the skip has every step conv2 completes; conv2 adds them.
     y, conv2_cache = _conv(state.conv2, h, conv2, final, STAGE_SLOPE, skip)
-    return y, ResidualStepState(conv1_cache, conv2_cache, skip.data[..., y.valid:skip.valid])
+    return y, ResidualStepState(conv1_cache, conv2_cache, _keep(skip_data, y.valid, skip.valid))
 
 
 def stream_resblock(states: list[ResidualStepState], x: Steps, block: ResBlock1,
-                    final: bool) -> tuple[Steps, list[ResidualStepState]]:
+                    final: tuple[bool, ...]) -> tuple[Steps, list[ResidualStepState]]:
     new_states = []
     for state, conv1, conv2 in zip(states, block.convs1, block.convs2):
         x, state = stream_residual_step(state, x, conv1, conv2, final)
@@ -214,7 +274,7 @@ def stream_resblock(states: list[ResidualStepState], x: Steps, block: ResBlock1,
 
 
 def stream_stage(vocoder: Vocoder, stage: int, state: StageState, x: Steps,
-                 final: bool) -> tuple[Steps, StageState]:
+                 final: tuple[bool, ...]) -> tuple[Steps, StageState]:
     up = vocoder.ups[stage]
     x, up_cache = stream_conv_transpose1d(state.up, x, up.weight, up.bias, up.stride[0], final, STAGE_SLOPE)
     outputs, block_states = [], []
@@ -230,28 +290,33 @@ def stream_stage(vocoder: Vocoder, stage: int, state: StageState, x: Steps,
 
 
 def stream_generator(vocoder: Vocoder, state: GeneratorState, features: Steps,
-                     final: bool = False) -> tuple[torch.Tensor, GeneratorState]:
-    """conv_pre input frames [1, E (+ S), n] -> the newly final samples [m] and the new state."""
+                     final: tuple[bool, ...]) -> tuple[list[torch.Tensor], GeneratorState]:
+    """conv_pre input frames of B streams [B, E (+ S), n] (their states stacked) -> each stream's
+    newly final samples [m_b] and the new state (leaves: Rows)."""
     x, conv_pre = _conv(state.conv_pre, features, vocoder.conv_pre, final)
     stages = []
     for stage, stage_state in enumerate(state.stages):
         x, stage_state = stream_stage(vocoder, stage, stage_state, x, final)
         stages.append(stage_state)
     y, conv_post = _conv(state.conv_post, x, vocoder.conv_post, final, FINAL_SLOPE)
-    return torch.tanh(y.data[0, 0, :y.valid]), GeneratorState(conv_pre, stages, conv_post)
+    samples = torch.tanh(y.data[:, 0])
+    return [samples[b, :valid] for b, valid in enumerate(y.valid)], GeneratorState(conv_pre, stages, conv_post)
 
 
 def stream_durations(vocoder: Vocoder, state: DurationState, units: Steps,
-                     final: bool = False) -> tuple[torch.Tensor, torch.Tensor, DurationState]:
-    """New unit ids (Steps of [n] ids) -> (units whose durations are now known [m], their
-    durations [m], state)."""
+                     final: tuple[bool, ...]) -> tuple[list[torch.Tensor], list[torch.Tensor], DurationState]:
+    """New unit ids of B streams (Steps of [B, n] ids) -> (per stream the units whose durations
+    are now known [m_b], their durations [m_b], the new state)."""
     predictor = vocoder.dur_predictor
-    embedded = Steps(vocoder.dict(units.data).T[None], units.valid)
+    embedded = Steps(vocoder.dict(units.data).transpose(1, 2), units.valid)
     h, conv1 = _conv(state.conv1, embedded, predictor.conv1[0], final)
     h, conv2 = _conv(state.conv2, Steps(predictor.after_conv1(h.data), h.valid), predictor.conv2[0], final)
-    durations = durations_from_log(predictor.after_conv2(h.data)[0, :h.valid])  # [m]
-    waiting = torch.cat([state.units, units.data[:units.valid]])
-    return waiting[:h.valid], durations, DurationState(waiting[h.valid:], conv1, conv2)
+    log_durations = predictor.after_conv2(h.data)  # [B, T]
+    waiting = [torch.cat([state.units[b], units.row(b)]) for b in range(len(units.valid))]
+    ready = [w[:m] for w, m in zip(waiting, h.valid)]
+    durations = [durations_from_log(log_durations[b, :m]) for b, m in enumerate(h.valid)]
+    kept = tuple(w[None, m:] for w, m in zip(waiting, h.valid))
+    return ready, durations, DurationState(kept, conv1, conv2)
 
 
 def initial_state(vocoder: Vocoder) -> VocoderStreamState:
@@ -268,7 +333,7 @@ def initial_state(vocoder: Vocoder) -> VocoderStreamState:
             waiting=[up.weight.new_zeros(1, up.out_channels, 0) for _ in blocks]))
     predictor = vocoder.dur_predictor
     return VocoderStreamState(
-        DurationState(torch.zeros(0, dtype=torch.int64, device=device),
+        DurationState(torch.zeros(1, 0, dtype=torch.int64, device=device),
                       _conv_cache(predictor.conv1[0]), _conv_cache(predictor.conv2[0])),
         GeneratorState(_conv_cache(vocoder.conv_pre), stages, _conv_cache(vocoder.conv_post)))
 
@@ -325,14 +390,79 @@ def pieces(steps: int) -> list[tuple[int, int]]:
     return [(start, min(start + LARGEST_PIECE, steps)) for start in range(0, max(steps, 1), LARGEST_PIECE)]
 
 
+@dataclass
+class Push:
+    """One stream's part of `advance_streams`: its state and new units in, its samples out."""
+
+    state: VocoderStreamState
+    units: torch.Tensor  # [n] checked unit ids
+    final: bool  # the segment ends with these units
+    speaker: torch.Tensor | None  # [S] for a multi-speaker vocoder
+    samples: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    frames: torch.Tensor | None = None  # conv_pre input of the piece of units in progress
+
+
+def advance_streams(vocoder: Vocoder, pushes: list[Push]):
+    """Advance each push's stream by its units: updates `push.state` and fills `push.samples`.
+
+    Units go through the duration predictor and the frames they make through the generator, in
+    bucket-padded pieces of at most LARGEST_PIECE steps; only a segment's last piece is final.
+    Streams whose states have the same shapes run each piece as one batch."""
+    unit_pieces = [pieces(push.units.shape[0]) for push in pushes]
+    for i in range(max(len(p) for p in unit_pieces)):
+        rows = [(push, p[i], push.final and i == len(p) - 1) for push, p in zip(pushes, unit_pieces) if i < len(p)]
+        for group in _same_shape(rows, lambda row: row[0].state.durations):
+            _durations(vocoder, group)
+        frame_pieces = [pieces(push.frames.shape[-1]) for push, _, _ in rows]
+        for j in range(max(len(p) for p in frame_pieces)):
+            due = [(push, p[j], last_units and j == len(p) - 1)
+                   for (push, _, last_units), p in zip(rows, frame_pieces) if j < len(p)]
+            due = [row for row in due if row[1][1] > row[1][0] or row[2]]  # no frames, not the end: nothing to do
+            for group in _same_shape(due, lambda row: row[0].state.generator):
+                _generator(vocoder, group)
+
+
+def _same_shape(rows: list[tuple], state_of: Callable) -> list[list[tuple]]:
+    """Rows grouped by the shapes of their stream's state (those can be stacked into one batch)."""
+    if len(rows) <= 1:
+        return [rows] if rows else []
+    groups: dict[tuple, list] = {}
+    for row in rows:
+        groups.setdefault(state_shape(state_of(row)), []).append(row)
+    return list(groups.values())
+
+
+def _durations(vocoder: Vocoder, rows: list[tuple[Push, tuple[int, int], bool]]):
+    state = stack_rows([push.state.durations for push, _, _ in rows])
+    units = [push.units[start:stop] for push, (start, stop), _ in rows]
+    steps = Steps.padded(units, bucket(max(u.shape[0] for u in units)))
+    ready, durations, state = stream_durations(vocoder, state, steps, tuple(last for _, _, last in rows))
+    for b, ((push, _, _), new) in enumerate(zip(rows, split_rows(state, len(rows)))):
+        push.state = VocoderStreamState(new, push.state.generator)
+        push.frames = vocoder.frame_features(torch.repeat_interleave(ready[b], durations[b]), push.speaker)
+
+
+def _generator(vocoder: Vocoder, rows: list[tuple[Push, tuple[int, int], bool]]):
+    state = stack_rows([push.state.generator for push, _, _ in rows])
+    frames = [push.frames[..., first:end] for push, (first, end), _ in rows]
+    steps = Steps.padded(frames, bucket(max(f.shape[-1] for f in frames)))
+    samples, state = stream_generator(vocoder, state, steps, tuple(last for _, _, last in rows))
+    for b, ((push, _, _), new) in enumerate(zip(rows, split_rows(state, len(rows)))):
+        push.state = VocoderStreamState(push.state.durations, new)
+        push.samples.append(samples[b])
+
+
 class StreamingVocoder:
     """One stream: `push` units as they are decoded, `flush` at the end of a segment.
 
     The chunks returned between two flushes concatenate to `vocoder(units)` of all units pushed.
+    `advance` runs the stream's pushes: `advance_streams` right here, or a batched engine's
+    vocoder batch, which advances several streams in one call.
     """
 
-    def __init__(self, vocoder: Vocoder, speaker: int | None = None):
-        self.vocoder = vocoder
+    def __init__(self, vocoder: Vocoder, speaker: int | None = None,
+                 advance: Callable[[Vocoder, list[Push]], None] = advance_streams):
+        self.vocoder, self.advance = vocoder, advance
         self.speaker = vocoder.speaker_embedding(speaker)  # [S] or None
         self.lookahead_units = lookahead_units(vocoder)
         self.reset()
@@ -356,23 +486,7 @@ class StreamingVocoder:
         return samples
 
     def _advance(self, units: torch.Tensor, final: bool) -> torch.Tensor:
-        """Units through the duration predictor, the frames they make through the generator,
-        each in bucket-padded pieces; only the segment's last piece is `final`."""
-        vocoder, state = self.vocoder, self.state
-        durations_state, generator_state, samples = state.durations, state.generator, []
-        unit_pieces = pieces(units.shape[0])
-        for i, (start, stop) in enumerate(unit_pieces):
-            last_units = final and i == len(unit_pieces) - 1
-            piece = Steps.padded(units[start:stop], bucket(stop - start))
-            ready, durations, durations_state = stream_durations(vocoder, durations_state, piece, last_units)
-            features = vocoder.frame_features(torch.repeat_interleave(ready, durations), self.speaker)
-            frame_pieces = pieces(features.shape[-1])
-            for j, (first, end) in enumerate(frame_pieces):
-                last = last_units and j == len(frame_pieces) - 1
-                if end == first and not last:
-                    continue  # no new frames: nothing to do until more units come
-                frames = Steps.padded(features[..., first:end], bucket(end - first))
-                out, generator_state = stream_generator(vocoder, generator_state, frames, last)
-                samples.append(out)
-        self.state = VocoderStreamState(durations_state, generator_state)
-        return torch.cat(samples) if samples else features.new_zeros(0)
+        push = Push(self.state, units, final, self.speaker)
+        self.advance(self.vocoder, [push])
+        self.state = push.state
+        return torch.cat(push.samples) if push.samples else self.vocoder.dict.weight.new_zeros(0)

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from echox.config import VocoderConfig
 from echox.streaming_vocoder import (LARGEST_PIECE, StreamingVocoder, Steps, bucket, generator_right_context,
-                                     initial_state, stream_conv1d, stream_conv_transpose1d, stream_generator)
+                                     initial_state, split_rows, stream_conv1d, stream_conv_transpose1d,
+                                     stream_generator)
 from echox.vocoder import Vocoder
 from test_vocoder import TINY, random_vocoder
 
@@ -34,7 +35,7 @@ def split_points(length: int, seed: int) -> list[int]:
 def with_junk(x: torch.Tensor, extra: int, seed: int) -> Steps:
     """x [B, C, n] followed by `extra` steps of large random padding: no valid output may see them."""
     junk = 1e3 * torch.randn(*x.shape[:-1], extra, generator=torch.Generator().manual_seed(seed))
-    return Steps(torch.cat([x, junk], dim=-1), x.shape[-1])
+    return Steps(torch.cat([x, junk], dim=-1), (x.shape[-1],) * x.shape[0])
 
 
 @pytest.mark.parametrize("kernel, dilation", [(3, 1), (7, 3), (11, 5)])
@@ -45,11 +46,18 @@ def test_stream_conv1d_equals_same_padded_conv(kernel, dilation):
     bounds = split_points(40, kernel)
     pieces = []
     for start, end in zip(bounds, bounds[1:]):
-        y, cache = stream_conv1d(cache, with_junk(x[..., start:end], 5, start), weight, bias, dilation)
-        pieces.append(y.data[..., :y.valid])
-    y, _ = stream_conv1d(cache, with_junk(x[..., :0], 3, 0), weight, bias, dilation, final=True)
+        y, cache = stream_conv1d(cache, with_junk(x[..., start:end], 5, start), weight, bias, dilation, (False,) * 2)
+        pieces.append(valid_steps(y))
+        cache = torch.cat(cache)
+    y, _ = stream_conv1d(cache, with_junk(x[..., :0], 3, 0), weight, bias, dilation, final=(True,) * 2)
     expected = F.conv1d(x, weight, bias, dilation=dilation, padding=(kernel - 1) * dilation // 2)
-    torch.testing.assert_close(torch.cat(pieces + [y.data[..., :y.valid]], dim=-1), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.cat(pieces + [valid_steps(y)], dim=-1), expected, atol=1e-5, rtol=0)
+
+
+def valid_steps(y: Steps) -> torch.Tensor:
+    """The valid steps of rows that all have as many, [B, C, m]."""
+    assert len(set(y.valid)) == 1
+    return y.data[..., :y.valid[0]]
 
 
 @pytest.mark.parametrize("kernel, stride", [(11, 5), (8, 4), (4, 2)])
@@ -61,12 +69,14 @@ def test_stream_conv_transpose1d_equals_offline(kernel, stride):
     bounds = split_points(30, stride)
     pieces = []
     for start, end in zip(bounds, bounds[1:]):
-        y, cache = stream_conv_transpose1d(cache, with_junk(x[..., start:end], 4, start), weight, bias, stride)
-        assert y.valid % stride == 0
-        pieces.append(y.data[..., :y.valid])
-    y, _ = stream_conv_transpose1d(cache, with_junk(x[..., :0], 2, 0), weight, bias, stride, final=True)
+        y, cache = stream_conv_transpose1d(cache, with_junk(x[..., start:end], 4, start), weight, bias, stride,
+                                           (False,))
+        assert y.valid[0] % stride == 0
+        pieces.append(valid_steps(y))
+        cache = torch.cat(cache)
+    y, _ = stream_conv_transpose1d(cache, with_junk(x[..., :0], 2, 0), weight, bias, stride, final=(True,))
     expected = F.conv_transpose1d(x, weight, bias, stride=stride, padding=(kernel - stride) // 2)
-    torch.testing.assert_close(torch.cat(pieces + [y.data[..., :y.valid]], dim=-1), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.cat(pieces + [valid_steps(y)], dim=-1), expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 7, 50])
@@ -122,8 +132,9 @@ def test_generator_right_context_is_exact(vocoder):
     features = vocoder.frame_features(random_units(40, seed=7), None)
     emitted = 0
     for n in range(1, 41):
-        samples, state = stream_generator(vocoder, state, Steps(features[..., n - 1:n], 1))
-        emitted += samples.numel()
+        samples, state = stream_generator(vocoder, state, Steps(features[..., n - 1:n], (1,)), (False,))
+        state = split_rows(state, 1)[0]
+        emitted += samples[0].numel()
         assert max(0, n - context) * hop <= emitted < max(1, n - context + 1) * hop
 
 
@@ -208,3 +219,32 @@ def test_buckets_are_few_and_pad_by_at_most_a_quarter():
     sizes = [bucket(n) for n in range(1, LARGEST_PIECE + 1)]
     assert all(n <= size <= 1.25 * n for n, size in enumerate(sizes, start=1))
     assert sizes == sorted(sizes) and len(set(sizes)) <= 30
+
+
+def test_streams_advanced_together_equal_each_offline(monkeypatch, vocoder):
+    """advance_streams: streams at different points (some starting, some ending, one longer than a
+    piece) advance in one call; each still gets exactly its offline waveform, and streams in the
+    same state shape really shared their convs."""
+    import echox.streaming_vocoder as streaming
+    widest = []
+    conv = streaming.conv1d_valid
+    monkeypatch.setattr(streaming, "conv1d_valid", lambda x, *a: widest.append(x.shape[0]) or conv(x, *a))
+    units = [random_units(n, seed=n) for n in (40, 33, 3, 300)]
+    chunks = [(24, 8), (24, 5), (2, 2), (24, 290)]  # first push, later pushes
+    states = [initial_state(vocoder) for _ in units]
+    waves, done = [[] for _ in units], [0] * len(units)
+    while any(d < len(u) for d, u in zip(done, units)):
+        pushes, rows = [], []
+        for b, (u, (first, later)) in enumerate(zip(units, chunks)):
+            if done[b] < len(u):
+                stop = min(len(u), done[b] + (first if done[b] == 0 else later))
+                pushes.append(streaming.Push(states[b], u[done[b]:stop], stop == len(u), None))
+                rows.append(b)
+                done[b] = stop
+        streaming.advance_streams(vocoder, pushes)
+        for b, push in zip(rows, pushes):
+            states[b] = push.state
+            waves[b] += push.samples
+    for u, wave in zip(units, waves):
+        assert (torch.cat(wave) - vocoder(u)).abs().max() <= 1e-5
+    assert max(widest) >= 2

@@ -23,6 +23,7 @@ from .adapter import SpeechAdapter, load_adapter
 from .audio import speech_input
 from .batch.echo_batcher import EchoBatcher
 from .batch.text_batcher import TextBatcher, TextRequest
+from .batch.vocoder_batcher import VocoderBatcher
 from .checkpoint import ModelFolder, open_model_folder, resolve_vocoder, resolve_whisper
 from .config import WhisperConfig
 from .echo import EchoDecoder, load_echo_decoder
@@ -33,6 +34,7 @@ from .mel import log_mel
 from .sampling import RELEASED_SAMPLING, SamplingParams
 from .segmenter import RELEASED_SEGMENTER, Segmenter, SegmenterParams
 from .speech_pipeline import AudioChunk, SegmentRecord, SpeechPipeline
+from .streaming_vocoder import StreamingVocoder
 from .tokenizer import Turn, user_text
 from .vocoder import Vocoder, load_vocoder
 from .whisper import WhisperEncoder, load_whisper
@@ -100,7 +102,7 @@ class Engine:
     Without batching, sessions share the weights and the echo decoder's cache, so an engine
     answers one turn at a time; turns of different sessions may alternate freely (each session
     owns its LLM cache). With `batched(max_batch)` (load(max_batch=N)) up to N sessions answer at
-    once: their LLM and echo-decoder steps run as rows of shared batched steps (echox/batch/)."""
+    once: their LLM steps, echo-decoder steps and vocoder pushes run batched (echox/batch/)."""
 
     folder: ModelFolder
     lm: LlamaLM
@@ -117,6 +119,7 @@ class Engine:
     busy: threading.Lock = field(default_factory=threading.Lock)  # held while a turn is answered (no batching)
     text_batcher: TextBatcher | None = None
     echo_batcher: EchoBatcher | None = None
+    vocoder_batcher: VocoderBatcher | None = None
 
     @property
     def tokenizer(self):
@@ -144,9 +147,16 @@ class Engine:
         tok = self.tokenizer
         self.text_batcher = TextBatcher(self.lm, tok.pad, tok.eot, tok.period, max_batch, max_len, self.cuda_graphs)
         self.echo_batcher = EchoBatcher(self.echo, max_batch)
-        self.text_batcher.start()
-        self.echo_batcher.start()
+        self.vocoder_batcher = VocoderBatcher(self.vocoder)
+        for batcher in (self.text_batcher, self.echo_batcher, self.vocoder_batcher):
+            batcher.start()
         return self
+
+    def voice(self) -> StreamingVocoder:
+        """A vocoder stream for one turn's speech, its pushes batched with other turns' if batching."""
+        if self.vocoder_batcher is not None:
+            return self.vocoder_batcher.stream(self.speaker)
+        return StreamingVocoder(self.vocoder, self.speaker)
 
     @property
     def max_batch(self) -> int:

@@ -21,7 +21,6 @@ from typing import Iterator
 
 import torch
 
-from .streaming_vocoder import StreamingVocoder
 
 END_OF_SEGMENT = None  # in the unit queue: the segment's units are all written
 
@@ -146,7 +145,7 @@ class SpeechPipeline:
     # ---- vocoder thread -----------------------------------------------------------------------
 
     def _vocoder_loop(self):
-        voice = StreamingVocoder(self.engine.vocoder, self.engine.speaker)
+        voice = self.engine.voice()
         waiting: list[int] = []
         batch = voice.lookahead_units + 1
         while (item := self.units.get()) is not None and not self.cancelled:

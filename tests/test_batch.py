@@ -89,6 +89,7 @@ def test_concurrent_conversations_equal_each_alone(solo, batched):
     rows, steps = (now - then for now, then in zip((batched.text_batcher.rows_stepped, batched.text_batcher.steps),
                                                     before))
     assert rows > steps  # turns really shared decode steps
+    assert batched.vocoder_batcher.calls < batched.vocoder_batcher.pushes  # and vocoder calls
 
 
 def test_cancelling_one_row_leaves_the_others_as_they_were(solo, batched):

@@ -1,20 +1,24 @@
 """Load test of `echox serve` on loopback: N concurrent clients, each asking one spoken question.
 
-For each N in --clients (default 1 2 4 8) a fresh round starts N WebSocket clients at once; each
-appends the same question (the demo's speech-like signal, pcm16 at 24 kHz), commits it, sends
-response.create and reads until response.done. Per client it records:
+For each N in --clients (default 1 2 4 8 16) a fresh round starts N WebSocket clients at once;
+each appends the same question (the demo's speech-like signal, pcm16 at 24 kHz), commits it,
+sends response.create and reads until response.done. The server answers --max-batch turns at
+once (1: one after another). Per client it records:
   ttfa_ms      from response.create sent to the first response.output_audio.delta received;
-               with one engine this includes the wait behind the other clients' turns
-               (queue_wait_ms, from response.done, says how much);
+               this includes any wait behind other clients' turns (queue_wait_ms, from
+               response.done, says how much);
+  text_s       from the round's start to the client's last text delta (the LLM's last token);
   underruns    how often the audio ran dry if played from its first chunk on: chunk k is due
                when the audio before it has played (time of chunk 1 + its duration so far, plus
                any earlier stalls); arriving later is an underrun, and playback resumes then;
   stall_ms     the total time playback would have waited;
   errors       error events, failed responses, and clients that did not finish in time.
+Per round: tokens/s of text (all clients' output tokens over the time until the last text
+delta) and of whole turns (over the time until the last response.done, speech included).
 The server runs the built-in tiny random model on the CPU (its speech is noise; the timings are
 the pipeline's). Everything is bounded: each round has --round-timeout seconds.
 
-    python bench/serve_load.py                         # writes bench/results/serve/<date>-cpu.{json,md}
+    python bench/serve_load.py --max-batch 16         # writes bench/results/serve/<date>-cpu-batch16.{json,md}
 """
 
 import argparse
@@ -60,8 +64,8 @@ def playback(arrivals: list[tuple[float, float]]) -> tuple[int, float]:
     return underruns, stall * 1000
 
 
-async def one_client(url: str, appends: list[str]) -> dict:
-    errors, arrivals, done = 0, [], None
+async def one_client(url: str, appends: list[str], round_start: float) -> dict:
+    errors, arrivals, done, text_at = 0, [], None, None
     async with aiohttp.ClientSession() as http, http.ws_connect(url, max_msg_size=0) as ws:
         for message in appends:
             await ws.send_str(message)
@@ -72,23 +76,27 @@ async def one_client(url: str, appends: list[str]) -> dict:
             event = json.loads(message.data)
             if event["type"] == "error":
                 errors += 1
+            elif event["type"] == "response.output_text.delta":
+                text_at = time.perf_counter() - round_start
             elif event["type"] == "response.output_audio.delta":
                 duration = len(base64.b64decode(event["delta"])) / 2 / API_RATE
                 arrivals.append((time.perf_counter() - asked, duration))
             elif event["type"] == "response.done":
                 done = event["response"]
                 break
+    finished_s = time.perf_counter() - round_start
     if done is None or done["status"] == "failed":
         errors += 1
     underruns, stall_ms = playback(arrivals)
     return {"ttfa_ms": arrivals[0][0] * 1000 if arrivals else None, "audio_s": sum(d for _, d in arrivals),
-            "underruns": underruns, "stall_ms": stall_ms, "errors": errors,
+            "underruns": underruns, "stall_ms": stall_ms, "errors": errors, "text_s": text_at, "done_s": finished_s,
             "queue_wait_ms": done["echox"]["queue_wait_ms"] if done else None,
             "output_tokens": done["usage"]["output_tokens"] if done and done.get("usage") else None}
 
 
 async def one_round(url: str, clients: int, appends: list[str], timeout_s: float) -> list[dict]:
-    tasks = [asyncio.create_task(one_client(url, appends)) for _ in range(clients)]
+    start = time.perf_counter()
+    tasks = [asyncio.create_task(one_client(url, appends, start)) for _ in range(clients)]
     finished, late = await asyncio.wait(tasks, timeout=timeout_s)
     for task in late:
         task.cancel()
@@ -109,7 +117,12 @@ def percentile(values: list[float], q: float) -> float | None:
 def summarize(clients: int, results: list[dict]) -> dict:
     ttfa = [r["ttfa_ms"] for r in results if r.get("ttfa_ms") is not None]
     answered = [r for r in results if "underruns" in r]
-    return {"clients": clients, "answered": len(ttfa), "ttfa_p50_ms": statistics.median(ttfa) if ttfa else None,
+    tokens = sum(r["output_tokens"] or 0 for r in answered)
+    text_s = max((r["text_s"] for r in answered if r["text_s"] is not None), default=None)
+    done_s = max((r["done_s"] for r in answered), default=None)
+    return {"clients": clients, "answered": len(ttfa), "output_tokens": tokens,
+            "text_tokens_per_s": tokens / text_s if text_s else None,
+            "turn_tokens_per_s": tokens / done_s if done_s else None, "ttfa_p50_ms": statistics.median(ttfa) if ttfa else None,
             "ttfa_p95_ms": percentile(ttfa, 0.95), "underruns": sum(r["underruns"] for r in answered),
             "stall_ms": sum(r["stall_ms"] for r in answered), "errors": sum(r["errors"] for r in results),
             "audio_s": sum(r["audio_s"] for r in answered),
@@ -120,24 +133,28 @@ def summarize(clients: int, results: list[dict]) -> dict:
 
 def render(report: dict) -> str:
     env, s = report["environment"], report["settings"]
-    rows = [[r["clients"], r["answered"], r["ttfa_p50_ms"], r["ttfa_p95_ms"], r["max_queue_wait_ms"], r["audio_s"],
-             r["underruns"], r["stall_ms"], r["errors"]] for r in report["rounds"]]
+    rows = [[r["clients"], r["answered"], r["text_tokens_per_s"], r["turn_tokens_per_s"], r["ttfa_p50_ms"],
+             r["ttfa_p95_ms"], r["max_queue_wait_ms"], r["audio_s"], r["underruns"], r["stall_ms"], r["errors"]]
+            for r in report["rounds"]]
     return "\n".join([
         f"# echox serve load test, {env['created'][:10]}", "",
         f"{env['device']}, torch {env['torch']}, Python {env['python']}; server: tiny random model, "
-        f"{s['threads']} torch thread(s), max_new_tokens {s['max_new_tokens']}, max_units {s['max_units']}; "
+        f"{s['threads']} torch thread(s), max batch {s['max_batch']}, max_new_tokens {s['max_new_tokens']}, max_units {s['max_units']}; "
         f"each client asks a {s['question_seconds']:g} s spoken question over loopback "
-        f"(`python bench/serve_load.py`).", "",
-        *table(["clients", "answered", "TTFA p50 ms", "TTFA p95 ms", "max queue wait ms", "audio s",
+        f"(`python bench/serve_load.py --max-batch {s['max_batch']}`).", "",
+        *table(["clients", "answered", "text tok/s", "turn tok/s", "TTFA p50 ms", "TTFA p95 ms", "max queue wait ms", "audio s",
                 "underruns", "stall ms", "errors"], rows), "",
-        "TTFA counts from response.create to the first audio delta, queue wait included: one engine answers one "
-        "turn at a time, so with N clients the last waits for N - 1 turns. An underrun is an audio chunk that "
+        "TTFA counts from response.create to the first audio delta, queue wait included: the engine answers "
+        f"{s['max_batch']} turn(s) at once, the others wait in the queue. Text tok/s: all output tokens over the "
+        "time to the last text delta; turn tok/s: over the time to the last response.done (speech included). "
+        "An underrun is an audio chunk that "
         "arrived after the audio before it would have finished playing.", ""])
 
 
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--max-batch", type=int, default=1, help="echox serve --max-batch")
     parser.add_argument("--question-seconds", type=float, default=3.0)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--max-units", type=int, default=120)
@@ -149,21 +166,22 @@ def main(argv: list[str] | None = None):
     with tempfile.TemporaryDirectory() as tiny, ServerProcess(
             ["--model", Path(write_tiny_checkpoint(tiny)), "--threads", args.threads, "--temperature", 0,
              "--max-new-tokens", args.max_new_tokens, "--max-units", args.max_units,
-             "--max-connections", max(args.clients)]) as server:
+             "--max-connections", max(args.clients), "--max-batch", args.max_batch]) as server:
         asyncio.run(one_round(server.ws_url, 1, appends, args.round_timeout))  # warm-up, not reported
         rounds = []
         for clients in args.clients:
             rounds.append(summarize(clients, asyncio.run(one_round(server.ws_url, clients, appends,
                                                                    args.round_timeout))))
-            print(f"{clients} clients: TTFA p50 {rounds[-1]['ttfa_p50_ms']} ms, p95 {rounds[-1]['ttfa_p95_ms']} ms, "
+            print(f"{clients} clients: text {rounds[-1]['text_tokens_per_s']} tok/s, "
+                  f"turns {rounds[-1]['turn_tokens_per_s']} tok/s, TTFA p50 {rounds[-1]['ttfa_p50_ms']} ms, p95 {rounds[-1]['ttfa_p95_ms']} ms, "
                   f"underruns {rounds[-1]['underruns']}, errors {rounds[-1]['errors']}", flush=True)
     settings = {"question_seconds": args.question_seconds, "max_new_tokens": args.max_new_tokens,
-                "max_units": args.max_units, "threads": args.threads}
+                "max_units": args.max_units, "threads": args.threads, "max_batch": args.max_batch}
     report = {"environment": environment("cpu") | {"torch_threads": args.threads}, "settings": settings,
               "rounds": rounds}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{report['environment']['created'][:10]}-cpu"
+    stem = out / f"{report['environment']['created'][:10]}-cpu-batch{args.max_batch}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     stem.with_suffix(".md").write_text(render(report))
     print(f"wrote {stem}.json and {stem}.md")

@@ -21,7 +21,6 @@ from typing import Iterator
 
 import torch
 
-
 END_OF_SEGMENT = None  # in the unit queue: the segment's units are all written
 
 

@@ -28,7 +28,7 @@ from ..generate import (
     period_direction,
     period_score,
 )
-from ..llama import LlamaLM
+from ..llama import DecoderState, LlamaLM
 from ..sampling import GREEDY, SamplingParams, head_select
 from .slots import SlotTable
 from .worker import BatchWorker, Request
@@ -65,6 +65,7 @@ class TextBatcher(BatchWorker):
         self.table = SlotTable(max_batch)
         self.rows: dict[int, Row] = {}
         self.steps = self.rows_stepped = 0  # decode steps run, and active rows summed over them
+        self.views: dict[int, DecoderState] = {}  # slots 0..w-1 of the cache, by width w
         self.period_row = period_direction(lm, period_id)
         self.greedy_counter = torch.zeros(1, dtype=torch.int64, device=self.device)  # greedy ignores it
         self.graphs = self.capture_graphs() if use_graphs else {}
@@ -116,14 +117,18 @@ class TextBatcher(BatchWorker):
 
     def select(self, hidden: torch.Tensor, requests: list[TextRequest]) -> torch.Tensor:
         """Next token [B] of hidden [B, H], each row with its request's sampling; bumps the counters."""
-        tokens = torch.empty(len(requests), dtype=torch.int64, device=hidden.device)
+        weight = self.lm.lm_head.weight
         greedy = [i for i, r in enumerate(requests) if r.sampling.greedy]
-        if greedy:
-            tokens[greedy] = head_select(hidden[greedy], self.lm.lm_head.weight, GREEDY, self.greedy_counter)
-        for i, request in enumerate(requests):
-            if not request.sampling.greedy:
-                tokens[i:i + 1] = head_select(hidden[i:i + 1], self.lm.lm_head.weight, request.sampling,
-                                              request.counter)
+        if len(greedy) == len(requests):
+            tokens = head_select(hidden, weight, GREEDY, self.greedy_counter)
+        else:
+            tokens = torch.empty(len(requests), dtype=torch.int64, device=hidden.device)
+            if greedy:
+                tokens[greedy] = head_select(hidden[greedy], weight, GREEDY, self.greedy_counter)
+            for i, request in enumerate(requests):
+                if not request.sampling.greedy:
+                    tokens[i:i + 1] = head_select(hidden[i:i + 1], weight, request.sampling, request.counter)
+        for request in requests:
             request.counter += 1
         return tokens
 
@@ -137,8 +142,9 @@ class TextBatcher(BatchWorker):
         active = [row for row in rows if row is not None]
         self.steps, self.rows_stepped = self.steps + 1, self.rows_stepped + len(active)
         where = [row.slot for row in active]
-        tokens = self.select(hidden[where], [row.request for row in active])
-        tokens, scores = torch.stack([tokens.float(), period_score(hidden[where], self.period_row)]).tolist()
+        chosen = hidden if len(active) == width else hidden[where]
+        tokens = self.select(chosen, [row.request for row in active])
+        tokens, scores = torch.stack([tokens.float(), period_score(chosen, self.period_row)]).tolist()
         for row, token, score, slot in zip(active, tokens, scores, where):
             self.decoders[slot].cached.append(row.token)  # its keys and values are in the cache now
             row.position += 1
@@ -184,7 +190,9 @@ class TextBatcher(BatchWorker):
 
     def decode(self, feed: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
         width = feed.shape[0]
-        self.lm.body.use_state(self.state.rows(0, width))
+        if width not in self.views:
+            self.views[width] = self.state.rows(0, width)
+        self.lm.body.use_state(self.views[width])
         valid = torch.ones(width, 1, dtype=torch.bool, device=self.device)
         return self.lm(self.lm.embed_tokens(feed)[:, None], at, valid)[:, 0]
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything a lent GPU machine (no network, one call of at most 10 minutes) is for:
 # build csrc into echox_cuda, run the `gpu` tests, then every benchmark into bench/results/.
-# Each phase has a time limit (470 s in all, kill grace included), so the whole script ends within 8 minutes, and its log and the
+# Each phase has a time limit (575 s in all, kill grace included), so the whole script ends within 10 minutes, and its log and the
 # results are copied to $OUT when it is set (the device tool brings back only that folder),
 # whichever phase fails.
 #   bash bench/gpu.sh [report.py options, e.g. --overwrite]
@@ -48,5 +48,8 @@ phase gpu-tests 110 "$PY" -m pytest -q -m gpu tests/
 gpu_tests=$?
 phase report 140 "$PY" bench/report.py --device cuda "$@"
 report=$?
-echo "gpu tests exit code ${gpu_tests}; report exit code ${report}"
-exit $(( gpu_tests != 0 || report != 0 ))
+# Many conversations on one engine at EchoX-8B shapes: 1..16 at once, batched vs one.
+phase batch 100 "$PY" bench/batch_engine.py --size 8b --device cuda --repeats 2 --max-new-tokens 64
+batch=$?
+echo "gpu tests exit code ${gpu_tests}; report exit code ${report}; batch exit code ${batch}"
+exit $(( gpu_tests != 0 || report != 0 || batch != 0 ))

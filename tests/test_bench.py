@@ -79,6 +79,18 @@ def test_speech_path_reports_a_turn_beside_its_critical_path(tmp_path):
     assert "| this checkout | 1 | 32 |" in table.read_text()
 
 
+def test_batch_engine_reports_rounds_of_concurrent_conversations(tmp_path):
+    import batch_engine
+    batch_engine.main(["--size", "tiny", "--conversations", "1", "3", "--repeats", "1", "--max-new-tokens", "12",
+                       "--out", str(tmp_path)])
+    report = batch_engine.json.loads(next(tmp_path.glob("*-cpu-batch-tiny.json")).read_text())
+    rows = [(r["engine"], r["conversations"], r["tokens"]) for r in report["rounds"]]
+    assert rows == [("unbatched", 1, 12), ("batched (3)", 1, 12), ("batched (3)", 3, 36)]
+    three = report["rounds"][-1]
+    assert 1 < three["rows_per_step"] <= 3 and three["ttfa_p95_ms"] >= three["ttfa_p50_ms"] > 0
+    assert three["text_tokens_per_s"] >= three["turn_tokens_per_s"] > 0
+
+
 def test_voice_size_has_the_released_speech_output():
     from echox.config import VocoderConfig
     folder = model_folder(SIZES["voice"], seed=0)

@@ -1,0 +1,127 @@
+"""Many conversations on one batched engine, in process: aggregate token rate and time to first audio.
+
+For one size (random_engine.py) and each N in --conversations (default 1 2 4 8 16), N threads
+each hold a session of one batched engine (max_batch = the largest N) and ask one spoken
+question at the same moment (greedy, at most --max-new-tokens tokens). Per round it records:
+  text_tokens_per_s   all conversations' tokens over the time from the start to the last token;
+  turn_tokens_per_s   the same over the time to the last TurnDone (speech included);
+  ttfa_p50/p95_ms     each conversation's time from the start to its first audio chunk;
+  rows_per_step       the mean number of turns in the LLM's decode steps.
+Each round runs --repeats times after a warm-up round; the report has the medians, and a first
+row with the unbatched engine answering one conversation (what batch 1 must not fall behind).
+
+    python bench/batch_engine.py --size tiny                 # CPU
+    python bench/batch_engine.py --size 8b --device cuda     # GPU (bench/gpu.sh runs it)
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from echox.engine import AudioChunk, TextDelta, TurnDone
+from echox.sampling import GREEDY
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from e2e import question  # noqa: E402  (sibling scripts, not a package)
+from random_engine import build_engine  # noqa: E402
+from report import environment, table  # noqa: E402
+from serve_load import percentile  # noqa: E402
+
+
+def one_turn(engine, audio: torch.Tensor, max_new_tokens: int, start: float, out: dict):
+    """Answer one question, noting when the first audio, the last text and the end came."""
+    session = engine.session(sampling=GREEDY, max_new_tokens=max_new_tokens)
+    for event in session.respond(audio=audio):
+        now = time.perf_counter() - start
+        if isinstance(event, AudioChunk):
+            out.setdefault("ttfa_s", now)
+        elif isinstance(event, TextDelta):
+            out["text_s"] = now  # a text delta leaves as soon as its token is decoded
+        elif isinstance(event, TurnDone):
+            out["tokens"], out["done_s"] = len(event.trace["tokens"]), now
+
+
+def one_round(engine, conversations: int, audio: torch.Tensor, max_new_tokens: int) -> dict:
+    outs = [{} for _ in range(conversations)]
+    text_batcher = engine.text_batcher
+    steps_before = (text_batcher.steps, text_batcher.rows_stepped) if text_batcher else (0, 0)
+    start = time.perf_counter()
+    threads = [threading.Thread(target=one_turn, args=(engine, audio, max_new_tokens, start, out)) for out in outs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    tokens = sum(out["tokens"] for out in outs)
+    ttfa = [out["ttfa_s"] * 1000 for out in outs if "ttfa_s" in out]
+    steps = (text_batcher.steps - steps_before[0], text_batcher.rows_stepped - steps_before[1]) if text_batcher \
+        else (tokens, tokens)
+    return {"tokens": tokens, "text_tokens_per_s": tokens / max(out["text_s"] for out in outs),
+            "turn_tokens_per_s": tokens / max(out["done_s"] for out in outs),
+            "ttfa_p50_ms": statistics.median(ttfa) if ttfa else None, "ttfa_p95_ms": percentile(ttfa, 0.95),
+            "rows_per_step": steps[1] / max(steps[0], 1)}
+
+
+def median_round(engine, conversations: int, args) -> dict:
+    audio = question(args.question_seconds)
+    rounds = [one_round(engine, conversations, audio, args.max_new_tokens) for _ in range(args.repeats)]
+    return {"conversations": conversations} | {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+
+
+def render(report: dict) -> str:
+    env, s = report["environment"], report["settings"]
+    rows = [[r["engine"], r["conversations"], r["tokens"], r["text_tokens_per_s"], r["turn_tokens_per_s"],
+             r["ttfa_p50_ms"], r["ttfa_p95_ms"], r["rows_per_step"]] for r in report["rounds"]]
+    return "\n".join([
+        f"# Batched engine, {s['size']} size, {env['created'][:10]}", "",
+        f"{env['device']}, torch {env['torch']}, {env.get('torch_threads', '')} torch thread(s); random weights, "
+        f"greedy, {s['question_seconds']:g} s spoken question, at most {s['max_new_tokens']} tokens; medians of "
+        f"{s['repeats']} rounds (`python bench/batch_engine.py --size {s['size']} --device {s['device']}`).", "",
+        *table(["engine", "conversations", "tokens", "text tok/s", "turn tok/s", "TTFA p50 ms", "TTFA p95 ms",
+                "rows / LLM step"], rows), "",
+        "All conversations start at once. Text tok/s: every conversation's tokens over the time to the last "
+        "token; turn tok/s: over the time to the last TurnDone (speech included).", ""])
+
+
+def main(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--conversations", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--question-seconds", type=float, default=3.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rounds = []
+    with torch.inference_mode():
+        unbatched = build_engine(args.size, args.device)
+        one_round(unbatched, 1, question(args.question_seconds), args.max_new_tokens)  # warm-up
+        rounds.append({"engine": "unbatched"} | median_round(unbatched, 1, args))
+        del unbatched
+        engine = build_engine(args.size, args.device).batched(max(args.conversations))
+        one_round(engine, max(args.conversations), question(args.question_seconds), args.max_new_tokens)
+        for conversations in args.conversations:
+            rounds.append({"engine": f"batched ({max(args.conversations)})"} | median_round(engine, conversations, args))
+            print(json.dumps(rounds[-1]), flush=True)
+    device = "cuda" if args.device.startswith("cuda") else "cpu"
+    settings = {"size": args.size, "device": args.device, "max_new_tokens": args.max_new_tokens,
+                "question_seconds": args.question_seconds, "repeats": args.repeats}
+    report = {"environment": environment(device), "settings": settings,
+              "rounds": rounds}
+    stem = Path(args.out) / f"{report['environment']['created'][:10]}-{device}-batch-{args.size}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(render(report))
+    print(render(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -6,6 +6,8 @@ question at the same moment (greedy, at most --max-new-tokens tokens). Per round
   text_tokens_per_s   all conversations' tokens over the time from the start to the last token;
   turn_tokens_per_s   the same over the time to the last TurnDone (speech included);
   ttfa_p50/p95_ms     each conversation's time from the start to its first audio chunk;
+  decode_tokens_per_s tokens per second of the LLM's decode steps alone (time inside the steps:
+                      prefills and waits left out; unbatched: from decode_per_token);
   rows_per_step       the mean number of turns in the LLM's decode steps.
 Each round runs --repeats times after a warm-up round; the report has the medians, and a first
 row with the unbatched engine answering one conversation (what batch 1 must not fall behind).
@@ -45,12 +47,14 @@ def one_turn(engine, audio: torch.Tensor, max_new_tokens: int, start: float, out
             out["text_s"] = now  # a text delta leaves as soon as its token is decoded
         elif isinstance(event, TurnDone):
             out["tokens"], out["done_s"] = len(event.trace["tokens"]), now
+            out["decode_s"] = event.trace["timings_ms"]["decode_per_token"] * out["tokens"] / 1000
 
 
 def one_round(engine, conversations: int, audio: torch.Tensor, max_new_tokens: int) -> dict:
     outs = [{} for _ in range(conversations)]
     text_batcher = engine.text_batcher
-    steps_before = (text_batcher.steps, text_batcher.rows_stepped) if text_batcher else (0, 0)
+    counters = ("steps", "rows_stepped", "step_seconds")
+    before = [getattr(text_batcher, name) for name in counters] if text_batcher else None
     start = time.perf_counter()
     threads = [threading.Thread(target=one_turn, args=(engine, audio, max_new_tokens, start, out)) for out in outs]
     for thread in threads:
@@ -59,12 +63,15 @@ def one_round(engine, conversations: int, audio: torch.Tensor, max_new_tokens: i
         thread.join()
     tokens = sum(out["tokens"] for out in outs)
     ttfa = [out["ttfa_s"] * 1000 for out in outs if "ttfa_s" in out]
-    steps = (text_batcher.steps - steps_before[0], text_batcher.rows_stepped - steps_before[1]) if text_batcher \
-        else (tokens, tokens)
+    if text_batcher:
+        steps, rows, seconds = (getattr(text_batcher, name) - b for name, b in zip(counters, before))
+    else:  # the unbatched engine: one row per step
+        steps, rows, seconds = tokens, tokens, sum(out["decode_s"] for out in outs)
     return {"tokens": tokens, "text_tokens_per_s": tokens / max(out["text_s"] for out in outs),
+            "decode_tokens_per_s": rows / seconds,
             "turn_tokens_per_s": tokens / max(out["done_s"] for out in outs),
             "ttfa_p50_ms": statistics.median(ttfa) if ttfa else None, "ttfa_p95_ms": percentile(ttfa, 0.95),
-            "rows_per_step": steps[1] / max(steps[0], 1)}
+            "rows_per_step": rows / max(steps, 1)}
 
 
 def median_round(engine, conversations: int, args) -> dict:
@@ -75,17 +82,19 @@ def median_round(engine, conversations: int, args) -> dict:
 
 def render(report: dict) -> str:
     env, s = report["environment"], report["settings"]
-    rows = [[r["engine"], r["conversations"], r["tokens"], r["text_tokens_per_s"], r["turn_tokens_per_s"],
-             r["ttfa_p50_ms"], r["ttfa_p95_ms"], r["rows_per_step"]] for r in report["rounds"]]
+    rows = [[r["engine"], r["conversations"], r["tokens"], r["decode_tokens_per_s"], r["text_tokens_per_s"],
+             r["turn_tokens_per_s"], r["ttfa_p50_ms"], r["ttfa_p95_ms"], r["rows_per_step"]] for r in report["rounds"]]
     return "\n".join([
         f"# Batched engine, {s['size']} size, {env['created'][:10]}", "",
         f"{env['device']}, torch {env['torch']}, {env.get('torch_threads', '')} torch thread(s); random weights, "
         f"greedy, {s['question_seconds']:g} s spoken question, at most {s['max_new_tokens']} tokens; medians of "
         f"{s['repeats']} rounds (`python bench/batch_engine.py --size {s['size']} --device {s['device']}`).", "",
-        *table(["engine", "conversations", "tokens", "text tok/s", "turn tok/s", "TTFA p50 ms", "TTFA p95 ms",
-                "rows / LLM step"], rows), "",
-        "All conversations start at once. Text tok/s: every conversation's tokens over the time to the last "
-        "token; turn tok/s: over the time to the last TurnDone (speech included).", ""])
+        *table(["engine", "conversations", "tokens", "decode tok/s", "text tok/s", "turn tok/s", "TTFA p50 ms",
+                "TTFA p95 ms", "rows / LLM step"], rows), "",
+        "All conversations start at once. Decode tok/s: tokens per second of the LLM's decode steps alone (the "
+        "time inside them, while the speech of the turns runs beside them); text tok/s: every conversation's "
+        "tokens over the time to the last token; turn tok/s: over the time to the last TurnDone (speech "
+        "included).", ""])
 
 
 def main(argv: list[str] | None = None):

@@ -65,6 +65,7 @@ class TextBatcher(BatchWorker):
         self.table = SlotTable(max_batch)
         self.rows: dict[int, Row] = {}
         self.steps = self.rows_stepped = 0  # decode steps run, and active rows summed over them
+        self.step_seconds = 0.0  # wall time inside decode steps (tokens out included)
         self.views: dict[int, DecoderState] = {}  # slots 0..w-1 of the cache, by width w
         self.period_row = period_direction(lm, period_id)
         self.greedy_counter = torch.zeros(1, dtype=torch.int64, device=self.device)  # greedy ignores it
@@ -133,6 +134,7 @@ class TextBatcher(BatchWorker):
         return tokens
 
     def step(self):
+        started = time.perf_counter()
         width = self.width()
         rows = [self.rows.get(i) for i in range(width)]
         feed = torch.tensor([row.token if row else self.pad_id for row in rows], device=self.device)
@@ -149,6 +151,7 @@ class TextBatcher(BatchWorker):
             self.decoders[slot].cached.append(row.token)  # its keys and values are in the cache now
             row.position += 1
             self.hand_out(row, hidden[slot].clone(), token, score)
+        self.step_seconds += time.perf_counter() - started
 
     def hand_out(self, row: Row, hidden: torch.Tensor, token: float, score: float):
         """Give the row's request its next token, or finish it (eot, its limit, a full cache, cancelled)."""

@@ -11,6 +11,8 @@ question at the same moment (greedy, at most --max-new-tokens tokens). Per round
   rows_per_step       the mean number of turns in the LLM's decode steps.
 Each round runs --repeats times after a warm-up round; the report has the medians, and a first
 row with the unbatched engine answering one conversation (what batch 1 must not fall behind).
+Then the LLM's batched decode step alone (nothing else running; on a GPU the captured graph)
+at each width: its time, and the tokens per second it would give with every row busy.
 
     python bench/batch_engine.py --size tiny                 # CPU
     python bench/batch_engine.py --size 8b --device cuda     # GPU (bench/gpu.sh runs it)
@@ -74,6 +76,25 @@ def one_round(engine, conversations: int, audio: torch.Tensor, max_new_tokens: i
             "rows_per_step": rows / max(steps, 1)}
 
 
+def step_times(engine, widths: list[int], position: int = 512, repeats: int = 20) -> list[dict]:
+    """The batched decode step alone at each width, rows at `position` (slots hold no turns)."""
+    batcher, rows = engine.text_batcher, []
+    for width in widths:
+        feed = torch.full((width,), batcher.pad_id, device=batcher.device)
+        at = torch.full((width, 1), position, device=batcher.device)
+        for _ in range(3):
+            batcher.body_step(feed, at)
+        sync = torch.cuda.synchronize if feed.is_cuda else (lambda: None)
+        sync()
+        started = time.perf_counter()
+        for _ in range(repeats):
+            batcher.body_step(feed, at)
+        sync()
+        step_ms = (time.perf_counter() - started) / repeats * 1000
+        rows.append({"width": width, "step_ms": step_ms, "tokens_per_s": width * 1000 / step_ms})
+    return rows
+
+
 def median_round(engine, conversations: int, args) -> dict:
     audio = question(args.question_seconds)
     rounds = [one_round(engine, conversations, audio, args.max_new_tokens) for _ in range(args.repeats)]
@@ -94,7 +115,9 @@ def render(report: dict) -> str:
         "All conversations start at once. Decode tok/s: tokens per second of the LLM's decode steps alone (the "
         "time inside them, while the speech of the turns runs beside them); text tok/s: every conversation's "
         "tokens over the time to the last token; turn tok/s: over the time to the last TurnDone (speech "
-        "included).", ""])
+        "included).", "", "The LLM's batched decode step alone, at position 512:", "",
+        *table(["width", "step ms", "tok/s with every row busy"],
+               [[r["width"], r["step_ms"], r["tokens_per_s"]] for r in report["steps"]]), ""])
 
 
 def main(argv: list[str] | None = None):
@@ -120,11 +143,11 @@ def main(argv: list[str] | None = None):
         for conversations in args.conversations:
             rounds.append({"engine": f"batched ({max(args.conversations)})"} | median_round(engine, conversations, args))
             print(json.dumps(rounds[-1]), flush=True)
+        steps = step_times(engine, args.conversations)
     device = "cuda" if args.device.startswith("cuda") else "cpu"
     settings = {"size": args.size, "device": args.device, "max_new_tokens": args.max_new_tokens,
                 "question_seconds": args.question_seconds, "repeats": args.repeats}
-    report = {"environment": environment(device), "settings": settings,
-              "rounds": rounds}
+    report = {"environment": environment(device), "settings": settings, "rounds": rounds, "steps": steps}
     stem = Path(args.out) / f"{report['environment']['created'][:10]}-{device}-batch-{args.size}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")

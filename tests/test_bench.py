@@ -89,6 +89,7 @@ def test_batch_engine_reports_rounds_of_concurrent_conversations(tmp_path):
     three = report["rounds"][-1]
     assert 1 < three["rows_per_step"] <= 3 and three["ttfa_p95_ms"] >= three["ttfa_p50_ms"] > 0
     assert three["text_tokens_per_s"] >= three["turn_tokens_per_s"] > 0
+    assert [(r["width"], r["tokens_per_s"] > 0) for r in report["steps"]] == [(1, True), (3, True)]
 
 
 def test_voice_size_has_the_released_speech_output():

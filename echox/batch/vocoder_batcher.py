@@ -15,7 +15,11 @@ from .worker import BatchWorker, Request
 
 class PushRequest(Request):
     def __init__(self, pushes: list[Push]):
-        super().__init__()
+        ready = None
+        if pushes[0].units.is_cuda:  # the caller's stream wrote the units and a new stream's zeros
+            ready = torch.cuda.Event()
+            ready.record()
+        super().__init__(ready)
         self.pushes = pushes
 
 

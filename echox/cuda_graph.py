@@ -9,6 +9,23 @@ next replay overwrites (callers clone what they keep).
 import torch
 
 
+class GraphedWidths:
+    """A batched step captured once per batch width (1, 2, 4, ... and the slot count), so a step
+    over w rows replays the smallest graph of width >= w; the rows past w are idle slots."""
+
+    def __init__(self, fn, slots: int, example_inputs):
+        """`example_inputs(width)`: inputs of that width whose warm-up and capture runs write only
+        where no real step reads before writing (the spare positions of every slot)."""
+        widths = sorted({1 << i for i in range(slots.bit_length()) if 1 << i <= slots} | {slots})
+        self.graphs = {width: GraphedStep(fn, *example_inputs(width)) for width in widths}
+
+    def width(self, used: int) -> int:
+        return min(w for w in self.graphs if w >= used)
+
+    def __call__(self, *inputs: torch.Tensor):
+        return self.graphs[inputs[0].shape[0]](*inputs)
+
+
 class GraphedStep:
     def __init__(self, fn, *example_inputs: torch.Tensor, warmup: int = 2):
         self.fn = fn

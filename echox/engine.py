@@ -146,7 +146,7 @@ class Engine:
             raise EchoXError(f"max_batch must be a whole number >= 1, got {max_batch!r}")
         tok = self.tokenizer
         self.text_batcher = TextBatcher(self.lm, tok.pad, tok.eot, tok.period, max_batch, max_len, self.cuda_graphs)
-        self.echo_batcher = EchoBatcher(self.echo, max_batch)
+        self.echo_batcher = EchoBatcher(self.echo, max_batch, self.cuda_graphs)
         self.vocoder_batcher = VocoderBatcher(self.vocoder)
         for batcher in (self.text_batcher, self.echo_batcher, self.vocoder_batcher):
             batcher.start()

@@ -4,7 +4,8 @@ A segment joins with its LLM hidden states: between two batched blocks the loop 
 prompt in a free slot (a batch of one), then its row decodes UNITS_PER_READ greedy steps per
 block with the other rows, and leaves at eot or at its unit budget. Rows in the step's range
 with no segment decode at position 0 of their slot, which holds nothing worth keeping (a
-segment's cache lives only as long as its decode). Each row's units go back to its caller a
+segment's cache lives only as long as its decode). On a GPU a block is a CUDA graph per
+batch width, as the LLM's step is. Each row's units go back to its caller a
 block at a time, as `EchoDecoder.generate` yields them without batching.
 """
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..cuda_graph import GraphedWidths
 from ..echo import UNITS_PER_READ, EchoDecoder, UnitTally
 from .slots import SlotTable
 from .worker import BatchWorker, Request
@@ -34,12 +36,14 @@ class EchoRow:
 
 
 class EchoBatcher(BatchWorker):
-    def __init__(self, echo: EchoDecoder, max_batch: int):
+    def __init__(self, echo: EchoDecoder, max_batch: int, use_graphs: bool = False):
         super().__init__("echox-echo-batch", echo.adapter.weight.device)
         self.echo = echo
         self.state = echo.body.allocate_state(max_batch, echo.cache_len)
+        self.views = {width: self.state.rows(0, width) for width in range(1, max_batch + 1)}
         self.table = SlotTable(max_batch)
         self.rows: dict[int, EchoRow] = {}
+        self.graphs = GraphedWidths(self.block, max_batch, self.idle_inputs) if use_graphs else None
 
     def generate(self, segment: torch.Tensor, max_units: int | None = None, ready=None) -> Iterator[int]:
         """`EchoDecoder.generate`, decoded in the batch: unit token ids of segment [n, H] as they come.
@@ -67,16 +71,26 @@ class EchoBatcher(BatchWorker):
         return True
 
     def step(self):
-        width = self.table.width()
+        used = self.table.width()
+        width = used if self.graphs is None else self.graphs.width(used)
         rows = [self.rows.get(i) for i in range(width)]
         feed = torch.tensor([row.token if row else self.echo.vocab.eot for row in rows], device=self.device)
         at = torch.tensor([[row.position if row else 0] for row in rows], device=self.device)
-        self.echo.body.use_state(self.state.rows(0, width))
-        tokens = self.echo.decode_block(feed, at).tolist()  # [width][K]
+        tokens = (self.graphs or self.block)(feed, at).tolist()  # [width][K]
         for row in rows:
             if row is not None:
                 row.position += UNITS_PER_READ
                 self.hand_out(row, tokens[row.slot])
+
+    def block(self, feed: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        """UNITS_PER_READ steps of slots 0..w-1 from tokens [w] at positions [w, 1] -> tokens [w, K]."""
+        self.echo.body.use_state(self.views[feed.shape[0]])
+        return self.echo.decode_block(feed, at)
+
+    def idle_inputs(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """eot at the block overrun's room of slots 0..width-1 (graph warm-up and capture)."""
+        return (torch.full((width,), self.echo.vocab.eot, device=self.device),
+                torch.full((width, 1), self.echo.max_len, device=self.device))
 
     def hand_out(self, row: EchoRow, tokens: list[int]):
         units = list(row.tally.take(tokens))

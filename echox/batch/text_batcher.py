@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..cuda_graph import GraphedStep
+from ..cuda_graph import GraphedWidths
 from ..generate import (
     Slot,
     TextDecoder,
@@ -69,7 +69,7 @@ class TextBatcher(BatchWorker):
         self.views: dict[int, DecoderState] = {}  # slots 0..w-1 of the cache, by width w
         self.period_row = period_direction(lm, period_id)
         self.greedy_counter = torch.zeros(1, dtype=torch.int64, device=self.device)  # greedy ignores it
-        self.graphs = self.capture_graphs() if use_graphs else {}
+        self.graphs = GraphedWidths(self.decode, max_batch, self.idle_inputs) if use_graphs else None
 
     # ---- the callers' side ----------------------------------------------------------------------
 
@@ -183,13 +183,11 @@ class TextBatcher(BatchWorker):
 
     def width(self) -> int:
         used = self.table.width()
-        return min((w for w in self.graphs if w >= used), default=used)
+        return used if self.graphs is None else self.graphs.width(used)
 
     def body_step(self, feed: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
         """Tokens [w] at positions [w, 1] through the LLM over slots 0..w-1 -> hidden [w, H]."""
-        if feed.shape[0] in self.graphs:
-            return self.graphs[feed.shape[0]](feed, at)
-        return self.decode(feed, at)
+        return (self.graphs or self.decode)(feed, at)
 
     def decode(self, feed: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
         width = feed.shape[0]
@@ -199,14 +197,7 @@ class TextBatcher(BatchWorker):
         valid = torch.ones(width, 1, dtype=torch.bool, device=self.device)
         return self.lm(self.lm.embed_tokens(feed)[:, None], at, valid)[:, 0]
 
-    def capture_graphs(self) -> dict[int, GraphedStep]:
-        """One graph per power-of-two width up to the slot count (and the count itself); the
-        warm-up and capture runs write at the spare last position of every slot."""
-        count = len(self.table)
-        widths = sorted({1 << i for i in range(count.bit_length()) if 1 << i <= count} | {count})
-        graphs = {}
-        for width in widths:
-            feed = torch.full((width,), self.pad_id, device=self.device)
-            at = torch.full((width, 1), self.max_len, device=self.device)
-            graphs[width] = GraphedStep(self.decode, feed, at)
-        return graphs
+    def idle_inputs(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pad tokens at the spare last position of slots 0..width-1 (graph warm-up and capture)."""
+        return (torch.full((width,), self.pad_id, device=self.device),
+                torch.full((width, 1), self.max_len, device=self.device))

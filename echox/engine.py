@@ -144,6 +144,8 @@ class Engine:
         positions (memory: max_batch x max_len positions of every LLM layer, allocated now)."""
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise EchoXError(f"max_batch must be a whole number >= 1, got {max_batch!r}")
+        if self.text_batcher is not None:
+            raise EchoXError("this engine is batched already (its batch size is fixed once turned on)")
         tok = self.tokenizer
         self.text_batcher = TextBatcher(self.lm, tok.pad, tok.eot, tok.period, max_batch, max_len, self.cuda_graphs)
         self.echo_batcher = EchoBatcher(self.echo, max_batch, self.cuda_graphs)
@@ -296,6 +298,8 @@ class Session:
         if self.answering:
             raise EchoXError("this session is answering a turn already: finish (or close) that one first")
         solo = self.decoder is not None  # batched turns need no lock: each is a row of the batch
+        if solo and self.engine.text_batcher is not None:  # its steps would race the batch's on shared layers
+            raise EchoXError("this session was created before its engine was batched: start a new session")
         if solo and not self.engine.busy.acquire(blocking=False):
             raise EchoXError("this engine is answering another turn: finish (or close) that one first")
         turns_before, speech_before, finished = len(self.turns), dict(self.speech), False

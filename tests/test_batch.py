@@ -122,8 +122,13 @@ def test_limits_of_a_batched_engine_are_clear_errors(tiny_model_dir):
     engine = echox_engine.load(tiny_model_dir)
     with pytest.raises(EchoXError, match="max_batch must be"):
         engine.batched(0)
+    earlier = engine.session()
     room = len(engine.tokenizer.prompt([Turn("user", "Hi.")])) + 10  # a slot with room for 10 answer tokens
     engine.batched(2, max_len=room)
+    with pytest.raises(EchoXError, match="batched already"):
+        engine.batched(4)
+    with pytest.raises(EchoXError, match="created before its engine was batched"):
+        list(earlier.respond(text="Hi."))
     with pytest.raises(EchoXError, match="cannot ask for max_len=100"):
         engine.session(max_len=100)
     talk = session(engine, GREEDY, 40)

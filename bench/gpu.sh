@@ -49,7 +49,7 @@ gpu_tests=$?
 phase report 140 "$PY" bench/report.py --device cuda "$@"
 report=$?
 # Many conversations on one engine at EchoX-8B shapes: 1..16 at once, batched vs one.
-phase batch 100 "$PY" bench/batch_engine.py --size 8b --device cuda --repeats 2 --max-new-tokens 64
+phase batch 100 "$PY" bench/batch_engine.py --size 8b --device cuda --repeats 1 --max-new-tokens 64
 batch=$?
 echo "gpu tests exit code ${gpu_tests}; report exit code ${report}; batch exit code ${batch}"
 exit $(( gpu_tests != 0 || report != 0 || batch != 0 ))

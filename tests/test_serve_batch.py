@@ -2,13 +2,25 @@
 with a clear status, and every client hears what a batch-1 session says."""
 
 import asyncio
+import subprocess
+import sys
 
 import pytest
 import torch
+from test_serve_realtime import (
+    MAX_TOKENS,
+    MAX_UNITS,
+    expected_turns,
+    question_pcm16,
+    received_audio,
+    received_text,
+    run,
+    sdk,
+    spoken_turn,
+    until,
+)
 
 from echox.serve.launch import ServerProcess
-from test_serve_realtime import (MAX_TOKENS, MAX_UNITS, expected_turns, question_pcm16, received_audio,
-                                 received_text, run, sdk, spoken_turn, until)
 
 
 @pytest.fixture(scope="module")
@@ -40,3 +52,15 @@ def test_two_turns_run_at_once_a_third_waits_and_all_equal_batch_one(batched_ser
         got = received_audio(events)
         assert got.numel() == audio.numel() > 0
         torch.testing.assert_close(got, audio, atol=2 / 32768, rtol=0)  # pcm16 on both sides of the wire
+
+
+def test_batch_rows_beyond_the_connection_limit_are_not_allocated(tiny_model_dir):
+    with ServerProcess(["--model", tiny_model_dir, "--threads", "1", "--max-batch", 9,
+                        "--max-connections", 2]) as server:
+        assert any("batching 2 turns" in line for line in server.log)
+
+
+def test_a_batch_size_below_one_is_a_clear_error(tiny_model_dir):
+    result = subprocess.run([sys.executable, "-m", "echox.cli", "serve", "--model", str(tiny_model_dir),
+                             "--max-batch", "0"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--max-batch" in result.stderr and "Traceback" not in result.stderr

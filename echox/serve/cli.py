@@ -45,6 +45,10 @@ def cmd_serve(args):
         raise EchoXError("--max-connections, --max-batch, --max-buffer-seconds and --idle-timeout must be positive")
     defaults = SessionConfig(temperature=args.temperature, top_p=args.top_p, max_output_tokens=args.max_new_tokens)
     defaults.sampling()  # checks the values now, with the sampler's own message
+    if args.max_batch > args.max_connections:  # each connection has at most one turn in flight
+        print(f"echox serve: --max-batch {args.max_batch} is more than --max-connections {args.max_connections} "
+              f"can use; batching {args.max_connections} turns", flush=True)
+        args.max_batch = args.max_connections
     model = demo_model_dir() if args.demo else args.model
     engine = echox_engine.load(model, whisper=args.whisper, vocoder=args.vocoder,
                                device="cpu" if args.demo else args.device, dtype=args.dtype, threads=args.threads,

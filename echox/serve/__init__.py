@@ -9,5 +9,6 @@ How a spoken turn travels through the server, one file per step:
   scheduler.py   the fair queue and admission control: up to --max-batch turns at once, in worker threads
   response.py    one answer: `Session.respond` events -> realtime server events
   cli.py         the `echox serve` subcommand;  launch.py  a server in a child process (tests, bench)
+  ray_deployment.py, ray_cli.py   `echox serve-ray`: `echox serve` replicas behind Ray Serve's proxy
   static/        the browser client (one page and its microphone worklet)
 """

@@ -232,6 +232,7 @@ class Session:
         self.cancelled = threading.Event()  # set by cancel(), read by the turn in progress
         self.speaking: SpeechPipeline | None = None  # the speech of the turn in progress, for cancel()
         self.answering = False  # a turn of this session is in progress
+        self.turn_lock = threading.Lock()  # held while it is, so two threads cannot both start one
         self.reset()
 
     def reset(self):
@@ -295,12 +296,13 @@ class Session:
         if audio is None and not text:
             raise EchoXError("a turn needs speech (audio=...) or text (text=...)")
         samples = None if audio is None else speech_input(audio)
-        if self.answering:
-            raise EchoXError("this session is answering a turn already: finish (or close) that one first")
-        solo = self.decoder is not None  # batched turns need no lock: each is a row of the batch
+        solo = self.decoder is not None  # batched turns need no engine lock: each is a row of the batch
         if solo and self.engine.text_batcher is not None:  # its steps would race the batch's on shared layers
             raise EchoXError("this session was created before its engine was batched: start a new session")
+        if not self.turn_lock.acquire(blocking=False):
+            raise EchoXError("this session is answering a turn already: finish (or close) that one first")
         if solo and not self.engine.busy.acquire(blocking=False):
+            self.turn_lock.release()
             raise EchoXError("this engine is answering another turn: finish (or close) that one first")
         turns_before, speech_before, finished = len(self.turns), dict(self.speech), False
         self.cancelled.clear()
@@ -319,6 +321,7 @@ class Session:
             self.answering, self.speaking = False, None
             if solo:
                 self.engine.busy.release()
+            self.turn_lock.release()
 
     def llm_tokens(self, slots: list[Slot], clock: Clock, timings: dict):
         """(the answer's tokens, a function that adds the prefill's timings once they are out and

@@ -11,3 +11,5 @@ python bench/report.py --device cpu "$@"
 # Where a turn's time goes with the released echo decoder and vocoder, and streaming vs offline vocoding.
 stem="bench/results/$(date +%F)-cpu-speech"
 python bench/speech_path.py --out "$stem.jsonl" --markdown "$stem.md"
+# Many conversations on one engine: 1..16 at once, batched vs one (bench/results/<date>-cpu-batch-tiny.md).
+python bench/batch_engine.py --size tiny

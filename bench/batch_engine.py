@@ -34,8 +34,7 @@ from echox.sampling import GREEDY
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from e2e import question  # noqa: E402  (sibling scripts, not a package)
 from random_engine import build_engine  # noqa: E402
-from report import environment, table  # noqa: E402
-from serve_load import percentile  # noqa: E402
+from report import environment, percentile, table  # noqa: E402
 
 
 def one_turn(engine, audio: torch.Tensor, max_new_tokens: int, start: float, out: dict):

@@ -47,6 +47,14 @@ def environment(device: str) -> dict:
     }
 
 
+def percentile(values: list[float], q: float) -> float | None:
+    """The nearest-rank q-quantile of `values` (None for none)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
 def device_slug(env: dict) -> str:
     name = env["device"] if env["device_type"] == "cuda" else "cpu"
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")

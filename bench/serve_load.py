@@ -40,7 +40,7 @@ from echox.serve.launch import ServerProcess
 from echox.tiny import write_tiny_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import environment, table  # noqa: E402  (a sibling script, not a package)
+from report import environment, percentile, table  # noqa: E402  (a sibling script, not a package)
 
 API_RATE = 24000
 APPEND_SECONDS = 0.1
@@ -105,13 +105,6 @@ async def one_round(url: str, clients: int, appends: list[str], timeout_s: float
         failed = task in late or task.exception() is not None
         results.append({"errors": 1, "ttfa_ms": None} if failed else task.result())
     return results
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def summarize(clients: int, results: list[dict]) -> dict:

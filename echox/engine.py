@@ -228,7 +228,8 @@ class Session:
         elif max_len not in (None, engine.text_batcher.max_len):
             raise EchoXError(f"this engine batches conversations in KV slots of {engine.text_batcher.max_len} "
                              f"positions; a session cannot ask for max_len={max_len}")
-        self.counter = torch.zeros(1, dtype=torch.int64, device=engine.device)  # sampling counter (batched)
+        else:  # the sampling counter, which an unbatched session's decoder keeps
+            self.counter = torch.zeros(1, dtype=torch.int64, device=engine.device)
         self.cancelled = threading.Event()  # set by cancel(), read by the turn in progress
         self.speaking: SpeechPipeline | None = None  # the speech of the turn in progress, for cancel()
         self.answering = False  # a turn of this session is in progress

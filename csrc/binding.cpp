@@ -25,8 +25,8 @@ int echox_vocoder_conv_splits(int batch, int cin, int cout, int out_len);
       int max_len, int head_dim, int num_splits, cudaStream_t stream);                                              \
   extern "C" cudaError_t echox_head_select_##suffix(                                                                \
       const void* hidden, const void* weight, int batch, int rows, int width, float temperature, float top_p,        \
-      int top_k, uint32_t seed, const long long* step, float* scaled, float* part_val, int* part_idx,               \
-      int* candidates, int* candidate_count, long long* out, cudaStream_t stream);                                 \
+      int top_k, uint32_t seed, const long long* step, int per_row_step, float* scaled, float* part_val,           \
+      int* part_idx, int* candidates, int* candidate_count, long long* out, cudaStream_t stream);                 \
   extern "C" cudaError_t echox_conv1d_valid_##suffix(                                                               \
       const void* x, const void* weight, const void* bias, const void* residual, void* y, float* partial,          \
       int batch, int cin, int cout, int length, int kernel, int dilation, float input_slope, int splits,           \
@@ -129,8 +129,9 @@ torch::Tensor head_select(const torch::Tensor& hidden, const torch::Tensor& weig
   TORCH_CHECK(weight.size(1) == width, "echox_cuda.head_select: weight ", weight.sizes(), " does not match hidden ",
               hidden.sizes());
   TORCH_CHECK(step.is_cuda() && step.device() == hidden.device() && step.scalar_type() == torch::kInt64 &&
-                  step.numel() == 1,
-              "echox_cuda.head_select: step must be a one-element int64 tensor on hidden's device");
+                  step.is_contiguous() && (step.numel() == 1 || step.numel() == batch),
+              "echox_cuda.head_select: step must be a contiguous int64 tensor on hidden's device with one counter, or "
+              "one per row of hidden");
   TORCH_CHECK(std::isfinite(temperature) && temperature >= 0, "echox_cuda.head_select: temperature must be >= 0, got ",
               temperature);
   TORCH_CHECK(top_p > 0 && top_p <= 1, "echox_cuda.head_select: top_p must be in (0, 1], got ", top_p);
@@ -155,7 +156,7 @@ torch::Tensor head_select(const torch::Tensor& hidden, const torch::Tensor& weig
       by_dtype<HeadSelectLauncher>(hidden, op, echox_head_select_fp32, echox_head_select_fp16, echox_head_select_bf16);
   check_launch(launch(hidden.data_ptr(), weight.data_ptr(), batch, rows, width, temperature_f, top_p_f, top_k_i,
                       static_cast<uint32_t>(seed), reinterpret_cast<const long long*>(step.data_ptr<int64_t>()),
-                      scaled.data_ptr<float>(), part_val.data_ptr<float>(), part_idx.data_ptr<int>(),
+                      step.numel() > 1, scaled.data_ptr<float>(), part_val.data_ptr<float>(), part_idx.data_ptr<int>(),
                       candidates.data_ptr<int>(), candidate_count.data_ptr<int>(),
                       reinterpret_cast<long long*>(out.data_ptr<int64_t>()), c10::cuda::getCurrentCUDAStream()),
                op);

@@ -11,7 +11,9 @@
 //   then draws by Gumbel-max over the kept set. At the released temperature 0.2 the candidates
 //   are the columns within 6.4 raw logits of the best one, however many of the 128k that is.
 // The noise is the counter-based hash of echox.sampling.uniform_noise, so the same token as the
-// torch reference is drawn. `step` is read on the device. Ties go to the lowest row.
+// torch reference is drawn. `step` is read on the device: one counter for the batch (sequence b
+// hashed as row b), or one per sequence (each hashed as row 0, as if it ran alone), which lets
+// independent conversations share one read of the head. Ties go to the lowest row.
 
 #include <stdint.h>
 
@@ -65,6 +67,15 @@ __device__ __forceinline__ float gumbel(uint32_t seed, uint32_t step, uint32_t r
   const float u = (static_cast<float>(bits) + 0.5f) * (1.0f / 8388608.0f);
   return -logf(-logf(u));
 }
+
+// Where each sequence's noise comes from: its step counter and the row it is hashed as.
+struct NoiseCounters {
+  const long long* step;
+  bool per_row;  // a counter per sequence, each hashed as row 0; else one counter, rows by index
+
+  __device__ uint32_t step_of(int b) const { return static_cast<uint32_t>(step[per_row ? b : 0]); }
+  __device__ uint32_t row_of(int b) const { return per_row ? 0u : static_cast<uint32_t>(b); }
+};
 
 // Larger value wins; equal values go to the lower index, as torch.argmax.
 __device__ __forceinline__ bool beats(float v, int i, float best_v, int best_i) {
@@ -120,18 +131,21 @@ __device__ float block_max(float v) {
 template <typename T, Mode M>
 __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
     head_gemv_kernel(const T* __restrict__ hidden, const T* __restrict__ weight, int batch, int rows, int width,
-                     float inv_temperature, uint32_t seed, const long long* __restrict__ step,
+                     float inv_temperature, uint32_t seed, NoiseCounters counters,
                      float* __restrict__ scaled, float* __restrict__ part_val, int* __restrict__ part_idx) {
   constexpr int V = kVec<T>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int b0 = blockIdx.y * kBatchTile, nb = min(kBatchTile, batch - b0);
-  const uint32_t step32 = M == kSample ? static_cast<uint32_t>(*step) : 0u;
   float best[kBatchTile];
   int best_row[kBatchTile];
+  uint32_t step32[kBatchTile], hashed_row[kBatchTile];
 #pragma unroll
   for (int t = 0; t < kBatchTile; ++t) {
     best[t] = -INFINITY;
     best_row[t] = INT_MAX;
+    const bool noisy = M == kSample && t < nb;
+    step32[t] = noisy ? counters.step_of(b0 + t) : 0u;
+    hashed_row[t] = noisy ? counters.row_of(b0 + t) : 0u;
   }
 
   for (int r = blockIdx.x * kGemvWarps + warp; r < rows; r += gridDim.x * kGemvWarps) {
@@ -174,7 +188,8 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
         v = __fmul_rn(logit, inv_temperature);
         if (lane == 0) scaled[static_cast<size_t>(b0 + t) * rows + r] = v;
       } else {
-        v = M == kGreedy ? logit : __fadd_rn(__fmul_rn(logit, inv_temperature), gumbel(seed, step32, b0 + t, r));
+        v = M == kGreedy ? logit
+                         : __fadd_rn(__fmul_rn(logit, inv_temperature), gumbel(seed, step32[t], hashed_row[t], r));
       }
       if (v > best[t]) {  // rows rise within a warp, so a tie keeps the earlier row
         best[t] = v;
@@ -391,7 +406,7 @@ __global__ void __launch_bounds__(kGatherThreads)
 __global__ void __launch_bounds__(kSelectThreads)
     filtered_select_kernel(const float* __restrict__ scaled, int rows, const int* __restrict__ candidates,
                            const int* __restrict__ candidate_count, int top_k, float top_p, uint32_t seed,
-                           const long long* __restrict__ step, long long* __restrict__ out) {
+                           NoiseCounters counters, long long* __restrict__ out) {
   __shared__ Histogram h;
   const int b = blockIdx.x;
   const Candidates c{scaled + static_cast<size_t>(b) * rows, candidates + static_cast<size_t>(b) * rows,
@@ -404,14 +419,14 @@ __global__ void __launch_bounds__(kSelectThreads)
     m = block_max<kSelectThreads>(m);
     floor = max(floor, top_p_key(c, floor, m, top_p, h));
   }
-  const uint32_t step32 = static_cast<uint32_t>(*step);
+  const uint32_t step32 = counters.step_of(b), hashed_row = counters.row_of(b);
   float best = -INFINITY;
   int best_row = INT_MAX;
   for (int i = threadIdx.x; i < c.count; i += kSelectThreads) {
     const float x = c.value(i);
     if (order_key(x) < floor) continue;
     const int row = c.index[i];
-    const float v = __fadd_rn(x, gumbel(seed, step32, b, row));
+    const float v = __fadd_rn(x, gumbel(seed, step32, hashed_row, row));
     if (beats(v, row, best, best_row)) {  // candidates come in any order: ties compare rows
       best = v;
       best_row = row;
@@ -429,12 +444,13 @@ int gemv_blocks(int rows) {
 
 template <typename T, Mode M>
 void launch_gemv(const void* hidden, const void* weight, int batch, int rows, int width, float inv_temperature,
-                 uint32_t seed, const long long* step, float* scaled, float* part_val, int* part_idx,
+                 uint32_t seed, NoiseCounters counters, float* scaled, float* part_val, int* part_idx,
                  cudaStream_t stream) {
   const dim3 grid(gemv_blocks(rows), ceil_div(batch, kBatchTile));
   head_gemv_kernel<T, M><<<grid, kGemvThreads, 0, stream>>>(static_cast<const T*>(hidden),
                                                             static_cast<const T*>(weight), batch, rows, width,
-                                                            inv_temperature, seed, step, scaled, part_val, part_idx);
+                                                            inv_temperature, seed, counters, scaled, part_val,
+                                                            part_idx);
 }
 
 int gather_blocks(int rows) {
@@ -446,25 +462,27 @@ int gather_blocks(int rows) {
 template <typename T>
 cudaError_t launch_head_select(const void* hidden, const void* weight, int batch, int rows, int width,
                                float temperature, float top_p, int top_k, uint32_t seed, const long long* step,
-                               float* scaled, float* part_val, int* part_idx, int* candidates, int* candidate_count,
-                               long long* out, cudaStream_t stream) {
+                               int per_row_step, float* scaled, float* part_val, int* part_idx, int* candidates,
+                               int* candidate_count, long long* out, cudaStream_t stream) {
   // The reciprocal, as torch's CUDA division by a Python scalar computes it.
   const float inv_temperature = temperature > 0.f ? 1.f / temperature : 0.f;
+  const NoiseCounters counters{step, per_row_step != 0};
   if (temperature == 0.f) {
-    launch_gemv<T, kGreedy>(hidden, weight, batch, rows, width, 0.f, seed, step, nullptr, part_val, part_idx, stream);
+    launch_gemv<T, kGreedy>(hidden, weight, batch, rows, width, 0.f, seed, counters, nullptr, part_val, part_idx,
+                            stream);
   } else if (!echox_head_select_filtered(rows, temperature, top_p, top_k)) {
-    launch_gemv<T, kSample>(hidden, weight, batch, rows, width, inv_temperature, seed, step, nullptr, part_val,
+    launch_gemv<T, kSample>(hidden, weight, batch, rows, width, inv_temperature, seed, counters, nullptr, part_val,
                             part_idx, stream);
   } else {
-    launch_gemv<T, kStoreScaled>(hidden, weight, batch, rows, width, inv_temperature, seed, step, scaled, part_val,
-                                 part_idx, stream);
+    launch_gemv<T, kStoreScaled>(hidden, weight, batch, rows, width, inv_temperature, seed, counters, scaled,
+                                 part_val, part_idx, stream);
     cudaError_t status = cudaMemsetAsync(candidate_count, 0, batch * sizeof(int), stream);
     if (status != cudaSuccess) return status;
     gather_candidates_kernel<<<dim3(gather_blocks(rows), batch), kGatherThreads, 0, stream>>>(
         scaled, rows, part_val, gemv_blocks(rows), top_p < 1.f ? kCandidateSpan : INFINITY, candidates,
         candidate_count);
     filtered_select_kernel<<<batch, kSelectThreads, 0, stream>>>(scaled, rows, candidates, candidate_count, top_k,
-                                                                  top_p, seed, step, out);
+                                                                  top_p, seed, counters, out);
     return cudaGetLastError();
   }
   argmax_parts_kernel<<<batch, kGemvThreads, 0, stream>>>(part_val, part_idx, gemv_blocks(rows), out);
@@ -473,18 +491,19 @@ cudaError_t launch_head_select(const void* hidden, const void* weight, int batch
 
 }  // namespace
 
-// Workspace the caller provides: part_val/part_idx of batch * echox_head_select_parts(rows)
-// entries (every path); for top-k/top-p also scaled (floats) and candidates (ints) of batch * rows
-// and candidate_count of batch ints.
+// step: one int64 counter, or (per_row_step) one per sequence. Workspace the caller provides:
+// part_val/part_idx of batch * echox_head_select_parts(rows) entries (every path); for top-k/top-p
+// also scaled (floats) and candidates (ints) of batch * rows and candidate_count of batch ints.
 extern "C" int echox_head_select_parts(int rows) { return gemv_blocks(rows); }
 
 #define ECHOX_HEAD_SELECT_LAUNCHER(suffix, T)                                                                       \
   extern "C" cudaError_t echox_head_select_##suffix(                                                                \
       const void* hidden, const void* weight, int batch, int rows, int width, float temperature, float top_p,       \
-      int top_k, uint32_t seed, const long long* step, float* scaled, float* part_val, int* part_idx,              \
-      int* candidates, int* candidate_count, long long* out, cudaStream_t stream) {                                 \
+      int top_k, uint32_t seed, const long long* step, int per_row_step, float* scaled, float* part_val,          \
+      int* part_idx, int* candidates, int* candidate_count, long long* out, cudaStream_t stream) {                \
     return launch_head_select<T>(hidden, weight, batch, rows, width, temperature, top_p, top_k, seed, step,         \
-                                 scaled, part_val, part_idx, candidates, candidate_count, out, stream);             \
+                                 per_row_step, scaled, part_val, part_idx, candidates, candidate_count, out,       \
+                                 stream);                                                                           \
   }
 
 ECHOX_HEAD_SELECT_LAUNCHER(fp32, float)

@@ -5,6 +5,9 @@ which draws exactly from the softmax over those rows. The noise comes from a cou
 hash of (seed, step, batch row, column), not from a stateful generator, so that:
 - the torch reference and the Triton/CUDA kernels draw the *same* token for the same inputs;
 - the step counter can live on the GPU and be bumped in place (no host sync, graph-capturable).
+The counter is one for the whole batch (a [] or [1] tensor: row b is hashed as row b), or one per
+row (a [B] tensor: every row is hashed as row 0). The second lets the rows of independent
+conversations share one pass over the output head and still draw what each would draw alone.
 
 Top-p keeps column i when the probability mass of the columns strictly more likely than i is
 below top_p (the most likely column is always kept); top-k keeps the k most likely. Ties in
@@ -57,16 +60,26 @@ def _fmix32(x: torch.Tensor) -> torch.Tensor:
 def uniform_noise(seed: int, step: torch.Tensor, rows: int, cols: int, device=None) -> torch.Tensor:
     """[rows, cols] fp32 uniforms in (0, 1), a pure function of (seed, step, row, col).
 
-    step is an int64 tensor of shape [] or [1] (kept on the device so a graph can replay it).
+    step is an int64 tensor on the device (so a graph can replay it): [] or [1], one counter for
+    all rows, or [rows], a counter per row, each row then hashed as row 0.
     """
-    row = torch.arange(rows, device=device, dtype=torch.int64)[:, None]
+    row, step = noise_counters(step, rows, device)
     col = torch.arange(cols, device=device, dtype=torch.int64)[None, :]
-    key = (col * 0x9E3779B1 + row * 0x85EBCA77 + step.reshape(1, 1) * 0xC2B2AE3D
+    key = (col * 0x9E3779B1 + row * 0x85EBCA77 + step * 0xC2B2AE3D
            + (seed & _MASK32) * 0x27D4EB2F) & _MASK32  # kernels use the seed's low 32 bits
     # 23 random bits: (k + 0.5) / 2^23 is exact in fp32 and at most 1 - 2^-24. With 24 bits the
     # largest draw rounded to 1.0, whose Gumbel noise is +inf: a column chosen whatever its logit.
     bits = _fmix32(key) >> 9
     return (bits.float() + 0.5) * (1.0 / (1 << 23))
+
+
+def noise_counters(step: torch.Tensor, rows: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row index and step counter each row's noise is hashed with, both [rows, 1] or broadcastable."""
+    if step.numel() == 1:
+        return torch.arange(rows, device=device, dtype=torch.int64)[:, None], step.reshape(1, 1)
+    if step.shape != (rows,):
+        raise EchoXError(f"the sampling counter must have 1 or {rows} entries (one per row), got {tuple(step.shape)}")
+    return torch.zeros(rows, 1, device=device, dtype=torch.int64), step.reshape(rows, 1)
 
 
 def gumbel_noise(seed: int, step: torch.Tensor, rows: int, cols: int, device=None) -> torch.Tensor:
@@ -104,6 +117,8 @@ def select_reference(logits: torch.Tensor, params: SamplingParams, step: torch.T
 def head_select(hidden: torch.Tensor, weight: torch.Tensor, params: SamplingParams, step: torch.Tensor,
                 backend_name: str | None = None) -> torch.Tensor:
     """Project hidden [B, h] on head rows weight [R, h] and select a row [B], without a host sync.
+
+    step: the sampling counter, [] or [1] for the batch or [B] per row (see uniform_noise).
 
     The fused kernels never materialise the [B, R] logits; the torch path does, in fp32.
     """

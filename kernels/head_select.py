@@ -100,10 +100,21 @@ def _gumbel(cols, batch_rows, step, seed_term):
 
 
 @triton.jit
-def _fold_best(best, best_index, scaled, kept, tile, rows, b, step, seed_term, SAMPLE: tl.constexpr):
+def _noise_counters(step_ptr, b, live_row, PER_ROW_STEP: tl.constexpr):
+    """[BLOCK_B] x2: the step counter of each sequence and the row its noise is hashed as, as
+    echox.sampling.noise_counters: one counter for the batch (rows hashed by index) or one per
+    sequence (each hashed as row 0)."""
+    if PER_ROW_STEP:
+        return tl.load(step_ptr + b, mask=live_row, other=0), b * 0
+    else:
+        return tl.load(step_ptr + b * 0), b
+
+
+@triton.jit
+def _fold_best(best, best_index, scaled, kept, tile, rows, hashed_rows, step, seed_term, SAMPLE: tl.constexpr):
     """Fold one tile into the running best (logits / T [+ Gumbel]) per sequence; lowest row on ties."""
     if SAMPLE:
-        scaled += _gumbel(rows[None, :], b[:, None], step, seed_term)
+        scaled += _gumbel(rows[None, :], hashed_rows[:, None], step[:, None], seed_term)
     value = tl.where(kept, scaled, float("-inf"))
     tile_best = tl.max(value, axis=1)
     tile_index = tile + tl.argmax(value, axis=1, tie_break_left=True)
@@ -116,13 +127,13 @@ def _gemv_kernel(hidden_ptr, weight_ptr, step_ptr, scaled_ptr,  # scaled [B, R] 
                  part_a_ptr, part_b_ptr, part_c_ptr,  # [B, P]: (best, index) or, with STORE, (max, min key, max key)
                  batch, num_rows, hidden_size, stride_hb, stride_wr, rows_per_program, num_programs,
                  temperature_term, seed_term, RECIPROCAL: tl.constexpr, STORE: tl.constexpr, SAMPLE: tl.constexpr,
-                 BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+                 PER_ROW_STEP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """The one pass over the weight. Without STORE: per program, the best row (greedy or Gumbel-max).
     With STORE: the tempered logits to `scaled` and per program their max and order-key range."""
     b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # this program's tile of sequences
     program = tl.program_id(1)
     live_row = b < batch
-    step = tl.load(step_ptr)
+    step, hashed_rows = _noise_counters(step_ptr, b, live_row, PER_ROW_STEP)
     best = tl.full([BLOCK_B], float("-inf"), tl.float32)
     best_index = tl.zeros([BLOCK_B], tl.int32)
     worst = tl.full([BLOCK_B], float("inf"), tl.float32)
@@ -137,7 +148,8 @@ def _gemv_kernel(hidden_ptr, weight_ptr, step_ptr, scaled_ptr,  # scaled [B, R] 
             best = tl.maximum(best, tl.max(tl.where(in_range, scaled, float("-inf")), axis=1))
             worst = tl.minimum(worst, tl.min(tl.where(in_range, scaled, float("inf")), axis=1))
         else:
-            best, best_index = _fold_best(best, best_index, scaled, in_range, tile, rows, b, step, seed_term, SAMPLE)
+            best, best_index = _fold_best(best, best_index, scaled, in_range, tile, rows, hashed_rows, step,
+                                          seed_term, SAMPLE)
     out = b * num_programs + program
     tl.store(part_a_ptr + out, best, mask=live_row)
     if STORE:
@@ -236,13 +248,13 @@ def _cutoff_combine_kernel(bracket_ptr, done_ptr, part_weight_ptr, part_below_pt
 @triton.jit
 def _argmax_kernel(scaled_ptr, cutoff_ptr, step_ptr, part_value_ptr, part_index_ptr,  # [B, R], [B], [], [B, P] x2
                    batch, num_rows, rows_per_program, num_programs, seed_term,
-                   BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr):
+                   PER_ROW_STEP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr):
     """Per program: best stored logits / T + Gumbel over columns with key >= cutoff, lowest index on ties."""
     b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # this program's tile of sequences
     program = tl.program_id(1)
     live_row = b < batch
     cutoff = tl.load(cutoff_ptr + b, mask=live_row, other=0)
-    step = tl.load(step_ptr)
+    step, hashed_rows = _noise_counters(step_ptr, b, live_row, PER_ROW_STEP)
     best = tl.full([BLOCK_B], float("-inf"), tl.float32)
     best_index = tl.zeros([BLOCK_B], tl.int32)
     first = program * rows_per_program
@@ -250,7 +262,8 @@ def _argmax_kernel(scaled_ptr, cutoff_ptr, step_ptr, part_value_ptr, part_index_
         rows = tile + tl.arange(0, BLOCK_R)
         scaled = _load_scaled(scaled_ptr, rows, b, batch, num_rows)
         kept = (rows < num_rows)[None, :] & (_order_key(scaled) >= cutoff[:, None])
-        best, best_index = _fold_best(best, best_index, scaled, kept, tile, rows, b, step, seed_term, True)
+        best, best_index = _fold_best(best, best_index, scaled, kept, tile, rows, hashed_rows, step, seed_term,
+                                      True)
     tl.store(part_value_ptr + b * num_programs + program, best, mask=live_row)
     tl.store(part_index_ptr + b * num_programs + program, best_index, mask=live_row)
 
@@ -307,7 +320,7 @@ class _Launch:
             self.hidden, self.weight, step, scaled, part_a, part_b, part_c,
             self.batch, self.num_rows, self.hidden_size, self.hidden.stride(0), self.weight.stride(0),
             self.rows_per_program, self.programs, self.temperature_term, seed_term,
-            RECIPROCAL=self.reciprocal, STORE=store, SAMPLE=sample,
+            RECIPROCAL=self.reciprocal, STORE=store, SAMPLE=sample, PER_ROW_STEP=per_row_step(step),
             BLOCK_B=self.block_b, BLOCK_R=self.block_r, BLOCK_K=self.block_k, num_warps=4)
 
     def grid(self) -> tuple[int, int]:
@@ -353,6 +366,11 @@ def _keep_cutoff(run: _Launch, params: SamplingParams, scaled: torch.Tensor, row
     return cutoff
 
 
+def per_row_step(step: torch.Tensor) -> bool:
+    """A counter per sequence ([B]) rather than one for the batch ([] or [1])."""
+    return step.numel() > 1
+
+
 def _uses_top_k(params: SamplingParams, num_rows: int) -> bool:
     return 0 < params.top_k < num_rows
 
@@ -374,11 +392,14 @@ def tempered_logits_and_cutoff(run: _Launch, params: SamplingParams, step: torch
 
 def head_select(hidden: torch.Tensor, weight: torch.Tensor, params: SamplingParams, step: torch.Tensor,
                 reciprocal: bool | None = None) -> torch.Tensor:
-    """hidden [B, h], weight [R, h], step int64 [] or [1] on the device -> selected row [B] int64.
+    """hidden [B, h], weight [R, h], step int64 on the device -> selected row [B] int64.
+
+    step: [] or [1], one counter for the batch, or [B], one per sequence (echox.sampling.uniform_noise).
 
     `reciprocal` (default: whether hidden is on a GPU) rounds logits / T as torch does there."""
     assert hidden.shape[1] == weight.shape[1], f"hidden size {hidden.shape[1]} != head width {weight.shape[1]}"
     assert hidden.stride(1) == weight.stride(1) == 1, "the hidden dim must be contiguous"
+    assert step.numel() in (1, hidden.shape[0]) and step.is_contiguous(), "one step counter, or one per sequence"
     reciprocal = hidden.is_cuda if reciprocal is None else reciprocal
     run = _Launch(hidden, weight, 1.0 if params.greedy else params.temperature, reciprocal)
     seed_term = (params.seed * 0x27D4EB2F) & _MASK32
@@ -386,7 +407,8 @@ def head_select(hidden: torch.Tensor, weight: torch.Tensor, params: SamplingPara
     if filtered(params, run.num_rows):
         scaled, cutoff = tempered_logits_and_cutoff(run, params, step, seed_term)
         _argmax_kernel[run.grid()](scaled, cutoff, step, part_value, part_index, *run.logits_args(), seed_term,
-                                        BLOCK_B=run.block_b, BLOCK_R=run.block_r, num_warps=4)
+                                   PER_ROW_STEP=per_row_step(step), BLOCK_B=run.block_b, BLOCK_R=run.block_r,
+                                   num_warps=4)
     else:
         run.gemv(step, seed_term, part_value, part_value, part_index, part_index, store=False,
                  sample=not params.greedy)

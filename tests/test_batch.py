@@ -6,11 +6,13 @@ import pytest
 import torch
 
 import echox.engine as echox_engine
+from echox.batch import text_batcher
 from echox.batch.slots import SlotTable
+from echox.batch.text_batcher import TextRequest
 from echox.cli import demo_question
 from echox.engine import AudioChunk, TextDelta, TurnDone
 from echox.errors import EchoXError
-from echox.sampling import GREEDY, SamplingParams
+from echox.sampling import GREEDY, SamplingParams, head_select
 from echox.segmenter import SegmenterParams
 from echox.tokenizer import Turn
 
@@ -21,7 +23,7 @@ CONVERSATIONS = [
     (GREEDY, 30, [{"audio": demo_question(2.0)}, {"text": "And then?"}]),
     (GREEDY, 12, [{"text": "Hello there."}, {"audio": demo_question(1.5)}]),
     (SAMPLED, 24, [{"audio": demo_question(1.0), "text": "Briefly."}, {"text": "More."}]),
-    (GREEDY, 5, [{"text": "Yes or no?"}, {"text": "Why?"}]),
+    (SAMPLED, 5, [{"text": "Yes or no?"}, {"text": "Why?"}]),
 ]
 
 
@@ -90,6 +92,26 @@ def test_concurrent_conversations_equal_each_alone(solo, batched):
                                                     before))
     assert rows > steps  # turns really shared decode steps
     assert batched.vocoder_batcher.calls < batched.vocoder_batcher.pushes  # and vocoder calls
+
+
+def test_rows_with_the_same_sampling_read_the_head_once(batched, monkeypatch):
+    """Sampled rows of one setting select in one call, each with its own counter, and draw what each
+    draws alone; the counters all move on by one."""
+    batcher = batched.text_batcher
+    hidden = torch.randn(5, batcher.lm.lm_head.weight.shape[1], generator=torch.Generator().manual_seed(0))
+    settings = [SAMPLED, SAMPLED, GREEDY, SAMPLED, SamplingParams(temperature=0.8, top_p=0.9, seed=4)]
+
+    def requests():
+        return [TextRequest(None, [], {}, sampling, 1, torch.tensor([count]))
+                for sampling, count in zip(settings, [3, 0, 5, 9, 2])]
+    rows_per_call = []
+    monkeypatch.setattr(text_batcher, "head_select", lambda h, *a: rows_per_call.append(len(h)) or head_select(h, *a))
+    together = requests()
+    tokens = batcher.select(hidden, together)
+    assert sorted(rows_per_call) == [1, 1, 3]
+    alone = [batcher.select(hidden[i:i + 1], [request]) for i, request in enumerate(requests())]
+    assert torch.equal(tokens, torch.cat(alone))
+    assert [request.counter.item() for request in together] == [4, 1, 6, 10, 3]
 
 
 def test_cancelling_one_row_leaves_the_others_as_they_were(solo, batched):

@@ -158,6 +158,17 @@ def test_sampling_is_identical_for_a_seed_and_step(ext, shape, params, dtype):
         assert torch.equal(got, want), f"step {n}: kernel drew {got.tolist()}, reference {want.tolist()}"
 
 
+@pytest.mark.parametrize("params", [SAMPLING["released"], SAMPLING["plain"], SAMPLING["top-k-p"]],
+                         ids=["released", "plain", "top-k-p"])
+def test_a_counter_per_row_draws_what_each_row_draws_alone(ext, params):
+    """Six conversations at different steps (two batch tiles) share one read of the 8B head."""
+    hidden, weight = head_inputs(6, 4096, 128257, torch.bfloat16)
+    counters = torch.tensor([0, 7, 3, 12345, 1, 2], dtype=torch.int64, device="cuda")
+    alone = torch.cat([select(ext, hidden[i:i + 1], weight, params, counters[i:i + 1]) for i in range(6)])
+    assert torch.equal(select(ext, hidden, weight, params, counters), alone)
+    assert torch.equal(expected(hidden, weight, params, counters), alone)
+
+
 def test_top_k_one_is_greedy(ext):
     hidden, weight = head_inputs(3, 1024, 20000, torch.float16)
     step = torch.zeros(1, dtype=torch.int64, device="cuda")

@@ -1,7 +1,9 @@
 """The sampling noise: a pure function of (seed, step, row, column), strictly inside (0, 1)."""
 
+import pytest
 import torch
 
+from echox.errors import EchoXError
 from echox.sampling import gumbel_noise, uniform_noise
 
 MASK = (1 << 32) - 1
@@ -33,3 +35,12 @@ def test_noise_is_a_pure_function_of_its_counter():
     first, again = uniform_noise(3, step, 2, 1000), uniform_noise(3, step, 2, 1000)
     assert torch.equal(first, again) and not torch.equal(first, uniform_noise(3, step + 1, 2, 1000))
     assert 0.45 < first.mean().item() < 0.55
+
+
+def test_a_counter_per_row_hashes_each_row_as_a_batch_of_one():
+    counters = torch.tensor([4, 0, 9])
+    rows = uniform_noise(5, counters, 3, 50)
+    for i, count in enumerate(counters):
+        assert torch.equal(rows[i], uniform_noise(5, torch.tensor([count]), 1, 50)[0])
+    with pytest.raises(EchoXError, match="1 or 3 entries"):
+        uniform_noise(5, torch.tensor([1, 2]), 3, 50)

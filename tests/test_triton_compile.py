@@ -111,7 +111,13 @@ def compile_cases() -> dict:
                 {"hidden_ptr": f"*{dtype}", "weight_ptr": f"*{dtype}", "step_ptr": "*i64", "scaled_ptr": "*fp32",
                  "part_a_ptr": "*fp32", "part_b_ptr": "*i64" if store else "*i32",
                  "part_c_ptr": "*i64" if store else "*i32", "seed_term": "i64"},
-                ("temperature_term",), {"RECIPROCAL": True, "STORE": store, "SAMPLE": sample, **head_blocks})
+                ("temperature_term",), {"RECIPROCAL": True, "STORE": store, "SAMPLE": sample,
+                                        "PER_ROW_STEP": False, **head_blocks})
+        # Sampled rows of 4 conversations in one call: a counter per row, a batch tile of 4.
+        cases[f"select-gemv-sample-per-row-{dtype}"] = (
+            cases[f"select-gemv-sample-{dtype}"][:3]
+            + ({"RECIPROCAL": True, "STORE": False, "SAMPLE": True, "PER_ROW_STEP": True,
+                **head_blocks, "BLOCK_B": 4, "BLOCK_K": 32},))
     logits_blocks = {"BLOCK_B": 1, "BLOCK_R": select.MAX_BLOCK_R}
     for mass in (False, True):
         cases[f"select-{'mass' if mass else 'count'}-pass"] = (
@@ -119,10 +125,11 @@ def compile_cases() -> dict:
             {"scaled_ptr": "*fp32", "bracket_ptr": "*i64", "done_ptr": "*i32", "floor_ptr": "*i64", "max_ptr": "*fp32",
              "part_weight_ptr": "*fp32", "part_below_ptr": "*i64", "part_above_ptr": "*i64", "part_total_ptr": "*fp32"},
             (), {"MASS": mass, "NT": select.CANDIDATES, **logits_blocks})
-    cases["select-filtered-argmax"] = (
-        select._argmax_kernel,
-        {"scaled_ptr": "*fp32", "cutoff_ptr": "*i64", "step_ptr": "*i64", "part_value_ptr": "*fp32",
-         "part_index_ptr": "*i32", "seed_term": "i64"}, (), logits_blocks)
+    for per_row in (False, True):
+        cases[f"select-filtered-argmax{'-per-row' if per_row else ''}"] = (
+            select._argmax_kernel,
+            {"scaled_ptr": "*fp32", "cutoff_ptr": "*i64", "step_ptr": "*i64", "part_value_ptr": "*fp32",
+             "part_index_ptr": "*i32", "seed_term": "i64"}, (), {**logits_blocks, "PER_ROW_STEP": per_row})
     for mass in (False, True):
         cases[f"select-cutoff-combine-{'mass' if mass else 'count'}"] = (
             select._cutoff_combine_kernel,

@@ -79,6 +79,23 @@ def test_sampling_draws_the_reference_token(params):
                            reference(hidden, weight, params, step_tensor(step, (1,)))), f"step {step}"
 
 
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.7, seed=3), SamplingParams(temperature=0.2, top_p=0.9),
+                                    SamplingParams(temperature=1.0, top_k=20, top_p=0.6, seed=5)],
+                         ids=["plain", "released", "top-k+top-p"])
+def test_a_counter_per_row_draws_what_each_row_draws_alone(monkeypatch, params):
+    """Conversations at different steps share one call (one read of the head) with a counter each;
+    every row draws what it draws alone at batch 1, across batch tiles too."""
+    monkeypatch.setattr(select, "INTERPRETER_MAX_BLOCK_B", 2)
+    hidden, weight = make_exact_head(3, 4 * BLOCK_R + 3, 48, seed=9)
+    counters = torch.tensor([5, 0, 17], device=DEVICE)
+    alone = torch.cat([head_select(hidden[i:i + 1], weight, params, counters[i:i + 1]) for i in range(3)])
+    assert torch.equal(head_select(hidden, weight, params, counters), alone)
+    assert torch.equal(reference(hidden, weight, params, counters), alone)
+    # and the counters matter: one shared counter hashes the rows apart, so other draws
+    shared = [head_select(hidden, weight, params, step_tensor(s, (1,))) for s in range(4)]
+    assert any(not torch.equal(draw, alone) for draw in shared)
+
+
 def order_key(x: torch.Tensor) -> torch.Tensor:
     """The kernel's fp32 -> order-preserving int32 map, in torch."""
     bits = (x + 0.0).view(torch.int32)

@@ -8,9 +8,10 @@ busy slot (on a GPU, w rounded up to a captured graph's size); a row in that ran
 runs a dummy step at the first position its slot does not use, which the next prefill or
 decode there overwrites, so it costs compute but never changes a cache.
 
-Every row has its own sampling settings and counter (the conversation's): greedy rows share one
-head projection; a sampled row selects alone, as row 0 with its own counter, so it draws the same
-token it would draw without batching.
+Every row has its own sampling settings and counter (the conversation's). Rows with the same
+settings select in one head_select call, so the output head is read once for them: greedy rows
+ignore the counter, and sampled rows pass one counter each, which hashes every row as a batch of
+one, so each draws the token it would draw without batching.
 """
 
 import time
@@ -29,7 +30,7 @@ from ..generate import (
     period_score,
 )
 from ..llama import DecoderState, LlamaLM
-from ..sampling import GREEDY, SamplingParams, head_select
+from ..sampling import SamplingParams, head_select
 from .slots import SlotTable
 from .worker import BatchWorker, Request
 
@@ -68,7 +69,6 @@ class TextBatcher(BatchWorker):
         self.step_seconds = 0.0  # wall time inside decode steps (tokens out included)
         self.views: dict[int, DecoderState] = {}  # slots 0..w-1 of the cache, by width w
         self.period_row = period_direction(lm, period_id)
-        self.greedy_counter = torch.zeros(1, dtype=torch.int64, device=self.device)  # greedy ignores it
         self.graphs = GraphedWidths(self.decode, max_batch, self.idle_inputs) if use_graphs else None
 
     # ---- the callers' side ----------------------------------------------------------------------
@@ -119,19 +119,25 @@ class TextBatcher(BatchWorker):
     def select(self, hidden: torch.Tensor, requests: list[TextRequest]) -> torch.Tensor:
         """Next token [B] of hidden [B, H], each row with its request's sampling; bumps the counters."""
         weight = self.lm.lm_head.weight
-        greedy = [i for i, r in enumerate(requests) if r.sampling.greedy]
-        if len(greedy) == len(requests):
-            tokens = head_select(hidden, weight, GREEDY, self.greedy_counter)
+        groups: dict[SamplingParams, list[int]] = {}
+        for i, request in enumerate(requests):
+            groups.setdefault(request.sampling, []).append(i)
+        if len(groups) == 1:
+            tokens = head_select(hidden, weight, requests[0].sampling, self.counters(requests))
         else:
             tokens = torch.empty(len(requests), dtype=torch.int64, device=hidden.device)
-            if greedy:
-                tokens[greedy] = head_select(hidden[greedy], weight, GREEDY, self.greedy_counter)
-            for i, request in enumerate(requests):
-                if not request.sampling.greedy:
-                    tokens[i:i + 1] = head_select(hidden[i:i + 1], weight, request.sampling, request.counter)
-        for request in requests:
-            request.counter += 1
+            for sampling, rows in groups.items():
+                group = [requests[i] for i in rows]
+                tokens[rows] = head_select(hidden[rows], weight, sampling, self.counters(group))
+        torch._foreach_add_([request.counter for request in requests], 1)
         return tokens
+
+    def counters(self, requests: list[TextRequest]) -> torch.Tensor:
+        """The sampling counters of rows with the same settings: [1] for one row or greedy rows
+        (which ignore it), else one per row."""
+        if len(requests) == 1 or requests[0].sampling.greedy:
+            return requests[0].counter
+        return torch.cat([request.counter for request in requests])
 
     def step(self):
         started = time.perf_counter()

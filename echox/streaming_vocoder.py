@@ -470,6 +470,7 @@ class StreamingVocoder:
     def reset(self):
         """Drop everything pushed since the last flush."""
         self.state = initial_state(self.vocoder)
+        self.fresh = True  # nothing pushed since the last flush
 
     def push(self, units: torch.Tensor) -> torch.Tensor:
         """New unit ids [n] -> the samples that are now final [m] (possibly none)."""
@@ -481,12 +482,15 @@ class StreamingVocoder:
         generator costs about a hundred conv launches whatever its length."""
         if units is None:
             units = torch.zeros(0, dtype=torch.int64, device=self.vocoder.dict.weight.device)
-        samples = self._advance(self.vocoder.check_units(units), final=True)
+        units = self.vocoder.check_units(units)
+        if self.fresh and units.numel() == 0:  # a segment that got no units is silent: no generator
+            return self.vocoder.dict.weight.new_zeros(0)  # pass over its end padding (a hundred convs)
+        samples = self._advance(units, final=True)
         self.reset()
         return samples
 
     def _advance(self, units: torch.Tensor, final: bool) -> torch.Tensor:
         push = Push(self.state, units, final, self.speaker)
         self.advance(self.vocoder, [push])
-        self.state = push.state
+        self.state, self.fresh = push.state, False
         return torch.cat(push.samples) if push.samples else self.vocoder.dict.weight.new_zeros(0)

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from echox.config import VocoderConfig
-from echox.streaming_vocoder import (LARGEST_PIECE, StreamingVocoder, Steps, bucket, generator_right_context,
-                                     initial_state, split_rows, stream_conv1d, stream_conv_transpose1d,
-                                     stream_generator)
+from echox.streaming_vocoder import (LARGEST_PIECE, StreamingVocoder, Steps, advance_streams, bucket,
+                                     generator_right_context, initial_state, split_rows, stream_conv1d,
+                                     stream_conv_transpose1d, stream_generator)
 from echox.vocoder import Vocoder
 from test_vocoder import TINY, random_vocoder
 
@@ -100,6 +100,20 @@ def test_reset_and_flush_start_a_fresh_segment(vocoder):
     assert (streamed(stream, second, 7) - vocoder(second)).abs().max() <= 1e-5
     assert stream.flush().numel() == 0
     assert stream.push(torch.zeros(0, dtype=torch.int64)).numel() == 0
+
+
+def test_a_segment_without_units_is_silent_and_costs_no_call(vocoder):
+    calls = []
+
+    def advance(vocoder, pushes):
+        calls.append(len(pushes))
+        advance_streams(vocoder, pushes)
+    stream = StreamingVocoder(vocoder, advance=advance)
+    assert stream.flush().numel() == 0 and stream.flush(torch.zeros(0, dtype=torch.int64)).numel() == 0
+    assert calls == []
+    units = random_units(11, seed=4)
+    assert (torch.cat([stream.push(units[:6]), stream.flush(units[6:])]) - vocoder(units)).abs().max() <= 1e-5
+    assert calls == [1, 1]
 
 
 def test_interleaved_streams_keep_their_own_state(vocoder):

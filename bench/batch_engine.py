@@ -2,7 +2,8 @@
 
 For one size (random_engine.py) and each N in --conversations (default 1 2 4 8 16), N threads
 each hold a session of one batched engine (max_batch = the largest N) and ask one spoken
-question at the same moment (greedy, at most --max-new-tokens tokens). Per round it records:
+question at the same moment (at most --max-new-tokens tokens; --sampling greedy, or released:
+the released temperature 0.2 / top-p 0.9, a server's default). Per round it records:
   text_tokens_per_s   all conversations' tokens over the time from the start to the last token;
   turn_tokens_per_s   the same over the time to the last TurnDone (speech included);
   ttfa_p50/p95_ms     each conversation's time from the start to its first audio chunk;
@@ -15,7 +16,7 @@ Then the LLM's batched decode step alone (nothing else running; on a GPU the cap
 at each width: its time, and the tokens per second it would give with every row busy.
 
     python bench/batch_engine.py --size tiny                 # CPU
-    python bench/batch_engine.py --size 8b --device cuda     # GPU (bench/gpu.sh runs it)
+    python bench/batch_engine.py --size 8b --device cuda --sampling released   # GPU (bench/gpu.sh)
 """
 
 import argparse
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 
 from echox.engine import AudioChunk, TextDelta, TurnDone
-from echox.sampling import GREEDY
+from echox.sampling import GREEDY, RELEASED_SAMPLING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from e2e import question  # noqa: E402  (sibling scripts, not a package)
@@ -37,9 +38,12 @@ from random_engine import build_engine  # noqa: E402
 from report import environment, percentile, table  # noqa: E402
 
 
-def one_turn(engine, audio: torch.Tensor, max_new_tokens: int, start: float, out: dict):
+SAMPLING = {"greedy": GREEDY, "released": RELEASED_SAMPLING}
+
+
+def one_turn(engine, audio: torch.Tensor, args, start: float, out: dict):
     """Answer one question, noting when the first audio, the last text and the end came."""
-    session = engine.session(sampling=GREEDY, max_new_tokens=max_new_tokens)
+    session = engine.session(sampling=SAMPLING[args.sampling], max_new_tokens=args.max_new_tokens)
     for event in session.respond(audio=audio):
         now = time.perf_counter() - start
         if isinstance(event, AudioChunk):
@@ -51,13 +55,13 @@ def one_turn(engine, audio: torch.Tensor, max_new_tokens: int, start: float, out
             out["decode_s"] = event.trace["timings_ms"]["decode_per_token"] * out["tokens"] / 1000
 
 
-def one_round(engine, conversations: int, audio: torch.Tensor, max_new_tokens: int) -> dict:
+def one_round(engine, conversations: int, audio: torch.Tensor, args) -> dict:
     outs = [{} for _ in range(conversations)]
     text_batcher = engine.text_batcher
     counters = ("steps", "rows_stepped", "step_seconds")
     before = [getattr(text_batcher, name) for name in counters] if text_batcher else None
     start = time.perf_counter()
-    threads = [threading.Thread(target=one_turn, args=(engine, audio, max_new_tokens, start, out)) for out in outs]
+    threads = [threading.Thread(target=one_turn, args=(engine, audio, args, start, out)) for out in outs]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -96,7 +100,7 @@ def step_times(engine, widths: list[int], position: int = 512, repeats: int = 20
 
 def median_round(engine, conversations: int, args) -> dict:
     audio = question(args.question_seconds)
-    rounds = [one_round(engine, conversations, audio, args.max_new_tokens) for _ in range(args.repeats)]
+    rounds = [one_round(engine, conversations, audio, args) for _ in range(args.repeats)]
     return {"conversations": conversations} | {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
 
 
@@ -107,8 +111,9 @@ def render(report: dict) -> str:
     return "\n".join([
         f"# Batched engine, {s['size']} size, {env['created'][:10]}", "",
         f"{env['device']}, torch {env['torch']}, {env.get('torch_threads', '')} torch thread(s); random weights, "
-        f"greedy, {s['question_seconds']:g} s spoken question, at most {s['max_new_tokens']} tokens; medians of "
-        f"{s['repeats']} rounds (`python bench/batch_engine.py --size {s['size']} --device {s['device']}`).", "",
+        f"{s['sampling']} sampling, {s['question_seconds']:g} s spoken question, at most {s['max_new_tokens']} tokens; "
+        f"medians of {s['repeats']} rounds (`python bench/batch_engine.py --size {s['size']} --device {s['device']} "
+        f"--sampling {s['sampling']}`).", "",
         *table(["engine", "conversations", "tokens", "decode tok/s", "text tok/s", "turn tok/s", "TTFA p50 ms",
                 "TTFA p95 ms", "rows / LLM step"], rows), "",
         "All conversations start at once. Decode tok/s: tokens per second of the LLM's decode steps alone (the "
@@ -125,6 +130,7 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--conversations", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--sampling", choices=sorted(SAMPLING), default="greedy")
     parser.add_argument("--question-seconds", type=float, default=3.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
@@ -134,20 +140,21 @@ def main(argv: list[str] | None = None):
     rounds = []
     with torch.inference_mode():
         unbatched = build_engine(args.size, args.device)
-        one_round(unbatched, 1, question(args.question_seconds), args.max_new_tokens)  # warm-up
+        one_round(unbatched, 1, question(args.question_seconds), args)  # warm-up
         rounds.append({"engine": "unbatched"} | median_round(unbatched, 1, args))
         del unbatched
         engine = build_engine(args.size, args.device).batched(max(args.conversations))
-        one_round(engine, max(args.conversations), question(args.question_seconds), args.max_new_tokens)
+        one_round(engine, max(args.conversations), question(args.question_seconds), args)
         for conversations in args.conversations:
             rounds.append({"engine": f"batched ({max(args.conversations)})"} | median_round(engine, conversations, args))
             print(json.dumps(rounds[-1]), flush=True)
         steps = step_times(engine, args.conversations)
     device = "cuda" if args.device.startswith("cuda") else "cpu"
     settings = {"size": args.size, "device": args.device, "max_new_tokens": args.max_new_tokens,
-                "question_seconds": args.question_seconds, "repeats": args.repeats}
+                "question_seconds": args.question_seconds, "repeats": args.repeats, "sampling": args.sampling}
     report = {"environment": environment(device), "settings": settings, "rounds": rounds, "steps": steps}
-    stem = Path(args.out) / f"{report['environment']['created'][:10]}-{device}-batch-{args.size}"
+    suffix = "" if args.sampling == "greedy" else f"-{args.sampling}"
+    stem = Path(args.out) / f"{report['environment']['created'][:10]}-{device}-batch-{args.size}{suffix}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     stem.with_suffix(".md").write_text(render(report))

@@ -79,11 +79,13 @@ def test_speech_path_reports_a_turn_beside_its_critical_path(tmp_path):
     assert "| this checkout | 1 | 32 |" in table.read_text()
 
 
-def test_batch_engine_reports_rounds_of_concurrent_conversations(tmp_path):
+@pytest.mark.parametrize("sampling,suffix", [("greedy", ""), ("released", "-released")])
+def test_batch_engine_reports_rounds_of_concurrent_conversations(tmp_path, sampling, suffix):
     import batch_engine
     batch_engine.main(["--size", "tiny", "--conversations", "1", "3", "--repeats", "1", "--max-new-tokens", "12",
-                       "--out", str(tmp_path)])
-    report = batch_engine.json.loads(next(tmp_path.glob("*-cpu-batch-tiny.json")).read_text())
+                       "--sampling", sampling, "--out", str(tmp_path)])
+    report = batch_engine.json.loads(next(tmp_path.glob(f"*-cpu-batch-tiny{suffix}.json")).read_text())
+    assert report["settings"]["sampling"] == sampling
     rows = [(r["engine"], r["conversations"], r["tokens"]) for r in report["rounds"]]
     assert rows == [("unbatched", 1, 12), ("batched (3)", 1, 12), ("batched (3)", 3, 36)]
     three = report["rounds"][-1]

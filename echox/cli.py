@@ -285,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--trace", help="write a JSON trace of the turn here")
     chat.add_argument("--low-latency", action="store_true",
                       help="cut the first segment after 8 tokens (opt-in; the released policy waits for 20-50)")
-    chat.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly (debugging)")
+    chat.add_argument("--no-cuda-graphs", action="store_true",
+                      help="run decode steps and vocoder pushes eagerly (debugging)")
     chat.set_defaults(run=cmd_chat)
 
     convert = sub.add_parser("convert", help="fairseq vocoder (g_* + vocoder_config.json) -> safetensors")

@@ -27,7 +27,9 @@ class GraphedWidths:
 
 
 class GraphedStep:
-    def __init__(self, fn, *example_inputs: torch.Tensor, warmup: int = 2):
+    def __init__(self, fn, *example_inputs: torch.Tensor, warmup: int = 2, pool=None):
+        """`pool`: a memory pool shared with other graphs that never replay at the same time and
+        whose outputs are copied before another one replays (torch.cuda.graph_pool_handle)."""
         self.fn = fn
         self.inputs = [x.clone() for x in example_inputs]
         side = torch.cuda.Stream()
@@ -38,7 +40,7 @@ class GraphedStep:
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: the engine's other thread may sync or allocate while this one captures.
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             self.outputs = fn(*self.inputs)
 
     def __call__(self, *inputs: torch.Tensor):

@@ -11,6 +11,7 @@ carrying the trace (ids, frames, tokens, scores, segments, timings).
 """
 
 import contextlib
+import functools
 import threading
 import time
 from collections.abc import Iterator
@@ -34,9 +35,10 @@ from .mel import log_mel
 from .sampling import RELEASED_SAMPLING, SamplingParams
 from .segmenter import RELEASED_SEGMENTER, Segmenter, SegmenterParams
 from .speech_pipeline import AudioChunk, SegmentRecord, SpeechPipeline
-from .streaming_vocoder import StreamingVocoder
+from .streaming_vocoder import LARGEST_PIECE, StreamingVocoder, advance_streams
 from .tokenizer import Turn, user_text
 from .vocoder import Vocoder, load_vocoder
+from .vocoder_graphs import SteadyPush
 from .whisper import WhisperEncoder, load_whisper
 
 HUBERT_UNITS = 1000  # mHuBERT layer-11 k-means codebook (SPEC §8)
@@ -116,6 +118,7 @@ class Engine:
     dtype: torch.dtype
 
     cuda_graphs: bool = False
+    steady_push: SteadyPush | None = None  # vocoder pushes of steady streams as CUDA graphs
     busy: threading.Lock = field(default_factory=threading.Lock)  # held while a turn is answered (no batching)
     text_batcher: TextBatcher | None = None
     echo_batcher: EchoBatcher | None = None
@@ -131,12 +134,15 @@ class Engine:
         return RELEASED_SPEAKER if self.vocoder.cfg.num_speakers else None
 
     def prepare(self, cuda_graphs: bool) -> "Engine":
-        """Decide on CUDA graphs and capture the echo decoder's step now, before any turn starts
-        threads (its cache never moves, so one capture serves every segment of every session)."""
+        """Decide on CUDA graphs and capture now, before any turn starts threads: the echo
+        decoder's step (its cache never moves, so one capture serves every segment of every
+        session) and a stream's vocoder push for every frame bucket (vocoder_graphs.py)."""
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.echo.use_graphs = self.cuda_graphs
         if self.cuda_graphs:
             self.echo.block_function(full_head=False)
+            self.steady_push = SteadyPush(self.vocoder, capture=True)
+            self.steady_push.capture_buckets(LARGEST_PIECE)
         return self
 
     def batched(self, max_batch: int, max_len: int = DEFAULT_MAX_LEN) -> "Engine":
@@ -149,7 +155,7 @@ class Engine:
         tok = self.tokenizer
         self.text_batcher = TextBatcher(self.lm, tok.pad, tok.eot, tok.period, max_batch, max_len, self.cuda_graphs)
         self.echo_batcher = EchoBatcher(self.echo, max_batch, self.cuda_graphs)
-        self.vocoder_batcher = VocoderBatcher(self.vocoder)
+        self.vocoder_batcher = VocoderBatcher(self.vocoder, self.steady_push)
         for batcher in (self.text_batcher, self.echo_batcher, self.vocoder_batcher):
             batcher.start()
         return self
@@ -158,7 +164,8 @@ class Engine:
         """A vocoder stream for one turn's speech, its pushes batched with other turns' if batching."""
         if self.vocoder_batcher is not None:
             return self.vocoder_batcher.stream(self.speaker)
-        return StreamingVocoder(self.vocoder, self.speaker)
+        return StreamingVocoder(self.vocoder, self.speaker, advance=functools.partial(advance_streams,
+                                                                                       steady=self.steady_push))
 
     @property
     def max_batch(self) -> int:

@@ -31,6 +31,7 @@ the same shapes (every stream in steady state does: a conv cache is full after t
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -38,7 +39,13 @@ from torch import nn
 from .vocoder import FINAL_SLOPE, STAGE_SLOPE, ResBlock1, Vocoder, durations_from_log
 from .vocoder_ops import conv1d_valid, conv_transpose1d_window
 
+if TYPE_CHECKING:  # vocoder_graphs.py builds on this module
+    from .vocoder_graphs import SteadyPush
+
 Rows = tuple[torch.Tensor, ...]  # one tensor per stream, [1, C, L_b]: what each stream keeps
+# Valid steps per row: host ints, or a [B] int64 tensor on the device in a push that must not
+# sync with the host (a CUDA graph's, vocoder_graphs.py), which runs only in steady state.
+Counts = tuple[int, ...] | torch.Tensor
 
 
 def conv1d_left_pad(kernel: int, dilation: int) -> int:
@@ -68,7 +75,7 @@ class Steps:
     before `valid`, and at the end of a segment the right zero padding is written over it."""
 
     data: torch.Tensor
-    valid: tuple[int, ...]
+    valid: Counts
 
     @classmethod
     def padded(cls, rows: Sequence[torch.Tensor], length: int) -> "Steps":
@@ -91,8 +98,33 @@ class Steps:
         return self.data[b, ..., :self.valid[b]]
 
 
-def _keep(buffer: torch.Tensor, starts: Sequence[int], stops: Sequence[int]) -> Rows:
-    """What each stream keeps of its row of buffer [B, C, L]: steps start_b .. stop_b - 1."""
+def _plus(counts: Counts, steps: int) -> Counts:
+    """counts + steps per row, at least 0."""
+    if isinstance(counts, torch.Tensor):
+        return (counts + steps).clamp(min=0)
+    return tuple(max(0, c + steps) for c in counts)
+
+
+def _times(counts: Counts, factor: int) -> Counts:
+    return counts * factor if isinstance(counts, torch.Tensor) else tuple(c * factor for c in counts)
+
+
+def _least(paths: list[Counts]) -> Counts:
+    """Per row, the smallest count over the paths."""
+    if isinstance(paths[0], torch.Tensor):
+        return torch.stack(paths).amin(0)
+    return tuple(min(column) for column in zip(*paths))
+
+
+def _keep(buffer: torch.Tensor, starts: Counts, stops: Counts, steady: int) -> Rows:
+    """What each stream keeps of its row of buffer [B, C, L]: steps start_b .. stop_b - 1.
+
+    With device counts the stream is in steady state, where every cache keeps its length:
+    `steady` steps from start_b, gathered on the device (no host sync)."""
+    if isinstance(starts, torch.Tensor):
+        at = starts[:, None, None] + torch.arange(steady, device=buffer.device)
+        kept = buffer.gather(-1, at.expand(*buffer.shape[:-1], steady))
+        return tuple(kept[b:b + 1] for b in range(kept.shape[0]))
     if len(starts) == 1:  # one stream: one slice
         return (buffer[..., starts[0]:stops[0]],)
     return tuple(buffer[b:b + 1, ..., start:stop] for b, (start, stop) in enumerate(zip(starts, stops)))
@@ -113,13 +145,13 @@ def stream_conv1d(cache: torch.Tensor, x: Steps, weight: torch.Tensor, bias: tor
     if any(final):
         x = x.ending(span // 2, final)
     buffer = torch.cat([cache, x.data], dim=-1)  # [B, C_in, L]
-    real = [cache.shape[-1] + v for v in x.valid]
-    ready = [max(0, r - span) for r in real]
+    real = _plus(x.valid, cache.shape[-1])
+    ready = _plus(real, -span)
     length = max(0, buffer.shape[-1] - span)
     residual = None if skip is None or length == 0 else _fit(skip.data, length)
     y = conv1d_valid(buffer, weight, bias, dilation, input_slope, residual) if length else \
         buffer.new_zeros(buffer.shape[0], weight.shape[0], 0)
-    return Steps(y, tuple(ready)), _keep(buffer, ready, real)
+    return Steps(y, ready), _keep(buffer, ready, real, cache.shape[-1])
 
 
 def _fit(x: torch.Tensor, length: int) -> torch.Tensor:
@@ -142,29 +174,29 @@ def stream_conv_transpose1d(cache: torch.Tensor, x: Steps, weight: torch.Tensor,
     if any(final):
         x = x.ending(right, final)
     buffer = torch.cat([cache, x.data], dim=-1)  # [B, C_in, L]
-    real = [cache.shape[-1] + v for v in x.valid]
-    ready = [max(0, r - left - right) for r in real]
+    real = _plus(x.valid, cache.shape[-1])
+    ready = _plus(real, -left - right)
     length = max(0, buffer.shape[-1] - left - right)
     if length == 0:
         y = buffer.new_zeros(buffer.shape[0], weight.shape[1], 0)
     else:  # of the unpadded output [B, C_out, (L - 1) * stride + k], the steps of inputs left .. left + length - 1
         start = left * stride + (kernel - stride) // 2
         y = conv_transpose1d_window(buffer, weight, bias, stride, start, length * stride, input_slope)
-    return Steps(y, tuple(r * stride for r in ready)), _keep(buffer, ready, real)
+    return Steps(y, _times(ready, stride)), _keep(buffer, ready, real, cache.shape[-1])
 
 
-def release_aligned(waiting: list[torch.Tensor], new: list[Steps]) -> tuple[list[torch.Tensor], tuple[int, ...],
-                                                                           list[Rows]]:
+def release_aligned(waiting: list[torch.Tensor], new: list[Steps]) -> tuple[list[torch.Tensor], Counts, list[Rows]]:
     """Paths that produce the same time steps at different lags: release the steps all have reached.
 
     waiting: per path [B, C, L_p] (as long in every row). Returns (per path [B, C, L] whose first
     m_b steps are released in row b, m, per path what each stream keeps waiting).
     """
     joined = [torch.cat([w, n.data], dim=-1) for w, n in zip(waiting, new)]
-    real = [[w.shape[-1] + v for v in n.valid] for w, n in zip(waiting, new)]
-    ready = tuple(min(column) for column in zip(*real))
+    real = [_plus(n.valid, w.shape[-1]) for w, n in zip(waiting, new)]
+    ready = _least(real)
     length = min(j.shape[-1] for j in joined)
-    return [j[..., :length] for j in joined], ready, [_keep(j, ready, r) for j, r in zip(joined, real)]
+    return [j[..., :length] for j in joined], ready, [_keep(j, ready, r, w.shape[-1])
+                                                      for j, r, w in zip(joined, real, waiting)]
 
 
 def _conv(cache: torch.Tensor, x: Steps, conv: nn.Conv1d, final: tuple[bool, ...], input_slope: float = 1.0,
@@ -258,10 +290,10 @@ def stream_residual_step(state: ResidualStepState, x: Steps, conv1: nn.Conv1d, c
                          final: tuple[bool, ...]) -> tuple[Steps, ResidualStepState]:
     h, conv1_cache = _conv(state.conv1, x, conv1, final, STAGE_SLOPE)
     skip_data = torch.cat([state.skip, x.data], dim=-1)
-    skip = Steps(skip_data, tuple(state.skip.shape[-1] + v for v in x.valid))
+    skip = Steps(skip_data, _plus(x.valid, state.skip.shape[-1]))
     # The branch lags the skip path, so the skip has every step conv2 completes; conv2 adds them.
     y, conv2_cache = _conv(state.conv2, h, conv2, final, STAGE_SLOPE, skip)
-    return y, ResidualStepState(conv1_cache, conv2_cache, _keep(skip_data, y.valid, skip.valid))
+    return y, ResidualStepState(conv1_cache, conv2_cache, _keep(skip_data, y.valid, skip.valid, state.skip.shape[-1]))
 
 
 def stream_resblock(states: list[ResidualStepState], x: Steps, block: ResBlock1,
@@ -290,17 +322,16 @@ def stream_stage(vocoder: Vocoder, stage: int, state: StageState, x: Steps,
 
 
 def stream_generator(vocoder: Vocoder, state: GeneratorState, features: Steps,
-                     final: tuple[bool, ...]) -> tuple[list[torch.Tensor], GeneratorState]:
-    """conv_pre input frames of B streams [B, E (+ S), n] (their states stacked) -> each stream's
-    newly final samples [m_b] and the new state (leaves: Rows)."""
+                     final: tuple[bool, ...]) -> tuple[Steps, GeneratorState]:
+    """conv_pre input frames of B streams [B, E (+ S), n] (their states stacked) -> the newly
+    final samples, [B, *] of which m_b per row, and the new state (leaves: Rows)."""
     x, conv_pre = _conv(state.conv_pre, features, vocoder.conv_pre, final)
     stages = []
     for stage, stage_state in enumerate(state.stages):
         x, stage_state = stream_stage(vocoder, stage, stage_state, x, final)
         stages.append(stage_state)
     y, conv_post = _conv(state.conv_post, x, vocoder.conv_post, final, FINAL_SLOPE)
-    samples = torch.tanh(y.data[:, 0])
-    return [samples[b, :valid] for b, valid in enumerate(y.valid)], GeneratorState(conv_pre, stages, conv_post)
+    return Steps(torch.tanh(y.data[:, 0]), y.valid), GeneratorState(conv_pre, stages, conv_post)
 
 
 def stream_durations(vocoder: Vocoder, state: DurationState, units: Steps,
@@ -402,12 +433,13 @@ class Push:
     frames: torch.Tensor | None = None  # conv_pre input of the piece of units in progress
 
 
-def advance_streams(vocoder: Vocoder, pushes: list[Push]):
+def advance_streams(vocoder: Vocoder, pushes: list[Push], steady: "SteadyPush | None" = None):
     """Advance each push's stream by its units: updates `push.state` and fills `push.samples`.
 
     Units go through the duration predictor and the frames they make through the generator, in
     bucket-padded pieces of at most LARGEST_PIECE steps; only a segment's last piece is final.
-    Streams whose states have the same shapes run each piece as one batch."""
+    Streams whose states have the same shapes run each piece as one batch; `steady` (on a GPU:
+    CUDA graphs, vocoder_graphs.py) runs the generator pieces of streams in steady state."""
     unit_pieces = [pieces(push.units.shape[0]) for push in pushes]
     for i in range(max(len(p) for p in unit_pieces)):
         rows = [(push, p[i], push.final and i == len(p) - 1) for push, p in zip(pushes, unit_pieces) if i < len(p)]
@@ -419,7 +451,7 @@ def advance_streams(vocoder: Vocoder, pushes: list[Push]):
                    for (push, _, last_units), p in zip(rows, frame_pieces) if j < len(p)]
             due = [row for row in due if row[1][1] > row[1][0] or row[2]]  # no frames, not the end: nothing to do
             for group in _same_shape(due, lambda row: row[0].state.generator):
-                _generator(vocoder, group)
+                _generator(vocoder, group, steady)
 
 
 def _same_shape(rows: list[tuple], state_of: Callable) -> list[list[tuple]]:
@@ -442,14 +474,19 @@ def _durations(vocoder: Vocoder, rows: list[tuple[Push, tuple[int, int], bool]])
         push.frames = vocoder.frame_features(torch.repeat_interleave(ready[b], durations[b]), push.speaker)
 
 
-def _generator(vocoder: Vocoder, rows: list[tuple[Push, tuple[int, int], bool]]):
-    state = stack_rows([push.state.generator for push, _, _ in rows])
+def _generator(vocoder: Vocoder, rows: list[tuple[Push, tuple[int, int], bool]], steady: "SteadyPush | None"):
+    states = [push.state.generator for push, _, _ in rows]
     frames = [push.frames[..., first:end] for push, (first, end), _ in rows]
     steps = Steps.padded(frames, bucket(max(f.shape[-1] for f in frames)))
-    samples, state = stream_generator(vocoder, state, steps, tuple(last for _, _, last in rows))
-    for b, ((push, _, _), new) in enumerate(zip(rows, split_rows(state, len(rows)))):
+    final = tuple(last for _, _, last in rows)
+    if steady is not None and steady.takes(states[0], final):
+        samples, states = steady.push(states, steps)
+    else:
+        samples, state = stream_generator(vocoder, stack_rows(states), steps, final)
+        states = split_rows(state, len(rows))
+    for b, ((push, _, _), new) in enumerate(zip(rows, states)):
         push.state = VocoderStreamState(push.state.durations, new)
-        push.samples.append(samples[b])
+        push.samples.append(samples.row(b))
 
 
 class StreamingVocoder:

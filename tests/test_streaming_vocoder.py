@@ -148,7 +148,7 @@ def test_generator_right_context_is_exact(vocoder):
     for n in range(1, 41):
         samples, state = stream_generator(vocoder, state, Steps(features[..., n - 1:n], (1,)), (False,))
         state = split_rows(state, 1)[0]
-        emitted += samples[0].numel()
+        emitted += samples.row(0).numel()
         assert max(0, n - context) * hop <= emitted < max(1, n - context + 1) * hop
 
 

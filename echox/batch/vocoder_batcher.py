@@ -10,6 +10,7 @@ import torch
 
 from ..streaming_vocoder import Push, StreamingVocoder, advance_streams
 from ..vocoder import Vocoder
+from ..vocoder_graphs import SteadyPush
 from .worker import BatchWorker, Request
 
 
@@ -24,9 +25,9 @@ class PushRequest(Request):
 
 
 class VocoderBatcher(BatchWorker):
-    def __init__(self, vocoder: Vocoder):
+    def __init__(self, vocoder: Vocoder, steady: SteadyPush | None = None):
         super().__init__("echox-vocoder-batch", vocoder.dict.weight.device)
-        self.vocoder = vocoder
+        self.vocoder, self.steady = vocoder, steady  # steady: CUDA graphs of steady streams' pushes
         self.pending: list[PushRequest] = []
         self.pushes = self.calls = 0  # pushes run, and the batched calls they took
 
@@ -48,7 +49,7 @@ class VocoderBatcher(BatchWorker):
 
     def step(self):
         pushes = [push for request in self.pending for push in request.pushes]
-        advance_streams(self.vocoder, pushes)
+        advance_streams(self.vocoder, pushes, self.steady)
         if self.device.type == "cuda":  # the callers read the samples on their own streams
             torch.cuda.current_stream().synchronize()
         self.pushes, self.calls = self.pushes + len(pushes), self.calls + 1

@@ -8,7 +8,9 @@ over `--repeats` runs of:
                                        HBM roofline: bytes a step must read (LLM weights except
                                        the embedding table, plus the KV cache in use) / time;
   echo_ms_per_unit                     echo decoder alone: (time for M units - time for 1) / (M - 1);
-  vocoder_x_realtime                   streaming vocoder, units pushed 2 at a time, audio s / compute s;
+  vocoder_x_realtime                   streaming vocoder, units pushed 2 at a time, audio s / compute s
+                                       (on a GPU as the engine runs it, pushes as CUDA graphs, and
+                                       vocoder_x_realtime_eager without them);
   ttfa[policy]                         time to first audio of a whole turn, released and low-latency
                                        segmentation, greedy decoding.
 Random weights neither stop nor segment like the trained model: a turn runs to max_new_tokens,
@@ -212,8 +214,8 @@ def measure_vocoder(engine: Engine, settings: Settings) -> dict:
     units = torch.randint(0, vocoder.cfg.num_embeddings, (settings.vocoder_units,), generator=gen)
     clock_sync = synchronizer(engine.device)
 
-    def stream_all() -> tuple[float, int]:
-        voice, samples = StreamingVocoder(vocoder), 0
+    def stream_all(voice: StreamingVocoder) -> tuple[float, int]:
+        samples = 0
         clock_sync()
         started = time.perf_counter()
         for pair in units.split(2):  # about one unit token's worth per push, as the engine pushes
@@ -226,13 +228,21 @@ def measure_vocoder(engine: Engine, settings: Settings) -> dict:
         voice = StreamingVocoder(vocoder)
         return next((n for n in range(1, len(units) + 1) if voice.push(units[n - 1:n]).numel()), None)
 
+    def x_realtime(voice) -> tuple[float, float]:
+        """(audio s / compute s, audio s) of `voice()` streams, median of the repeats."""
+        with torch.inference_mode():
+            stream_all(voice())
+            runs = [stream_all(voice()) for _ in range(settings.repeats)]
+        audio_seconds = runs[-1][1] / vocoder.cfg.sample_rate
+        return audio_seconds / statistics.median(s for s, _ in runs), audio_seconds
+
+    speed, audio_seconds = x_realtime(engine.voice)
     with torch.inference_mode():
-        stream_all()
-        runs = [stream_all() for _ in range(settings.repeats)]
         first = first_chunk_after()
-    seconds = statistics.median(s for s, _ in runs)
-    audio_seconds = runs[-1][1] / vocoder.cfg.sample_rate
-    return {"vocoder_x_realtime": audio_seconds / seconds, "vocoder_audio_s": audio_seconds,
+    eager = {}
+    if engine.steady_push is not None:  # the same pushes without CUDA graphs
+        eager["vocoder_x_realtime_eager"] = x_realtime(lambda: StreamingVocoder(vocoder, engine.speaker))[0]
+    return {"vocoder_x_realtime": speed, **eager, "vocoder_audio_s": audio_seconds,
             "vocoder_units_before_first_chunk": first, "vocoder_lookahead_units": lookahead_units(vocoder)}
 
 

@@ -258,31 +258,31 @@ class VocoderStreamState:
     generator: GeneratorState
 
 
-def _map_tree(fn: Callable, *trees):
+def map_tree(fn: Callable, *trees):
     """fn over the leaves (tensors, or Rows tuples) of same-shaped state trees."""
     first = trees[0]
     if isinstance(first, list):
-        return [_map_tree(fn, *nodes) for nodes in zip(*trees)]
+        return [map_tree(fn, *nodes) for nodes in zip(*trees)]
     if dataclasses.is_dataclass(first):
-        return type(first)(**{f.name: _map_tree(fn, *(getattr(t, f.name) for t in trees))
+        return type(first)(**{f.name: map_tree(fn, *(getattr(t, f.name) for t in trees))
                               for f in dataclasses.fields(first)})
     return fn(*trees)
 
 
 def stack_rows(states: list):
     """B one-stream states (equal shapes) -> one state of [B, ...] tensors."""
-    return states[0] if len(states) == 1 else _map_tree(lambda *rows: torch.cat(rows), *states)
+    return states[0] if len(states) == 1 else map_tree(lambda *rows: torch.cat(rows), *states)
 
 
 def split_rows(state, count: int) -> list:
     """A state whose leaves are Rows (one tensor per stream) -> `count` one-stream states."""
-    return [_map_tree(lambda rows, b=b: rows[b], state) for b in range(count)]
+    return [map_tree(lambda rows, b=b: rows[b], state) for b in range(count)]
 
 
 def state_shape(state) -> tuple:
     """The shapes of a state's tensors: streams of equal shape can be stacked."""
     shapes = []
-    _map_tree(lambda leaf: shapes.append(tuple(leaf.shape)), state)
+    map_tree(lambda leaf: shapes.append(tuple(leaf.shape)), state)
     return tuple(shapes)
 
 

@@ -19,9 +19,9 @@ from .cuda_graph import GraphedStep
 from .streaming_vocoder import (
     GeneratorState,
     Steps,
-    _map_tree,
     bucket,
     initial_state,
+    map_tree,
     split_rows,
     state_shape,
     stream_generator,
@@ -47,7 +47,7 @@ def steady_state(vocoder: Vocoder) -> GeneratorState:
 def _leaves(state) -> list[torch.Tensor]:
     """The state's tensors in a fixed order; a leaf of Rows (one tensor per stream) is stacked."""
     leaves = []
-    _map_tree(lambda leaf: leaves.append(torch.cat(leaf) if isinstance(leaf, tuple) else leaf), state)
+    map_tree(lambda leaf: leaves.append(torch.cat(leaf) if isinstance(leaf, tuple) else leaf), state)
     return leaves
 
 
@@ -76,7 +76,7 @@ class SteadyPush:
     def unpack(self, flat: torch.Tensor) -> GeneratorState:
         """[B, N] -> a state of [B, C, L] views into it."""
         pieces = iter(flat.split([shape.numel() for shape in self.shapes], dim=1))
-        return _map_tree(lambda leaf: next(pieces).view(flat.shape[0], *leaf.shape[1:]), self.template)
+        return map_tree(lambda leaf: next(pieces).view(flat.shape[0], *leaf.shape[1:]), self.template)
 
     def step(self, features: torch.Tensor, valid: torch.Tensor, flat: torch.Tensor):
         """The captured function: frames [B, C, T] with `valid` [B] real ones, state [B, N] ->

@@ -39,12 +39,12 @@ def case_ids() -> list[str]:
         ids += [f"attention-combine-{dtype}"]
         ids += [f"prefill-attention-{dtype}-g{group}-d{dim}" for group, dim in PREFILL_GROUPS]
         ids += [f"prefill-attention-short-{dtype}-g4-d128"]
-        ids += [f"select-gemv-{name}-{dtype}" for name in ("greedy", "sample", "store")]
+        ids += [f"select-gemv-{name}-{dtype}" for name in ("greedy", "sample", "store", "sample-per-row")]
     for dtype in VOCODER_DTYPES:
         ids += [f"vocoder-conv1d-{name}-{dtype}" for name in (*VOCODER_CONVS, "conv-post")]
         ids += [f"vocoder-{name}-{dtype}" for name in VOCODER_UPS]
-    return ids + ["select-count-pass", "select-mass-pass", "select-filtered-argmax", "select-cutoff-combine-count",
-                  "select-cutoff-combine-mass", "select-argmax-combine"]
+    return ids + ["select-count-pass", "select-mass-pass", "select-filtered-argmax", "select-filtered-argmax-per-row",
+                  "select-cutoff-combine-count", "select-cutoff-combine-mass", "select-argmax-combine"]
 
 
 def vocoder_conv_cases() -> dict:
@@ -221,7 +221,8 @@ def test_compiles_for_sm90(compile_results, case):
     assert compile_results[case]["status"] == "ok", compile_results[case]["status"]
 
 
-@pytest.mark.parametrize("case", [f"select-gemv-{mode}-{dtype}" for mode in ("sample", "store") for dtype in DTYPES])
+@pytest.mark.parametrize("case", [f"select-gemv-{mode}-{dtype}" for mode in ("sample", "store", "sample-per-row")
+                                  for dtype in DTYPES])
 def test_head_gemv_tempers_with_one_rounding(compile_results, case):
     """logits * fp32(1 / T) as torch's CUDA division by a scalar: fmas with a zero addend, one per
     logit a thread holds (a plain multiply would be fused with the noise addition into one fma),

@@ -9,7 +9,10 @@ the released temperature 0.2 / top-p 0.9, a server's default). Per round it reco
   ttfa_p50/p95_ms     each conversation's time from the start to its first audio chunk;
   decode_tokens_per_s tokens per second of the LLM's decode steps alone (time inside the steps:
                       prefills and waits left out; unbatched: from decode_per_token);
-  rows_per_step       the mean number of turns in the LLM's decode steps.
+  rows_per_step       the mean number of turns in the LLM's decode steps;
+  vocoder_ms_per_unit wall time of the batched vocoder's calls per unit they vocoded (what
+                      batching the pushes of many streams saves per stream shows here), and
+  pushes_per_call     the mean number of streams' pushes in one of those calls.
 Each round runs --repeats times after a warm-up round; the report has the medians, and a first
 row with the unbatched engine answering one conversation (what batch 1 must not fall behind).
 Then the LLM's batched decode step alone (nothing else running; on a GPU the captured graph)
@@ -55,11 +58,17 @@ def one_turn(engine, audio: torch.Tensor, args, start: float, out: dict):
             out["decode_s"] = event.trace["timings_ms"]["decode_per_token"] * out["tokens"] / 1000
 
 
+def counted(batcher, names: tuple[str, ...], before: list | None = None) -> list:
+    """The batcher's counters now (less `before`)."""
+    return [getattr(batcher, name) - (before[i] if before else 0) for i, name in enumerate(names)]
+
+
 def one_round(engine, conversations: int, audio: torch.Tensor, args) -> dict:
     outs = [{} for _ in range(conversations)]
-    text_batcher = engine.text_batcher
-    counters = ("steps", "rows_stepped", "step_seconds")
-    before = [getattr(text_batcher, name) for name in counters] if text_batcher else None
+    text_batcher, vocoder_batcher = engine.text_batcher, engine.vocoder_batcher
+    counters, vocoder_counters = ("steps", "rows_stepped", "step_seconds"), ("pushes", "calls", "units", "step_seconds")
+    if text_batcher:
+        before, vocoder_before = counted(text_batcher, counters), counted(vocoder_batcher, vocoder_counters)
     start = time.perf_counter()
     threads = [threading.Thread(target=one_turn, args=(engine, audio, args, start, out)) for out in outs]
     for thread in threads:
@@ -68,15 +77,18 @@ def one_round(engine, conversations: int, audio: torch.Tensor, args) -> dict:
         thread.join()
     tokens = sum(out["tokens"] for out in outs)
     ttfa = [out["ttfa_s"] * 1000 for out in outs if "ttfa_s" in out]
+    vocoder = {"vocoder_ms_per_unit": None, "pushes_per_call": None}
     if text_batcher:
-        steps, rows, seconds = (getattr(text_batcher, name) - b for name, b in zip(counters, before))
+        steps, rows, seconds = counted(text_batcher, counters, before)
+        pushes, calls, units, vocoder_s = counted(vocoder_batcher, vocoder_counters, vocoder_before)
+        vocoder = {"vocoder_ms_per_unit": vocoder_s * 1000 / max(units, 1), "pushes_per_call": pushes / max(calls, 1)}
     else:  # the unbatched engine: one row per step
         steps, rows, seconds = tokens, tokens, sum(out["decode_s"] for out in outs)
     return {"tokens": tokens, "text_tokens_per_s": tokens / max(out["text_s"] for out in outs),
             "decode_tokens_per_s": rows / seconds,
             "turn_tokens_per_s": tokens / max(out["done_s"] for out in outs),
             "ttfa_p50_ms": statistics.median(ttfa) if ttfa else None, "ttfa_p95_ms": percentile(ttfa, 0.95),
-            "rows_per_step": rows / max(steps, 1)}
+            "rows_per_step": rows / max(steps, 1)} | vocoder
 
 
 def step_times(engine, widths: list[int], position: int = 512, repeats: int = 20) -> list[dict]:
@@ -101,13 +113,15 @@ def step_times(engine, widths: list[int], position: int = 512, repeats: int = 20
 def median_round(engine, conversations: int, args) -> dict:
     audio = question(args.question_seconds)
     rounds = [one_round(engine, conversations, audio, args) for _ in range(args.repeats)]
-    return {"conversations": conversations} | {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+    return {"conversations": conversations} | {key: None if rounds[0][key] is None else
+                                               statistics.median(r[key] for r in rounds) for key in rounds[0]}
 
 
 def render(report: dict) -> str:
     env, s = report["environment"], report["settings"]
     rows = [[r["engine"], r["conversations"], r["tokens"], r["decode_tokens_per_s"], r["text_tokens_per_s"],
-             r["turn_tokens_per_s"], r["ttfa_p50_ms"], r["ttfa_p95_ms"], r["rows_per_step"]] for r in report["rounds"]]
+             r["turn_tokens_per_s"], r["ttfa_p50_ms"], r["ttfa_p95_ms"], r["rows_per_step"], r["pushes_per_call"],
+             r["vocoder_ms_per_unit"]] for r in report["rounds"]]
     return "\n".join([
         f"# Batched engine, {s['size']} size, {env['created'][:10]}", "",
         f"{env['device']}, torch {env['torch']}, {env.get('torch_threads', '')} torch thread(s); random weights, "
@@ -115,11 +129,12 @@ def render(report: dict) -> str:
         f"medians of {s['repeats']} rounds (`python bench/batch_engine.py --size {s['size']} --device {s['device']} "
         f"--sampling {s['sampling']}`).", "",
         *table(["engine", "conversations", "tokens", "decode tok/s", "text tok/s", "turn tok/s", "TTFA p50 ms",
-                "TTFA p95 ms", "rows / LLM step"], rows), "",
+                "TTFA p95 ms", "rows / LLM step", "pushes / vocoder call", "vocoder ms / unit"], rows), "",
         "All conversations start at once. Decode tok/s: tokens per second of the LLM's decode steps alone (the "
         "time inside them, while the speech of the turns runs beside them); text tok/s: every conversation's "
         "tokens over the time to the last token; turn tok/s: over the time to the last TurnDone (speech "
-        "included).", "", "The LLM's batched decode step alone, at position 512:", "",
+        "included); vocoder ms / unit: wall time of the batched vocoder's calls per unit vocoded.", "",
+        "The LLM's batched decode step alone, at position 512:", "",
         *table(["width", "step ms", "tok/s with every row busy"],
                [[r["width"], r["step_ms"], r["tokens_per_s"]] for r in report["steps"]]), ""])
 

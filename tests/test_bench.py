@@ -91,6 +91,8 @@ def test_batch_engine_reports_rounds_of_concurrent_conversations(tmp_path, sampl
     three = report["rounds"][-1]
     assert 1 < three["rows_per_step"] <= 3 and three["ttfa_p95_ms"] >= three["ttfa_p50_ms"] > 0
     assert three["text_tokens_per_s"] >= three["turn_tokens_per_s"] > 0
+    assert three["pushes_per_call"] >= 1 and three["vocoder_ms_per_unit"] > 0
+    assert report["rounds"][0]["vocoder_ms_per_unit"] is None  # the unbatched engine has no batched vocoder
     assert [(r["width"], r["tokens_per_s"] > 0) for r in report["steps"]] == [(1, True), (3, True)]
 
 
@@ -99,3 +101,19 @@ def test_voice_size_has_the_released_speech_output():
     folder = model_folder(SIZES["voice"], seed=0)
     assert SIZES["voice"].vocoder == VocoderConfig()
     assert (folder.config.echo.body.num_layers, folder.config.echo.body.hidden_size) == (4, 512)
+
+
+def test_serve_load_paces_conversations(tmp_path):
+    """Two paced conversations of two turns each through a real server: every turn is answered,
+    and each second question comes only once the first answer has played out."""
+    import serve_load
+    serve_load.main(["--clients", "2", "--max-batch", "2", "--turns", "2", "--stagger", "0.2", "--pause", "0",
+                     "--question-seconds", "1", "--max-new-tokens", "8", "--max-units", "16", "--out", str(tmp_path)])
+    result = serve_load.json.loads(next(tmp_path.glob("*-cpu-batch2-paced.json")).read_text())
+    (paced,) = result["rounds"]
+    assert (paced["turns"], paced["answered"], paced["errors"]) == (4, 4, 0)
+    turns = paced["per_turn"]  # client by client, in order
+    for first, second in (turns[0:2], turns[2:4]):
+        assert first["audio_s"] > 0
+        assert second["asked_s"] >= first["done_s"] + first["still_playing_s"]
+

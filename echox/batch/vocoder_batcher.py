@@ -6,6 +6,8 @@ Streams whose states have the same shapes (all in steady state) share every conv
 (echox/streaming_vocoder.py); on a GPU that turns B pushes of ~100 small launches each into one.
 """
 
+import time
+
 import torch
 
 from ..streaming_vocoder import Push, StreamingVocoder, advance_streams
@@ -29,7 +31,8 @@ class VocoderBatcher(BatchWorker):
         super().__init__("echox-vocoder-batch", vocoder.dict.weight.device)
         self.vocoder, self.steady = vocoder, steady  # steady: CUDA graphs of steady streams' pushes
         self.pending: list[PushRequest] = []
-        self.pushes = self.calls = 0  # pushes run, and the batched calls they took
+        self.pushes = self.calls = self.units = 0  # pushes run, the batched calls they took, units vocoded
+        self.step_seconds = 0.0  # wall time inside those calls
 
     def stream(self, speaker: int | None) -> StreamingVocoder:
         """A stream whose pushes run in this batch."""
@@ -48,11 +51,14 @@ class VocoderBatcher(BatchWorker):
         return True
 
     def step(self):
+        started = time.perf_counter()
         pushes = [push for request in self.pending for push in request.pushes]
         advance_streams(self.vocoder, pushes, self.steady)
         if self.device.type == "cuda":  # the callers read the samples on their own streams
             torch.cuda.current_stream().synchronize()
         self.pushes, self.calls = self.pushes + len(pushes), self.calls + 1
+        self.units += sum(push.units.shape[0] for push in pushes)
+        self.step_seconds += time.perf_counter() - started
         for request in self.pending:
             request.finish()
         self.pending = []

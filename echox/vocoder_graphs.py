@@ -13,6 +13,8 @@ The state goes into the graph as one flat tensor [B, N] (every cache of a stream
 order) and comes out the same way, so a replay costs a copy in, one launch and a copy out.
 """
 
+import warnings
+
 import torch
 
 from .cuda_graph import GraphedStep
@@ -65,8 +67,7 @@ class SteadyPush:
         self.template = steady_state(vocoder)
         self.shapes = [leaf.shape[1:] for leaf in _leaves(self.template)]
         self.graphs: dict[tuple[int, int], GraphedStep] = {}  # by (streams, frames)
-        # One memory pool for all: pushes run one at a time and their outputs are copied at once.
-        self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self.pool = None  # one memory pool for all: pushes run one at a time, outputs are copied at once
         self.replays = 0  # pushes that ran here
 
     def takes(self, state: GeneratorState, final: tuple[bool, ...]) -> bool:
@@ -86,12 +87,18 @@ class SteadyPush:
         return samples.data, pack(state)
 
     def runner(self, features: torch.Tensor, valid: torch.Tensor, flat: torch.Tensor):
-        if not self.capture:
-            return self.step
+        """The graph for these shapes (captured now if new), or `step` itself. A capture that fails
+        leaves every push eager, with a warning: the results are the same, only slower."""
         key = (features.shape[0], features.shape[-1])
-        if key not in self.graphs:
-            self.graphs[key] = GraphedStep(self.step, features, valid, flat, pool=self.pool)
-        return self.graphs[key]
+        if self.capture and key not in self.graphs:
+            try:
+                self.pool = self.pool or torch.cuda.graph_pool_handle()
+                self.graphs[key] = GraphedStep(self.step, features, valid, flat, pool=self.pool)
+            except RuntimeError as error:
+                warnings.warn(f"vocoder pushes run without CUDA graphs: capturing one failed ({error})",
+                              stacklevel=2)
+                self.capture = False
+        return self.graphs[key] if self.capture else self.step
 
     def push(self, states: list[GeneratorState], features: Steps) -> tuple[Steps, list[GeneratorState]]:
         """Advance steady streams by frames `features` (host counts): their samples and new states."""

@@ -108,6 +108,22 @@ def test_the_captured_push_reads_no_value_on_the_host(vocoder):
     assert samples.shape == (2, 12 * vocoder.cfg.hop_length) and state.shape == flat.shape
 
 
+def test_a_failed_capture_leaves_pushes_eager_and_says_so(vocoder, monkeypatch):
+    from echox import vocoder_graphs
+
+    def capture_fails(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(vocoder_graphs, "GraphedStep", capture_fails)
+    monkeypatch.setattr(vocoder_graphs.torch.cuda, "graph_pool_handle", lambda: object())
+    steady = SteadyPush(vocoder, capture=True)
+    units = random_units(80, seed=5)
+    with pytest.warns(UserWarning, match="without CUDA graphs"):
+        chunks = speak(StreamingVocoder(vocoder, advance=functools.partial(advance_streams, steady=steady)),
+                       units, 24, 32)
+    assert not steady.capture and steady.replays > 0
+    assert all(torch.equal(c, e) for c, e in zip(chunks, speak(StreamingVocoder(vocoder), units, 24, 32)))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("first,later,count", PATTERNS)
 def test_graphed_pushes_equal_eager_ones(first, later, count):

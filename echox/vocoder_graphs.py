@@ -13,6 +13,7 @@ The state goes into the graph as one flat tensor [B, N] (every cache of a stream
 order) and comes out the same way, so a replay costs a copy in, one launch and a copy out.
 """
 
+import math
 import warnings
 
 import torch
@@ -65,18 +66,19 @@ class SteadyPush:
     def __init__(self, vocoder: Vocoder, capture: bool):
         self.vocoder, self.capture = vocoder, capture
         self.template = steady_state(vocoder)
-        self.shapes = [leaf.shape[1:] for leaf in _leaves(self.template)]
+        self.shape = state_shape(self.template)  # its leaves' shapes, [1, C, L] each
+        self.sizes = [math.prod(shape[1:]) for shape in self.shape]  # their parts of a flat row
         self.graphs: dict[tuple[int, int], GraphedStep] = {}  # by (streams, frames)
         self.pool = None  # one memory pool for all: pushes run one at a time, outputs are copied at once
         self.replays = 0  # pushes that ran here
 
     def takes(self, state: GeneratorState, final: tuple[bool, ...]) -> bool:
         """Whether a push of these streams (one's state stands for all: they have equal shapes) runs here."""
-        return not any(final) and state_shape(state) == state_shape(self.template)
+        return not any(final) and state_shape(state) == self.shape
 
     def unpack(self, flat: torch.Tensor) -> GeneratorState:
         """[B, N] -> a state of [B, C, L] views into it."""
-        pieces = iter(flat.split([shape.numel() for shape in self.shapes], dim=1))
+        pieces = iter(flat.split(self.sizes, dim=1))
         return map_tree(lambda leaf: next(pieces).view(flat.shape[0], *leaf.shape[1:]), self.template)
 
     def step(self, features: torch.Tensor, valid: torch.Tensor, flat: torch.Tensor):

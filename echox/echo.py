@@ -47,7 +47,10 @@ if TYPE_CHECKING:  # checkpoint.py imports this module for echo_layout
 
 ECHO_PREFIX = "unit_translator."
 LONGEST_SEGMENT = 512  # LLM tokens: the released answer limit, so no released segment is longer
-UNITS_PER_READ = 8  # decode steps per host read: a unit costs ~0.1 ms on a GPU, a read about as much
+# Decode steps per host read on a GPU, where a unit costs ~0.1 ms and a read about as much. On the
+# CPU a read is free, so each step is read at once: a segment stops at eot without running past
+# it, and every unit goes to the vocoder as soon as it exists.
+UNITS_PER_READ = 8
 
 
 def echo_layout(cfg: EchoDecoderConfig, prefix: str = ECHO_PREFIX) -> Layout:
@@ -107,7 +110,9 @@ class EchoDecoder(nn.Module):
         self.requires_grad_(False).eval()
         self.state = self.body.allocate_state(1, self.cache_len)  # the solo decode's cache
         self.body.use_state(self.state)
-        self.use_graphs = self.adapter.weight.device.type == "cuda"  # a flag, so graphs can be turned off
+        on_gpu = self.adapter.weight.device.type == "cuda"
+        self.use_graphs = on_gpu  # a flag, so graphs can be turned off
+        self.units_per_read = UNITS_PER_READ if on_gpu else 1
         self.graphs: dict[bool, GraphedStep] = {}
 
     def _load_modules(self, tensors: dict[str, torch.Tensor]):
@@ -198,12 +203,12 @@ class EchoDecoder(nn.Module):
         return min(limit, room)
 
     def decode_block(self, token_id: torch.Tensor, position: torch.Tensor, full_head: bool = False) -> torch.Tensor:
-        """UNITS_PER_READ greedy steps from token_id [B] at position [B, 1] -> the next tokens [B, K].
+        """units_per_read greedy steps from token_id [B] at position [B, 1] -> the next tokens [B, K].
 
         Each step feeds the token the previous one chose, so the block equals K single steps; the
         host reads the K tokens back at once instead of once per token."""
         tokens = []
-        for offset in range(UNITS_PER_READ):
+        for offset in range(self.units_per_read):
             token_id = self.decode_step(token_id, position + offset, full_head)
             tokens.append(token_id)
         return torch.stack(tokens, dim=-1)
@@ -229,7 +234,7 @@ class EchoDecoder(nn.Module):
         """Decode one segment [n, H] greedily; yield each unit token id (>= V) as it is produced.
 
         eot ends the decode and is not yielded. Tokens come back to the host a block at a time
-        (one sync per UNITS_PER_READ tokens); steps a block ran past eot or the budget are dropped.
+        (one sync per `units_per_read` tokens); steps a block ran past eot or the budget are dropped.
         """
         yield from self.generate_from_prompt(self.prompt_embeddings(segment), max_units, full_head)
 
@@ -249,7 +254,7 @@ class EchoDecoder(nn.Module):
             if tally.done:
                 return
             tokens = block(token_id, position)[0]  # [K]
-            position += UNITS_PER_READ
+            position += self.units_per_read
             ready, token_id = tokens.tolist(), tokens[-1:]
 
     def tally(self, prompt_length: int, max_units: int | None = None) -> "UnitTally":

@@ -213,3 +213,17 @@ def test_bad_arguments_raise_user_errors(model, decoder):
         list(decoder.generate(torch.zeros(4, model.config.echo.llm_hidden_size + 1)))
     with pytest.raises(EchoXError, match="max_units"):
         list(decoder.generate(segment(model, 4), max_units=0))
+
+
+@pytest.mark.parametrize("per_read", [3, 8])
+def test_blocks_read_at_once_end_where_single_steps_do(model, endless, per_read):
+    """A GPU reads `units_per_read` steps at a time; the steps a block runs past the unit budget
+    or the position limit are dropped, so any block size gives the units of single steps."""
+    seg = segment(model, 6)
+    prompt_extra = len(endless.vocab.text_prefix) + len(endless.vocab.unit_prefix)
+    room_for_three = segment(model, endless.max_len - prompt_extra - 3)
+    assert endless.units_per_read == 1  # on the CPU
+    single = list(endless.generate(seg, max_units=13)), list(endless.generate(room_for_three))
+    endless.units_per_read = per_read
+    assert (list(endless.generate(seg, max_units=13)), list(endless.generate(room_for_three))) == single
+    assert len(single[0]) == 13 and len(single[1]) == 3

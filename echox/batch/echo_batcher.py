@@ -1,8 +1,8 @@
 """Continuous batching of the echo decoder: the segments being spoken decode as rows of one step.
 
 A segment joins with its LLM hidden states: between two batched blocks the loop prefills its
-prompt in a free slot (a batch of one), then its row decodes UNITS_PER_READ greedy steps per
-block with the other rows, and leaves at eot or at its unit budget. Rows in the step's range
+prompt in a free slot (a batch of one), then its row decodes `units_per_read` greedy steps
+per block with the other rows, and leaves at eot or at its unit budget. Rows in the step's range
 with no segment decode at position 0 of their slot, which holds nothing worth keeping (a
 segment's cache lives only as long as its decode). On a GPU a block is a CUDA graph per
 batch width, as the LLM's step is. Each row's units go back to its caller a
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..cuda_graph import GraphedWidths
-from ..echo import UNITS_PER_READ, EchoDecoder, UnitTally
+from ..echo import EchoDecoder, UnitTally
 from .slots import SlotTable
 from .worker import BatchWorker, Request
 
@@ -79,11 +79,11 @@ class EchoBatcher(BatchWorker):
         tokens = (self.graphs or self.block)(feed, at).tolist()  # [width][K]
         for row in rows:
             if row is not None:
-                row.position += UNITS_PER_READ
+                row.position += self.echo.units_per_read
                 self.hand_out(row, tokens[row.slot])
 
     def block(self, feed: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
-        """UNITS_PER_READ steps of slots 0..w-1 from tokens [w] at positions [w, 1] -> tokens [w, K]."""
+        """`units_per_read` steps of slots 0..w-1 from tokens [w] at positions [w, 1] -> tokens [w, K]."""
         self.echo.body.use_state(self.views[feed.shape[0]])
         return self.echo.decode_block(feed, at)
 

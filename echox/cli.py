@@ -241,8 +241,9 @@ def _thread_count(value: str) -> int:
 
 def add_threads_argument(parser: argparse.ArgumentParser):
     parser.add_argument("--threads", type=_thread_count, default=DEFAULT_THREADS,
-                        help=f"torch intra-op threads on the CPU, shared by the LLM, echo-decoder and vocoder "
-                             f"threads (default {DEFAULT_THREADS}: fastest turn measured on 2 cores)")
+                        help=f"torch intra-op threads on the CPU of each of a turn's LLM, echo-decoder and "
+                             f"vocoder threads (default {DEFAULT_THREADS}: fastest turn measured on 2 cores); the "
+                             f"speech encoder and prefill, which run before them, use every core")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,6 +12,7 @@ carrying the trace (ids, frames, tokens, scores, segments, timings).
 
 import contextlib
 import functools
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -79,6 +80,21 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if dtype not in DTYPES:
         raise EchoXError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+@contextlib.contextmanager
+def every_core():
+    """Run the enclosed torch CPU ops on every core this process may use, then go back to the
+    calling thread's count. For the part of a solo turn that has the CPU to itself (speech encoder,
+    adapter, prefill: matrix products, which scale with cores). Their products split the output
+    among threads, not the sums, so the results are the same bits on any thread count
+    (tests/test_engine.py checks it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class Clock:
@@ -189,8 +205,9 @@ def load(model_dir: Path | str, whisper: Path | str | None = None, vocoder: Path
 
     On a GPU the LLM and echo-decoder decode steps run as CUDA graphs unless `cuda_graphs` is
     False (for debugging: eager steps show each kernel in a profiler and raise where they fail).
-    `threads` sets torch's intra-op CPU threads; torch keeps one count for the whole process, so
-    it serves the LLM, echo-decoder and vocoder threads alike (None: leave torch's setting).
+    `threads` sets torch's intra-op CPU threads, which the LLM, echo-decoder and vocoder threads
+    of a turn each start with (None: leave torch's setting); an unbatched turn's speech encoder,
+    adapter and prefill, which run before those threads start, use every core.
     `max_batch` turns the engine into a batched one (`Engine.batched`)."""
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
@@ -355,12 +372,15 @@ class Session:
         engine, tok = self.engine, self.engine.tokenizer
         clock, timings = Clock(engine.device), {}
         kept: list[int] = []
-        if samples is not None:
-            embeddings, kept = self.listen(samples, clock, timings)
-            self.speech[len(self.turns)] = embeddings
-        self.turns.append(Turn("user", text, audio=samples is not None))
-        slots = self.slots()
-        answer_tokens, finish_timings = self.llm_tokens(slots, clock, timings)
+        # Until the LLM's first step a solo turn has the CPU to itself; a batched one shares it.
+        alone = self.decoder is not None and engine.device.type == "cpu"
+        with every_core() if alone else contextlib.nullcontext():
+            if samples is not None:
+                embeddings, kept = self.listen(samples, clock, timings)
+                self.speech[len(self.turns)] = embeddings
+            self.turns.append(Turn("user", text, audio=samples is not None))
+            slots = self.slots()
+            answer_tokens, finish_timings = self.llm_tokens(slots, clock, timings)
 
         speech = self.speaking = SpeechPipeline(engine, self.max_units, self.push_units, clock)
         segmenter, text_stream = Segmenter(self.segmenter), tok.decode_stream()

@@ -1,7 +1,11 @@
 """The end-to-end engine on the tiny checkpoint: determinism, exact streaming, a complete trace."""
 
+import contextlib
+import os
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -287,3 +291,32 @@ def test_an_error_in_the_speech_threads_ends_the_turn_with_that_error(engine, mo
     assert not any(t.name in ("echox-echo", "echox-vocoder") and t.is_alive() for t in threading.enumerate())
     monkeypatch.undo()
     run_turn(session, text="Again.")
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core: nothing to compare")
+def test_a_solo_turn_starts_on_every_core_with_the_same_bits(monkeypatch):
+    """Speech encoder, adapter and prefill run on every core in a solo turn: at a width where
+    torch does split their products among threads, the turn is the one they give on one thread."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from random_engine import build_engine  # a random engine at a width that threads (512)
+    session = build_engine("mid", "cpu").session(sampling=GREEDY, max_new_tokens=6, max_units=12)
+    turns = []
+    for cores, count in ((echox_engine.every_core, len(os.sched_getaffinity(0))), (single_thread, 1)):
+        with cores():
+            assert torch.get_num_threads() == count
+        monkeypatch.setattr(echox_engine, "every_core", cores)
+        session.reset()
+        events, trace = run_turn(session, audio=demo_question(2.0))
+        del trace["timings_ms"]
+        turns.append((trace, torch.cat([e.samples for e in events if isinstance(e, AudioChunk)])))
+    assert turns[0][0] == turns[1][0] and torch.equal(turns[0][1], turns[1][1])
+
+
+@contextlib.contextmanager
+def single_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

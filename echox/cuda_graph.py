@@ -9,18 +9,27 @@ next replay overwrites (callers clone what they keep).
 import torch
 
 
+def graph_widths(slots: int) -> list[int]:
+    """The batch widths captured for up to `slots` rows: 1, 2, 4, ... and `slots` itself. A step
+    over w rows runs at the smallest of them >= w, so a batch needs log2(slots) + 1 graphs."""
+    return sorted({1 << i for i in range(slots.bit_length()) if 1 << i <= slots} | {slots})
+
+
+def smallest_width(widths, used: int) -> int:
+    return min(w for w in widths if w >= used)
+
+
 class GraphedWidths:
-    """A batched step captured once per batch width (1, 2, 4, ... and the slot count), so a step
-    over w rows replays the smallest graph of width >= w; the rows past w are idle slots."""
+    """A batched step captured once per batch width (`graph_widths`), so a step over w rows
+    replays the smallest graph of width >= w; the rows past w are idle slots."""
 
     def __init__(self, fn, slots: int, example_inputs):
         """`example_inputs(width)`: inputs of that width whose warm-up and capture runs write only
         where no real step reads before writing (the spare positions of every slot)."""
-        widths = sorted({1 << i for i in range(slots.bit_length()) if 1 << i <= slots} | {slots})
-        self.graphs = {width: GraphedStep(fn, *example_inputs(width)) for width in widths}
+        self.graphs = {width: GraphedStep(fn, *example_inputs(width)) for width in graph_widths(slots)}
 
     def width(self, used: int) -> int:
-        return min(w for w in self.graphs if w >= used)
+        return smallest_width(self.graphs, used)
 
     def __call__(self, *inputs: torch.Tensor):
         return self.graphs[inputs[0].shape[0]](*inputs)

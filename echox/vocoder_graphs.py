@@ -11,6 +11,10 @@ frame count, the host must know) stay eager.
 
 The state goes into the graph as one flat tensor [B, N] (every cache of a stream, in a fixed
 order) and comes out the same way, so a replay costs a copy in, one launch and a copy out.
+A batched engine's pushes of B streams run at the graph width of its LLM steps (1, 2, 4, ...
+up to its batch size, `cuda_graph.graph_widths`), the last stream repeated into the spare rows
+(each row of a conv is computed on its own, so they change nothing in the others): every graph
+is captured when batching is turned on, none while conversations wait for audio.
 """
 
 import math
@@ -18,7 +22,7 @@ import warnings
 
 import torch
 
-from .cuda_graph import GraphedStep
+from .cuda_graph import GraphedStep, graph_widths, smallest_width
 from .streaming_vocoder import (
     GeneratorState,
     Steps,
@@ -59,6 +63,11 @@ def pack(state) -> torch.Tensor:
     return torch.cat([leaf.reshape(leaf.shape[0], -1) for leaf in _leaves(state)], dim=1)
 
 
+def _repeat_last(rows: torch.Tensor, spare: int) -> torch.Tensor:
+    """rows [B, ...] and `spare` copies of its last row after them."""
+    return torch.cat([rows, rows[-1:].expand(spare, *rows.shape[1:])]) if spare else rows
+
+
 class SteadyPush:
     """Generator pushes of steady streams with device counts: `push` runs them as CUDA graph
     replays (`capture`, on a GPU) or eagerly (the same computation, what tests check on a CPU)."""
@@ -69,6 +78,7 @@ class SteadyPush:
         self.shape = state_shape(self.template)  # its leaves' shapes, [1, C, L] each
         self.sizes = [math.prod(shape[1:]) for shape in self.shape]  # their parts of a flat row
         self.graphs: dict[tuple[int, int], GraphedStep] = {}  # by (streams, frames)
+        self.widths = [1]  # how many streams a push runs as (fewer are padded); more run at their own width
         self.pool = None  # one memory pool for all: pushes run one at a time, outputs are copied at once
         self.replays = 0  # pushes that ran here
 
@@ -104,20 +114,27 @@ class SteadyPush:
 
     def push(self, states: list[GeneratorState], features: Steps) -> tuple[Steps, list[GeneratorState]]:
         """Advance steady streams by frames `features` (host counts): their samples and new states."""
-        flat = torch.cat([pack(state) for state in states])
-        valid = torch.tensor(features.valid, device=flat.device)
-        samples, new = self.runner(features.data, valid, flat)(features.data, valid, flat)
+        streams = len(states)
+        spare = (smallest_width(self.widths, streams) if streams <= self.widths[-1] else streams) - streams
+        frames, flat = (_repeat_last(rows, spare)
+                        for rows in (features.data, torch.cat([pack(state) for state in states])))
+        valid = torch.tensor(features.valid + features.valid[-1:] * spare, device=flat.device)
+        samples, new = self.runner(frames, valid, flat)(frames, valid, flat)
         self.replays += 1
         # A graph's outputs are overwritten by its next replay: keep copies.
-        samples, new = samples.clone(), new.clone()
+        samples, new = samples[:streams].clone(), new.clone()
         hop = self.vocoder.cfg.hop_length
         return Steps(samples, tuple(v * hop for v in features.valid)), [self.unpack(new[b:b + 1])
-                                                                        for b in range(len(states))]
+                                                                        for b in range(streams)]
 
-    def capture_buckets(self, largest: int):
-        """Capture the one-stream graphs of every bucket up to `largest` frames now (at load)."""
-        flat = pack(self.template)
-        for frames in sorted({bucket(n) for n in range(1, largest + 1)}):
-            features = flat.new_zeros(1, self.vocoder.conv_pre.in_channels, frames)
-            valid = torch.full((1,), frames, device=flat.device)
-            self.runner(features, valid, flat)
+    def capture_buckets(self, largest: int, slots: int = 1):
+        """Capture the graphs of every bucket up to `largest` frames now (at load), at every graph
+        width for `slots` streams; later pushes of up to `slots` streams run at those widths."""
+        self.widths = graph_widths(slots)
+        template = pack(self.template)
+        for width in self.widths:
+            flat = template.expand(width, -1)
+            for frames in sorted({bucket(n) for n in range(1, largest + 1)}):
+                features = flat.new_zeros(width, self.vocoder.conv_pre.in_channels, frames)
+                valid = torch.full((width,), frames, device=flat.device)
+                self.runner(features, valid, flat)

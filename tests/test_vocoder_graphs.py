@@ -80,6 +80,24 @@ def test_streams_pushed_together_equal_eager_batched_pushes(vocoder):
     assert all((wave - vocoder(u)).abs().max() <= 1e-5 for wave, u in zip(waves, units))
 
 
+def test_streams_padded_to_a_graph_width_get_what_they_get_unpadded(vocoder):
+    """A batched engine's graphs run 1, 2, 4, ... streams: three run as four, the last repeated,
+    and each gets the samples the eager push of the three gives it."""
+    steady = SteadyPush(vocoder, capture=False)
+    steady.capture_buckets(8, slots=6)  # without capture: only the widths are set
+    assert steady.widths == [1, 2, 4, 6]
+    padded, step = [], steady.step
+
+    def recording_step(features, valid, flat):
+        padded.append(valid.tolist())
+        return step(features, valid, flat)
+    steady.step = recording_step
+    units = [random_units(60, seed=s) for s in (1, 2, 3)]
+    waves = together(vocoder, units, steady)
+    assert len(padded) == 2 and all(len(valid) == 4 and valid[3] == valid[2] for valid in padded)
+    assert all(torch.equal(got, want) for got, want in zip(waves, together(vocoder, units, None)))
+
+
 def test_the_flat_state_holds_every_cache(vocoder):
     steady = SteadyPush(vocoder, capture=False)
     flat = pack(steady.template)
@@ -137,3 +155,15 @@ def test_graphed_pushes_equal_eager_ones(first, later, count):
     assert graphs.replays > 0 and len(graphs.graphs) >= 1
     torch.testing.assert_close(torch.cat(chunks), torch.cat(eager), atol=1e-6, rtol=0)
     assert (torch.cat(chunks) - vocoder(units)).abs().max() <= 1e-5
+
+
+@pytest.mark.gpu
+def test_graphed_pushes_of_several_streams_equal_eager_ones():
+    vocoder = random_vocoder().cuda()
+    graphs = SteadyPush(vocoder, capture=True)
+    graphs.capture_buckets(16, slots=4)
+    units = [random_units(60, seed=s).cuda() for s in (1, 2, 3)]
+    waves = together(vocoder, units, graphs)
+    assert graphs.replays == 2 and {width for width, _ in graphs.graphs} == {1, 2, 4}  # three ran as four
+    for got, want in zip(waves, together(vocoder, units, None)):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)

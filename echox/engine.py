@@ -86,9 +86,9 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 def every_core():
     """Run the enclosed torch CPU ops on every core this process may use, then go back to the
     calling thread's count. For the part of a solo turn that has the CPU to itself (speech encoder,
-    adapter, prefill: matrix products, which scale with cores). Their products split the output
-    among threads, not the sums, so the results are the same bits on any thread count
-    (tests/test_engine.py checks it)."""
+    adapter, prefill: large matrix products, which scale with cores). Their threads share out the
+    outputs, not the sums, so they give the same bits on any thread count (tests/test_engine.py
+    checks the whole turn)."""
     before = torch.get_num_threads()
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     try:

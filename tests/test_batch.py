@@ -9,6 +9,7 @@ import echox.engine as echox_engine
 from echox.batch import text_batcher
 from echox.batch.slots import SlotTable
 from echox.batch.text_batcher import TextRequest
+from echox.batch.worker import BatchWorker, Request
 from echox.cli import demo_question
 from echox.engine import AudioChunk, TextDelta, TurnDone
 from echox.errors import EchoXError
@@ -200,3 +201,45 @@ def test_graphed_batched_steps_equal_eager_ones(tiny_model_dir):
     for got, expected in zip(together(graphed, CONVERSATIONS), together(eager, CONVERSATIONS)):
         for (trace, _), (want, _) in zip(got, expected):
             assert trace["tokens"] == want["tokens"]
+
+
+class StepLedger(BatchWorker):
+    """A batch whose rows each last two steps; it writes down every join and step."""
+
+    def __init__(self, joins_per_step):
+        super().__init__("echox-test-ledger", torch.device("cpu"))
+        self.joins_per_step = joins_per_step
+        self.events, self.steps_left = [], {}
+
+    def admit(self, request) -> bool:
+        self.events.append("join")
+        self.steps_left[request] = 2
+        return True
+
+    def active(self) -> bool:
+        return bool(self.steps_left)
+
+    def step(self):
+        self.events.append("step")
+        for request in list(self.steps_left):
+            self.steps_left[request] -= 1
+            if not self.steps_left[request]:
+                del self.steps_left[request]
+                request.finish()
+
+    def fail_active(self, error):
+        raise AssertionError(error)
+
+
+@pytest.mark.parametrize("joins_per_step, expected", [
+    (1, "join step join step join step step"),  # the LLM's: rows wait for one prefill at a time
+    (None, "join join join step step"),
+])
+def test_joins_between_two_steps_are_limited_while_rows_decode(joins_per_step, expected):
+    ledger = StepLedger(joins_per_step)
+    requests = [ledger.submit(Request()) for _ in range(3)]  # all waiting before the loop starts
+    ledger.start()
+    for request in requests:
+        list(request.items())
+    assert " ".join(ledger.events) == expected
+    assert text_batcher.TextBatcher.joins_per_step == 1

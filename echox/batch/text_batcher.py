@@ -55,6 +55,11 @@ class Row:
 
 
 class TextBatcher(BatchWorker):
+    # One prefill between two decode steps: the rows decoding wait for one prefill at a time, and
+    # a turn that joined decodes (and reaches its first segment, which the speech workers can
+    # start on) while the turns queued after it prefill.
+    joins_per_step = 1
+
     def __init__(self, lm: LlamaLM, pad_id: int, eot_id: int, period_id: int, max_batch: int, max_len: int,
                  use_graphs: bool = False):
         super().__init__("echox-text-batch", lm.lm_head.weight.device)

@@ -49,7 +49,11 @@ class BatchWorker:
       admit(request) -> bool   take the request into the batch (False: no room yet, it waits);
       step()                   one batched step of every active row, results handed out;
       active() -> bool         whether any row is active;
-      fail_active(error)       finish every active request with `error` and drop it."""
+      fail_active(error)       finish every active request with `error` and drop it.
+    `joins_per_step`: how many requests may join between two steps while rows are active (None:
+    every one that fits)."""
+
+    joins_per_step: int | None = None
 
     def __init__(self, name: str, device: torch.device):
         self.device = device
@@ -82,10 +86,12 @@ class BatchWorker:
                     self.fail_active(error)
 
     def admit_waiting(self):
-        """Admit waiting requests in arrival order until one finds no room."""
+        """Admit waiting requests in arrival order until one finds no room, or `joins_per_step` joined."""
+        joined = 0
         while True:
             with self.arrived:
-                if not self.waiting:
+                if not self.waiting or (self.joins_per_step is not None and joined >= self.joins_per_step
+                                        and self.active()):
                     return
                 request = self.waiting[0]
             if request.cancelled:
@@ -96,6 +102,7 @@ class BatchWorker:
             try:
                 if not self.admit(request):
                     return
+                joined += 1
             except Exception as error:  # noqa: BLE001 - the request's own failure (e.g. too long)
                 request.finish(error)
             self.pop(request)

@@ -5,12 +5,14 @@
 So the echo decoder writes the units of segment k (or of the rest of segment k) while the
 vocoder speaks what it has already written, and both run while the LLM writes segment k+1.
 On a GPU each thread has its own CUDA stream; on a CPU each runs torch ops with the engine's
-intra-op thread count (which torch keeps process-wide).
+intra-op thread count.
 
-The vocoder's pushes do not depend on timing: the first push of a segment waits for
-`lookahead_units` + 1 units (no sample can leave the vocoder before that), every later one
-for `push_units`, and the flush takes the rest (with the segment's end, in one call). So the chunks, and every sample, are the same
-however the threads interleave. Chunks come out in segment order, each tagged with its segment.
+The vocoder's pushes do not depend on timing (`push_sizes`): the first push of a segment waits
+for `lookahead_units` + 1 units (no sample can leave the vocoder before that) and gives about
+one unit of audio; the next ones wait for 4, 8 and 16 units, so each chunk comes while the one
+before it plays, and every later one for `push_units`; the flush takes the rest (with the
+segment's end, in one call). So the chunks, and every sample, are the same however the threads
+interleave. Chunks come out in segment order, each tagged with its segment.
 """
 
 import contextlib
@@ -22,6 +24,15 @@ from typing import Iterator
 import torch
 
 END_OF_SEGMENT = None  # in the unit queue: the segment's units are all written
+RAMP_UNITS = (4, 8, 16)  # the pushes after a segment's first, up to `push_units`
+
+
+def push_sizes(lookahead_units: int, push_units: int) -> Iterator[int]:
+    """How many new units each vocoder push of a segment waits for, in order (endless)."""
+    yield lookahead_units + 1
+    yield from (size for size in RAMP_UNITS if size < push_units)
+    while True:
+        yield push_units
 
 
 @dataclass
@@ -146,17 +157,19 @@ class SpeechPipeline:
     def _vocoder_loop(self):
         voice = self.engine.voice()
         waiting: list[int] = []
-        batch = voice.lookahead_units + 1
+        sizes = push_sizes(voice.lookahead_units, self.push_units)
+        batch = next(sizes)
         while (item := self.units.get()) is not None and not self.cancelled:
             index, units = item
             if units is END_OF_SEGMENT:
                 self._vocode(index, voice.flush, torch.tensor(waiting, dtype=torch.int64))
-                waiting, batch = [], voice.lookahead_units + 1
+                waiting, sizes = [], push_sizes(voice.lookahead_units, self.push_units)
+                batch = next(sizes)
                 continue
             waiting.extend(units)
             if len(waiting) >= batch:
                 self._vocode(index, voice.push, torch.tensor(waiting))
-                waiting, batch = [], self.push_units
+                waiting, batch = [], next(sizes)
 
     def _vocode(self, index: int, step, *args):
         started = self.clock.now()

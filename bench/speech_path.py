@@ -9,8 +9,8 @@ then `--repeats` turns (a 3 s question, greedy, at most `--max-new-tokens` token
                      vocoder): the turn's length if its three threads overlapped perfectly;
   llm_ms, echo_ms, vocoder_ms, time_to_first_audio_ms   from the turn's trace.
 Then the vocoder alone on the last turn's units, segment by segment, each timed `--repeats`
-times: `stream_ms` pushes them as the engine does (look-ahead + 1 units, then 4, 8, 16 and
-`push_units` at a time, the rest with the flush) and `offline_ms` runs `Vocoder.forward` on them.
+times: `stream_ms` pushes them as the engine does (look-ahead + 1 units, then `push_units` at a
+time, the rest with the flush) and `offline_ms` runs `Vocoder.forward` on them.
 
     python bench/speech_path.py --threads 1 2 --out bench/results/<date>-cpu-speech.json
 It imports `echox` from wherever Python finds it, so the same script times an older checkout
@@ -30,14 +30,6 @@ import torch
 from echox.sampling import GREEDY
 from echox.segmenter import RELEASED_SEGMENTER
 from echox.streaming_vocoder import StreamingVocoder
-
-try:
-    from echox.speech_pipeline import push_sizes
-except ImportError:  # a checkout from before the ramp: look-ahead + 1 units, then push_units each
-    def push_sizes(lookahead_units: int, push_units: int):
-        yield lookahead_units + 1
-        while True:
-            yield push_units
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from e2e import question  # noqa: E402  (sibling scripts, not a package)
@@ -59,16 +51,15 @@ def timed_turn(session, audio: torch.Tensor) -> tuple[dict, dict]:
     return trace, turn_numbers(trace, (time.perf_counter() - started) * 1000)
 
 
-def engine_pushes(engine, unit_tokens: list[int], lookahead: int, push_units: int) -> list[torch.Tensor]:
-    """A segment's units in the engine's vocoder calls (speech_pipeline.py): a push once each of
-    `push_sizes` many units are waiting (a unit token brings one or more), the rest with the flush."""
-    sizes = push_sizes(lookahead, push_units)
-    calls, waiting, batch = [], [], next(sizes)
+def engine_pushes(engine, unit_tokens: list[int], first: int, then: int) -> list[torch.Tensor]:
+    """A segment's units in the engine's vocoder calls (speech_pipeline.py): pushes once `first`,
+    then `then`, units are waiting (a unit token brings one or more), and the rest with the flush."""
+    calls, waiting, batch = [], [], first
     for token in unit_tokens:
         waiting.extend(engine.echo.units_of([token]))
         if len(waiting) >= batch:
             calls.append(torch.tensor(waiting))
-            waiting, batch = [], next(sizes)
+            waiting, batch = [], then
     return calls + [torch.tensor(waiting, dtype=torch.int64)]
 
 
@@ -82,11 +73,11 @@ def flush_with(voice: StreamingVocoder, units: torch.Tensor) -> list[torch.Tenso
 def vocoder_costs(engine, segments: list[list[int]], push_units: int, repeats: int) -> dict:
     """Streaming (the engine's calls) and offline vocoding of the same units, in ms (medians)."""
     vocoder = engine.vocoder
-    lookahead = StreamingVocoder(vocoder).lookahead_units
+    first = StreamingVocoder(vocoder).lookahead_units + 1
 
     def stream(unit_tokens: list[int]):
         voice = StreamingVocoder(vocoder, engine.speaker)
-        *pushes, last = engine_pushes(engine, unit_tokens, lookahead, push_units)
+        *pushes, last = engine_pushes(engine, unit_tokens, first, push_units)
         return [voice.push(units) for units in pushes] + flush_with(voice, last)
 
     def offline(unit_tokens: list[int]):

@@ -7,12 +7,15 @@ vocoder speaks what it has already written, and both run while the LLM writes se
 On a GPU each thread has its own CUDA stream; on a CPU each runs torch ops with the engine's
 intra-op thread count.
 
-The vocoder's pushes do not depend on timing (`push_sizes`): the first push of a segment waits
-for `lookahead_units` + 1 units (no sample can leave the vocoder before that) and gives about
-one unit of audio; the next ones wait for 4, 8 and 16 units, so each chunk comes while the one
-before it plays, and every later one for `push_units`; the flush takes the rest (with the
-segment's end, in one call). So the chunks, and every sample, are the same however the threads
-interleave. Chunks come out in segment order, each tagged with its segment.
+The vocoder's pushes do not depend on timing: the first push of a segment waits for
+`lookahead_units` + 1 units (no sample can leave the vocoder before that), every later one
+for `push_units`, and the flush takes the rest (with the segment's end, in one call). So the chunks, and every sample, are the same
+however the threads interleave. Chunks come out in segment order, each tagged with its segment.
+
+Smaller pushes right after the first would bring the second chunk sooner, but on a CPU every
+push re-reads the wide early layers' weights (~60 ms a push at the released vocoder shape): a
+4, 8, 16-unit ramp cut the silence after the first chunk from ~450 to ~150 ms and cost 15% more
+vocoder time (1.27x instead of 1.11x the offline vocoder, 2026-12-01), so it is not done.
 """
 
 import contextlib
@@ -24,15 +27,6 @@ from typing import Iterator
 import torch
 
 END_OF_SEGMENT = None  # in the unit queue: the segment's units are all written
-RAMP_UNITS = (4, 8, 16)  # the pushes after a segment's first, up to `push_units`
-
-
-def push_sizes(lookahead_units: int, push_units: int) -> Iterator[int]:
-    """How many new units each vocoder push of a segment waits for, in order (endless)."""
-    yield lookahead_units + 1
-    yield from (size for size in RAMP_UNITS if size < push_units)
-    while True:
-        yield push_units
 
 
 @dataclass
@@ -157,19 +151,17 @@ class SpeechPipeline:
     def _vocoder_loop(self):
         voice = self.engine.voice()
         waiting: list[int] = []
-        sizes = push_sizes(voice.lookahead_units, self.push_units)
-        batch = next(sizes)
+        batch = voice.lookahead_units + 1
         while (item := self.units.get()) is not None and not self.cancelled:
             index, units = item
             if units is END_OF_SEGMENT:
                 self._vocode(index, voice.flush, torch.tensor(waiting, dtype=torch.int64))
-                waiting, sizes = [], push_sizes(voice.lookahead_units, self.push_units)
-                batch = next(sizes)
+                waiting, batch = [], voice.lookahead_units + 1
                 continue
             waiting.extend(units)
             if len(waiting) >= batch:
                 self._vocode(index, voice.push, torch.tensor(waiting))
-                waiting, batch = [], next(sizes)
+                waiting, batch = [], self.push_units
 
     def _vocode(self, index: int, step, *args):
         started = self.clock.now()

@@ -16,7 +16,6 @@ from echox.engine import AudioChunk, TextDelta, TurnDone
 from echox.errors import EchoXError
 from echox.sampling import GREEDY, SamplingParams
 from echox.segmenter import SegmenterParams, segment_all
-from echox.speech_pipeline import push_sizes
 
 # Short thresholds so that a 40-token answer has several segments.
 SHORT = SegmenterParams(min_len=12, min_len_confident=6)
@@ -321,13 +320,3 @@ def single_thread():
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def test_vocoder_pushes_ramp_up_to_push_units():
-    """After a segment's first push (look-ahead + 1 units, about one unit of audio out) the next
-    pushes wait for 4, 8, 16 units, so each chunk can come while the one before it plays."""
-    def first(count, sizes):
-        return [next(sizes) for _ in range(count)]
-    assert first(7, push_sizes(23, 32)) == [24, 4, 8, 16, 32, 32, 32]
-    assert first(5, push_sizes(23, 10)) == [24, 4, 8, 10, 10]
-    assert first(3, push_sizes(5, 4)) == [6, 4, 4]

@@ -171,8 +171,8 @@ class Engine:
         tok = self.tokenizer
         self.text_batcher = TextBatcher(self.lm, tok.pad, tok.eot, tok.period, max_batch, max_len, self.cuda_graphs)
         self.echo_batcher = EchoBatcher(self.echo, max_batch, self.cuda_graphs)
-        if self.steady_push is not None:  # the vocoder graphs for B streams at once, captured now
-            self.steady_push.capture_buckets(LARGEST_PIECE, max_batch)
+        if self.steady_push is not None:  # vocoder graphs for up to max_batch streams at once
+            self.steady_push.use_widths(max_batch)
         self.vocoder_batcher = VocoderBatcher(self.vocoder, self.steady_push)
         for batcher in (self.text_batcher, self.echo_batcher, self.vocoder_batcher):
             batcher.start()

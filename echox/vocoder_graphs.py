@@ -13,8 +13,10 @@ The state goes into the graph as one flat tensor [B, N] (every cache of a stream
 order) and comes out the same way, so a replay costs a copy in, one launch and a copy out.
 A batched engine's pushes of B streams run at the graph width of its LLM steps (1, 2, 4, ...
 up to its batch size, `cuda_graph.graph_widths`), the last stream repeated into the spare rows
-(each row of a conv is computed on its own, so they change nothing in the others): every graph
-is captured when batching is turned on, none while conversations wait for audio.
+(each row of a conv is computed on its own, so they change nothing in the others), so a batch
+needs a graph per width and bucket, not per stream count. One stream's graphs are captured at
+load; the wider ones when a push first needs them (all of them up front would hold about 1.5 GB
+of state buffers at 16 streams, most never used).
 """
 
 import math
@@ -127,14 +129,14 @@ class SteadyPush:
         return Steps(samples, tuple(v * hop for v in features.valid)), [self.unpack(new[b:b + 1])
                                                                         for b in range(streams)]
 
-    def capture_buckets(self, largest: int, slots: int = 1):
-        """Capture the graphs of every bucket up to `largest` frames now (at load), at every graph
-        width for `slots` streams; later pushes of up to `slots` streams run at those widths."""
+    def use_widths(self, slots: int):
+        """Pushes of up to `slots` streams run at the graph widths for them (padded)."""
         self.widths = graph_widths(slots)
-        template = pack(self.template)
-        for width in self.widths:
-            flat = template.expand(width, -1)
-            for frames in sorted({bucket(n) for n in range(1, largest + 1)}):
-                features = flat.new_zeros(width, self.vocoder.conv_pre.in_channels, frames)
-                valid = torch.full((width,), frames, device=flat.device)
-                self.runner(features, valid, flat)
+
+    def capture_buckets(self, largest: int):
+        """Capture the one-stream graphs of every bucket up to `largest` frames now (at load)."""
+        flat = pack(self.template)
+        for frames in sorted({bucket(n) for n in range(1, largest + 1)}):
+            features = flat.new_zeros(1, self.vocoder.conv_pre.in_channels, frames)
+            valid = torch.full((1,), frames, device=flat.device)
+            self.runner(features, valid, flat)

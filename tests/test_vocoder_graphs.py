@@ -84,7 +84,7 @@ def test_streams_padded_to_a_graph_width_get_what_they_get_unpadded(vocoder):
     """A batched engine's graphs run 1, 2, 4, ... streams: three run as four, the last repeated,
     and each gets the samples the eager push of the three gives it."""
     steady = SteadyPush(vocoder, capture=False)
-    steady.capture_buckets(8, slots=6)  # without capture: only the widths are set
+    steady.use_widths(6)
     assert steady.widths == [1, 2, 4, 6]
     padded, step = [], steady.step
 
@@ -161,7 +161,8 @@ def test_graphed_pushes_equal_eager_ones(first, later, count):
 def test_graphed_pushes_of_several_streams_equal_eager_ones():
     vocoder = random_vocoder().cuda()
     graphs = SteadyPush(vocoder, capture=True)
-    graphs.capture_buckets(16, slots=4)
+    graphs.capture_buckets(16)
+    graphs.use_widths(4)
     units = [random_units(60, seed=s).cuda() for s in (1, 2, 3)]
     waves = together(vocoder, units, graphs)
     assert graphs.replays == 2 and {width for width, _ in graphs.graphs} == {1, 2, 4}  # three ran as four

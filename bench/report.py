@@ -55,6 +55,18 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def playback(arrivals: list[tuple[float, float]]) -> tuple[int, float, float]:
+    """(underruns, stall ms, end s) of audio chunks (arrival s, duration s) played from the first
+    one on; end: when the last one has played."""
+    underruns, stall, played_until = 0, 0.0, None
+    for arrival, duration in arrivals:
+        if played_until is not None and arrival > played_until:
+            underruns += 1
+            stall += arrival - played_until
+        played_until = max(played_until or arrival, arrival) + duration
+    return underruns, stall * 1000, played_until or 0.0
+
+
 def device_slug(env: dict) -> str:
     name = env["device"] if env["device_type"] == "cuda" else "cpu"
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")

@@ -47,7 +47,7 @@ from echox.serve.launch import ServerProcess
 from echox.tiny import write_tiny_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import environment, percentile, table  # noqa: E402  (a sibling script, not a package)
+from report import environment, percentile, playback, table  # noqa: E402  (a sibling script, not a package)
 
 API_RATE = 24000
 APPEND_SECONDS = 0.1
@@ -58,18 +58,6 @@ def question_appends(seconds: float) -> list[str]:
     step = 2 * int(APPEND_SECONDS * API_RATE)
     return [json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm[i:i + step]).decode()})
             for i in range(0, len(pcm), step)]
-
-
-def playback(arrivals: list[tuple[float, float]]) -> tuple[int, float, float]:
-    """(underruns, stall ms, end s) of audio chunks (arrival s, duration s) played from the first
-    one on; end: when the last one has played."""
-    underruns, stall, played_until = 0, 0.0, None
-    for arrival, duration in arrivals:
-        if played_until is not None and arrival > played_until:
-            underruns += 1
-            stall += arrival - played_until
-        played_until = max(played_until or arrival, arrival) + duration
-    return underruns, stall * 1000, played_until or 0.0
 
 
 async def ask(ws, appends: list[str], round_start: float) -> dict:

@@ -7,7 +7,9 @@ then `--repeats` turns (a 3 s question, greedy, at most `--max-new-tokens` token
   turn_ms            wall time of the whole turn, respond() to TurnDone;
   critical_path_ms   pre-LLM work (encoder + adapter + prefill) + max(LLM decoding, echo decoder,
                      vocoder): the turn's length if its three threads overlapped perfectly;
-  llm_ms, echo_ms, vocoder_ms, time_to_first_audio_ms   from the turn's trace.
+  llm_ms, echo_ms, vocoder_ms, time_to_first_audio_ms   from the turn's trace;
+  underruns, stall_ms   how often, and how long in all, a player starting at the first chunk
+                     would have run dry (as bench/serve_load.py counts them).
 Then the vocoder alone on the last turn's units, segment by segment, each timed `--repeats`
 times: `stream_ms` pushes them as the engine does (look-ahead + 1 units, then `push_units` at a
 time, the rest with the flush) and `offline_ms` runs `Vocoder.forward` on them.
@@ -27,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from echox.audio import SAMPLE_RATE
+from echox.engine import AudioChunk, TurnDone
 from echox.sampling import GREEDY
 from echox.segmenter import RELEASED_SEGMENTER
 from echox.streaming_vocoder import StreamingVocoder
@@ -34,6 +38,7 @@ from echox.streaming_vocoder import StreamingVocoder
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from e2e import question  # noqa: E402  (sibling scripts, not a package)
 from random_engine import build_engine  # noqa: E402
+from report import fmt, playback  # noqa: E402
 
 def turn_numbers(trace: dict, wall_ms: float) -> dict:
     t = trace["timings_ms"]
@@ -45,10 +50,17 @@ def turn_numbers(trace: dict, wall_ms: float) -> dict:
 
 
 def timed_turn(session, audio: torch.Tensor) -> tuple[dict, dict]:
+    """The turn's trace and numbers, with how its audio would play from the first chunk on."""
     session.reset()
-    started = time.perf_counter()
-    trace = list(session.respond(audio=audio))[-1].trace
-    return trace, turn_numbers(trace, (time.perf_counter() - started) * 1000)
+    started, arrivals = time.perf_counter(), []
+    for event in session.respond(audio=audio):
+        if isinstance(event, AudioChunk):
+            arrivals.append((time.perf_counter() - started, event.samples.numel() / SAMPLE_RATE))
+        elif isinstance(event, TurnDone):
+            trace = event.trace
+    underruns, stall_ms, _ = playback(arrivals)
+    return trace, turn_numbers(trace, (time.perf_counter() - started) * 1000) | {"underruns": underruns,
+                                                                                  "stall_ms": stall_ms}
 
 
 def engine_pushes(engine, unit_tokens: list[int], first: int, then: int) -> list[torch.Tensor]:
@@ -121,15 +133,16 @@ def measure(size: str, threads: int, args) -> dict:
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| run | threads | push units | tokens | segments | audio s | turn ms | critical path ms | turn / critical path | "
-             "pre-LLM ms | LLM ms | echo ms | vocoder ms | TTFA ms | vocoder stream ms | vocoder offline ms | "
-             "stream / offline |",
-             "|" + "---|" * 17]
+             "pre-LLM ms | LLM ms | echo ms | vocoder ms | TTFA ms | underruns | stall ms | vocoder stream ms | "
+             "vocoder offline ms | stream / offline |",
+             "|" + "---|" * 19]
     for r in rows:
         v = r["vocoder_alone"]
         lines.append(f"| {r['label']} | {r['threads']} | {r.get('push_units', 32)} | {r['tokens']} | {r['segments']} | {r['audio_s']:.2f} | "
                      f"{r['turn_ms']:.0f} | {r['critical_path_ms']:.0f} | {r['turn_over_critical_path']:.2f} | "
                      f"{r['pre_llm_ms']:.0f} | {r['llm_ms']:.0f} | {r['echo_ms']:.0f} | {r['vocoder_ms']:.0f} | "
-                     f"{r['time_to_first_audio_ms']:.0f} | {v['stream_ms']:.0f} | {v['offline_ms']:.0f} | "
+                     f"{r['time_to_first_audio_ms']:.0f} | {fmt(r.get('underruns'), 0)} | {fmt(r.get('stall_ms'), 0)} | "
+                     f"{v['stream_ms']:.0f} | {v['offline_ms']:.0f} | "
                      f"{v['stream_over_offline']:.2f} |")
     return "\n".join(lines) + "\n"
 

@@ -76,7 +76,15 @@ def test_speech_path_reports_a_turn_beside_its_critical_path(tmp_path):
     assert row["segments"] >= 1 and row["audio_s"] > 0 and row["vocoder_alone"]["units"] > 0
     assert row["critical_path_ms"] >= row["pre_llm_ms"] + max(row["llm_ms"], row["echo_ms"], row["vocoder_ms"]) - 1e-6
     assert row["turn_ms"] >= row["pre_llm_ms"]
+    assert row["underruns"] >= 0 and row["stall_ms"] >= 0
     assert "| this checkout | 1 | 32 |" in table.read_text()
+
+
+def test_playback_counts_every_wait_for_a_late_chunk():
+    from report import playback
+    # 0.1 s plays until 0.1; the next comes at 0.3 (0.2 s wait), plays to 0.5; the third is early.
+    assert playback([(0.0, 0.1), (0.3, 0.2), (0.4, 0.5)]) == (1, pytest.approx(200.0), pytest.approx(1.0))
+    assert playback([]) == (0, 0.0, 0.0)
 
 
 @pytest.mark.parametrize("sampling,suffix", [("greedy", ""), ("released", "-released")])

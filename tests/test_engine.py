@@ -312,6 +312,21 @@ def test_a_solo_turn_starts_on_every_core_with_the_same_bits(monkeypatch):
     assert turns[0][0] == turns[1][0] and torch.equal(turns[0][1], turns[1][1])
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core: nothing to compare")
+@pytest.mark.parametrize("rows, inputs, outputs", [
+    (1500, 1280, 5120), (1500, 5120, 1280),  # Whisper-large-v3's feed-forward, all 1500 frames
+    (300, 4096, 14336), (300, 3072, 8192),  # EchoX-8B and -3B gate/up over a 300-position prompt
+])
+def test_released_shape_products_give_the_same_bits_on_every_core(rows, inputs, outputs):
+    """What `every_core` rests on, at the shapes of the released models (not only the test ones)."""
+    gen = torch.Generator().manual_seed(rows + inputs)
+    x, weight = torch.randn(rows, inputs, generator=gen), torch.randn(outputs, inputs, generator=gen) * 0.02
+    with single_thread():
+        alone = torch.nn.functional.linear(x, weight)
+    with echox_engine.every_core():
+        assert torch.equal(torch.nn.functional.linear(x, weight), alone)
+
+
 @contextlib.contextmanager
 def single_thread():
     before = torch.get_num_threads()

@@ -12,7 +12,6 @@ carrying the trace (ids, frames, tokens, scores, segments, timings).
 
 import contextlib
 import functools
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from .batch.text_batcher import TextBatcher, TextRequest
 from .batch.vocoder_batcher import VocoderBatcher
 from .checkpoint import ModelFolder, open_model_folder, resolve_vocoder, resolve_whisper
 from .config import WhisperConfig
+from .cpu_threads import every_core
 from .echo import EchoDecoder, load_echo_decoder
 from .errors import EchoXError
 from .generate import AudioSlot, Slot, TextDecoder
@@ -80,21 +80,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if dtype not in DTYPES:
         raise EchoXError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
-
-
-@contextlib.contextmanager
-def every_core():
-    """Run the enclosed torch CPU ops on every core this process may use, then go back to the
-    calling thread's count. For the part of a solo turn that has the CPU to itself (speech encoder,
-    adapter, prefill: large matrix products, which scale with cores). Their threads share out the
-    outputs, not the sums, so they give the same bits on any thread count (tests/test_engine.py
-    checks the whole turn)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 class Clock:
@@ -169,11 +154,12 @@ class Engine:
         if self.text_batcher is not None:
             raise EchoXError("this engine is batched already (its batch size is fixed once turned on)")
         tok = self.tokenizer
-        self.text_batcher = TextBatcher(self.lm, tok.pad, tok.eot, tok.period, max_batch, max_len, self.cuda_graphs)
         self.echo_batcher = EchoBatcher(self.echo, max_batch, self.cuda_graphs)
         if self.steady_push is not None:  # vocoder graphs for up to max_batch streams at once
             self.steady_push.use_widths(max_batch)
         self.vocoder_batcher = VocoderBatcher(self.vocoder, self.steady_push)
+        self.text_batcher = TextBatcher(self.lm, tok.pad, tok.eot, tok.period, max_batch, max_len, self.cuda_graphs,
+                                        speech_busy=lambda: self.echo_batcher.active() or self.vocoder_batcher.active())
         for batcher in (self.text_batcher, self.echo_batcher, self.vocoder_batcher):
             batcher.start()
         return self
@@ -209,7 +195,8 @@ def load(model_dir: Path | str, whisper: Path | str | None = None, vocoder: Path
     False (for debugging: eager steps show each kernel in a profiler and raise where they fail).
     `threads` sets torch's intra-op CPU threads, which the LLM, echo-decoder and vocoder threads
     of a turn each start with (None: leave torch's setting); an unbatched turn's speech encoder,
-    adapter and prefill, which run before those threads start, use every core.
+    adapter and prefill, which run before those threads start, use every core, as does a batched
+    prefill while no speech is being made (cpu_threads.py).
     `max_batch` turns the engine into a batched one (`Engine.batched`)."""
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:

@@ -1,5 +1,6 @@
 """Batched engine (echox/batch/): concurrent conversations give what each gets alone."""
 
+import contextlib
 import threading
 
 import pytest
@@ -243,3 +244,21 @@ def test_joins_between_two_steps_are_limited_while_rows_decode(joins_per_step, e
         list(request.items())
     assert " ".join(ledger.events) == expected
     assert text_batcher.TextBatcher.joins_per_step == 1
+
+
+def test_a_batched_prefill_takes_every_core_only_while_no_speech_is_made(batched, monkeypatch):
+    prefills_on_every_core = []
+
+    @contextlib.contextmanager
+    def every_core():
+        prefills_on_every_core.append(True)
+        yield
+    monkeypatch.setattr(text_batcher, "every_core", every_core)
+    speech_busy = [False]
+    monkeypatch.setattr(batched.text_batcher, "speech_busy", lambda: speech_busy[0])
+    talk = session(batched, GREEDY, 4)
+    list(talk.respond(text="Hello there."))
+    assert len(prefills_on_every_core) == 1
+    speech_busy[0] = True
+    list(talk.respond(text="And then?"))
+    assert len(prefills_on_every_core) == 1

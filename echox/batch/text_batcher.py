@@ -2,7 +2,8 @@
 
 A turn joins with its prompt slots. Between two decode steps the loop takes it into a KV slot
 (slots.py) and prefills it there as a batch of one, so each prefill delays the other rows' next
-token by its own length; the row then decodes with the others until eot, `max_new_tokens` or
+token by its own length (on a CPU it takes every core while the engine makes no speech, which
+gives the same bits: cpu_threads.py); the row then decodes with the others until eot, `max_new_tokens` or
 a full cache, and leaves without stopping them. A step covers rows 0..w-1, w one past the last
 busy slot (on a GPU, w rounded up to a captured graph's size); a row in that range with no turn
 runs a dummy step at the first position its slot does not use, which the next prefill or
@@ -14,12 +15,14 @@ ignore the counter, and sampled rows pass one counter each, which hashes every r
 one, so each draws the token it would draw without batching.
 """
 
+import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
+from ..cpu_threads import every_core
 from ..cuda_graph import GraphedWidths
 from ..generate import (
     Slot,
@@ -61,8 +64,11 @@ class TextBatcher(BatchWorker):
     joins_per_step = 1
 
     def __init__(self, lm: LlamaLM, pad_id: int, eot_id: int, period_id: int, max_batch: int, max_len: int,
-                 use_graphs: bool = False):
+                 use_graphs: bool = False, speech_busy: Callable[[], bool] = lambda: False):
+        """`speech_busy`: whether the engine's echo decoder or vocoder has work; while neither does,
+        a prefill on the CPU runs on every core (cpu_threads.py)."""
         super().__init__("echox-text-batch", lm.lm_head.weight.device)
+        self.speech_busy = speech_busy
         self.lm, self.eot_id, self.pad_id, self.max_len = lm, eot_id, pad_id, max_len
         # One position more than a conversation may use: where a full slot's dummy steps write.
         self.state = lm.body.allocate_state(max_batch, max_len + 1)
@@ -109,8 +115,10 @@ class TextBatcher(BatchWorker):
             decoder.cached = []
         request.wait_ms = (time.perf_counter() - request.queued_at) * 1000
         started = time.perf_counter()
+        cores = every_core() if self.device.type == "cpu" and not self.speech_busy() else contextlib.nullcontext()
         try:
-            hidden = decoder.prefill(request.slots, request.speech)
+            with cores:
+                hidden = decoder.prefill(request.slots, request.speech)
             token = self.select(hidden, [request])
             request.prefill_ms = (time.perf_counter() - started) * 1000
             row = Row(request, slot, 0, len(request.slots), 0)

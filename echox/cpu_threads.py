@@ -14,12 +14,17 @@ import os
 import torch
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity where the OS has one (Linux)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 @contextlib.contextmanager
 def every_core():
     """Run the enclosed torch CPU ops on every core this process may use, then go back to the
     calling thread's count."""
     before = torch.get_num_threads()
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.set_num_threads(usable_cores())
     try:
         yield
     finally:

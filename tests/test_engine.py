@@ -1,7 +1,6 @@
 """The end-to-end engine on the tiny checkpoint: determinism, exact streaming, a complete trace."""
 
 import contextlib
-import os
 import sys
 import threading
 import time
@@ -12,6 +11,7 @@ import torch
 
 import echox.engine as echox_engine
 from echox.cli import demo_question
+from echox.cpu_threads import usable_cores
 from echox.engine import AudioChunk, TextDelta, TurnDone
 from echox.errors import EchoXError
 from echox.sampling import GREEDY, SamplingParams
@@ -293,7 +293,7 @@ def test_an_error_in_the_speech_threads_ends_the_turn_with_that_error(engine, mo
     run_turn(session, text="Again.")
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core: nothing to compare")
+@pytest.mark.skipif(usable_cores() < 2, reason="one core: nothing to compare")
 def test_a_solo_turn_starts_on_every_core_with_the_same_bits(monkeypatch):
     """Speech encoder, adapter and prefill run on every core in a solo turn: at a width where
     torch does split their products among threads, the turn is the one they give on one thread."""
@@ -301,7 +301,7 @@ def test_a_solo_turn_starts_on_every_core_with_the_same_bits(monkeypatch):
     from random_engine import build_engine  # a random engine at a width that threads (512)
     session = build_engine("mid", "cpu").session(sampling=GREEDY, max_new_tokens=6, max_units=12)
     turns = []
-    for cores, count in ((echox_engine.every_core, len(os.sched_getaffinity(0))), (single_thread, 1)):
+    for cores, count in ((echox_engine.every_core, usable_cores()), (single_thread, 1)):
         with cores():
             assert torch.get_num_threads() == count
         monkeypatch.setattr(echox_engine, "every_core", cores)
@@ -312,7 +312,7 @@ def test_a_solo_turn_starts_on_every_core_with_the_same_bits(monkeypatch):
     assert turns[0][0] == turns[1][0] and torch.equal(turns[0][1], turns[1][1])
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core: nothing to compare")
+@pytest.mark.skipif(usable_cores() < 2, reason="one core: nothing to compare")
 @pytest.mark.parametrize("rows, inputs, outputs", [
     (1500, 1280, 5120), (1500, 5120, 1280),  # Whisper-large-v3's feed-forward, all 1500 frames
     (300, 4096, 14336), (300, 3072, 8192),  # EchoX-8B and -3B gate/up over a 300-position prompt

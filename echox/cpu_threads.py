@@ -20,12 +20,17 @@ def usable_cores() -> int:
 
 
 @contextlib.contextmanager
-def every_core():
-    """Run the enclosed torch CPU ops on every core this process may use, then go back to the
-    calling thread's count."""
+def torch_threads(count: int):
+    """Run the enclosed torch CPU ops on `count` intra-op threads, then go back to the calling
+    thread's count."""
     before = torch.get_num_threads()
-    torch.set_num_threads(usable_cores())
+    torch.set_num_threads(count)
     try:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def every_core():
+    """`torch_threads` on every core this process may use."""
+    return torch_threads(usable_cores())

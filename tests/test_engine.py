@@ -1,6 +1,6 @@
 """The end-to-end engine on the tiny checkpoint: determinism, exact streaming, a complete trace."""
 
-import contextlib
+import functools
 import sys
 import threading
 import time
@@ -11,7 +11,7 @@ import torch
 
 import echox.engine as echox_engine
 from echox.cli import demo_question
-from echox.cpu_threads import usable_cores
+from echox.cpu_threads import every_core, torch_threads, usable_cores
 from echox.engine import AudioChunk, TextDelta, TurnDone
 from echox.errors import EchoXError
 from echox.sampling import GREEDY, SamplingParams
@@ -301,7 +301,7 @@ def test_a_solo_turn_starts_on_every_core_with_the_same_bits(monkeypatch):
     from random_engine import build_engine  # a random engine at a width that threads (512)
     session = build_engine("mid", "cpu").session(sampling=GREEDY, max_new_tokens=6, max_units=12)
     turns = []
-    for cores, count in ((echox_engine.every_core, usable_cores()), (single_thread, 1)):
+    for cores, count in ((echox_engine.every_core, usable_cores()), (functools.partial(torch_threads, 1), 1)):
         with cores():
             assert torch.get_num_threads() == count
         monkeypatch.setattr(echox_engine, "every_core", cores)
@@ -321,17 +321,8 @@ def test_released_shape_products_give_the_same_bits_on_every_core(rows, inputs, 
     """What `every_core` rests on, at the shapes of the released models (not only the test ones)."""
     gen = torch.Generator().manual_seed(rows + inputs)
     x, weight = torch.randn(rows, inputs, generator=gen), torch.randn(outputs, inputs, generator=gen) * 0.02
-    with single_thread():
+    with torch_threads(1):
         alone = torch.nn.functional.linear(x, weight)
-    with echox_engine.every_core():
+    with every_core():
         assert torch.equal(torch.nn.functional.linear(x, weight), alone)
 
-
-@contextlib.contextmanager
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

@@ -50,11 +50,11 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     kv_heads = k_cache.shape[1]
     group = q_heads // kv_heads
     qf = q.float().view(batch, kv_heads, group, dim)
-    scores = torch.einsum("bhgd,bhsd->bhgs", qf, k_cache.float()) * dim ** -0.5
+    scores = (qf @ k_cache.float().transpose(-1, -2)) * dim ** -0.5  # [B, Hkv, group, S]
     key_index = torch.arange(k_cache.shape[2], device=q.device)
     allowed = (key_index[None, :] < lengths[:, None]) & key_valid  # [B, S]
     scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))
-    out = torch.einsum("bhgs,bhsd->bhgd", scores.softmax(dim=-1), v_cache.float())
+    out = scores.softmax(dim=-1) @ v_cache.float()  # [B, Hkv, group, D]
     return out.reshape(batch, q_heads, dim).to(q.dtype)
 
 

@@ -93,11 +93,10 @@ class KVCache(nn.Module):
 
     def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor):
         """Write k, v [B, Hkv, T, D] and key_valid [B, T] at positions [B, T]."""
-        rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
-        # Advanced indices on dims 0 and 2 put [B, T] first: values are [B, T, Hkv, D].
-        self.k[rows, :, positions] = k.transpose(1, 2)
-        self.v[rows, :, positions] = v.transpose(1, 2)
-        self.key_valid[rows, positions] = key_valid
+        at = positions[:, None, :, None].expand(k.shape)  # [B, Hkv, T, D]: where each value goes
+        self.k.scatter_(2, at, k)
+        self.v.scatter_(2, at, v)
+        self.key_valid.scatter_(1, positions, key_valid)
 
 
 @dataclass
@@ -121,12 +120,11 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, positions, key_valid, kv_len=None):
         batch, length, _ = x.shape
-        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(batch, length, self.heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q_size, qk_heads = self.heads * self.head_dim, self.heads + self.kv_heads
+        qkv = self.wqkv(x).view(batch, length, qk_heads + self.kv_heads, self.head_dim).transpose(1, 2)
+        # One rotation for the query and key heads (elementwise: the same bits as one call each).
+        q, k = apply_rope(qkv[:, :qk_heads], cos, sin).split([self.heads, self.kv_heads], dim=1)
+        v = qkv[:, qk_heads:]
         cache = self.cache
         if cache is None:  # whole sequences with gradients (training): their own keys are all the keys
             out = cached_attention_reference(q, k, v, positions, key_valid)

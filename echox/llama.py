@@ -57,19 +57,19 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -
 
 
 def rope_tables(cfg: LlamaConfig, max_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [max_len, head_dim] in fp32; each frequency appears twice (rotate-half layout)."""
+    """cos, signed sin [max_len, head_dim] in fp32; each frequency appears twice (rotate-half
+    layout), and the sine's first half is negated (see apply_rope)."""
     inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     angles = torch.arange(max_len, dtype=torch.float32)[:, None] * inv_freq[None, :]
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().to(device), angles.sin().to(device)
+    sin = angles.sin()
+    return torch.cat([angles, angles], dim=-1).cos().to(device), torch.cat([-sin, sin], dim=-1).to(device)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, heads, T, D]; cos, sin [B, T, D]. The rotation pairs element i with i + D/2."""
+    """x [B, heads, T, D]; cos, signed sin [B, T, D]. The rotation pairs element i with i + D/2:
+    rotate_half(x) * sin = (-x2, x1) * sin = (x2, x1) * (-sin, sin), the same bits in one roll."""
     xf = x.float()
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
-    return (xf * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
+    return (xf * cos[:, None] + xf.roll(x.shape[-1] // 2, dims=-1) * sin[:, None]).to(x.dtype)
 
 
 class KVCache(nn.Module):

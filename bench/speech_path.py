@@ -8,6 +8,10 @@ then `--repeats` turns (a 3 s question, greedy, at most `--max-new-tokens` token
   critical_path_ms   pre-LLM work (encoder + adapter + prefill) + max(LLM decoding, echo decoder,
                      vocoder): the turn's length if its three threads overlapped perfectly;
   llm_ms, echo_ms, vocoder_ms, time_to_first_audio_ms   from the turn's trace;
+  fill_ms            from the end of the pre-LLM work to the vocoder's first push: the LLM writing
+                     the first segment and the echo decoder its first units (the pipeline filling);
+  vocoder_idle_ms    between the vocoder's first push and the end of its last, the time it was
+                     not pushing (waiting for units);
   underruns, stall_ms   how often, and how long in all, a player starting at the first chunk
                      would have run dry (as bench/serve_load.py counts them).
 Then the vocoder alone on the last turn's units, segment by segment, each timed `--repeats`
@@ -44,9 +48,13 @@ def turn_numbers(trace: dict, wall_ms: float) -> dict:
     t = trace["timings_ms"]
     llm_ms = t["decode_per_token"] * len(trace["tokens"])
     pre_llm = t.get("encoder", 0.0) + t.get("adapter", 0.0) + t["prefill"]
+    timeline = {}
+    if t.get("vocoder_start") is not None:  # a checkout from before the trace had them has neither
+        timeline = {"fill_ms": t["vocoder_start"] - pre_llm,
+                    "vocoder_idle_ms": t["vocoder_end"] - t["vocoder_start"] - t["vocoder"]}
     return {"turn_ms": wall_ms, "critical_path_ms": pre_llm + max(llm_ms, t["echo_decoder"], t["vocoder"]),
             "pre_llm_ms": pre_llm, "llm_ms": llm_ms, "echo_ms": t["echo_decoder"], "vocoder_ms": t["vocoder"],
-            "time_to_first_audio_ms": t["time_to_first_audio"]}
+            "time_to_first_audio_ms": t["time_to_first_audio"]} | timeline
 
 
 def timed_turn(session, audio: torch.Tensor) -> tuple[dict, dict]:
@@ -133,15 +141,15 @@ def measure(size: str, threads: int, args) -> dict:
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| run | threads | push units | tokens | segments | audio s | turn ms | critical path ms | turn / critical path | "
-             "pre-LLM ms | LLM ms | echo ms | vocoder ms | TTFA ms | underruns | stall ms | vocoder stream ms | "
-             "vocoder offline ms | stream / offline |",
-             "|" + "---|" * 19]
+             "pre-LLM ms | LLM ms | echo ms | vocoder ms | fill ms | vocoder idle ms | TTFA ms | underruns | stall ms | "
+             "vocoder stream ms | vocoder offline ms | stream / offline |",
+             "|" + "---|" * 21]
     for r in rows:
         v = r["vocoder_alone"]
         lines.append(f"| {r['label']} | {r['threads']} | {r.get('push_units', 32)} | {r['tokens']} | {r['segments']} | {r['audio_s']:.2f} | "
                      f"{r['turn_ms']:.0f} | {r['critical_path_ms']:.0f} | {r['turn_over_critical_path']:.2f} | "
                      f"{r['pre_llm_ms']:.0f} | {r['llm_ms']:.0f} | {r['echo_ms']:.0f} | {r['vocoder_ms']:.0f} | "
-                     f"{r['time_to_first_audio_ms']:.0f} | {fmt(r.get('underruns'), 0)} | {fmt(r.get('stall_ms'), 0)} | "
+                     f"{fmt(r.get('fill_ms'), 0)} | {fmt(r.get('vocoder_idle_ms'), 0)} | {r['time_to_first_audio_ms']:.0f} | {fmt(r.get('underruns'), 0)} | {fmt(r.get('stall_ms'), 0)} | "
                      f"{v['stream_ms']:.0f} | {v['offline_ms']:.0f} | "
                      f"{v['stream_over_offline']:.2f} |")
     return "\n".join(lines) + "\n"

@@ -405,6 +405,7 @@ class Session:
         decode_ms -= finish_timings(timings)
         timings |= {"decode_per_token": decode_ms / max(len(tokens), 1), "echo_decoder": speech.echo_ms,
                     "vocoder": speech.vocoder_ms, "time_to_first_audio": speech.first_audio_ms,
+                    "vocoder_start": speech.vocoder_start_ms, "vocoder_end": speech.vocoder_end_ms,
                     "total": clock.since(clock.origin)}
         trace = {
             "prompt_ids": [s if isinstance(s, int) else tok.audio_patch for s in slots],

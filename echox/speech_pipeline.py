@@ -60,6 +60,10 @@ class SpeechPipeline:
         self.records: list[SegmentRecord] = []
         self.echo_ms = self.vocoder_ms = 0.0
         self.first_audio_ms: float | None = None
+        # The vocoder's first push began and its last one ended (ms into the turn): before the first,
+        # the turn waits for a segment and its first units; between them, vocoder_ms is busy.
+        self.vocoder_start_ms: float | None = None
+        self.vocoder_end_ms: float | None = None
         self.errors: list[BaseException] = []
         self.cancelled = False
         # Each thread, however it ends, tells the next stage that nothing more comes from it.
@@ -165,8 +169,12 @@ class SpeechPipeline:
 
     def _vocode(self, index: int, step, *args):
         started = self.clock.now()
+        if self.vocoder_start_ms is None:
+            self.vocoder_start_ms = started - self.clock.origin
         samples = step(*args)
-        self.vocoder_ms += self.clock.since(started)
+        ended = self.clock.now()
+        self.vocoder_ms += ended - started
+        self.vocoder_end_ms = ended - self.clock.origin
         if samples.numel() == 0:
             return
         self.records[index].samples += samples.numel()

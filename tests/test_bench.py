@@ -77,6 +77,9 @@ def test_speech_path_reports_a_turn_beside_its_critical_path(tmp_path):
     assert row["critical_path_ms"] >= row["pre_llm_ms"] + max(row["llm_ms"], row["echo_ms"], row["vocoder_ms"]) - 1e-6
     assert row["turn_ms"] >= row["pre_llm_ms"]
     assert row["underruns"] >= 0 and row["stall_ms"] >= 0
+    # The vocoder's timeline: it starts after the pipeline fills and ends, busy or idle, within the turn.
+    assert row["fill_ms"] > 0 and row["vocoder_idle_ms"] >= 0
+    assert row["pre_llm_ms"] + row["fill_ms"] + row["vocoder_ms"] + row["vocoder_idle_ms"] <= row["turn_ms"] + 1e-6
     assert "| this checkout | 1 | 32 |" in table.read_text()
 
 

@@ -71,5 +71,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         return kernel(q, k_cache, v_cache, lengths, key_valid)
     if which == "cuda":
         import echox_cuda
-        return echox_cuda.decode_attention(q, k_cache, v_cache, lengths, key_valid)
+        # The kernel reads q as dense rows; a batch's q is a strided view of the rotated q and k heads.
+        return echox_cuda.decode_attention(q.contiguous(), k_cache, v_cache, lengths, key_valid)
     return decode_attention_reference(q, k_cache, v_cache, lengths, key_valid)

@@ -149,7 +149,8 @@ def markdown(rows: list[dict]) -> str:
         lines.append(f"| {r['label']} | {r['threads']} | {r.get('push_units', 32)} | {r['tokens']} | {r['segments']} | {r['audio_s']:.2f} | "
                      f"{r['turn_ms']:.0f} | {r['critical_path_ms']:.0f} | {r['turn_over_critical_path']:.2f} | "
                      f"{r['pre_llm_ms']:.0f} | {r['llm_ms']:.0f} | {r['echo_ms']:.0f} | {r['vocoder_ms']:.0f} | "
-                     f"{fmt(r.get('fill_ms'), 0)} | {fmt(r.get('vocoder_idle_ms'), 0)} | {r['time_to_first_audio_ms']:.0f} | {fmt(r.get('underruns'), 0)} | {fmt(r.get('stall_ms'), 0)} | "
+                     f"{fmt(r.get('fill_ms'), 0)} | {fmt(r.get('vocoder_idle_ms'), 0)} | "
+                     f"{r['time_to_first_audio_ms']:.0f} | {fmt(r.get('underruns'), 0)} | {fmt(r.get('stall_ms'), 0)} | "
                      f"{v['stream_ms']:.0f} | {v['offline_ms']:.0f} | "
                      f"{v['stream_over_offline']:.2f} |")
     return "\n".join(lines) + "\n"

@@ -13,9 +13,10 @@ for `push_units`, and the flush takes the rest (with the segment's end, in one c
 however the threads interleave. Chunks come out in segment order, each tagged with its segment.
 
 Smaller pushes right after the first would bring the second chunk sooner, but on a CPU every
-push re-reads the wide early layers' weights (~60 ms a push at the released vocoder shape): a
-4, 8, 16-unit ramp cut the silence after the first chunk from ~450 to ~150 ms and cost 15% more
-vocoder time (1.27x instead of 1.11x the offline vocoder, 2026-12-01), so it is not done.
+push costs ~40 ms whatever its size at the released vocoder shape (short convs run far below a
+core's peak, and each push concatenates caches and activates inputs once more): a 4, 8, 16-unit
+ramp cut the silence after the first chunk from ~450 to ~150 ms and cost 15% more vocoder time
+(1.27x instead of 1.11x the offline vocoder, 2026-12-01), so it is not done.
 """
 
 import contextlib

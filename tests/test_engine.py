@@ -325,4 +325,3 @@ def test_released_shape_products_give_the_same_bits_on_every_core(rows, inputs, 
         alone = torch.nn.functional.linear(x, weight)
     with every_core():
         assert torch.equal(torch.nn.functional.linear(x, weight), alone)
-

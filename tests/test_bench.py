@@ -128,3 +128,13 @@ def test_serve_load_paces_conversations(tmp_path):
         assert first["audio_s"] > 0
         assert second["asked_s"] >= first["done_s"] + first["still_playing_s"]
 
+
+
+def test_interpreter_lock_times_the_decode_step_beside_each_neighbour(tmp_path):
+    import interpreter_lock
+    interpreter_lock.main(["--size", "tiny", "--rows", "2", "--steps", "5", "--out", str(tmp_path)])
+    report = interpreter_lock.json.loads(next(tmp_path.glob("*-cpu-interpreter-lock-tiny.json")).read_text())
+    cases = report["cases"]
+    assert [c["neighbour"] for c in cases] == ["nothing", "a vocoder thread", "an echo-decoder thread",
+                                               "a matrix-product thread", "a vocoder process"]
+    assert all(c["step_ms"] > 0 and c["cpu_ms"] > 0 and c["waits_per_step"] >= 0 for c in cases)

@@ -1,0 +1,161 @@
+"""What the interpreter lock costs a batched CPU engine: the LLM's decode step beside speech work.
+
+Every torch op called from Python lets go of the interpreter lock and takes it back. A thread
+that runs many small ops (a vocoder push: convs, concatenations and slices by the hundred; an
+echo-decoder step: a few hundred ops) so makes each op of another Python thread wait for the
+lock. This times the LLM's batched decode step (--rows rows, one torch thread, random weights of
+--size) over --steps steps: alone; beside a thread that vocodes, one that runs the echo decoder,
+and one that multiplies large matrices (few ops, each long: it holds the lock seldom); and beside
+a second process that vocodes (an interpreter of its own: only the cores are shared). Per case:
+the step's median wall and CPU time, and per step how often its thread gave up the core to wait
+(voluntary context switches, Linux).
+
+    python bench/interpreter_lock.py --size tiny     # bench/results/<date>-cpu-interpreter-lock-tiny.{json,md}
+"""
+
+import argparse
+import json
+import multiprocessing
+import resource
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from random_engine import build_engine  # noqa: E402  (sibling scripts, not a package)
+from report import environment, table  # noqa: E402
+
+from echox.streaming_vocoder import StreamingVocoder  # noqa: E402
+
+PUSH_UNITS = 32  # the engine's steady push
+
+
+def vocode(engine, stop: threading.Event):
+    """Push units through a streaming vocoder, a segment of 4 pushes and a flush after another."""
+    units = torch.randint(0, engine.vocoder.cfg.num_embeddings, (5 * PUSH_UNITS,), generator=torch.Generator().manual_seed(0))
+    while not stop.is_set():
+        stream = StreamingVocoder(engine.vocoder)
+        for start in range(0, 4 * PUSH_UNITS, PUSH_UNITS):
+            stream.push(units[start:start + PUSH_UNITS])
+        stream.flush(units[4 * PUSH_UNITS:])
+
+
+def echo(engine, stop: threading.Event):
+    """Decode 64 units of a 20-token segment with the echo decoder, again and again."""
+    segment = torch.randn(20, engine.lm.lm_head.weight.shape[1], generator=torch.Generator().manual_seed(0))
+    while not stop.is_set():
+        for _ in engine.echo.generate(segment, max_units=64):
+            pass
+
+
+def products(engine, stop: threading.Event):
+    """Multiply 384 x 384 matrices: a long op at a time, the lock held only between them."""
+    a = torch.randn(384, 384)
+    while not stop.is_set():
+        a @ a
+
+
+def vocoder_process(size: str, ready, stop):
+    """`vocode` in a process of its own (spawned: its own interpreter)."""
+    torch.set_num_threads(1)
+    with torch.inference_mode():
+        engine = build_engine(size, "cpu")
+        ready.set()
+        vocode(engine, stop)
+
+
+def time_steps(batcher, rows: int, steps: int) -> dict:
+    """The batched decode step, `rows` rows at position 512 (warm-up first): median wall and CPU
+    ms, and voluntary context switches per step."""
+    feed = torch.full((rows,), batcher.pad_id)
+    at = torch.full((rows, 1), 512)
+    for _ in range(10):
+        batcher.body_step(feed, at)
+    walls, cpus = [], []
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
+    for _ in range(steps):
+        wall, cpu = time.perf_counter(), time.thread_time()
+        batcher.body_step(feed, at)
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.thread_time() - cpu)
+    waits = resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw - before
+    return {"step_ms": statistics.median(walls) * 1000, "cpu_ms": statistics.median(cpus) * 1000,
+            "waits_per_step": waits / steps}
+
+
+def beside_thread(engine, work, rows: int, steps: int) -> dict:
+    stop = threading.Event()
+    neighbour = threading.Thread(target=lambda: _in_inference_mode(work, engine, stop), daemon=True)
+    neighbour.start()
+    time.sleep(0.3)  # let it get going
+    try:
+        return time_steps(engine.text_batcher, rows, steps)
+    finally:
+        stop.set()
+        neighbour.join()
+
+
+def _in_inference_mode(work, engine, stop):
+    with torch.inference_mode():
+        work(engine, stop)
+
+
+def beside_process(engine, size: str, rows: int, steps: int) -> dict:
+    context = multiprocessing.get_context("spawn")
+    ready, stop = context.Event(), context.Event()
+    neighbour = context.Process(target=vocoder_process, args=(size, ready, stop), daemon=True)
+    neighbour.start()
+    try:
+        if not ready.wait(120):
+            raise RuntimeError("the vocoder process did not start")
+        time.sleep(0.3)
+        return time_steps(engine.text_batcher, rows, steps)
+    finally:
+        stop.set()
+        neighbour.join(30)
+
+
+def render(report: dict) -> str:
+    env, s = report["environment"], report["settings"]
+    alone = report["cases"][0]["step_ms"]
+    rows = [[c["neighbour"], c["step_ms"], c["cpu_ms"], c["waits_per_step"], c["step_ms"] / alone]
+            for c in report["cases"]]
+    return "\n".join([
+        f"# The interpreter lock and the LLM's decode step, {s['size']} size, {env['created'][:10]}", "",
+        f"{env['device']}, torch {env['torch']}, 1 torch thread per thread; the LLM's batched decode step at "
+        f"{s['rows']} rows, medians of {s['steps']} steps (`python bench/interpreter_lock.py --size {s['size']}`).", "",
+        *table(["beside", "step ms", "CPU ms", "waits / step", "x alone"], rows), "",
+        "Waits: voluntary context switches of the stepping thread per step (it gave up its core, mostly to wait "
+        "for the interpreter lock). A thread of many small ops slows the step; the same vocoding in another "
+        "process, or a thread of few long ops, much less.", ""])
+
+
+def main(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="tiny")
+    parser.add_argument("--rows", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    with torch.inference_mode():
+        engine = build_engine(args.size, "cpu").batched(args.rows)
+        cases = [{"neighbour": "nothing"} | time_steps(engine.text_batcher, args.rows, args.steps)]
+        for name, work in (("a vocoder thread", vocode), ("an echo-decoder thread", echo),
+                           ("a matrix-product thread", products)):
+            cases.append({"neighbour": name} | beside_thread(engine, work, args.rows, args.steps))
+        cases.append({"neighbour": "a vocoder process"} | beside_process(engine, args.size, args.rows, args.steps))
+    report = {"environment": environment("cpu"), "settings": vars(args) | {"out": None}, "cases": cases}
+    stem = Path(args.out) / f"{report['environment']['created'][:10]}-cpu-interpreter-lock-{args.size}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(render(report))
+    print(render(report))
+
+
+if __name__ == "__main__":
+    main()

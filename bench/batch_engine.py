@@ -38,7 +38,7 @@ from echox.sampling import GREEDY, RELEASED_SAMPLING
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from e2e import question  # noqa: E402  (sibling scripts, not a package)
 from random_engine import build_engine  # noqa: E402
-from report import environment, percentile, table  # noqa: E402
+from report import environment, percentile, table, write_report  # noqa: E402
 
 
 SAMPLING = {"greedy": GREEDY, "released": RELEASED_SAMPLING}
@@ -169,10 +169,7 @@ def main(argv: list[str] | None = None):
                 "question_seconds": args.question_seconds, "repeats": args.repeats, "sampling": args.sampling}
     report = {"environment": environment(device), "settings": settings, "rounds": rounds, "steps": steps}
     suffix = "" if args.sampling == "greedy" else f"-{args.sampling}"
-    stem = Path(args.out) / f"{report['environment']['created'][:10]}-{device}-batch-{args.size}{suffix}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(render(report))
+    write_report(args.out, f"{device}-batch-{args.size}{suffix}", report, render(report))
     print(render(report))
 
 

@@ -14,7 +14,6 @@ the step's median wall and CPU time, and per step how often its thread gave up t
 """
 
 import argparse
-import json
 import multiprocessing
 import resource
 import statistics
@@ -27,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from random_engine import build_engine  # noqa: E402  (sibling scripts, not a package)
-from report import environment, table  # noqa: E402
+from report import environment, table, write_report  # noqa: E402
 
 from echox.streaming_vocoder import StreamingVocoder  # noqa: E402
 
@@ -150,10 +149,7 @@ def main(argv: list[str] | None = None):
             cases.append({"neighbour": name} | beside_thread(engine, work, args.rows, args.steps))
         cases.append({"neighbour": "a vocoder process"} | beside_process(engine, args.size, args.rows, args.steps))
     report = {"environment": environment("cpu"), "settings": vars(args) | {"out": None}, "cases": cases}
-    stem = Path(args.out) / f"{report['environment']['created'][:10]}-cpu-interpreter-lock-{args.size}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(render(report))
+    write_report(args.out, f"cpu-interpreter-lock-{args.size}", report, render(report))
     print(render(report))
 
 

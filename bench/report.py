@@ -47,6 +47,15 @@ def environment(device: str) -> dict:
     }
 
 
+def write_report(out_dir: str | Path, name: str, report: dict, markdown: str) -> Path:
+    """Write <out_dir>/<report date>-<name>.json and .md; returns their common stem."""
+    stem = Path(out_dir) / f"{report['environment']['created'][:10]}-{name}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(markdown)
+    return stem
+
+
 def percentile(values: list[float], q: float) -> float | None:
     """The nearest-rank q-quantile of `values` (None for none)."""
     if not values:

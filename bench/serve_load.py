@@ -47,7 +47,7 @@ from echox.serve.launch import ServerProcess
 from echox.tiny import write_tiny_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import environment, percentile, playback, table  # noqa: E402  (a sibling script, not a package)
+from report import environment, percentile, playback, table, write_report  # noqa: E402  (a sibling script, not a package)
 
 API_RATE = 24000
 APPEND_SECONDS = 0.1
@@ -200,12 +200,8 @@ def main(argv: list[str] | None = None):
                 "turns": pacing[0], "stagger_s": pacing[1], "pause_s": pacing[2]}
     report = {"environment": environment("cpu") | {"torch_threads": args.threads}, "settings": settings,
               "rounds": rounds}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     paced = "-paced" if args.turns > 1 else ""
-    stem = out / f"{report['environment']['created'][:10]}-cpu-batch{args.max_batch}{paced}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(render(report))
+    stem = write_report(args.out, f"cpu-batch{args.max_batch}{paced}", report, render(report))
     print(f"wrote {stem}.json and {stem}.md")
 
 

@@ -1,6 +1,7 @@
 """The benchmark harness on the CPU: the tiny random engine through one e2e measurement, and the
 report's speed-ups, target checks and Markdown. Timings are not asserted, only their presence."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -133,7 +134,7 @@ def test_serve_load_paces_conversations(tmp_path):
 def test_interpreter_lock_times_the_decode_step_beside_each_neighbour(tmp_path):
     import interpreter_lock
     interpreter_lock.main(["--size", "tiny", "--rows", "2", "--steps", "5", "--out", str(tmp_path)])
-    report = interpreter_lock.json.loads(next(tmp_path.glob("*-cpu-interpreter-lock-tiny.json")).read_text())
+    report = json.loads(next(tmp_path.glob("*-cpu-interpreter-lock-tiny.json")).read_text())
     cases = report["cases"]
     assert [c["neighbour"] for c in cases] == ["nothing", "a vocoder thread", "an echo-decoder thread",
                                                "a matrix-product thread", "a vocoder process"]

@@ -13,6 +13,8 @@ stem="bench/results/$(date +%F)-cpu-speech"
 python bench/speech_path.py --out "$stem.jsonl" --markdown "$stem.md"
 # Many conversations on one engine: 1..16 at once, batched vs one (bench/results/<date>-cpu-batch-tiny.md).
 python bench/batch_engine.py --size tiny
+# What the interpreter lock costs the LLM's batched step beside speech work (<date>-cpu-interpreter-lock-tiny.md).
+python bench/interpreter_lock.py --size tiny
 # The server under load, batched and queued: clients all at once, then paced live conversations
 # (bench/results/serve/<date>-cpu-batch{16,1}[-paced].md).
 for batch in 16 1; do

@@ -5,8 +5,9 @@ that runs many small ops (a vocoder push: convs, concatenations and slices by th
 echo-decoder step: a few hundred ops) so makes each op of another Python thread wait for the
 lock. This times the LLM's batched decode step (--rows rows, one torch thread, random weights of
 --size) over --steps steps: alone; beside a thread that vocodes, one that runs the echo decoder,
-and one that multiplies large matrices (few ops, each long: it holds the lock seldom); and beside
-a second process that vocodes (an interpreter of its own: only the cores are shared). Per case:
+one that multiplies large matrices (few ops, each long: it holds the lock seldom), and 16 threads
+woken every 5 ms for a little Python each (as per-turn threads are for each token and unit); and
+beside a second process that vocodes (an interpreter of its own: only the cores are shared). Per case:
 the step's median wall and CPU time, and per step how often its thread gave up the core to wait
 (voluntary context switches, Linux).
 
@@ -15,6 +16,7 @@ the step's median wall and CPU time, and per step how often its thread gave up t
 
 import argparse
 import multiprocessing
+import queue
 import resource
 import statistics
 import sys
@@ -56,6 +58,28 @@ def products(engine, stop: threading.Event):
     a = torch.randn(384, 384)
     while not stop.is_set():
         a @ a
+
+
+def wakeups(engine, stop: threading.Event, threads: int = 16, period_s: float = 0.005):
+    """`threads` threads that each wake every `period_s` for a little Python, as a batched engine's
+    per-turn threads do for every token and unit they are handed."""
+    queues = [queue.Queue() for _ in range(threads)]
+
+    def wait(items: queue.Queue):
+        while items.get() is not None:
+            total = 0
+            for i in range(200):  # ~10 us of Python per wake-up, as handing on a token or unit takes
+                total += i
+
+    waiters = [threading.Thread(target=wait, args=(items,)) for items in queues]
+    for waiter in waiters:
+        waiter.start()
+    while not stop.wait(period_s):
+        for items in queues:
+            items.put(True)
+    for items, waiter in zip(queues, waiters):
+        items.put(None)
+        waiter.join()
 
 
 def vocoder_process(size: str, ready, stop):
@@ -130,7 +154,7 @@ def render(report: dict) -> str:
         *table(["beside", "step ms", "CPU ms", "waits / step", "x alone"], rows), "",
         "Waits: voluntary context switches of the stepping thread per step (it gave up its core, mostly to wait "
         "for the interpreter lock). A thread of many small ops slows the step; the same vocoding in another "
-        "process, or a thread of few long ops, much less.", ""])
+        "process, or a thread of few long ops, much less; threads that only wake often slow it too.", ""])
 
 
 def main(argv: list[str] | None = None):
@@ -145,7 +169,7 @@ def main(argv: list[str] | None = None):
         engine = build_engine(args.size, "cpu").batched(args.rows)
         cases = [{"neighbour": "nothing"} | time_steps(engine.text_batcher, args.rows, args.steps)]
         for name, work in (("a vocoder thread", vocode), ("an echo-decoder thread", echo),
-                           ("a matrix-product thread", products)):
+                           ("a matrix-product thread", products), ("16 threads woken every 5 ms", wakeups)):
             cases.append({"neighbour": name} | beside_thread(engine, work, args.rows, args.steps))
         cases.append({"neighbour": "a vocoder process"} | beside_process(engine, args.size, args.rows, args.steps))
     report = {"environment": environment("cpu"), "settings": vars(args) | {"out": None}, "cases": cases}

@@ -137,5 +137,6 @@ def test_interpreter_lock_times_the_decode_step_beside_each_neighbour(tmp_path):
     report = json.loads(next(tmp_path.glob("*-cpu-interpreter-lock-tiny.json")).read_text())
     cases = report["cases"]
     assert [c["neighbour"] for c in cases] == ["nothing", "a vocoder thread", "an echo-decoder thread",
-                                               "a matrix-product thread", "a vocoder process"]
+                                               "a matrix-product thread", "16 threads woken every 5 ms",
+                                               "a vocoder process"]
     assert all(c["step_ms"] > 0 and c["cpu_ms"] > 0 and c["waits_per_step"] >= 0 for c in cases)

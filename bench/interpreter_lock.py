@@ -112,7 +112,7 @@ def time_steps(batcher, rows: int, steps: int) -> dict:
 
 def beside_thread(engine, work, rows: int, steps: int) -> dict:
     stop = threading.Event()
-    neighbour = threading.Thread(target=lambda: _in_inference_mode(work, engine, stop), daemon=True)
+    neighbour = threading.Thread(target=_in_inference_mode, args=(work, engine, stop), daemon=True)
     neighbour.start()
     time.sleep(0.3)  # let it get going
     try:
@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None):
                            ("a matrix-product thread", products), ("16 threads woken every 5 ms", wakeups)):
             cases.append({"neighbour": name} | beside_thread(engine, work, args.rows, args.steps))
         cases.append({"neighbour": "a vocoder process"} | beside_process(engine, args.size, args.rows, args.steps))
-    report = {"environment": environment("cpu"), "settings": vars(args) | {"out": None}, "cases": cases}
+    settings = {"size": args.size, "rows": args.rows, "steps": args.steps}
+    report = {"environment": environment("cpu"), "settings": settings, "cases": cases}
     write_report(args.out, f"cpu-interpreter-lock-{args.size}", report, render(report))
     print(render(report))
 

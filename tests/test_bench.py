@@ -130,7 +130,6 @@ def test_serve_load_paces_conversations(tmp_path):
         assert second["asked_s"] >= first["done_s"] + first["still_playing_s"]
 
 
-
 def test_interpreter_lock_times_the_decode_step_beside_each_neighbour(tmp_path):
     import interpreter_lock
     interpreter_lock.main(["--size", "tiny", "--rows", "2", "--steps", "5", "--out", str(tmp_path)])

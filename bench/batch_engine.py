@@ -125,9 +125,9 @@ def render(report: dict) -> str:
     return "\n".join([
         f"# Batched engine, {s['size']} size, {env['created'][:10]}", "",
         f"{env['device']}, torch {env['torch']}, {env.get('torch_threads', '')} torch thread(s); random weights, "
-        f"{s['sampling']} sampling, {s['question_seconds']:g} s spoken question, at most {s['max_new_tokens']} tokens; "
-        f"medians of {s['repeats']} rounds (`python bench/batch_engine.py --size {s['size']} --device {s['device']} "
-        f"--sampling {s['sampling']}`).", "",
+        f"{s['sampling']} sampling, {s['question_seconds']:g} s spoken question, at most {s['max_new_tokens']} tokens, "
+        f"{s.get('steps', 'captured')} steps; medians of {s['repeats']} rounds (`python bench/batch_engine.py --size "
+        f"{s['size']} --device {s['device']} --sampling {s['sampling']}{' --eager' if s.get('steps') == 'eager' else ''}`).", "",
         *table(["engine", "conversations", "tokens", "decode tok/s", "text tok/s", "turn tok/s", "TTFA p50 ms",
                 "TTFA p95 ms", "rows / LLM step", "pushes / vocoder call", "vocoder ms / unit"], rows), "",
         "All conversations start at once. Decode tok/s: tokens per second of the LLM's decode steps alone (the "
@@ -149,16 +149,17 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--question-seconds", type=float, default=3.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
+    parser.add_argument("--eager", action="store_true", help="steps op by op, not captured (echox/capture.py)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rounds = []
     with torch.inference_mode():
-        unbatched = build_engine(args.size, args.device)
+        unbatched = build_engine(args.size, args.device, graphs=not args.eager)
         one_round(unbatched, 1, question(args.question_seconds), args)  # warm-up
         rounds.append({"engine": "unbatched"} | median_round(unbatched, 1, args))
         del unbatched
-        engine = build_engine(args.size, args.device).batched(max(args.conversations))
+        engine = build_engine(args.size, args.device, graphs=not args.eager).batched(max(args.conversations))
         one_round(engine, max(args.conversations), question(args.question_seconds), args)
         for conversations in args.conversations:
             rounds.append({"engine": f"batched ({max(args.conversations)})"} | median_round(engine, conversations, args))
@@ -166,9 +167,10 @@ def main(argv: list[str] | None = None):
         steps = step_times(engine, args.conversations)
     device = "cuda" if args.device.startswith("cuda") else "cpu"
     settings = {"size": args.size, "device": args.device, "max_new_tokens": args.max_new_tokens,
-                "question_seconds": args.question_seconds, "repeats": args.repeats, "sampling": args.sampling}
+                "question_seconds": args.question_seconds, "repeats": args.repeats, "sampling": args.sampling,
+                "steps": "eager" if args.eager else "captured"}
     report = {"environment": environment(device), "settings": settings, "rounds": rounds, "steps": steps}
-    suffix = "" if args.sampling == "greedy" else f"-{args.sampling}"
+    suffix = ("" if args.sampling == "greedy" else f"-{args.sampling}") + ("-eager" if args.eager else "")
     write_report(args.out, f"{device}-batch-{args.size}{suffix}", report, render(report))
     print(render(report))
 

@@ -240,7 +240,7 @@ def measure_vocoder(engine: Engine, settings: Settings) -> dict:
     with torch.inference_mode():
         first = first_chunk_after()
     eager = {}
-    if engine.steady_push is not None:  # the same pushes without CUDA graphs
+    if engine.steady_push is not None:  # the same pushes, uncaptured
         eager["vocoder_x_realtime_eager"] = x_realtime(lambda: StreamingVocoder(vocoder, engine.speaker))[0]
     return {"vocoder_x_realtime": speed, **eager, "vocoder_audio_s": audio_seconds,
             "vocoder_units_before_first_chunk": first, "vocoder_lookahead_units": lookahead_units(vocoder)}

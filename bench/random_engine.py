@@ -129,7 +129,7 @@ def model_folder(size: BenchSize, seed: int) -> ModelFolder:
 
 
 def build_engine(name: str, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-                 seed: int = 0, cuda_graphs: bool = True) -> Engine:
+                 seed: int = 0, graphs: bool = True) -> Engine:
     """A random-weight Engine of size `name` (see SIZES) on `device` (bf16 on CUDA, fp32 on CPU)."""
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
@@ -144,4 +144,4 @@ def build_engine(name: str, device: str | torch.device = "cpu", dtype: str | tor
                                                               torch.float32, device), "random", torch.float32, device)
     return Engine(folder, load_lm(weights, folder.config.llm, dtype, device), adapter, whisper.eval(),
                   load_echo_decoder(folder, dtype, device), vocoder, folder.path, folder.path, device,
-                  dtype).prepare(cuda_graphs)
+                  dtype).prepare(graphs)

@@ -120,7 +120,7 @@ def vocoder_costs(engine, segments: list[list[int]], push_units: int, repeats: i
 
 def measure(size: str, threads: int, args) -> dict:
     torch.set_num_threads(threads)
-    engine = build_engine(size, "cpu")
+    engine = build_engine(size, "cpu", graphs=not args.eager)
     session = engine.session(sampling=GREEDY, segmenter=RELEASED_SEGMENTER, max_new_tokens=args.max_new_tokens,
                              max_units=args.max_units, push_units=args.push_units)
     audio = question(args.question_seconds)
@@ -132,7 +132,7 @@ def measure(size: str, threads: int, args) -> dict:
         vocoder = vocoder_costs(engine, segments, args.push_units, args.repeats)
     numbers = {key: statistics.median(n[key] for _, n in turns) for key in turns[0][1]}
     audio_s = sum(segment["samples"] for segment in trace["segments"]) / 16000
-    return {"label": args.label, "size": size, "threads": threads, "push_units": args.push_units,
+    return {"label": args.label + (", eager" if args.eager else ""), "size": size, "threads": threads, "push_units": args.push_units,
             "repeats": args.repeats,
             "tokens": len(trace["tokens"]), "segments": len(segments), "audio_s": audio_s,
             **numbers, "turn_over_critical_path": numbers["turn_ms"] / numbers["critical_path_ms"],
@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--push-units", type=int, default=32, help="the session's push_units")
     parser.add_argument("--question-seconds", type=float, default=3.0)
     parser.add_argument("--label", default="this checkout")
+    parser.add_argument("--eager", action="store_true", help="steps op by op, not captured (echox/capture.py)")
     parser.add_argument("--out", type=Path, help="append each JSON object as a line to this file")
     parser.add_argument("--markdown", type=Path, help="write the table of every line of --out here")
     args = parser.parse_args(argv)

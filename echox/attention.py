@@ -63,8 +63,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """Decode attention through the dispatch: torch reference, Triton or CUDA kernel."""
     which = backend.choose("decode_attention", q, backend_name)
     if which == "torch" and not q.is_cuda:
-        # On the CPU a host sync is free, and reading only the used part of the static cache is not.
-        used = int(lengths.max())
+        # On the CPU reading only the used part of the static cache pays. The bound stays a tensor,
+        # so a TorchScript trace of the step (capture.py) slices by each call's lengths.
+        used = lengths.max()
         k_cache, v_cache, key_valid = k_cache[:, :, :used], v_cache[:, :, :used], key_valid[:, :used]
     if which == "triton":
         from echox_kernels.decode_attention import decode_attention as kernel

@@ -168,7 +168,7 @@ def cmd_chat(args) -> None:
     sampling = _sampling(args)
     engine = echox_engine.load(args.model, whisper=args.whisper, vocoder=args.vocoder, device=args.device,
                                threads=args.threads,
-                               dtype=args.dtype, cuda_graphs=not args.no_cuda_graphs)
+                               dtype=args.dtype, graphs=not args.eager)
     print(f"whisper: {engine.whisper_dir}\nvocoder: {engine.vocoder_dir}", file=sys.stderr)
     from .segmenter import LOW_LATENCY_SEGMENTER, RELEASED_SEGMENTER
     segmenter = LOW_LATENCY_SEGMENTER if args.low_latency else RELEASED_SEGMENTER
@@ -286,8 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--trace", help="write a JSON trace of the turn here")
     chat.add_argument("--low-latency", action="store_true",
                       help="cut the first segment after 8 tokens (opt-in; the released policy waits for 20-50)")
-    chat.add_argument("--no-cuda-graphs", action="store_true",
-                      help="run decode steps and vocoder pushes eagerly (debugging)")
+    chat.add_argument("--eager", "--no-cuda-graphs", action="store_true",
+                      help="run decode steps and vocoder pushes op by op, not as CUDA graphs (GPU) or "
+                           "TorchScript traces (CPU): slower, the same results (debugging)")
     chat.set_defaults(run=cmd_chat)
 
     convert = sub.add_parser("convert", help="fairseq vocoder (g_* + vocoder_config.json) -> safetensors")

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .config import EchoDecoderConfig
-from .cuda_graph import GraphedStep
+from .capture import capture_step
 from .errors import EchoXError
 from .llama import LlamaBody, body_layout
 from .sampling import GREEDY, head_select
@@ -111,9 +111,9 @@ class EchoDecoder(nn.Module):
         self.state = self.body.allocate_state(1, self.cache_len)  # the solo decode's cache
         self.body.use_state(self.state)
         on_gpu = self.adapter.weight.device.type == "cuda"
-        self.use_graphs = on_gpu  # a flag, so graphs can be turned off
+        self.use_graphs = on_gpu  # capture decode blocks (capture.py); the engine decides
         self.units_per_read = UNITS_PER_READ if on_gpu else 1
-        self.graphs: dict[bool, GraphedStep] = {}
+        self.graphs = {}  # captured decode blocks, by head
 
     def _load_modules(self, tensors: dict[str, torch.Tensor]):
         for index in (0, 3):
@@ -214,9 +214,9 @@ class EchoDecoder(nn.Module):
         return torch.stack(tokens, dim=-1)
 
     def block_function(self, full_head: bool):
-        """decode_block, eager or as a CUDA graph captured once per head. The cache buffers never
-        move (allocated once in __init__), so the graph stays valid; the warm-up runs write at the
-        last positions, which real steps rewrite before reading."""
+        """decode_block, eager or captured once per head (capture.py). The cache buffers never
+        move (allocated once in __init__), so the capture stays valid; its runs write at the last
+        positions, which real steps rewrite before reading."""
         def block(token_id, position):
             return self.decode_block(token_id, position, full_head)
 
@@ -224,8 +224,8 @@ class EchoDecoder(nn.Module):
             return block
         if full_head not in self.graphs:
             device = self.adapter.weight.device
-            self.graphs[full_head] = GraphedStep(block, torch.zeros(1, dtype=torch.int64, device=device),
-                                                 torch.full((1, 1), self.max_len, device=device))
+            self.graphs[full_head] = capture_step(block, torch.zeros(1, dtype=torch.int64, device=device),
+                                                  torch.full((1, 1), self.max_len, device=device))
         return self.graphs[full_head]
 
     @torch.no_grad()

@@ -25,6 +25,7 @@ from .audio import speech_input
 from .batch.echo_batcher import EchoBatcher
 from .batch.text_batcher import TextBatcher, TextRequest
 from .batch.vocoder_batcher import VocoderBatcher
+from .capture import can_capture
 from .checkpoint import ModelFolder, open_model_folder, resolve_vocoder, resolve_whisper
 from .config import WhisperConfig
 from .cpu_threads import every_core
@@ -118,8 +119,8 @@ class Engine:
     device: torch.device
     dtype: torch.dtype
 
-    cuda_graphs: bool = False
-    steady_push: SteadyPush | None = None  # vocoder pushes of steady streams as CUDA graphs
+    graphs: bool = False  # decode steps and steady vocoder pushes run captured (capture.py)
+    steady_push: SteadyPush | None = None  # vocoder pushes of steady streams, captured
     busy: threading.Lock = field(default_factory=threading.Lock)  # held while a turn is answered (no batching)
     text_batcher: TextBatcher | None = None
     echo_batcher: EchoBatcher | None = None
@@ -134,16 +135,18 @@ class Engine:
         """The released inference speaks with speaker 1 when the vocoder has several voices."""
         return RELEASED_SPEAKER if self.vocoder.cfg.num_speakers else None
 
-    def prepare(self, cuda_graphs: bool) -> "Engine":
-        """Decide on CUDA graphs and capture now, before any turn starts threads: the echo
-        decoder's step (its cache never moves, so one capture serves every segment of every
-        session) and a stream's vocoder push for every frame bucket (vocoder_graphs.py)."""
-        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        self.echo.use_graphs = self.cuda_graphs
-        if self.cuda_graphs:
+    def prepare(self, graphs: bool) -> "Engine":
+        """Decide on captured steps (capture.py) and capture now, before any turn starts threads:
+        the echo decoder's step (its cache never moves, so one capture serves every segment of
+        every session) and, on a GPU, a stream's vocoder push for every frame bucket
+        (vocoder_graphs.py; on a CPU each is traced when a push first needs it)."""
+        self.graphs = graphs and can_capture(self.device)
+        self.echo.use_graphs = self.graphs
+        if self.graphs:
             self.echo.block_function(full_head=False)
             self.steady_push = SteadyPush(self.vocoder, capture=True)
-            self.steady_push.capture_buckets(LARGEST_PIECE)
+            if self.device.type == "cuda":
+                self.steady_push.capture_buckets(LARGEST_PIECE)
         return self
 
     def batched(self, max_batch: int, max_len: int = DEFAULT_MAX_LEN) -> "Engine":
@@ -154,11 +157,11 @@ class Engine:
         if self.text_batcher is not None:
             raise EchoXError("this engine is batched already (its batch size is fixed once turned on)")
         tok = self.tokenizer
-        self.echo_batcher = EchoBatcher(self.echo, max_batch, self.cuda_graphs)
-        if self.steady_push is not None:  # vocoder graphs for up to max_batch streams at once
+        self.echo_batcher = EchoBatcher(self.echo, max_batch, self.graphs)
+        if self.steady_push is not None:  # captured vocoder pushes for up to max_batch streams at once
             self.steady_push.use_widths(max_batch)
         self.vocoder_batcher = VocoderBatcher(self.vocoder, self.steady_push)
-        self.text_batcher = TextBatcher(self.lm, tok.pad, tok.eot, tok.period, max_batch, max_len, self.cuda_graphs,
+        self.text_batcher = TextBatcher(self.lm, tok.pad, tok.eot, tok.period, max_batch, max_len, self.graphs,
                                         speech_busy=lambda: self.echo_batcher.active() or self.vocoder_batcher.active())
         for batcher in (self.text_batcher, self.echo_batcher, self.vocoder_batcher):
             batcher.start()
@@ -188,11 +191,12 @@ class Engine:
 
 def load(model_dir: Path | str, whisper: Path | str | None = None, vocoder: Path | str | None = None,
          device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-         cuda_graphs: bool = True, threads: int | None = None, max_batch: int | None = None) -> Engine:
+         graphs: bool = True, threads: int | None = None, max_batch: int | None = None) -> Engine:
     """Load an EchoX model folder, its Whisper encoder and its vocoder onto `device`.
 
-    On a GPU the LLM and echo-decoder decode steps run as CUDA graphs unless `cuda_graphs` is
-    False (for debugging: eager steps show each kernel in a profiler and raise where they fail).
+    The LLM and echo-decoder decode steps and steady vocoder pushes run captured (capture.py:
+    CUDA graphs on a GPU, TorchScript traces on a CPU) unless `graphs` is False (for debugging:
+    eager steps show each op in a profiler and raise where they fail; the results are the same).
     `threads` sets torch's intra-op CPU threads, which the LLM, echo-decoder and vocoder threads
     of a turn each start with (None: leave torch's setting); an unbatched turn's speech encoder,
     adapter and prefill, which run before those threads start, use every core, as does a batched
@@ -217,7 +221,7 @@ def load(model_dir: Path | str, whisper: Path | str | None = None, vocoder: Path
                          f"HuBERT units 0..{HUBERT_UNITS - 1}: wrong --vocoder folder?")
     engine = Engine(folder, load_lm(weights, cfg.llm, dtype, device), load_adapter(weights, cfg.adapter, dtype, device),
                     load_whisper(whisper_dir, dtype, device).eval(), load_echo_decoder(folder, dtype, device), voice,
-                    whisper_dir, vocoder_dir, device, dtype).prepare(cuda_graphs)
+                    whisper_dir, vocoder_dir, device, dtype).prepare(graphs)
     return engine if max_batch is None else engine.batched(max_batch)
 
 class Session:
@@ -236,8 +240,8 @@ class Session:
         self.decoder: TextDecoder | None = None  # this conversation's own KV cache, without batching
         if engine.text_batcher is None:
             self.decoder = TextDecoder(engine.lm, tok.pad, tok.eot, tok.period, max_len or DEFAULT_MAX_LEN,
-                                       use_graphs=engine.cuda_graphs)
-            self.decoder.step_function(sampling)  # capture the CUDA graph now, not inside the first answer
+                                       use_graphs=engine.graphs)
+            self.decoder.step_function(sampling)  # capture the step now, not inside the first answer
         elif max_len not in (None, engine.text_batcher.max_len):
             raise EchoXError(f"this engine batches conversations in KV slots of {engine.text_batcher.max_len} "
                              f"positions; a session cannot ask for max_len={max_len}")

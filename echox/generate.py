@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .cuda_graph import GraphedStep
+from .capture import capture_step
 from .errors import EchoXError
 from .llama import DecoderState, LlamaLM
 from .sampling import SamplingParams, head_select
@@ -80,7 +80,7 @@ class TextDecoder:
         self.lm, self.pad_id, self.eot_id = lm, pad_id, eot_id
         self.device = lm.lm_head.weight.device
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
-        self.graphs: dict[SamplingParams, GraphedStep] = {}
+        self.graphs = {}  # captured steps, by sampling setting
         self.state = state or lm.body.allocate_state(1, max_len)  # this conversation's KV cache
         self.max_len = max_len
         self.cached: list[Slot] = []  # what the KV cache holds, position by position
@@ -128,27 +128,31 @@ class TextDecoder:
         valid = torch.ones(1, 1, dtype=torch.bool, device=self.device)  # eot ends a turn, so never fed
         return self.lm(x, position[:, None], valid)[:, 0]
 
+    def choose(self, hidden: torch.Tensor, sampling: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next token [1] and its score [1] from hidden [1, H], at the sampling counter's value."""
+        return head_select(hidden, self.lm.lm_head.weight, sampling, self.step), period_score(hidden, self.period_row)
+
     def select(self, hidden: torch.Tensor, sampling: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
-        """Next token [1] and its score [1] from hidden [1, H]; bumps the sampling counter on device."""
-        token = head_select(hidden, self.lm.lm_head.weight, sampling, self.step)
+        """`choose`, then bump the sampling counter on the device."""
+        choice = self.choose(hidden, sampling)
         self.step += 1
-        return token, period_score(hidden, self.period_row)
+        return choice
 
     def step_function(self, sampling: SamplingParams):
-        """(token [1], position [1]) -> (hidden [1, H], next token [1], score [1]): eager, or a
-        CUDA graph captured once per sampling setting (the setting is baked into the kernels)."""
+        """(token [1], position [1]) -> (hidden [1, H], next token [1], score [1]): eager, or
+        captured once per sampling setting (capture.py; the setting is baked into the capture).
+        The caller bumps the sampling counter after each call: a trace would drop the bump, an
+        in-place write that nothing after it in the step reads."""
         def step(token, position):
             hidden = self.decode_step(token, position)
-            return (hidden, *self.select(hidden, sampling))
+            return (hidden, *self.choose(hidden, sampling))
 
         if not self.use_graphs:
             return step
         if sampling not in self.graphs:
-            self.lm.body.use_state(self.state)  # the graph records this conversation's cache buffers
-            counter = self.step.clone()  # warm-up runs advance the sampling counter: undo that
+            self.lm.body.use_state(self.state)  # the capture records this conversation's cache buffers
             position = torch.tensor([len(self.cached)], device=self.device)  # rewritten by the real step
-            self.graphs[sampling] = GraphedStep(step, torch.zeros_like(position), position)
-            self.step.copy_(counter)
+            self.graphs[sampling] = capture_step(step, torch.zeros_like(position), position)
         return self.graphs[sampling]
 
     def start_read(self, token: torch.Tensor, score: torch.Tensor, slot: int):
@@ -185,6 +189,7 @@ class TextDecoder:
             ahead = None
             if length < self.max_len and n + 1 < max_new_tokens:
                 next_hidden, next_token, next_score = step(token, position)
+                self.step += 1
                 ahead = next_hidden[0].clone(), next_token, next_score  # clone: a graph reuses its outputs
             token_id, score_value = read()
             if int(token_id) == self.eot_id:

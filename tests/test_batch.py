@@ -196,7 +196,7 @@ def test_batched_sessions_answer_one_turn_at_a_time_each(batched):
 
 @pytest.mark.gpu
 def test_graphed_batched_steps_equal_eager_ones(tiny_model_dir):
-    eager = echox_engine.load(tiny_model_dir, device="cuda", dtype="float32", cuda_graphs=False, max_batch=4)
+    eager = echox_engine.load(tiny_model_dir, device="cuda", dtype="float32", graphs=False, max_batch=4)
     graphed = echox_engine.load(tiny_model_dir, device="cuda", dtype="float32", max_batch=4)
     assert graphed.text_batcher.graphs
     for got, expected in zip(together(graphed, CONVERSATIONS), together(eager, CONVERSATIONS)):

@@ -20,8 +20,8 @@ def turn(engine, sampling=GREEDY):
 
 @pytest.mark.parametrize("sampling", [GREEDY, SamplingParams(temperature=0.8, top_p=0.9, seed=3)])
 def test_cuda_graphs_give_the_eager_result(tiny_model_dir, sampling):
-    graphed = echox.load(tiny_model_dir, device="cuda", dtype="float32", cuda_graphs=True)
-    eager = echox.load(tiny_model_dir, device="cuda", dtype="float32", cuda_graphs=False)
+    graphed = echox.load(tiny_model_dir, device="cuda", dtype="float32", graphs=True)
+    eager = echox.load(tiny_model_dir, device="cuda", dtype="float32", graphs=False)
     assert turn(graphed, sampling) == turn(eager, sampling)
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..cuda_graph import GraphedWidths
+from ..capture import CapturedWidths
 from ..echo import EchoDecoder, UnitTally
 from .slots import SlotTable
 from .worker import BatchWorker, Request
@@ -43,7 +43,7 @@ class EchoBatcher(BatchWorker):
         self.views = {width: self.state.rows(0, width) for width in range(1, max_batch + 1)}
         self.table = SlotTable(max_batch)
         self.rows: dict[int, EchoRow] = {}
-        self.graphs = GraphedWidths(self.block, max_batch, self.idle_inputs) if use_graphs else None
+        self.graphs = CapturedWidths(self.block, max_batch, self.idle_inputs, self.device) if use_graphs else None
 
     def generate(self, segment: torch.Tensor, max_units: int | None = None, ready=None) -> Iterator[int]:
         """`EchoDecoder.generate`, decoded in the batch: unit token ids of segment [n, H] as they come.
@@ -84,7 +84,7 @@ class EchoBatcher(BatchWorker):
 
     def block(self, feed: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
         """`units_per_read` steps of slots 0..w-1 from tokens [w] at positions [w, 1] -> tokens [w, K]."""
-        self.echo.body.use_state(self.views[feed.shape[0]])
+        self.echo.body.use_state(self.views[len(feed)])  # len: an int even while tracing
         return self.echo.decode_block(feed, at)
 
     def idle_inputs(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..cpu_threads import every_core
-from ..cuda_graph import GraphedWidths
+from ..capture import CapturedWidths
 from ..generate import (
     Slot,
     TextDecoder,
@@ -80,7 +80,7 @@ class TextBatcher(BatchWorker):
         self.step_seconds = 0.0  # wall time inside decode steps (tokens out included)
         self.views: dict[int, DecoderState] = {}  # slots 0..w-1 of the cache, by width w
         self.period_row = period_direction(lm, period_id)
-        self.graphs = GraphedWidths(self.decode, max_batch, self.idle_inputs) if use_graphs else None
+        self.graphs = CapturedWidths(self.decode, max_batch, self.idle_inputs, self.device) if use_graphs else None
 
     # ---- the callers' side ----------------------------------------------------------------------
 
@@ -209,7 +209,7 @@ class TextBatcher(BatchWorker):
         return (self.graphs or self.decode)(feed, at)
 
     def decode(self, feed: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
-        width = feed.shape[0]
+        width = len(feed)  # an int even while tracing (a traced shape is a tensor)
         if width not in self.views:
             self.views[width] = self.state.rows(0, width)
         self.lm.body.use_state(self.views[width])

@@ -1,0 +1,73 @@
+"""Captured steps on a CPU (capture.py): TorchScript traces replay exactly what the eager steps
+compute, for inputs other than the ones they were traced with, and a whole engine with them
+answers as an eager one does, bit for bit."""
+
+import pytest
+import torch
+from test_batch import CONVERSATIONS, converse
+
+import echox.engine as echox_engine
+from echox.capture import CapturedWidths, TracedStep, capture_widths
+from echox.generate import TextDecoder
+from echox.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def eager(tiny_model_dir):
+    return echox_engine.load(tiny_model_dir, graphs=False)
+
+
+@pytest.fixture(scope="module")
+def traced(tiny_model_dir):
+    return echox_engine.load(tiny_model_dir)
+
+
+def test_a_cpu_engine_captures_by_default(traced, eager):
+    assert traced.graphs and isinstance(traced.echo.block_function(full_head=False), TracedStep)
+    assert not eager.graphs and traced.steady_push is not None and eager.steady_push is None
+
+
+@pytest.mark.parametrize("conversation", CONVERSATIONS[:3], ids=["greedy", "greedy-short", "sampled"])
+def test_a_traced_engine_answers_as_an_eager_one(traced, eager, conversation):
+    got, want = converse(traced, *conversation), converse(eager, *conversation)
+    assert [trace for trace, _ in got] == [trace for trace, _ in want]
+    assert all(torch.equal(audio, expected) for (_, audio), (_, expected) in zip(got, want))
+
+
+def test_a_traced_batched_step_follows_positions_and_tokens(tiny_model_dir):
+    """The batched LLM step traced at one position replays at others: the attention's used cache
+    length is live in the trace, not the length it was traced with."""
+    engine = echox_engine.load(tiny_model_dir, graphs=False, max_batch=3)
+    batcher = engine.text_batcher
+    captured = CapturedWidths(batcher.decode, 3, batcher.idle_inputs, torch.device("cpu"))
+    for width, positions in ((3, [5, 9, 17]), (2, [40, 3]), (3, [6, 10, 18])):
+        feed = torch.tensor([7, 11, 13][:width])
+        at = torch.tensor(positions)[:, None]
+        # Both write the same keys and values at `at`, so their order does not matter.
+        assert torch.equal(captured(feed, at), batcher.decode(feed, at))
+    assert sorted(captured.steps) == [2, 3] and isinstance(captured.steps[3], TracedStep)
+
+
+def test_a_traced_sampled_step_draws_with_the_counter_of_each_call(traced):
+    """The sampling counter is read live by the trace (and bumped by the caller), so a replay
+    draws what the eager step draws at the same count."""
+    sampled = SamplingParams(temperature=0.8, top_p=0.9, seed=3)
+    tok = traced.tokenizer
+    decoders = [TextDecoder(traced.lm, tok.pad, tok.eot, tok.period, 64, use_graphs=g) for g in (False, True)]
+    draws = []
+    for decoder in decoders:
+        step, token, got = decoder.step_function(sampled), torch.tensor([5]), []
+        decoder.prefill([1, 2, 3, 4], {})
+        for position in range(4, 12):
+            hidden, token, score = step(token, torch.tensor([position]))
+            decoder.step += 1
+            got.append((token.item(), score.item(), hidden))
+        draws.append(got)
+    assert isinstance(decoders[1].step_function(sampled), TracedStep)
+    for (token, score, hidden), (want_token, want_score, want_hidden) in zip(*draws):
+        assert (token, score) == (want_token, want_score) and torch.equal(hidden, want_hidden)
+
+
+def test_a_cpu_batch_runs_at_every_width():
+    assert capture_widths(6, torch.device("cpu")) == [1, 2, 3, 4, 5, 6]
+    assert capture_widths(6, torch.device("cuda")) == [1, 2, 4, 6]

@@ -5,8 +5,8 @@ that runs many small ops (a vocoder push: convs, concatenations and slices by th
 echo-decoder step: a few hundred ops) so makes each op of another Python thread wait for the
 lock. A captured step (echox/capture.py: a TorchScript trace on a CPU) runs its ops from C++ and
 takes the lock only to enter and leave. This times the LLM's batched decode step (--rows rows,
-one torch thread, random weights of --size) over --steps steps, eager and captured, with its
-neighbours the same way: alone; beside a thread that vocodes, one that runs the echo decoder,
+one torch thread, random weights of --size) over --steps steps, eager and captured, with the
+echo decoder's steps the same way (vocoder pushes stay eager, as on a CPU engine): alone; beside a thread that vocodes, one that runs the echo decoder,
 one that multiplies large matrices (few ops, each long: it holds the lock seldom), and 16 threads
 woken every 5 ms for a little Python each (as per-turn threads are for each token and unit); and
 beside a second process that vocodes (an interpreter of its own: only the cores are shared). Per
@@ -17,7 +17,6 @@ wait (voluntary context switches, Linux).
 """
 
 import argparse
-import functools
 import multiprocessing
 import queue
 import resource
@@ -33,17 +32,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from random_engine import build_engine  # noqa: E402  (sibling scripts, not a package)
 from report import environment, table, write_report  # noqa: E402
 
-from echox.streaming_vocoder import StreamingVocoder, advance_streams  # noqa: E402
+from echox.streaming_vocoder import StreamingVocoder  # noqa: E402
 
 PUSH_UNITS = 32  # the engine's steady push
 
 
 def vocode(engine, stop: threading.Event, captured: bool):
-    """Push units through a streaming vocoder, a segment of 4 pushes and a flush after another."""
+    """Push units through a streaming vocoder, a segment of 4 pushes and a flush after another
+    (eager either way, as the engine runs them on a CPU)."""
     units = torch.randint(0, engine.vocoder.cfg.num_embeddings, (5 * PUSH_UNITS,), generator=torch.Generator().manual_seed(0))
-    advance = functools.partial(advance_streams, steady=engine.steady_push if captured else None)
     while not stop.is_set():
-        stream = StreamingVocoder(engine.vocoder, advance=advance)
+        stream = StreamingVocoder(engine.vocoder)
         for start in range(0, 4 * PUSH_UNITS, PUSH_UNITS):
             stream.push(units[start:start + PUSH_UNITS])
         stream.flush(units[4 * PUSH_UNITS:])
@@ -170,9 +169,9 @@ def render(report: dict) -> str:
         f"# The interpreter lock and the LLM's decode step, {s['size']} size, {env['created'][:10]}", "",
         f"{env['device']}, torch {env['torch']}, 1 torch thread per thread; the LLM's batched decode step at "
         f"{s['rows']} rows, medians of {s['steps']} steps (`python bench/interpreter_lock.py --size {s['size']}`). "
-        "Eager: the step and its neighbours run op by op from Python; captured: the step, the echo decoder's "
-        "steps and the vocoder's steady pushes run as TorchScript traces (echox/capture.py), as the engine "
-        "runs them by default.", "",
+        "Eager: the step and its neighbours run op by op from Python; captured: the step and the echo "
+        "decoder's steps run as TorchScript traces (echox/capture.py), as a CPU engine runs them by default "
+        "(its vocoder pushes stay eager).", "",
         *table(["beside", "eager ms", "waits", "x alone", "captured ms", "waits", "x alone"], rows), "",
         "Waits: voluntary context switches of the stepping thread per step (it gave up its core, mostly to wait "
         "for the interpreter lock). A thread of many small ops slows an eager step; the same vocoding in another "

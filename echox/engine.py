@@ -119,8 +119,8 @@ class Engine:
     device: torch.device
     dtype: torch.dtype
 
-    graphs: bool = False  # decode steps and steady vocoder pushes run captured (capture.py)
-    steady_push: SteadyPush | None = None  # vocoder pushes of steady streams, captured
+    graphs: bool = False  # decode steps (and on a GPU steady vocoder pushes) run captured (capture.py)
+    steady_push: SteadyPush | None = None  # vocoder pushes of steady streams as CUDA graphs
     busy: threading.Lock = field(default_factory=threading.Lock)  # held while a turn is answered (no batching)
     text_batcher: TextBatcher | None = None
     echo_batcher: EchoBatcher | None = None
@@ -139,14 +139,16 @@ class Engine:
         """Decide on captured steps (capture.py) and capture now, before any turn starts threads:
         the echo decoder's step (its cache never moves, so one capture serves every segment of
         every session) and, on a GPU, a stream's vocoder push for every frame bucket
-        (vocoder_graphs.py; on a CPU each is traced when a push first needs it)."""
+        (vocoder_graphs.py). On a CPU vocoder pushes stay eager: their convs are long ops, so a
+        trace saves little, and tracing one (a second each, per push length and stream count)
+        would stall the first pushes of every length."""
         self.graphs = graphs and can_capture(self.device)
         self.echo.use_graphs = self.graphs
         if self.graphs:
             self.echo.block_function(full_head=False)
+        if self.graphs and self.device.type == "cuda":
             self.steady_push = SteadyPush(self.vocoder, capture=True)
-            if self.device.type == "cuda":
-                self.steady_push.capture_buckets(LARGEST_PIECE)
+            self.steady_push.capture_buckets(LARGEST_PIECE)
         return self
 
     def batched(self, max_batch: int, max_len: int = DEFAULT_MAX_LEN) -> "Engine":

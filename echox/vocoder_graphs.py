@@ -1,8 +1,6 @@
-"""The generator half of a vocoder push as one captured replay (capture.py): a CUDA graph on a
-GPU, a TorchScript trace on a CPU.
+"""The generator half of a vocoder push as one CUDA graph replay.
 
-A push of the streaming vocoder runs about a hundred small convs, each a kernel launch (on a CPU,
-a call from Python that lets go of the interpreter lock and takes it back). Once a
+A push of the streaming vocoder runs about a hundred small convs, each a kernel launch. Once a
 stream is in steady state (after its first push every cache and every wait between two paths
 has its full length) and away from its segment's end, a generator push padded to a bucket's
 length has the same shapes and kernels whatever its units: only how many of its frames are real
@@ -11,15 +9,14 @@ from the host. So it is captured once per (bucket, streams) and replayed. A segm
 push, its flush (the end padding) and the duration predictor (a few convs whose output, the
 frame count, the host must know) stay eager.
 
-The state goes into the capture as one flat tensor [B, N] (every cache of a stream, in a fixed
+The state goes into the graph as one flat tensor [B, N] (every cache of a stream, in a fixed
 order) and comes out the same way, so a replay costs a copy in, one launch and a copy out.
-On a GPU a batched engine's pushes of B streams run at the graph width of its LLM steps (1, 2,
-4, ... up to its batch size, `capture.capture_widths`), the last stream repeated into the spare
-rows (each row of a conv is computed on its own, so they change nothing in the others), so a
-batch needs a graph per width and bucket, not per stream count. One stream's graphs are captured
-at load; the wider ones when a push first needs them (all of them up front would hold about
-1.5 GB of state buffers at 16 streams, most never used). On a CPU every stream count has its
-own traces, each made when a push first needs it.
+A batched engine's pushes of B streams run at the graph width of its LLM steps (1, 2, 4, ...
+up to its batch size, `capture.graph_widths`), the last stream repeated into the spare rows
+(each row of a conv is computed on its own, so they change nothing in the others), so a batch
+needs a graph per width and bucket, not per stream count. One stream's graphs are captured at
+load; the wider ones when a push first needs them (all of them up front would hold about 1.5 GB
+of state buffers at 16 streams, most never used).
 """
 
 import math
@@ -27,7 +24,7 @@ import warnings
 
 import torch
 
-from .capture import capture_step, capture_widths, smallest_width
+from .capture import GraphedStep, graph_widths, smallest_width
 from .streaming_vocoder import (
     GeneratorState,
     Steps,
@@ -74,15 +71,15 @@ def _repeat_last(rows: torch.Tensor, spare: int) -> torch.Tensor:
 
 
 class SteadyPush:
-    """Generator pushes of steady streams with device counts: `push` runs them as captured
-    replays (`capture`) or eagerly (the same computation)."""
+    """Generator pushes of steady streams with device counts: `push` runs them as CUDA graph
+    replays (`capture`, on a GPU) or eagerly (the same computation, what tests check on a CPU)."""
 
     def __init__(self, vocoder: Vocoder, capture: bool):
         self.vocoder, self.capture = vocoder, capture
         self.template = steady_state(vocoder)
         self.shape = state_shape(self.template)  # its leaves' shapes, [1, C, L] each
         self.sizes = [math.prod(shape[1:]) for shape in self.shape]  # their parts of a flat row
-        self.graphs = {}  # captured pushes, by (streams, frames)
+        self.graphs: dict[tuple[int, int], GraphedStep] = {}  # by (streams, frames)
         self.widths = [1]  # how many streams a push runs as (fewer are padded); more run at their own width
         self.pool = None  # one memory pool for all: pushes run one at a time, outputs are copied at once
         self.replays = 0  # pushes that ran here
@@ -104,16 +101,16 @@ class SteadyPush:
         return samples.data, pack(state)
 
     def runner(self, features: torch.Tensor, valid: torch.Tensor, flat: torch.Tensor):
-        """The capture for these shapes (made now if new), or `step` itself. A capture that fails
+        """The graph for these shapes (captured now if new), or `step` itself. A capture that fails
         leaves every push eager, with a warning: the results are the same, only slower."""
         key = (features.shape[0], features.shape[-1])
         if self.capture and key not in self.graphs:
             try:
-                if flat.is_cuda:
-                    self.pool = self.pool or torch.cuda.graph_pool_handle()
-                self.graphs[key] = capture_step(self.step, features, valid, flat, pool=self.pool)
+                self.pool = self.pool or torch.cuda.graph_pool_handle()
+                self.graphs[key] = GraphedStep(self.step, features, valid, flat, pool=self.pool)
             except RuntimeError as error:
-                warnings.warn(f"vocoder pushes run uncaptured: capturing one failed ({error})", stacklevel=2)
+                warnings.warn(f"vocoder pushes run without CUDA graphs: capturing one failed ({error})",
+                              stacklevel=2)
                 self.capture = False
         return self.graphs[key] if self.capture else self.step
 
@@ -126,18 +123,18 @@ class SteadyPush:
         valid = torch.tensor(features.valid + features.valid[-1:] * spare, device=flat.device)
         samples, new = self.runner(frames, valid, flat)(frames, valid, flat)
         self.replays += 1
-        # A CUDA graph's outputs are overwritten by its next replay: keep copies.
+        # A graph's outputs are overwritten by its next replay: keep copies.
         samples, new = samples[:streams].clone(), new.clone()
         hop = self.vocoder.cfg.hop_length
         return Steps(samples, tuple(v * hop for v in features.valid)), [self.unpack(new[b:b + 1])
                                                                         for b in range(streams)]
 
     def use_widths(self, slots: int):
-        """Pushes of up to `slots` streams run at the capture widths for them (padded on a GPU)."""
-        self.widths = capture_widths(slots, self.vocoder.conv_pre.weight.device)
+        """Pushes of up to `slots` streams run at the graph widths for them (padded)."""
+        self.widths = graph_widths(slots)
 
     def capture_buckets(self, largest: int):
-        """Capture the one-stream pushes of every bucket up to `largest` frames now (at load)."""
+        """Capture the one-stream graphs of every bucket up to `largest` frames now (at load)."""
         flat = pack(self.template)
         for frames in sorted({bucket(n) for n in range(1, largest + 1)}):
             features = flat.new_zeros(1, self.vocoder.conv_pre.in_channels, frames)

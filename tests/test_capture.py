@@ -24,7 +24,7 @@ def traced(tiny_model_dir):
 
 def test_a_cpu_engine_captures_by_default(traced, eager):
     assert traced.graphs and isinstance(traced.echo.block_function(full_head=False), TracedStep)
-    assert not eager.graphs and traced.steady_push is not None and eager.steady_push is None
+    assert not eager.graphs and traced.steady_push is None  # vocoder pushes stay eager on a CPU
 
 
 @pytest.mark.parametrize("conversation", CONVERSATIONS[:3], ids=["greedy", "greedy-short", "sampled"])

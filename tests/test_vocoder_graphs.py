@@ -1,6 +1,6 @@
-"""Steady-state generator pushes with device counts (vocoder_graphs.py): the computation that is
-captured gives exactly the eager pushes' samples and states, alone and batched, and so do its
-TorchScript traces on a CPU; on a GPU the captured graphs give the eager result."""
+"""Steady-state generator pushes with device counts (vocoder_graphs.py): the computation a CUDA
+graph captures gives exactly the eager pushes' samples and states, alone and batched; on a GPU
+the captured graphs give the eager result."""
 
 import functools
 import itertools
@@ -10,7 +10,6 @@ import torch
 from test_streaming_vocoder import random_units
 from test_vocoder import random_vocoder
 
-from echox.capture import graph_widths
 from echox.streaming_vocoder import (
     Push,
     StreamingVocoder,
@@ -36,15 +35,14 @@ def speak(stream: StreamingVocoder, units: torch.Tensor, first: int, later: int)
     return chunks + [stream.flush()]
 
 
-@pytest.mark.parametrize("capture", [False, True], ids=["eager", "traced"])
 @pytest.mark.parametrize("first,later,count", PATTERNS)
-def test_steady_pushes_equal_eager_ones_exactly(vocoder, first, later, count, capture):
-    steady = SteadyPush(vocoder, capture=capture)
+def test_steady_pushes_equal_eager_ones_exactly(vocoder, first, later, count):
+    steady = SteadyPush(vocoder, capture=False)
     units = random_units(count, seed=first + later)
     eager = speak(StreamingVocoder(vocoder), units, first, later)
     stream = StreamingVocoder(vocoder, advance=functools.partial(advance_streams, steady=steady))
     chunks = speak(stream, units, first, later)
-    assert steady.replays > 0 and bool(steady.graphs) == capture  # the steady path really ran
+    assert steady.replays > 0  # the steady path really ran
     assert [c.shape for c in chunks] == [c.shape for c in eager]
     assert all(torch.equal(c, e) for c, e in zip(chunks, eager))
     assert (torch.cat(chunks) - vocoder(units)).abs().max() <= 1e-5
@@ -71,11 +69,10 @@ def together(vocoder, units: list[torch.Tensor], steady: SteadyPush | None) -> l
     return [torch.cat(wave) for wave in waves]
 
 
-@pytest.mark.parametrize("capture", [False, True], ids=["eager", "traced"])
-def test_streams_pushed_together_equal_eager_batched_pushes(vocoder, capture):
+def test_streams_pushed_together_equal_eager_batched_pushes(vocoder):
     """Three steady streams in one steady push (one flat state [3, N]) get exactly what the eager
     batched push gives them, and each its offline waveform."""
-    steady = SteadyPush(vocoder, capture=capture)
+    steady = SteadyPush(vocoder, capture=False)
     units = [random_units(60, seed=s) for s in (1, 2, 3)]
     waves = together(vocoder, units, steady)
     assert steady.replays == 2  # the two middle pushes, all three streams in each
@@ -87,7 +84,7 @@ def test_streams_padded_to_a_graph_width_get_what_they_get_unpadded(vocoder):
     """A batched engine's graphs run 1, 2, 4, ... streams: three run as four, the last repeated,
     and each gets the samples the eager push of the three gives it."""
     steady = SteadyPush(vocoder, capture=False)
-    steady.widths = graph_widths(6)  # a GPU's (on a CPU every stream count runs at its own width)
+    steady.use_widths(6)
     assert steady.widths == [1, 2, 4, 6]
     padded, step = [], steady.step
 
@@ -134,10 +131,11 @@ def test_a_failed_capture_leaves_pushes_eager_and_says_so(vocoder, monkeypatch):
 
     def capture_fails(*args, **kwargs):
         raise RuntimeError("operation not permitted when stream is capturing")
-    monkeypatch.setattr(vocoder_graphs, "capture_step", capture_fails)
+    monkeypatch.setattr(vocoder_graphs, "GraphedStep", capture_fails)
+    monkeypatch.setattr(vocoder_graphs.torch.cuda, "graph_pool_handle", lambda: object())
     steady = SteadyPush(vocoder, capture=True)
     units = random_units(80, seed=5)
-    with pytest.warns(UserWarning, match="run uncaptured"):
+    with pytest.warns(UserWarning, match="without CUDA graphs"):
         chunks = speak(StreamingVocoder(vocoder, advance=functools.partial(advance_streams, steady=steady)),
                        units, 24, 32)
     assert not steady.capture and steady.replays > 0

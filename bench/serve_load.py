@@ -150,11 +150,14 @@ def render(report: dict) -> str:
                 f"{s['pause_s']:g} s after the answer before it has played out (token rates are then what the "
                 "conversations ask for, not what the engine could do)" if paced else
                 f"each client asks a {s['question_seconds']:g} s spoken question, all at once")
-    command = f"python bench/serve_load.py --max-batch {s['max_batch']}" + (f" --turns {s['turns']}" if paced else "")
+    eager = s.get("steps") == "eager"
+    command = (f"python bench/serve_load.py --max-batch {s['max_batch']}" + (f" --turns {s['turns']}" if paced else "")
+               + (" --eager" if eager else ""))
     return "\n".join([
         f"# echox serve load test, {env['created'][:10]}", "",
         f"{env['device']}, torch {env['torch']}, Python {env['python']}; server: tiny random model, "
-        f"{s['threads']} torch thread(s), max batch {s['max_batch']}, max_new_tokens {s['max_new_tokens']}, "
+        f"{s['threads']} torch thread(s), {'eager' if eager else 'captured'} steps, max batch {s['max_batch']}, "
+        f"max_new_tokens {s['max_new_tokens']}, "
         f"max_units {s['max_units']}; {workload}, over loopback (`{command}`).", "",
         *table(["clients", "turns answered", "text tok/s", "turn tok/s", "TTFA p50 ms", "TTFA p95 ms",
                 "max queue wait ms", "audio s", "underruns", "stall ms", "errors"], rows), "",
@@ -178,6 +181,7 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--pause", type=float, default=0.5,
                         help="with --turns: s between an answer's end and the next question")
     parser.add_argument("--round-timeout", type=float, default=None, help="s per round (default 120, +30 per turn)")
+    parser.add_argument("--eager", action="store_true", help="echox serve --eager (steps not captured)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "serve"))
     args = parser.parse_args(argv)
     timeout = args.round_timeout or 120.0 + 30.0 * (args.turns - 1)
@@ -186,7 +190,8 @@ def main(argv: list[str] | None = None):
     with tempfile.TemporaryDirectory() as tiny, ServerProcess(
             ["--model", Path(write_tiny_checkpoint(tiny)), "--threads", args.threads, "--temperature", 0,
              "--max-new-tokens", args.max_new_tokens, "--max-units", args.max_units,
-             "--max-connections", max(args.clients), "--max-batch", args.max_batch]) as server:
+             "--max-connections", max(args.clients), "--max-batch", args.max_batch,
+             *(["--eager"] if args.eager else [])]) as server:
         asyncio.run(one_round(server.ws_url, 1, appends, timeout))  # warm-up, not reported
         rounds = []
         for clients in args.clients:
@@ -197,11 +202,12 @@ def main(argv: list[str] | None = None):
                   f"underruns {rounds[-1]['underruns']}, errors {rounds[-1]['errors']}", flush=True)
     settings = {"question_seconds": args.question_seconds, "max_new_tokens": args.max_new_tokens,
                 "max_units": args.max_units, "threads": args.threads, "max_batch": args.max_batch,
-                "turns": pacing[0], "stagger_s": pacing[1], "pause_s": pacing[2]}
+                "turns": pacing[0], "stagger_s": pacing[1], "pause_s": pacing[2],
+                "steps": "eager" if args.eager else "captured"}
     report = {"environment": environment("cpu") | {"torch_threads": args.threads}, "settings": settings,
               "rounds": rounds}
-    paced = "-paced" if args.turns > 1 else ""
-    stem = write_report(args.out, f"cpu-batch{args.max_batch}{paced}", report, render(report))
+    variant = ("-paced" if args.turns > 1 else "") + ("-eager" if args.eager else "")
+    stem = write_report(args.out, f"cpu-batch{args.max_batch}{variant}", report, render(report))
     print(f"wrote {stem}.json and {stem}.md")
 
 

@@ -212,7 +212,7 @@ def cmd_demo(args) -> None:
     print(f"tiny random checkpoint: {model_dir}\n"
           "Its weights are random: the text below is gibberish and the speech is noise. The demo shows "
           "the pipeline and its timings.\n")
-    engine = echox_engine.load(model_dir, device="cpu", threads=args.threads)
+    engine = echox_engine.load(model_dir, device="cpu", threads=args.threads, graphs=not args.eager)
     session = engine.session(sampling=GREEDY, max_new_tokens=args.max_new_tokens, max_units=args.max_units)
     trace = _speak(session, demo_question(), None, output, True, None)
     print("latency breakdown (ms): " + ", ".join(
@@ -246,6 +246,12 @@ def add_threads_argument(parser: argparse.ArgumentParser):
                              f"speech encoder and prefill, which run before them, use every core")
 
 
+def add_eager_argument(parser: argparse.ArgumentParser, *aliases: str):
+    parser.add_argument("--eager", *aliases, action="store_true",
+                        help="run decode steps (and on a GPU vocoder pushes) op by op, not as CUDA graphs (GPU) "
+                             "or TorchScript traces (CPU): slower, the same results (debugging)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="echox", description="EchoX speech-to-speech engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -264,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=int, default=64)
     demo.add_argument("--max-units", type=int, default=200, help="unit tokens per segment")
     add_threads_argument(demo)
+    add_eager_argument(demo)
     demo.set_defaults(run=cmd_demo)
 
     chat = sub.add_parser("chat", help="answer one spoken or written turn")
@@ -286,9 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--trace", help="write a JSON trace of the turn here")
     chat.add_argument("--low-latency", action="store_true",
                       help="cut the first segment after 8 tokens (opt-in; the released policy waits for 20-50)")
-    chat.add_argument("--eager", "--no-cuda-graphs", action="store_true",
-                      help="run decode steps and vocoder pushes op by op, not as CUDA graphs (GPU) or "
-                           "TorchScript traces (CPU): slower, the same results (debugging)")
+    add_eager_argument(chat, "--no-cuda-graphs")
     chat.set_defaults(run=cmd_chat)
 
     convert = sub.add_parser("convert", help="fairseq vocoder (g_* + vocoder_config.json) -> safetensors")

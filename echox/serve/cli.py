@@ -6,7 +6,7 @@ from ..errors import EchoXError
 
 
 def add_serve_command(sub: argparse._SubParsersAction):
-    from ..cli import add_threads_argument  # the same --threads as chat and demo
+    from ..cli import add_eager_argument, add_threads_argument  # the same as chat and demo
     serve = sub.add_parser("serve", help="serve realtime spoken conversations (OpenAI Realtime API subset)")
     model = serve.add_mutually_exclusive_group(required=True)
     model.add_argument("--model", help="EchoX model folder")
@@ -30,6 +30,7 @@ def add_serve_command(sub: argparse._SubParsersAction):
                        help="input audio buffer limit per connection (24 kHz pcm16)")
     serve.add_argument("--idle-timeout", type=float, default=300.0, help="seconds without client events")
     add_threads_argument(serve)
+    add_eager_argument(serve)
     serve.set_defaults(run=cmd_serve)
 
 
@@ -52,7 +53,7 @@ def cmd_serve(args):
     model = demo_model_dir() if args.demo else args.model
     engine = echox_engine.load(model, whisper=args.whisper, vocoder=args.vocoder,
                                device="cpu" if args.demo else args.device, dtype=args.dtype, threads=args.threads,
-                               max_batch=args.max_batch if args.max_batch > 1 else None)
+                               graphs=not args.eager, max_batch=args.max_batch if args.max_batch > 1 else None)
     limits = Limits(max_connections=args.max_connections, max_buffer_bytes=int(args.max_buffer_seconds * 48000),
                     idle_timeout_s=args.idle_timeout)
     session_options = {"max_units": args.max_units,

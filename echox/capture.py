@@ -15,7 +15,10 @@ tensor's value (a value that must stay live, like the CPU decode attention's use
 stays a tensor). A CUDA graph's inputs are copied into static buffers and its outputs are static
 buffers that the next replay overwrites; a trace returns new tensors. Callers clone what they keep.
 A trace also drops an in-place write that nothing after it in the step reads (a KV cache write
-is read by the attention after it; a sampling counter's bump is the caller's).
+is read by the attention after it; a sampling counter's bump is the caller's). And a trace is
+never freed (torch.jit's global compilation unit keeps it, with the tensors it holds), so the
+engine makes a bounded number: per batch width, per echo-decoder head, per KV cache that
+sessions pass on to each other (engine.py), not per session or sampling setting.
 """
 
 import warnings

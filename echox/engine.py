@@ -14,6 +14,7 @@ import contextlib
 import functools
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +123,10 @@ class Engine:
     graphs: bool = False  # decode steps (and on a GPU steady vocoder pushes) run captured (capture.py)
     steady_push: SteadyPush | None = None  # vocoder pushes of steady streams as CUDA graphs
     busy: threading.Lock = field(default_factory=threading.Lock)  # held while a turn is answered (no batching)
+    # KV caches of collected unbatched sessions, with their captured steps, for the next sessions:
+    # a CPU trace is never freed, so sessions must not each make new ones.
+    spare_decoders: list[TextDecoder] = field(default_factory=list)
+    spares_lock: threading.RLock = field(default_factory=threading.RLock)  # re-entered if a collection runs inside
     text_batcher: TextBatcher | None = None
     echo_batcher: EchoBatcher | None = None
     vocoder_batcher: VocoderBatcher | None = None
@@ -190,6 +195,23 @@ class Engine:
     def session(self, **options) -> "Session":
         return Session(self, **options)
 
+    def text_decoder(self, max_len: int) -> TextDecoder:
+        """An unbatched session's KV cache of `max_len` positions: a spare one, emptied, or a new one."""
+        with self.spares_lock:
+            for i, decoder in enumerate(self.spare_decoders):
+                if decoder.max_len == max_len:
+                    del self.spare_decoders[i]
+                    decoder.cached = []
+                    decoder.step.zero_()  # a fresh counter: the session samples what a new cache would
+                    return decoder
+        tok = self.tokenizer
+        return TextDecoder(self.lm, tok.pad, tok.eot, tok.period, max_len, use_graphs=self.graphs)
+
+    def spare(self, decoder: TextDecoder):
+        """Keep the KV cache of a collected session for the next one."""
+        with self.spares_lock:
+            self.spare_decoders.append(decoder)
+
 
 def load(model_dir: Path | str, whisper: Path | str | None = None, vocoder: Path | str | None = None,
          device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
@@ -236,13 +258,12 @@ class Session:
         sessions use its slots instead, whose size is set when batching is turned on."""
         if max_new_tokens < 1 or max_units < 1 or push_units < 1:
             raise EchoXError("max_new_tokens, max_units and push_units must be at least 1")
-        tok = engine.tokenizer
         self.engine, self.sampling, self.segmenter = engine, sampling, segmenter
         self.max_new_tokens, self.max_units, self.push_units = max_new_tokens, max_units, push_units
         self.decoder: TextDecoder | None = None  # this conversation's own KV cache, without batching
         if engine.text_batcher is None:
-            self.decoder = TextDecoder(engine.lm, tok.pad, tok.eot, tok.period, max_len or DEFAULT_MAX_LEN,
-                                       use_graphs=engine.graphs)
+            self.decoder = engine.text_decoder(max_len or DEFAULT_MAX_LEN)
+            weakref.finalize(self, engine.spare, self.decoder)
             self.decoder.step_function(sampling)  # capture the step now, not inside the first answer
         elif max_len not in (None, engine.text_batcher.max_len):
             raise EchoXError(f"this engine batches conversations in KV slots of {engine.text_batcher.max_len} "

@@ -80,7 +80,8 @@ class TextDecoder:
         self.lm, self.pad_id, self.eot_id = lm, pad_id, eot_id
         self.device = lm.lm_head.weight.device
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
-        self.graphs = {}  # captured steps, by sampling setting
+        self.graphs = {}  # CUDA graphs of the step, by sampling setting
+        self.traced_body = None  # on a CPU: the trace of decode_step, for every setting
         self.state = state or lm.body.allocate_state(1, max_len)  # this conversation's KV cache
         self.max_len = max_len
         self.cached: list[Slot] = []  # what the KV cache holds, position by position
@@ -140,20 +141,34 @@ class TextDecoder:
 
     def step_function(self, sampling: SamplingParams):
         """(token [1], position [1]) -> (hidden [1, H], next token [1], score [1]): eager, or
-        captured once per sampling setting (capture.py; the setting is baked into the capture).
-        The caller bumps the sampling counter after each call: a trace would drop the bump, an
-        in-place write that nothing after it in the step reads."""
+        captured (capture.py). The caller bumps the sampling counter after each call: a trace
+        would drop the bump, an in-place write that nothing after it in the step reads."""
         def step(token, position):
             hidden = self.decode_step(token, position)
             return (hidden, *self.choose(hidden, sampling))
 
         if not self.use_graphs:
             return step
-        if sampling not in self.graphs:
-            self.lm.body.use_state(self.state)  # the capture records this conversation's cache buffers
-            position = torch.tensor([len(self.cached)], device=self.device)  # rewritten by the real step
-            self.graphs[sampling] = capture_step(step, torch.zeros_like(position), position)
-        return self.graphs[sampling]
+        if self.device.type == "cuda":  # the whole step, one graph per setting (baked into its kernels)
+            if sampling not in self.graphs:
+                self.graphs[sampling] = self.capture(step)
+            return self.graphs[sampling]
+        # A trace of the body alone serves every setting: torch.jit never frees a trace (its global
+        # compilation unit keeps it), and the settings a server's clients may choose are countless.
+        if self.traced_body is None:
+            self.traced_body = self.capture(self.decode_step)
+        body = self.traced_body
+
+        def traced_step(token, position):
+            hidden = body(token, position)
+            return (hidden, *self.choose(hidden, sampling))
+        return traced_step
+
+    def capture(self, step):
+        """`step` (token, position) captured on this conversation's cache buffers."""
+        self.lm.body.use_state(self.state)
+        position = torch.tensor([len(self.cached)], device=self.device)  # rewritten by the real step
+        return capture_step(step, torch.zeros_like(position), position)
 
     def start_read(self, token: torch.Tensor, score: torch.Tensor, slot: int):
         """Begin copying (token, score) to the host; the returned function waits for them.

@@ -2,6 +2,8 @@
 compute, for inputs other than the ones they were traced with, and a whole engine with them
 answers as an eager one does, bit for bit."""
 
+import gc
+
 import pytest
 import torch
 from test_batch import CONVERSATIONS, converse
@@ -63,7 +65,7 @@ def test_a_traced_sampled_step_draws_with_the_counter_of_each_call(traced):
             decoder.step += 1
             got.append((token.item(), score.item(), hidden))
         draws.append(got)
-    assert isinstance(decoders[1].step_function(sampled), TracedStep)
+    assert isinstance(decoders[1].traced_body, TracedStep) and not decoders[1].graphs
     for (token, score, hidden), (want_token, want_score, want_hidden) in zip(*draws):
         assert (token, score) == (want_token, want_score) and torch.equal(hidden, want_hidden)
 
@@ -71,3 +73,22 @@ def test_a_traced_sampled_step_draws_with_the_counter_of_each_call(traced):
 def test_a_cpu_batch_runs_at_every_width():
     assert capture_widths(6, torch.device("cpu")) == [1, 2, 3, 4, 5, 6]
     assert capture_widths(6, torch.device("cuda")) == [1, 2, 4, 6]
+
+
+def test_a_new_session_takes_a_collected_one_s_cache_and_its_trace(traced, eager):
+    """torch.jit never frees a trace, so sessions pass their KV caches (each with its one trace,
+    which serves every sampling setting) on instead of tracing anew; a cache passed on is emptied
+    and its sampling counter restarts, so the next session answers as on a fresh engine."""
+    sampled = CONVERSATIONS[2]
+    session = traced.session(sampling=SamplingParams(temperature=0.3, seed=9))
+    decoder = session.decoder
+    del session
+    gc.collect()
+    spares = {id(d): d.traced_body for d in traced.spare_decoders}
+    assert id(decoder) in spares and spares[id(decoder)] is not None
+    got = converse(traced, *sampled)
+    gc.collect()
+    assert {id(d): d.traced_body for d in traced.spare_decoders} == spares  # none new, none traced anew
+    want = converse(eager, *sampled)
+    assert [trace for trace, _ in got] == [trace for trace, _ in want]
+    assert all(torch.equal(audio, expected) for (_, audio), (_, expected) in zip(got, want))

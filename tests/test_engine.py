@@ -118,18 +118,10 @@ def test_audio_patch_in_user_text_is_refused_and_forgotten(engine):
     assert len(session.turns) == 2
 
 
-def test_speech_of_a_segment_arrives_while_the_llm_still_writes(engine):
+def test_speech_of_a_segment_arrives_while_the_llm_still_writes(engine, monkeypatch):
     """Pipelining: with a slowed-down LLM, audio of the first segment comes before the last text."""
-    import time
     session = new_session(engine)
-    decode = session.decoder.decode
-
-    def slow_decode(*args, **kwargs):
-        for token in decode(*args, **kwargs):
-            time.sleep(0.05)
-            yield token
-
-    session.decoder.decode = slow_decode
+    _slowed(session, monkeypatch, 0.05)
     events, trace = run_turn(session, text="Tell me more.")
     kinds = [type(e).__name__ for e in events]
     assert len(trace["segments"]) > 1 and "AudioChunk" in kinds
@@ -181,19 +173,20 @@ def test_leaving_the_loop_at_turn_done_keeps_the_turn(engine):
     assert session.turns[1].text == event.text
 
 
-def _slowed(session, seconds: float = 0.03):
+def _slowed(session, monkeypatch, seconds: float = 0.03):
+    """Slow the session's LLM down, until the test ends (the KV cache goes on to later sessions)."""
     decode = session.decoder.decode
 
     def slow_decode(*args, **kwargs):
         for token in decode(*args, **kwargs):
             time.sleep(seconds)
             yield token
-    session.decoder.decode = slow_decode
+    monkeypatch.setattr(session.decoder, "decode", slow_decode)
 
 
-def test_cancel_from_another_thread_keeps_what_was_said(engine):
+def test_cancel_from_another_thread_keeps_what_was_said(engine, monkeypatch):
     session = new_session(engine, max_new_tokens=40)
-    _slowed(session)
+    _slowed(session, monkeypatch)
     events = []
     for event in session.respond(text="Talk for a while."):
         events.append(event)
@@ -211,7 +204,7 @@ def test_cancel_from_another_thread_keeps_what_was_said(engine):
     assert not session.cancelled.is_set()
 
 
-def test_last_text_comes_when_the_llm_stops_not_after_the_speech(engine):
+def test_last_text_comes_when_the_llm_stops_not_after_the_speech(engine, monkeypatch):
     """An answer that ends inside a multi-byte character still has all its text out before any of
     the speech of its final segment, which is only cut when the LLM stops."""
     tok = engine.tokenizer
@@ -223,7 +216,7 @@ def test_last_text_comes_when_the_llm_stops_not_after_the_speech(engine):
         for token, token_id in zip(decode(*args, **kwargs), ids):
             token.id = token_id
             yield token
-    session.decoder.decode = scripted
+    monkeypatch.setattr(session.decoder, "decode", scripted)
     events, trace = run_turn(session, text="Say it.")
     kinds = [type(e).__name__ for e in events]
     assert "AudioChunk" in kinds

@@ -282,3 +282,21 @@ def test_page_and_plain_http_on_the_websocket_path(server):
     assert status == 200 and kind == "text/html" and "/v1/realtime" in html and "microphone-worklet.js" in html
     assert script_status == 200 and "registerProcessor" in script
     assert plain_status == 400 and "WebSocket" in plain
+
+
+def test_response_done_goes_out_as_the_connection_is_freed(tiny_model_dir):
+    """The turn's worker thread does not send response.done: finished(), on the event loop, sends it
+    and frees the connection in the same step, so a client that answers response.done with its next
+    response.create at once never finds the last one still in progress."""
+    import echox
+    from echox.serve.response import Response
+    from echox.serve.session_config import SessionConfig
+    session = echox.load(tiny_model_dir).session(max_new_tokens=4, max_units=MAX_UNITS)
+    sent = []
+    response = Response(SessionConfig(temperature=0.0, top_p=1.0, max_output_tokens=4), None, "Hi.",
+                        lambda: session, sent.append, lambda: sent.append("connection free"))
+    response.run()  # what the worker thread runs
+    assert [event["type"] for event in sent][-1] == "response.output_text.done"  # and no response.done yet
+    assert "response.done" not in [event["type"] for event in sent]
+    response.finished()
+    assert sent[-2]["type"] == "response.done" and sent[-1] == "connection free"

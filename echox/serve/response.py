@@ -37,6 +37,9 @@ class Response:
         self.open_session, self.post, self.on_finished = open_session, post, on_finished
         self.session: Session | None = None
         self.cancel_reason: str | None = None  # set by stop(): "client_cancelled" or "turn_detected"
+        # The response.done event, sent by finished() on the event loop as the connection frees
+        # itself for the next response: a client that answers response.done at once is never refused.
+        self.done_event: dict | None = None
         self.wait_ms = 0.0
 
     # ---- the event loop's side ------------------------------------------------------------------
@@ -57,9 +60,11 @@ class Response:
 
     def drop(self):
         self.cancel_reason = self.cancel_reason or "client_cancelled"
-        self.post(server_event("response.done", response=self.describe("cancelled", self.cancel_reason)))
+        self.done_event = server_event("response.done", response=self.describe("cancelled", self.cancel_reason))
 
     def finished(self):
+        if self.done_event is not None:
+            self.post(self.done_event)
         self.on_finished()
 
     # ---- the worker thread's side ---------------------------------------------------------------
@@ -97,7 +102,8 @@ class Response:
         self.post(self.part_event("response.output_audio.done"))
         self.post(self.part_event("response.output_text.done", text="".join(text)))
         status, reason = self.outcome(done.trace)
-        self.post(server_event("response.done", response=self.describe(status, reason, done.trace, "".join(text))))
+        self.done_event = server_event("response.done", response=self.describe(status, reason, done.trace,
+                                                                               "".join(text)))
 
     def send_audio(self, samples: torch.Tensor):
         if samples.numel():
@@ -115,7 +121,7 @@ class Response:
         self.post(error_event(error))
         failed = self.describe("failed")
         failed["status_details"]["error"] = {"type": error.kind, "code": error.code, "message": error.message}
-        self.post(server_event("response.done", response=failed))
+        self.done_event = server_event("response.done", response=failed)
 
     # ---- payloads -------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ replay runs them from C++, taking the lock only to enter and leave. It runs the 
 same tensors as the eager step, so it gives the same bits (it runs unoptimised: no fusion, no
 folding; tests compare replays with eager steps).
 
-So the LLM and echo-decoder steps and the steady vocoder push are captured. A captured step must
+So the LLM and echo-decoder steps (and on a GPU the steady vocoder push) are captured. A step must
 have static shapes; for a CUDA graph also no host sync, and for a trace no Python decision on a
 tensor's value (a value that must stay live, like the CPU decode attention's used cache length,
 stays a tensor). A CUDA graph's inputs are copied into static buffers and its outputs are static

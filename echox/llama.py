@@ -6,7 +6,7 @@ into one matmul; the released separate weights are concatenated at load.
 
 `forward(x, positions, key_valid)` runs T new embeddings (a prefill, or T = 1 for a decode
 step) and returns the final-norm hidden states. It has no data-dependent Python branches and
-no host syncs, so the decode step can be captured in a CUDA graph.
+no host syncs, so the decode step can be captured (capture.py: a CUDA graph or a trace).
 """
 
 import math

@@ -219,8 +219,9 @@ def load(model_dir: Path | str, whisper: Path | str | None = None, vocoder: Path
     """Load an EchoX model folder, its Whisper encoder and its vocoder onto `device`.
 
     The LLM and echo-decoder decode steps (and on a GPU steady vocoder pushes) run captured
-    (capture.py: CUDA graphs on a GPU, TorchScript traces on a CPU) unless `graphs` is False (for debugging:
-    eager steps show each op in a profiler and raise where they fail; the results are the same).
+    (capture.py: CUDA graphs on a GPU, TorchScript traces on a CPU) unless `graphs` is False
+    (for debugging: eager steps show each op in a profiler and raise where they fail; the results
+    are the same).
     `threads` sets torch's intra-op CPU threads, which the LLM, echo-decoder and vocoder threads
     of a turn each start with (None: leave torch's setting); an unbatched turn's speech encoder,
     adapter and prefill, which run before those threads start, use every core, as does a batched

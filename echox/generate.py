@@ -143,26 +143,24 @@ class TextDecoder:
         """(token [1], position [1]) -> (hidden [1, H], next token [1], score [1]): eager, or
         captured (capture.py). The caller bumps the sampling counter after each call: a trace
         would drop the bump, an in-place write that nothing after it in the step reads."""
+        body = self.decode_step
+        if self.use_graphs and self.device.type != "cuda":
+            # A trace of the body alone serves every setting: torch.jit never frees a trace (its
+            # global compilation unit keeps it), and the settings a server's clients may choose
+            # are countless.
+            if self.traced_body is None:
+                self.traced_body = self.capture(self.decode_step)
+            body = self.traced_body
+
         def step(token, position):
-            hidden = self.decode_step(token, position)
-            return (hidden, *self.choose(hidden, sampling))
-
-        if not self.use_graphs:
-            return step
-        if self.device.type == "cuda":  # the whole step, one graph per setting (baked into its kernels)
-            if sampling not in self.graphs:
-                self.graphs[sampling] = self.capture(step)
-            return self.graphs[sampling]
-        # A trace of the body alone serves every setting: torch.jit never frees a trace (its global
-        # compilation unit keeps it), and the settings a server's clients may choose are countless.
-        if self.traced_body is None:
-            self.traced_body = self.capture(self.decode_step)
-        body = self.traced_body
-
-        def traced_step(token, position):
             hidden = body(token, position)
             return (hidden, *self.choose(hidden, sampling))
-        return traced_step
+
+        if not (self.use_graphs and self.device.type == "cuda"):
+            return step
+        if sampling not in self.graphs:  # the whole step, one graph per setting (baked into its kernels)
+            self.graphs[sampling] = self.capture(step)
+        return self.graphs[sampling]
 
     def capture(self, step):
         """`step` (token, position) captured on this conversation's cache buffers."""

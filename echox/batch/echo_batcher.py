@@ -5,8 +5,8 @@ prompt in a free slot (a batch of one), then its row decodes `units_per_read` gr
 per block with the other rows, and leaves at eot or at its unit budget. Rows in the step's range
 with no segment decode at position 0 of their slot, which holds nothing worth keeping (a
 segment's cache lives only as long as its decode). A block is captured per batch width
-(capture.py: a CUDA graph on a GPU, a trace on a CPU), as the LLM's step is. Each row's units go back to its caller a
-block at a time, as `EchoDecoder.generate` yields them without batching.
+(capture.py: a CUDA graph on a GPU, a trace on a CPU), as the LLM's step is. Each row's units
+go back to its caller a block at a time, as `EchoDecoder.generate` yields them without batching.
 """
 
 from collections.abc import Iterator

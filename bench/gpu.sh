@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything a lent GPU machine (no network, one call of at most 10 minutes) is for:
-# build csrc into echox_cuda, run the `gpu` tests, then every benchmark into bench/results/.
+# build csrc into echox_cuda, run the `gpu` tests, then every benchmark into bench/results/
+# (the speech path last, in whatever time is left).
 # Each phase has a time limit (575 s in all, kill grace included), so the whole script ends within 10 minutes, and its log and the
 # results are copied to $OUT when it is set (the device tool brings back only that folder),
 # whichever phase fails.
@@ -52,5 +53,18 @@ report=$?
 # released sampling (a server's default: rows of one setting share one read of the output head).
 phase batch 100 "$PY" bench/batch_engine.py --size 8b --device cuda --repeats 1 --max-new-tokens 64 --sampling released
 batch=$?
-echo "gpu tests exit code ${gpu_tests}; report exit code ${report}; batch exit code ${batch}"
-exit $(( gpu_tests != 0 || report != 0 || batch != 0 ))
+# Where a turn's time goes with the released echo decoder and vocoder beside a tiny LLM (turn vs
+# critical path, streaming vs offline vocoding: issue 11's targets), in the time the phases above
+# left of the 575 s.
+speech=0
+left=$((575 - SECONDS - 5))
+if [ "$left" -ge 30 ]; then
+    stem="bench/results/$(date +%F)-gpu-speech"
+    phase speech "$left" "$PY" bench/speech_path.py --device cuda --threads 1 --repeats 3 \
+        --out "$stem.jsonl" --markdown "$stem.md"
+    speech=$?
+else
+    echo "=== speech: skipped, ${left} s left" | tee -a "$log"
+fi
+echo "gpu tests exit code ${gpu_tests}; report exit code ${report}; batch exit code ${batch}; speech exit code ${speech}"
+exit $(( gpu_tests != 0 || report != 0 || batch != 0 || speech != 0 ))

@@ -18,7 +18,8 @@ Then the vocoder alone on the last turn's units, segment by segment, each timed 
 times: `stream_ms` pushes them as the engine does (look-ahead + 1 units, then `push_units` at a
 time, the rest with the flush) and `offline_ms` runs `Vocoder.forward` on them.
 
-    python bench/speech_path.py --threads 1 2 --out bench/results/<date>-cpu-speech.json
+    python bench/speech_path.py --threads 1 2 --out bench/results/<date>-cpu-speech.jsonl
+    python bench/speech_path.py --device cuda --threads 1 --out ...-gpu-speech.jsonl   # (bench/gpu.sh)
 It imports `echox` from wherever Python finds it, so the same script times an older checkout
 (PYTHONPATH=<checkout>) for a before/after comparison; `--label` names the run.
 """
@@ -91,26 +92,30 @@ def flush_with(voice: StreamingVocoder, units: torch.Tensor) -> list[torch.Tenso
 
 
 def vocoder_costs(engine, segments: list[list[int]], push_units: int, repeats: int) -> dict:
-    """Streaming (the engine's calls) and offline vocoding of the same units, in ms (medians)."""
-    vocoder = engine.vocoder
+    """Streaming (the engine's calls, on a GPU its captured pushes) and offline vocoding of the
+    same units, in ms (medians)."""
+    vocoder, device = engine.vocoder, engine.device
     first = StreamingVocoder(vocoder).lookahead_units + 1
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def stream(unit_tokens: list[int]):
-        voice = StreamingVocoder(vocoder, engine.speaker)
+        voice = engine.voice()
         *pushes, last = engine_pushes(engine, unit_tokens, first, push_units)
-        return [voice.push(units) for units in pushes] + flush_with(voice, last)
+        return [voice.push(units.to(device)) for units in pushes] + flush_with(voice, last.to(device))
 
     def offline(unit_tokens: list[int]):
-        return vocoder(torch.tensor(engine.echo.units_of(unit_tokens)), speaker=engine.speaker)
+        return vocoder(torch.tensor(engine.echo.units_of(unit_tokens), device=device), speaker=engine.speaker)
 
     out = {}
     segments = [s for s in segments if engine.echo.units_of(s)]
     for name, run in (("stream_ms", stream), ("offline_ms", offline)):
         runs = []
         for _ in range(repeats + 1):  # the first run warms up
+            sync()
             started = time.perf_counter()
             for unit_tokens in segments:
                 run(unit_tokens)
+            sync()
             runs.append((time.perf_counter() - started) * 1000)
         out[name] = statistics.median(runs[1:])
     out["stream_over_offline"] = out["stream_ms"] / out["offline_ms"]
@@ -120,7 +125,7 @@ def vocoder_costs(engine, segments: list[list[int]], push_units: int, repeats: i
 
 def measure(size: str, threads: int, args) -> dict:
     torch.set_num_threads(threads)
-    engine = build_engine(size, "cpu", graphs=not args.eager)
+    engine = build_engine(size, args.device, graphs=not args.eager)
     session = engine.session(sampling=GREEDY, segmenter=RELEASED_SEGMENTER, max_new_tokens=args.max_new_tokens,
                              max_units=args.max_units, push_units=args.push_units)
     audio = question(args.question_seconds)
@@ -132,7 +137,8 @@ def measure(size: str, threads: int, args) -> dict:
         vocoder = vocoder_costs(engine, segments, args.push_units, args.repeats)
     numbers = {key: statistics.median(n[key] for _, n in turns) for key in turns[0][1]}
     audio_s = sum(segment["samples"] for segment in trace["segments"]) / 16000
-    return {"label": args.label + (", eager" if args.eager else ""), "size": size, "threads": threads, "push_units": args.push_units,
+    return {"label": args.label + (", eager" if args.eager else ""), "size": size, "device": device_name(args.device),
+            "threads": threads, "push_units": args.push_units,
             "repeats": args.repeats,
             "tokens": len(trace["tokens"]), "segments": len(segments), "audio_s": audio_s,
             **numbers, "turn_over_critical_path": numbers["turn_ms"] / numbers["critical_path_ms"],
@@ -156,11 +162,17 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def header() -> str:
+def device_name(device: str) -> str:
     import os
     import platform
-    return (f"# Speech path of a turn: {platform.machine()} CPU, {os.cpu_count()} cores, "
-            f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}\n\n"
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores"
+
+
+def header(device: str) -> str:
+    return (f"# Speech path of a turn: {device_name(device)}, torch {torch.__version__}, "
+            f"{time.strftime('%Y-%m-%d')}\n\n"
             "Random weights; medians. `turn / critical path` is the turn's wall time over pre-LLM work + "
             "max(LLM, echo decoder, vocoder); `stream / offline` is the vocoder alone on the turn's units, "
             "pushed as the engine pushes them vs `Vocoder.forward`. Made by `bench/speech_path.py`.\n\n")
@@ -169,6 +181,7 @@ def header() -> str:
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="voice")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (on a GPU --threads sets only the host's ops)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=60)
@@ -190,7 +203,7 @@ def main(argv: list[str] | None = None):
                 f.write(json.dumps(row) + "\n")
     if args.out and args.markdown:
         rows = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
-        args.markdown.write_text(header() + markdown(rows))
+        args.markdown.write_text(header(args.device) + markdown(rows))
     print(markdown(rows))
 
 

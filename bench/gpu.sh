@@ -42,6 +42,15 @@ trap save_results EXIT
 
 phase gpu-info 15 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
 phase build 160 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
+# An old setuptools installs an editable package as a path to the checkout, where the Triton
+# kernels' folder (kernels/) is not importable as `echox_kernels` (seen with setuptools 65): then
+# a link of that name in a folder of its own goes on PYTHONPATH, for every phase below.
+if ! "$PY" -c "import echox_kernels" 2>/dev/null; then
+    shim="$(mktemp -d)"
+    ln -s "$PWD/kernels" "$shim/echox_kernels"
+    export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
+    echo "echox_kernels imported through a link in $shim" | tee -a "$log"
+fi
 # torch first: echox_cuda links against libtorch and libc10, which importing torch loads.
 phase import-check 20 "$PY" -c "import torch, echox_cuda; print('echox_cuda built for', torch.cuda.get_device_name())" \
     || echo "echox_cuda NOT built: CUDA kernels are not timed"

@@ -4,6 +4,12 @@ get their results through a queue of their own.
 The loop, in `BatchWorker.run`: admit what waits (each admission may run work of its own, such
 as a prefill, between two batched steps), run one step over every active row, repeat; sleep
 while nothing is active. A failed step fails every active request, and the loop goes on.
+
+The results of a step go to their callers through a courier thread, all at once: waking a
+waiting caller takes the loop ~10-100 us of the interpreter lock per row (the woken thread
+contends for it at once), so at 8 rows handing out tokens in the loop itself took 0.5-0.8 ms of
+a ~3 ms CPU step. The courier wakes them while the loop runs its next step, in the order the
+loop gave the results.
 """
 
 import contextlib
@@ -17,21 +23,46 @@ import torch
 FINISHED = object()  # a request's last item
 
 
+class Courier:
+    """Puts results on their callers' queues from a thread of its own, in the order sent. The
+    loop's thread collects a step's results (`send`) and hands them over in one go (`dispatch`)."""
+
+    def __init__(self, name: str):
+        self.outbox: list[tuple[queue.SimpleQueue, object]] = []  # the loop thread's, not yet dispatched
+        self.batches: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self.run, name=name, daemon=True).start()
+
+    def send(self, results: queue.SimpleQueue, item):
+        self.outbox.append((results, item))
+
+    def dispatch(self):
+        if self.outbox:
+            self.batches.put(self.outbox)
+            self.outbox = []
+
+    def run(self):
+        while True:
+            for results, item in self.batches.get():
+                results.put(item)
+
+
 class Request:
-    """What a caller asked for, and the queue its results come back through."""
+    """What a caller asked for, and the queue its results come back through (by the courier of
+    the worker it is submitted to)."""
 
     def __init__(self, ready: torch.cuda.Event | None = None):
         self.ready = ready  # on a GPU: the caller's inputs are written once this event is done
-        self.results: queue.Queue = queue.Queue()
+        self.results: queue.SimpleQueue = queue.SimpleQueue()
+        self.courier: Courier | None = None  # set when submitted
         self.cancelled = False  # set by the caller's side; the loop drops the request
 
     def put(self, item):
-        self.results.put(item)
+        self.courier.send(self.results, item)
 
     def finish(self, error: BaseException | None = None):
         if error is not None:
-            self.results.put(error)
-        self.results.put(FINISHED)
+            self.put(error)
+        self.put(FINISHED)
 
     def items(self) -> Iterator:
         """Results as they come; a failure is raised here; leaving early cancels the request."""
@@ -60,11 +91,13 @@ class BatchWorker:
         self.waiting: deque[Request] = deque()
         self.arrived = threading.Condition()
         self.thread = threading.Thread(target=self.run, name=name, daemon=True)
+        self.courier = Courier(f"{name}-courier")
 
     def start(self):
         self.thread.start()
 
     def submit(self, request: Request) -> Request:
+        request.courier = self.courier
         with self.arrived:
             self.waiting.append(request)
             self.arrived.notify()
@@ -84,6 +117,7 @@ class BatchWorker:
                     self.step()
                 except Exception as error:  # noqa: BLE001 - handed to every caller of the failed step
                     self.fail_active(error)
+                self.courier.dispatch()
 
     def admit_waiting(self):
         """Admit waiting requests in arrival order until one finds no room, or `joins_per_step` joined."""
@@ -96,6 +130,7 @@ class BatchWorker:
                 request = self.waiting[0]
             if request.cancelled:
                 self.pop(request).finish()
+                self.courier.dispatch()
                 continue
             if request.ready is not None:
                 torch.cuda.current_stream().wait_event(request.ready)
@@ -106,6 +141,7 @@ class BatchWorker:
             except Exception as error:  # noqa: BLE001 - the request's own failure (e.g. too long)
                 request.finish(error)
             self.pop(request)
+            self.courier.dispatch()  # its first results (a prefill's token) go before the next admission
 
     def pop(self, request: Request) -> Request:
         with self.arrived:

@@ -170,6 +170,7 @@ class TextBatcher(BatchWorker):
             self.decoders[slot].cached.append(row.token)  # its keys and values are in the cache now
             row.position += 1
             self.hand_out(row, hidden[slot].clone(), token, score)
+        self.courier.dispatch()  # the loop would next; here, so that the step's time counts the handover
         self.step_seconds += time.perf_counter() - started
 
     def hand_out(self, row: Row, hidden: torch.Tensor, token: float, score: float):

@@ -25,25 +25,38 @@ FINISHED = object()  # a request's last item
 
 class Courier:
     """Puts results on their callers' queues from a thread of its own, in the order sent. The
-    loop's thread collects a step's results (`send`) and hands them over in one go (`dispatch`)."""
+    loop's thread collects a step's results (`send`) and hands them over in one go (`dispatch`);
+    a single result, with nothing still on its way, it puts itself (one wake-up either way)."""
 
     def __init__(self, name: str):
         self.outbox: list[tuple[queue.SimpleQueue, object]] = []  # the loop thread's, not yet dispatched
         self.batches: queue.SimpleQueue = queue.SimpleQueue()
+        self.pending = 0  # batches handed over and not yet all put
+        self.lock = threading.Lock()
         threading.Thread(target=self.run, name=name, daemon=True).start()
 
     def send(self, results: queue.SimpleQueue, item):
         self.outbox.append((results, item))
 
     def dispatch(self):
-        if self.outbox:
+        if not self.outbox:
+            return
+        with self.lock:
+            itself = len(self.outbox) == 1 and self.pending == 0
+            self.pending += not itself
+        if itself:
+            results, item = self.outbox[0]
+            results.put(item)
+        else:
             self.batches.put(self.outbox)
-            self.outbox = []
+        self.outbox = []
 
     def run(self):
         while True:
             for results, item in self.batches.get():
                 results.put(item)
+            with self.lock:
+                self.pending -= 1
 
 
 class Request:

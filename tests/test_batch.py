@@ -10,7 +10,7 @@ import echox.engine as echox_engine
 from echox.batch import text_batcher
 from echox.batch.slots import SlotTable
 from echox.batch.text_batcher import TextRequest
-from echox.batch.worker import BatchWorker, Request
+from echox.batch.worker import BatchWorker, Courier, Request
 from echox.cli import demo_question
 from echox.engine import AudioChunk, TextDelta, TurnDone
 from echox.errors import EchoXError
@@ -262,3 +262,23 @@ def test_a_batched_prefill_takes_every_core_only_while_no_speech_is_made(batched
     speech_busy[0] = True
     list(talk.respond(text="And then?"))
     assert len(prefills_on_every_core) == 1
+
+
+def test_courier_keeps_each_callers_results_in_order():
+    """Handovers of many results and lone results put by the loop itself interleave, while the
+    courier may still be putting an earlier handover: every caller still reads its own in order."""
+    courier = Courier("test-courier")
+    callers = [Request() for _ in range(3)]
+    for request in callers:
+        request.courier = courier
+    sent = {id(request): [] for request in callers}
+    for step in range(300):
+        # Some steps give every caller a result, some only one (the loop may put that itself).
+        for request in callers if step % 3 else callers[step % 2:step % 2 + 1]:
+            request.put(step)
+            sent[id(request)].append(step)
+        courier.dispatch()
+    for request in callers:
+        request.finish()
+        courier.dispatch()
+        assert list(request.items()) == sent[id(request)]

@@ -43,7 +43,8 @@ class Courier:
             return
         with self.lock:
             itself = len(self.outbox) == 1 and self.pending == 0
-            self.pending += not itself
+            if not itself:
+                self.pending += 1
         if itself:
             results, item = self.outbox[0]
             results.put(item)
@@ -136,6 +137,7 @@ class BatchWorker:
         """Admit waiting requests in arrival order until one finds no room, or `joins_per_step` joined."""
         joined = 0
         while True:
+            self.courier.dispatch()  # the last admission's results (a prefill's token) go before the next
             with self.arrived:
                 if not self.waiting or (self.joins_per_step is not None and joined >= self.joins_per_step
                                         and self.active()):
@@ -143,7 +145,6 @@ class BatchWorker:
                 request = self.waiting[0]
             if request.cancelled:
                 self.pop(request).finish()
-                self.courier.dispatch()
                 continue
             if request.ready is not None:
                 torch.cuda.current_stream().wait_event(request.ready)
@@ -154,7 +155,6 @@ class BatchWorker:
             except Exception as error:  # noqa: BLE001 - the request's own failure (e.g. too long)
                 request.finish(error)
             self.pop(request)
-            self.courier.dispatch()  # its first results (a prefill's token) go before the next admission
 
     def pop(self, request: Request) -> Request:
         with self.arrived:

@@ -11,6 +11,8 @@ python bench/report.py --device cpu "$@"
 # Where a turn's time goes with the released echo decoder and vocoder, and streaming vs offline vocoding.
 stem="bench/results/$(date +%F)-cpu-speech"
 python bench/speech_path.py --out "$stem.jsonl" --markdown "$stem.md"
+# The same stages against this machine's limits (<date>-cpu-roofline-voice.md).
+python bench/cpu_roofline.py
 # Many conversations on one engine: 1..16 at once, batched vs one (bench/results/<date>-cpu-batch-tiny.md).
 python bench/batch_engine.py --size tiny
 # What the interpreter lock costs the LLM's batched step beside speech work (<date>-cpu-interpreter-lock-tiny.md).

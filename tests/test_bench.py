@@ -140,3 +140,21 @@ def test_interpreter_lock_times_the_decode_step_beside_each_neighbour(tmp_path):
                                                "a vocoder process"]
     assert all(c[mode]["step_ms"] > 0 and c[mode]["cpu_ms"] > 0 and c[mode]["waits_per_step"] >= 0
                for c in cases for mode in ("eager", "captured"))
+
+
+def test_cpu_roofline_holds_the_speech_path_against_the_machines_limits(tmp_path):
+    import cpu_roofline
+    cpu_roofline.main(["--size", "tiny", "--repeats", "1", "--out", str(tmp_path)])
+    report = json.loads(next(tmp_path.glob("*-cpu-roofline-tiny.json")).read_text())
+    echo, vocoder, machine = report["echo"], report["vocoder"], report["machine"]
+    body = model_folder(SIZES["tiny"], seed=0).config.echo.body
+    q, kv = body.num_heads * body.head_dim, body.num_kv_heads * body.head_dim
+    layer = body.hidden_size * (q + 2 * kv) + q * body.hidden_size + 3 * body.hidden_size * body.intermediate_size
+    adapter, unit_head = body.hidden_size * SIZES["tiny"].llm.hidden_size, (1 + SIZES["tiny"].unit_vocab_size) * body.hidden_size
+    assert echo["step_bytes"] == 4 * (body.num_layers * layer + adapter + unit_head)  # every matrix a step reads
+    assert machine["peak_gflops"] > 0 and machine["read_gbs"] > 0 and echo["linear_gbs"] > 0
+    assert 0 < echo["floor_ms_any_kernel"] and 0 < echo["floor_ms_engine_kernel"] and vocoder["gflop_per_unit"] > 0
+    assert report["fill_floor_ms"] == pytest.approx(
+        echo["prefill_ms"] + (vocoder["lookahead_units"] + 1) * echo["floor_ms_engine_kernel"])
+    markdown = next(tmp_path.glob("*-cpu-roofline-tiny.md")).read_text()
+    assert "| echo decoder step (ms / unit) |" in markdown and "| vocoder, streamed (ms / unit) |" in markdown

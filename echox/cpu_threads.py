@@ -1,17 +1,24 @@
 """How many CPU threads a piece of work gets, when it does not get the engine's `threads`.
 
 A turn's echo-decoder and vocoder threads (and the LLM's, while they run) each keep the count
-the engine was loaded with, so that they do not fight over the cores. Work that runs while
-nothing else computes (a solo turn's speech encoder, adapter and prefill; a batched prefill
-while no speech is being made) may take every core instead: its large matrix products share
-out their outputs among threads, not their sums, so the bits are the same on any thread count
-(tests/test_engine.py checks a whole turn and the released models' shapes).
+the engine was loaded with (`Engine.threads`, pinned as each thread starts), so that they do not
+fight over the cores. Work that runs while nothing else computes (a solo turn's speech encoder,
+adapter and prefill; a batched prefill while no speech is being made; the echo decoder while the
+vocoder waits for units) may take every core instead: its large matrix products share out their
+outputs among threads, not their sums, so the bits are the same on any thread count
+(tests/test_engine.py checks a whole turn and the released models' shapes; the echo decoder's
+one-row products split by split_linear.py, tests/test_split_linear.py).
 """
 
 import contextlib
 import os
+import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 def usable_cores() -> int:
@@ -31,6 +38,39 @@ def torch_threads(count: int):
         torch.set_num_threads(before)
 
 
+def pin_threads(count: int):
+    """Give the calling thread `count` torch threads. A thread's first torch op hands it the count
+    some thread set last (torch keeps one for the process), which another thread may have just
+    raised; done first here, that hand-out cannot undo the count set after it."""
+    torch.get_num_threads()
+    torch.set_num_threads(count)
+
+
 def every_core():
     """`torch_threads` on every core this process may use."""
     return torch_threads(usable_cores())
+
+
+def on_every_core(work: Callable[[], T]) -> T:
+    """work() on every core, in a thread of its own that ends with it; its result or error.
+
+    GNU OpenMP keeps a pool of workers for each thread that has run ops on several cores, and
+    once the process holds more of them than it has cores it stops spinning them between parallel
+    regions, so that short regions wait for a worker to wake up: the echo decoder's split products
+    (split_linear.py) ran 2.5x slower on 2 cores after the caller's prefill had used both. A
+    thread of its own takes its pool with it when it ends."""
+    outcome: dict[str, object] = {}
+
+    def run():
+        try:
+            with torch.inference_mode(), every_core():  # inference mode is per thread
+                outcome["result"] = work()
+        except BaseException as error:  # re-raised in the caller's thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name="echox-every-core", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]

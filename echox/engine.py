@@ -15,7 +15,7 @@ import functools
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from .batch.vocoder_batcher import VocoderBatcher
 from .capture import can_capture
 from .checkpoint import ModelFolder, open_model_folder, resolve_vocoder, resolve_whisper
 from .config import WhisperConfig
-from .cpu_threads import every_core
+from .cpu_threads import on_every_core
 from .echo import EchoDecoder, load_echo_decoder
 from .errors import EchoXError
 from .generate import AudioSlot, Slot, TextDecoder
@@ -38,6 +38,7 @@ from .mel import log_mel
 from .sampling import RELEASED_SAMPLING, SamplingParams
 from .segmenter import RELEASED_SEGMENTER, Segmenter, SegmenterParams
 from .speech_pipeline import AudioChunk, SegmentRecord, SpeechPipeline
+from .split_linear import split_one_row_products
 from .streaming_vocoder import LARGEST_PIECE, StreamingVocoder, advance_streams
 from .tokenizer import Turn, user_text
 from .vocoder import Vocoder, load_vocoder
@@ -123,6 +124,8 @@ class Engine:
     graphs: bool = False  # decode steps (and on a GPU steady vocoder pushes) run captured (capture.py)
     steady_push: SteadyPush | None = None  # vocoder pushes of steady streams as CUDA graphs
     busy: threading.Lock = field(default_factory=threading.Lock)  # held while a turn is answered (no batching)
+    # On a CPU, the torch threads of each of a turn's threads: the caller's count when the engine is made.
+    threads: int = field(default_factory=torch.get_num_threads)
     # KV caches of collected unbatched sessions, with their captured steps, for the next sessions:
     # a CPU trace is never freed, so sessions must not each make new ones.
     spare_decoders: list[TextDecoder] = field(default_factory=list)
@@ -148,6 +151,8 @@ class Engine:
         trace saves little, and tracing one (a second each, per push length and stream count)
         would stall the first pushes of every length."""
         self.graphs = graphs and can_capture(self.device)
+        if self.device.type == "cpu":  # before the capture: its steps then run the split products
+            split_one_row_products(self.echo.body)
         self.echo.use_graphs = self.graphs
         if self.graphs:
             self.echo.block_function(full_head=False)
@@ -388,16 +393,19 @@ class Session:
     def _respond(self, samples: torch.Tensor | None, text: str) -> Iterator[Event]:
         engine, tok = self.engine, self.engine.tokenizer
         clock, timings = Clock(engine.device), {}
-        kept: list[int] = []
-        # Until the LLM's first step a solo turn has the CPU to itself; a batched one shares it.
-        alone = self.decoder is not None and engine.device.type == "cpu"
-        with every_core() if alone else contextlib.nullcontext():
+
+        def before_llm() -> tuple[list[int], list[Slot], Iterator, Callable]:
+            kept: list[int] = []
             if samples is not None:
                 embeddings, kept = self.listen(samples, clock, timings)
                 self.speech[len(self.turns)] = embeddings
             self.turns.append(Turn("user", text, audio=samples is not None))
             slots = self.slots()
-            answer_tokens, finish_timings = self.llm_tokens(slots, clock, timings)
+            return kept, slots, *self.llm_tokens(slots, clock, timings)
+
+        # Until the LLM's first step a solo turn has the CPU to itself; a batched one shares it.
+        alone = self.decoder is not None and engine.device.type == "cpu"
+        kept, slots, answer_tokens, finish_timings = on_every_core(before_llm) if alone else before_llm()
 
         speech = self.speaking = SpeechPipeline(engine, self.max_units, self.push_units, clock)
         segmenter, text_stream = Segmenter(self.segmenter), tok.decode_stream()

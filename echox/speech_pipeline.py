@@ -5,7 +5,8 @@
 So the echo decoder writes the units of segment k (or of the rest of segment k) while the
 vocoder speaks what it has already written, and both run while the LLM writes segment k+1.
 On a GPU each thread has its own CUDA stream; on a CPU each runs torch ops with the engine's
-intra-op thread count.
+intra-op thread count, except that the echo decoder takes every core while the vocoder waits
+for units (its one-row products then split over them, split_linear.py, with the same bits).
 
 The vocoder's pushes do not depend on timing: the first push of a segment waits for
 `lookahead_units` + 1 units (no sample can leave the vocoder before that), every later one
@@ -26,6 +27,8 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
+
+from .cpu_threads import pin_threads, usable_cores
 
 END_OF_SEGMENT = None  # in the unit queue: the segment's units are all written
 
@@ -67,6 +70,7 @@ class SpeechPipeline:
         self.vocoder_end_ms: float | None = None
         self.errors: list[BaseException] = []
         self.cancelled = False
+        self.vocoding = False  # the vocoder thread is inside a push (else it waits for units)
         # Each thread, however it ends, tells the next stage that nothing more comes from it.
         self.threads = [threading.Thread(target=self._guarded, args=(loop, done), name=name, daemon=True)
                         for name, loop, done in (("echox-echo", self._echo_loop, self.units),
@@ -118,6 +122,8 @@ class SpeechPipeline:
         whole pipeline and is kept for the main thread, which re-raises it."""
         device = self.engine.device
         stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        if device.type == "cpu":
+            pin_threads(self.engine.threads)
         try:
             with torch.inference_mode(), (torch.cuda.stream(stream) if stream else contextlib.nullcontext()):
                 loop()
@@ -140,16 +146,40 @@ class SpeechPipeline:
             hidden.record_stream(stream)  # its memory is not reused before this stream is done with it
         echo, record = self.engine.echo, self.records[index]
         started = self.clock.now()
-        for unit_token in self.engine.echo_units(hidden, self.max_units, ready):
-            if self.cancelled:
-                return
-            units = echo.units_of([unit_token])
-            record.unit_tokens.append(unit_token)
-            record.units.extend(units)
-            if units:
-                self.units.put((index, units))
+        with self._echo_threads() as threads:
+            threads()
+            for unit_token in self.engine.echo_units(hidden, self.max_units, ready):
+                if self.cancelled:
+                    return
+                units = echo.units_of([unit_token])
+                record.unit_tokens.append(unit_token)
+                record.units.extend(units)
+                if units:
+                    self.units.put((index, units))
+                threads()  # for the next step
         self.echo_ms += self.clock.since(started)
         self.units.put((index, END_OF_SEGMENT))
+
+    @contextlib.contextmanager
+    def _echo_threads(self):
+        """A function that sets this thread's torch threads for the echo decoder's next step: every
+        core while the vocoder waits for units, the engine's count while it pushes (and after the
+        segment). On a CPU the decode step's products then read their weights on every core
+        (split_linear.py), with the same bits on any count; a GPU and the echo batch of a batched
+        engine keep theirs."""
+        own, cores = self.engine.threads, usable_cores()
+        if self.engine.device.type != "cpu" or self.engine.echo_batcher is not None or own >= cores:
+            yield lambda: None
+            return
+
+        def choose():
+            wanted = own if self.vocoding else cores
+            if torch.get_num_threads() != wanted:
+                torch.set_num_threads(wanted)
+        try:
+            yield choose
+        finally:
+            torch.set_num_threads(own)
 
     # ---- vocoder thread -----------------------------------------------------------------------
 
@@ -172,7 +202,11 @@ class SpeechPipeline:
         started = self.clock.now()
         if self.vocoder_start_ms is None:
             self.vocoder_start_ms = started - self.clock.origin
-        samples = step(*args)
+        self.vocoding = True
+        try:
+            samples = step(*args)
+        finally:
+            self.vocoding = False
         ended = self.clock.now()
         self.vocoder_ms += ended - started
         self.vocoder_end_ms = ended - self.clock.origin

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import echox.cpu_threads as cpu_threads
 import echox.engine as echox_engine
 from echox.cli import demo_question
 from echox.cpu_threads import every_core, torch_threads, usable_cores
@@ -294,10 +295,10 @@ def test_a_solo_turn_starts_on_every_core_with_the_same_bits(monkeypatch):
     from random_engine import build_engine  # a random engine at a width that threads (512)
     session = build_engine("mid", "cpu").session(sampling=GREEDY, max_new_tokens=6, max_units=12)
     turns = []
-    for cores, count in ((echox_engine.every_core, usable_cores()), (functools.partial(torch_threads, 1), 1)):
+    for cores, count in ((cpu_threads.every_core, usable_cores()), (functools.partial(torch_threads, 1), 1)):
         with cores():
             assert torch.get_num_threads() == count
-        monkeypatch.setattr(echox_engine, "every_core", cores)
+        monkeypatch.setattr(cpu_threads, "every_core", cores)
         session.reset()
         events, trace = run_turn(session, audio=demo_question(2.0))
         del trace["timings_ms"]
@@ -318,3 +319,30 @@ def test_released_shape_products_give_the_same_bits_on_every_core(rows, inputs, 
         alone = torch.nn.functional.linear(x, weight)
     with every_core():
         assert torch.equal(torch.nn.functional.linear(x, weight), alone)
+
+
+@pytest.mark.skipif(usable_cores() < 2, reason="one core: no thread counts to choose from")
+def test_speech_threads_keep_the_engines_count_and_the_echo_decoder_takes_every_core_while_the_vocoder_waits(
+        engine, monkeypatch):
+    echo_counts, vocoder_counts = [], []
+    echo_units, voice = engine.echo_units, engine.voice
+
+    def counted_units(*args):
+        for unit in echo_units(*args):
+            echo_counts.append(torch.get_num_threads())  # the count the step that made it ran with
+            yield unit
+
+    def counted_voice():
+        stream = voice()
+        for name in ("push", "flush"):
+            def counted(*args, call=getattr(stream, name)):
+                vocoder_counts.append(torch.get_num_threads())
+                return call(*args)
+            setattr(stream, name, counted)
+        return stream
+    monkeypatch.setattr(engine, "echo_units", counted_units)
+    monkeypatch.setattr(engine, "voice", counted_voice)
+    with torch_threads(usable_cores()):  # torch's count for new threads is now every core
+        run_turn(new_session(engine), audio=demo_question(2.0))
+    assert engine.threads == 1 and vocoder_counts and set(vocoder_counts) == {1}
+    assert echo_counts[0] == usable_cores() and set(echo_counts) <= {1, usable_cores()}

@@ -12,6 +12,7 @@ from echox.batch.slots import SlotTable
 from echox.batch.text_batcher import TextRequest
 from echox.batch.worker import BatchWorker, Courier, Request
 from echox.cli import demo_question
+from echox.cpu_threads import torch_threads, usable_cores
 from echox.engine import AudioChunk, TextDelta, TurnDone
 from echox.errors import EchoXError
 from echox.sampling import GREEDY, SamplingParams, head_select
@@ -282,3 +283,18 @@ def test_courier_keeps_each_callers_results_in_order():
         request.finish()
         courier.dispatch()
         assert list(request.items()) == sent[id(request)]
+
+
+@pytest.mark.skipif(usable_cores() < 2, reason="one core: no thread counts to choose from")
+def test_batch_loops_run_on_their_engines_thread_count_whatever_torch_hands_new_threads(tiny_model_dir, monkeypatch):
+    engine = echox_engine.load(tiny_model_dir, max_batch=2)  # loops not yet run: no count handed out
+    counts = set()
+    for batcher in (engine.echo_batcher, engine.vocoder_batcher):
+        def counted(step=batcher.step):
+            counts.add(torch.get_num_threads())
+            return step()
+        monkeypatch.setattr(batcher, "step", counted)
+    with torch_threads(usable_cores()):  # torch's count for threads that have not run an op yet
+        units = list(engine.echo_units(torch.randn(6, engine.echo.cfg.llm_hidden_size), 30))
+        engine.voice().flush(torch.tensor(engine.echo.units_of(units) or [1, 2, 3]))
+    assert engine.threads == 1 and counts == {1}

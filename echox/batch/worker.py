@@ -20,6 +20,8 @@ from collections.abc import Iterator
 
 import torch
 
+from ..cpu_threads import pin_threads
+
 FINISHED = object()  # a request's last item
 
 
@@ -102,6 +104,7 @@ class BatchWorker:
 
     def __init__(self, name: str, device: torch.device):
         self.device = device
+        self.threads = torch.get_num_threads()  # on a CPU, the loop's torch threads: its maker's (the engine's)
         self.waiting: deque[Request] = deque()
         self.arrived = threading.Condition()
         self.thread = threading.Thread(target=self.run, name=name, daemon=True)
@@ -119,6 +122,8 @@ class BatchWorker:
 
     def run(self):
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        if stream is None:
+            pin_threads(self.threads)
         with torch.inference_mode(), (torch.cuda.stream(stream) if stream else contextlib.nullcontext()):
             while True:
                 self.admit_waiting()

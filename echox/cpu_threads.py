@@ -60,6 +60,7 @@ def on_every_core(work: Callable[[], T]) -> T:
     (split_linear.py) ran 2.5x slower on 2 cores after the caller's prefill had used both. A
     thread of its own takes its pool with it when it ends."""
     outcome: dict[str, object] = {}
+    ended = threading.Event()
 
     def run():
         try:
@@ -67,10 +68,17 @@ def on_every_core(work: Callable[[], T]) -> T:
                 outcome["result"] = work()
         except BaseException as error:  # re-raised in the caller's thread
             outcome["error"] = error
+        finally:
+            ended.set()
 
     thread = threading.Thread(target=run, name="echox-every-core", daemon=True)
-    thread.start()
-    thread.join()
+    try:
+        thread.start()
+        ended.wait()
+    except BaseException:  # e.g. Ctrl-C: the work writes the caller's state, so it ends before the caller unwinds
+        if thread.ident is not None:  # it runs (a Ctrl-C may also come before it starts)
+            ended.wait()
+        raise
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]

@@ -114,3 +114,18 @@ def test_pinned_threads_keep_their_count_when_another_thread_raises_the_process_
         thread.join()
     torch.set_num_threads(1)  # the test process's count (conftest.py)
     assert counts == [1, 1]
+
+
+def test_an_interrupted_caller_waits_for_the_work_on_every_core_to_end():
+    """Ctrl-C while the work runs: the work writes the caller's state, so it ends before the caller unwinds."""
+    import _thread
+    import time
+    ended = []
+
+    def work():
+        _thread.interrupt_main()  # as if Ctrl-C came while the caller waits
+        time.sleep(0.3)
+        ended.append(True)
+    with pytest.raises(KeyboardInterrupt):
+        on_every_core(work)
+    assert ended == [True]

@@ -233,14 +233,25 @@ def cmd_convert(args) -> None:
 DEFAULT_THREADS = 1
 
 
-def _thread_count(value: str) -> int:
-    if not value.isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"threads must be a whole number >= 1, got {value!r}")
-    return int(value)
+def at_least_one(what: str):
+    """An argparse type for a count: a whole number >= 1, refused at parse time (before a model loads)."""
+    def count(value: str) -> int:
+        if not value.isdigit() or int(value) < 1:
+            raise argparse.ArgumentTypeError(f"{what} must be a whole number >= 1, got {value!r}")
+        return int(value)
+    return count
+
+
+def add_limit_arguments(parser: argparse.ArgumentParser, max_new_tokens: int, max_units: int, units_help: str,
+                        tokens_help: str | None = None):
+    """--max-new-tokens and --max-units, as demo, chat and serve take them."""
+    parser.add_argument("--max-new-tokens", type=at_least_one("max-new-tokens"), default=max_new_tokens,
+                        help=tokens_help)
+    parser.add_argument("--max-units", type=at_least_one("max-units"), default=max_units, help=units_help)
 
 
 def add_threads_argument(parser: argparse.ArgumentParser):
-    parser.add_argument("--threads", type=_thread_count, default=DEFAULT_THREADS,
+    parser.add_argument("--threads", type=at_least_one("threads"), default=DEFAULT_THREADS,
                         help=f"torch intra-op threads on the CPU of each of a turn's LLM, echo-decoder and "
                              f"vocoder threads (default {DEFAULT_THREADS}: fastest turn measured on 2 cores); the "
                              f"speech encoder and prefill, which run before them, use every core")
@@ -267,8 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run one spoken turn on the tiny random model (CPU)")
     demo.add_argument("--output", default="demo.wav")
     demo.add_argument("--overwrite", action="store_true")
-    demo.add_argument("--max-new-tokens", type=int, default=64)
-    demo.add_argument("--max-units", type=int, default=200, help="unit tokens per segment")
+    add_limit_arguments(demo, 64, 200, "unit tokens per segment")
     add_threads_argument(demo)
     add_eager_argument(demo)
     demo.set_defaults(run=cmd_demo)
@@ -285,8 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, default=0.2)
     chat.add_argument("--top-p", type=float, default=0.9)
     chat.add_argument("--seed", type=int, default=0)
-    chat.add_argument("--max-new-tokens", type=int, default=512)
-    chat.add_argument("--max-units", type=int, default=2048, help="unit tokens per segment (released: 2048)")
+    add_limit_arguments(chat, 512, 2048, "unit tokens per segment (released: 2048)")
     chat.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     add_threads_argument(chat)
     chat.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])

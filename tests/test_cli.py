@@ -122,7 +122,6 @@ def test_cuda_without_a_gpu(tiny_model_dir, tmp_path, question, capsys):
 @pytest.mark.parametrize("flags, message", [
     (["--temperature", "-1"], "temperature must be >= 0"),
     (["--top-p", "1.5"], "top-p must be in (0, 1]"),
-    (["--max-new-tokens", "0"], "must be at least 1"),
 ])
 def test_invalid_sampling_values(tiny_model_dir, tmp_path, question, capsys, flags, message):
     code = main(["chat", "--model", str(tiny_model_dir), "--input", str(question), "--output",
@@ -166,12 +165,16 @@ def test_demo_runs_on_the_tiny_model(tmp_path, monkeypatch, capsys):
     fails_with(capsys, main(["demo", "--output", str(out)]), "already exists")
 
 
-@pytest.mark.parametrize("threads", ["0", "-2"])
-def test_threads_must_be_positive(tmp_path, monkeypatch, capsys, threads):
+@pytest.mark.parametrize("command", [["demo"], ["chat", "--model", "m", "--text", "hi"], ["serve", "--demo"]])
+@pytest.mark.parametrize("flag, value", [("--threads", "0"), ("--threads", "-2"), ("--max-new-tokens", "0"),
+                                         ("--max-units", "0"), ("--max-units", "1.5")])
+def test_counts_must_be_positive(tmp_path, monkeypatch, capsys, command, flag, value):
+    """Refused while parsing, before a model loads (a server would otherwise start and fail every turn)."""
     monkeypatch.setenv("ECHOX_CACHE", str(tmp_path / "cache"))
+    output = [] if command[0] == "serve" else ["--output", str(tmp_path / "a.wav")]
     with pytest.raises(SystemExit) as stop:  # argparse: one usage line and the reason, exit status 2
-        main(["demo", "--output", str(tmp_path / "a.wav"), "--threads", threads])
-    assert stop.value.code == 2 and "threads must be" in capsys.readouterr().err
+        main([*command, *output, flag, value])
+    assert stop.value.code == 2 and f"{flag[2:]} must be a whole number >= 1" in capsys.readouterr().err
     assert not (tmp_path / "cache").exists()  # refused before any work
 
 

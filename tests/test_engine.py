@@ -110,6 +110,12 @@ def test_turn_needs_speech_or_text(engine):
         list(new_session(engine).respond())
 
 
+@pytest.mark.parametrize("limit", ["max_new_tokens", "max_units", "push_units"])
+def test_session_limits_below_one_are_refused(engine, limit):
+    with pytest.raises(EchoXError, match="must be at least 1"):
+        engine.session(**{limit: 0})
+
+
 def test_audio_patch_in_user_text_is_refused_and_forgotten(engine):
     session = new_session(engine, max_new_tokens=5)
     with pytest.raises(EchoXError, match="reserved for speech"):

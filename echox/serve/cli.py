@@ -6,7 +6,7 @@ from ..errors import EchoXError
 
 
 def add_serve_command(sub: argparse._SubParsersAction):
-    from ..cli import add_eager_argument, add_threads_argument  # the same as chat and demo
+    from ..cli import add_eager_argument, add_limit_arguments, add_threads_argument  # the same as chat and demo
     serve = sub.add_parser("serve", help="serve realtime spoken conversations (OpenAI Realtime API subset)")
     model = serve.add_mutually_exclusive_group(required=True)
     model.add_argument("--model", help="EchoX model folder")
@@ -19,8 +19,8 @@ def add_serve_command(sub: argparse._SubParsersAction):
     serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     serve.add_argument("--temperature", type=float, default=0.2, help="default sampling (session.update changes it)")
     serve.add_argument("--top-p", type=float, default=0.9)
-    serve.add_argument("--max-new-tokens", type=int, default=512, help="default max_output_tokens of a response")
-    serve.add_argument("--max-units", type=int, default=2048, help="unit tokens per segment (released: 2048)")
+    add_limit_arguments(serve, 512, 2048, "unit tokens per segment (released: 2048)",
+                        tokens_help="default max_output_tokens of a response")
     serve.add_argument("--low-latency", action="store_true", help="cut the first segment after 8 tokens")
     serve.add_argument("--max-connections", type=int, default=8)
     serve.add_argument("--max-batch", type=int, default=1,

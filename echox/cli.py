@@ -6,6 +6,7 @@ the question's text) is checked before any model is loaded, and outputs are writ
 """
 
 import argparse
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -240,6 +241,24 @@ def at_least_one(what: str):
             raise argparse.ArgumentTypeError(f"{what} must be a whole number >= 1, got {value!r}")
         return int(value)
     return count
+
+
+def port_number(value: str) -> int:
+    """An argparse type for a TCP port to listen on: 0 (any free one) .. 65535."""
+    if not value.isdigit() or int(value) > 65535:
+        raise argparse.ArgumentTypeError(f"a port is a whole number 0..65535 (0: any free one), got {value!r}")
+    return int(value)
+
+
+def positive_seconds(value: str) -> float:
+    """An argparse type for a duration: a finite number of seconds > 0."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (0 < seconds < math.inf):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {value!r}")
+    return seconds
 
 
 def add_limit_arguments(parser: argparse.ArgumentParser, max_new_tokens: int, max_units: int, units_help: str,

@@ -2,11 +2,10 @@
 
 import argparse
 
-from ..errors import EchoXError
-
 
 def add_serve_command(sub: argparse._SubParsersAction):
-    from ..cli import add_eager_argument, add_limit_arguments, add_threads_argument  # the same as chat and demo
+    from ..cli import (  # the same as chat and demo
+        add_eager_argument, add_limit_arguments, add_threads_argument, at_least_one, port_number, positive_seconds)
     serve = sub.add_parser("serve", help="serve realtime spoken conversations (OpenAI Realtime API subset)")
     model = serve.add_mutually_exclusive_group(required=True)
     model.add_argument("--model", help="EchoX model folder")
@@ -14,7 +13,7 @@ def add_serve_command(sub: argparse._SubParsersAction):
     serve.add_argument("--whisper", help="Whisper encoder folder (default: from config.json audio_tower)")
     serve.add_argument("--vocoder", help="vocoder folder (default: the model folder, then ../vocoder)")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8998, help="0 picks a free port (printed at start)")
+    serve.add_argument("--port", type=port_number, default=8998, help="0 picks a free port (printed at start)")
     serve.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     serve.add_argument("--temperature", type=float, default=0.2, help="default sampling (session.update changes it)")
@@ -22,13 +21,13 @@ def add_serve_command(sub: argparse._SubParsersAction):
     add_limit_arguments(serve, 512, 2048, "unit tokens per segment (released: 2048)",
                         tokens_help="default max_output_tokens of a response")
     serve.add_argument("--low-latency", action="store_true", help="cut the first segment after 8 tokens")
-    serve.add_argument("--max-connections", type=int, default=8)
-    serve.add_argument("--max-batch", type=int, default=1,
+    serve.add_argument("--max-connections", type=at_least_one("max-connections"), default=8)
+    serve.add_argument("--max-batch", type=at_least_one("max-batch"), default=1,
                        help="turns answered at once, as rows of batched LLM and echo-decoder steps; each holds a "
                             "KV slot of 4096 positions (1: no batching, turns take turns)")
-    serve.add_argument("--max-buffer-seconds", type=float, default=30.0,
+    serve.add_argument("--max-buffer-seconds", type=positive_seconds, default=30.0,
                        help="input audio buffer limit per connection (24 kHz pcm16)")
-    serve.add_argument("--idle-timeout", type=float, default=300.0, help="seconds without client events")
+    serve.add_argument("--idle-timeout", type=positive_seconds, default=300.0, help="seconds without client events")
     add_threads_argument(serve)
     add_eager_argument(serve)
     serve.set_defaults(run=cmd_serve)
@@ -42,8 +41,6 @@ def cmd_serve(args):
     from ..segmenter import LOW_LATENCY_SEGMENTER, RELEASED_SEGMENTER
     from .server import Limits, Server, serve_forever
     from .session_config import SessionConfig
-    if min(args.max_connections, args.max_batch) < 1 or args.max_buffer_seconds <= 0 or args.idle_timeout <= 0:
-        raise EchoXError("--max-connections, --max-batch, --max-buffer-seconds and --idle-timeout must be positive")
     defaults = SessionConfig(temperature=args.temperature, top_p=args.top_p, max_output_tokens=args.max_new_tokens)
     defaults.sampling()  # checks the values now, with the sampler's own message
     if args.max_batch > args.max_connections:  # each connection has at most one turn in flight

@@ -19,16 +19,16 @@ OWN_OPTIONS = ("--host", "--port", "--model", "--demo", "--device", "--threads")
 
 
 def add_serve_ray_command(sub: argparse._SubParsersAction):
-    from ..cli import add_threads_argument  # the same --threads as `echox serve`
+    from ..cli import add_threads_argument, at_least_one, port_number  # as `echox serve` takes them
     command = sub.add_parser(
         "serve-ray", help="`echox serve` replicas (one per GPU) behind Ray Serve's HTTP/WebSocket proxy",
         epilog="Options after `--` go to every replica's `echox serve`, e.g. `-- --max-new-tokens 256`.")
-    command.add_argument("--replicas", type=int, required=True, help="replicas, each one `echox serve` (and GPU)")
+    command.add_argument("--replicas", type=at_least_one("replicas"), required=True, help="replicas, each one `echox serve` (and GPU)")
     model = command.add_mutually_exclusive_group(required=True)
     model.add_argument("--model", help="EchoX model folder (the same path on every Ray node)")
     model.add_argument("--demo", action="store_true", help="serve the built-in tiny random model (CPU)")
     command.add_argument("--host", default="127.0.0.1", help="where Ray Serve's proxy listens")
-    command.add_argument("--port", type=int, default=8000)
+    command.add_argument("--port", type=port_number, default=8000)
     command.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: one GPU per replica")
     command.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
     add_threads_argument(command)
@@ -40,8 +40,6 @@ def add_serve_ray_command(sub: argparse._SubParsersAction):
 def check_options(args):
     """Refuse what cannot work before Ray starts; `echox serve`'s own parser checks the extra options."""
     from ..cli import build_parser
-    if args.replicas < 1:
-        raise EchoXError(f"--replicas must be at least 1, got {args.replicas}")
     if args.model is not None and not Path(args.model).is_dir():
         raise EchoXError(f"{args.model}: model folder not found")
     if args.device == "cuda" and not args.demo and args.address is None:

@@ -12,7 +12,10 @@ the released temperature 0.2 / top-p 0.9, a server's default). Per round it reco
   rows_per_step       the mean number of turns in the LLM's decode steps;
   vocoder_ms_per_unit wall time of the batched vocoder's calls per unit they vocoded (what
                       batching the pushes of many streams saves per stream shows here), and
-  pushes_per_call     the mean number of streams' pushes in one of those calls.
+  pushes_per_call     the mean number of streams' pushes in one of those calls;
+  cores_busy          the process's CPU time over the round's wall time (how many cores it kept busy),
+  *_loop_busy         and each batch loop thread's (LLM, echo decoder, vocoder) over the same wall time:
+                      which stage paces a round, and whether the machine ran out of cores.
 Each round runs --repeats times after a warm-up round; the report has the medians, and a first
 row with the unbatched engine answering one conversation (what batch 1 must not fall behind).
 Then the LLM's batched decode step alone (nothing else running; on a GPU the captured graph)
@@ -63,18 +66,32 @@ def counted(batcher, names: tuple[str, ...], before: list | None = None) -> list
     return [getattr(batcher, name) - (before[i] if before else 0) for i, name in enumerate(names)]
 
 
+LOOPS = {"llm": "text_batcher", "echo": "echo_batcher", "vocoder": "vocoder_batcher"}  # name: engine attribute
+
+
+def cpu_clocks(engine) -> dict[str, float]:
+    """CPU seconds used so far by the process and by each of a batched engine's loop threads."""
+    clocks = {"cores": time.process_time()}
+    if engine.text_batcher:
+        clocks |= {f"{name}_loop": time.clock_gettime(time.pthread_getcpuclockid(getattr(engine, attr).thread.ident))
+                   for name, attr in LOOPS.items()}
+    return clocks
+
+
 def one_round(engine, conversations: int, audio: torch.Tensor, args) -> dict:
     outs = [{} for _ in range(conversations)]
     text_batcher, vocoder_batcher = engine.text_batcher, engine.vocoder_batcher
     counters, vocoder_counters = ("steps", "rows_stepped", "step_seconds"), ("pushes", "calls", "units", "step_seconds")
     if text_batcher:
         before, vocoder_before = counted(text_batcher, counters), counted(vocoder_batcher, vocoder_counters)
-    start = time.perf_counter()
+    clocks, start = cpu_clocks(engine), time.perf_counter()
     threads = [threading.Thread(target=one_turn, args=(engine, audio, args, start, out)) for out in outs]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    wall = time.perf_counter() - start
+    busy = {f"{name}_busy": (now - clocks[name]) / wall for name, now in cpu_clocks(engine).items()}
     tokens = sum(out["tokens"] for out in outs)
     ttfa = [out["ttfa_s"] * 1000 for out in outs if "ttfa_s" in out]
     vocoder = {"vocoder_ms_per_unit": None, "pushes_per_call": None}
@@ -88,7 +105,7 @@ def one_round(engine, conversations: int, audio: torch.Tensor, args) -> dict:
             "decode_tokens_per_s": rows / seconds,
             "turn_tokens_per_s": tokens / max(out["done_s"] for out in outs),
             "ttfa_p50_ms": statistics.median(ttfa) if ttfa else None, "ttfa_p95_ms": percentile(ttfa, 0.95),
-            "rows_per_step": rows / max(steps, 1)} | vocoder
+            "rows_per_step": rows / max(steps, 1)} | vocoder | busy
 
 
 def step_times(engine, widths: list[int], position: int = 512, repeats: int = 20) -> list[dict]:
@@ -121,7 +138,7 @@ def render(report: dict) -> str:
     env, s = report["environment"], report["settings"]
     rows = [[r["engine"], r["conversations"], r["tokens"], r["decode_tokens_per_s"], r["text_tokens_per_s"],
              r["turn_tokens_per_s"], r["ttfa_p50_ms"], r["ttfa_p95_ms"], r["rows_per_step"], r["pushes_per_call"],
-             r["vocoder_ms_per_unit"]] for r in report["rounds"]]
+             r["vocoder_ms_per_unit"], r["cores_busy"], loops_busy(r)] for r in report["rounds"]]
     return "\n".join([
         f"# Batched engine, {s['size']} size, {env['created'][:10]}", "",
         f"{env['device']}, torch {env['torch']}, {env.get('torch_threads', '')} torch thread(s); random weights, "
@@ -129,14 +146,22 @@ def render(report: dict) -> str:
         f"{s.get('steps', 'captured')} steps; medians of {s['repeats']} rounds (`python bench/batch_engine.py --size "
         f"{s['size']} --device {s['device']} --sampling {s['sampling']}{' --eager' if s.get('steps') == 'eager' else ''}`).", "",
         *table(["engine", "conversations", "tokens", "decode tok/s", "text tok/s", "turn tok/s", "TTFA p50 ms",
-                "TTFA p95 ms", "rows / LLM step", "pushes / vocoder call", "vocoder ms / unit"], rows), "",
+                "TTFA p95 ms", "rows / LLM step", "pushes / vocoder call", "vocoder ms / unit", "cores busy",
+                "LLM / echo / vocoder loop busy %"], rows), "",
         "All conversations start at once. Decode tok/s: tokens per second of the LLM's decode steps alone (the "
         "time inside them, while the speech of the turns runs beside them); text tok/s: every conversation's "
         "tokens over the time to the last token; turn tok/s: over the time to the last TurnDone (speech "
-        "included); vocoder ms / unit: wall time of the batched vocoder's calls per unit vocoded.", "",
+        "included); vocoder ms / unit: wall time of the batched vocoder's calls per unit vocoded; cores busy: the "
+        "process's CPU time over the round's wall time; loop busy: each batch loop thread's CPU time over it.", "",
         "The LLM's batched decode step alone, at position 512:", "",
         *table(["width", "step ms", "tok/s with every row busy"],
                [[r["width"], r["step_ms"], r["tokens_per_s"]] for r in report["steps"]]), ""])
+
+
+def loops_busy(row: dict) -> str:
+    if row.get("llm_loop_busy") is None:
+        return "-"
+    return " / ".join(f"{100 * row[f'{name}_loop_busy']:.0f}" for name in LOOPS)
 
 
 def main(argv: list[str] | None = None):

@@ -2,6 +2,7 @@
 report's speed-ups, target checks and Markdown. Timings are not asserted, only their presence."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -105,6 +106,9 @@ def test_batch_engine_reports_rounds_of_concurrent_conversations(tmp_path, sampl
     assert three["text_tokens_per_s"] >= three["turn_tokens_per_s"] > 0
     assert three["pushes_per_call"] >= 1 and three["vocoder_ms_per_unit"] > 0
     assert report["rounds"][0]["vocoder_ms_per_unit"] is None  # the unbatched engine has no batched vocoder
+    # CPU time over wall time: a share of what the machine's cores could give, each loop at most one core
+    assert 0 < three["cores_busy"] <= (os.cpu_count() or 1) + 0.1 and "llm_loop_busy" not in report["rounds"][0]
+    assert all(0 < three[f"{loop}_loop_busy"] <= 1.05 for loop in ("llm", "echo", "vocoder"))
     assert [(r["width"], r["tokens_per_s"] > 0) for r in report["steps"]] == [(1, True), (3, True)]
 
 

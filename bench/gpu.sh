@@ -2,10 +2,14 @@
 # Everything a lent GPU machine (no network, one call of at most 10 minutes) is for:
 # build csrc into echox_cuda, run the `gpu` tests, then every benchmark into bench/results/
 # (the speech path last, in whatever time is left).
-# Each phase has a time limit (575 s in all, kill grace included), so the whole script ends within 10 minutes, and its log and the
+# Each phase has a time limit, cut to what is left of a budget (GPU_SH_SECONDS, default 575 s, kill grace
+# included), so the whole script ends within 10 minutes, and its log and the
 # results are copied to $OUT when it is set (the device tool brings back only that folder),
 # whichever phase fails.
 #   bash bench/gpu.sh [report.py options, e.g. --overwrite]
+# A lease of 15 device minutes fits one whole run; to split it (say, to rerun what failed after a
+# fix), pick phases and a shorter budget: the build and import check always run first.
+#   GPU_SH_PHASES="gpu-tests report" GPU_SH_SECONDS=300 bash bench/gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -18,11 +22,25 @@ log="${OUT_DIR:-/tmp}/gpu_sh.log"
 : > "$log"
 started=$(mktemp)  # its time stamp marks which results files this run wrote
 phase_times=()
+budget=${GPU_SH_SECONDS:-575}
+wanted=" ${GPU_SH_PHASES:-gpu-tests report batch speech} "
 
-# phase NAME SECONDS COMMAND...: run it under a time limit, log it, remember its exit code and wall time.
+# phase NAME SECONDS COMMAND...: run it under a time limit (cut to what is left of the budget), log
+# it, remember its exit code and wall time. A phase not in GPU_SH_PHASES, or with under 30 s left,
+# is skipped (exit 0).
 phase() {
     local name=$1 limit=$2
     shift 2
+    local left=$((budget - SECONDS - 5))
+    if [[ "$name" != build && "$name" != import-check && "$name" != gpu-info && "$wanted" != *" $name "* ]]; then
+        return 0
+    fi
+    if [ "$left" -lt 30 ]; then
+        echo "=== ${name}: skipped, ${left} s of the budget left" | tee -a "$log"
+        phase_times+=("${name}: skipped")
+        return 0
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
     local begin=$SECONDS
     echo "=== ${name} (limit ${limit} s)" | tee -a "$log"
     timeout --kill-after=5 "$limit" "$@" 2>&1 | tee -a "$log" | tail -n 40
@@ -64,16 +82,10 @@ phase batch 100 "$PY" bench/batch_engine.py --size 8b --device cuda --repeats 1 
 batch=$?
 # Where a turn's time goes with the released echo decoder and vocoder beside a tiny LLM (turn vs
 # critical path, streaming vs offline vocoding: issue 11's targets), in the time the phases above
-# left of the 575 s.
-speech=0
-left=$((575 - SECONDS - 5))
-if [ "$left" -ge 30 ]; then
-    stem="bench/results/$(date +%F)-gpu-speech"
-    phase speech "$left" "$PY" bench/speech_path.py --device cuda --threads 1 --repeats 3 \
-        --out "$stem.jsonl" --markdown "$stem.md"
-    speech=$?
-else
-    echo "=== speech: skipped, ${left} s left" | tee -a "$log"
-fi
+# left of the budget.
+stem="bench/results/$(date +%F)-gpu-speech"
+phase speech "$budget" "$PY" bench/speech_path.py --device cuda --threads 1 --repeats 3 \
+    --out "$stem.jsonl" --markdown "$stem.md"
+speech=$?
 echo "gpu tests exit code ${gpu_tests}; report exit code ${report}; batch exit code ${batch}; speech exit code ${speech}"
 exit $(( gpu_tests != 0 || report != 0 || batch != 0 || speech != 0 ))

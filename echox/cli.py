@@ -234,11 +234,11 @@ def cmd_convert(args) -> None:
 DEFAULT_THREADS = 1
 
 
-def at_least_one(what: str):
-    """An argparse type for a count: a whole number >= 1, refused at parse time (before a model loads)."""
+def whole_number(what: str, least: int = 1):
+    """An argparse type for a count: a whole number >= `least`, refused at parse time (before a model loads)."""
     def count(value: str) -> int:
-        if not value.isdigit() or int(value) < 1:
-            raise argparse.ArgumentTypeError(f"{what} must be a whole number >= 1, got {value!r}")
+        if not value.isdigit() or int(value) < least:
+            raise argparse.ArgumentTypeError(f"{what} must be a whole number >= {least}, got {value!r}")
         return int(value)
     return count
 
@@ -250,27 +250,29 @@ def port_number(value: str) -> int:
     return int(value)
 
 
-def positive_seconds(value: str) -> float:
-    """An argparse type for a duration: a finite number of seconds > 0."""
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = math.nan
-    if not (0 < seconds < math.inf):
-        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {value!r}")
-    return seconds
+def positive_number(what: str):
+    """An argparse type for a duration or a rate: a finite number > 0."""
+    def number(value: str) -> float:
+        try:
+            parsed = float(value)
+        except ValueError:
+            parsed = math.nan
+        if not (0 < parsed < math.inf):
+            raise argparse.ArgumentTypeError(f"{what} must be a finite number > 0, got {value!r}")
+        return parsed
+    return number
 
 
 def add_limit_arguments(parser: argparse.ArgumentParser, max_new_tokens: int, max_units: int, units_help: str,
                         tokens_help: str | None = None):
     """--max-new-tokens and --max-units, as demo, chat and serve take them."""
-    parser.add_argument("--max-new-tokens", type=at_least_one("max-new-tokens"), default=max_new_tokens,
+    parser.add_argument("--max-new-tokens", type=whole_number("max-new-tokens"), default=max_new_tokens,
                         help=tokens_help)
-    parser.add_argument("--max-units", type=at_least_one("max-units"), default=max_units, help=units_help)
+    parser.add_argument("--max-units", type=whole_number("max-units"), default=max_units, help=units_help)
 
 
 def add_threads_argument(parser: argparse.ArgumentParser):
-    parser.add_argument("--threads", type=at_least_one("threads"), default=DEFAULT_THREADS,
+    parser.add_argument("--threads", type=whole_number("threads"), default=DEFAULT_THREADS,
                         help=f"torch intra-op threads on the CPU of each of a turn's LLM, echo-decoder and "
                              f"vocoder threads (default {DEFAULT_THREADS}: fastest turn measured on 2 cores); the "
                              f"speech encoder and prefill, which run before them, use every core")

@@ -122,8 +122,8 @@ def test_cuda_without_a_gpu(tiny_model_dir, tmp_path, question, capsys):
 @pytest.mark.parametrize("flag, value, message", [
     ("--port", "-5", "a port is a whole number 0..65535"), ("--port", "65536", "a port is a whole number 0..65535"),
     ("--max-connections", "0", "max-connections must be a whole number >= 1"),
-    ("--max-buffer-seconds", "nan", "must be a number of seconds > 0"),
-    ("--idle-timeout", "0", "must be a number of seconds > 0"), ("--idle-timeout", "inf", "must be a number of seconds > 0"),
+    ("--max-buffer-seconds", "nan", "must be a finite number > 0"),
+    ("--idle-timeout", "0", "must be a finite number > 0"), ("--idle-timeout", "inf", "must be a finite number > 0"),
 ])
 def test_serve_refuses_bad_values_while_parsing(capsys, flag, value, message):
     """Before the model loads or a port is bound: a clear line, not a stack trace from bind() or int(nan)."""

@@ -156,7 +156,7 @@ def test_page_and_static_files_through_the_proxy(address):
 @pytest.mark.parametrize("argv, message", [
     (["--replicas", "0", "--demo"], "replicas must be a whole number >= 1"),
     (["--replicas", "1", "--demo", "--port", "70000"], "a port is a whole number 0..65535"),
-    (["--replicas", "1", "--demo", "--", "--idle-timeout", "nan"], "must be a number of seconds > 0"),
+    (["--replicas", "1", "--demo", "--", "--idle-timeout", "nan"], "must be a finite number > 0"),
     (["--replicas", "1", "--model", "/no/such/folder"], "model folder not found"),
     (["--replicas", "1", "--demo", "--", "--port", "9000"], "give it to serve-ray itself"),
     (["--replicas", "1", "--demo", "--", "--frobnicate"], "not `echox serve` options"),

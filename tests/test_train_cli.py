@@ -35,6 +35,23 @@ def fails_with(capsys, code, pattern):
     assert len(err.strip().splitlines()) == 1 and err.startswith("echox: error:"), err  # one line, no traceback
 
 
+@pytest.mark.parametrize("stage, flag, value, message", [
+    ("stage1", "--log-every", "0", "log-every must be a whole number >= 1"),  # was a ZeroDivisionError
+    ("stage1", "--lr", "nan", "lr must be a finite number > 0"),  # was torch's ValueError
+    ("stage1", "--lr", "-1", "lr must be a finite number > 0"),
+    ("stage1", "--save-every", "-5", "save-every must be a whole number >= 0"),  # was taken silently
+    ("stage1", "--lora-rank", "0", "lora-rank must be a whole number >= 1"),
+    ("stage2", "--unit-vocab", "0", "unit-vocab must be a whole number >= 1"),
+    ("stage3", "--max-units", "0", "max-units must be a whole number >= 1"),
+])
+def test_bad_numbers_are_refused_while_parsing(tmp_path, capsys, stage, flag, value, message):
+    with pytest.raises(SystemExit) as stop:  # argparse: a usage line and the reason, exit status 2
+        main(["train", stage, "--manifest", "m.jsonl", "--model", "m", "--out", str(tmp_path / "out"), flag, value])
+    error = capsys.readouterr().err
+    assert stop.value.code == 2 and message in error and "Traceback" not in error
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_bad_manifest_line_is_named(tiny_model_dir, manifest, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(manifest.read_text() + '{"audio": "q.wav", "transcript": "x"}\n')

@@ -5,7 +5,7 @@ import argparse
 
 def add_serve_command(sub: argparse._SubParsersAction):
     from ..cli import (  # the same as chat and demo
-        add_eager_argument, add_limit_arguments, add_threads_argument, at_least_one, port_number, positive_seconds)
+        add_eager_argument, add_limit_arguments, add_threads_argument, whole_number, port_number, positive_number)
     serve = sub.add_parser("serve", help="serve realtime spoken conversations (OpenAI Realtime API subset)")
     model = serve.add_mutually_exclusive_group(required=True)
     model.add_argument("--model", help="EchoX model folder")
@@ -21,13 +21,13 @@ def add_serve_command(sub: argparse._SubParsersAction):
     add_limit_arguments(serve, 512, 2048, "unit tokens per segment (released: 2048)",
                         tokens_help="default max_output_tokens of a response")
     serve.add_argument("--low-latency", action="store_true", help="cut the first segment after 8 tokens")
-    serve.add_argument("--max-connections", type=at_least_one("max-connections"), default=8)
-    serve.add_argument("--max-batch", type=at_least_one("max-batch"), default=1,
+    serve.add_argument("--max-connections", type=whole_number("max-connections"), default=8)
+    serve.add_argument("--max-batch", type=whole_number("max-batch"), default=1,
                        help="turns answered at once, as rows of batched LLM and echo-decoder steps; each holds a "
                             "KV slot of 4096 positions (1: no batching, turns take turns)")
-    serve.add_argument("--max-buffer-seconds", type=positive_seconds, default=30.0,
+    serve.add_argument("--max-buffer-seconds", type=positive_number("max-buffer-seconds"), default=30.0,
                        help="input audio buffer limit per connection (24 kHz pcm16)")
-    serve.add_argument("--idle-timeout", type=positive_seconds, default=300.0, help="seconds without client events")
+    serve.add_argument("--idle-timeout", type=positive_number("idle-timeout"), default=300.0, help="seconds without client events")
     add_threads_argument(serve)
     add_eager_argument(serve)
     serve.set_defaults(run=cmd_serve)

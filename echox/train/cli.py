@@ -9,16 +9,20 @@ from pathlib import Path
 
 
 def _stage_options(parser: argparse.ArgumentParser, lora: bool):
+    from ..cli import positive_number, whole_number  # checked while parsing, before any data or model loads
     parser.add_argument("--manifest", required=True, help="JSONL manifest, one conversation turn a line")
     parser.add_argument("--model", required=True, help="EchoX model folder to start from")
     parser.add_argument("--out", required=True, help="folder for model/, metrics.jsonl and train_state.pt")
     parser.add_argument("--whisper", help="Whisper encoder folder (default: from config.json audio_tower)")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=4, help="global batch (split over torchrun processes)")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--steps", type=whole_number("steps"), default=200)
+    parser.add_argument("--batch-size", type=whole_number("batch-size"), default=4,
+                        help="global batch (split over torchrun processes)")
+    parser.add_argument("--lr", type=positive_number("lr"), default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--log-every", type=int, default=1, help="steps between metrics.jsonl lines")
-    parser.add_argument("--save-every", type=int, default=0, help="steps between resumable states (0: at the end)")
+    parser.add_argument("--log-every", type=whole_number("log-every"), default=1,
+                        help="steps between metrics.jsonl lines")
+    parser.add_argument("--save-every", type=whole_number("save-every", least=0), default=0,
+                        help="steps between resumable states (0: at the end)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="cuda trains in bfloat16 autocast, one GPU per torchrun process")
     parser.add_argument("--gradient-checkpointing", action="store_true",
@@ -26,8 +30,8 @@ def _stage_options(parser: argparse.ArgumentParser, lora: bool):
     parser.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT/model")
     if lora:
-        parser.add_argument("--lora-rank", type=int, default=8)
-        parser.add_argument("--lora-alpha", type=float, default=16.0)
+        parser.add_argument("--lora-rank", type=whole_number("lora-rank"), default=8)
+        parser.add_argument("--lora-alpha", type=positive_number("lora-alpha"), default=16.0)
         parser.add_argument("--lora-targets", default="q,k,v,o,gate,up,down",
                             help="comma-separated LLM projections to adapt (q k v o gate up down)")
 
@@ -44,6 +48,7 @@ def _run_demo(args):
 
 def add_train_command(sub):
     """Register `echox train ...` on the top-level subparsers."""
+    from ..cli import whole_number  # echox/cli.py imports this module
     train = sub.add_parser("train", help="echo training: stage1 | stage2 | stage3 | demo")
     stages = train.add_subparsers(dest="stage", required=True)
     descriptions = {
@@ -55,11 +60,11 @@ def add_train_command(sub):
         stage = stages.add_parser(name, help=description, description=description)
         _stage_options(stage, lora=name != "stage2")
         if name == "stage2":
-            stage.add_argument("--unit-vocab", type=int,
+            stage.add_argument("--unit-vocab", type=whole_number("unit-vocab"),
                                help="build a new unit language of this many tokens from the manifest's units")
         if name == "stage3":
             stage.add_argument("--heldout", help="manifest whose teacher-forced unit accuracy is reported")
-            stage.add_argument("--max-units", type=int, default=2048,
+            stage.add_argument("--max-units", type=whole_number("max-units"), default=2048,
                                help="longest pseudo-label in unit tokens (the released decode budget)")
         stage.set_defaults(run=_run_stage)
     demo = stages.add_parser("demo", help="all three stages on a synthetic spoken task, on the CPU")

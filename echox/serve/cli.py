@@ -27,7 +27,8 @@ def add_serve_command(sub: argparse._SubParsersAction):
                             "KV slot of 4096 positions (1: no batching, turns take turns)")
     serve.add_argument("--max-buffer-seconds", type=positive_number("max-buffer-seconds"), default=30.0,
                        help="input audio buffer limit per connection (24 kHz pcm16)")
-    serve.add_argument("--idle-timeout", type=positive_number("idle-timeout"), default=300.0, help="seconds without client events")
+    serve.add_argument("--idle-timeout", type=positive_number("idle-timeout"), default=300.0,
+                       help="seconds without client events")
     add_threads_argument(serve)
     add_eager_argument(serve)
     serve.set_defaults(run=cmd_serve)

@@ -23,7 +23,8 @@ def add_serve_ray_command(sub: argparse._SubParsersAction):
     command = sub.add_parser(
         "serve-ray", help="`echox serve` replicas (one per GPU) behind Ray Serve's HTTP/WebSocket proxy",
         epilog="Options after `--` go to every replica's `echox serve`, e.g. `-- --max-new-tokens 256`.")
-    command.add_argument("--replicas", type=whole_number("replicas"), required=True, help="replicas, each one `echox serve` (and GPU)")
+    command.add_argument("--replicas", type=whole_number("replicas"), required=True,
+                         help="replicas, each one `echox serve` (and GPU)")
     model = command.add_mutually_exclusive_group(required=True)
     model.add_argument("--model", help="EchoX model folder (the same path on every Ray node)")
     model.add_argument("--demo", action="store_true", help="serve the built-in tiny random model (CPU)")

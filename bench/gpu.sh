@@ -24,6 +24,12 @@ started=$(mktemp)  # its time stamp marks which results files this run wrote
 phase_times=()
 budget=${GPU_SH_SECONDS:-575}
 wanted=" ${GPU_SH_PHASES:-gpu-tests report batch speech} "
+for name in $wanted; do  # a misspelt phase would otherwise be skipped in silence, a lease's minutes gone
+    case " gpu-tests report batch speech " in
+        *" $name "*) ;;
+        *) echo "GPU_SH_PHASES: unknown phase '$name' (phases: gpu-tests report batch speech)"; exit 2 ;;
+    esac
+done
 
 # phase NAME SECONDS COMMAND...: run it under a time limit (cut to what is left of the budget), log
 # it, remember its exit code and wall time. A phase not in GPU_SH_PHASES, or with under 30 s left,

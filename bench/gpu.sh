@@ -32,21 +32,23 @@ for name in $wanted; do  # a misspelt phase would otherwise be skipped in silenc
 done
 
 # phase NAME SECONDS COMMAND...: run it under a time limit (cut to what is left of the budget), log
-# it, remember its exit code and wall time. A phase not in GPU_SH_PHASES, or with under 30 s left,
-# is skipped (exit 0).
+# it, remember its exit code and wall time. gpu-info, build and import-check always run with their
+# own limits; a later phase not in GPU_SH_PHASES, or with under 30 s of the budget left, is skipped.
 phase() {
     local name=$1 limit=$2
     shift 2
     local left=$((budget - SECONDS - 5))
-    if [[ "$name" != build && "$name" != import-check && "$name" != gpu-info && "$wanted" != *" $name "* ]]; then
-        return 0
+    if [[ "$name" != build && "$name" != import-check && "$name" != gpu-info ]]; then  # these always run
+        if [[ "$wanted" != *" $name "* ]]; then
+            return 0
+        fi
+        if [ "$left" -lt 30 ]; then
+            echo "=== ${name}: skipped, ${left} s of the budget left" | tee -a "$log"
+            phase_times+=("${name}: skipped")
+            return 0
+        fi
+        [ "$limit" -gt "$left" ] && limit=$left
     fi
-    if [ "$left" -lt 30 ]; then
-        echo "=== ${name}: skipped, ${left} s of the budget left" | tee -a "$log"
-        phase_times+=("${name}: skipped")
-        return 0
-    fi
-    [ "$limit" -gt "$left" ] && limit=$left
     local begin=$SECONDS
     echo "=== ${name} (limit ${limit} s)" | tee -a "$log"
     timeout --kill-after=5 "$limit" "$@" 2>&1 | tee -a "$log" | tail -n 40

@@ -23,12 +23,13 @@ log="${OUT_DIR:-/tmp}/gpu_sh.log"
 started=$(mktemp)  # its time stamp marks which results files this run wrote
 phase_times=()
 budget=${GPU_SH_SECONDS:-575}
-wanted=" ${GPU_SH_PHASES:-gpu-tests report batch speech} "
+selectable="gpu-tests report batch speech"  # gpu-info, build and import-check always run
+wanted=" ${GPU_SH_PHASES:-$selectable} "
 for name in $wanted; do  # a misspelt phase would otherwise be skipped in silence, a lease's minutes gone
-    case " gpu-tests report batch speech " in
-        *" $name "*) ;;
-        *) echo "GPU_SH_PHASES: unknown phase '$name' (phases: gpu-tests report batch speech)"; exit 2 ;;
-    esac
+    if [[ " $selectable " != *" $name "* ]]; then
+        echo "GPU_SH_PHASES: unknown phase '$name' (phases: $selectable)"
+        exit 2
+    fi
 done
 
 # phase NAME SECONDS COMMAND...: run it under a time limit (cut to what is left of the budget), log
@@ -38,7 +39,7 @@ phase() {
     local name=$1 limit=$2
     shift 2
     local left=$((budget - SECONDS - 5))
-    if [[ "$name" != build && "$name" != import-check && "$name" != gpu-info ]]; then  # these always run
+    if [[ " $selectable " == *" $name "* ]]; then
         if [[ "$wanted" != *" $name "* ]]; then
             return 0
         fi

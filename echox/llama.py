@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import cached_attention, cached_attention_reference, decode_attention
 from .config import LlamaConfig, RopeScaling
-from .weights import Layout
+from .weights import Layout, embedding_table
 
 
 def set_weight(module: nn.Module, tensor: torch.Tensor):
@@ -291,7 +291,7 @@ class LlamaLM(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = embedding_table(cfg.vocab_size, cfg.hidden_size)
         self.body = LlamaBody(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:

@@ -21,7 +21,7 @@ from torch import nn
 from .config import VocoderConfig
 from .errors import EchoXError
 from .outputs import atomic_file, check_output_file, check_output_folder
-from .weights import Checkpoint, Layout
+from .weights import Checkpoint, Layout, embedding_table
 
 STAGE_SLOPE = 0.1  # leaky relu slope inside the generator (fairseq LRELU_SLOPE)
 FINAL_SLOPE = 0.01  # quirk: the leaky relu before conv_post uses torch's default slope
@@ -172,9 +172,9 @@ class Vocoder(nn.Module):
         super().__init__()
         check_architecture(cfg)
         self.cfg = cfg
-        self.dict = nn.Embedding(cfg.num_embeddings, cfg.embedding_dim)
+        self.dict = embedding_table(cfg.num_embeddings, cfg.embedding_dim)
         if cfg.num_speakers:
-            self.spkr = nn.Embedding(cfg.num_speakers, cfg.speaker_embedding_dim)
+            self.spkr = embedding_table(cfg.num_speakers, cfg.speaker_embedding_dim)
         self.dur_predictor = DurationPredictor(cfg.embedding_dim, cfg.duration_hidden, cfg.duration_kernel_size)
         channels = cfg.upsample_initial_channel
         pad = (PRE_POST_KERNEL - 1) // 2

@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from echox.checkpoint import open_model_folder, resolve_vocoder, resolve_whisper
 from echox.errors import EchoXError
-from echox.weights import Checkpoint, save_sharded
+from echox.weights import Checkpoint, embedding_table, save_sharded
 
 
 @pytest.fixture
@@ -38,6 +40,30 @@ def test_tiny_checkpoint_loads_and_every_tensor_is_claimed(tiny_model_dir):
     assert claimed == set(model.weights.keys())
     assert resolve_whisper(model, None).name == "whisper-tiny"
     assert resolve_vocoder(model, None) == tiny_model_dir
+
+
+LOADS_WITHOUT_DYNAMO = """
+import sys
+from echox.engine import load
+load(sys.argv[1], max_batch=2)
+sys.exit("torch._dynamo" in sys.modules)
+"""
+
+
+def test_loading_an_engine_never_imports_torch_dynamo(tiny_model_dir):
+    """Modules are built on the meta device; an embedding's random init there would import
+    torch._dynamo (about 2 s of every load, for nothing)."""
+    done = subprocess.run([sys.executable, "-c", LOADS_WITHOUT_DYNAMO, str(tiny_model_dir)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:] or "torch._dynamo was imported while loading"
+
+
+def test_embedding_table_off_the_meta_device_keeps_the_random_init():
+    torch.manual_seed(0)
+    table = embedding_table(1000, 64)
+    assert 0.9 < table.weight.std().item() < 1.1  # nn.Embedding's N(0, 1)
+    with torch.device("meta"):
+        assert embedding_table(1000, 64).weight.is_meta
 
 
 def _rewrite_shard(folder, edit):

@@ -20,6 +20,7 @@ from torch import nn
 from ..config import EchoDecoderConfig
 from ..echo import _aligner_mlp
 from ..llama import LlamaBody
+from ..weights import embedding_table
 from .batching import pad_rows
 
 
@@ -42,7 +43,7 @@ class TrainableEchoDecoder(nn.Module):
             self.adapter = nn.Linear(big_h, width)
             self.body = LlamaBody(cfg.body)
             self.lm_head = nn.Linear(width, cfg.body.vocab_size, bias=False)
-            self.unit_embedding = nn.Embedding(cfg.unit_vocab_size, big_h)
+            self.unit_embedding = embedding_table(cfg.unit_vocab_size, big_h)
         own = {k: v.clone() for k, v in tensors.items()}
         self.load_state_dict({
             "aligner_mlp.0.weight": own["aligner_MLP.0.weight"], "aligner_mlp.0.bias": own["aligner_MLP.0.bias"],

@@ -29,6 +29,7 @@ the same shapes (every stream in steady state does: a conv cache is full after t
 """
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -258,15 +259,22 @@ class VocoderStreamState:
     generator: GeneratorState
 
 
+@functools.cache
+def _field_names(kind: type) -> tuple[str, ...] | None:
+    """A state dataclass's field names in order; None for a leaf type."""
+    return tuple(f.name for f in dataclasses.fields(kind)) if dataclasses.is_dataclass(kind) else None
+
+
 def map_tree(fn: Callable, *trees):
-    """fn over the leaves (tensors, or Rows tuples) of same-shaped state trees."""
+    """fn over the leaves (tensors, or Rows tuples) of same-shaped state trees. (Each batched
+    push walks its streams' trees several times, so the field lookup is cached per class.)"""
     first = trees[0]
     if isinstance(first, list):
         return [map_tree(fn, *nodes) for nodes in zip(*trees)]
-    if dataclasses.is_dataclass(first):
-        return type(first)(**{f.name: map_tree(fn, *(getattr(t, f.name) for t in trees))
-                              for f in dataclasses.fields(first)})
-    return fn(*trees)
+    names = _field_names(type(first))
+    if names is None:
+        return fn(*trees)
+    return type(first)(*[map_tree(fn, *[getattr(t, name) for t in trees]) for name in names])
 
 
 def stack_rows(states: list):

@@ -104,7 +104,6 @@ class EchoDecoder(nn.Module):
             self.aligner_mlp = _aligner_mlp(cfg.llm_hidden_size, cfg.aligner_intermediate)
             self.adapter = nn.Linear(cfg.llm_hidden_size, cfg.body.hidden_size)
             self.body = LlamaBody(cfg.body)
-        self.to_empty(device=tensors["adapter.weight"].device)
         self._load_modules(tensors)
         self._build_tables(tensors)
         self.requires_grad_(False).eval()
@@ -116,10 +115,12 @@ class EchoDecoder(nn.Module):
         self.graphs = {}  # captured decode blocks, by head
 
     def _load_modules(self, tensors: dict[str, torch.Tensor]):
-        for index in (0, 3):
-            self.aligner_mlp[index].weight.data = tensors[f"aligner_MLP.{index}.weight"]
-            self.aligner_mlp[index].bias.data = tensors[f"aligner_MLP.{index}.bias"]
-        self.adapter.weight.data, self.adapter.bias.data = tensors["adapter.weight"], tensors["adapter.bias"]
+        """The loaded tensors replace the meta ones (assigned, not copied: no `to_empty` first,
+        whose meta `empty_like` imports sympy, ~0.5 s of every load)."""
+        self.load_state_dict({f"aligner_mlp.{i}.{part}": tensors[f"aligner_MLP.{i}.{part}"]
+                              for i in (0, 3) for part in ("weight", "bias")}
+                             | {f"adapter.{part}": tensors[f"adapter.{part}"] for part in ("weight", "bias")},
+                             strict=False, assign=True)
         self.body.load_released({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
 
     def _build_tables(self, tensors: dict[str, torch.Tensor]):

@@ -109,11 +109,12 @@ class TextDecoder:
         The engine runs one turn at a time: a turn points the LLM's layers at this conversation's
         cache here, and decodes with it until the turn ends."""
         self.require_room(len(slots))
-        self.lm.body.use_state(self.state)
         start = min(common_prefix(self.cached, slots), len(slots) - 1)
         x, valid = self.embed(slots[start:], speech)
         positions = torch.arange(start, len(slots), device=self.device)[None]
-        hidden = self.lm(x, positions, valid, kv_len=len(slots))[:, -1]
+        with self.lm.body.state_lock:  # a session being made meanwhile captures on its own cache
+            self.lm.body.use_state(self.state)
+            hidden = self.lm(x, positions, valid, kv_len=len(slots))[:, -1]
         self.cached = list(slots)
         return hidden
 
@@ -163,10 +164,12 @@ class TextDecoder:
         return self.graphs[sampling]
 
     def capture(self, step):
-        """`step` (token, position) captured on this conversation's cache buffers."""
-        self.lm.body.use_state(self.state)
+        """`step` (token, position) captured on this conversation's cache buffers (a capture holds
+        them; the replays of a turn's steps need not point the layers at them again)."""
         position = torch.tensor([len(self.cached)], device=self.device)  # rewritten by the real step
-        return capture_step(step, torch.zeros_like(position), position)
+        with self.lm.body.state_lock:  # another conversation's prefill may be running
+            self.lm.body.use_state(self.state)
+            return capture_step(step, torch.zeros_like(position), position)
 
     def start_read(self, token: torch.Tensor, score: torch.Tensor, slot: int):
         """Begin copying (token, score) to the host; the returned function waits for them.

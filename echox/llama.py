@@ -10,6 +10,7 @@ no host syncs, so the decode step can be captured (capture.py: a CUDA graph or a
 """
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -193,6 +194,9 @@ class LlamaBody(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        # The layers point at one state at a time: a thread that points them and runs on that
+        # state while other threads may point them elsewhere holds this lock for both.
+        self.state_lock = threading.Lock()
 
     def allocate_state(self, batch: int, max_len: int) -> "DecoderState":
         """A KV cache per layer and RoPE tables for `max_len` positions, owned by the caller (a

@@ -146,6 +146,35 @@ def test_one_turn_at_a_time_per_engine(engine):
     run_turn(new_session(engine, max_new_tokens=4), text="Three.")
 
 
+def test_a_session_made_during_another_turns_prefill_leaves_that_turn_alone(engine, tiny_model_dir, monkeypatch):
+    """A new session captures its decode step on its own cache, which points the shared LLM layers
+    at that cache: it must wait until a running prefill has written the turn's cache."""
+    _, alone = run_turn(new_session(engine, max_units=1), text="Tell me something.")
+    engine = echox_engine.load(tiny_model_dir)  # its own, with no spare caches
+    paused, resume = threading.Event(), threading.Event()
+    forward = engine.lm.forward
+
+    def pausing_forward(x, *args, **kwargs):
+        if x.shape[1] > 1 and not paused.is_set():  # the next prefill (a decode step has one position)
+            paused.set()
+            resume.wait(10)
+        return forward(x, *args, **kwargs)
+
+    monkeypatch.setattr(engine.lm, "forward", pausing_forward)
+    result = {}
+    turn = threading.Thread(target=lambda: result.update(trace=run_turn(
+        new_session(engine, max_units=1), text="Tell me something.")[1]))
+    turn.start()
+    assert paused.wait(30)
+    maker = threading.Thread(target=lambda: new_session(engine))
+    maker.start()
+    maker.join(1.0)  # long enough to capture, were it not held back
+    resume.set()
+    turn.join(60)
+    maker.join(60)
+    assert result["trace"]["tokens"] == alone["tokens"]
+
+
 def test_multi_speaker_vocoder_speaks_with_the_released_speaker(tmp_path):
     from echox.config import VocoderConfig
     from echox.tiny import TinySpec, write_tiny_checkpoint

@@ -21,6 +21,7 @@ engine makes a bounded number: per batch width, per echo-decoder head, per KV ca
 sessions pass on to each other (engine.py), not per session or sampling setting.
 """
 
+import threading
 import warnings
 
 import torch
@@ -101,22 +102,31 @@ class TracedStep:
             return self.trace(*inputs)
 
 
+# Graphs are captured one at a time, each on a high-priority stream of its own. torch hands out
+# ordinary streams round-robin from a pool of 32 per device, and its default capture stream is one
+# of them, so in an engine with many threads it is also some worker's stream, whose work would go
+# into the graph (or fail) during a capture; nothing else here asks for high-priority streams.
+# Captures happen while the engine serves (a batched vocoder's wider pushes, a new session's step).
+_capturing = threading.Lock()
+
+
 class GraphedStep:
     def __init__(self, fn, *example_inputs: torch.Tensor, warmup: int = 2, pool=None):
         """`pool`: a memory pool shared with other graphs that never replay at the same time and
         whose outputs are copied before another one replays (torch.cuda.graph_pool_handle)."""
         self.fn = fn
         self.inputs = [x.clone() for x in example_inputs]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up runs allocate workspaces and autotune outside the graph
-            for _ in range(warmup):
-                fn(*self.inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        # thread_local: the engine's other thread may sync or allocate while this one captures.
-        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-            self.outputs = fn(*self.inputs)
+        with _capturing:
+            stream = torch.cuda.Stream(priority=-1)
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up runs allocate workspaces and autotune outside the graph
+                for _ in range(warmup):
+                    fn(*self.inputs)
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: the engine's other threads may sync or allocate while this one captures.
+            with torch.cuda.graph(self.graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+                self.outputs = fn(*self.inputs)
 
     def __call__(self, *inputs: torch.Tensor):
         for static, value in zip(self.inputs, inputs):

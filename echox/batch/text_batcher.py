@@ -165,11 +165,14 @@ class TextBatcher(BatchWorker):
         where = [row.slot for row in active]
         chosen = hidden if len(active) == width else hidden[where]
         tokens = self.select(chosen, [row.request for row in active])
+        # Copied before the read below waits for this stream: the callers use the rows on theirs
+        # (and a CUDA graph's output is overwritten by its next replay).
+        kept = chosen.clone()
         tokens, scores = torch.stack([tokens.float(), period_score(chosen, self.period_row)]).tolist()
-        for row, token, score, slot in zip(active, tokens, scores, where):
+        for row, token, score, slot, own in zip(active, tokens, scores, where, kept):
             self.decoders[slot].cached.append(row.token)  # its keys and values are in the cache now
             row.position += 1
-            self.hand_out(row, hidden[slot].clone(), token, score)
+            self.hand_out(row, own, token, score)
         self.courier.dispatch()  # the loop would next; here, so that the step's time counts the handover
         self.step_seconds += time.perf_counter() - started
 

@@ -42,6 +42,10 @@ class VocoderBatcher(BatchWorker):
         """`advance_streams` for one caller's pushes, run with whatever other pushes are waiting."""
         for _ in self.submit(PushRequest(pushes)).items():
             pass
+        if self.device.type == "cuda":  # made on the batch's stream, read and freed on the caller's
+            for push in pushes:
+                for samples in push.samples:
+                    samples.record_stream(torch.cuda.current_stream())
 
     def active(self) -> bool:
         return bool(self.pending)

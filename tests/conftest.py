@@ -69,3 +69,13 @@ def tiny_root(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tiny_root):
     return tiny_root / "EchoX-tiny"
+
+
+@pytest.fixture
+def exact_fp32_convs():
+    """cuDNN may run fp32 convs in TF32 (and the dispatch then picks the Triton conv, which does
+    too): too coarse for a reference, or the offline vocoder, at 1e-4. Off for the test."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = saved

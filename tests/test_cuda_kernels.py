@@ -191,15 +191,6 @@ def test_head_select_replays_in_a_cuda_graph(ext, params):
         assert torch.equal(token, expected(hidden, weight, params, step))
 
 
-@pytest.fixture
-def exact_fp32_convs():
-    """cuDNN may run fp32 convs in TF32, too coarse for a reference at 1e-4: off for these tests."""
-    saved = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = saved
-
-
 CONV_TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 3e-3, torch.float32: 1e-4}
 
 

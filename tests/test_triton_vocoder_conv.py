@@ -14,16 +14,8 @@ from echox_kernels import vocoder_conv
 from echox_kernels.vocoder_conv import conv1d_valid, conv_transpose1d_window
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.usefixtures("exact_fp32_convs")  # conftest.py
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}  # abs and rel, unit-scale outputs
-
-
-@pytest.fixture(autouse=True)
-def exact_fp32_convs():
-    """cuDNN may run fp32 convs in TF32, too coarse for the references (and the offline vocoder) at 1e-4."""
-    saved = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = saved
 
 
 @pytest.fixture(params=["gpu-tiles", "interpreter-tiles"])

@@ -144,7 +144,7 @@ def test_a_failed_capture_leaves_pushes_eager_and_says_so(vocoder, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("first,later,count", PATTERNS)
-def test_graphed_pushes_equal_eager_ones(first, later, count):
+def test_graphed_pushes_equal_eager_ones(exact_fp32_convs, first, later, count):
     vocoder = random_vocoder().cuda()
     graphs = SteadyPush(vocoder, capture=True)
     graphs.capture_buckets(32)

@@ -126,9 +126,11 @@ def micro_rows(benchmark_json: dict) -> list[dict]:
 
 # ---- end to end --------------------------------------------------------------------------------
 
-def run_e2e(device: str, sizes: list[str] | None, repeats: int, jsonl_path: Path) -> list[dict]:
-    command = [sys.executable, "bench/e2e.py", "--device", device, "--repeats", str(repeats), "--out", str(jsonl_path)]
-    subprocess.run(command + (["--sizes", *sizes] if sizes else []), cwd=ROOT, check=True)
+def run_e2e(device: str, size: str, repeats: int, jsonl_path: Path) -> list[dict]:
+    """e2e.py at one size, its result appended to `jsonl_path`; every result there so far."""
+    command = [sys.executable, "bench/e2e.py", "--device", device, "--repeats", str(repeats), "--out", str(jsonl_path),
+               "--sizes", size]
+    subprocess.run(command, cwd=ROOT, check=True)
     return [json.loads(line) for line in jsonl_path.read_text().splitlines()]
 
 
@@ -278,21 +280,31 @@ def main(argv: list[str] | None = None):
     if args.readme:
         print(readme_table(args.out_dir))
         return
+    from e2e import default_sizes  # a sibling script (bench/ is on the path), importing the engine
     env = environment(args.device)
     json_path, md_path = result_paths(env, args.out_dir)
     existing = [p for p in (json_path, md_path) if p.exists()]
     if existing and not args.overwrite:
         raise SystemExit(f"{existing[0]} already exists; pass --overwrite to replace it")
+    command = " ".join(["python", "bench/report.py", *(argv or sys.argv[1:])])
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+
+    def write(micro_exit_code: int, micro: list[dict], e2e: list[dict]) -> str:
+        """The report of what is measured so far: rewritten after each stage, so that a run cut
+        short (bench/gpu.sh gives each phase a time limit) keeps what it measured."""
+        report = {"environment": env, "command": command, "micro_exit_code": micro_exit_code, "micro": micro,
+                  "e2e": e2e, "targets": evaluate_targets(e2e, micro)}
+        json_path.write_text(json.dumps(report, indent=1) + "\n")
+        md_path.write_text(render_markdown(report))
+        return render_markdown(report)
+
     with tempfile.TemporaryDirectory() as tmp:
         micro_exit_code = run_microbenchmarks(Path(tmp) / "micro.json")
         micro = micro_rows(json.loads((Path(tmp) / "micro.json").read_text()))
-        e2e = run_e2e(args.device, args.sizes, args.repeats, Path(tmp) / "e2e.jsonl")
-    report = {"environment": env, "command": " ".join(["python", "bench/report.py", *(argv or sys.argv[1:])]),
-              "micro_exit_code": micro_exit_code, "micro": micro, "e2e": e2e, "targets": evaluate_targets(e2e, micro)}
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(report, indent=1) + "\n")
-    md_path.write_text(render_markdown(report))
-    print(render_markdown(report))
+        markdown = write(micro_exit_code, micro, [])
+        for size in args.sizes or default_sizes(torch.device(args.device)):
+            markdown = write(micro_exit_code, micro, run_e2e(args.device, size, args.repeats, Path(tmp) / "e2e.jsonl"))
+    print(markdown)
     print(f"wrote {shown(json_path)} and {shown(md_path)}")
 
 

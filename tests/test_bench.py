@@ -3,6 +3,7 @@ report's speed-ups, target checks and Markdown. Timings are not asserted, only t
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -67,6 +68,26 @@ def test_markdown_has_every_target(tiny_result):
         assert text in rendered
     assert next(t for t in targets if t["target"] == report.KERNEL_TARGET)["status"] == "met"
     assert all(t["status"].startswith("not measured") for t in targets[:-1])  # no 8b/3b run on the CPU
+
+
+def test_a_report_cut_short_keeps_what_it_measured(tiny_result, tmp_path, monkeypatch):
+    """bench/gpu.sh stops a phase at its time limit: the report is written after each stage."""
+    def microbenchmarks(json_path):
+        json_path.write_text(json.dumps({"benchmarks": []}))
+        return 0
+
+    def e2e_run(device, size, repeats, jsonl_path):
+        if size != "tiny":
+            raise subprocess.CalledProcessError(-15, "bench/e2e.py")  # killed at the limit
+        return [tiny_result]
+
+    monkeypatch.setattr(report, "run_microbenchmarks", microbenchmarks)
+    monkeypatch.setattr(report, "run_e2e", e2e_run)
+    with pytest.raises(subprocess.CalledProcessError):
+        report.main(["--device", "cpu", "--sizes", "tiny", "mid", "--out-dir", str(tmp_path)])
+    written = json.loads(next(tmp_path.glob("*-cpu.json")).read_text())
+    assert [result["size"] for result in written["e2e"]] == ["tiny"]
+    assert "| tiny |" in next(tmp_path.glob("*-cpu.md")).read_text()
 
 
 def test_speech_path_reports_a_turn_beside_its_critical_path(tmp_path):

@@ -32,12 +32,13 @@ from .config import WhisperConfig
 from .cpu_threads import on_every_core
 from .echo import EchoDecoder, load_echo_decoder
 from .errors import EchoXError
-from .generate import AudioSlot, Slot, TextDecoder
+from .generate import AudioSlot, Slot, TextDecoder, Token
 from .llama import LlamaLM, load_lm
 from .mel import log_mel
 from .sampling import RELEASED_SAMPLING, SamplingParams
 from .segmenter import RELEASED_SEGMENTER, Segmenter, SegmenterParams
 from .speech_pipeline import AudioChunk, SegmentRecord, SpeechPipeline
+from .stop_signal import StopSignal
 from .split_linear import split_one_row_products
 from .streaming_vocoder import LARGEST_PIECE, StreamingVocoder, advance_streams
 from .tokenizer import Turn, user_text
@@ -191,10 +192,12 @@ class Engine:
         """How many turns this engine answers at once."""
         return 1 if self.text_batcher is None else len(self.text_batcher.table)
 
-    def echo_units(self, segment: torch.Tensor, max_units: int, ready=None) -> Iterator[int]:
-        """The unit tokens of one segment [n, H], from the echo decoder or its batch."""
+    def echo_units(self, segment: torch.Tensor, max_units: int, ready=None,
+                   on_stop: Callable[[Callable[[], None]], None] | None = None) -> Iterator[int]:
+        """The unit tokens of one segment [n, H], from the echo decoder or its batch. `on_stop`
+        takes what wakes a wait for the batch and drops the segment (the caller's stop)."""
         if self.echo_batcher is not None:
-            return self.echo_batcher.generate(segment, max_units, ready)
+            return self.echo_batcher.generate(segment, max_units, ready, on_stop)
         return self.echo.generate(segment, max_units=max_units)
 
     def session(self, **options) -> "Session":
@@ -276,14 +279,21 @@ class Session:
                              f"positions; a session cannot ask for max_len={max_len}")
         else:  # the sampling counter, which an unbatched session's decoder keeps
             self.counter = torch.zeros(1, dtype=torch.int64, device=engine.device)
-        self.cancelled = threading.Event()  # set by cancel(), read by the turn in progress
-        self.speaking: SpeechPipeline | None = None  # the speech of the turn in progress, for cancel()
-        self.answering = False  # a turn of this session is in progress
+        self.stop_turn: StopSignal | None = None  # the turn in progress's own stop, for cancel()
         self.turn_lock = threading.Lock()  # held while it is, so two threads cannot both start one
         self.reset()
 
     def reset(self):
-        """Forget the conversation; the KV cache buffers and captured graphs are kept for reuse."""
+        """Forget the conversation; the KV cache buffers and captured graphs are kept for reuse.
+        Not while a turn is in progress: it would write its answer into the new conversation."""
+        if not self.turn_lock.acquire(blocking=False):
+            raise EchoXError("this session is answering a turn: let it end (cancel() ends it soon) before a reset")
+        try:
+            self._forget()
+        finally:
+            self.turn_lock.release()
+
+    def _forget(self):
         self.turns: list[Turn] = []
         self.speech: dict[int, torch.Tensor] = {}  # turn index -> its speech embeddings [v, H]
         if self.decoder is not None:
@@ -298,10 +308,8 @@ class Session:
         the text already decoded and a `TurnDone` whose trace has "cancelled": True. The history
         keeps the question and, as the assistant's turn, the text yielded. Without a turn in
         progress this does nothing."""
-        if self.answering:
-            self.cancelled.set()
-            if (speaking := self.speaking) is not None:
-                speaking.stop()
+        if (stop := self.stop_turn) is not None:
+            stop.set()
 
     def listen(self, samples: torch.Tensor, clock: Clock, timings: dict) -> tuple[torch.Tensor, list]:
         """16 kHz samples [N] -> (embeddings [v, H], kept frame indices): mel, Whisper, adapter (SPEC §2-4)."""
@@ -352,10 +360,9 @@ class Session:
             self.turn_lock.release()
             raise EchoXError("this engine is answering another turn: finish (or close) that one first")
         turns_before, speech_before, finished = len(self.turns), dict(self.speech), False
-        self.cancelled.clear()
-        self.answering = True
+        stop = self.stop_turn = StopSignal()
         try:
-            with torch.inference_mode(), contextlib.closing(self._respond(samples, text)) as events:
+            with torch.inference_mode(), contextlib.closing(self._respond(samples, text, stop)) as events:
                 for event in events:
                     finished = isinstance(event, TurnDone)
                     yield event
@@ -365,15 +372,16 @@ class Session:
                 self.speech = speech_before
             raise
         finally:
-            self.answering, self.speaking = False, None
+            self.stop_turn = None
             if solo:
                 self.engine.busy.release()
             self.turn_lock.release()
 
-    def llm_tokens(self, slots: list[Slot], clock: Clock, timings: dict):
+    def llm_tokens(self, slots: list[Slot], clock: Clock, timings: dict, stop: StopSignal):
         """(the answer's tokens, a function that adds the prefill's timings once they are out and
         returns how much of the token loop's wall time they took). Without batching the prefill
-        runs here; with it, the turn waits for a KV slot and is prefilled by the batch."""
+        runs here; with it, the turn waits for a KV slot and is prefilled by the batch (a stop
+        wakes it at once, wherever it waits)."""
         if self.decoder is not None:
             started = clock.now()
             hidden = self.decoder.prefill(slots, self.speech)
@@ -383,14 +391,31 @@ class Session:
         if self.engine.device.type == "cuda":  # the speech embeddings are being written on this stream
             ready = torch.cuda.Event()
             ready.record()
-        request = TextRequest(self, slots, self.speech, self.sampling, self.max_new_tokens, self.counter, ready)
+        # The turn samples on a counter of its own: a row that was left may step on until the batch
+        # sees it go, and those steps must not move the session's.
+        counter = self.counter.clone()
+        request = TextRequest(self, slots, self.speech, self.sampling, self.max_new_tokens, counter, ready)
+        stop.on_set(request.withdraw)
+
+        def answer() -> Iterator[Token]:
+            taken, ended = 0, False
+            try:
+                for token in self.engine.text_batcher.answer(request):
+                    yield token
+                    taken += 1  # the turn came back for the next one
+                ended = not stop.is_set()
+            finally:
+                # A turn that ended by itself leaves its row's count. A stopped one moves the session's
+                # on by the tokens it took, plus two, as an unbatched turn does: that one has chosen
+                # the token the stop dropped and queued the step after it.
+                self.counter.copy_(counter if ended else self.counter + taken + 2)
 
         def finish(timings: dict) -> float:
             timings |= {"kv_slot_wait": request.wait_ms, "prefill": request.prefill_ms}
             return request.wait_ms + request.prefill_ms
-        return self.engine.text_batcher.answer(request), finish
+        return answer(), finish
 
-    def _respond(self, samples: torch.Tensor | None, text: str) -> Iterator[Event]:
+    def _respond(self, samples: torch.Tensor | None, text: str, stop: StopSignal) -> Iterator[Event]:
         engine, tok = self.engine, self.engine.tokenizer
         clock, timings = Clock(engine.device), {}
 
@@ -401,34 +426,36 @@ class Session:
                 self.speech[len(self.turns)] = embeddings
             self.turns.append(Turn("user", text, audio=samples is not None))
             slots = self.slots()
-            return kept, slots, *self.llm_tokens(slots, clock, timings)
+            return kept, slots, *self.llm_tokens(slots, clock, timings, stop)
 
         # Until the LLM's first step a solo turn has the CPU to itself; a batched one shares it.
         alone = self.decoder is not None and engine.device.type == "cpu"
         kept, slots, answer_tokens, finish_timings = on_every_core(before_llm) if alone else before_llm()
 
-        speech = self.speaking = SpeechPipeline(engine, self.max_units, self.push_units, clock)
+        speech = SpeechPipeline(engine, self.max_units, self.push_units, clock)
+        stop.on_set(speech.stop)
         segmenter, text_stream = Segmenter(self.segmenter), tok.decode_stream()
         tokens, hiddens, scores, shown = [], [], [], ""
         started = clock.now()
         try:
-            for token in answer_tokens:
-                if self.cancelled.is_set():
-                    break
-                tokens.append(token.id)
-                hiddens.append(token.hidden)
-                scores.append(token.score)
-                if delta := text_stream.step(token.id):  # None inside a multi-byte character
-                    shown += delta
-                    yield TextDelta(delta)
-                if (cut := segmenter.push(token.score)) is not None:
-                    speech.submit(SegmentRecord(*cut), torch.stack(hiddens[cut[0]:cut[1]]))
-                yield from speech.chunks(wait=False)
+            with contextlib.closing(answer_tokens):  # left at a stop: the batch drops the row at once
+                for token in answer_tokens:
+                    if stop.is_set():
+                        break
+                    tokens.append(token.id)
+                    hiddens.append(token.hidden)
+                    scores.append(token.score)
+                    if delta := text_stream.step(token.id):  # None inside a multi-byte character
+                        shown += delta
+                        yield TextDelta(delta)
+                    if (cut := segmenter.push(token.score)) is not None:
+                        speech.submit(SegmentRecord(*cut), torch.stack(hiddens[cut[0]:cut[1]]))
+                    yield from speech.chunks(wait=False)
             decode_ms = clock.since(started)
             answer = tok.decode(tokens)
             if answer != shown:  # it ended inside a multi-byte character: say so now, not after the speech
                 yield TextDelta(answer[len(shown):])
-            if (cut := segmenter.finish()) is not None and not self.cancelled.is_set():
+            if (cut := segmenter.finish()) is not None and not stop.is_set():
                 speech.submit(SegmentRecord(*cut), torch.stack(hiddens[cut[0]:cut[1]]))
             speech.close()
             yield from speech.chunks(wait=True)
@@ -451,6 +478,6 @@ class Session:
             "scores": scores,
             "segments": [record.as_dict() for record in speech.records],
             "timings_ms": timings,
-            "cancelled": self.cancelled.is_set(),
+            "cancelled": stop.is_set(),
         }
         yield TurnDone(answer, trace)

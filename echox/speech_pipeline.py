@@ -29,6 +29,7 @@ from typing import Iterator
 import torch
 
 from .cpu_threads import pin_threads, usable_cores
+from .stop_signal import StopSignal
 
 END_OF_SEGMENT = None  # in the unit queue: the segment's units are all written
 
@@ -69,7 +70,7 @@ class SpeechPipeline:
         self.vocoder_start_ms: float | None = None
         self.vocoder_end_ms: float | None = None
         self.errors: list[BaseException] = []
-        self.cancelled = False
+        self.stopped = StopSignal()  # also wakes the echo thread if it waits for a slot of the echo batch
         self.vocoding = False  # the vocoder thread is inside a push (else it waits for units)
         # Each thread, however it ends, tells the next stage that nothing more comes from it.
         self.threads = [threading.Thread(target=self._guarded, args=(loop, done), name=name, daemon=True)
@@ -94,7 +95,7 @@ class SpeechPipeline:
 
     def stop(self):
         """Drop what is queued and stop both threads at their next unit or push; do not wait."""
-        self.cancelled = True
+        self.stopped.set()
         self.segments.put(None)
         self.units.put(None)
 
@@ -136,7 +137,7 @@ class SpeechPipeline:
     # ---- echo thread --------------------------------------------------------------------------
 
     def _echo_loop(self):
-        while (job := self.segments.get()) is not None and not self.cancelled:
+        while (job := self.segments.get()) is not None and not self.stopped.is_set():
             self._echo_segment(*job)
 
     def _echo_segment(self, index: int, hidden: torch.Tensor, ready):
@@ -148,8 +149,8 @@ class SpeechPipeline:
         started = self.clock.now()
         with self._echo_threads() as threads:
             threads()
-            for unit_token in self.engine.echo_units(hidden, self.max_units, ready):
-                if self.cancelled:
+            for unit_token in self.engine.echo_units(hidden, self.max_units, ready, self.stopped.on_set):
+                if self.stopped.is_set():
                     return
                 units = echo.units_of([unit_token])
                 record.unit_tokens.append(unit_token)
@@ -187,7 +188,7 @@ class SpeechPipeline:
         voice = self.engine.voice()
         waiting: list[int] = []
         batch = voice.lookahead_units + 1
-        while (item := self.units.get()) is not None and not self.cancelled:
+        while (item := self.units.get()) is not None and not self.stopped.is_set():
             index, units = item
             if units is END_OF_SEGMENT:
                 self._vocode(index, voice.flush, torch.tensor(waiting, dtype=torch.int64))

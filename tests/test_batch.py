@@ -2,6 +2,7 @@
 
 import contextlib
 import threading
+import time
 
 import pytest
 import torch
@@ -141,6 +142,62 @@ def test_a_turn_abandoned_by_its_caller_frees_its_row(batched):
     turn.close()
     waited = [converse(batched, GREEDY, 5, [{"text": "Hi."}]) for _ in range(4)]  # more turns than slots
     assert all(len(w[0][0]["tokens"]) <= 5 for w in waited)
+
+
+def respond_in_thread(talk, **turn) -> tuple[threading.Thread, list]:
+    events = []
+    thread = threading.Thread(target=lambda: events.extend(talk.respond(**turn)), daemon=True)
+    thread.start()
+    return thread, events
+
+
+@pytest.mark.parametrize("waits_for", ["text_batcher", "echo_batcher"])
+def test_cancel_reaches_a_turn_waiting_for_a_slot(batched, monkeypatch, waits_for):
+    """A turn queued for a KV slot (or its segment for an echo-decoder slot) ends at once when
+    cancelled: it is not prefilled when a slot frees, long after."""
+    talk = session(batched, GREEDY, 8)
+    batcher = getattr(batched, waits_for)
+    monkeypatch.setattr(batcher.table, "take", lambda owner: None)  # every slot is in another turn
+    thread, events = respond_in_thread(talk, text="Hello?")
+    deadline = time.monotonic() + 30
+    while not batcher.queued() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert batcher.queued() == 1
+    talk.cancel()
+    thread.join(10)
+    assert not thread.is_alive(), "the cancelled turn still waits for a slot"
+    assert events[-1].trace["cancelled"] and not any(isinstance(e, AudioChunk) for e in events)
+    assert events[-1].trace["tokens"] == ([] if waits_for == "text_batcher" else events[-1].trace["tokens"])
+    time.sleep(0.05)
+    assert batcher.queued() == 0  # dropped from the queue, never admitted
+
+
+def test_reset_during_a_turn_is_refused_and_the_turn_goes_on(batched):
+    talk = session(batched, GREEDY, 6)
+    turn = talk.respond(text="One.")
+    next(turn)
+    with pytest.raises(EchoXError, match="answering a turn"):
+        talk.reset()
+    assert isinstance(list(turn)[-1], TurnDone) and [t.role for t in talk.turns] == ["user", "assistant"]
+    talk.reset()
+    assert talk.turns == []
+
+
+@pytest.mark.parametrize("pause", [0.0, 0.3])
+def test_after_a_cancel_a_seeded_session_goes_on_as_unbatched_however_slow_its_reader(solo, batched, pause):
+    """A cancelled batched row may step on until the batch sees it go; the session's sampling
+    counter moves on by what the turn handed out, as an unbatched session's does."""
+    def two_turns(engine):
+        talk = session(engine, SAMPLED, 40)
+        deltas = 0
+        for event in talk.respond(text="Talk for a while."):
+            deltas += isinstance(event, TextDelta)
+            if deltas == 3:
+                talk.cancel()
+            if isinstance(event, TurnDone):
+                time.sleep(pause)  # the caller reads the end late
+        return [list(talk.respond(text="Again."))[-1].trace["tokens"], event.trace["tokens"]]
+    assert two_turns(batched) == two_turns(solo)
 
 
 def test_limits_of_a_batched_engine_are_clear_errors(tiny_model_dir):

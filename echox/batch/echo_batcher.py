@@ -9,7 +9,7 @@ segment's cache lives only as long as its decode). A block is captured per batch
 go back to its caller a block at a time, as `EchoDecoder.generate` yields them without batching.
 """
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -45,10 +45,15 @@ class EchoBatcher(BatchWorker):
         self.rows: dict[int, EchoRow] = {}
         self.graphs = CapturedWidths(self.block, max_batch, self.idle_inputs, self.device) if use_graphs else None
 
-    def generate(self, segment: torch.Tensor, max_units: int | None = None, ready=None) -> Iterator[int]:
+    def generate(self, segment: torch.Tensor, max_units: int | None = None, ready=None,
+                 on_stop: Callable[[Callable[[], None]], None] | None = None) -> Iterator[int]:
         """`EchoDecoder.generate`, decoded in the batch: unit token ids of segment [n, H] as they come.
-        `ready` (GPU): an event after which `segment` is written."""
-        for units in self.submit(SegmentRequest(segment, max_units, ready)).items():
+        `ready` (GPU): an event after which `segment` is written. `on_stop` is handed the request's
+        `withdraw`, which the caller's stop runs (from any thread) to end a wait for a slot at once."""
+        request = self.submit(SegmentRequest(segment, max_units, ready))
+        if on_stop is not None:
+            on_stop(request.withdraw)
+        for units in request.items():
             yield from units
 
     def active(self) -> bool:

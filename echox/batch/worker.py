@@ -80,6 +80,12 @@ class Request:
             self.put(error)
         self.put(FINISHED)
 
+    def withdraw(self):
+        """The caller's side gives up, from any thread: a caller waiting for results wakes at once
+        (the end goes straight on its queue), and the loop drops the request, queued or active."""
+        self.cancelled = True
+        self.results.put(FINISHED)
+
     def items(self) -> Iterator:
         """Results as they come; a failure is raised here; leaving early cancels the request."""
         try:
@@ -144,13 +150,13 @@ class BatchWorker:
         while True:
             self.courier.dispatch()  # the last admission's results (a prefill's token) go before the next
             with self.arrived:
+                # Withdrawn or abandoned while queued: dropped wherever they wait, never admitted
+                # (their callers have their end already, or no longer read).
+                self.waiting = deque(request for request in self.waiting if not request.cancelled)
                 if not self.waiting or (self.joins_per_step is not None and joined >= self.joins_per_step
                                         and self.active()):
                     return
                 request = self.waiting[0]
-            if request.cancelled:
-                self.pop(request).finish()
-                continue
             if request.ready is not None:
                 torch.cuda.current_stream().wait_event(request.ready)
             try:

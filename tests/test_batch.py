@@ -1,6 +1,8 @@
 """Batched engine (echox/batch/): concurrent conversations give what each gets alone."""
 
 import contextlib
+import subprocess
+import sys
 import threading
 import time
 
@@ -198,6 +200,27 @@ def test_after_a_cancel_a_seeded_session_goes_on_as_unbatched_however_slow_its_r
                 time.sleep(pause)  # the caller reads the end late
         return [list(talk.respond(text="Again."))[-1].trace["tokens"], event.trace["tokens"]]
     assert two_turns(batched) == two_turns(solo)
+
+
+CANCEL_THEN_EXIT = """
+import sys
+import echox.engine as E
+from echox.engine import TextDelta
+talk = E.load(sys.argv[1], max_batch=3).session(max_new_tokens=40, max_units=30)
+deltas = 0
+for event in talk.respond(text="Talk for a while."):
+    deltas += isinstance(event, TextDelta)
+    if deltas == 3:
+        talk.cancel()
+"""
+
+
+def test_a_program_that_ends_right_after_a_cancel_exits_cleanly(tiny_model_dir):
+    """The batch loops may still be finishing the cancelled rows' steps: they are stopped between two
+    steps at exit, not frozen inside a torch op (which aborted the process with exit code 134)."""
+    done = subprocess.run([sys.executable, "-c", CANCEL_THEN_EXIT, str(tiny_model_dir)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and "terminate" not in done.stderr, done.stderr[-2000:]
 
 
 def test_limits_of_a_batched_engine_are_clear_errors(tiny_model_dir):

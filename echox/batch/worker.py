@@ -12,9 +12,11 @@ a ~3.5 ms CPU step (0.12-0.15 ms through the courier, `tiny`, 2 cores). The cour
 while the loop runs its next step, in the order the loop gave the results.
 """
 
+import atexit
 import contextlib
 import queue
 import threading
+import weakref
 from collections import deque
 from collections.abc import Iterator
 
@@ -115,9 +117,17 @@ class BatchWorker:
         self.arrived = threading.Condition()
         self.thread = threading.Thread(target=self.run, name=name, daemon=True)
         self.courier = Courier(f"{name}-courier")
+        self.stopping = False
 
     def start(self):
         self.thread.start()
+        RUNNING.add(self)
+
+    def stop(self):
+        """End the loop after its current step (what it still holds is dropped)."""
+        with self.arrived:
+            self.stopping = True
+            self.arrived.notify()
 
     def submit(self, request: Request) -> Request:
         request.courier = self.courier
@@ -131,11 +141,11 @@ class BatchWorker:
         if stream is None:
             pin_threads(self.threads)
         with torch.inference_mode(), (torch.cuda.stream(stream) if stream else contextlib.nullcontext()):
-            while True:
+            while not self.stopping:
                 self.admit_waiting()
                 if not self.active():
                     with self.arrived:
-                        while not self.waiting:
+                        while not self.waiting and not self.stopping:
                             self.arrived.wait()
                     continue
                 try:
@@ -175,3 +185,18 @@ class BatchWorker:
     def queued(self) -> int:
         with self.arrived:
             return len(self.waiting)
+
+
+RUNNING: "weakref.WeakSet[BatchWorker]" = weakref.WeakSet()
+
+
+@atexit.register
+def stop_every_loop():
+    """Before the interpreter ends, stop the loops between two steps: a daemon thread still inside a
+    torch op then (say, finishing a cancelled turn's row) aborts the process as it returns
+    ("terminate called without an active exception", exit code 134)."""
+    workers = list(RUNNING)
+    for worker in workers:
+        worker.stop()
+    for worker in workers:
+        worker.thread.join(timeout=30)

@@ -286,14 +286,9 @@ class Session:
     def reset(self):
         """Forget the conversation; the KV cache buffers and captured graphs are kept for reuse.
         Not while a turn is in progress: it would write its answer into the new conversation."""
-        if not self.turn_lock.acquire(blocking=False):
-            raise EchoXError("this session is answering a turn: let it end (cancel() ends it soon) before a reset")
-        try:
-            self._forget()
-        finally:
-            self.turn_lock.release()
-
-    def _forget(self):
+        if self.stop_turn is not None:
+            raise EchoXError("this session is answering a turn: let it reach its TurnDone (cancel() brings it soon) "
+                             "before a reset")
         self.turns: list[Turn] = []
         self.speech: dict[int, torch.Tensor] = {}  # turn index -> its speech embeddings [v, H]
         if self.decoder is not None:
@@ -365,6 +360,8 @@ class Session:
             with torch.inference_mode(), contextlib.closing(self._respond(samples, text, stop)) as events:
                 for event in events:
                     finished = isinstance(event, TurnDone)
+                    if finished:  # the turn is history now: a cancel no longer reaches it, a reset may come
+                        self.stop_turn = None
                     yield event
         except BaseException:
             if not finished:
@@ -387,28 +384,27 @@ class Session:
             hidden = self.decoder.prefill(slots, self.speech)
             timings["prefill"] = clock.since(started)
             return self.decoder.decode(hidden, len(slots), self.sampling, self.max_new_tokens), lambda _: 0.0
-        ready = None
-        if self.engine.device.type == "cuda":  # the speech embeddings are being written on this stream
-            ready = torch.cuda.Event()
-            ready.record()
         # The turn samples on a counter of its own: a row that was left may step on until the batch
         # sees it go, and those steps must not move the session's.
         counter = self.counter.clone()
+        ready = None
+        if self.engine.device.type == "cuda":  # the speech embeddings and the counter are written on this stream
+            ready = torch.cuda.Event()
+            ready.record()
         request = TextRequest(self, slots, self.speech, self.sampling, self.max_new_tokens, counter, ready)
         stop.on_set(request.withdraw)
 
         def answer() -> Iterator[Token]:
-            taken, ended = 0, False
+            taken = 0
             try:
                 for token in self.engine.text_batcher.answer(request):
                     yield token
                     taken += 1  # the turn came back for the next one
-                ended = not stop.is_set()
             finally:
-                # A turn that ended by itself leaves its row's count. A stopped one moves the session's
-                # on by the tokens it took, plus two, as an unbatched turn does: that one has chosen
-                # the token the stop dropped and queued the step after it.
-                self.counter.copy_(counter if ended else self.counter + taken + 2)
+                # The session's counter moves on as an unbatched turn's does, however the turn ended:
+                # that one chose a token past the last it handed out (eot, or the one a stop dropped)
+                # and queued the step after it, within its token limit.
+                self.counter += min(taken + 2, self.max_new_tokens)
 
         def finish(timings: dict) -> float:
             timings |= {"kv_slot_wait": request.wait_ms, "prefill": request.prefill_ms}

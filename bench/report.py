@@ -23,6 +23,8 @@ from typing import Callable
 
 import torch
 
+from echox.outputs import atomic_file
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 REFERENCE = "torch_reference"
@@ -294,8 +296,9 @@ def main(argv: list[str] | None = None):
         short (bench/gpu.sh gives each phase a time limit) keeps what it measured."""
         report = {"environment": env, "command": command, "micro_exit_code": micro_exit_code, "micro": micro,
                   "e2e": e2e, "targets": evaluate_targets(e2e, micro)}
-        json_path.write_text(json.dumps(report, indent=1) + "\n")
-        md_path.write_text(render_markdown(report))
+        for path, text in ((json_path, json.dumps(report, indent=1) + "\n"), (md_path, render_markdown(report))):
+            with atomic_file(path) as temporary:  # a cut mid-write leaves the last whole report
+                temporary.write_text(text)
         return render_markdown(report)
 
     with tempfile.TemporaryDirectory() as tmp:

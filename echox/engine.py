@@ -10,6 +10,7 @@ So audio for segment k is synthesised while the LLM writes segment k+1. Events c
 carrying the trace (ids, frames, tokens, scores, segments, timings).
 """
 
+import atexit
 import contextlib
 import functools
 import threading
@@ -356,6 +357,7 @@ class Session:
             raise EchoXError("this engine is answering another turn: finish (or close) that one first")
         turns_before, speech_before, finished = len(self.turns), dict(self.speech), False
         stop = self.stop_turn = StopSignal()
+        ANSWERING.add(self)
         try:
             with torch.inference_mode(), contextlib.closing(self._respond(samples, text, stop)) as events:
                 for event in events:
@@ -477,3 +479,21 @@ class Session:
             "cancelled": stop.is_set(),
         }
         yield TurnDone(answer, trace)
+
+
+ANSWERING: "weakref.WeakSet[Session]" = weakref.WeakSet()  # sessions that started a turn (maybe ended)
+
+
+@atexit.register
+def stop_turns_at_exit(seconds: float = 10.0):
+    """Stop the turns still in progress (in daemon threads, say a server's) before the interpreter
+    ends, and give them `seconds` to end: a turn thread still inside a torch op then would abort
+    the process as it returns ("terminate called without an active exception", exit code 134).
+    (Registered after the batch loops' own stop, so it runs before it.)"""
+    sessions = [session for session in list(ANSWERING) if session.stop_turn is not None]
+    for session in sessions:
+        if (stop := session.stop_turn) is not None:
+            stop.set()
+    deadline = time.monotonic() + seconds
+    while any(session.stop_turn is not None for session in sessions) and time.monotonic() < deadline:
+        time.sleep(0.01)

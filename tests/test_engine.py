@@ -1,6 +1,7 @@
 """The end-to-end engine on the tiny checkpoint: determinism, exact streaming, a complete trace."""
 
 import functools
+import subprocess
 import sys
 import threading
 import time
@@ -173,6 +174,28 @@ def test_a_session_made_during_another_turns_prefill_leaves_that_turn_alone(engi
     turn.join(60)
     maker.join(60)
     assert result["trace"]["tokens"] == alone["tokens"]
+
+
+EXIT_MID_TURN = """
+import sys, threading
+import echox.engine as E
+talk = E.load(sys.argv[1]).session(max_new_tokens=60, max_units=200)
+started = threading.Event()
+
+def answer():
+    for event in talk.respond(text="Talk for a while."):
+        started.set()
+threading.Thread(target=answer, daemon=True).start()
+started.wait(60)
+"""
+
+
+def test_a_program_that_ends_mid_turn_exits_cleanly(tiny_model_dir):
+    """A turn still running in a daemon thread (a server's) is stopped at exit: a thread inside a
+    torch op when the interpreter ends aborted the process (exit code 134)."""
+    done = subprocess.run([sys.executable, "-c", EXIT_MID_TURN, str(tiny_model_dir)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and "terminate" not in done.stderr, done.stderr[-2000:]
 
 
 def test_multi_speaker_vocoder_speaks_with_the_released_speaker(tmp_path):

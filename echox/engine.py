@@ -38,7 +38,7 @@ from .llama import LlamaLM, load_lm
 from .mel import log_mel
 from .sampling import RELEASED_SAMPLING, SamplingParams
 from .segmenter import RELEASED_SEGMENTER, Segmenter, SegmenterParams
-from .speech_pipeline import AudioChunk, SegmentRecord, SpeechPipeline
+from .speech_pipeline import AudioChunk, SegmentRecord, SpeechPipeline, speaking
 from .stop_signal import StopSignal
 from .split_linear import split_one_row_products
 from .streaming_vocoder import LARGEST_PIECE, StreamingVocoder, advance_streams
@@ -281,6 +281,7 @@ class Session:
         else:  # the sampling counter, which an unbatched session's decoder keeps
             self.counter = torch.zeros(1, dtype=torch.int64, device=engine.device)
         self.stop_turn: StopSignal | None = None  # the turn in progress's own stop, for cancel()
+        self.turn_steps: Iterator | None = None  # its generator of events, once it runs
         self.turn_lock = threading.Lock()  # held while it is, so two threads cannot both start one
         self.reset()
 
@@ -360,6 +361,7 @@ class Session:
         ANSWERING.add(self)
         try:
             with torch.inference_mode(), contextlib.closing(self._respond(samples, text, stop)) as events:
+                self.turn_steps = events  # whether it runs (gi_running), for the exit hook
                 for event in events:
                     finished = isinstance(event, TurnDone)
                     if finished:  # the turn is history now: a cancel no longer reaches it, a reset may come
@@ -487,13 +489,18 @@ ANSWERING: "weakref.WeakSet[Session]" = weakref.WeakSet()  # sessions that start
 @atexit.register
 def stop_turns_at_exit(seconds: float = 10.0):
     """Stop the turns still in progress (in daemon threads, say a server's) before the interpreter
-    ends, and give them `seconds` to end: a turn thread still inside a torch op then would abort
-    the process as it returns ("terminate called without an active exception", exit code 134).
-    (Registered after the batch loops' own stop, so it runs before it.)"""
+    ends, and give them up to `seconds` to get out of their torch ops: a thread still inside one then
+    would abort the process as it returns ("terminate called without an active exception", exit
+    code 134). A turn whose caller has stopped reading (its steps suspended) and whose speech threads
+    have ended holds nothing up. (Registered after the batch loops' own stop, so it runs before it.)"""
     sessions = [session for session in list(ANSWERING) if session.stop_turn is not None]
     for session in sessions:
         if (stop := session.stop_turn) is not None:
             stop.set()
+
+    def working(session: Session) -> bool:
+        steps = session.turn_steps
+        return session.stop_turn is not None and (steps is not None and steps.gi_running or speaking())
     deadline = time.monotonic() + seconds
-    while any(session.stop_turn is not None for session in sessions) and time.monotonic() < deadline:
+    while any(working(session) for session in sessions) and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -198,6 +198,18 @@ def test_a_program_that_ends_mid_turn_exits_cleanly(tiny_model_dir):
     assert done.returncode == 0 and "terminate" not in done.stderr, done.stderr[-2000:]
 
 
+def test_the_exit_hook_does_not_wait_for_a_turn_nobody_reads(engine):
+    """A turn suspended in its caller (who stopped reading) runs nothing once its speech has
+    stopped: the exit hook returns then, not at its time limit."""
+    turn = new_session(engine, max_new_tokens=40).respond(text="Talk for a while.")
+    next(turn)
+    started = time.monotonic()
+    echox_engine.stop_turns_at_exit(seconds=30)
+    assert time.monotonic() - started < 10
+    assert isinstance(list(turn)[-1], TurnDone)  # stopped: it ends at once, as cancelled
+    assert not any(t.name in ("echox-echo", "echox-vocoder") and t.is_alive() for t in threading.enumerate())
+
+
 def test_multi_speaker_vocoder_speaks_with_the_released_speaker(tmp_path):
     from echox.config import VocoderConfig
     from echox.tiny import TinySpec, write_tiny_checkpoint

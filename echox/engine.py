@@ -493,7 +493,7 @@ def stop_turns_at_exit(seconds: float = 10.0):
     would abort the process as it returns ("terminate called without an active exception", exit
     code 134). A turn whose caller has stopped reading (its steps suspended) and whose speech threads
     have ended holds nothing up. (Registered after the batch loops' own stop, so it runs before it.)"""
-    sessions = [session for session in list(ANSWERING) if session.stop_turn is not None]
+    sessions = list(ANSWERING)
     for session in sessions:
         if (stop := session.stop_turn) is not None:
             stop.set()

@@ -163,13 +163,13 @@ class TextBatcher(BatchWorker):
         active = [row for row in rows if row is not None]
         self.steps, self.rows_stepped = self.steps + 1, self.rows_stepped + len(active)
         where = [row.slot for row in active]
-        chosen = hidden if len(active) == width else hidden[where]
+        # A copy of the active rows (indexing copies), made before the read below waits for this
+        # stream: the callers use the rows on theirs, and a CUDA graph's output is overwritten by
+        # its next replay.
+        chosen = hidden.clone() if len(active) == width else hidden[where]
         tokens = self.select(chosen, [row.request for row in active])
-        # Copied before the read below waits for this stream: the callers use the rows on theirs
-        # (and a CUDA graph's output is overwritten by its next replay).
-        kept = chosen.clone()
         tokens, scores = torch.stack([tokens.float(), period_score(chosen, self.period_row)]).tolist()
-        for row, token, score, slot, own in zip(active, tokens, scores, where, kept):
+        for row, token, score, slot, own in zip(active, tokens, scores, where, chosen):
             self.decoders[slot].cached.append(row.token)  # its keys and values are in the cache now
             row.position += 1
             self.hand_out(row, own, token, score)

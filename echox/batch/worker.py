@@ -162,7 +162,8 @@ class BatchWorker:
             with self.arrived:
                 # Withdrawn or abandoned while queued: dropped wherever they wait, never admitted
                 # (their callers have their end already, or no longer read).
-                self.waiting = deque(request for request in self.waiting if not request.cancelled)
+                if any(request.cancelled for request in self.waiting):
+                    self.waiting = deque(request for request in self.waiting if not request.cancelled)
                 if not self.waiting or (self.joins_per_step is not None and joined >= self.joins_per_step
                                         and self.active()):
                     return

@@ -229,6 +229,28 @@ def test_a_program_that_ends_right_after_a_cancel_exits_cleanly(tiny_model_dir):
     assert done.returncode == 0 and "terminate" not in done.stderr, done.stderr[-2000:]
 
 
+TURN_AFTER_THE_LOOPS_STOPPED = """
+import atexit, sys
+def late_turn():  # registered before echox is imported, so it runs after echox's exit hooks
+    try:
+        list(talk.respond(text="Hello there."))
+    except Exception as error:
+        print(type(error).__name__, error)
+atexit.register(late_turn)
+import echox.engine as E
+talk = E.load(sys.argv[1], max_batch=2).session(max_new_tokens=10, max_units=30)
+"""
+
+
+def test_a_turn_after_the_batch_loops_stopped_is_refused_not_left_waiting(tiny_model_dir):
+    """At exit the batch loops stop; a turn that comes after that (from an exit handler that runs
+    later) gets a clear error at once instead of waiting for ever on a loop that is gone."""
+    done = subprocess.run([sys.executable, "-c", TURN_AFTER_THE_LOOPS_STOPPED, str(tiny_model_dir)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "EchoXError the engine has stopped: the program is exiting"
+
+
 def test_limits_of_a_batched_engine_are_clear_errors(tiny_model_dir):
     engine = echox_engine.load(tiny_model_dir)
     with pytest.raises(EchoXError, match="max_batch must be"):
@@ -316,7 +338,9 @@ class StepLedger(BatchWorker):
                 request.finish()
 
     def fail_active(self, error):
-        raise AssertionError(error)
+        for request in self.steps_left:
+            request.finish(error)
+        self.steps_left.clear()
 
 
 @pytest.mark.parametrize("joins_per_step, expected", [
@@ -331,6 +355,22 @@ def test_joins_between_two_steps_are_limited_while_rows_decode(joins_per_step, e
         list(request.items())
     assert " ".join(ledger.events) == expected
     assert text_batcher.TextBatcher.joins_per_step == 1
+
+
+def test_a_stopped_loop_ends_what_it_holds_and_what_comes_later_with_an_error():
+    class StopsAfterOneStep(StepLedger):
+        def step(self):
+            super().step()
+            self.stop()
+    ledger = StopsAfterOneStep(joins_per_step=1)
+    requests = [ledger.submit(Request()) for _ in range(3)]  # one joins; two still wait when it stops
+    ledger.start()
+    ledger.thread.join(timeout=10)
+    requests.append(ledger.submit(Request()))
+    assert ledger.events == ["join", "step"]
+    for request in requests:  # what `items()` raises, read with a time limit
+        error = request.results.get(timeout=10)
+        assert isinstance(error, EchoXError) and "the engine has stopped" in str(error)
 
 
 def test_a_batched_prefill_takes_every_core_only_while_no_speech_is_made(batched, monkeypatch):

@@ -23,8 +23,15 @@ from collections.abc import Iterator
 import torch
 
 from ..cpu_threads import pin_threads
+from ..errors import EchoXError
 
 FINISHED = object()  # a request's last item
+
+
+def stopped() -> EchoXError:
+    """What a caller gets once the loop has stopped (a new one each time: a raised error keeps the
+    frames it passes through)."""
+    return EchoXError("the engine has stopped: the program is exiting")
 
 
 class Courier:
@@ -124,7 +131,7 @@ class BatchWorker:
         RUNNING.add(self)
 
     def stop(self):
-        """End the loop after its current step (what it still holds is dropped)."""
+        """End the loop after its current step (what it still holds, or is given, ends with an error)."""
         with self.arrived:
             self.stopping = True
             self.arrived.notify()
@@ -132,8 +139,12 @@ class BatchWorker:
     def submit(self, request: Request) -> Request:
         request.courier = self.courier
         with self.arrived:
-            self.waiting.append(request)
-            self.arrived.notify()
+            if not self.stopping:
+                self.waiting.append(request)
+                self.arrived.notify()
+                return request
+        request.results.put(stopped())  # straight to the caller: nothing of this request is on its way
+        request.results.put(FINISHED)
         return request
 
     def run(self):
@@ -153,6 +164,17 @@ class BatchWorker:
                 except Exception as error:  # noqa: BLE001 - handed to every caller of the failed step
                     self.fail_active(error)
                 self.courier.dispatch()
+            self.end_held()
+
+    def end_held(self):
+        """The loop has stopped: what it holds and what still queues end with an error, so that no
+        caller waits for results that will never come (a request submitted later ends at once)."""
+        self.fail_active(stopped())
+        with self.arrived:
+            waiting, self.waiting = self.waiting, deque()
+        for request in waiting:
+            request.finish(stopped())
+        self.courier.dispatch()
 
     def admit_waiting(self):
         """Admit waiting requests in arrival order until one finds no room, or `joins_per_step` joined."""

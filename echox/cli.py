@@ -250,17 +250,32 @@ def port_number(value: str) -> int:
     return int(value)
 
 
+def _number(value: str) -> float:
+    """The number `value` spells, or NaN (which every range check refuses)."""
+    try:
+        return float(value)
+    except ValueError:
+        return math.nan
+
+
 def positive_number(what: str):
     """An argparse type for a duration or a rate: a finite number > 0."""
     def number(value: str) -> float:
-        try:
-            parsed = float(value)
-        except ValueError:
-            parsed = math.nan
+        parsed = _number(value)
         if not (0 < parsed < math.inf):
             raise argparse.ArgumentTypeError(f"{what} must be a finite number > 0, got {value!r}")
         return parsed
     return number
+
+
+def probability(what: str):
+    """An argparse type for a rate such as dropout: a number in [0, 1)."""
+    def rate(value: str) -> float:
+        parsed = _number(value)
+        if not 0 <= parsed < 1:
+            raise argparse.ArgumentTypeError(f"{what} must be a number in [0, 1), got {value!r}")
+        return parsed
+    return rate
 
 
 def add_limit_arguments(parser: argparse.ArgumentParser, max_new_tokens: int, max_units: int, units_help: str,

@@ -82,10 +82,11 @@ class EchoVocabulary:
                               tuple(tuple(units) for units in table))
 
 
-def _aligner_mlp(big_h: int, inner: int) -> nn.Sequential:
-    """The denoising adapter; indices match the released keys `aligner_MLP.0` and `.3`."""
-    # Index 2 was Dropout in training; at inference it is the identity.
-    return nn.Sequential(nn.Linear(big_h, inner), nn.ReLU(), nn.Identity(), nn.Linear(inner, big_h))
+def _aligner_mlp(big_h: int, inner: int, dropout: float = 0.0) -> nn.Sequential:
+    """The denoising adapter; indices match the released keys `aligner_MLP.0` and `.3`. Index 2 is
+    Dropout(`dropout`) in training (0.1 in the authors' echo training), the identity at inference."""
+    middle = nn.Dropout(dropout) if dropout else nn.Identity()
+    return nn.Sequential(nn.Linear(big_h, inner), nn.ReLU(), middle, nn.Linear(inner, big_h))
 
 
 class EchoDecoder(nn.Module):
@@ -241,10 +242,11 @@ class EchoDecoder(nn.Module):
 
     @torch.no_grad()
     def generate_from_prompt(self, prompt: torch.Tensor, max_units: int | None = None,
-                             full_head: bool = False) -> Iterator[int]:
+                             full_head: bool = False, tally: "UnitTally | None" = None) -> Iterator[int]:
         """`generate` from a prompt already embedded [L, h]; training decodes text prompts with it
-        (text embeddings in the segment slots) to make its echo pseudo-labels."""
-        tally = self.tally(prompt.shape[0], max_units)
+        (text embeddings in the segment slots) to make its echo pseudo-labels, and passes its own
+        `tally` (from `tally`, instead of `max_units`) to read afterwards whether eot ended it."""
+        tally = tally or self.tally(prompt.shape[0], max_units)
         self.body.use_state(self.state)  # a batched decode may have pointed the layers elsewhere
         token_id = self.prefill(prompt, full_head)  # [1]
         block = self.block_function(full_head)
@@ -280,6 +282,7 @@ class UnitTally:
     def __init__(self, eot: int, first_unit: int, budget: int):
         self.eot, self.first_unit, self.budget = eot, first_unit, budget
         self.produced, self.done = 0, False
+        self.at_eot = False  # whether eot ended it (else the budget did, or it has not ended)
 
     def take(self, token_ids: list[int]) -> Iterator[int]:
         """The unit token ids among `token_ids`, the decoder's next tokens in order, up to the end."""
@@ -287,7 +290,7 @@ class UnitTally:
             if self.done:
                 return
             if value == self.eot:
-                self.done = True
+                self.done = self.at_eot = True
                 return
             if value >= self.first_unit:
                 yield value

@@ -43,6 +43,7 @@ def fails_with(capsys, code, pattern):
     ("stage1", "--lora-rank", "0", "lora-rank must be a whole number >= 1"),
     ("stage2", "--unit-vocab", "0", "unit-vocab must be a whole number >= 1"),
     ("stage3", "--max-units", "0", "max-units must be a whole number >= 1"),
+    ("stage3", "--aligner-dropout", "1", "aligner-dropout must be a number in [0, 1)"),
 ])
 def test_bad_numbers_are_refused_while_parsing(tmp_path, capsys, stage, flag, value, message):
     with pytest.raises(SystemExit) as stop:  # argparse: a usage line and the reason, exit status 2
@@ -80,6 +81,9 @@ def test_resuming_ends_where_an_uninterrupted_run_ends(tiny_model_dir, manifest,
     a, b = Checkpoint(straight / "model"), Checkpoint(resumed / "model")
     for key in a.keys():
         torch.testing.assert_close(a.get(key), b.get(key), rtol=0, atol=0, msg=key)
+    # The decoder's text table stays frozen: the copy stored with it, which inference reads.
+    table = "unit_translator.model.embed_tokens.weight"
+    torch.testing.assert_close(a.get(table), Checkpoint(tiny_model_dir).get(table), rtol=0, atol=0)
     lines = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2, 3, 4]
     assert (resumed / "metrics.jsonl").read_text().splitlines() == (straight / "metrics.jsonl").read_text().splitlines()

@@ -20,6 +20,7 @@ from echox.train.export import adapter_tensors, echo_tensors, llm_tensors, save_
 from echox.train.lora import LoRALinear, add_lora
 from echox.train.manifest import Example
 from echox.train.speech_to_text import SpeechToText, prepare_turns
+from echox.train.stages import StageOptions, pseudo_labels
 from echox.whisper import load_whisper
 
 CFG = LlamaConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=48,
@@ -87,19 +88,45 @@ def test_lora_starts_at_the_base_and_merges_only_its_targets():
     assert set(lora.up) == {"q", "v"} and not base.weight.requires_grad
 
 
+def trainable_decoder(folder, aligner_dropout: float = 0.0) -> TrainableEchoDecoder:
+    cfg, tokenizer = folder.config.echo, folder.tokenizer
+    tensors = folder.weights.take(echo_layout(cfg), "echo decoder", torch.float32, strip=ECHO_PREFIX)
+    return TrainableEchoDecoder(cfg, tokenizer.echo_prefixes(), tokenizer.eot, tensors, aligner_dropout=aligner_dropout)
+
+
 def test_trainable_echo_decoder_reproduces_greedy_decoding(tiny_model_dir):
     folder = open_model_folder(tiny_model_dir)
     engine_decoder = load_echo_decoder(folder)
-    cfg, tokenizer = folder.config.echo, folder.tokenizer
-    tensors = folder.weights.take(echo_layout(cfg), "echo decoder", torch.float32, strip=ECHO_PREFIX)
-    trainer = TrainableEchoDecoder(cfg, tokenizer.echo_prefixes(), tokenizer.eot, tensors)
-    segment = torch.randn(6, cfg.llm_hidden_size, generator=torch.Generator().manual_seed(2))
+    trainer = trainable_decoder(folder)
+    segment = torch.randn(6, folder.config.echo.llm_hidden_size, generator=torch.Generator().manual_seed(2))
     units = list(engine_decoder.generate(segment, max_units=12))
     with torch.no_grad():
         out = trainer([trainer.aligner_mlp(segment)], [units])
     # The unit head ranks eot and the unit rows only: the trainer must pick what inference picked.
     restricted = engine_decoder.unit_head_ids[out.logits[0][:, engine_decoder.unit_head_ids].argmax(-1)]
     assert restricted[:len(units)].tolist() == units
+
+
+def test_pseudo_labels_cut_at_the_limit_teach_no_eot(tiny_model_dir, tmp_path):
+    """A decode that ran out of budget is not a finished answer: training must not teach eot there."""
+    folder = open_model_folder(tiny_model_dir)
+    options = StageOptions(manifest=tmp_path / "m.jsonl", model=tiny_model_dir, out=tmp_path, max_units=3)
+    [cut] = pseudo_labels(folder, [Example(1, tmp_path / "q.wav", "a", "A long answer.")], options)
+    assert len(cut.units) == 3 and not cut.ended
+    trainer = trainable_decoder(folder)
+    slot = torch.randn(5, folder.config.echo.llm_hidden_size)
+    with torch.no_grad():
+        assert trainer([slot], [cut.units], [cut.ended]).targets[0].tolist() == cut.units
+        assert trainer([slot], [cut.units]).targets[0].tolist() == cut.units + [folder.tokenizer.eot]
+
+
+def test_the_aligner_drops_out_only_while_training(tiny_model_dir):
+    folder = open_model_folder(tiny_model_dir)
+    plain, dropping = trainable_decoder(folder), trainable_decoder(folder, aligner_dropout=0.5)
+    h = torch.randn(8, folder.config.echo.llm_hidden_size)
+    with torch.no_grad():
+        assert not torch.equal(dropping.aligner_mlp(h), plain.aligner_mlp(h))
+        assert torch.equal(dropping.eval().aligner_mlp(h), plain.aligner_mlp(h))
 
 
 def test_hidden_states_pair_with_the_tokens_they_predict(tiny_model_dir, tmp_path):

@@ -48,7 +48,7 @@ def _run_demo(args):
 
 def add_train_command(sub):
     """Register `echox train ...` on the top-level subparsers."""
-    from ..cli import whole_number  # echox/cli.py imports this module
+    from ..cli import probability, whole_number  # echox/cli.py imports this module
     train = sub.add_parser("train", help="echo training: stage1 | stage2 | stage3 | demo")
     stages = train.add_subparsers(dest="stage", required=True)
     descriptions = {
@@ -66,6 +66,8 @@ def add_train_command(sub):
             stage.add_argument("--heldout", help="manifest whose teacher-forced unit accuracy is reported")
             stage.add_argument("--max-units", type=whole_number("max-units"), default=2048,
                                help="longest pseudo-label in unit tokens (the released decode budget)")
+            stage.add_argument("--aligner-dropout", type=probability("aligner-dropout"), default=0.1,
+                               help="dropout inside the aligner MLP while training (the authors' echo training: 0.1)")
         stage.set_defaults(run=_run_stage)
     demo = stages.add_parser("demo", help="all three stages on a synthetic spoken task, on the CPU")
     demo.add_argument("out", help="folder to create (data, stages, metrics.jsonl, model/)")

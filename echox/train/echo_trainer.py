@@ -33,13 +33,14 @@ class UnitLogits:
 
 class TrainableEchoDecoder(nn.Module):
     def __init__(self, cfg: EchoDecoderConfig, prefixes: tuple[list[int], list[int]], eot: int,
-                 tensors: dict[str, torch.Tensor], checkpointed: bool = False):
-        """`tensors` keyed as `echo_layout(cfg, prefix="")` (copied: the loaded ones stay untouched)."""
+                 tensors: dict[str, torch.Tensor], checkpointed: bool = False, aligner_dropout: float = 0.0):
+        """`tensors` keyed as `echo_layout(cfg, prefix="")` (copied: the loaded ones stay untouched);
+        `aligner_dropout`: the aligner MLP's dropout while the module is in training mode."""
         super().__init__()
         self.cfg, self.eot, self.checkpointed = cfg, eot, checkpointed
         big_h, width = cfg.llm_hidden_size, cfg.body.hidden_size
         with torch.device("meta"):  # every value comes from `tensors`
-            self.aligner_mlp = _aligner_mlp(big_h, cfg.aligner_intermediate)
+            self.aligner_mlp = _aligner_mlp(big_h, cfg.aligner_intermediate, aligner_dropout)
             self.adapter = nn.Linear(big_h, width)
             self.body = LlamaBody(cfg.body)
             self.lm_head = nn.Linear(width, cfg.body.vocab_size, bias=False)
@@ -66,13 +67,14 @@ class TrainableEchoDecoder(nn.Module):
         units = self.unit_embedding(token_ids.sub(first_unit).clamp(min=0))
         return torch.where((token_ids < first_unit)[..., None], text, units)
 
-    def forward(self, slots: list[torch.Tensor], targets: list[list[int]]) -> UnitLogits:
-        """slots: per example [n_b, H]; targets: per example unit token ids (eot is appended here)."""
+    def forward(self, slots: list[torch.Tensor], targets: list[list[int]], ended: list[bool] | None = None) -> UnitLogits:
+        """slots: per example [n_b, H]; targets: per example unit token ids, followed here by eot
+        unless `ended[b]` is False (units cut at a length limit: nothing ends them)."""
         device = self.adapter.weight.device
         before, after = self.table(self.text_prefix), self.table(self.unit_prefix)
         rows, starts, answers = [], [], []
-        for slot, units in zip(slots, targets):
-            answer = torch.tensor(list(units) + [self.eot], device=device)
+        for slot, units, ends in zip(slots, targets, ended or [True] * len(targets)):
+            answer = torch.tensor(list(units) + [self.eot] * ends, device=device)
             sequence = torch.cat([before, slot.to(before.dtype), after, self.table(answer[:-1])])
             rows.append(sequence)
             starts.append(len(sequence) - len(answer))  # the last P_unit position predicts the first unit

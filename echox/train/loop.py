@@ -85,6 +85,8 @@ class Progress:
 def save_state(path: Path, step: int, params: list[nn.Parameter], optimizer: torch.optim.Optimizer):
     state = {"step": step, "params": [p.detach().cpu() for p in params], "optimizer": optimizer.state_dict(),
              "rng": torch.get_rng_state()}
+    if torch.cuda.is_available():  # the aligner's dropout draws from it when training on a GPU
+        state["cuda_rng"] = torch.cuda.get_rng_state()
     partial = path.with_name(path.name + ".partial")
     torch.save(state, partial)
     partial.replace(path)  # a crash mid-save never leaves a half-written state behind
@@ -101,6 +103,8 @@ def load_state(path: Path, params: list[nn.Parameter], optimizer: torch.optim.Op
             param.copy_(saved)
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng"])
     return state["step"]
 
 

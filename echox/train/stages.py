@@ -3,7 +3,7 @@
   stage1  speech -> text   L_S2T = CE(response) + 0.3 CTC(transcript); Whisper frozen, adapter
                            trained, LLM through LoRA (merged when saved)
   stage2  text -> units    the echo decoder with CE on (response text ids -> unit tokens); its
-                           text embeddings are the LLM's, frozen; optionally a new unit language
+                           text table (the LLM's, stored with it) frozen; optionally a new unit language
   stage3  echo             a frozen copy of the stage-II decoder turns each response text into
                            pseudo-label unit tokens (greedy, once per example); the trainable
                            decoder reads aligner_MLP(h_t); L_echo, L_den, lambda, total of SPEC §9;
@@ -63,6 +63,7 @@ class StageOptions:
     unit_vocab: int | None = None  # stage 2: build a new unit language of this size
     heldout: Path | None = None  # stage 3: report teacher-forced unit accuracy on these
     max_units: int = 2048  # stage 3: pseudo-label length limit (the released decode budget)
+    aligner_dropout: float = 0.1  # stage 3: the aligner MLP's dropout (the authors' echo training's)
     metrics: Path | None = None  # default OUT/metrics.jsonl (the demo gathers all stages in one)
 
     @staticmethod
@@ -224,9 +225,9 @@ def build_stage2(run: Prepared, options: StageOptions) -> Job:
     source, tokenizer = run.source, run.source.tokenizer
     cfg = source.config.echo
     language, tokenizer_json = unit_language(run, options)
+    # The decoder's text table stays the copy stored with it, frozen: the one inference reads. (The
+    # authors' training ties it to the LLM's output head, so in a released model it is the LLM's.)
     tensors = source.weights.take(echo_layout(cfg), "echo decoder", torch.float32, options.device, strip=ECHO_PREFIX)
-    # The decoder's text embeddings are the LLM's own table, frozen.
-    tensors["model.embed_tokens.weight"] = source.weights.get("model.embed_tokens.weight", torch.float32, options.device)
     if options.unit_vocab is not None:
         cfg = resize_units(tensors, cfg, len(language.tokens), options.seed)
     decoder = TrainableEchoDecoder(cfg, tokenizer.echo_prefixes(), tokenizer.eot, tensors, options.checkpointed)
@@ -245,15 +246,16 @@ class EchoStage(nn.Module):
         super().__init__()
         self.speech, self.decoder = speech, decoder
 
-    def unit_logits(self, turns: list[SpeechTurn], pseudo_labels: list[list[int]]):
+    def unit_logits(self, turns: list[SpeechTurn], labels: list["PseudoLabel"]):
         """(speech-to-text output, aligner_MLP(h_t) [B, n, H], the decoder's teacher-forced logits)."""
         out = self.speech(turns)
         denoised = self.decoder.aligner_mlp(out.hidden)
         lengths = out.text_mask.sum(1).tolist()
-        units = self.decoder([denoised[b, :n] for b, n in enumerate(lengths)], pseudo_labels)
+        units = self.decoder([denoised[b, :n] for b, n in enumerate(lengths)], [label.units for label in labels],
+                             [label.ended for label in labels])
         return out, denoised, units
 
-    def forward(self, batch: list[tuple[SpeechTurn, list[int]]]) -> dict[str, torch.Tensor]:
+    def forward(self, batch: list[tuple[SpeechTurn, "PseudoLabel"]]) -> dict[str, torch.Tensor]:
         out, denoised, units = self.unit_logits([t for t, _ in batch], [p for _, p in batch])
         s2t = speech_to_text_loss(out.cross_entropy, out.ctc)
         echo = sequence_cross_entropy(units.logits, units.targets, units.mask)
@@ -266,8 +268,14 @@ class EchoStage(nn.Module):
                 "denoising": denoising, "lambda": weight, "t2u": t2u}
 
 
+@dataclass(frozen=True)
+class PseudoLabel:
+    units: list[int]  # the frozen decoder's unit tokens for a response
+    ended: bool  # it wrote eot; False: cut at --max-units, so training teaches no eot after them
+
+
 @torch.no_grad()
-def pseudo_labels(source: ModelFolder, examples: list[Example], options: StageOptions) -> list[list[int]]:
+def pseudo_labels(source: ModelFolder, examples: list[Example], options: StageOptions) -> list[PseudoLabel]:
     """The frozen stage-II decoder's greedy unit tokens for each response text (SPEC §7 prompt)."""
     frozen = load_echo_decoder(source, torch.float32, options.device)
     tokenizer = source.tokenizer
@@ -275,13 +283,20 @@ def pseudo_labels(source: ModelFolder, examples: list[Example], options: StageOp
     for example in examples:
         text = torch.tensor(tokenizer.tok(example.response), device=options.device)
         prompt = frozen.embed(torch.cat([frozen.text_prefix, text, frozen.unit_prefix]))  # [L, h]
-        labels.append(list(frozen.generate_from_prompt(prompt, options.max_units)))
+        tally = frozen.tally(len(prompt), options.max_units)
+        labels.append(PseudoLabel(list(frozen.generate_from_prompt(prompt, tally=tally)), tally.at_eot))
     return labels
 
 
 @torch.no_grad()
-def heldout_accuracy(stage: EchoStage, turns: list[SpeechTurn], labels: list[list[int]]) -> float:
-    return unit_accuracy(stage.unit_logits(turns, labels)[2])
+def heldout_accuracy(stage: EchoStage, turns: list[SpeechTurn], labels: list[PseudoLabel]) -> float:
+    """Teacher-forced unit accuracy with the module in eval mode (no dropout), as inference runs."""
+    training = stage.training
+    stage.eval()
+    try:
+        return unit_accuracy(stage.unit_logits(turns, labels)[2])
+    finally:
+        stage.train(training)
 
 
 def build_stage3(run: Prepared, options: StageOptions) -> Job:
@@ -291,13 +306,13 @@ def build_stage3(run: Prepared, options: StageOptions) -> Job:
     tensors = source.weights.take(echo_layout(source.config.echo), "echo decoder", torch.float32, options.device,
                                   strip=ECHO_PREFIX)
     decoder = TrainableEchoDecoder(source.config.echo, tokenizer.echo_prefixes(), tokenizer.eot, tensors,
-                                   options.checkpointed)
-    lengths = [len(t.response) + len(p) for t, p in zip(turns, labels)]
+                                   options.checkpointed, options.aligner_dropout)
+    lengths = [len(t.response) + len(p.units) for t, p in zip(turns, labels)]
     return Job(EchoStage(speech, decoder), params + list(decoder.parameters()), list(zip(turns, labels)), lengths,
                lambda: llm_tensors(speech.lm) | adapter_tensors(speech.adapter, source) | echo_tensors(decoder))
 
 
-def heldout_set(run: Prepared, options: StageOptions) -> tuple[list[SpeechTurn], list[list[int]]]:
+def heldout_set(run: Prepared, options: StageOptions) -> tuple[list[SpeechTurn], list[PseudoLabel]]:
     """The held-out manifest's turns and their pseudo-labels, from the same frozen decoder."""
     held = read_manifest(options.heldout)
     whisper = load_whisper(run.whisper, torch.float32, options.device)

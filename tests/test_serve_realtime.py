@@ -3,7 +3,10 @@ client (and by plain aiohttp WebSockets where a client must misbehave)."""
 
 import asyncio
 import base64
+import gc
 import json
+import time
+import weakref
 
 import aiohttp
 import pytest
@@ -306,3 +309,147 @@ def test_response_done_goes_out_as_the_connection_is_freed(tiny_model_dir):
     assert "response.done" not in [event["type"] for event in sent]
     response.finished()
     assert sent[-2]["type"] == "response.done" and sent[-1] == "connection free"
+
+
+def test_pending_speech_and_text_are_bounded(server):
+    """Committed speech waits for response.create up to the 30 s a turn hears, user text up to 64 Ki
+    characters: beyond that a clear error, not unbounded memory or a stalled tokenizer."""
+    five_seconds = json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(question_pcm16(5.0)).decode()})
+    commit = json.dumps({"type": "input_audio_buffer.commit"})
+    long_text = json.dumps({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [
+        {"type": "input_text", "text": "word " * 14000}]}})
+    beta_format = json.dumps({"type": "session.update", "session": {"input_audio_format": "g711_ulaw"}})
+    events = run(raw_events(server, [five_seconds, commit] * 7 + [long_text, beta_format], 6 * 2 + 3))
+    assert [e["type"] for e in events[:12]] == ["input_audio_buffer.committed", "conversation.item.added"] * 6
+    assert [e["error"]["code"] for e in events[12:]] == ["input_audio_pending_full", "input_text_too_long",
+                                                         "unsupported_audio_format"]
+
+
+def test_server_vad_splits_one_append_that_holds_two_utterances(server):
+    """Over the wire: each utterance of one append is its own item (test_serve_vad.py checks their
+    audio), and an empty append is nothing to do (it used to break the connection)."""
+    vad = json.dumps({"type": "session.update", "session": {"audio": {"input": {"turn_detection": {
+        "type": "server_vad", "silence_duration_ms": 200, "create_response": False}}}}})
+    two = question_pcm16(1.0) + silence_pcm16(0.7) + question_pcm16(1.0) + silence_pcm16(0.7)
+    messages = [vad, json.dumps({"type": "input_audio_buffer.append", "audio": ""}),
+                json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(two).decode()})]
+    events = run(raw_events(server, messages, 9))
+    utterance = ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
+                 "input_audio_buffer.committed", "conversation.item.added"]
+    assert [e["type"] for e in events] == ["session.updated"] + utterance * 2
+    first, second = events[2]["audio_end_ms"], events[5]["audio_start_ms"]
+    assert first < 1200 < 1500 < second  # the second item starts with the second utterance
+
+
+async def text_turn(ws, text: str = "Hi."):
+    """One text turn on a raw WebSocket, up to its response.done."""
+    await ws.send_json({"type": "conversation.item.create", "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}})
+    await ws.send_json({"type": "response.create"})
+    while (event := await ws.receive_json(timeout=60))["type"] != "response.done":
+        pass
+    return event
+
+
+def in_process_server(tiny_model_dir, idle_timeout_s: float = 300.0):
+    """A `Server` to run in this process (aiohttp's TestServer), one unbatched tiny engine."""
+    import echox
+    from echox.serve.server import Limits, Server
+    from echox.serve.session_config import SessionConfig
+    return Server(echox.load(tiny_model_dir), SessionConfig(temperature=0.0, top_p=1.0, max_output_tokens=4),
+                  Limits(idle_timeout_s=idle_timeout_s), {"max_units": 20})
+
+
+def test_the_idle_clock_starts_again_when_an_answer_ends(tiny_model_dir):
+    """A long answer is not idleness, and after it the client has the whole idle time to speak again
+    (the clock used to count from its last event, closing the connection soon after the answer)."""
+    from aiohttp.test_utils import TestServer
+    from echox.serve.server import build_app
+    server, idle_s, answer_s = in_process_server(tiny_model_dir, idle_timeout_s=1.0), 1.0, 1.5
+    make_session = server.new_session
+
+    def slow_session():
+        session = make_session()
+        respond = session.respond
+
+        def slow_respond(**turn):
+            time.sleep(answer_s)  # an answer that outlasts the idle time
+            yield from respond(**turn)
+        session.respond = slow_respond
+        return session
+    server.new_session = slow_session
+
+    async def idle_after_answer():
+        loop = asyncio.get_running_loop()
+        async with TestServer(build_app(server)) as http_server, aiohttp.ClientSession() as http, \
+                http.ws_connect(http_server.make_url("/v1/realtime")) as ws:
+            await ws.receive_json()
+            await text_turn(ws)
+            done_at = loop.time()
+            idle = await ws.receive_json(timeout=30)
+            return idle, loop.time() - done_at
+
+    idle, after_done = run(idle_after_answer())
+    assert idle["error"]["code"] == "idle_timeout" and after_done > 0.8 * idle_s
+
+
+def test_a_closed_connection_frees_its_engine_session_at_once(tiny_model_dir):
+    """With the cycle collector off, a connection's session (and KV cache) is free as soon as the
+    connection ends, so the next connection reuses its cache instead of making a new one."""
+    from aiohttp.test_utils import TestServer
+    from echox.serve.server import build_app
+    server = in_process_server(tiny_model_dir)
+    made, make_session = [], server.new_session
+
+    def tracked_session():
+        session = make_session()
+        made.append(weakref.ref(session))
+        return session
+    server.new_session = tracked_session
+
+    async def three_connections():
+        async with TestServer(build_app(server)) as http_server, aiohttp.ClientSession() as http:
+            for _ in range(3):
+                async with http.ws_connect(http_server.make_url("/v1/realtime")) as ws:
+                    await ws.receive_json()
+                    await text_turn(ws)
+                while server.connections:  # the server's side of the connection ends
+                    await asyncio.sleep(0.01)
+
+    gc.collect()
+    gc.disable()
+    try:
+        run(three_connections())
+    finally:
+        gc.enable()
+    assert len(made) == 3 and all(ref() is None for ref in made)
+    assert len(server.engine.spare_decoders) == 1  # one KV cache served all three
+
+
+def test_a_turn_that_never_ran_still_ends_with_response_done():
+    """The scheduler calls finished() when a turn's thread could not start: the client still gets
+    its response.done (failed), and the connection is freed."""
+    from echox.serve.response import Response
+    from echox.serve.session_config import SessionConfig
+    sent = []
+    response = Response(SessionConfig(temperature=0.0, top_p=1.0, max_output_tokens=4), None, "Hi.",
+                        lambda: None, sent.append, lambda: sent.append("connection free"))
+    response.finished()
+    assert [e["type"] for e in sent[:2]] == ["error", "response.done"] and sent[2] == "connection free"
+    assert sent[1]["response"]["status"] == "failed" and sent[0]["error"]["code"] == "server_error"
+
+
+def test_a_failing_event_handler_is_an_error_event_not_a_dropped_connection():
+    from echox.serve.connection import Connection
+    from echox.serve.session_config import SessionConfig
+
+    async def handle_with_a_bug():
+        connection = Connection(None, SessionConfig(temperature=0.0, top_p=1.0, max_output_tokens=4), None, None,
+                                max_buffer_bytes=1000, idle_timeout_s=60)
+        connection.handlers["input_audio_buffer.clear"] = lambda event: 1 / 0
+        connection.handle(json.dumps({"type": "input_audio_buffer.clear", "event_id": "e7"}))
+        await asyncio.sleep(0)  # post() hands the event to the loop
+        return connection.outbox.get_nowait()
+
+    event = run(handle_with_a_bug())
+    assert event["error"]["code"] == "server_error" and event["error"]["event_id"] == "e7"

@@ -1,7 +1,12 @@
 """Energy VAD: where speech starts and stops, and how the API's threshold maps to a level."""
 
+import asyncio
+
 import torch
 
+from echox.serve.audio_edge import pcm16_base64
+from echox.serve.connection import Connection
+from echox.serve.session_config import SessionConfig
 from echox.serve.vad import EnergyVad, threshold_rms
 
 RATE = 24000
@@ -36,3 +41,20 @@ def test_short_pauses_do_not_end_speech_and_quiet_input_never_starts_it():
     kinds = [e.kind for e in vad.push(torch.cat([tone(0.5, 0.1), tone(0.3, 0.0), tone(0.5, 0.1)]))]
     assert kinds == ["started"] and vad.speaking
     assert EnergyVad(threshold=0.5, silence_duration_ms=500, rate=RATE).push(tone(2.0, 0.02)) == []
+
+
+def test_one_append_holding_two_utterances_commits_each_with_its_own_speech():
+    """The connection commits the speech up to where the VAD heard its end; what follows in the same
+    append stays for the next item (it all went into the first item, and the second committed nothing)."""
+    async def committed_seconds() -> list[float]:
+        config = SessionConfig(temperature=0.0, top_p=1.0, max_output_tokens=4).updated({"audio": {"input": {
+            "turn_detection": {"type": "server_vad", "silence_duration_ms": 200, "create_response": False}}}})
+        connection = Connection(None, config, None, None, max_buffer_bytes=10 ** 7, idle_timeout_s=60)
+        connection.restart_vad()
+        speech, pause = tone(1.0, 0.1), tone(0.7, 0.0)
+        connection.append({"audio": pcm16_base64(torch.cat([speech, pause, speech, pause]))})
+        return [samples.numel() / RATE for samples in connection.pending_audio]
+
+    first, second = asyncio.run(committed_seconds())
+    assert 1.0 < first < 1.3  # the speech and the 200 ms that ended it
+    assert 1.0 < second < 1.6  # the same, after up to 300 ms of padding before it

@@ -36,7 +36,9 @@ def pcm16_from_base64(data: object, param: str) -> bytes:
 
 
 def samples_from_pcm16(raw: bytes) -> torch.Tensor:
-    """Little-endian pcm16 bytes -> [n] float32 in [-1, 1)."""
+    """Little-endian pcm16 bytes -> [n] float32 in [-1, 1) (no bytes: no samples)."""
+    if not raw:  # torch.frombuffer refuses an empty buffer
+        return torch.zeros(0)
     return torch.frombuffer(bytearray(raw), dtype=torch.int16).float() / PCM16_SCALE
 
 

@@ -8,18 +8,21 @@ by one sender task, so events from the loop and from the turn worker keep their 
 State, top to bottom of a spoken turn:
   input audio buffer   pcm16 bytes at 24 kHz since the last commit/clear (with server VAD, only
                        `prefix_padding_ms` of it is kept while nobody speaks)
-  pending input        committed speech and user text items, waiting for response.create
+  pending input        committed speech (at most 30 s, what the model hears in a turn) and user text
+                       items (at most 64 Ki characters), waiting for response.create
   active response      at most one per connection (queued or running), as in the API
   engine session       created in the turn worker on the first turn; keeps history and KV cache
 """
 
 import asyncio
 import json
+import logging
 from typing import Callable
 
 import torch
 from aiohttp import WSMsgType, web
 
+from ..audio import MAX_SECONDS
 from ..engine import Session
 from .audio_edge import API_RATE, pcm16_from_base64, samples_from_pcm16
 from .protocol import (ProtocolError, check_event_type, error_event, new_id, object_field, parse_json_object,
@@ -30,6 +33,11 @@ from .session_config import SessionConfig, parse_max_output_tokens
 from .vad import EnergyVad, VadEvent
 
 PCM16_BYTES = 2
+MAX_PENDING_SAMPLES = int(MAX_SECONDS * API_RATE)  # Whisper hears 30 s of a turn; more would be cut
+MAX_PENDING_TEXT = 64 * 1024  # characters: far past what a conversation's KV cache holds, and
+# tokenizing it takes milliseconds (the tokenizer holds the interpreter lock, stalling every connection)
+
+log = logging.getLogger("echox.serve")
 
 
 class Connection:
@@ -50,6 +58,7 @@ class Connection:
         self.last_item: str | None = None
         self.active: Response | None = None
         self.answer_when_free = False  # server VAD heard a turn end while a response was active
+        self.quiet_until = self.loop.time() + idle_timeout_s  # idle from then on: the last event or answer + timeout
         self.handlers = {
             "session.update": self.session_update,
             "input_audio_buffer.append": self.append,
@@ -71,20 +80,28 @@ class Connection:
             self.pending_audio, self.pending_text, self.answer_when_free = [], [], False  # nothing more to answer
             if self.active is not None:
                 self.cancel("client_cancelled")
+            # The handlers hold this connection (a reference cycle): without this, its engine session
+            # and KV cache would wait for the cycle collector while new connections make new ones.
+            self.handlers, self.session = {}, None
             self.post(None)  # the sender's last item
             await sender
             await self.ws.close()
 
     async def receive_all(self):
         while True:
+            # While an answer runs nothing is idle; after one, the idle clock starts again.
+            wait = self.idle_timeout_s if self.active is not None else self.quiet_until - self.loop.time()
             try:
-                message = await self.ws.receive(timeout=self.idle_timeout_s)
+                if wait <= 0:
+                    raise asyncio.TimeoutError
+                message = await self.ws.receive(timeout=wait)
             except asyncio.TimeoutError:
-                if self.active is not None:  # a long answer is not idleness
+                if self.active is not None or self.quiet_until > self.loop.time():
                     continue
                 self.post(error_event(ProtocolError("idle_timeout", f"no client event for {self.idle_timeout_s:g} s; "
                                                     "closing the connection", kind="session_expired")))
                 return
+            self.quiet_until = self.loop.time() + self.idle_timeout_s
             if message.type == WSMsgType.TEXT:
                 self.handle(message.data)
             elif message.type == WSMsgType.BINARY:
@@ -104,6 +121,10 @@ class Connection:
             self.handlers[check_event_type(event)](event)
         except ProtocolError as error:
             self.post(error_event(error, client_event_id))
+        except Exception:  # a bug of ours: the client hears of it and the connection goes on
+            log.exception("client event %.200s failed", message)
+            self.post(error_event(ProtocolError("server_error", "the server failed on this event; the server log "
+                                                "has the details", kind="server_error"), client_event_id))
 
     def post(self, event: dict | None):
         """Queue an event for the client; safe from any thread (the worker posts through here too)."""
@@ -161,7 +182,11 @@ class Connection:
             return
         item = self.speech_item
         self.post(server_event("input_audio_buffer.speech_stopped", audio_end_ms=ms, item_id=item))
-        self.commit(item)
+        try:  # the speech up to where its end was heard; what came after it in the same append stays
+            self.commit(item, until=event.heard)
+        except ProtocolError as error:
+            self.post(error_event(error))
+            return
         if self.config.turn_detection.create_response:
             self.answer_when_free = True
             self.answer_if_free()
@@ -180,10 +205,22 @@ class Connection:
                                 "before committing")
         self.commit(self.speech_item or new_id("item"))
 
-    def commit(self, item_id: str):
-        self.pending_audio.append(samples_from_pcm16(bytes(self.buffer)))
-        self.buffer.clear()
+    def commit(self, item_id: str, until: int | None = None):
+        """Commit the buffer up to sample `until` (default: all of it) as a pending speech item."""
+        buffer_start = self.appended - len(self.buffer) // PCM16_BYTES
+        end = len(self.buffer) if until is None else max(0, until - buffer_start) * PCM16_BYTES
+        speech = samples_from_pcm16(bytes(self.buffer[:end]))
+        del self.buffer[:end]
         self.speech_item = None
+        if not speech.numel():
+            raise ProtocolError("input_audio_buffer_commit_empty", "no audio to commit")
+        waiting = sum(samples.numel() for samples in self.pending_audio)
+        if waiting + speech.numel() > MAX_PENDING_SAMPLES:
+            seconds = speech.numel() / API_RATE
+            raise ProtocolError("input_audio_pending_full", f"speech waiting for a response holds at most "
+                                f"{MAX_SECONDS:g} s (what the model hears in a turn); these {seconds:.1f} s were "
+                                "dropped: send response.create first")
+        self.pending_audio.append(speech)
         self.post(server_event("input_audio_buffer.committed", previous_item_id=self.last_item, item_id=item_id))
         self.add_item(item_id, [{"type": "input_audio", "transcript": None}])
 
@@ -208,6 +245,9 @@ class Connection:
                 raise ProtocolError("unsupported_content", "each item.content part must be {\"type\": \"input_text\", "
                                     "\"text\": \"...\"}; send speech with input_audio_buffer.append", "item.content")
             texts.append(part["text"])
+        if sum(map(len, self.pending_text + texts)) > MAX_PENDING_TEXT:
+            raise ProtocolError("input_text_too_long", f"user text waiting for a response holds at most "
+                                f"{MAX_PENDING_TEXT} characters; this item was dropped", "item.content")
         self.pending_text.append("\n".join(texts))
         item_id = item["id"] if isinstance(item.get("id"), str) else new_id("item")
         self.add_item(item_id, [{"type": "input_text", "text": text} for text in texts])
@@ -247,6 +287,7 @@ class Connection:
 
     def response_finished(self):
         self.active = None
+        self.quiet_until = self.loop.time() + self.idle_timeout_s
         self.answer_if_free()
 
     def answer_if_free(self):

@@ -63,8 +63,10 @@ class Response:
         self.done_event = server_event("response.done", response=self.describe("cancelled", self.cancel_reason))
 
     def finished(self):
-        if self.done_event is not None:
-            self.post(self.done_event)
+        if self.done_event is None:  # run() never got going (its thread could not start, say)
+            self.fail(ProtocolError("server_error", "the server could not run this turn; the server log has the "
+                                    "details", kind="server_error"))
+        self.post(self.done_event)
         self.on_finished()
 
     # ---- the worker thread's side ---------------------------------------------------------------

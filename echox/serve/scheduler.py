@@ -18,9 +18,12 @@ and the scheduler sets `wait_ms`, how long it waited in the queue, before run().
 """
 
 import asyncio
+import logging
 import threading
 import time
 from collections import deque
+
+log = logging.getLogger("echox.serve")
 
 
 class TurnScheduler:
@@ -65,9 +68,11 @@ class TurnScheduler:
         turn.wait_ms = (time.perf_counter() - turn.queued_at) * 1000
         self.running.add(turn)
         task = asyncio.create_task(run_in_thread(turn.run))
-        task.add_done_callback(lambda _: self.end(turn))
+        task.add_done_callback(lambda task: self.end(turn, task))
 
-    def end(self, turn):
+    def end(self, turn, task: asyncio.Task):
+        if not task.cancelled() and task.exception() is not None:  # its thread did not start
+            log.error("a turn could not run", exc_info=task.exception())
         self.running.discard(turn)
         turn.finished()
         self.changed.set()

@@ -28,6 +28,7 @@ from .session_config import SessionConfig
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("echox.serve")
+SCHEDULER_TASK = web.AppKey("scheduler_task", asyncio.Task)
 
 
 @dataclass(frozen=True)
@@ -50,10 +51,10 @@ class Server:
 
     async def start(self, app: web.Application):
         self.scheduler = TurnScheduler(self.engine.max_batch)
-        app["scheduler_task"] = asyncio.create_task(self.scheduler.serve())
+        app[SCHEDULER_TASK] = asyncio.create_task(self.scheduler.serve())
 
     async def stop(self, app: web.Application):
-        app["scheduler_task"].cancel()
+        app[SCHEDULER_TASK].cancel()
         self.scheduler.close()
 
     async def page(self, request: web.Request) -> web.FileResponse:

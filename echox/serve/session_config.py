@@ -5,7 +5,9 @@ Supported (GA field names): `audio.input.format` / `audio.output.format` (only p
 threshold, prefix_padding_ms, silence_duration_ms, create_response, interrupt_response),
 `max_output_tokens`, and two echox extensions for sampling, `temperature` and `top_p` (the GA
 session has no sampling fields; EchoX's released sampling is temperature 0.2, top-p 0.9).
-`instructions`, `voice`, `tools` and the other fields are accepted and ignored: the released EchoX
+The beta API's `input_audio_format` / `output_audio_format` are checked too (only "pcm16"), so a
+client never sends g711 that would be read as pcm16. `instructions`, `voice`, `tools` and the
+other fields are accepted and ignored: the released EchoX
 prompt has no system message and the vocoder has one voice. The reported session says so.
 """
 
@@ -63,6 +65,10 @@ class SessionConfig:
                 changes[name] = value
         if "max_output_tokens" in session:
             changes["max_output_tokens"] = parse_max_output_tokens(session["max_output_tokens"], "session")
+        for name in ("input_audio_format", "output_audio_format"):  # the beta API's names for the formats
+            if session.get(name, "pcm16") != "pcm16":
+                raise ProtocolError("unsupported_audio_format", f"session.{name} must be \"pcm16\" (24 kHz mono), "
+                                    f"got {session[name]!r}", f"session.{name}")
         audio = object_field(session, "audio", "session.audio")
         for direction in ("input", "output"):
             check_format(object_field(audio, direction, f"session.audio.{direction}"), f"session.audio.{direction}")

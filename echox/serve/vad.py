@@ -28,6 +28,7 @@ def threshold_rms(threshold: float) -> float:
 class VadEvent:
     kind: str  # "started" or "stopped"
     sample: int  # where speech started, or where the last loud frame ended (input samples)
+    heard: int  # where the frame that decided it ends: the audio up to here is what it is about
 
 
 class EnergyVad:
@@ -55,12 +56,12 @@ class EnergyVad:
             if is_loud:
                 if not self.speaking:
                     self.speaking = True
-                    events.append(VadEvent("started", start))
+                    events.append(VadEvent("started", start, self.position))
                 self.quiet_frames, self.speech_end = 0, self.position
             elif self.speaking:
                 self.quiet_frames += 1
                 if self.quiet_frames >= self.quiet_frames_to_stop:
                     self.speaking = False
-                    events.append(VadEvent("stopped", self.speech_end))
+                    events.append(VadEvent("stopped", self.speech_end, self.position))
         self.partial = audio[whole:]
         return events

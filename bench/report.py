@@ -258,8 +258,9 @@ def render_markdown(report: dict) -> str:
 def readme_table(results_dir: Path = RESULTS) -> str:
     """The newest report as the lines the README quotes: where and when, e2e, targets."""
     reports = [json.loads(p.read_text()) | {"path": p} for p in results_dir.glob("*.json")]
+    reports = [report for report in reports if "e2e" in report]  # not the other benches' results beside them
     if not reports:
-        raise SystemExit(f"no reports in {results_dir}")
+        raise SystemExit(f"no reports of bench/report.py in {results_dir}")
     newest = max(reports, key=lambda r: r["environment"]["created"])
     env = newest["environment"]
     lines = [f"Measured on {env['device']}, {env['created'][:10]} (torch {env['torch']}, random weights; "

@@ -207,12 +207,19 @@ def read_with_soundfile(path: Path, head: bytes) -> tuple[torch.Tensor, int]:
 
 # ---- WAV --------------------------------------------------------------------------------------
 
+# A WAV writer that cannot seek back (ffmpeg or sox writing to a pipe) leaves the data size at one of
+# these; readers take the audio up to the end of the file.
+UNKNOWN_DATA_SIZES = (0, 0xFFFFFFFF)
+
+
 def riff_chunks(data: bytes, path: Path) -> dict[bytes, bytes]:
     """The chunks after the 12-byte RIFF/WAVE header, by id (the first of each id wins)."""
     chunks: dict[bytes, bytes] = {}
     pos = 12
     while pos + 8 <= len(data):
         chunk_id, size = struct.unpack_from("<4sI", data, pos)
+        if chunk_id == b"data" and size in UNKNOWN_DATA_SIZES:  # written to a pipe: the audio runs to the end
+            size = len(data) - pos - 8
         body = data[pos + 8:pos + 8 + size]
         if len(body) < size:
             raise EchoXError(f"{path}: truncated WAV file: chunk {chunk_id.decode('latin-1')!r} declares "

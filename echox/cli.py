@@ -7,6 +7,7 @@ the question's text) is checked before any model is loaded, and outputs are writ
 
 import argparse
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -232,13 +233,17 @@ def cmd_convert(args) -> None:
 # Measured on a 2-core machine (bench/speech_path.py --threads 1 2): a turn runs three busy threads (LLM, echo
 # decoder, vocoder), and one intra-op thread each beats two, which only fight over the cores.
 DEFAULT_THREADS = 1
+MAX_THREADS_PER_CORE = 4
 
 
-def whole_number(what: str, least: int = 1):
-    """An argparse type for a count: a whole number >= `least`, refused at parse time (before a model loads)."""
+def whole_number(what: str, least: int = 1, most: int | None = None):
+    """An argparse type for a count: a whole number >= `least` (and <= `most`), refused at parse time
+    (before a model loads)."""
     def count(value: str) -> int:
         if not value.isdigit() or int(value) < least:
             raise argparse.ArgumentTypeError(f"{what} must be a whole number >= {least}, got {value!r}")
+        if most is not None and int(value) > most:
+            raise argparse.ArgumentTypeError(f"{what} must be a whole number from {least} to {most}, got {value!r}")
         return int(value)
     return count
 
@@ -287,10 +292,13 @@ def add_limit_arguments(parser: argparse.ArgumentParser, max_new_tokens: int, ma
 
 
 def add_threads_argument(parser: argparse.ArgumentParser):
-    parser.add_argument("--threads", type=whole_number("threads"), default=DEFAULT_THREADS,
+    # Beyond a few per core threads only fight; tens of thousands fail to start (or crash) in OpenMP.
+    most = MAX_THREADS_PER_CORE * (os.cpu_count() or 1)
+    parser.add_argument("--threads", type=whole_number("threads", most=most), default=DEFAULT_THREADS,
                         help=f"torch intra-op threads on the CPU of each of a turn's LLM, echo-decoder and "
-                             f"vocoder threads (default {DEFAULT_THREADS}: fastest turn measured on 2 cores); the "
-                             f"speech encoder and prefill, which run before them, use every core")
+                             f"vocoder threads (default {DEFAULT_THREADS}: fastest turn measured on 2 cores; at most "
+                             f"{most}, {MAX_THREADS_PER_CORE} per core); the speech encoder and prefill, which run "
+                             f"before them, use every core")
 
 
 def add_eager_argument(parser: argparse.ArgumentParser, *aliases: str):

@@ -122,11 +122,14 @@ class LlamaConfig:
     def from_hf(cfg: dict, path: Path) -> "LlamaConfig":
         hidden = _field(cfg, "hidden_size", path)
         heads = _field(cfg, "num_attention_heads", path)
+        kv_heads = _field(cfg, "num_key_value_heads", path, int, heads)
+        if heads % kv_heads:  # checked here too, where the file and its fields can be named
+            raise EchoXError(f"{path}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
         return LlamaConfig(
             hidden_size=hidden,
             num_layers=_field(cfg, "num_hidden_layers", path),
             num_heads=heads,
-            num_kv_heads=_field(cfg, "num_key_value_heads", path, int, heads),
+            num_kv_heads=kv_heads,
             head_dim=_field(cfg, "head_dim", path, int, hidden // heads),
             intermediate_size=_field(cfg, "intermediate_size", path),
             vocab_size=_field(cfg, "vocab_size", path),

@@ -276,7 +276,11 @@ def _read_fairseq(path: Path, cfg: VocoderConfig) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors come in many types; all mean an unreadable file
-        raise EchoXError(f"{path}: not a readable fairseq vocoder checkpoint ({type(e).__name__}: {e})") from None
+        # One line of torch's message, never its advice to load with weights_only=False (which would
+        # run whatever code a damaged or hostile file holds).
+        lines = [line for line in str(e).splitlines() if line.strip() and "weights_only" not in line]
+        reason = lines[0].strip()[:200] if lines else "unreadable"
+        raise EchoXError(f"{path}: not a readable fairseq vocoder checkpoint ({type(e).__name__}: {reason})") from None
     generator = state.get("generator") if isinstance(state, dict) else None
     if not isinstance(generator, dict):
         raise EchoXError(f"{path}: expected a fairseq checkpoint with a 'generator' state dict")

@@ -134,12 +134,16 @@ class Checkpoint:
         return tensor.to(device=device, dtype=dtype or tensor.dtype)
 
     def check(self, layout: Layout, what: str):
-        """Fail on the first key of `layout` that is missing or has another shape."""
+        """Fail on the first key of `layout` that is missing, has another shape, or is not floating point
+        (an integer or bool tensor would be cast to float without a word)."""
         for key, shape in layout.items():
             self._require(key)
             if self._shape[key] != tuple(shape):
                 raise EchoXError(f"{self._file_of[key]}: {key!r} has shape {list(self._shape[key])}, "
                                  f"but the {what} config expects {list(shape)}")
+            if not self._dtype[key].startswith(("F", "BF")):  # safetensors' names: F16, BF16, F32, F8_E4M3, ...
+                raise EchoXError(f"{self._file_of[key]}: {key!r} is stored as {self._dtype[key]}, but weights "
+                                 "are floating point")
 
     def take(self, layout: Layout, what: str, dtype: torch.dtype | None = None,
              device: torch.device | str = "cpu", strip: str = "") -> dict[str, torch.Tensor]:

@@ -167,6 +167,19 @@ def test_bad_files_raise_clear_errors(tmp_path, case):
     assert str(path) in str(info.value)
 
 
+@pytest.mark.parametrize("unknown_size", [0xFFFFFFFF, 0])
+def test_a_wav_written_to_a_pipe_reads_to_the_end(tmp_path, unknown_size):
+    """ffmpeg or sox writing to a pipe cannot go back to fill in the sizes: the data runs to the end."""
+    values = torch.tensor([1000, -2000, 3000, 0], dtype=torch.int16)
+    whole = wav_bytes(0x0001, 1, 16000, 16, values.numpy().astype("<i2").tobytes())
+    data_at = whole.index(b"data")
+    streamed = b"RIFF" + struct.pack("<I", 0xFFFFFFFF) + whole[8:data_at + 4] + struct.pack("<I", unknown_size) \
+        + whole[data_at + 8:]
+    path = tmp_path / "piped.wav"
+    path.write_bytes(streamed)
+    torch.testing.assert_close(load_audio(path), values.float() / 32768, atol=0, rtol=0)
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(EchoXError, match="not found"):
         load_audio(tmp_path / "nope.wav")

@@ -183,3 +183,9 @@ def test_cpu_roofline_holds_the_speech_path_against_the_machines_limits(tmp_path
         echo["prefill_ms"] + (vocoder["lookahead_units"] + 1) * echo["floor_ms_engine_kernel"])
     markdown = next(tmp_path.glob("*-cpu-roofline-tiny.md")).read_text()
     assert "| echo decoder step (ms / unit) |" in markdown and "| vocoder, streamed (ms / unit) |" in markdown
+
+
+def test_the_readme_table_reads_the_newest_report_among_other_benches_results():
+    """bench/results also holds batch, speech-path and roofline results, which have no e2e part."""
+    table = report.readme_table()
+    assert table.startswith("Measured on") and "| tiny |" in table

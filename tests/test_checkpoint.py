@@ -91,6 +91,16 @@ def test_unexpected_tensor_is_named(model_copy):
         open_model_folder(model_copy)
 
 
+def test_integer_weights_are_refused_not_cast(model_copy):
+    def to_integers(tensors):
+        key = sorted(tensors)[0]
+        tensors[key] = tensors[key].round().long()
+        to_integers.key = key
+    _rewrite_shard(model_copy, to_integers)
+    with pytest.raises(EchoXError, match=f"'{to_integers.key}' is stored as I64, but weights are floating point"):
+        open_model_folder(model_copy)
+
+
 def test_shape_mismatch_names_key_and_shapes(model_copy):
     config = json.loads((model_copy / "config.json").read_text())
     config["intermediate_size"] = 100
@@ -186,6 +196,7 @@ def _edit_json(path, edit):
     ("audio_tower", 5, "field 'audio_tower' is 5, expected a string"),
     ("unit_model", ["large"], "field 'unit_model' is \\[\"large\"\\], expected a string"),
     ("tie_word_embeddings", "false", "field 'tie_word_embeddings' is \"false\", expected true or false"),
+    ("num_key_value_heads", 3, "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
 ])
 def test_config_fields_of_the_wrong_type_are_named(model_copy, field, value, message):
     _edit_json(model_copy / "config.json", lambda raw: raw.__setitem__(field, value))

@@ -4,6 +4,8 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -192,6 +194,13 @@ def test_counts_must_be_positive(tmp_path, monkeypatch, capsys, command, flag, v
     assert not (tmp_path / "cache").exists()  # refused before any work
 
 
+def test_thread_counts_are_bounded_while_parsing(capsys):
+    """20000 threads failed to start in OpenMP after the model loaded; a million crashed the process."""
+    with pytest.raises(SystemExit) as stop:
+        main(["demo", "--threads", "20000"])
+    assert stop.value.code == 2 and "threads must be a whole number from 1 to" in capsys.readouterr().err
+
+
 def test_load_sets_the_intra_op_threads(tiny_model_dir):
     import torch
 
@@ -377,3 +386,12 @@ def test_tiny_overwrite_replaces_only_the_model(tmp_path, capsys):
     assert (out / "EchoX-tiny" / "model-00001-of-00002.safetensors").read_bytes() != before
     assert sorted(p.name for p in out.iterdir()) == ["EchoX-tiny", "notes.txt", "whisper-tiny"]
     assert is_complete(out)
+
+
+def test_the_command_line_starts_without_torch():
+    """`echox --help` (and argument errors) come before torch's seconds-long import; `echox.load` and
+    the other exported names still import on first use."""
+    probe = ("import sys, echox.cli; before = 'torch' in sys.modules; import echox; echox.load; "
+             "print(before, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["False", "True"], done.stderr[-2000:]

@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from echox.audio import write_wav
+from echox.errors import EchoXError
 from echox.checkpoint import open_model_folder
 from echox.cli import demo_question, main
 from echox.echo import EchoVocabulary
+from echox.train import demo
 from echox.train.manifest import write_manifest
 from echox.weights import Checkpoint
 
@@ -93,6 +95,101 @@ def test_resuming_ends_where_an_uninterrupted_run_ends(tiny_model_dir, manifest,
     assert len(units) == folder.config.echo.unit_vocab_size <= 30
     spoken = {u for line in manifest.read_text().splitlines() for u in json.loads(line)["response_units"]}
     assert {u for token in units for u in token} == spoken
+
+
+@pytest.mark.parametrize("value", ["", ","])
+def test_empty_lora_targets_are_refused_before_any_work(tmp_path, capsys, value):
+    code = main(["train", "stage1", "--manifest", str(tmp_path / "missing.jsonl"), "--model", str(tmp_path / "none"),
+                 "--out", str(tmp_path / "out"), "--lora-targets", value])  # was an UnboundLocalError after loading
+    fails_with(capsys, code, "LoRA targets must be a comma-separated subset of q, k, v")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("out, message", [("exists.wav", "exists.wav: is a file"),
+                                          ("exists.wav/sub", "exists.wav: is a file"),
+                                          ("/proc/x", "/proc: cannot write")])
+@pytest.mark.parametrize("command", ["stage2", "demo"])
+def test_an_out_that_cannot_be_a_folder_is_named(tiny_model_dir, manifest, tmp_path, monkeypatch, capsys, command,
+                                                 out, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "exists.wav").write_bytes(b"mine")
+    code = main(["train", "demo", out, "--quick"]) if command == "demo" else stage2(tiny_model_dir, manifest, out)
+    fails_with(capsys, code, message)  # were FileExistsError, NotADirectoryError, FileNotFoundError tracebacks
+    assert (tmp_path / "exists.wav").read_bytes() == b"mine"
+
+
+def _truncated(path):
+    torch.save({"step": 1, "params": [torch.zeros(64)]}, path)
+    path.write_bytes(path.read_bytes()[:200])
+
+
+@pytest.mark.parametrize("damage", [
+    _truncated,  # was torch's RuntimeError
+    lambda path: path.write_bytes(bytes(range(256)) * 4),  # was an UnpicklingError
+    lambda path: path.write_bytes(b""),  # was an EOFError
+    lambda path: torch.save({"step": 1}, path),  # was KeyError 'params'
+])
+def test_a_damaged_training_state_is_named(tiny_model_dir, manifest, tmp_path, capsys, damage):
+    (tmp_path / "out").mkdir()
+    damage(tmp_path / "out" / "train_state.pt")
+    fails_with(capsys, stage2(tiny_model_dir, manifest, tmp_path / "out", "--resume"),
+               "train_state.pt: not a training state, or damaged")
+
+
+def test_a_training_state_with_a_damaged_optimizer_is_named(tiny_model_dir, manifest, tmp_path, capsys):
+    assert stage2(tiny_model_dir, manifest, tmp_path, "--steps", "1") == 0
+    state = torch.load(tmp_path / "train_state.pt", weights_only=True)
+    torch.save(state | {"optimizer": {"state": {}}}, tmp_path / "train_state.pt")
+    capsys.readouterr()
+    fails_with(capsys, stage2(tiny_model_dir, manifest, tmp_path, "--steps", "2", "--resume"),
+               "train_state.pt: not a training state, or damaged (its optimizer")
+
+
+def test_a_resumed_run_logs_each_step_once(tiny_model_dir, manifest, tmp_path):
+    assert stage2(tiny_model_dir, manifest, tmp_path, "--steps", "2") == 0
+    with (tmp_path / "metrics.jsonl").open("a") as f:  # steps logged after the saved state, then interrupted
+        f.write(json.dumps({"stage": "stage2", "step": 3, "loss": 99.0}) + '\n{"stage": "stage2", "st')
+    assert stage2(tiny_model_dir, manifest, tmp_path, "--steps", "4", "--resume") == 0
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3, 4] and 99.0 not in [line["loss"] for line in lines]
+
+
+@pytest.mark.parametrize("broken", ["manifest", "model"])
+def test_overwrite_keeps_the_old_metrics_until_training_starts(tiny_model_dir, manifest, tmp_path, capsys, broken):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("old\n")
+    bad_manifest, missing_model = tmp_path / "bad.jsonl", tmp_path / "no-model"
+    bad_manifest.write_text("{not json\n")
+    code = (stage2(tiny_model_dir, bad_manifest, out, "--overwrite") if broken == "manifest"
+            else stage2(missing_model, manifest, out, "--overwrite"))
+    assert code == 2 and capsys.readouterr().err.startswith("echox: error:")
+    assert (out / "metrics.jsonl").read_text() == "old\n"
+
+
+@pytest.mark.parametrize("where", ["folder", "current folder"])
+def test_demo_overwrite_refuses_a_folder_holding_the_users_files(tmp_path, monkeypatch, capsys, where):
+    (tmp_path / "mine.txt").write_text("notes")
+    (tmp_path / "metrics.jsonl").write_text("an earlier demo's\n")
+    monkeypatch.chdir(tmp_path)
+    out = "." if where == "current folder" else str(tmp_path)
+    fails_with(capsys, main(["train", "demo", out, "--overwrite", "--quick"]), "mine.txt: not a file the demo writes")
+    assert (tmp_path / "mine.txt").read_text() == "notes"
+    assert (tmp_path / "metrics.jsonl").read_text() == "an earlier demo's\n"  # nothing deleted before refusing
+
+
+def test_demo_overwrite_removes_only_an_earlier_demos_files(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "demo"
+    (out / "stage1" / "model").mkdir(parents=True)
+    for name in ("metrics.jsonl", "answer.wav", "train_state.pt", "stage1/model/config.json"):
+        (out / name).write_text("earlier")
+
+    def stop(*_):
+        raise EchoXError("stopped after clearing")
+    monkeypatch.setattr(demo, "require_espeak", lambda: None)
+    monkeypatch.setattr(demo, "build_task", stop)
+    fails_with(capsys, main(["train", "demo", str(out), "--overwrite", "--quick"]), "stopped after clearing")
+    assert out.is_dir() and not any(out.iterdir())  # the folder itself stays (it may be the current one)
 
 
 @pytest.mark.gpu

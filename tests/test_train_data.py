@@ -39,6 +39,13 @@ def test_bad_lines_are_named(tmp_path, bad, message):
         read_manifest(write_lines(tmp_path, [GOOD, bad]))
 
 
+def test_a_line_that_is_not_utf8_is_named(tmp_path):
+    path = write_lines(tmp_path, [GOOD])
+    path.write_bytes(path.read_bytes() + json.dumps(GOOD).encode() + b"\xff\n")
+    with pytest.raises(EchoXError, match="m.jsonl:2: not UTF-8 text"):  # was a UnicodeDecodeError
+        read_manifest(path)
+
+
 def test_units_required_where_a_stage_trains_on_them(tmp_path):
     with pytest.raises(EchoXError, match="m.jsonl:2: this stage needs 'response_units'"):
         read_manifest(write_lines(tmp_path, [GOOD, {k: v for k, v in GOOD.items() if k != "response_units"}]),

@@ -13,6 +13,9 @@ not available offline). The model is a tiny random checkpoint in the released la
     OUT/metrics.jsonl          one line per step of every stage: every loss term, lambda
     OUT/summary.json           first/last loss per stage, held-out accuracy, the answer, wall time
     OUT/answer.wav             the trained model's spoken answer to a held-out question
+
+`--overwrite` replaces an earlier demo's files in OUT and nothing else: a folder holding anything
+the demo does not write is refused, before any work.
 """
 
 import json
@@ -26,6 +29,7 @@ import torch
 
 from ..audio import load_audio
 from ..errors import EchoXError
+from ..outputs import check_output_folder
 from ..tiny import TinySpec, write_tiny_checkpoint
 from .manifest import read_manifest, write_manifest
 from .stages import StageOptions, run_stage
@@ -57,11 +61,47 @@ DEMO_MODEL = TinySpec(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
 LR = {"stage1": 3e-3, "stage2": 3e-3, "stage3": 1e-3}
 
 
-def speak(text: str, voice: tuple[str, int], path: Path):
-    name, speed = voice
+# What run_demo writes in OUT; with --overwrite these, and nothing else, are removed. The .partial
+# names are what an interrupted stage leaves behind (export.save_model, loop.save_state).
+DEMO_FOLDERS = {"data", "base", "stage1", "stage2", "model", "model.partial"}
+DEMO_FILES = {"metrics.jsonl", "summary.json", "answer.wav", "heldout_accuracy.json", "train_state.pt",
+              "train_state.pt.partial"}
+
+
+def written_by_demo(path: Path) -> bool:
+    if path.is_symlink():  # the demo makes no links: one leads to something of the user's
+        return False
+    return path.name in DEMO_FOLDERS and path.is_dir() or path.name in DEMO_FILES and path.is_file()
+
+
+def earlier_run(out: Path, overwrite: bool) -> list[Path]:
+    """What an earlier demo left in OUT, for --overwrite to remove; anything else in OUT is the user's
+    and stops the demo before anything is deleted."""
+    present = sorted(out.iterdir()) if out.is_dir() else []
+    if present and not overwrite:
+        raise EchoXError(f"{out}: exists and is not empty (pass --overwrite to replace an earlier demo's files)")
+    if foreign := next((path for path in present if not written_by_demo(path)), None):
+        raise EchoXError(f"{foreign}: not a file the demo writes (--overwrite replaces only those); "
+                         "move it or choose another folder")
+    return present
+
+
+def remove(paths: list[Path]):
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def require_espeak():
     if shutil.which("espeak-ng") is None:
         raise EchoXError("the training demo makes its speech with espeak-ng, which is not installed "
                          "(apt-get install espeak-ng)")
+
+
+def speak(text: str, voice: tuple[str, int], path: Path):
+    name, speed = voice
     subprocess.run(["espeak-ng", "-v", name, "-s", str(speed), "-w", str(path), text], check=True,
                    capture_output=True)
 
@@ -147,10 +187,10 @@ def report(summary: dict, out: Path):
 
 
 def run_demo(out: Path, quick: bool = False, overwrite: bool = False, seed: int = 0) -> dict:
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise EchoXError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
-        shutil.rmtree(out)
+    check_output_folder(out, "the demo's output")
+    earlier = earlier_run(out, overwrite)
+    require_espeak()
+    remove(earlier)
     started = time.monotonic()
     size = QUICK if quick else FULL
     train_manifest, heldout_manifest = build_task(out / "data", size, seed)

@@ -16,6 +16,7 @@ RNG state; batches are a function of (seed, step), so a resumed run continues ex
 
 import json
 import os
+import pickle
 import sys
 import time
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import EchoXError
+from ..outputs import atomic_file
 
 GRADIENT_CLIP = 1.0
 
@@ -92,20 +94,53 @@ def save_state(path: Path, step: int, params: list[nn.Parameter], optimizer: tor
     partial.replace(path)  # a crash mid-save never leaves a half-written state behind
 
 
+def read_state(path: Path) -> dict:
+    """The dict `save_state` wrote, or one clear error for any other file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError):  # a damaged file's errors vary
+        state = None
+    if not (isinstance(state, dict) and isinstance(state.get("step"), int) and isinstance(state.get("optimizer"), dict)
+            and isinstance(state.get("rng"), torch.Tensor) and isinstance(state.get("params"), list)
+            and all(isinstance(t, torch.Tensor) for t in state["params"])):
+        raise EchoXError(f"{path}: not a training state, or damaged")
+    return state
+
+
 def load_state(path: Path, params: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> int:
     if not path.is_file():
         raise EchoXError(f"{path}: no training state to resume from")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_state(path)
     if len(state["params"]) != len(params) or any(s.shape != p.shape for s, p in zip(state["params"], params)):
         raise EchoXError(f"{path}: this state belongs to another model or stage (its parameters do not match)")
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+    except (KeyError, ValueError, TypeError, RuntimeError):
+        raise EchoXError(f"{path}: not a training state, or damaged (its optimizer or RNG state)") from None
     with torch.no_grad():
         for saved, param in zip(state["params"], params):
             param.copy_(saved)
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"])
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda_rng"])
     return state["step"]
+
+
+def cut_metrics(path: Path, stage: str, step: int):
+    """Drop the stage's lines after `step`: an interrupted run logged steps past its last saved state,
+    and the resumed run logs them again. Other stages' lines (the demo's shared file) stay."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by the interruption
+        if record.get("stage") != stage or record.get("step", 0) <= step:
+            kept.append(line)
+    with atomic_file(path) as temporary:
+        temporary.write_text("".join(line + "\n" for line in kept))
 
 
 def train(model: nn.Module, params: list[nn.Parameter], batch_of_step: Callable[[int], object],
@@ -114,6 +149,8 @@ def train(model: nn.Module, params: list[nn.Parameter], batch_of_step: Callable[
     rank, world = join_process_group(settings.device)
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     start = load_state(settings.state, params, optimizer) if settings.resume else 0
+    if rank == 0 and settings.resume:
+        cut_metrics(settings.metrics, settings.stage, start)
     stepped = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model  # buffers are constants
     progress = Progress(settings.stage, settings.steps, start) if rank == 0 else None
     logged = []

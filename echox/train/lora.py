@@ -55,7 +55,8 @@ class LoRALinear(nn.Module):
 
 def parse_targets(text: str) -> set[str]:
     targets = {t.strip() for t in text.split(",") if t.strip()}
-    if not targets or (unknown := targets - set(TARGETS)):
+    unknown = targets - set(TARGETS)
+    if not targets or unknown:
         raise EchoXError(f"LoRA targets must be a comma-separated subset of {', '.join(TARGETS)}, got {text!r}"
                          + (f" ({', '.join(sorted(unknown))} unknown)" if unknown else ""))
     return targets

@@ -60,12 +60,24 @@ def parse_line(text: str, line: int, manifest: Path) -> Example:
                    _units_field(record, where))
 
 
+def _lines(path: Path) -> list[str]:
+    """The manifest's lines, each decoded on its own so that a bad byte is reported with its line."""
+    lines = []
+    for n, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            bad = raw[e.start]
+            raise EchoXError(f"{path}:{n}: not UTF-8 text (byte {bad:#04x}); save the manifest as UTF-8") from None
+    return lines
+
+
 def read_manifest(path: Path | str, need_units: bool = False) -> list[Example]:
     """Every example of a manifest (blank lines skipped); `need_units` for the stages that train on units."""
     path = Path(path)
     if not path.is_file():
         raise EchoXError(f"{path}: manifest not found")
-    examples = [parse_line(text, n, path) for n, text in enumerate(path.read_text().splitlines(), 1) if text.strip()]
+    examples = [parse_line(text, n, path) for n, text in enumerate(_lines(path), 1) if text.strip()]
     if not examples:
         raise EchoXError(f"{path}: the manifest has no examples")
     if need_units and (missing := next((e for e in examples if e.response_units is None), None)):

@@ -28,6 +28,7 @@ from ..checkpoint import ModelFolder, open_model_folder, resolve_whisper
 from ..echo import ECHO_PREFIX, echo_layout, load_echo_decoder
 from ..errors import EchoXError
 from ..llama import load_lm
+from ..outputs import check_output_folder
 from ..whisper import load_whisper
 from .batching import batch_at, local_share
 from .echo_trainer import TrainableEchoDecoder, unit_accuracy
@@ -66,6 +67,9 @@ class StageOptions:
     aligner_dropout: float = 0.1  # stage 3: the aligner MLP's dropout (the authors' echo training's)
     metrics: Path | None = None  # default OUT/metrics.jsonl (the demo gathers all stages in one)
 
+    def __post_init__(self):
+        parse_targets(self.lora_targets)  # a bad --lora-targets stops here, before any data or model loads
+
     @staticmethod
     def from_args(args) -> "StageOptions":
         given = {f.name: getattr(args, f.name) for f in dataclasses.fields(StageOptions) if hasattr(args, f.name)}
@@ -103,16 +107,14 @@ def prepare(stage: str, options: StageOptions) -> Prepared:
         raise EchoXError("--device cuda was asked for, but torch sees no CUDA device")
     if options.device == "cuda":  # one GPU per torchrun process on each machine
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    check_output_folder(options.out, "--out")
     rank, world = join_process_group(options.device)
     model_out, state = options.out / "model", options.out / "train_state.pt"
     if model_out.exists() and not (options.overwrite or options.resume):
         raise EchoXError(f"{model_out}: already exists (pass --overwrite to replace it, or --resume)")
     metrics = options.metrics or options.out / "metrics.jsonl"
-    if options.metrics is None and metrics.exists() and not options.resume:
-        if not options.overwrite:
-            raise EchoXError(f"{metrics}: already exists (pass --overwrite to start it again, or --resume)")
-        if rank == 0:
-            metrics.unlink()
+    if options.metrics is None and metrics.exists() and not (options.resume or options.overwrite):
+        raise EchoXError(f"{metrics}: already exists (pass --overwrite to start it again, or --resume)")
     if options.steps < 1 or options.batch_size < 1:
         raise EchoXError("--steps and --batch-size must be at least 1")
     if options.batch_size % world:
@@ -324,6 +326,13 @@ def heldout_set(run: Prepared, options: StageOptions) -> tuple[list[SpeechTurn],
 BUILDERS = {"stage1": build_stage1, "stage2": build_stage2, "stage3": build_stage3}
 
 
+def clear_old_metrics(run: Prepared, options: StageOptions):
+    """--overwrite's old OUT/metrics.jsonl goes only now, with the data and model read and the stage
+    built: a run stopped by a mistake before training leaves it in place."""
+    if run.rank == 0 and options.metrics is None and not options.resume:
+        run.settings.metrics.unlink(missing_ok=True)
+
+
 def run_stage(name: str, options: StageOptions) -> dict:
     """Train one stage and save its model; return the logged metrics (and, for stage III with
     --heldout, the teacher-forced unit accuracy before and after)."""
@@ -333,6 +342,7 @@ def run_stage(name: str, options: StageOptions) -> dict:
     result = {}
     if heldout:
         result["heldout_accuracy_before"] = heldout_accuracy(job.module, *heldout)
+    clear_old_metrics(run, options)
     result["metrics"] = train(job.module, job.params, steps_of(job.items, job.lengths, options, run.rank, run.world),
                               run.settings)
     if heldout:

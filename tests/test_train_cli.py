@@ -80,6 +80,7 @@ def test_resuming_ends_where_an_uninterrupted_run_ends(tiny_model_dir, manifest,
     assert stage2(tiny_model_dir, manifest, straight, "--steps", "4") == 0
     assert stage2(tiny_model_dir, manifest, resumed, "--steps", "2") == 0
     assert stage2(tiny_model_dir, manifest, resumed, "--steps", "4", "--resume") == 0
+    assert stage2(tiny_model_dir, manifest, resumed, "--steps", "3", "--resume") == 2  # saved at step 4 already
     a, b = Checkpoint(straight / "model"), Checkpoint(resumed / "model")
     for key in a.keys():
         torch.testing.assert_close(a.get(key), b.get(key), rtol=0, atol=0, msg=key)

@@ -46,6 +46,16 @@ def test_a_line_that_is_not_utf8_is_named(tmp_path):
         read_manifest(path)
 
 
+def test_a_manifest_that_cannot_be_read_is_named(tmp_path, monkeypatch):
+    path = write_lines(tmp_path, [GOOD])
+
+    def denied(self):  # as for a file without read permission (the tests may run as root, who reads anyway)
+        raise PermissionError(13, "Permission denied", str(self))
+    monkeypatch.setattr(type(path), "read_bytes", denied)
+    with pytest.raises(EchoXError, match="m.jsonl: cannot be read \\(Permission denied\\)"):
+        read_manifest(path)
+
+
 def test_units_required_where_a_stage_trains_on_them(tmp_path):
     with pytest.raises(EchoXError, match="m.jsonl:2: this stage needs 'response_units'"):
         read_manifest(write_lines(tmp_path, [GOOD, {k: v for k, v in GOOD.items() if k != "response_units"}]),

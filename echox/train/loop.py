@@ -149,6 +149,9 @@ def train(model: nn.Module, params: list[nn.Parameter], batch_of_step: Callable[
     rank, world = join_process_group(settings.device)
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     start = load_state(settings.state, params, optimizer) if settings.resume else 0
+    if start > settings.steps:  # nothing to run, and saving at the end would mislabel the later state
+        raise EchoXError(f"{settings.state}: saved at step {start}, past --steps {settings.steps}; "
+                         f"resume with --steps {start} or more")
     if rank == 0 and settings.resume:
         cut_metrics(settings.metrics, settings.stage, start)
     stepped = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model  # buffers are constants

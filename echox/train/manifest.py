@@ -62,8 +62,12 @@ def parse_line(text: str, line: int, manifest: Path) -> Example:
 
 def _lines(path: Path) -> list[str]:
     """The manifest's lines, each decoded on its own so that a bad byte is reported with its line."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise EchoXError(f"{path}: cannot be read ({e.strerror or e})") from None
     lines = []
-    for n, raw in enumerate(path.read_bytes().splitlines(), 1):
+    for n, raw in enumerate(data.splitlines(), 1):
         try:
             lines.append(raw.decode("utf-8"))
         except UnicodeDecodeError as e:

@@ -7,3 +7,8 @@ escapes is a bug in echox and keeps its stack trace.
 
 class EchoXError(Exception):
     """A user-facing error: the message names the file or field and what was expected."""
+
+
+class ConversationFull(EchoXError):
+    """The conversation no longer fits its KV cache; a reset or a new session continues (a server
+    says so in its own terms: its clients have no reset)."""

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .capture import capture_step
-from .errors import EchoXError
+from .errors import ConversationFull
 from .llama import DecoderState, LlamaLM
 from .sampling import SamplingParams, head_select
 
@@ -56,8 +56,8 @@ def period_score(hidden: torch.Tensor, period_row: torch.Tensor) -> torch.Tensor
     return F.normalize(hidden.float(), dim=-1) @ period_row
 
 
-def cache_full(max_len: int, tokens: int) -> EchoXError:
-    return EchoXError(f"the answer reached the KV cache size {max_len} (max_len) after {tokens} tokens: "
+def cache_full(max_len: int, tokens: int) -> ConversationFull:
+    return ConversationFull(f"the answer reached the KV cache size {max_len} (max_len) after {tokens} tokens: "
                       f"reset the session or start a new one, or raise max_len")
 
 
@@ -121,7 +121,7 @@ class TextDecoder:
     def require_room(self, positions: int):
         """Refuse a prompt of `positions` slots that this conversation's KV cache cannot hold."""
         if positions > self.max_len:
-            raise EchoXError(f"the conversation needs {positions} positions but its KV cache holds {self.max_len} "
+            raise ConversationFull(f"the conversation needs {positions} positions but its KV cache holds {self.max_len} "
                              f"(max_len): reset the session or start a new one, or create it with a larger max_len")
 
     def decode_step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:

@@ -453,3 +453,19 @@ def test_a_failing_event_handler_is_an_error_event_not_a_dropped_connection():
 
     event = run(handle_with_a_bug())
     assert event["error"]["code"] == "server_error" and event["error"]["event_id"] == "e7"
+
+
+def test_a_conversation_that_fills_its_kv_cache_says_how_to_go_on(tiny_model_dir):
+    """The engine's advice (reset the session) is not something a Realtime client can do."""
+    import echox
+    from echox.serve.response import Response
+    from echox.serve.session_config import SessionConfig
+    session = echox.load(tiny_model_dir).session(max_new_tokens=4, max_units=MAX_UNITS, max_len=16)
+    sent = []
+    response = Response(SessionConfig(temperature=0.0, top_p=1.0, max_output_tokens=4), None, "Hi " * 40,
+                        lambda: session, sent.append, lambda: None)
+    response.run()
+    response.finished()
+    error = next(event for event in sent if event["type"] == "error")["error"]
+    assert error["code"] == "conversation_full" and "a new connection starts a new conversation" in error["message"]
+    assert sent[-1]["response"]["status"] == "failed"

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from ..engine import AudioChunk, Session, TextDelta, TurnDone
-from ..errors import EchoXError
+from ..errors import ConversationFull, EchoXError
 from .audio_edge import API_RATE, StreamingResampler, pcm16_base64
 from .protocol import ProtocolError, error_event, new_id, server_event
 from .session_config import SessionConfig
@@ -81,6 +81,9 @@ class Response:
                 self.drop()
                 return
             self.speak(session)
+        except ConversationFull as e:
+            self.fail(ProtocolError("conversation_full", f"this conversation no longer fits its KV cache ({e}); "
+                                    "over this protocol, a new connection starts a new conversation"))
         except EchoXError as e:
             self.fail(ProtocolError("invalid_input", str(e)))
         except Exception:

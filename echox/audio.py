@@ -20,6 +20,7 @@ import struct
 import sys
 import warnings
 from pathlib import Path
+from typing import BinaryIO, NamedTuple
 
 import torch
 
@@ -28,6 +29,7 @@ from .outputs import atomic_file
 
 SAMPLE_RATE = 16000
 MAX_SECONDS = 30.0
+KEPT_PAST_CUT_S = 1.0  # audio kept past a cut: more than the resampling filter reaches
 # Telephone speech is 8 kHz and studio gear records up to 384 kHz; a rate outside these bounds is
 # a corrupt header or a swapped argument.
 MIN_RATE, MAX_RATE = 1000, 384000
@@ -124,15 +126,17 @@ def _to_float(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def load_audio(path: Path | str, max_seconds: float | None = MAX_SECONDS) -> torch.Tensor:
-    """[N] float32 mono samples at 16 kHz; audio longer than `max_seconds` is cut, with a warning."""
+    """[N] float32 mono samples at 16 kHz; audio longer than `max_seconds` is cut, with a warning.
+    A WAV file is read only as far as the cut needs (a long recording is not read whole)."""
     path = Path(path)
-    samples, rate = read_audio(path)  # [channels, frames]
-    return prepare_speech(samples, rate, str(path), max_seconds)
+    recording = read_audio(path, None if max_seconds is None else max_seconds + KEPT_PAST_CUT_S)
+    return prepare_speech(recording.samples, recording.rate, str(path), max_seconds, recording.seconds)
 
 
 def prepare_speech(samples: torch.Tensor, rate: int, name: str = "audio",
-                   max_seconds: float | None = MAX_SECONDS) -> torch.Tensor:
+                   max_seconds: float | None = MAX_SECONDS, source_seconds: float | None = None) -> torch.Tensor:
     """Float samples [N] or [channels, N] at `rate` -> [N'] float32 mono at 16 kHz, cut to `max_seconds`.
+    `source_seconds`: the whole recording's length, when `samples` are only its head.
 
     The rate is checked before anything is computed from it, and the samples that reach the
     resampler (all of them, or 30 s plus the filter's reach) are checked for non-finite or absurd
@@ -141,14 +145,14 @@ def prepare_speech(samples: torch.Tensor, rate: int, name: str = "audio",
     if samples.numel() == 0:
         raise EchoXError(f"{name}: holds no audio samples (zero length)")
     samples = samples.float().reshape(-1, samples.shape[-1])  # [channels, frames]
-    seconds = samples.shape[1] / rate
+    seconds = samples.shape[1] / rate if source_seconds is None else source_seconds
     too_long = max_seconds is not None and seconds > max_seconds
     if too_long:
         warnings.warn(f"{name}: audio is {seconds:.1f} s long; only the first {max_seconds:g} s are used",
                       stacklevel=3)
         # Keep one second past the cut (more than the resampling filter reaches), so the kept part
         # is exactly what resampling the whole file would give, without resampling all of it.
-        samples = samples[:, :math.ceil((max_seconds + 1) * rate)]
+        samples = samples[:, :math.ceil((max_seconds + KEPT_PAST_CUT_S) * rate)]
     check_sample_values(samples, name)
     mono = resample(samples.mean(dim=0), rate, SAMPLE_RATE)
     return mono[:int(max_seconds * SAMPLE_RATE)] if too_long else mono
@@ -164,8 +168,14 @@ def check_sample_values(samples: torch.Tensor, name: str):
                          f"(at most {MAX_AMPLITUDE:g} is accepted; for int16 values divide by 32768)")
 
 
-def read_audio(path: Path) -> tuple[torch.Tensor, int]:
-    """The file's own samples [channels, frames] as float32 in [-1, 1], and its sample rate."""
+class Recording(NamedTuple):
+    samples: torch.Tensor  # [channels, frames] float32 in [-1, 1]: the file's, or its head
+    rate: int  # the file's own sample rate
+    seconds: float  # the whole file's length
+
+
+def read_audio(path: Path, head_seconds: float | None = None) -> Recording:
+    """The file's own samples and sample rate; of a WAV file only the first `head_seconds` are read."""
     if path.is_dir():
         raise EchoXError(f"{path}: is a folder, not an audio file")
     if not path.is_file():
@@ -174,8 +184,9 @@ def read_audio(path: Path) -> tuple[torch.Tensor, int]:
     if not head:
         raise EchoXError(f"{path}: the file is empty")
     if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
-        return read_wav(path)
-    return read_with_soundfile(path, head)
+        return read_wav(path, head_seconds)
+    samples, rate = read_with_soundfile(path, head)
+    return Recording(samples, rate, samples.shape[1] / rate)
 
 
 def file_bytes(path: Path, limit: int = -1) -> bytes:
@@ -212,19 +223,20 @@ def read_with_soundfile(path: Path, head: bytes) -> tuple[torch.Tensor, int]:
 UNKNOWN_DATA_SIZES = (0, 0xFFFFFFFF)
 
 
-def riff_chunks(data: bytes, path: Path) -> dict[bytes, bytes]:
-    """The chunks after the 12-byte RIFF/WAVE header, by id (the first of each id wins)."""
-    chunks: dict[bytes, bytes] = {}
+def riff_chunks(f: BinaryIO, file_size: int, path: Path) -> dict[bytes, tuple[int, int]]:
+    """Where the chunks after the 12-byte RIFF/WAVE header are: id -> (offset, size) of its body (the
+    first of each id wins). Only the 8-byte chunk headers are read."""
+    chunks: dict[bytes, tuple[int, int]] = {}
     pos = 12
-    while pos + 8 <= len(data):
-        chunk_id, size = struct.unpack_from("<4sI", data, pos)
+    while pos + 8 <= file_size:
+        f.seek(pos)
+        chunk_id, size = struct.unpack("<4sI", f.read(8))
         if chunk_id == b"data" and size in UNKNOWN_DATA_SIZES:  # written to a pipe: the audio runs to the end
-            size = len(data) - pos - 8
-        body = data[pos + 8:pos + 8 + size]
-        if len(body) < size:
+            size = file_size - pos - 8
+        if pos + 8 + size > file_size:
             raise EchoXError(f"{path}: truncated WAV file: chunk {chunk_id.decode('latin-1')!r} declares "
-                             f"{size} bytes but only {len(body)} follow")
-        chunks.setdefault(chunk_id, body)
+                             f"{size} bytes but only {file_size - pos - 8} follow")
+        chunks.setdefault(chunk_id, (pos + 8, size))
         pos += 8 + size + (size & 1)  # chunks are padded to an even size
     return chunks
 
@@ -265,23 +277,32 @@ def decode_samples(raw: bytes, code: int, bits: int, path: Path) -> torch.Tensor
     return torch.frombuffer(buffer, dtype=dtype).double().div(2 ** (bits - 1)).float()
 
 
-def read_wav(path: Path) -> tuple[torch.Tensor, int]:
-    data = file_bytes(path)
-    chunks = riff_chunks(data, path)
-    if b"fmt " not in chunks:
-        raise EchoXError(f"{path}: corrupt WAV file: no 'fmt ' chunk")
-    if b"data" not in chunks:
-        raise EchoXError(f"{path}: corrupt WAV file: no 'data' chunk")
-    code, channels, rate, bits = wav_format(chunks[b"fmt "], path)
-    raw = chunks[b"data"]
-    if not raw:
-        raise EchoXError(f"{path}: the file holds no audio samples (zero length)")
-    frame_bytes = channels * ((bits + 7) // 8)
-    if len(raw) % frame_bytes:
-        raise EchoXError(f"{path}: truncated WAV file: {len(raw)} data bytes is not a whole number "
-                         f"of {frame_bytes}-byte frames")
+def read_wav(path: Path, head_seconds: float | None = None) -> Recording:
+    try:
+        with path.open("rb") as f:
+            chunks = riff_chunks(f, os.fstat(f.fileno()).st_size, path)
+            if b"fmt " not in chunks:
+                raise EchoXError(f"{path}: corrupt WAV file: no 'fmt ' chunk")
+            if b"data" not in chunks:
+                raise EchoXError(f"{path}: corrupt WAV file: no 'data' chunk")
+            fmt_at, fmt_size = chunks[b"fmt "]
+            f.seek(fmt_at)
+            code, channels, rate, bits = wav_format(f.read(min(fmt_size, 64)), path)  # 40 bytes at most are used
+            data_at, data_size = chunks[b"data"]
+            if not data_size:
+                raise EchoXError(f"{path}: the file holds no audio samples (zero length)")
+            frame_bytes = channels * ((bits + 7) // 8)
+            if data_size % frame_bytes:
+                raise EchoXError(f"{path}: truncated WAV file: {data_size} data bytes is not a whole number "
+                                 f"of {frame_bytes}-byte frames")
+            frames = data_size // frame_bytes
+            kept = frames if head_seconds is None else min(frames, math.ceil(head_seconds * rate))
+            f.seek(data_at)
+            raw = f.read(kept * frame_bytes)
+    except OSError as e:
+        raise EchoXError(f"{path}: cannot be read ({e.strerror or e})") from None
     samples = decode_samples(raw, code, bits, path)
-    return samples.view(-1, channels).T.contiguous(), rate  # [channels, frames]
+    return Recording(samples.view(-1, channels).T.contiguous(), rate, frames / rate)  # [channels, frames]
 
 
 def write_wav(path: Path | str, samples: torch.Tensor, sample_rate: int = SAMPLE_RATE, overwrite: bool = False):

@@ -56,7 +56,7 @@ def test_float_and_extensible_wav(tmp_path, bits, extensible):
     payload = x.T.contiguous().numpy().astype("<f4" if bits == 32 else "<f8").tobytes()
     path = tmp_path / "float.wav"
     path.write_bytes(wav_bytes(0x0003, 2, 16000, bits, payload, extensible))
-    samples, rate = read_audio(path)
+    samples, rate, _ = read_audio(path)
     assert rate == 16000
     torch.testing.assert_close(samples.double(), x, atol=1e-7, rtol=0)
     torch.testing.assert_close(load_audio(path).double(), x.mean(0), atol=1e-7, rtol=0)  # downmix = mean
@@ -128,6 +128,16 @@ def test_long_audio_is_cut_to_30_seconds_with_a_warning(tmp_path):
     whole = load_audio(path, max_seconds=None)
     assert y.shape == (480000,) and whole.shape == (31 * 16000,)
     torch.testing.assert_close(y, whole[:480000], atol=1e-6, rtol=0)  # the cut does not change what is kept
+
+
+def test_a_long_wav_is_read_only_as_far_as_the_cut(tmp_path):
+    """A 10-minute recording took 5x its size in memory to use its first 30 s."""
+    path = tmp_path / "long.wav"
+    write_wav(path, torch.zeros(40 * 16000))
+    head = read_audio(path, head_seconds=2.5)
+    assert head.samples.shape == (1, 40000) and head.rate == 16000 and head.seconds == 40.0
+    with pytest.warns(UserWarning, match="40.0 s long; only the first 30 s"):
+        assert load_audio(path).shape == (480000,)
 
 
 def test_write_wav_clips_and_refuses_to_overwrite(tmp_path):

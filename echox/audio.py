@@ -218,9 +218,10 @@ def read_with_soundfile(path: Path, head: bytes) -> tuple[torch.Tensor, int]:
 
 # ---- WAV --------------------------------------------------------------------------------------
 
-# A WAV writer that cannot seek back (ffmpeg or sox writing to a pipe) leaves the data size at one of
-# these; readers take the audio up to the end of the file.
-UNKNOWN_DATA_SIZES = (0, 0xFFFFFFFF)
+# A WAV writer that cannot seek back (to a pipe) leaves the data size it could not know: ffmpeg at
+# 0xFFFFFFFF, sox near 0x7ffff000 (rounded to its frame size). A data chunk that declares at least
+# this much but runs past the end of the file takes the audio up to the end.
+UNKNOWN_DATA_SIZE = 0x7FFF0000
 
 
 def riff_chunks(f: BinaryIO, file_size: int, path: Path) -> dict[bytes, tuple[int, int]]:
@@ -231,7 +232,7 @@ def riff_chunks(f: BinaryIO, file_size: int, path: Path) -> dict[bytes, tuple[in
     while pos + 8 <= file_size:
         f.seek(pos)
         chunk_id, size = struct.unpack("<4sI", f.read(8))
-        if chunk_id == b"data" and size in UNKNOWN_DATA_SIZES:  # written to a pipe: the audio runs to the end
+        if chunk_id == b"data" and size >= UNKNOWN_DATA_SIZE and pos + 8 + size > file_size:  # written to a pipe
             size = file_size - pos - 8
         if pos + 8 + size > file_size:
             raise EchoXError(f"{path}: truncated WAV file: chunk {chunk_id.decode('latin-1')!r} declares "

@@ -11,6 +11,8 @@ writes the folded weights as safetensors, which later load without unpickling an
 This file is the offline reference; echox/streaming_vocoder.py streams it exactly.
 """
 
+import argparse
+import re
 from pathlib import Path
 
 import torch
@@ -271,16 +273,26 @@ class Vocoder(nn.Module):
         return self.generate(torch.repeat_interleave(units, self.durations(units)), speaker)
 
 
+def unpickling_reason(error: Exception) -> str:
+    """The line of torch's message that says what is wrong, never its advice to load with
+    weights_only=False (which would run whatever code a damaged or hostile file holds)."""
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()]
+    refused = next((line for line in lines if "Unsupported global" in line or "GLOBAL" in line), None)
+    if refused is not None:
+        return refused.split(". Please")[0][:200]
+    plain = [line for line in lines if "weights_only" not in line and "Weights only load failed" not in line]
+    return plain[0][:200] if plain else "unreadable"
+
+
 def _read_fairseq(path: Path, cfg: VocoderConfig) -> dict[str, torch.Tensor]:
     """The checked `generator` state of a fairseq `g_*` pickle, read without running pickled code."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # fairseq keeps its command line as an argparse.Namespace beside the weights: plain data.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors come in many types; all mean an unreadable file
-        # One line of torch's message, never its advice to load with weights_only=False (which would
-        # run whatever code a damaged or hostile file holds).
-        lines = [line for line in str(e).splitlines() if line.strip() and "weights_only" not in line]
-        reason = lines[0].strip()[:200] if lines else "unreadable"
-        raise EchoXError(f"{path}: not a readable fairseq vocoder checkpoint ({type(e).__name__}: {reason})") from None
+        raise EchoXError(f"{path}: not a readable fairseq vocoder checkpoint ({type(e).__name__}: "
+                         f"{unpickling_reason(e)})") from None
     generator = state.get("generator") if isinstance(state, dict) else None
     if not isinstance(generator, dict):
         raise EchoXError(f"{path}: expected a fairseq checkpoint with a 'generator' state dict")

@@ -427,8 +427,8 @@ def test_a_closed_connection_frees_its_engine_session_at_once(tiny_model_dir):
 
 
 def test_a_turn_that_never_ran_still_ends_with_response_done():
-    """The scheduler calls finished() when a turn's thread could not start: the client still gets
-    its response.done (failed), and the connection is freed."""
+    """finished() without run(), as the scheduler calls it when a turn's thread could not start: the
+    client still gets its response.done (failed), and the connection is freed."""
     from echox.serve.response import Response
     from echox.serve.session_config import SessionConfig
     sent = []
@@ -468,4 +468,21 @@ def test_a_conversation_that_fills_its_kv_cache_says_how_to_go_on(tiny_model_dir
     response.finished()
     error = next(event for event in sent if event["type"] == "error")["error"]
     assert error["code"] == "conversation_full" and "a new connection starts a new conversation" in error["message"]
+    assert "reset" not in error["message"]
     assert sent[-1]["response"]["status"] == "failed"
+
+
+def test_one_commit_longer_than_a_turn_hears_is_taken():
+    """The cap on waiting speech refuses more speech on top of speech that waits, not one long commit
+    (the engine keeps its first 30 s, with a warning, as it always did)."""
+    from echox.serve.connection import Connection
+    from echox.serve.session_config import SessionConfig
+
+    async def commit_45_seconds():
+        connection = Connection(None, SessionConfig(temperature=0.0, top_p=1.0, max_output_tokens=4), None, None,
+                                max_buffer_bytes=60 * 24000 * 2, idle_timeout_s=60)
+        connection.append({"audio": base64.b64encode(silence_pcm16(45)).decode()})
+        connection.commit_event({})
+        return [samples.numel() for samples in connection.pending_audio]
+
+    assert run(commit_45_seconds()) == [45 * 24000]

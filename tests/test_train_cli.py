@@ -172,6 +172,7 @@ def test_overwrite_keeps_the_old_metrics_until_training_starts(tiny_model_dir, m
 def test_demo_overwrite_refuses_a_folder_holding_the_users_files(tmp_path, monkeypatch, capsys, where):
     (tmp_path / "mine.txt").write_text("notes")
     (tmp_path / "metrics.jsonl").write_text("an earlier demo's\n")
+    (tmp_path / demo.DEMO_MARKER).write_text("")
     monkeypatch.chdir(tmp_path)
     out = "." if where == "current folder" else str(tmp_path)
     fails_with(capsys, main(["train", "demo", out, "--overwrite", "--quick"]), "mine.txt: not a file the demo writes")
@@ -179,10 +180,18 @@ def test_demo_overwrite_refuses_a_folder_holding_the_users_files(tmp_path, monke
     assert (tmp_path / "metrics.jsonl").read_text() == "an earlier demo's\n"  # nothing deleted before refusing
 
 
+def test_demo_overwrite_refuses_a_folder_no_demo_made_even_with_the_demos_names(tmp_path, capsys):
+    """A user's own data/ and model/ have the demo's names: without the demo's marker nothing goes."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "my_corpus.jsonl").write_text("mine")
+    fails_with(capsys, main(["train", "demo", str(tmp_path), "--overwrite", "--quick"]), "not the folder of an earlier demo")
+    assert (tmp_path / "data" / "my_corpus.jsonl").read_text() == "mine"
+
+
 def test_demo_overwrite_removes_only_an_earlier_demos_files(tmp_path, monkeypatch, capsys):
     out = tmp_path / "demo"
     (out / "stage1" / "model").mkdir(parents=True)
-    for name in ("metrics.jsonl", "answer.wav", "train_state.pt", "stage1/model/config.json"):
+    for name in (demo.DEMO_MARKER, "metrics.jsonl", "answer.wav", "train_state.pt", "stage1/model/config.json"):
         (out / name).write_text("earlier")
 
     def stop(*_):
@@ -190,7 +199,22 @@ def test_demo_overwrite_removes_only_an_earlier_demos_files(tmp_path, monkeypatc
     monkeypatch.setattr(demo, "require_espeak", lambda: None)
     monkeypatch.setattr(demo, "build_task", stop)
     fails_with(capsys, main(["train", "demo", str(out), "--overwrite", "--quick"]), "stopped after clearing")
-    assert out.is_dir() and not any(out.iterdir())  # the folder itself stays (it may be the current one)
+    # The folder itself stays (it may be the current one), marked as a demo's again.
+    assert [path.name for path in out.iterdir()] == [demo.DEMO_MARKER]
+
+
+def test_stage3_with_aligner_dropout_resumes_exactly(tiny_model_dir, manifest, tmp_path):
+    """Each step's dropout draws from (seed, step, process): a resumed run draws what the whole run did."""
+    def stage3(out, *extra):
+        return main(["train", "stage3", "--manifest", str(manifest), "--model", str(tiny_model_dir), "--out", str(out),
+                     "--batch-size", "2", "--max-units", "6", "--lora-rank", "2", "--aligner-dropout", "0.5", *extra])
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert stage3(straight, "--steps", "3") == 0
+    assert stage3(resumed, "--steps", "2") == 0
+    assert stage3(resumed, "--steps", "3", "--resume") == 0
+    a, b = Checkpoint(straight / "model"), Checkpoint(resumed / "model")
+    for key in a.keys():
+        torch.testing.assert_close(a.get(key), b.get(key), rtol=0, atol=0, msg=key)
 
 
 @pytest.mark.gpu

@@ -1,5 +1,7 @@
 """The offline vocoder: weight-norm folding, the duration rule, loading, errors, conversion."""
 
+import argparse
+import fractions
 import math
 import os
 import pickle
@@ -183,6 +185,19 @@ def test_pickled_code_is_never_run(tiny_model_dir, tmp_path):
     assert not (tmp_path / "code_ran").exists()
     # One line, without torch's advice to load with weights_only=False (which would run the code).
     assert "\n" not in str(refused.value) and "weights_only" not in str(refused.value)
+
+
+def test_a_fairseq_checkpoint_with_its_args_loads_and_other_classes_are_named(tiny_model_dir, tmp_path):
+    """fairseq saves its command line (an argparse.Namespace) beside the weights: plain data, allowed.
+    Any other class is refused with the line that names it (no escape codes, no weights_only advice)."""
+    folder = copy_vocoder(tiny_model_dir, tmp_path / "voc")
+    generator = torch.load(folder / "g_00500000", weights_only=True)["generator"]
+    torch.save({"generator": generator, "args": argparse.Namespace(upsample_rates=[5, 4])}, folder / "g_00500000")
+    load_vocoder(folder)
+    torch.save({"generator": generator, "args": fractions.Fraction(1, 3)}, folder / "g_00500000")
+    with pytest.raises(EchoXError, match="Unsupported global: GLOBAL fractions.Fraction") as refused:
+        load_vocoder(folder)
+    assert "\x1b" not in str(refused.value) and "weights_only" not in str(refused.value)
 
 
 def test_multi_speaker_vocoder_needs_a_valid_speaker():

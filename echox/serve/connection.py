@@ -8,8 +8,9 @@ by one sender task, so events from the loop and from the turn worker keep their 
 State, top to bottom of a spoken turn:
   input audio buffer   pcm16 bytes at 24 kHz since the last commit/clear (with server VAD, only
                        `prefix_padding_ms` of it is kept while nobody speaks)
-  pending input        committed speech (at most 30 s, what the model hears in a turn) and user text
-                       items (at most 64 Ki characters), waiting for response.create
+  pending input        committed speech (more than one commit: at most 30 s together, what the model
+                       hears in a turn) and user text items (at most 64 Ki characters), waiting for
+                       response.create
   active response      at most one per connection (queued or running), as in the API
   engine session       created in the turn worker on the first turn; keeps history and KV cache
 """
@@ -215,7 +216,9 @@ class Connection:
         if not speech.numel():
             raise ProtocolError("input_audio_buffer_commit_empty", "no audio to commit")
         waiting = sum(samples.numel() for samples in self.pending_audio)
-        if waiting + speech.numel() > MAX_PENDING_SAMPLES:
+        # One commit longer than a turn hears is taken (the engine uses its first 30 s, with a warning);
+        # what is refused is more speech on top of speech that already waits.
+        if waiting and waiting + speech.numel() > MAX_PENDING_SAMPLES:
             seconds = speech.numel() / API_RATE
             raise ProtocolError("input_audio_pending_full", f"speech waiting for a response holds at most "
                                 f"{MAX_SECONDS:g} s (what the model hears in a turn); these {seconds:.1f} s were "

@@ -82,8 +82,9 @@ class Response:
                 return
             self.speak(session)
         except ConversationFull as e:
-            self.fail(ProtocolError("conversation_full", f"this conversation no longer fits its KV cache ({e}); "
-                                    "over this protocol, a new connection starts a new conversation"))
+            log.info("response %s: %s", self.id, e)  # the engine's own advice (a reset) is not in the protocol
+            self.fail(ProtocolError("conversation_full", "this conversation no longer fits its KV cache; a new "
+                                    "connection starts a new conversation"))
         except EchoXError as e:
             self.fail(ProtocolError("invalid_input", str(e)))
         except Exception:

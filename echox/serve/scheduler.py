@@ -13,7 +13,8 @@ A turn is any object with:
   run()       the blocking work, called in a worker thread;
   stop()      ask a running turn to end early (callable from any thread);
   drop()      it was cancelled before it started (called on the event loop; run() never comes);
-  finished()  called on the event loop after run() returned or drop(), exactly once;
+  finished()  called on the event loop after run() returned, drop(), or a thread that could not start,
+              exactly once;
 and the scheduler sets `wait_ms`, how long it waited in the queue, before run().
 """
 

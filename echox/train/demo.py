@@ -63,8 +63,10 @@ LR = {"stage1": 3e-3, "stage2": 3e-3, "stage3": 1e-3}
 
 # What run_demo writes in OUT; with --overwrite these, and nothing else, are removed. The .partial
 # names are what an interrupted stage leaves behind (export.save_model, loop.save_state).
+# The marker says the folder is a demo's: a user's own `data/` or `model/` has the same names.
+DEMO_MARKER = ".echox-train-demo"
 DEMO_FOLDERS = {"data", "base", "stage1", "stage2", "model", "model.partial"}
-DEMO_FILES = {"metrics.jsonl", "summary.json", "answer.wav", "heldout_accuracy.json", "train_state.pt",
+DEMO_FILES = {DEMO_MARKER, "metrics.jsonl", "summary.json", "answer.wav", "heldout_accuracy.json", "train_state.pt",
               "train_state.pt.partial"}
 
 
@@ -80,6 +82,9 @@ def earlier_run(out: Path, overwrite: bool) -> list[Path]:
     present = sorted(out.iterdir()) if out.is_dir() else []
     if present and not overwrite:
         raise EchoXError(f"{out}: exists and is not empty (pass --overwrite to replace an earlier demo's files)")
+    if present and not (out / DEMO_MARKER).is_file():
+        raise EchoXError(f"{out}: not the folder of an earlier demo (it has no {DEMO_MARKER}); --overwrite replaces "
+                         "only a demo's own files: choose an empty or new folder")
     if foreign := next((path for path in present if not written_by_demo(path)), None):
         raise EchoXError(f"{foreign}: not a file the demo writes (--overwrite replaces only those); "
                          "move it or choose another folder")
@@ -191,6 +196,8 @@ def run_demo(out: Path, quick: bool = False, overwrite: bool = False, seed: int 
     earlier = earlier_run(out, overwrite)
     require_espeak()
     remove(earlier)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("written by `echox train demo`; --overwrite may replace this folder's demo files\n")
     started = time.monotonic()
     size = QUICK if quick else FULL
     train_manifest, heldout_manifest = build_task(out / "data", size, seed)

@@ -126,7 +126,7 @@ def prepare(stage: str, options: StageOptions) -> Prepared:
     torch.manual_seed(options.seed)
     source = open_model_folder(options.model)
     settings = LoopSettings(stage, options.steps, options.lr, options.device, metrics, state,
-                            options.log_every, options.save_every, options.resume)
+                            options.log_every, options.save_every, options.resume, options.seed)
     return Prepared(source, resolve_whisper(source, options.whisper), examples, settings, rank, world)
 
 

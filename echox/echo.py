@@ -39,6 +39,7 @@ from .capture import capture_step
 from .errors import EchoXError
 from .llama import LlamaBody, body_layout
 from .sampling import GREEDY, head_select
+from .segmenter import LONGEST_SEGMENT
 from .tokenizer import Tokenizer
 from .weights import Layout
 
@@ -46,7 +47,6 @@ if TYPE_CHECKING:  # checkpoint.py imports this module for echo_layout
     from .checkpoint import ModelFolder
 
 ECHO_PREFIX = "unit_translator."
-LONGEST_SEGMENT = 512  # LLM tokens: the released answer limit, so no released segment is longer
 # Decode steps per host read on a GPU, where a unit costs ~0.1 ms and a read about as much. On the
 # CPU a read is free, so each step is read at once: a segment stops at eot without running past
 # it, and every unit goes to the vocoder as soon as it exists.

@@ -32,7 +32,7 @@ from .checkpoint import ModelFolder, open_model_folder, resolve_vocoder, resolve
 from .config import WhisperConfig
 from .cpu_threads import on_every_core
 from .echo import EchoDecoder, load_echo_decoder
-from .errors import EchoXError
+from .errors import ConversationFull, EchoXError
 from .generate import AudioSlot, Slot, TextDecoder, Token
 from .llama import LlamaLM, load_lm
 from .mel import log_mel
@@ -166,8 +166,7 @@ class Engine:
     def batched(self, max_batch: int, max_len: int = DEFAULT_MAX_LEN) -> "Engine":
         """Answer up to `max_batch` turns at once, each conversation in a KV slot of `max_len`
         positions (memory: max_batch x max_len positions of every LLM layer, allocated now)."""
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise EchoXError(f"max_batch must be a whole number >= 1, got {max_batch!r}")
+        require_count(max_batch=max_batch, max_len=max_len)
         if self.text_batcher is not None:
             raise EchoXError("this engine is batched already (its batch size is fixed once turned on)")
         tok = self.tokenizer
@@ -222,6 +221,13 @@ class Engine:
             self.spare_decoders.append(decoder)
 
 
+def require_count(**counts):
+    """Each keyword a whole number >= 1 (not a bool, not a float: 2.5 units would never be reached)."""
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise EchoXError(f"{name} must be a whole number >= 1, got {value!r}")
+
+
 def load(model_dir: Path | str, whisper: Path | str | None = None, vocoder: Path | str | None = None,
          device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
          graphs: bool = True, threads: int | None = None, max_batch: int | None = None) -> Engine:
@@ -237,8 +243,7 @@ def load(model_dir: Path | str, whisper: Path | str | None = None, vocoder: Path
     prefill while no speech is being made (cpu_threads.py).
     `max_batch` turns the engine into a batched one (`Engine.batched`)."""
     if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise EchoXError(f"threads must be a whole number >= 1, got {threads!r}")
+        require_count(threads=threads)
         torch.set_num_threads(threads)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
@@ -266,13 +271,14 @@ class Session:
                  max_units: int = 2048, max_len: int | None = None, push_units: int = 32):
         """`max_len`: positions of this conversation's KV cache (default 4096); a batched engine's
         sessions use its slots instead, whose size is set when batching is turned on."""
-        if max_new_tokens < 1 or max_units < 1 or push_units < 1:
-            raise EchoXError("max_new_tokens, max_units and push_units must be at least 1")
+        require_count(max_new_tokens=max_new_tokens, max_units=max_units, push_units=push_units)
+        if max_len is not None:
+            require_count(max_len=max_len)
         self.engine, self.sampling, self.segmenter = engine, sampling, segmenter
         self.max_new_tokens, self.max_units, self.push_units = max_new_tokens, max_units, push_units
         self.decoder: TextDecoder | None = None  # this conversation's own KV cache, without batching
         if engine.text_batcher is None:
-            self.decoder = engine.text_decoder(max_len or DEFAULT_MAX_LEN)
+            self.decoder = engine.text_decoder(DEFAULT_MAX_LEN if max_len is None else max_len)
             weakref.finalize(self, engine.spare, self.decoder)
             self.decoder.step_function(sampling)  # capture the step now, not inside the first answer
         elif max_len not in (None, engine.text_batcher.max_len):
@@ -399,16 +405,20 @@ class Session:
         stop.on_set(request.withdraw)
 
         def answer() -> Iterator[Token]:
-            taken = 0
+            taken, full = 0, False
             try:
                 for token in self.engine.text_batcher.answer(request):
                     yield token
                     taken += 1  # the turn came back for the next one
+            except ConversationFull:
+                full = True
+                raise
             finally:
                 # The session's counter moves on as an unbatched turn's does, however the turn ended:
                 # that one chose a token past the last it handed out (eot, or the one a stop dropped)
-                # and queued the step after it, within its token limit.
-                self.counter += min(taken + 2, self.max_new_tokens)
+                # and queued the step after it, within its token limit; at the end of its KV cache
+                # it queued no step past the end.
+                self.counter += taken if full else min(taken + 2, self.max_new_tokens)
 
         def finish(timings: dict) -> float:
             timings |= {"kv_slot_wait": request.wait_ms, "prefill": request.prefill_ms}

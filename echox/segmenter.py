@@ -5,6 +5,10 @@ state already "looks like" the end of a sentence. With a look-ahead of w tokens,
 the candidate c = t - w ends a segment when s_c is the maximum of s[c-w : c+w+1] (a peak)
 and the segment is long enough: at least `min_len` tokens, or at least `min_len_confident`
 when s_c > `confident_score`. Whatever remains after the last token is the final segment.
+
+A segment that reaches LONGEST_SEGMENT tokens without a cut ends there: the echo decoder's cache is
+sized for no longer one. A released answer (at most 512 tokens) never gets there; an answer allowed
+more tokens, or thresholds that never cut, would otherwise fail its turn after all its text.
 """
 
 from dataclasses import dataclass
@@ -29,6 +33,7 @@ class SegmenterParams:
 
 
 RELEASED_SEGMENTER = SegmenterParams()
+LONGEST_SEGMENT = 512  # LLM tokens: the released answer limit, so no released segment is longer
 LOW_LATENCY_SEGMENTER = SegmenterParams(first_min_len=8)
 
 
@@ -52,15 +57,17 @@ class Segmenter:
         self.scores.append(score)
         w = self.params.lookahead
         c = len(self.scores) - 1 - w
-        if c < 0:
-            return None
-        window = self.scores[max(0, c - w):c + w + 1]
-        if self.scores[c] == max(window) and self._long_enough(c):
-            segment = (self.start, c + 1)
-            self.start = c + 1
-            self.segments_cut += 1
-            return segment
+        if c >= 0 and self.scores[c] == max(self.scores[max(0, c - w):c + w + 1]) and self._long_enough(c):
+            return self._cut(c + 1)
+        if len(self.scores) - self.start >= LONGEST_SEGMENT:
+            return self._cut(len(self.scores))
         return None
+
+    def _cut(self, end: int) -> tuple[int, int]:
+        segment = (self.start, end)
+        self.start = end
+        self.segments_cut += 1
+        return segment
 
     def finish(self) -> tuple[int, int] | None:
         """The final segment, (start, number of tokens), if any token is left."""

@@ -208,6 +208,22 @@ def test_after_a_cancel_a_seeded_session_goes_on_as_unbatched_however_slow_its_r
     assert two_turns(batched) == two_turns(solo)
 
 
+def test_after_an_answer_that_fills_the_kv_cache_a_seeded_session_samples_as_unbatched(tiny_model_dir):
+    """An answer stopped by the end of its cache queued no step past it: the session's counter moves by
+    the tokens taken, batched as unbatched (it moved 2 further batched, and every later draw differed)."""
+    engine = echox_engine.load(tiny_model_dir)
+    room = len(engine.tokenizer.prompt([Turn("user", "Hello there.")])) + 2  # the answer fills it after 3 tokens
+
+    def next_answer(talk):
+        with pytest.raises(EchoXError, match="KV cache"):
+            list(talk.respond(text="Hello there."))
+        return list(talk.respond(text="A."))[-1].trace["tokens"]
+    options = {"sampling": SAMPLED, "max_new_tokens": 5, "max_units": 2}
+    alone = next_answer(engine.session(max_len=room, **options))
+    batched = echox_engine.load(tiny_model_dir).batched(2, max_len=room)
+    assert next_answer(batched.session(**options)) == alone
+
+
 CANCEL_THEN_EXIT = """
 import sys
 import echox.engine as E
@@ -255,6 +271,8 @@ def test_limits_of_a_batched_engine_are_clear_errors(tiny_model_dir):
     engine = echox_engine.load(tiny_model_dir)
     with pytest.raises(EchoXError, match="max_batch must be"):
         engine.batched(0)
+    with pytest.raises(EchoXError, match="max_len must be a whole number"):
+        engine.batched(2, max_len=0)
     earlier = engine.session()
     room = len(engine.tokenizer.prompt([Turn("user", "Hi.")])) + 10  # a slot with room for 10 answer tokens
     engine.batched(2, max_len=room)

@@ -111,10 +111,15 @@ def test_turn_needs_speech_or_text(engine):
         list(new_session(engine).respond())
 
 
-@pytest.mark.parametrize("limit", ["max_new_tokens", "max_units", "push_units"])
-def test_session_limits_below_one_are_refused(engine, limit):
-    with pytest.raises(EchoXError, match="must be at least 1"):
-        engine.session(**{limit: 0})
+@pytest.mark.parametrize("limit, value", [(limit, value) for limit in ("max_new_tokens", "max_units", "push_units",
+                                                                        "max_len")
+                                          for value in (0, -5, 2.5, None, True)
+                                          if (limit, value) != ("max_len", None)])  # None: the default max_len
+def test_session_limits_that_are_not_whole_numbers_are_refused(engine, limit, value):
+    """2.5 units was never reached (the echo decoder spoke until its cache ran out); max_len=0 became
+    4096, the others ended in TypeErrors from deep inside."""
+    with pytest.raises(EchoXError, match=f"{limit} must be a whole number >= 1"):
+        engine.session(**{limit: value})
 
 
 def test_audio_patch_in_user_text_is_refused_and_forgotten(engine):

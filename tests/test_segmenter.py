@@ -3,7 +3,7 @@
 import pytest
 
 from echox.errors import EchoXError
-from echox.segmenter import Segmenter, SegmenterParams, segment_all
+from echox.segmenter import LONGEST_SEGMENT, Segmenter, SegmenterParams, segment_all
 
 
 def brute_force(scores, w=5, min_len=50, min_conf=20, conf=0.1):
@@ -72,3 +72,12 @@ def test_empty_answer_has_no_segment():
 def test_bad_parameters():
     with pytest.raises(EchoXError):
         SegmenterParams(lookahead=-1)
+
+
+def test_a_segment_without_a_cut_ends_at_the_longest_the_echo_decoder_takes():
+    """Thresholds that never cut (or an answer past the released 512 tokens) failed the whole turn
+    after all its text, when the echo decoder's cache could not take the segment."""
+    never = SegmenterParams(min_len=10 ** 6, min_len_confident=10 ** 6)
+    scores = [float(i % 7) for i in range(2 * LONGEST_SEGMENT + 100)]
+    assert segment_all(scores, never) == [(0, LONGEST_SEGMENT), (LONGEST_SEGMENT, 2 * LONGEST_SEGMENT),
+                                          (2 * LONGEST_SEGMENT, 2 * LONGEST_SEGMENT + 100)]

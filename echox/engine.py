@@ -13,6 +13,7 @@ carrying the trace (ids, frames, tokens, scores, segments, timings).
 import atexit
 import contextlib
 import functools
+import numbers
 import threading
 import time
 import weakref
@@ -224,7 +225,7 @@ class Engine:
 def require_count(**counts):
     """Each keyword a whole number >= 1 (not a bool, not a float: 2.5 units would never be reached)."""
     for name, value in counts.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:  # numpy ints too
             raise EchoXError(f"{name} must be a whole number >= 1, got {value!r}")
 
 

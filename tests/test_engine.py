@@ -122,6 +122,12 @@ def test_session_limits_that_are_not_whole_numbers_are_refused(engine, limit, va
         engine.session(**{limit: value})
 
 
+def test_session_limits_may_be_numpy_integers(engine):
+    import numpy as np
+    talk = engine.session(max_new_tokens=np.int64(3), max_units=np.int32(4))
+    assert len(list(talk.respond(text="Hi."))[-1].trace["tokens"]) <= 3
+
+
 def test_audio_patch_in_user_text_is_refused_and_forgotten(engine):
     session = new_session(engine, max_new_tokens=5)
     with pytest.raises(EchoXError, match="reserved for speech"):

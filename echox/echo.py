@@ -238,15 +238,14 @@ class EchoDecoder(nn.Module):
         eot ends the decode and is not yielded. Tokens come back to the host a block at a time
         (one sync per `units_per_read` tokens); steps a block ran past eot or the budget are dropped.
         """
-        yield from self.generate_from_prompt(self.prompt_embeddings(segment), max_units, full_head)
+        prompt = self.prompt_embeddings(segment)
+        yield from self.generate_from_prompt(prompt, self.tally(prompt.shape[0], max_units), full_head)
 
     @torch.no_grad()
-    def generate_from_prompt(self, prompt: torch.Tensor, max_units: int | None = None,
-                             full_head: bool = False, tally: "UnitTally | None" = None) -> Iterator[int]:
-        """`generate` from a prompt already embedded [L, h]; training decodes text prompts with it
-        (text embeddings in the segment slots) to make its echo pseudo-labels, and passes its own
-        `tally` (from `tally`, instead of `max_units`) to read afterwards whether eot ended it."""
-        tally = tally or self.tally(prompt.shape[0], max_units)
+    def generate_from_prompt(self, prompt: torch.Tensor, tally: "UnitTally", full_head: bool = False) -> Iterator[int]:
+        """`generate` from a prompt already embedded [L, h], ending as `tally` (from `tally`) says;
+        training decodes text prompts with it (text embeddings in the segment slots) to make its echo
+        pseudo-labels, and reads afterwards from the tally whether eot ended each."""
         self.body.use_state(self.state)  # a batched decode may have pointed the layers elsewhere
         token_id = self.prefill(prompt, full_head)  # [1]
         block = self.block_function(full_head)

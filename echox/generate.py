@@ -58,7 +58,7 @@ def period_score(hidden: torch.Tensor, period_row: torch.Tensor) -> torch.Tensor
 
 def cache_full(max_len: int, tokens: int) -> ConversationFull:
     return ConversationFull(f"the answer reached the KV cache size {max_len} (max_len) after {tokens} tokens: "
-                      f"reset the session or start a new one, or raise max_len")
+                            f"reset the session or start a new one, or raise max_len")
 
 
 def common_prefix(a: list[Slot], b: list[Slot]) -> int:

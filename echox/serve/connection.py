@@ -59,7 +59,7 @@ class Connection:
         self.last_item: str | None = None
         self.active: Response | None = None
         self.answer_when_free = False  # server VAD heard a turn end while a response was active
-        self.quiet_until = self.loop.time() + idle_timeout_s  # idle from then on: the last event or answer + timeout
+        self.restart_idle_clock()
         self.handlers = {
             "session.update": self.session_update,
             "input_audio_buffer.append": self.append,
@@ -102,7 +102,7 @@ class Connection:
                 self.post(error_event(ProtocolError("idle_timeout", f"no client event for {self.idle_timeout_s:g} s; "
                                                     "closing the connection", kind="session_expired")))
                 return
-            self.quiet_until = self.loop.time() + self.idle_timeout_s
+            self.restart_idle_clock()
             if message.type == WSMsgType.TEXT:
                 self.handle(message.data)
             elif message.type == WSMsgType.BINARY:
@@ -110,6 +110,10 @@ class Connection:
                                                     "send JSON events as text frames")))
             else:  # close, closing, closed or a protocol error: the client is gone
                 return
+
+    def restart_idle_clock(self):
+        """Idle from now on until a client event or an answer: the connection ends `idle_timeout_s` later."""
+        self.quiet_until = self.loop.time() + self.idle_timeout_s
 
     def handle(self, message: str):
         try:
@@ -290,7 +294,7 @@ class Connection:
 
     def response_finished(self):
         self.active = None
-        self.quiet_until = self.loop.time() + self.idle_timeout_s
+        self.restart_idle_clock()
         self.answer_if_free()
 
     def answer_if_free(self):

@@ -14,8 +14,9 @@ not available offline). The model is a tiny random checkpoint in the released la
     OUT/summary.json           first/last loss per stage, held-out accuracy, the answer, wall time
     OUT/answer.wav             the trained model's spoken answer to a held-out question
 
-`--overwrite` replaces an earlier demo's files in OUT and nothing else: a folder holding anything
-the demo does not write is refused, before any work.
+`--overwrite` replaces an earlier demo's files in OUT and nothing else: a folder the demo did not
+mark as its own (DEMO_MARKER), or one holding anything the demo does not write, is refused before
+any work.
 """
 
 import json

@@ -286,7 +286,7 @@ def pseudo_labels(source: ModelFolder, examples: list[Example], options: StageOp
         text = torch.tensor(tokenizer.tok(example.response), device=options.device)
         prompt = frozen.embed(torch.cat([frozen.text_prefix, text, frozen.unit_prefix]))  # [L, h]
         tally = frozen.tally(len(prompt), options.max_units)
-        labels.append(PseudoLabel(list(frozen.generate_from_prompt(prompt, tally=tally)), tally.at_eot))
+        labels.append(PseudoLabel(list(frozen.generate_from_prompt(prompt, tally)), tally.at_eot))
     return labels
 
 

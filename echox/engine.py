@@ -290,6 +290,7 @@ class Session:
         self.stop_turn: StopSignal | None = None  # the turn in progress's own stop, for cancel()
         self.turn_steps: Iterator | None = None  # its generator of events, once it runs
         self.turn_lock = threading.Lock()  # held while it is, so two threads cannot both start one
+        self.speech_inputs = 0  # speech inputs taken so far, over the session's life (AudioSlot.speech)
         self.reset()
 
     def reset(self):
@@ -299,11 +300,13 @@ class Session:
             raise EchoXError("this session is answering a turn: let it reach its TurnDone (cancel() brings it soon) "
                              "before a reset")
         self.turns: list[Turn] = []
-        self.speech: dict[int, torch.Tensor] = {}  # turn index -> its speech embeddings [v, H]
-        if self.decoder is not None:
+        self.speech: dict[int, torch.Tensor] = {}  # speech input number -> its embeddings [v, H], in turn order
+        if self.decoder is not None:  # a seeded session then samples as a new one would
             self.decoder.cached = []
+            self.decoder.step.zero_()
         else:
             self.engine.text_batcher.forget(self)
+            self.counter.zero_()
 
     def cancel(self):
         """Stop this session's turn in progress, from any thread (e.g. a voice detector barging in).
@@ -330,16 +333,16 @@ class Session:
     def slots(self) -> list[Slot]:
         """The whole conversation as prompt slots, each <audio_patch> expanded into its speech rows."""
         tok = self.engine.tokenizer
-        audio_turns = iter(sorted(self.speech))
+        speech_inputs = iter(sorted(self.speech))
         slots: list[Slot] = []
         for token in tok.prompt(self.turns):
             if token != tok.audio_patch:
                 slots.append(token)
                 continue
-            turn = next(audio_turns, None)
-            if turn is None:
+            speech = next(speech_inputs, None)
+            if speech is None:
                 raise EchoXError("the text of a turn contains '<audio_patch>', which is reserved for speech")
-            slots.extend(AudioSlot(turn, row) for row in range(self.speech[turn].shape[0]))
+            slots.extend(AudioSlot(speech, row) for row in range(self.speech[speech].shape[0]))
         return slots
 
     def respond(self, audio: Speech | None = None, text: str | None = None) -> Iterator[Event]:
@@ -365,25 +368,37 @@ class Session:
             raise EchoXError("this engine is answering another turn: finish (or close) that one first")
         turns_before, speech_before, finished = len(self.turns), dict(self.speech), False
         stop = self.stop_turn = StopSignal()
+        events = self.turn_steps = self._respond(samples, text, stop)  # whether it runs (gi_running): the exit hook
         ANSWERING.add(self)
+        released = False
+
+        def release():  # once, at TurnDone or when the caller lets go: another turn may start then
+            nonlocal released
+            if not released:
+                released = True
+                if self.stop_turn is stop:  # a cancel no longer reaches this turn, a reset may come
+                    self.stop_turn = None
+                if solo:
+                    self.engine.busy.release()
+                self.turn_lock.release()
         try:
-            with torch.inference_mode(), contextlib.closing(self._respond(samples, text, stop)) as events:
-                self.turn_steps = events  # whether it runs (gi_running), for the exit hook
-                for event in events:
-                    finished = isinstance(event, TurnDone)
-                    if finished:  # the turn is history now: a cancel no longer reaches it, a reset may come
-                        self.stop_turn = None
-                    yield event
+            while True:
+                with torch.inference_mode():  # for each step only: the caller's code between events (another
+                    event = next(events, None)  # turn's steps, say) keeps its own mode
+                if event is None:
+                    break
+                if finished := isinstance(event, TurnDone):  # the turn is history now, whether or not the
+                    release()  # caller reads on (it may hold this generator and start the next turn)
+                yield event
         except BaseException:
             if not finished:
                 del self.turns[turns_before:]
                 self.speech = speech_before
             raise
         finally:
-            self.stop_turn = None
-            if solo:
-                self.engine.busy.release()
-            self.turn_lock.release()
+            with torch.inference_mode():
+                events.close()
+            release()
 
     def llm_tokens(self, slots: list[Slot], clock: Clock, timings: dict, stop: StopSignal):
         """(the answer's tokens, a function that adds the prefill's timings once they are out and
@@ -434,7 +449,8 @@ class Session:
             kept: list[int] = []
             if samples is not None:
                 embeddings, kept = self.listen(samples, clock, timings)
-                self.speech[len(self.turns)] = embeddings
+                self.speech[self.speech_inputs] = embeddings
+                self.speech_inputs += 1
             self.turns.append(Turn("user", text, audio=samples is not None))
             slots = self.slots()
             return kept, slots, *self.llm_tokens(slots, clock, timings, stop)

@@ -31,7 +31,9 @@ from .sampling import SamplingParams, head_select
 
 @dataclass(frozen=True)
 class AudioSlot:
-    turn: int  # which speech turn of the conversation
+    # Which speech input of the session: numbers are never reused, so a cached slot that equals a
+    # prompt's holds that very speech (a turn given up after its prefill leaves its rows cached).
+    speech: int
     row: int  # which of its embedding rows
 
 
@@ -97,7 +99,7 @@ class TextDecoder:
         audio = [(i, s) for i, s in enumerate(slots) if isinstance(s, AudioSlot)]
         if audio:
             where = torch.tensor([i for i, _ in audio], device=self.device)
-            rows = torch.stack([speech[s.turn][s.row] for _, s in audio]).to(x.dtype)
+            rows = torch.stack([speech[s.speech][s.row] for _, s in audio]).to(x.dtype)
             x = x.index_copy(0, where, rows)
         is_audio = torch.zeros(len(slots), dtype=torch.bool, device=self.device)
         is_audio[[i for i, _ in audio]] = True

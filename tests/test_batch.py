@@ -146,6 +146,25 @@ def test_a_turn_abandoned_by_its_caller_frees_its_row(batched):
     assert all(len(w[0][0]["tokens"]) <= 5 for w in waited)
 
 
+def test_a_batched_turn_given_up_after_its_prefill_leaves_the_next_speech_turn_as_unbatched(solo, batched):
+    """Its speech rows stay in the slot's cache: the next turn's speech must be read anew, not matched to them."""
+    other = (torch.randn(48000, generator=torch.Generator().manual_seed(3)) * 0.1, 16000)
+    talk = session(batched, GREEDY, 12)
+    given_up = talk.respond(audio=demo_question(2.0))
+    next(given_up)
+    given_up.close()
+    reused = list(talk.respond(audio=other))[-1].trace
+    alone = list(session(solo, GREEDY, 12).respond(audio=other))[-1].trace
+    assert reused["tokens"] == alone["tokens"]
+
+
+def test_a_seeded_batched_session_after_reset_samples_as_a_new_one(batched):
+    talk = session(batched, SAMPLED, 8)
+    first = list(talk.respond(text="Hi."))[-1].trace["tokens"]
+    talk.reset()
+    assert list(talk.respond(text="Hi."))[-1].trace["tokens"] == first
+
+
 def respond_in_thread(talk, **turn) -> tuple[threading.Thread, list]:
     events = []
     thread = threading.Thread(target=lambda: events.extend(talk.respond(**turn)), daemon=True)

@@ -255,6 +255,43 @@ def test_leaving_the_loop_at_turn_done_keeps_the_turn(engine):
     assert session.turns[1].text == event.text
 
 
+def test_a_caller_holding_the_turn_after_turn_done_does_not_lock_the_session_or_engine(engine):
+    session = new_session(engine, max_new_tokens=6)
+    first = session.respond(text="Hello.")
+    for event in first:  # stop at TurnDone, keeping the generator
+        if isinstance(event, TurnDone):
+            break
+    _, next_turn = run_turn(session, text="And then?")  # this session's next turn
+    _, other = run_turn(new_session(engine, max_new_tokens=6), text="Hi.")  # another session's turn
+    first.close()  # letting go of the old turn later frees nothing twice
+    _, after = run_turn(session, text="Once more.")
+    assert [t.role for t in session.turns] == ["user", "assistant"] * 3
+    assert next_turn["tokens"] and other["tokens"] and after["tokens"]
+
+
+def test_speech_of_a_turn_given_up_after_its_prefill_is_not_reused_by_the_next_turn(engine):
+    """A turn left before TurnDone leaves the conversation as it was, though its speech rows stay in the
+    KV cache: the next turn's speech must be read anew, not matched to them by position."""
+    session = new_session(engine, max_new_tokens=12)
+    given_up = session.respond(audio=demo_question(2.0))
+    next(given_up)  # the first text: the question's speech is in the cache
+    given_up.close()
+    other = (torch.randn(48000, generator=torch.Generator().manual_seed(3)) * 0.1, 16000)
+    _, reused = run_turn(session, audio=other)
+    _, fresh = run_turn(new_session(engine, max_new_tokens=12), audio=other)
+    assert reused["prompt_ids"] == fresh["prompt_ids"]
+    assert reused["tokens"] == fresh["tokens"]
+    torch.testing.assert_close(torch.tensor(reused["scores"]), torch.tensor(fresh["scores"]), atol=1e-5, rtol=0)
+
+
+def test_a_seeded_session_after_reset_samples_as_a_new_one(engine):
+    sampling = SamplingParams(temperature=0.8, top_p=0.9, seed=7)
+    session = new_session(engine, sampling=sampling, max_new_tokens=10)
+    first = run_turn(session, text="Hi")[1]["tokens"]
+    session.reset()
+    assert run_turn(session, text="Hi")[1]["tokens"] == first
+
+
 def _slowed(session, monkeypatch, seconds: float = 0.03):
     """Slow the session's LLM down, until the test ends (the KV cache goes on to later sessions)."""
     decode = session.decoder.decode

@@ -13,6 +13,8 @@ finite values within MAX_AMPLITUDE, and at most 30 s, the rest cut with a warnin
 Whisper sees at most 30 s (SPEC §2) and `log_mel` would cut silently otherwise.
 """
 
+import contextlib
+import io
 import math
 import numbers
 import os
@@ -83,7 +85,8 @@ def checked_rate(rate, name: str = "audio") -> int:
 
 
 def channels_first(samples) -> torch.Tensor:
-    """A user's sample buffer (tensor or numpy array) -> [channels, N] float32 on the CPU.
+    """A user's sample buffer (tensor or numpy array) -> [channels, N] on the CPU, in its own dtype
+    (float, or integer PCM: `prepare_speech` converts what it keeps).
 
     Layout rule for 2-D buffers [a, b]: [channels, N] when a <= MAX_CHANNELS and a <= b, else
     [N, channels] when b <= MAX_CHANNELS (the soundfile layout); otherwise it is refused."""
@@ -99,7 +102,10 @@ def channels_first(samples) -> torch.Tensor:
             tensor = tensor.T
     else:
         raise EchoXError(f"audio: samples must be [N], [channels, N] or [N, channels], got shape {list(tensor.shape)}")
-    return _to_float(tensor)
+    if not (tensor.dtype in PCM_SCALE or tensor.is_floating_point()):
+        raise EchoXError(f"audio: samples of dtype {tensor.dtype} are not audio (expected float, or integer PCM "
+                         f"as uint8, int8, int16 or int32)")
+    return tensor
 
 
 def _as_tensor(samples) -> torch.Tensor:
@@ -115,14 +121,11 @@ def _as_tensor(samples) -> torch.Tensor:
 
 
 def _to_float(tensor: torch.Tensor) -> torch.Tensor:
-    """Float samples as float32; integer PCM scaled to [-1, 1) as WAV stores it."""
+    """Float samples as float32; integer PCM (checked by `channels_first`) scaled to [-1, 1) as WAV stores it."""
     if tensor.dtype in PCM_SCALE:
         scale, offset = PCM_SCALE[tensor.dtype]
         return ((tensor.double() - offset) / scale).float()
-    if tensor.is_floating_point():
-        return tensor.float()
-    raise EchoXError(f"audio: samples of dtype {tensor.dtype} are not audio (expected float, or integer PCM "
-                     f"as uint8, int8, int16 or int32)")
+    return tensor.float()
 
 
 def load_audio(path: Path | str, max_seconds: float | None = MAX_SECONDS) -> torch.Tensor:
@@ -135,7 +138,8 @@ def load_audio(path: Path | str, max_seconds: float | None = MAX_SECONDS) -> tor
 
 def prepare_speech(samples: torch.Tensor, rate: int, name: str = "audio",
                    max_seconds: float | None = MAX_SECONDS, source_seconds: float | None = None) -> torch.Tensor:
-    """Float samples [N] or [channels, N] at `rate` -> [N'] float32 mono at 16 kHz, cut to `max_seconds`.
+    """Samples [N] or [channels, N] at `rate` (float, or integer PCM) -> [N'] float32 mono at 16 kHz,
+    cut to `max_seconds` (before anything else is done with them: a long buffer is not converted whole).
     `source_seconds`: the whole recording's length, when `samples` are only its head.
 
     The rate is checked before anything is computed from it, and the samples that reach the
@@ -144,15 +148,17 @@ def prepare_speech(samples: torch.Tensor, rate: int, name: str = "audio",
     rate = checked_rate(rate, name)
     if samples.numel() == 0:
         raise EchoXError(f"{name}: holds no audio samples (zero length)")
-    samples = samples.float().reshape(-1, samples.shape[-1])  # [channels, frames]
+    samples = samples.reshape(-1, samples.shape[-1])  # [channels, frames]
     seconds = samples.shape[1] / rate if source_seconds is None else source_seconds
     too_long = max_seconds is not None and seconds > max_seconds
     if too_long:
         warnings.warn(f"{name}: audio is {seconds:.1f} s long; only the first {max_seconds:g} s are used",
                       stacklevel=3)
-        # Keep one second past the cut (more than the resampling filter reaches), so the kept part
-        # is exactly what resampling the whole file would give, without resampling all of it.
-        samples = samples[:, :math.ceil((max_seconds + KEPT_PAST_CUT_S) * rate)]
+        # At another rate than 16 kHz, keep one second past the cut (more than the resampling filter
+        # reaches), so the kept part is exactly what resampling the whole file would give.
+        reach = 0.0 if rate == SAMPLE_RATE else KEPT_PAST_CUT_S
+        samples = samples[:, :math.ceil((max_seconds + reach) * rate)]
+    samples = _to_float(samples)
     check_sample_values(samples, name)
     mono = resample(samples.mean(dim=0), rate, SAMPLE_RATE)
     return mono[:int(max_seconds * SAMPLE_RATE)] if too_long else mono
@@ -174,18 +180,29 @@ class Recording(NamedTuple):
     seconds: float  # the whole file's length
 
 
+# A pipe or device (`--input /dev/stdin`) cannot be read from the middle: it is read whole, up to this.
+MAX_STREAM_BYTES = 512 << 20
+
+
 def read_audio(path: Path, head_seconds: float | None = None) -> Recording:
     """The file's own samples and sample rate; of a WAV file only the first `head_seconds` are read."""
     if path.is_dir():
         raise EchoXError(f"{path}: is a folder, not an audio file")
-    if not path.is_file():
+    if not path.exists():
         raise EchoXError(f"{path}: audio file not found")
-    head = file_bytes(path, 12)
+    if path.is_file():
+        head, source = file_bytes(path, 12), path
+    else:
+        data = file_bytes(path, MAX_STREAM_BYTES + 1)
+        if len(data) > MAX_STREAM_BYTES:
+            raise EchoXError(f"{path}: a pipe or device with more than {MAX_STREAM_BYTES >> 20} MiB of audio; "
+                             f"save it to a file first")
+        head, source = data[:12], io.BytesIO(data)
     if not head:
         raise EchoXError(f"{path}: the file is empty")
     if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
-        return read_wav(path, head_seconds)
-    samples, rate = read_with_soundfile(path, head)
+        return read_wav(path, head_seconds, source)
+    samples, rate = read_with_soundfile(path, head, source)
     return Recording(samples, rate, samples.shape[1] / rate)
 
 
@@ -198,7 +215,7 @@ def file_bytes(path: Path, limit: int = -1) -> bytes:
         raise EchoXError(f"{path}: cannot be read ({e.strerror or e})") from None
 
 
-def read_with_soundfile(path: Path, head: bytes) -> tuple[torch.Tensor, int]:
+def read_with_soundfile(path: Path, head: bytes, source: Path | BinaryIO) -> tuple[torch.Tensor, int]:
     looks_compressed = head.startswith(COMPRESSED_MAGIC) or (len(head) > 1 and head[0] == 0xFF
                                                              and head[1] & 0xE0 == 0xE0)
     try:
@@ -210,7 +227,7 @@ def read_with_soundfile(path: Path, head: bytes) -> tuple[torch.Tensor, int]:
         raise EchoXError(f"{path}: not a WAV file (expected a RIFF/WAVE header; "
                          f"pip install soundfile to read FLAC, OGG or MP3)") from None
     try:
-        data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)  # [frames, channels]
+        data, rate = soundfile.read(source, dtype="float32", always_2d=True)  # [frames, channels]
     except Exception as e:  # libsndfile reports corrupt and unknown files with its own error types
         raise EchoXError(f"{path}: not a readable audio file ({e})") from None
     return torch.from_numpy(data.T.copy()), int(rate)
@@ -235,6 +252,8 @@ def riff_chunks(f: BinaryIO, file_size: int, path: Path) -> dict[bytes, tuple[in
         if chunk_id == b"data" and size >= UNKNOWN_DATA_SIZE and pos + 8 + size > file_size:  # written to a pipe
             size = file_size - pos - 8
         if pos + 8 + size > file_size:
+            if b"fmt " in chunks and b"data" in chunks:  # bytes after the audio (an ID3 tag, a pad byte a
+                break  # writer left out): not a chunk of ours
             raise EchoXError(f"{path}: truncated WAV file: chunk {chunk_id.decode('latin-1')!r} declares "
                              f"{size} bytes but only {file_size - pos - 8} follow")
         chunks.setdefault(chunk_id, (pos + 8, size))
@@ -251,8 +270,8 @@ def wav_format(fmt: bytes, path: Path) -> tuple[int, int, int, int]:
         if len(fmt) < 40:
             raise EchoXError(f"{path}: corrupt WAV file: WAVE_FORMAT_EXTENSIBLE 'fmt ' chunk is too short")
         code = struct.unpack_from("<H", fmt, 24)[0]  # the first two bytes of the SubFormat GUID
-    if channels == 0 or rate == 0:
-        raise EchoXError(f"{path}: corrupt WAV file: {channels} channels at {rate} Hz")
+    if channels == 0 or rate == 0 or bits == 0:
+        raise EchoXError(f"{path}: corrupt WAV file: {channels} channels of {bits} bits at {rate} Hz")
     if block_align != channels * ((bits + 7) // 8):
         raise EchoXError(f"{path}: corrupt WAV file: block align {block_align} does not match "
                          f"{channels} channels of {bits} bits")
@@ -278,10 +297,11 @@ def decode_samples(raw: bytes, code: int, bits: int, path: Path) -> torch.Tensor
     return torch.frombuffer(buffer, dtype=dtype).double().div(2 ** (bits - 1)).float()
 
 
-def read_wav(path: Path, head_seconds: float | None = None) -> Recording:
+def read_wav(path: Path, head_seconds: float | None = None, source: Path | BinaryIO | None = None) -> Recording:
+    """`source`: the file, or its bytes read already (from a pipe); `path` names it in errors."""
     try:
-        with path.open("rb") as f:
-            chunks = riff_chunks(f, os.fstat(f.fileno()).st_size, path)
+        with (contextlib.nullcontext(source) if isinstance(source, io.IOBase) else path.open("rb")) as f:
+            chunks = riff_chunks(f, f.seek(0, os.SEEK_END), path)
             if b"fmt " not in chunks:
                 raise EchoXError(f"{path}: corrupt WAV file: no 'fmt ' chunk")
             if b"data" not in chunks:
@@ -333,7 +353,7 @@ KAISER_BETA = 10.0
 # tabulated and run as a strided convolution; odd pairs (44101 Hz) would need a table of
 # millions of filters, so theirs are interpolated from a finer table per output sample.
 MAX_TABLE = 1 << 24
-CHUNK = 1 << 22  # taps x outputs evaluated at once on the per-sample path
+CHUNK = 1 << 20  # taps x outputs evaluated at once on the per-sample path (~100 MB of temporaries)
 PHASE_STEPS = 1024
 
 

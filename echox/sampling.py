@@ -130,4 +130,15 @@ def head_select(hidden: torch.Tensor, weight: torch.Tensor, params: SamplingPara
         import echox_cuda
         return echox_cuda.head_select(hidden, weight, params.temperature, params.top_p, params.top_k,
                                       params.seed, step)
-    return select_reference(hidden.float() @ weight.float().T, params, step)
+    return select_reference(head_logits(hidden, weight), params, step)
+
+
+HEAD_ROWS = 4096  # rows of a 16-bit head converted to fp32 at a time by `head_logits`
+
+
+def head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """hidden [B, h] @ weight [R, h].T -> [B, R] fp32 logits. A 16-bit head is converted a slice of rows
+    at a time: a whole fp32 copy of it would be 2 GB at EchoX-8B's vocabulary, made for every token."""
+    if weight.dtype == torch.float32:
+        return hidden.float() @ weight.T
+    return torch.cat([hidden.float() @ rows.float().T for rows in weight.split(HEAD_ROWS)], dim=-1)

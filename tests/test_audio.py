@@ -162,12 +162,13 @@ def _bad_files(tmp_path):
         "no_fmt": (b"RIFF" + struct.pack("<I", 12) + b"WAVE" + b"data" + struct.pack("<I", 0), "no 'fmt '"),
         "adpcm": (wav_bytes(0x0002, 1, 16000, 16, bytes(200)), "unsupported WAV encoding"),
         "zero_rate": (wav_bytes(0x0001, 1, 0, 16, bytes(200)), "0 Hz"),
+        "zero_bits": (wav_bytes(0x0001, 1, 16000, 0, bytes(200)), "0 bits"),  # block align 0 as well
         "text": (b"this is not audio at all\n" * 4, "not a WAV file|not a readable audio file"),
     }
 
 
 @pytest.mark.parametrize("case", ["empty", "zero_length", "truncated", "half_frame", "no_fmt", "adpcm",
-                                  "zero_rate", "text"])
+                                  "zero_rate", "zero_bits", "text"])
 def test_bad_files_raise_clear_errors(tmp_path, case):
     content, message = _bad_files(tmp_path)[case]
     path = tmp_path / f"{case}.wav"
@@ -188,6 +189,33 @@ def test_a_wav_written_to_a_pipe_reads_to_the_end(tmp_path, unknown_size):
     path = tmp_path / "piped.wav"
     path.write_bytes(streamed)
     torch.testing.assert_close(load_audio(path), values.float() / 32768, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("tail", [b"TAG" + b"\xff" * 125,  # an ID3v1 tag after the RIFF chunk
+                                  b"\0" * 3], ids=["id3v1-tag", "stray-bytes"])  # too few for a chunk header
+def test_bytes_after_the_audio_are_not_a_chunk(tmp_path, tail):
+    values = torch.tensor([1000, -2000, 3000, 0], dtype=torch.int16)
+    path = tmp_path / "tagged.wav"
+    path.write_bytes(wav_bytes(0x0001, 1, 16000, 16, values.numpy().astype("<i2").tobytes()) + tail)
+    torch.testing.assert_close(load_audio(path), values.float() / 32768, atol=0, rtol=0)
+
+
+def test_a_pipe_is_read_like_a_file(tmp_path):
+    """`--input /dev/stdin` or `<(ffmpeg ... -f wav -)`: the path is a pipe, which cannot seek."""
+    import os
+    import threading
+    values = torch.tensor([1000, -2000, 3000, 0], dtype=torch.int16)
+    content = wav_bytes(0x0001, 1, 16000, 16, values.numpy().astype("<i2").tobytes())
+    fifo = tmp_path / "question.wav"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=fifo.write_bytes, args=(content,), daemon=True)
+    writer.start()
+    try:
+        torch.testing.assert_close(load_audio(fifo), values.float() / 32768, atol=0, rtol=0)
+    finally:
+        if writer.is_alive():  # the pipe was not read: open its other end, so the writer gets out
+            os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+        writer.join(timeout=10)
 
 
 def test_missing_file(tmp_path):
@@ -291,11 +319,24 @@ def test_bad_speech_is_refused_with_one_clear_error(case):
         speech_input(audio)
 
 
-def test_only_the_kept_30_seconds_are_checked():
+@pytest.mark.parametrize("at_seconds", [30.5, 31.9])
+def test_only_the_kept_30_seconds_are_checked(at_seconds):
     x = torch.zeros(16000 * 32)
-    x[-1] = float("nan")  # past the cut: never reaches the model
+    x[int(at_seconds * 16000)] = float("nan")  # past the cut (at 16 kHz nothing is resampled): never reaches the model
     with pytest.warns(UserWarning, match="only the first 30 s"):
         assert speech_input(x).shape == (480000,)
+
+
+def test_a_long_integer_buffer_is_cut_before_it_is_converted(monkeypatch):
+    converted = []
+    to_float = audio._to_float
+    monkeypatch.setattr(audio, "_to_float", lambda t: converted.append(t.numel()) or to_float(t))
+    pcm = torch.randint(-2000, 2000, (48000 * 120,), dtype=torch.int16, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match="only the first 30 s"):
+        whole = speech_input((pcm, 48000))
+    assert converted == [48000 * 31]  # 30 s and the resampling filter's reach, not 2 minutes
+    with pytest.warns(UserWarning, match="only the first 30 s"):
+        torch.testing.assert_close(whole, speech_input((pcm[:48000 * 31], 48000)), atol=0, rtol=0)
 
 
 def test_speech_input_reads_paths(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from echox.errors import EchoXError
-from echox.sampling import gumbel_noise, uniform_noise
+from echox.sampling import GREEDY, gumbel_noise, head_select, uniform_noise
 
 MASK = (1 << 32) - 1
 
@@ -44,3 +44,14 @@ def test_a_counter_per_row_hashes_each_row_as_a_batch_of_one():
         assert torch.equal(rows[i], uniform_noise(5, torch.tensor([count]), 1, 50)[0])
     with pytest.raises(EchoXError, match="1 or 3 entries"):
         uniform_noise(5, torch.tensor([1, 2]), 3, 50)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_head_is_converted_a_slice_at_a_time_with_the_same_logits(monkeypatch, dtype):
+    from echox import sampling
+    monkeypatch.setattr(sampling, "HEAD_ROWS", 8)  # 20 rows: slices of 8, 8 and 4
+    gen = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(3, 16, generator=gen), torch.randn(20, 16, generator=gen).to(dtype)
+    whole = hidden @ weight.float().T
+    torch.testing.assert_close(sampling.head_logits(hidden, weight), whole, atol=1e-5, rtol=0)
+    assert torch.equal(head_select(hidden, weight, GREEDY, torch.zeros(())), whole.argmax(-1))

@@ -54,6 +54,8 @@ def choose(op: str, tensor: torch.Tensor, override: str | None = None,
     torch. Asking for one it lacks (say ECHOX_BACKEND=cuda for an op with only a Triton kernel)
     falls back to the default choice among those it has."""
     name = _requested(override)
+    if tensor.dtype == torch.float64:  # no kernel takes it (the vocoder's duration predictor runs in it)
+        return "torch"
     if name not in (None, "torch", *kernels):
         name = None
     on_gpu = tensor.is_cuda

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .vocoder import FINAL_SLOPE, STAGE_SLOPE, ResBlock1, Vocoder, durations_from_log
+from .vocoder import DURATION_DTYPE, FINAL_SLOPE, STAGE_SLOPE, ResBlock1, Vocoder, durations_from_log
 from .vocoder_ops import conv1d_valid, conv_transpose1d_window
 
 if TYPE_CHECKING:  # vocoder_graphs.py builds on this module
@@ -126,9 +126,11 @@ def _keep(buffer: torch.Tensor, starts: Counts, stops: Counts, steady: int) -> R
         at = starts[:, None, None] + torch.arange(steady, device=buffer.device)
         kept = buffer.gather(-1, at.expand(*buffer.shape[:-1], steady))
         return tuple(kept[b:b + 1] for b in range(kept.shape[0]))
+    # Copies, not views: a view would keep the whole buffer, every activation of the push, alive
+    # with the stream (hundreds of MB at the released shape, where the copies take under 1 MB).
     if len(starts) == 1:  # one stream: one slice
-        return (buffer[..., starts[0]:stops[0]],)
-    return tuple(buffer[b:b + 1, ..., start:stop] for b, (start, stop) in enumerate(zip(starts, stops)))
+        return (buffer[..., starts[0]:stops[0]].clone(),)
+    return tuple(buffer[b:b + 1, ..., start:stop].clone() for b, (start, stop) in enumerate(zip(starts, stops)))
 
 
 def stream_conv1d(cache: torch.Tensor, x: Steps, weight: torch.Tensor, bias: torch.Tensor,
@@ -347,14 +349,14 @@ def stream_durations(vocoder: Vocoder, state: DurationState, units: Steps,
     """New unit ids of B streams (Steps of [B, n] ids) -> (per stream the units whose durations
     are now known [m_b], their durations [m_b], the new state)."""
     predictor = vocoder.dur_predictor
-    embedded = Steps(vocoder.dict(units.data).transpose(1, 2), units.valid)
+    embedded = Steps(vocoder.dict(units.data).transpose(1, 2).to(DURATION_DTYPE), units.valid)
     h, conv1 = _conv(state.conv1, embedded, predictor.conv1[0], final)
     h, conv2 = _conv(state.conv2, Steps(predictor.after_conv1(h.data), h.valid), predictor.conv2[0], final)
     log_durations = predictor.after_conv2(h.data)  # [B, T]
     waiting = [torch.cat([state.units[b], units.row(b)]) for b in range(len(units.valid))]
     ready = [w[:m] for w, m in zip(waiting, h.valid)]
     durations = [durations_from_log(log_durations[b, :m]) for b, m in enumerate(h.valid)]
-    kept = tuple(w[None, m:] for w, m in zip(waiting, h.valid))
+    kept = tuple(w[None, m:].clone() for w, m in zip(waiting, h.valid))  # not views: see _keep
     return ready, durations, DurationState(kept, conv1, conv2)
 
 

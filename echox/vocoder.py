@@ -12,6 +12,7 @@ This file is the offline reference; echox/streaming_vocoder.py streams it exactl
 """
 
 import argparse
+import numbers
 import re
 from pathlib import Path
 
@@ -28,6 +29,12 @@ from .weights import Checkpoint, Layout, embedding_table
 STAGE_SLOPE = 0.1  # leaky relu slope inside the generator (fairseq LRELU_SLOPE)
 FINAL_SLOPE = 0.01  # quirk: the leaky relu before conv_post uses torch's default slope
 PRE_POST_KERNEL = 7  # conv_pre and conv_post
+# A unit's frame count rounds exp(log d) - 1, so a last-bit difference in log d adds or drops a whole
+# frame where it sits near a rounding edge. A streamed conv over a cache and the offline one over
+# the whole sequence sum in different orders (TF32 on a GPU far more coarsely): in fp32 they
+# disagreed for about one unit in 1e5. The predictor is small, so it runs in float64, where they
+# agree to ~1e-15 (its weights are the checkpoint's fp32 values, exactly).
+DURATION_DTYPE = torch.float64
 
 
 def _weight_norm_conv(name: str, out_ch: int, in_ch: int, kernel: int, transposed: bool = False) -> Layout:
@@ -177,7 +184,8 @@ class Vocoder(nn.Module):
         self.dict = embedding_table(cfg.num_embeddings, cfg.embedding_dim)
         if cfg.num_speakers:
             self.spkr = embedding_table(cfg.num_speakers, cfg.speaker_embedding_dim)
-        self.dur_predictor = DurationPredictor(cfg.embedding_dim, cfg.duration_hidden, cfg.duration_kernel_size)
+        self.dur_predictor = DurationPredictor(cfg.embedding_dim, cfg.duration_hidden,
+                                               cfg.duration_kernel_size).to(DURATION_DTYPE)
         channels = cfg.upsample_initial_channel
         pad = (PRE_POST_KERNEL - 1) // 2
         self.conv_pre = nn.Conv1d(cfg.embedding_dim + cfg.speaker_embedding_dim, channels, PRE_POST_KERNEL,
@@ -200,7 +208,9 @@ class Vocoder(nn.Module):
         with torch.device("meta"):
             vocoder = cls(cfg)
         vocoder.load_state_dict(folded, assign=True)
-        return vocoder.to(device=device, dtype=dtype).requires_grad_(False).eval()
+        vocoder.to(device=device, dtype=dtype)
+        vocoder.dur_predictor.to(DURATION_DTYPE)  # whatever the generator's dtype
+        return vocoder.requires_grad_(False).eval()
 
     @property
     def blocks_per_stage(self) -> int:
@@ -212,8 +222,11 @@ class Vocoder(nn.Module):
 
     def check_units(self, units: torch.Tensor) -> torch.Tensor:
         """Unit ids as int64 [T] on the vocoder's device; a clear error for anything else."""
-        if not isinstance(units, torch.Tensor):
-            units = torch.tensor(units, dtype=torch.int64)  # a Python list of ids
+        if not isinstance(units, torch.Tensor):  # a list of ids, say: floats and bools are refused below, not cut
+            try:
+                units = torch.as_tensor(units) if len(units) else torch.zeros(0, dtype=torch.int64)
+            except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+                raise EchoXError(f"vocoder units: expected integer unit ids, got {type(units).__name__} ({e})") from None
         if units.dim() != 1 or units.dtype.is_floating_point or units.dtype.is_complex or units.dtype == torch.bool:
             raise EchoXError(f"vocoder units: expected a 1-D tensor of integer unit ids, got {units.dtype} "
                              f"of shape {list(units.shape)}")
@@ -232,7 +245,7 @@ class Vocoder(nn.Module):
                 raise EchoXError(f"speaker {speaker}: this vocoder has one voice (multispkr is off in "
                                  "vocoder_config.json); pass no speaker id")
             return None
-        if speaker is None or not 0 <= int(speaker) < count:
+        if not isinstance(speaker, numbers.Integral) or isinstance(speaker, bool) or not 0 <= speaker < count:
             raise EchoXError(f"speaker {speaker}: this multi-speaker vocoder needs a speaker id 0..{count - 1} "
                              "(num_speakers in vocoder_config.json)")
         return self.spkr.weight[int(speaker)]
@@ -249,7 +262,7 @@ class Vocoder(nn.Module):
         units = self.check_units(units)
         if units.numel() == 0:
             return units
-        return durations_from_log(self.dur_predictor(self.dict(units).T[None])[0])
+        return durations_from_log(self.dur_predictor(self.dict(units).T[None].to(DURATION_DTYPE))[0])
 
     def generate(self, frame_units: torch.Tensor, speaker: int | None = None) -> torch.Tensor:
         """The generator alone on already-repeated units [N] -> wave [N * hop_length]."""

@@ -7,7 +7,8 @@ conv1d, the residual add that follows it fused in:
 - `conv1d_valid`: y = conv1d(lrelu(x), weight, bias, dilation) (+ residual), no padding;
 - `conv_transpose1d_window`: outputs start .. start + count - 1 of the unpadded
   conv_transpose1d(lrelu(x), weight, bias, stride).
-Both accumulate in fp32 and return x's dtype. The CUDA bindings take the same arguments.
+Both accumulate in fp32 (fp64 for fp64 inputs, the vocoder's duration predictor's, which only the
+torch references take) and return x's dtype. The CUDA bindings take the same arguments.
 """
 
 import torch
@@ -16,9 +17,13 @@ import torch.nn.functional as F
 from . import backend
 
 
+def _accumulated(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _activated(x: torch.Tensor, input_slope: float) -> torch.Tensor:
-    """lrelu(x) in fp32; slope 1.0 is the identity, and fp32 x is used as is (no copy)."""
-    x = x.float()
+    """lrelu(x) in the accumulation dtype; slope 1.0 is the identity, and x already in it is used as is."""
+    x = x.to(_accumulated(x))
     return x if input_slope == 1.0 else F.leaky_relu(x, input_slope)
 
 
@@ -26,9 +31,10 @@ def conv1d_valid_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
                            input_slope: float = 1.0, residual: torch.Tensor | None = None) -> torch.Tensor:
     """x [B, Cin, L], weight [Cout, Cin, K], bias [Cout], residual [B, Cout, L_out] or None
     -> [B, Cout, L_out], L_out = L - (K - 1) * dilation."""
-    y = F.conv1d(_activated(x, input_slope), weight.float(), bias.float(), dilation=dilation)
+    wide = _accumulated(x)
+    y = F.conv1d(_activated(x, input_slope), weight.to(wide), bias.to(wide), dilation=dilation)
     if residual is not None:
-        y = y + residual.float()
+        y = y + residual.to(wide)
     return y.to(x.dtype)
 
 
@@ -38,7 +44,8 @@ def conv_transpose1d_window_reference(x: torch.Tensor, weight: torch.Tensor, bia
     start + count - 1 of the unpadded transposed conv, whose length is (L - 1) * stride + K."""
     full_length = (x.shape[-1] - 1) * stride + weight.shape[-1]
     assert 0 <= start and start + count <= full_length, f"window {start}+{count} outside 0..{full_length}"
-    full = F.conv_transpose1d(_activated(x, input_slope), weight.float(), bias.float(), stride=stride)
+    wide = _accumulated(x)
+    full = F.conv_transpose1d(_activated(x, input_slope), weight.to(wide), bias.to(wide), stride=stride)
     return full[..., start:start + count].to(x.dtype)
 
 

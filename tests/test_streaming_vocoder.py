@@ -1,13 +1,15 @@
 """Streaming the vocoder gives exactly the offline waveform, with the look-ahead it announces."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from echox.config import VocoderConfig
-from echox.streaming_vocoder import (LARGEST_PIECE, StreamingVocoder, Steps, advance_streams, bucket,
-                                     generator_right_context, initial_state, split_rows, stream_conv1d,
-                                     stream_conv_transpose1d, stream_generator)
+from echox.streaming_vocoder import (LARGEST_PIECE, Push, StreamingVocoder, Steps, _durations, advance_streams,
+                                     bucket, generator_right_context, initial_state, map_tree, split_rows,
+                                     stream_conv1d, stream_conv_transpose1d, stream_generator)
 from echox.vocoder import Vocoder
 from test_vocoder import TINY, random_vocoder
 
@@ -262,3 +264,36 @@ def test_streams_advanced_together_equal_each_offline(monkeypatch, vocoder):
     for u, wave in zip(units, waves):
         assert (torch.cat(wave) - vocoder(u)).abs().max() <= 1e-5
     assert max(widest) >= 2
+
+
+def test_a_stream_keeps_only_its_caches_not_the_buffers_of_its_last_push(vocoder):
+    """Each tensor of a stream's state owns its memory: a view would keep every activation of the
+    push alive (hundreds of MB per stream at the released shape)."""
+    stream = StreamingVocoder(vocoder)
+    stream.push(random_units(40, 0))
+    stream.push(random_units(9, 1))
+    leaves = []
+    map_tree(lambda t: leaves.append(t), stream.state)
+    assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in leaves if t.numel())
+
+
+def test_streamed_durations_equal_offline_at_a_rounding_edge(vocoder):
+    """A unit's frames round exp(log d) - 1: put one unit right at an edge (2.5 frames) and move it
+    across in steps of 1e-7; the streamed predictor (pushes of 7, a cache per conv) must round as
+    the offline one does on every side (in fp32 they differed near the edge)."""
+    units = random_units(40, 11)
+    predictor = vocoder.dur_predictor
+    bias = predictor.proj.bias.clone()
+    at_edge = math.log(3.5) - float(predictor(vocoder.dict(units).T[None].to(predictor.proj.weight.dtype))[0, 20])
+    try:
+        for step in range(-300, 300):
+            predictor.proj.bias.copy_(bias + at_edge + step * 1e-7)
+            offline = vocoder.durations(units)
+            state, frames = initial_state(vocoder), 0
+            for start in range(0, 40, 7):  # the duration predictor's part of each push
+                push = Push(state, units[start:start + 7], start + 7 >= 40, None)
+                _durations(vocoder, [(push, (0, len(push.units)), push.final)])
+                state, frames = push.state, frames + push.frames.shape[-1]
+            assert frames == int(offline.sum()), f"bias step {step}"
+    finally:
+        predictor.proj.bias.copy_(bias)

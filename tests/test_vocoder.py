@@ -71,6 +71,9 @@ def test_each_unit_is_repeated_by_its_duration():
     (torch.tensor([-1, 2]), "id -1 at position 0"),
     (torch.tensor([1.0, 2.0]), "integer unit ids"),
     (torch.tensor([[1, 2]]), "1-D tensor"),
+    ([1.7, 2.2], "integer unit ids"),  # a list is not cut to [1, 2]
+    ([True, False], "integer unit ids"),
+    ([2 ** 63], "integer unit ids"),
 ])
 def test_bad_units_are_refused(bad, message):
     vocoder = random_vocoder()
@@ -206,7 +209,7 @@ def test_multi_speaker_vocoder_needs_a_valid_speaker():
     vocoder = random_vocoder(cfg)
     units = torch.tensor([4, 8, 15, 16, 23, 42])
     assert not torch.allclose(vocoder(units, speaker=0), vocoder(units, speaker=2))
-    for speaker in (None, 3):
+    for speaker in (None, 3, 1.9, -0.5, True):  # not cut to a speaker id
         with pytest.raises(EchoXError, match="speaker id 0..2"):
             vocoder(units, speaker=speaker)
     with pytest.raises(EchoXError, match="one voice"):

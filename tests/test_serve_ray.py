@@ -161,12 +161,19 @@ def test_page_and_static_files_through_the_proxy(address):
     (["--replicas", "1", "--demo", "--", "--port", "9000"], "give it to serve-ray itself"),
     (["--replicas", "1", "--demo", "--", "--frobnicate"], "not `echox serve` options"),
     (["--replicas", "64", "--model", "MODEL", "--device", "cuda"], "needs 64 GPUs (one each)"),
+    (["--replicas", "4096", "--demo"], "needs 4096 CPUs (each replica reserves its threads)"),  # Ray waited forever
+    (["--replicas", "1", "--demo", "--address", "127.0.0.1:1"], "--address 127.0.0.1:1: nothing answers there"),
+    (["--replicas", "1", "--demo", "--port", "BUSY"], "cannot listen on 127.0.0.1"),
 ])
 def test_serve_ray_refuses_bad_options_before_starting_ray(argv, message, tmp_path, capsys):
-    try:
-        code = main(["serve-ray", *[str(tmp_path) if arg == "MODEL" else arg for arg in argv]])
-    except SystemExit as stop:  # a bad value is refused by argparse, which exits
-        code = stop.code
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        given = {"MODEL": str(tmp_path), "BUSY": str(busy.getsockname()[1])}
+        try:
+            code = main(["serve-ray", *[given.get(arg, arg) for arg in argv]])
+        except SystemExit as stop:  # a bad value is refused by argparse, which exits
+            code = stop.code
     assert code == 2
     assert message in capsys.readouterr().err
 

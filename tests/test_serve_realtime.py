@@ -413,7 +413,7 @@ def test_a_closed_connection_frees_its_engine_session_at_once(tiny_model_dir):
                 async with http.ws_connect(http_server.make_url("/v1/realtime")) as ws:
                     await ws.receive_json()
                     await text_turn(ws)
-                while server.connections:  # the server's side of the connection ends
+                while server.open:  # the server's side of the connection ends
                     await asyncio.sleep(0.01)
 
     gc.collect()
@@ -486,3 +486,49 @@ def test_one_commit_longer_than_a_turn_hears_is_taken():
         return [samples.numel() for samples in connection.pending_audio]
 
     assert run(commit_45_seconds()) == [45 * 24000]
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_a_signal_ends_the_turns_then_closes_every_connection_and_the_server_exits(tiny_model_dir, signal_name):
+    """Ctrl-C or SIGTERM with connections open (one mid-answer, one idle): the answer ends cancelled,
+    every client is closed with 1001 (going away), and the server exits 0 within seconds. It used to
+    wait out aiohttp's 60 s grace for the open WebSockets, speaking on, and could abort as it exited."""
+    import signal
+
+    async def talk(server):
+        async with aiohttp.ClientSession() as http, http.ws_connect(server.ws_url) as busy, \
+                http.ws_connect(server.ws_url) as idle:
+            await busy.send_json({"type": "conversation.item.create", "item": {
+                "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Tell me more."}]}})
+            await busy.send_json({"type": "response.create"})
+            while (await busy.receive_json(timeout=60))["type"] != "response.output_text.delta":
+                pass
+            server.process.send_signal(getattr(signal, signal_name))
+            signalled, seen = time.monotonic(), []
+            async for message in busy:
+                seen.append(json.loads(message.data))
+            async for _ in idle:
+                pass
+            return seen, busy.close_code, idle.close_code, time.monotonic() - signalled
+    with ServerProcess(["--model", tiny_model_dir, "--threads", "1", "--max-new-tokens", 512,
+                        "--max-units", 2048]) as server:
+        seen, busy_code, idle_code, closed_after = asyncio.run(asyncio.wait_for(talk(server), TEST_TIMEOUT_S))
+        assert server.process.wait(timeout=30) == 0, "".join(server.log)
+    done = [event for event in seen if event["type"] == "response.done"]
+    assert len(done) == 1 and done[0]["response"]["status"] == "cancelled"
+    assert busy_code == idle_code == aiohttp.WSCloseCode.GOING_AWAY
+    assert closed_after < 15
+
+
+def test_a_port_in_use_is_refused_before_the_model_is_read(tmp_path):
+    """Found after loading, a busy port cost the minutes EchoX-8B takes to load."""
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = subprocess.run([sys.executable, "-m", "echox.cli", "serve", "--model", str(tmp_path / "nowhere"),
+                                 "--port", str(taken.getsockname()[1])], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "cannot listen on 127.0.0.1" in result.stderr and "nowhere" not in result.stderr

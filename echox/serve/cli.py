@@ -40,6 +40,7 @@ def cmd_serve(args):
     from .. import engine as echox_engine
     from ..cli import demo_model_dir
     from ..segmenter import LOW_LATENCY_SEGMENTER, RELEASED_SEGMENTER
+    from .ports import check_listenable
     from .server import Limits, Server, serve_forever
     from .session_config import SessionConfig
     defaults = SessionConfig(temperature=args.temperature, top_p=args.top_p, max_output_tokens=args.max_new_tokens)
@@ -48,6 +49,7 @@ def cmd_serve(args):
         print(f"echox serve: --max-batch {args.max_batch} is more than --max-connections {args.max_connections} "
               f"can use; batching {args.max_connections} turns", flush=True)
         args.max_batch = args.max_connections
+    check_listenable(args.host, args.port)
     model = demo_model_dir() if args.demo else args.model
     engine = echox_engine.load(model, whisper=args.whisper, vocoder=args.vocoder,
                                device="cpu" if args.demo else args.device, dtype=args.dtype, threads=args.threads,

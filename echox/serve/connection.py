@@ -18,7 +18,7 @@ State, top to bottom of a spoken turn:
 import asyncio
 import json
 import logging
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from aiohttp import WSMsgType, web
@@ -39,6 +39,12 @@ MAX_PENDING_TEXT = 64 * 1024  # characters: far past what a conversation's KV ca
 # tokenizing it takes milliseconds (the tokenizer holds the interpreter lock, stalling every connection)
 
 log = logging.getLogger("echox.serve")
+
+
+class ServerClose(NamedTuple):
+    """In the outbox: close the WebSocket here, after the events queued before."""
+    code: int
+    reason: str
 
 
 class Connection:
@@ -131,15 +137,26 @@ class Connection:
             self.post(error_event(ProtocolError("server_error", "the server failed on this event; the server log "
                                                 "has the details", kind="server_error"), client_event_id))
 
-    def post(self, event: dict | None):
+    def post(self, event: dict | ServerClose | None):
         """Queue an event for the client; safe from any thread (the worker posts through here too)."""
-        self.loop.call_soon_threadsafe(self.outbox.put_nowait, event)
+        try:
+            self.loop.call_soon_threadsafe(self.outbox.put_nowait, event)
+        except RuntimeError:  # the event loop has closed (the server stopped): nobody is left to tell
+            pass
+
+    def close(self, code: int, reason: str):
+        """Close the WebSocket from the server's side (at shutdown), once what is queued for the client
+        is sent; `serve` then ends as when a client leaves."""
+        self.post(ServerClose(code, reason))
 
     async def send_all(self):
         while (event := await self.outbox.get()) is not None:
             if self.ws.closed:
                 continue  # the client left: drain without sending
             try:
+                if isinstance(event, ServerClose):
+                    await self.ws.close(code=event.code, message=event.reason.encode())
+                    continue
                 await self.ws.send_str(json.dumps(event))
             except (ConnectionError, RuntimeError):  # closed under us; the receive side will notice
                 continue

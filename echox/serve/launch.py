@@ -6,6 +6,7 @@ The child listens on a free port (`--port 0`) and prints where; this waits for t
 for the child to end, or `start_timeout_s`, whichever comes first).
 """
 
+import collections
 import re
 import subprocess
 import sys
@@ -20,7 +21,7 @@ class ServerProcess:
     def __init__(self, args: list[str], start_timeout_s: float = 120.0):
         self.args, self.start_timeout_s = [str(a) for a in args], start_timeout_s
         self.process: subprocess.Popen | None = None
-        self.log: list[str] = []  # the child's output, for failure messages
+        self.log: collections.deque[str] = collections.deque(maxlen=200)  # the child's last lines, for failure messages
 
     def __enter__(self) -> "ServerProcess":
         command = [sys.executable, "-m", "echox.cli", "serve", "--port", "0", *self.args]
@@ -31,7 +32,7 @@ class ServerProcess:
         threading.Thread(target=self.collect, daemon=True).start()
         if not self.listening.wait(self.start_timeout_s) or self.address is None:
             self.__exit__()
-            raise EchoXError("echox serve did not start:\n" + "".join(self.log[-30:]))
+            raise EchoXError("echox serve did not start:\n" + "".join(list(self.log)[-30:]))
         self.http_url, self.ws_url = f"http://{self.address}", f"ws://{self.address}/v1/realtime"
         return self
 

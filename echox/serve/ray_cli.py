@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 from ..errors import EchoXError
+from .ports import check_listenable, check_reachable
 
 APP_NAME = "echox"
 # serve-ray sets these on every replica's `echox serve` itself (a replica's child listens on a
@@ -43,8 +44,13 @@ def check_options(args):
     from ..cli import build_parser
     if args.model is not None and not Path(args.model).is_dir():
         raise EchoXError(f"{args.model}: model folder not found")
-    if args.device == "cuda" and not args.demo and args.address is None:
-        check_local_gpus(args.replicas)
+    if args.address is None:  # a local Ray instance, on this machine's CPUs, GPUs and ports
+        if args.device == "cuda" and not args.demo:
+            check_local_gpus(args.replicas)
+        check_local_cpus(args.replicas, args.threads)
+        check_listenable(args.host, args.port)
+    elif args.address != "auto":
+        check_reachable(args.address, "--address")
     owned = [arg for arg in args.serve_args if arg.split("=")[0] in OWN_OPTIONS]
     if owned:
         raise EchoXError(f"{', '.join(owned)}: give it to serve-ray itself, before `--` "
@@ -52,6 +58,16 @@ def check_options(args):
     _, unknown = build_parser().parse_known_args(["serve", "--demo", *args.serve_args])  # bad values: exits
     if unknown:
         raise EchoXError(f"{' '.join(unknown)}: not `echox serve` options (see `echox serve --help`)")
+
+
+def check_local_cpus(replicas: int, threads: int):
+    """Each replica reserves --threads CPUs: Ray would otherwise wait for the missing ones forever,
+    saying only every 30 s that the replicas cannot be scheduled."""
+    from ..cpu_threads import usable_cores
+    cores = usable_cores()
+    if replicas * threads > cores:
+        raise EchoXError(f"--replicas {replicas} with --threads {threads} needs {replicas * threads} CPUs "
+                         f"(each replica reserves its threads); this machine has {cores}")
 
 
 def check_local_gpus(replicas: int):
@@ -88,6 +104,24 @@ def connect_ray(ray, address: str | None):
         ray.init(address=address or "local", include_dashboard=False)
     except ConnectionError as e:  # after Ray's own retries
         raise EchoXError(f"--address {address}: no Ray cluster answered ({e})") from None
+    except Exception as e:  # Ray's own error types, or an OSError from its temporary folder
+        raise EchoXError(f"Ray did not start: {first_line(e)}") from None
+
+
+def start_serve(serve, host: str, port: int, on_existing_cluster: bool):
+    """Ray Serve's proxy on host:port; on a cluster whose Serve runs already, it keeps its own."""
+    try:
+        serve.start(http_options={"host": host, "port": port})
+    except Exception as e:  # a RayTaskError from the proxy actor, say
+        raise EchoXError(f"Ray Serve could not listen on {host}:{port}: {first_line(e)}") from None
+    if on_existing_cluster and APP_NAME in serve.status().applications:
+        raise EchoXError(f"an application named {APP_NAME!r} runs on this Ray cluster already (another "
+                         "serve-ray?); stop it first, or use another cluster")
+
+
+def first_line(error: BaseException) -> str:
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(error).__name__
 
 
 def deploy(serve, app):
@@ -104,15 +138,20 @@ def cmd_serve_ray(args):
     ray, serve = import_ray_serve()
     from .ray_deployment import build_app
     connect_ray(ray, args.address)
+    deployed = False
     try:
-        serve.start(http_options={"host": args.host, "port": args.port})
+        start_serve(serve, args.host, args.port, on_existing_cluster=args.address is not None)
+        deployed = True
         deploy(serve, build_app(args.replicas, args.model, args.demo, args.device, args.threads, args.serve_args))
         print(f"echox serve-ray: listening on http://{args.host}:{args.port}/ (page) and "
               f"ws://{args.host}:{args.port}/v1/realtime, {args.replicas} replica(s)", flush=True)
+        if args.address is not None:
+            print("echox serve-ray: on a cluster where Ray Serve ran already, its proxy keeps the host and port it "
+                  "started with; --host and --port apply only when this command starts it", flush=True)
         wait_for_stop_signal()
     finally:
         if args.address is None:  # a cluster we started goes away whole
             serve.shutdown()
-        else:  # on someone else's we remove only our application
+        elif deployed:  # on someone else's we remove only our application
             serve.delete(APP_NAME)
         ray.shutdown()

@@ -32,6 +32,8 @@ REPLICA_HEADER = "x-echox-replica"
 # An open WebSocket is one ongoing request to Ray. The child's own --max-connections is the real
 # limit (it answers an `error` event and close 1013); Ray must not queue WebSockets ahead of it.
 MAX_ONGOING_REQUESTS = 256
+# A replica whose child died is replaced after three failed checks; Ray's default period is 10 s.
+HEALTH_CHECK_PERIOD_S = 2.0
 # Close codes that describe a closing but may not be sent in a close frame (RFC 6455, 7.4.1).
 UNSENDABLE_CLOSE_CODES = {1005, 1006, 1015}
 
@@ -100,7 +102,7 @@ class EchoXReplica:
         """Ray's periodic health check: a replica whose child died is replaced by a fresh one."""
         code = self.child.process.poll()
         if code is not None:
-            raise RuntimeError(f"echox serve exited with status {code}:\n" + "".join(self.child.log[-20:]))
+            raise RuntimeError(f"echox serve exited with status {code}:\n" + "".join(list(self.child.log)[-20:]))
 
     @app.websocket("/v1/realtime")
     async def realtime(self, client: WebSocket):
@@ -109,8 +111,9 @@ class EchoXReplica:
         async with aiohttp.ClientSession() as http:
             try:
                 child = await http.ws_connect(self.child.ws_url + query, max_msg_size=0)
-            except aiohttp.ClientError:
-                await client.close(code=1011, reason="echox serve is not answering")
+            except aiohttp.ClientError:  # its child died: Ray replaces the replica at its next health check
+                await client.accept()  # a close before the accept reaches the client as HTTP 403
+                await client.close(code=1013, reason="this replica's echox serve is not answering; try again")
                 return
             await client.accept(headers=[(REPLICA_HEADER.encode(), self.replica_id.encode())])
             await relay_both_ways(client, child)
@@ -134,4 +137,5 @@ def build_app(replicas: int, model: str | None, demo: bool = False, device: str 
     if device == "cuda" and not demo:  # `echox serve --demo` always runs on the CPU
         resources["num_gpus"] = 1
     return EchoXReplica.options(num_replicas=replicas, ray_actor_options=resources,
-                                max_ongoing_requests=MAX_ONGOING_REQUESTS).bind(serve_args)
+                                max_ongoing_requests=MAX_ONGOING_REQUESTS,
+                                health_check_period_s=HEALTH_CHECK_PERIOD_S).bind(serve_args)

@@ -83,6 +83,12 @@ class TurnScheduler:
         for turn in list(self.running):
             turn.stop()
 
+    async def drained(self, seconds: float):
+        """Wait until no turn runs, for at most `seconds`."""
+        deadline = time.monotonic() + seconds
+        while self.running and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
 
 async def run_in_thread(work):
     """Run `work()` in a fresh daemon thread and wait for it without blocking the event loop.

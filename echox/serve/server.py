@@ -29,6 +29,9 @@ from .session_config import SessionConfig
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("echox.serve")
 SCHEDULER_TASK = web.AppKey("scheduler_task", asyncio.Task)
+# At SIGINT/SIGTERM the turns are stopped and every WebSocket is closed (1001, going away); this
+# long is waited for the turns to end (one LLM step or vocoder push each), and for the handlers.
+SHUTDOWN_WAIT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,7 @@ class Server:
     def __init__(self, engine: Engine, defaults: SessionConfig, limits: Limits, session_options: dict):
         """`defaults` is each connection's starting session; `session_options` go to `engine.session`."""
         self.engine, self.defaults, self.limits, self.session_options = engine, defaults, limits, session_options
-        self.connections = 0
+        self.open: set[Connection] = set()
         self.scheduler: TurnScheduler | None = None
 
     def new_session(self):
@@ -52,6 +55,15 @@ class Server:
     async def start(self, app: web.Application):
         self.scheduler = TurnScheduler(self.engine.max_batch)
         app[SCHEDULER_TASK] = asyncio.create_task(self.scheduler.serve())
+
+    async def shutdown(self, app: web.Application):
+        """Before aiohttp waits for the handlers: end every turn (each client gets its response.done,
+        cancelled) and then close every WebSocket, so the server stops in seconds and no turn thread
+        is inside a torch op when the interpreter ends."""
+        self.scheduler.close()
+        await self.scheduler.drained(SHUTDOWN_WAIT_S)
+        for connection in list(self.open):
+            connection.close(WSCloseCode.GOING_AWAY, "the server is shutting down")
 
     async def stop(self, app: web.Application):
         app[SCHEDULER_TASK].cancel()
@@ -66,18 +78,19 @@ class Server:
             return web.Response(status=400, text="/v1/realtime is a WebSocket endpoint (the OpenAI Realtime "
                                                  "protocol); connect with a WebSocket client\n")
         await ws.prepare(request)
-        if self.connections >= self.limits.max_connections:
+        if len(self.open) >= self.limits.max_connections:
             await ws.send_json(error_event(ProtocolError(
                 "too_many_connections", f"the server holds its limit of {self.limits.max_connections} "
                 "connections; try again later", kind="server_busy")))
             await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"too many connections")
             return ws
-        self.connections += 1
+        connection = Connection(ws, self.defaults, self.scheduler, self.new_session, self.limits.max_buffer_bytes,
+                                self.limits.idle_timeout_s)
+        self.open.add(connection)
         try:
-            await Connection(ws, self.defaults, self.scheduler, self.new_session, self.limits.max_buffer_bytes,
-                             self.limits.idle_timeout_s).serve()
+            await connection.serve()
         finally:
-            self.connections -= 1
+            self.open.discard(connection)
         return ws
 
 
@@ -87,22 +100,22 @@ def build_app(server: Server) -> web.Application:
     app.router.add_get("/v1/realtime", server.realtime)
     app.router.add_static("/static/", STATIC)
     app.on_startup.append(server.start)
+    app.on_shutdown.append(server.shutdown)
     app.on_cleanup.append(server.stop)
     return app
 
 
 async def serve_forever(server: Server, host: str, port: int):
     """Listen until SIGINT/SIGTERM; port 0 picks a free port. The first stdout line says where."""
-    runner = web.AppRunner(build_app(server))
+    runner = web.AppRunner(build_app(server), shutdown_timeout=SHUTDOWN_WAIT_S)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()
     except OSError as e:
         await runner.cleanup()
         raise EchoXError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    bound_port = runner.addresses[0][1]
-    print(f"echox serve: listening on http://{host}:{bound_port}/ (page) and ws://{host}:{bound_port}/v1/realtime",
-          flush=True)
+    where = f"[{host}]:{runner.addresses[0][1]}" if ":" in host else f"{host}:{runner.addresses[0][1]}"  # IPv6 in brackets
+    print(f"echox serve: listening on http://{where}/ (page) and ws://{where}/v1/realtime", flush=True)
     stopped = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stopped.set)
@@ -110,3 +123,4 @@ async def serve_forever(server: Server, host: str, port: int):
         await stopped.wait()
     finally:
         await runner.cleanup()
+

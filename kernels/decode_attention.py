@@ -130,7 +130,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     assert q_heads % kv_heads == 0, f"q heads {q_heads} must be a multiple of kv heads {kv_heads}"
     assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, f"head_dim {head_dim}: need a power of two >= 16"
     assert q.stride(2) == k_cache.stride(3) == v_cache.stride(3) == 1, "the head dim must be contiguous"
-    key_valid = key_valid.contiguous()
+    key_valid, lengths = key_valid.contiguous(), lengths.contiguous()  # both read as dense rows
     group = q_heads // kv_heads
     num_splits, split_len = split_plan(batch, kv_heads, cache_len, sm_count(q.device) or H100_SMS)  # interpreter: the GPU's plan
     part_max = torch.empty(batch * q_heads, num_splits, device=q.device, dtype=torch.float32)

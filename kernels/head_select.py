@@ -89,7 +89,8 @@ def _gumbel(cols, batch_rows, step, seed_term):
     """Gumbel noise of echox.sampling.gumbel_noise: murmur3 fmix32 of a uint32 counter, 23 bits."""
     key = (cols.to(tl.uint32) * tl.full([], 0x9E3779B1, tl.uint32)
            + batch_rows.to(tl.uint32) * tl.full([], 0x85EBCA77, tl.uint32)
-           + step.to(tl.uint32) * tl.full([], 0xC2B2AE3D, tl.uint32) + seed_term.to(tl.uint32))
+           # A launch turns an int argument equal to 1 into a constant, which has no .to(): tl.full takes both.
+           + step.to(tl.uint32) * tl.full([], 0xC2B2AE3D, tl.uint32) + tl.full([], seed_term, tl.int64).to(tl.uint32))
     key = key ^ (key >> 16)
     key = key * tl.full([], 0x85EBCA6B, tl.uint32)
     key = key ^ (key >> 13)

@@ -15,7 +15,7 @@ keys before start (earlier turns) are all visible and the diagonal tiles carry t
 A key that is masked (an eot) scores -inf, so a key tile of masked keys adds nothing.
 
 Assumption: every query row sees at least one key (BOS at position 0 is always valid), so the
-softmax denominator is never zero. A row with no visible key gives NaN, as SDPA does.
+softmax denominator is never zero. A row with no visible key gives NaN here (torch 2.13's SDPA gives 0).
 """
 
 import torch

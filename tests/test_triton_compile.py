@@ -43,7 +43,9 @@ def case_ids() -> list[str]:
     for dtype in VOCODER_DTYPES:
         ids += [f"vocoder-conv1d-{name}-{dtype}" for name in (*VOCODER_CONVS, "conv-post")]
         ids += [f"vocoder-{name}-{dtype}" for name in VOCODER_UPS]
+    ids += [f"select-gemv-sample-{dtype}-seed-term-1" for dtype in DTYPES]
     return ids + ["select-count-pass", "select-mass-pass", "select-filtered-argmax", "select-filtered-argmax-per-row",
+                  "select-filtered-argmax-seed-term-1",
                   "select-cutoff-combine-count", "select-cutoff-combine-mass", "select-argmax-combine"]
 
 
@@ -136,6 +138,11 @@ def compile_cases() -> dict:
             {"bracket_ptr": "*i64", "done_ptr": "*i32", "part_weight_ptr": "*fp32", "part_below_ptr": "*i64",
              "part_above_ptr": "*i64", "part_total_ptr": "*fp32"},
             ("bound",), {"MASS": mass, "NT": select.CANDIDATES, "BLOCK_P": 64})
+    # A seed whose hash term is 1: a launch specialises an int argument equal to 1 into a constant.
+    for name in [f"select-gemv-sample-{dtype}" for dtype in DTYPES] + ["select-filtered-argmax"]:
+        kernel, pointers, floats, constexprs = cases[name]
+        cases[f"{name}-seed-term-1"] = (kernel, {k: v for k, v in pointers.items() if k != "seed_term"}, floats,
+                                        {**constexprs, "seed_term": 1})
     cases["select-argmax-combine"] = (
         select._argmax_combine_kernel, {"part_value_ptr": "*fp32", "part_index_ptr": "*i32", "out_ptr": "*i64"},
         (), {"BLOCK_P": 64})

@@ -33,6 +33,14 @@ def test_matches_reference_fp32(q_heads, kv_heads, dim):
     torch.testing.assert_close(decode_attention(*args), decode_attention_reference(*args), atol=1e-4, rtol=1e-4)
 
 
+def test_lengths_may_be_a_strided_view():
+    q, k, v, lengths, key_valid = make_inputs(4, 2, 16, 3 * BLOCK_N + 8, [70, 5, 1], torch.float32)
+    strided = torch.stack([lengths, lengths * 0 + 2], dim=1)[:, 0]  # every other int64, as a column of [B, 2]
+    assert strided.stride(0) == 2
+    torch.testing.assert_close(decode_attention(q, k, v, strided, key_valid),
+                               decode_attention_reference(q, k, v, lengths, key_valid), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("q_heads,kv_heads,dim", [(4, 2, 16), (12, 12, 64)])
 def test_single_split_writes_the_output_itself(q_heads, kv_heads, dim):
     cache_len = 3 * BLOCK_N + 8

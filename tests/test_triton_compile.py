@@ -27,7 +27,7 @@ DTYPES = ("fp16", "bf16")
 ATTENTION_GROUPS = [(4, 128), (3, 128), (1, 64)]  # (q heads per kv head, head_dim): 8B, 3B, echo decoder
 PREFILL_GROUPS = [(4, 128), (1, 64)]  # the LLM's and the echo decoder's prefill
 SHORT_PREFILL = (256, 32)  # (queries, B * Hq): a 256-token EchoX-8B prompt, tiles shrunk to fill 132 SMs
-VOCODER_DTYPES = ("fp16", "bf16", "fp32")
+VOCODER_DTYPES = ("fp16", "bf16", "fp32", "fp32-tf32")  # fp32 exact, or as TF32 (torch's default for convs)
 VOCODER_CONVS = {"resblock-k11": 11}  # name: kernel size
 VOCODER_UPS = {"up-k11-s5": (11, 5), "up-k4-s2": (4, 2)}  # name: (kernel, stride): 3 and 2 taps per phase
 
@@ -54,15 +54,17 @@ def vocoder_conv_cases() -> dict:
     from echox_kernels import vocoder_conv as conv
     limits, cases = conv.GPU_TILES, {}
     for dtype in VOCODER_DTYPES:
+        element = dtype.removesuffix("-tf32")
         dot = {"USE_DOT": True, "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "BLOCK_CO": limits.block_co,
-               "BLOCK_T": limits.block_t, "BLOCK_R": limits.block_r // 2 if dtype == "fp32" else limits.block_r}
-        operands = {"x_ptr": f"*{dtype}", "weight_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "out_ptr": f"*{dtype}"}
+               "BLOCK_T": limits.block_t, "BLOCK_R": limits.block_r // 2 if element == "fp32" else limits.block_r}
+        operands = {"x_ptr": f"*{element}", "weight_ptr": f"*{element}", "bias_ptr": f"*{element}",
+                    "out_ptr": f"*{element}"}
         for name, kernel in VOCODER_CONVS.items():
             cases[f"vocoder-conv1d-{name}-{dtype}"] = (
-                conv._conv1d_valid_kernel, {**operands, "residual_ptr": f"*{dtype}"}, ("input_slope",),
+                conv._conv1d_valid_kernel, {**operands, "residual_ptr": f"*{element}"}, ("input_slope",),
                 {"KERNEL": kernel, "HAS_RESIDUAL": True, **dot})
         cases[f"vocoder-conv1d-conv-post-{dtype}"] = (
-            conv._conv1d_valid_kernel, {**operands, "residual_ptr": f"*{dtype}"}, ("input_slope",),
+            conv._conv1d_valid_kernel, {**operands, "residual_ptr": f"*{element}"}, ("input_slope",),
             {"KERNEL": 7, "HAS_RESIDUAL": False, "USE_DOT": False, "DOT_PRECISION": "ieee", "BLOCK_CO": 1,
              "BLOCK_T": limits.block_t, "BLOCK_R": limits.broadcast // limits.block_t})
         for name, (kernel, stride) in VOCODER_UPS.items():

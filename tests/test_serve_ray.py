@@ -164,6 +164,7 @@ def test_page_and_static_files_through_the_proxy(address):
     (["--replicas", "4096", "--demo"], "needs 4096 CPUs (each replica reserves its threads)"),  # Ray waited forever
     (["--replicas", "1", "--demo", "--address", "127.0.0.1:1"], "--address 127.0.0.1:1: nothing answers there"),
     (["--replicas", "1", "--demo", "--port", "BUSY"], "cannot listen on 127.0.0.1"),
+    (["--replicas", "1", "--demo", "--start-timeout", "0"], "start-timeout must be a finite number > 0"),
 ])
 def test_serve_ray_refuses_bad_options_before_starting_ray(argv, message, tmp_path, capsys):
     with socket.socket() as busy:

@@ -20,7 +20,7 @@ OWN_OPTIONS = ("--host", "--port", "--model", "--demo", "--device", "--threads")
 
 
 def add_serve_ray_command(sub: argparse._SubParsersAction):
-    from ..cli import add_threads_argument, whole_number, port_number  # as `echox serve` takes them
+    from ..cli import add_threads_argument, port_number, positive_number, whole_number  # as `echox serve` takes them
     command = sub.add_parser(
         "serve-ray", help="`echox serve` replicas (one per GPU) behind Ray Serve's HTTP/WebSocket proxy",
         epilog="Options after `--` go to every replica's `echox serve`, e.g. `-- --max-new-tokens 256`.")
@@ -33,6 +33,8 @@ def add_serve_ray_command(sub: argparse._SubParsersAction):
     command.add_argument("--port", type=port_number, default=8000)
     command.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: one GPU per replica")
     command.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
+    command.add_argument("--start-timeout", type=positive_number("start-timeout"), default=600.0,
+                         help="seconds a replica's `echox serve` may take to load its model and listen (default 600)")
     add_threads_argument(command)
     command.add_argument("serve_args", nargs="*", metavar="-- ECHOX_SERVE_OPTION",
                          help="more `echox serve` options for every replica")
@@ -142,7 +144,8 @@ def cmd_serve_ray(args):
     try:
         start_serve(serve, args.host, args.port, on_existing_cluster=args.address is not None)
         deployed = True
-        deploy(serve, build_app(args.replicas, args.model, args.demo, args.device, args.threads, args.serve_args))
+        deploy(serve, build_app(args.replicas, args.model, args.demo, args.device, args.threads, args.serve_args,
+                                args.start_timeout))
         print(f"echox serve-ray: listening on http://{args.host}:{args.port}/ (page) and "
               f"ws://{args.host}:{args.port}/v1/realtime, {args.replicas} replica(s)", flush=True)
         if args.address is not None:

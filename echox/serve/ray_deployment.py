@@ -88,10 +88,11 @@ app = FastAPI(title="echox serve on Ray Serve", docs_url=None, redoc_url=None, o
 @serve.deployment
 @serve.ingress(app)
 class EchoXReplica:
-    def __init__(self, serve_args: list[str]):
-        """Start this replica's `echox serve` with `serve_args` (a port of its own on 127.0.0.1)."""
+    def __init__(self, serve_args: list[str], start_timeout_s: float):
+        """Start this replica's `echox serve` with `serve_args` (a port of its own on 127.0.0.1), and
+        wait up to `start_timeout_s` for it to load its model and listen."""
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        self.child = ServerProcess(["--host", "127.0.0.1", *serve_args]).__enter__()
+        self.child = ServerProcess(["--host", "127.0.0.1", *serve_args], start_timeout_s).__enter__()
 
     def __del__(self):
         """Ray calls this when the replica stops: the child (and its engine) stop with it."""
@@ -128,7 +129,7 @@ class EchoXReplica:
 
 
 def build_app(replicas: int, model: str | None, demo: bool = False, device: str = "cpu", threads: int = 1,
-              extra_args: Sequence[str] = ()) -> serve.Application:
+              extra_args: Sequence[str] = (), start_timeout_s: float = 600.0) -> serve.Application:
     """The Serve application: `replicas` copies of `echox serve --model MODEL|--demo --device --threads
     EXTRA_ARGS`. The model path is made absolute: a replica's working folder is Ray's, not ours."""
     serve_args = ["--demo"] if demo else ["--model", str(Path(model).resolve())]
@@ -138,4 +139,4 @@ def build_app(replicas: int, model: str | None, demo: bool = False, device: str 
         resources["num_gpus"] = 1
     return EchoXReplica.options(num_replicas=replicas, ray_actor_options=resources,
                                 max_ongoing_requests=MAX_ONGOING_REQUESTS,
-                                health_check_period_s=HEALTH_CHECK_PERIOD_S).bind(serve_args)
+                                health_check_period_s=HEALTH_CHECK_PERIOD_S).bind(serve_args, start_timeout_s)

@@ -61,6 +61,8 @@ def speech_input(audio) -> torch.Tensor:
       MIN_RATE..MAX_RATE; it is resampled.
     Anything else (bytes, lists, bool or int64 samples, ...) is refused with one EchoXError."""
     if isinstance(audio, (str, os.PathLike)):
+        if not os.fspath(audio):
+            raise EchoXError("audio: the path is empty")
         return load_audio(audio)
     if isinstance(audio, (bytes, bytearray)):
         raise EchoXError("audio given as bytes: pass the file's path as a str or pathlib.Path, "
@@ -110,6 +112,9 @@ def channels_first(samples) -> torch.Tensor:
 
 def _as_tensor(samples) -> torch.Tensor:
     if isinstance(samples, torch.Tensor):
+        if samples.is_meta or samples.layout != torch.strided:
+            raise EchoXError(f"audio: samples must be a dense tensor holding its values, got a "
+                             f"{'meta' if samples.is_meta else samples.layout} tensor")
         return samples.detach().cpu()
     numpy = sys.modules.get("numpy")  # a numpy array can only exist if numpy is already imported
     if numpy is not None and isinstance(samples, numpy.ndarray):

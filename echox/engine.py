@@ -296,17 +296,19 @@ class Session:
     def reset(self):
         """Forget the conversation; the KV cache buffers and captured graphs are kept for reuse.
         Not while a turn is in progress: it would write its answer into the new conversation."""
-        if self.stop_turn is not None:
+        if not self.turn_lock.acquire(blocking=False):  # held from a turn's start to its TurnDone
             raise EchoXError("this session is answering a turn: let it reach its TurnDone (cancel() brings it soon) "
                              "before a reset")
-        self.turns: list[Turn] = []
-        self.speech: dict[int, torch.Tensor] = {}  # speech input number -> its embeddings [v, H], in turn order
-        if self.decoder is not None:  # a seeded session then samples as a new one would
-            self.decoder.cached = []
-            self.decoder.step.zero_()
-        else:
-            self.engine.text_batcher.forget(self)
-            self.counter.zero_()
+        try:
+            self.turns: list[Turn] = []
+            self.speech: dict[int, torch.Tensor] = {}  # speech input number -> its embeddings [v, H], in turn order
+            if self.decoder is not None:
+                self.decoder.cached = []
+            else:
+                self.engine.text_batcher.forget(self)
+            self.sampling_counter().zero_()  # a seeded session then samples as a new one would
+        finally:
+            self.turn_lock.release()
 
     def cancel(self):
         """Stop this session's turn in progress, from any thread (e.g. a voice detector barging in).
@@ -357,30 +359,17 @@ class Session:
         text = user_text(text)  # checked, with the speech, before any model work
         if audio is None and not text:
             raise EchoXError("a turn needs speech (audio=...) or text (text=...)")
-        samples = None if audio is None else speech_input(audio)
-        solo = self.decoder is not None  # batched turns need no engine lock: each is a row of the batch
-        if solo and self.engine.text_batcher is not None:  # its steps would race the batch's on shared layers
-            raise EchoXError("this session was created before its engine was batched: start a new session")
-        if not self.turn_lock.acquire(blocking=False):
-            raise EchoXError("this session is answering a turn already: finish (or close) that one first")
-        if solo and not self.engine.busy.acquire(blocking=False):
-            self.turn_lock.release()
-            raise EchoXError("this engine is answering another turn: finish (or close) that one first")
-        turns_before, speech_before, finished = len(self.turns), dict(self.speech), False
-        stop = self.stop_turn = StopSignal()
+        release = self._take_turn()
+        stop = self.stop_turn  # from here a cancel reaches this turn, even while its speech is read
+        try:
+            samples = None if audio is None else speech_input(audio)
+        except BaseException:
+            release()
+            raise
+        before = (len(self.turns), dict(self.speech), self.sampling_counter().clone())
         events = self.turn_steps = self._respond(samples, text, stop)  # whether it runs (gi_running): the exit hook
         ANSWERING.add(self)
-        released = False
-
-        def release():  # once, at TurnDone or when the caller lets go: another turn may start then
-            nonlocal released
-            if not released:
-                released = True
-                if self.stop_turn is stop:  # a cancel no longer reaches this turn, a reset may come
-                    self.stop_turn = None
-                if solo:
-                    self.engine.busy.release()
-                self.turn_lock.release()
+        finished = False
         try:
             while True:
                 with torch.inference_mode():  # for each step only: the caller's code between events (another
@@ -390,15 +379,43 @@ class Session:
                 if finished := isinstance(event, TurnDone):  # the turn is history now, whether or not the
                     release()  # caller reads on (it may hold this generator and start the next turn)
                 yield event
-        except BaseException:
-            if not finished:
-                del self.turns[turns_before:]
-                self.speech = speech_before
-            raise
         finally:
             with torch.inference_mode():
-                events.close()
+                events.close()  # a batched turn's closing moves the sampling counter: restored after it
+                if not finished:  # failed or abandoned: the conversation as it was
+                    turns, self.speech, counter = before
+                    del self.turns[turns:]
+                    self.sampling_counter().copy_(counter)
             release()
+
+    def _take_turn(self) -> Callable[[], None]:
+        """Take this session (and an unbatched engine) for a turn and give it a stop signal; returns
+        the function that lets go of them, once (at TurnDone, or when the turn ends otherwise)."""
+        solo = self.decoder is not None  # batched turns need no engine lock: each is a row of the batch
+        if solo and self.engine.text_batcher is not None:  # its steps would race the batch's on shared layers
+            raise EchoXError("this session was created before its engine was batched: start a new session")
+        if not self.turn_lock.acquire(blocking=False):
+            raise EchoXError("this session is answering a turn already: finish (or close) that one first")
+        if solo and not self.engine.busy.acquire(blocking=False):
+            self.turn_lock.release()
+            raise EchoXError("this engine is answering another turn: finish (or close) that one first")
+        stop = self.stop_turn = StopSignal()
+        released = False
+
+        def release():
+            nonlocal released
+            if not released:
+                released = True
+                if self.stop_turn is stop:  # a cancel no longer reaches this turn
+                    self.stop_turn = None
+                if solo:
+                    self.engine.busy.release()
+                self.turn_lock.release()
+        return release
+
+    def sampling_counter(self) -> torch.Tensor:
+        """The counter a seeded session's draws follow: its decoder's, or its own on a batched engine."""
+        return self.decoder.step if self.decoder is not None else self.counter
 
     def llm_tokens(self, slots: list[Slot], clock: Clock, timings: dict, stop: StopSignal):
         """(the answer's tokens, a function that adds the prefill's timings once they are out and

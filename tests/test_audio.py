@@ -309,6 +309,9 @@ def _bad_speech():
         "bytes": (b"RIFF....WAVE", "as bytes"),
         "triple": ((torch.zeros(10), 16000, 1), "pair, got 3 items"),
         "none_samples": ((None, 16000), "got NoneType"),
+        "meta": (torch.zeros(100, device="meta"), "got a meta tensor"),
+        "sparse": (torch.ones(100).to_sparse(), "got a torch.sparse_coo tensor"),
+        "empty_path": ("", "the path is empty"),
     }
 
 

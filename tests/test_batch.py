@@ -165,6 +165,16 @@ def test_a_seeded_batched_session_after_reset_samples_as_a_new_one(batched):
     assert list(talk.respond(text="Hi."))[-1].trace["tokens"] == first
 
 
+def test_a_seeded_batched_turn_given_up_leaves_the_next_turn_as_if_it_never_was(batched):
+    talk = session(batched, SAMPLED, 8)
+    given_up = talk.respond(text="Tell me a story.")
+    for _ in zip(range(3), given_up):
+        pass
+    given_up.close()
+    after = list(talk.respond(text="Hi."))[-1].trace["tokens"]
+    assert after == list(session(batched, SAMPLED, 8).respond(text="Hi."))[-1].trace["tokens"]
+
+
 def respond_in_thread(talk, **turn) -> tuple[threading.Thread, list]:
     events = []
     thread = threading.Thread(target=lambda: events.extend(talk.respond(**turn)), daemon=True)

@@ -292,6 +292,34 @@ def test_a_seeded_session_after_reset_samples_as_a_new_one(engine):
     assert run_turn(session, text="Hi")[1]["tokens"] == first
 
 
+def test_a_seeded_turn_given_up_leaves_the_next_turn_as_if_it_never_was(engine):
+    """Its draws moved the session's sampling counter: put back with the rest of the conversation."""
+    sampling = SamplingParams(temperature=0.8, top_p=0.9, seed=7)
+    session = new_session(engine, sampling=sampling, max_new_tokens=10)
+    given_up = session.respond(text="Tell me a story.")
+    for _ in zip(range(3), given_up):  # a few text deltas: a few draws
+        pass
+    given_up.close()
+    after = run_turn(session, text="Hi")[1]["tokens"]
+    assert after == run_turn(new_session(engine, sampling=sampling, max_new_tokens=10), text="Hi")[1]["tokens"]
+
+
+def test_a_cancel_while_the_speech_is_read_is_not_lost(engine, monkeypatch):
+    """Reading (and resampling) long speech takes a while; a barge-in then still stops the turn."""
+    session = new_session(engine)
+    read = echox_engine.speech_input
+
+    def read_while_cancelled(audio):
+        session.cancel()  # as another thread would, mid-read
+        with pytest.raises(EchoXError, match="answering a turn"):
+            session.reset()  # nor can a reset slip in before the turn has begun
+        return read(audio)
+    monkeypatch.setattr(echox_engine, "speech_input", read_while_cancelled)
+    _, trace = run_turn(session, audio=demo_question(1.0))
+    assert trace["cancelled"] and trace["tokens"] == []
+    assert [t.role for t in session.turns] == ["user", "assistant"]
+
+
 def _slowed(session, monkeypatch, seconds: float = 0.03):
     """Slow the session's LLM down, until the test ends (the KV cache goes on to later sessions)."""
     decode = session.decoder.decode

@@ -211,7 +211,8 @@ class Engine:
                 if decoder.max_len == max_len:
                     del self.spare_decoders[i]
                     decoder.cached = []
-                    decoder.step.zero_()  # a fresh counter: the session samples what a new cache would
+                    with torch.inference_mode():  # the counter may be an inference tensor
+                        decoder.step.zero_()  # a fresh counter: the session samples what a new cache would
                     return decoder
         tok = self.tokenizer
         return TextDecoder(self.lm, tok.pad, tok.eot, tok.period, max_len, use_graphs=self.graphs)
@@ -306,7 +307,8 @@ class Session:
                 self.decoder.cached = []
             else:
                 self.engine.text_batcher.forget(self)
-            self.sampling_counter().zero_()  # a seeded session then samples as a new one would
+            with torch.inference_mode():  # the counter may be an inference tensor (a session made in that mode)
+                self.sampling_counter().zero_()  # a seeded session then samples as a new one would
         finally:
             self.turn_lock.release()
 

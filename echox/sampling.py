@@ -139,6 +139,7 @@ HEAD_ROWS = 4096  # rows of a 16-bit head converted to fp32 at a time by `head_l
 def head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """hidden [B, h] @ weight [R, h].T -> [B, R] fp32 logits. A 16-bit head is converted a slice of rows
     at a time: a whole fp32 copy of it would be 2 GB at EchoX-8B's vocabulary, made for every token."""
+    hidden = hidden.float()
     if weight.dtype == torch.float32:
-        return hidden.float() @ weight.T
-    return torch.cat([hidden.float() @ rows.float().T for rows in weight.split(HEAD_ROWS)], dim=-1)
+        return hidden @ weight.T
+    return torch.cat([hidden @ rows.float().T for rows in weight.split(HEAD_ROWS)], dim=-1)

@@ -226,7 +226,8 @@ class Vocoder(nn.Module):
             try:
                 units = torch.as_tensor(units) if len(units) else torch.zeros(0, dtype=torch.int64)
             except (TypeError, ValueError, RuntimeError, OverflowError) as e:
-                raise EchoXError(f"vocoder units: expected integer unit ids, got {type(units).__name__} ({e})") from None
+                raise EchoXError(f"vocoder units: expected integer unit ids, got {type(units).__name__} "
+                                 f"({e})") from None
         if units.dim() != 1 or units.dtype.is_floating_point or units.dtype.is_complex or units.dtype == torch.bool:
             raise EchoXError(f"vocoder units: expected a 1-D tensor of integer unit ids, got {units.dtype} "
                              f"of shape {list(units.shape)}")

@@ -191,13 +191,24 @@ def test_a_wav_written_to_a_pipe_reads_to_the_end(tmp_path, unknown_size):
     torch.testing.assert_close(load_audio(path), values.float() / 32768, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("tail", [b"TAG" + b"\xff" * 125,  # an ID3v1 tag after the RIFF chunk
-                                  b"\0" * 3], ids=["id3v1-tag", "stray-bytes"])  # too few for a chunk header
-def test_bytes_after_the_audio_are_not_a_chunk(tmp_path, tail):
+def test_bytes_after_the_audio_are_not_a_chunk(tmp_path):
+    """An ID3v1 tag after the RIFF chunk."""
     values = torch.tensor([1000, -2000, 3000, 0], dtype=torch.int16)
     path = tmp_path / "tagged.wav"
-    path.write_bytes(wav_bytes(0x0001, 1, 16000, 16, values.numpy().astype("<i2").tobytes()) + tail)
+    path.write_bytes(wav_bytes(0x0001, 1, 16000, 16, values.numpy().astype("<i2").tobytes()) + b"TAG" + b"\xff" * 125)
     torch.testing.assert_close(load_audio(path), values.float() / 32768, atol=0, rtol=0)
+
+
+def test_an_odd_data_chunk_without_its_pad_byte_before_another_chunk(tmp_path):
+    """Some writers leave out the pad byte after an odd-sized chunk: the next chunk's header is then
+    read one byte late, as garbage, after the audio is found."""
+    samples = bytes(range(101))  # 8-bit mono: 101 bytes
+    fmt = struct.pack("<HHIIHH", 0x0001, 1, 8000, 8000, 1, 8)
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", 101) + samples \
+        + b"LIST" + struct.pack("<I", 8) + b"INFOabcd"
+    path = tmp_path / "unpadded.wav"
+    path.write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
+    assert load_audio(path).shape == (202,)  # 101 samples at 8 kHz, resampled to 16 kHz
 
 
 def test_a_pipe_is_read_like_a_file(tmp_path):

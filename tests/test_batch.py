@@ -175,6 +175,15 @@ def test_a_seeded_batched_turn_given_up_leaves_the_next_turn_as_if_it_never_was(
     assert after == list(session(batched, SAMPLED, 8).respond(text="Hi."))[-1].trace["tokens"]
 
 
+def test_a_session_made_in_inference_mode_can_be_reset(batched):
+    """Its sampling counter is then an inference tensor, which only inference mode may change."""
+    with torch.inference_mode():
+        talk = session(batched, SAMPLED, 4)
+    list(talk.respond(text="Hi."))
+    talk.reset()
+    assert talk.turns == []
+
+
 def respond_in_thread(talk, **turn) -> tuple[threading.Thread, list]:
     events = []
     thread = threading.Thread(target=lambda: events.extend(talk.respond(**turn)), daemon=True)

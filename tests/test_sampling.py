@@ -53,5 +53,10 @@ def test_a_16_bit_head_is_converted_a_slice_at_a_time_with_the_same_logits(monke
     gen = torch.Generator().manual_seed(0)
     hidden, weight = torch.randn(3, 16, generator=gen), torch.randn(20, 16, generator=gen).to(dtype)
     whole = hidden @ weight.float().T
-    torch.testing.assert_close(sampling.head_logits(hidden, weight), whole, atol=1e-5, rtol=0)
+    converted, to_float = [], torch.Tensor.float
+    monkeypatch.setattr(torch.Tensor, "float", lambda t: converted.append((t.dtype, t.shape[0])) or to_float(t))
+    logits = sampling.head_logits(hidden, weight)
+    monkeypatch.undo()
+    assert [rows for kind, rows in converted if kind == dtype] == [8, 8, 4]  # the head, 8 rows at a time
+    torch.testing.assert_close(logits, whole, atol=1e-5, rtol=0)
     assert torch.equal(head_select(hidden, weight, GREEDY, torch.zeros(())), whole.argmax(-1))

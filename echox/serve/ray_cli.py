@@ -107,7 +107,7 @@ def connect_ray(ray, address: str | None):
     except ConnectionError as e:  # after Ray's own retries
         raise EchoXError(f"--address {address}: no Ray cluster answered ({e})") from None
     except Exception as e:  # Ray's own error types, or an OSError from its temporary folder
-        raise EchoXError(f"Ray did not start: {first_line(e)}") from None
+        raise EchoXError(f"Ray did not start: {last_line(e)}") from None
 
 
 def start_serve(serve, host: str, port: int, on_existing_cluster: bool):
@@ -115,13 +115,14 @@ def start_serve(serve, host: str, port: int, on_existing_cluster: bool):
     try:
         serve.start(http_options={"host": host, "port": port})
     except Exception as e:  # a RayTaskError from the proxy actor, say
-        raise EchoXError(f"Ray Serve could not listen on {host}:{port}: {first_line(e)}") from None
+        raise EchoXError(f"Ray Serve could not listen on {host}:{port}: {last_line(e)}") from None
     if on_existing_cluster and APP_NAME in serve.status().applications:
         raise EchoXError(f"an application named {APP_NAME!r} runs on this Ray cluster already (another "
                          "serve-ray?); stop it first, or use another cluster")
 
 
-def first_line(error: BaseException) -> str:
+def last_line(error: BaseException) -> str:
+    """An error's last non-empty line: where Ray's own errors put their message, after a traceback."""
     lines = [line for line in str(error).splitlines() if line.strip()]
     return lines[-1].strip() if lines else type(error).__name__
 
@@ -140,10 +141,10 @@ def cmd_serve_ray(args):
     ray, serve = import_ray_serve()
     from .ray_deployment import build_app
     connect_ray(ray, args.address)
-    deployed = False
+    ours = False  # an application of ours is on the cluster (to delete at the end)
     try:
         start_serve(serve, args.host, args.port, on_existing_cluster=args.address is not None)
-        deployed = True
+        ours = True
         deploy(serve, build_app(args.replicas, args.model, args.demo, args.device, args.threads, args.serve_args,
                                 args.start_timeout))
         print(f"echox serve-ray: listening on http://{args.host}:{args.port}/ (page) and "
@@ -155,6 +156,6 @@ def cmd_serve_ray(args):
     finally:
         if args.address is None:  # a cluster we started goes away whole
             serve.shutdown()
-        elif deployed:  # on someone else's we remove only our application
+        elif ours:  # on someone else's we remove only our application
             serve.delete(APP_NAME)
         ray.shutdown()

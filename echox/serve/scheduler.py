@@ -33,9 +33,14 @@ class TurnScheduler:
         self.waiting: deque = deque()
         self.running: set = set()
         self.changed = asyncio.Event()  # a turn arrived or one finished
+        self.closed = False  # the server is stopping: no turn starts any more
 
     def submit(self, turn):
         turn.queued_at = time.perf_counter()
+        if self.closed:  # it ends at once, as a cancelled one
+            turn.drop()
+            turn.finished()
+            return
         self.waiting.append(turn)
         self.changed.set()
 
@@ -79,7 +84,11 @@ class TurnScheduler:
         self.changed.set()
 
     def close(self):
-        """Ask the running turns to stop (server shutdown); their threads are daemons and never hold up the exit."""
+        """Server shutdown: the waiting turns end unstarted, the running ones are asked to stop (their
+        threads are daemons and never hold up the exit), and later turns end as soon as they come."""
+        self.closed = True
+        while self.waiting:
+            self.cancel(self.waiting[0])
         for turn in list(self.running):
             turn.stop()
 

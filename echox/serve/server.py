@@ -114,7 +114,8 @@ async def serve_forever(server: Server, host: str, port: int):
     except OSError as e:
         await runner.cleanup()
         raise EchoXError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    where = f"[{host}]:{runner.addresses[0][1]}" if ":" in host else f"{host}:{runner.addresses[0][1]}"  # IPv6 in brackets
+    port = runner.addresses[0][1]
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # an IPv6 address goes in brackets
     print(f"echox serve: listening on http://{where}/ (page) and ws://{where}/v1/realtime", flush=True)
     stopped = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -123,4 +124,3 @@ async def serve_forever(server: Server, host: str, port: int):
         await stopped.wait()
     finally:
         await runner.cleanup()
-

@@ -541,3 +541,28 @@ def test_a_port_in_use_is_refused_before_the_model_is_read(tmp_path):
                                  "--port", str(taken.getsockname()[1])], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "cannot listen on 127.0.0.1" in result.stderr and "nowhere" not in result.stderr
+
+
+def test_a_turn_asked_for_while_the_server_stops_ends_unstarted_after_it_is_announced():
+    """response.create during shutdown: its response.created goes out first, then response.done (cancelled)."""
+    from echox.serve.scheduler import TurnScheduler
+
+    class Turn:  # records what the scheduler does with it
+        def __init__(self):
+            self.calls = []
+
+        def __getattr__(self, name):  # run, stop, drop, finished
+            return lambda: self.calls.append(name)
+
+    async def submit_after_close():
+        scheduler = TurnScheduler()
+        serving = asyncio.create_task(scheduler.serve())
+        scheduler.close()
+        turn = Turn()
+        scheduler.submit(turn)
+        announced = list(turn.calls)  # what had happened when submit returned (the caller then announces it)
+        await asyncio.sleep(0.05)
+        serving.cancel()
+        return announced, turn.calls
+    announced, calls = run(submit_after_close())
+    assert announced == [] and calls == ["drop", "finished"]

@@ -37,12 +37,11 @@ class TurnScheduler:
 
     def submit(self, turn):
         turn.queued_at = time.perf_counter()
-        if self.closed:  # it ends at once, as a cancelled one
-            turn.drop()
-            turn.finished()
-            return
         self.waiting.append(turn)
-        self.changed.set()
+        if self.closed:  # the server is stopping: it ends unstarted, once its caller has announced it
+            asyncio.get_running_loop().call_soon(self.cancel, turn)
+        else:
+            self.changed.set()
 
     def turns_ahead(self, turn) -> int:
         """How many turns must end before this one can start (0: it runs, or starts now)."""
@@ -65,7 +64,7 @@ class TurnScheduler:
     async def serve(self):
         """Start queued turns whenever fewer than `capacity` run, forever (until cancelled)."""
         while True:
-            while self.waiting and len(self.running) < self.capacity:
+            while self.waiting and len(self.running) < self.capacity and not self.closed:
                 self.start(self.waiting.popleft())
             self.changed.clear()
             await self.changed.wait()

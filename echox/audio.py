@@ -302,10 +302,10 @@ def decode_samples(raw: bytes, code: int, bits: int, path: Path) -> torch.Tensor
     return torch.frombuffer(buffer, dtype=dtype).double().div(2 ** (bits - 1)).float()
 
 
-def read_wav(path: Path, head_seconds: float | None = None, source: Path | BinaryIO | None = None) -> Recording:
+def read_wav(path: Path, head_seconds: float | None, source: Path | BinaryIO) -> Recording:
     """`source`: the file, or its bytes read already (from a pipe); `path` names it in errors."""
     try:
-        with (contextlib.nullcontext(source) if isinstance(source, io.IOBase) else path.open("rb")) as f:
+        with (path.open("rb") if isinstance(source, Path) else contextlib.nullcontext(source)) as f:
             chunks = riff_chunks(f, f.seek(0, os.SEEK_END), path)
             if b"fmt " not in chunks:
                 raise EchoXError(f"{path}: corrupt WAV file: no 'fmt ' chunk")

@@ -205,14 +205,12 @@ class Engine:
         return Session(self, **options)
 
     def text_decoder(self, max_len: int) -> TextDecoder:
-        """An unbatched session's KV cache of `max_len` positions: a spare one, emptied, or a new one."""
+        """An unbatched session's KV cache of `max_len` positions: a spare one or a new one (the session's
+        `reset` empties it and zeroes its sampling counter)."""
         with self.spares_lock:
             for i, decoder in enumerate(self.spare_decoders):
                 if decoder.max_len == max_len:
                     del self.spare_decoders[i]
-                    decoder.cached = []
-                    with torch.inference_mode():  # the counter may be an inference tensor
-                        decoder.step.zero_()  # a fresh counter: the session samples what a new cache would
                     return decoder
         tok = self.tokenizer
         return TextDecoder(self.lm, tok.pad, tok.eot, tok.period, max_len, use_graphs=self.graphs)
@@ -361,8 +359,7 @@ class Session:
         text = user_text(text)  # checked, with the speech, before any model work
         if audio is None and not text:
             raise EchoXError("a turn needs speech (audio=...) or text (text=...)")
-        release = self._take_turn()
-        stop = self.stop_turn  # from here a cancel reaches this turn, even while its speech is read
+        stop, release = self._take_turn()  # from here a cancel reaches this turn, even while its speech is read
         try:
             samples = None if audio is None else speech_input(audio)
         except BaseException:
@@ -390,8 +387,8 @@ class Session:
                     self.sampling_counter().copy_(counter)
             release()
 
-    def _take_turn(self) -> Callable[[], None]:
-        """Take this session (and an unbatched engine) for a turn and give it a stop signal; returns
+    def _take_turn(self) -> tuple[StopSignal, Callable[[], None]]:
+        """Take this session (and an unbatched engine) for a turn; returns the turn's stop signal and
         the function that lets go of them, once (at TurnDone, or when the turn ends otherwise)."""
         solo = self.decoder is not None  # batched turns need no engine lock: each is a row of the batch
         if solo and self.engine.text_batcher is not None:  # its steps would race the batch's on shared layers
@@ -413,7 +410,7 @@ class Session:
                 if solo:
                     self.engine.busy.release()
                 self.turn_lock.release()
-        return release
+        return stop, release
 
     def sampling_counter(self) -> torch.Tensor:
         """The counter a seeded session's draws follow: its decoder's, or its own on a batched engine."""

@@ -32,9 +32,13 @@ class ServerProcess:
         threading.Thread(target=self.collect, daemon=True).start()
         if not self.listening.wait(self.start_timeout_s) or self.address is None:
             self.__exit__()
-            raise EchoXError("echox serve did not start:\n" + "".join(list(self.log)[-30:]))
+            raise EchoXError("echox serve did not start:\n" + self.tail(30))
         self.http_url, self.ws_url = f"http://{self.address}", f"ws://{self.address}/v1/realtime"
         return self
+
+    def tail(self, lines: int) -> str:
+        """The child's last `lines` lines of output."""
+        return "".join(list(self.log)[-lines:])
 
     def collect(self):
         for line in self.process.stdout:

@@ -103,7 +103,7 @@ class EchoXReplica:
         """Ray's periodic health check: a replica whose child died is replaced by a fresh one."""
         code = self.child.process.poll()
         if code is not None:
-            raise RuntimeError(f"echox serve exited with status {code}:\n" + "".join(list(self.child.log)[-20:]))
+            raise RuntimeError(f"echox serve exited with status {code}:\n" + self.child.tail(20))
 
     @app.websocket("/v1/realtime")
     async def realtime(self, client: WebSocket):

@@ -14,6 +14,7 @@ import contextlib
 import os
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -21,9 +22,51 @@ import torch
 T = TypeVar("T")
 
 
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
 def usable_cores() -> int:
-    """The cores this process may run on: its CPU affinity where the OS has one (Linux)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """The cores this process may run on: its CPU affinity where the OS has one (Linux), and no
+    more than a container's CPU quota allows (`docker run --cpus 2` on a 64-core host: 2)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = cpu_quota()
+    return cores if quota is None else max(1, min(cores, int(quota)))
+
+
+def cpu_quota(root: Path = CGROUP_ROOT, own_cgroup: Path = Path("/proc/self/cgroup")) -> float | None:
+    """CPUs' worth of time per period that this process's cgroup may use (quota / period), or None
+    when unlimited or not known: cgroup v2's cpu.max (the process's own group, else the root a
+    container sees) or v1's cpu.cfs_quota_us / cpu.cfs_period_us. Ray counts a node's CPUs from
+    the same files, rounding down as `usable_cores` does."""
+    groups = [root]
+    try:
+        for line in own_cgroup.read_text().splitlines():
+            if line.startswith("0::/") and line.strip() != "0::/":
+                groups.insert(0, root / line.strip()[4:])
+    except OSError:
+        pass
+    for group in groups:
+        fields = _read_fields(group / "cpu.max")
+        if fields is not None:
+            return _ratio(*fields) if len(fields) == 2 else None
+    quota, period = (_read_fields(root / "cpu" / name) for name in ("cpu.cfs_quota_us", "cpu.cfs_period_us"))
+    return _ratio(quota[0], period[0]) if quota and period else None
+
+
+def _read_fields(path: Path) -> list[str] | None:
+    try:
+        return path.read_text().split()
+    except OSError:  # no such file (another cgroup version, not Linux) or not readable
+        return None
+
+
+def _ratio(quota: str, period: str) -> float | None:
+    """quota / period, None for "max" or -1 (no limit) or anything unreadable."""
+    try:
+        quota_us, period_us = int(quota), int(period)
+    except ValueError:
+        return None
+    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
 
 
 @contextlib.contextmanager

@@ -69,7 +69,8 @@ def check_local_cpus(replicas: int, threads: int):
     cores = usable_cores()
     if replicas * threads > cores:
         raise EchoXError(f"--replicas {replicas} with --threads {threads} needs {replicas * threads} CPUs "
-                         f"(each replica reserves its threads); this machine has {cores}")
+                         f"(each replica reserves its threads); this process may use {cores} "
+                         "(its CPU affinity and quota)")
 
 
 def check_local_gpus(replicas: int):

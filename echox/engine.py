@@ -360,13 +360,8 @@ class Session:
         if audio is None and not text:
             raise EchoXError("a turn needs speech (audio=...) or text (text=...)")
         stop, release = self._take_turn()  # from here a cancel reaches this turn, even while its speech is read
-        try:
-            samples = None if audio is None else speech_input(audio)
-        except BaseException:
-            release()
-            raise
         before = (len(self.turns), dict(self.speech), self.sampling_counter().clone())
-        events = self.turn_steps = self._respond(samples, text, stop)  # whether it runs (gi_running): the exit hook
+        events = self.turn_steps = self._respond(audio, text, stop)  # whether it runs (gi_running): the exit hook
         ANSWERING.add(self)
         finished = False
         try:
@@ -457,7 +452,10 @@ class Session:
             return request.wait_ms + request.prefill_ms
         return answer(), finish
 
-    def _respond(self, samples: torch.Tensor | None, text: str, stop: StopSignal) -> Iterator[Event]:
+    def _respond(self, audio: Speech | None, text: str, stop: StopSignal) -> Iterator[Event]:
+        # The speech is read in the turn's first step, so that the exit hook sees it (its resampling
+        # is torch ops, which a thread must not be inside as the interpreter ends).
+        samples = None if audio is None else speech_input(audio)
         engine, tok = self.engine, self.engine.tokenizer
         clock, timings = Clock(engine.device), {}
 

@@ -18,6 +18,7 @@ from echox.engine import AudioChunk, TextDelta, TurnDone
 from echox.errors import EchoXError
 from echox.sampling import GREEDY, SamplingParams
 from echox.segmenter import SegmenterParams, segment_all
+from echox.speech_pipeline import SpeechPipeline
 
 # Short thresholds so that a 40-token answer has several segments.
 SHORT = SegmenterParams(min_len=12, min_len_confident=6)
@@ -138,9 +139,31 @@ def test_audio_patch_in_user_text_is_refused_and_forgotten(engine):
 
 
 def test_speech_of_a_segment_arrives_while_the_llm_still_writes(engine, monkeypatch):
-    """Pipelining: with a slowed-down LLM, audio of the first segment comes before the last text."""
+    """Pipelining: audio of the first segment comes before the last text. Once a segment has gone
+    to the speech threads the LLM waits (up to a minute) for its audio, so that a loaded machine
+    cannot make the speech late; an engine that spoke only after the LLM would time out here."""
     session = new_session(engine)
-    _slowed(session, monkeypatch, 0.05)
+    submitted, spoke = threading.Event(), threading.Event()
+    submit, vocode = SpeechPipeline.submit, SpeechPipeline._vocode
+
+    def noted_submit(self, *args):
+        submit(self, *args)
+        submitted.set()
+
+    def noted_vocode(self, *args):
+        vocode(self, *args)
+        if self.first_audio_ms is not None:
+            spoke.set()
+    monkeypatch.setattr(SpeechPipeline, "submit", noted_submit)
+    monkeypatch.setattr(SpeechPipeline, "_vocode", noted_vocode)
+    decode = session.decoder.decode
+
+    def waiting_decode(*args, **kwargs):
+        for token in decode(*args, **kwargs):
+            if submitted.is_set() and not spoke.is_set():
+                assert spoke.wait(60), "a segment went to the speech threads, but no audio came while the LLM waited"
+            yield token
+    monkeypatch.setattr(session.decoder, "decode", waiting_decode)
     events, trace = run_turn(session, text="Tell me more.")
     kinds = [type(e).__name__ for e in events]
     assert len(trace["segments"]) > 1 and "AudioChunk" in kinds
@@ -206,6 +229,33 @@ def test_a_program_that_ends_mid_turn_exits_cleanly(tiny_model_dir):
     torch op when the interpreter ends aborted the process (exit code 134)."""
     done = subprocess.run([sys.executable, "-c", EXIT_MID_TURN, str(tiny_model_dir)], capture_output=True,
                           text=True, timeout=300)
+    assert done.returncode == 0 and "terminate" not in done.stderr, done.stderr[-2000:]
+
+
+EXIT_WHILE_READING_SPEECH = """
+import sys, threading, torch
+import echox.engine as E
+talk = E.load(sys.argv[1]).session(max_new_tokens=8, max_units=20)
+reading, read = threading.Event(), E.speech_input
+
+def reading_speech(audio):
+    reading.set()
+    return read(audio)
+E.speech_input = reading_speech
+stereo = (torch.randn(2, 44100 * 30), 44100)  # about half a second of resampling
+
+def answer():
+    for event in talk.respond(audio=stereo):
+        pass
+threading.Thread(target=answer, daemon=True).start()
+reading.wait(60)
+"""
+
+
+def test_a_program_that_ends_while_a_turn_reads_its_speech_exits_cleanly(tiny_model_dir):
+    """The exit hook waits for a turn that is still reading (resampling) its speech, too."""
+    done = subprocess.run([sys.executable, "-c", EXIT_WHILE_READING_SPEECH, str(tiny_model_dir)],
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "terminate" not in done.stderr, done.stderr[-2000:]
 
 

@@ -45,7 +45,7 @@ constexpr int kGatherBlocksPerSm = 2;
 // (the mass above it is the whole mass). So with top-p the columns more than kCandidateSpan below
 // the maximum are dropped before the selection: no count within the kept set, no mass and no
 // draw changes. Not with top-k alone, which keeps its k columns however low they are (the noise
-// is bounded, within -2.8 .. 16.7, so this span would hold there too; top-k still scans them all).
+// is bounded, within -2.82 .. 16.64, so this span would hold there too; top-k still scans them all).
 constexpr float kCandidateSpan = 32.f;
 
 enum Mode { kGreedy, kSample, kStoreScaled };

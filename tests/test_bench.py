@@ -97,13 +97,25 @@ def test_speech_path_reports_a_turn_beside_its_critical_path(tmp_path):
                       "--max-units", "16", "--out", str(out), "--markdown", str(table)])
     row = speech_path.json.loads(out.read_text())
     assert row["segments"] >= 1 and row["audio_s"] > 0 and row["vocoder_alone"]["units"] > 0
-    assert row["critical_path_ms"] >= row["pre_llm_ms"] + max(row["llm_ms"], row["echo_ms"], row["vocoder_ms"]) - 1e-6
     assert row["turn_ms"] >= row["pre_llm_ms"]
     assert row["underruns"] >= 0 and row["stall_ms"] >= 0
     # The vocoder's timeline: it starts after the pipeline fills and ends, busy or idle, within the turn.
     assert row["fill_ms"] > 0 and row["vocoder_idle_ms"] >= 0
     assert row["pre_llm_ms"] + row["fill_ms"] + row["vocoder_ms"] + row["vocoder_idle_ms"] <= row["turn_ms"] + 1e-6
     assert "| this checkout | 1 | 32 |" in table.read_text()
+
+
+def test_a_turns_numbers_from_its_trace():
+    """Pre-LLM work is encoder + adapter + prefill; the LLM's time is its tokens' (10 x 2 ms); the
+    critical path adds the longest of LLM, echo decoder and vocoder; the fill runs from the end of
+    the pre-LLM work to the first push, and the vocoder idles between its pushes."""
+    import speech_path
+    timings = {"encoder": 30.0, "adapter": 5.0, "prefill": 15.0, "decode_per_token": 2.0, "echo_decoder": 400.0,
+               "vocoder": 300.0, "time_to_first_audio": 250.0, "vocoder_start": 200.0, "vocoder_end": 620.0}
+    numbers = speech_path.turn_numbers({"timings_ms": timings, "tokens": list(range(10))}, wall_ms=700.0)
+    assert numbers == {"turn_ms": 700.0, "critical_path_ms": 450.0, "pre_llm_ms": 50.0, "llm_ms": 20.0,
+                       "echo_ms": 400.0, "vocoder_ms": 300.0, "time_to_first_audio_ms": 250.0, "fill_ms": 150.0,
+                       "vocoder_idle_ms": 120.0}
 
 
 def test_playback_counts_every_wait_for_a_late_chunk():

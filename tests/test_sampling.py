@@ -1,5 +1,7 @@
 """The sampling noise: a pure function of (seed, step, row, column), strictly inside (0, 1)."""
 
+import inspect
+
 import pytest
 import torch
 
@@ -60,3 +62,17 @@ def test_a_16_bit_head_is_converted_a_slice_at_a_time_with_the_same_logits(monke
     assert [rows for kind, rows in converted if kind == dtype] == [8, 8, 4]  # the head, 8 rows at a time
     torch.testing.assert_close(logits, whole, atol=1e-5, rtol=0)
     assert torch.equal(head_select(hidden, weight, GREEDY, torch.zeros(())), whole.argmax(-1))
+
+
+def test_every_default_samples_as_the_released_model():
+    """SPEC §6: temperature 0.2, top-p 0.9, wherever a user does not choose (API, chat, serve)."""
+    from echox.cli import build_parser
+    from echox.engine import Session
+    from echox.sampling import RELEASED_SAMPLING
+
+    assert (RELEASED_SAMPLING.temperature, RELEASED_SAMPLING.top_p, RELEASED_SAMPLING.top_k) == (0.2, 0.9, 0)
+    assert inspect.signature(Session).parameters["sampling"].default == RELEASED_SAMPLING
+    parser = build_parser()
+    for argv in (["chat", "--model", "M", "--input", "q.wav", "--output", "a.wav"], ["serve", "--demo"]):
+        args = parser.parse_args(argv)
+        assert (args.temperature, args.top_p) == (0.2, 0.9), argv

@@ -78,7 +78,7 @@ setup(
     install_requires=["torch", "safetensors", "tokenizers", "numpy"],
     extras_require={
         "triton": ["triton"],
-        "test": ["pytest", "pytest-benchmark", "transformers", "triton",
+        "test": ["pytest", "pytest-benchmark", "transformers", "triton", "soundfile",
                  # the server tests: the server itself, the official realtime client, the browser driver, Ray
                  "aiohttp>=3.9", "openai[realtime]>=1.107", "playwright>=1.40", "ray[serve]==2.60.0"],
         "audio": ["soundfile"],

@@ -68,7 +68,19 @@ def test_buckets_hold_similar_lengths_and_cover_every_example():
     assert sorted(map(sorted, batches)) == [[0, 2, 4, 6], [1, 3, 5, 7]]
     orders = {tuple(map(tuple, bucketed_batches(lengths, 2, seed=0, epoch=e))) for e in range(6)}
     assert len(orders) > 1  # the batch order is reshuffled between epochs
-    assert batch_at(5, lengths, 2, seed=3) == batch_at(5, lengths, 2, seed=3)  # a resumed run sees the same batch
+
+
+def test_steps_walk_through_whole_epochs_in_order():
+    """Step s takes batch s % per-epoch of epoch s // per-epoch, so each epoch draws every example
+    (the last batch too: 9 examples in batches of 2 are 5 per epoch), reshuffled from epoch to epoch.
+    A resumed run, which starts at its saved step, sees the same batches as an unbroken one."""
+    lengths, size = [5, 50, 7, 52, 6, 51, 8, 49, 30], 2
+    steps = [batch_at(s, lengths, size, seed=3) for s in range(10)]
+    epochs = [bucketed_batches(lengths, size, seed=3, epoch=e) for e in (0, 1)]
+    assert steps == epochs[0] + epochs[1] and len(epochs[0]) == 5
+    for epoch in epochs:
+        assert set().union(*map(set, epoch)) == set(range(len(lengths)))
+    assert epochs[0] != epochs[1]
 
 
 def test_a_short_last_batch_is_filled():

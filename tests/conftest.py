@@ -79,3 +79,19 @@ def exact_fp32_convs():
     torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """kernel_calls(module, name) -> a list that grows by one at each call of `module.name`, which
+    still runs: a dispatch test asserts that its kernel ran (a silent fallback to the torch path
+    would match the reference and pass)."""
+    def counted(module, name: str) -> list:
+        calls, kernel = [], getattr(module, name)
+
+        def call(*args, **kwargs):
+            calls.append(name)
+            return kernel(*args, **kwargs)
+        monkeypatch.setattr(module, name, call)
+        return calls
+    return counted

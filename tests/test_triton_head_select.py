@@ -233,3 +233,18 @@ def test_llm_vocab_bf16_on_gpu(params):
     for step in range(3):
         assert torch.equal(head_select(hidden, weight, params, step_tensor(step)),
                            reference(hidden, weight, params, step_tensor(step)))
+
+
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.2, top_p=0.9, seed=1)],
+                         ids=["greedy", "released"])
+def test_dispatch_runs_the_kernel_or_the_torch_path(kernel_calls, params):
+    """echox.sampling.head_select: the Triton kernel when asked for (the interpreter here), the fp32
+    logits and select_reference otherwise; both choose the same rows on exact logits."""
+    from echox.sampling import head_select as dispatched
+    hidden, weight = make_exact_head(3, 300, 32, seed=7)
+    calls = kernel_calls(select, "head_select")
+    by_kernel = dispatched(hidden, weight, params, step_tensor(4), backend_name="triton")
+    assert len(calls) == 1
+    by_torch = dispatched(hidden, weight, params, step_tensor(4), backend_name="torch")
+    assert len(calls) == 1
+    assert by_kernel.tolist() == by_torch.tolist() == reference(hidden, weight, params, step_tensor(4)).tolist()

@@ -7,6 +7,8 @@ import torch
 from echox.attention import cached_attention, cached_attention_reference
 from echox.config import LlamaConfig
 from echox.llama import LlamaLM
+from echox_kernels import decode_attention as decode_module
+from echox_kernels import prefill_attention as prefill_module
 from echox_kernels.prefill_attention import prefill_attention, tile_plan
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -89,10 +91,14 @@ def test_hidden_keys_are_ignored():
     torch.testing.assert_close(prefill_attention(q, k, v, positions, key_valid), before)
 
 
-def test_dispatch_runs_the_kernel_or_the_reference():
+def test_dispatch_runs_the_kernel_or_the_reference(kernel_calls):
     args = make_inputs(4, 2, 16, [0, 5], 12, torch.float32, seed=4)
-    torch.testing.assert_close(cached_attention(*args, backend_name="triton"), prefill_attention(*args))
+    expected = prefill_attention(*args)
+    calls = kernel_calls(prefill_module, "prefill_attention")
+    torch.testing.assert_close(cached_attention(*args, backend_name="triton"), expected)
+    assert len(calls) == 1
     torch.testing.assert_close(cached_attention(*args, backend_name="torch"), cached_attention_reference(*args))
+    assert len(calls) == 1
 
 
 def tiny_lm() -> LlamaLM:
@@ -118,18 +124,21 @@ def run_turns(model: LlamaLM, ids: torch.Tensor, valid: torch.Tensor) -> torch.T
     return torch.cat(hidden, dim=1)
 
 
-def test_llm_prefill_and_decode_match_the_torch_backend(monkeypatch):
+def test_llm_prefill_and_decode_match_the_torch_backend(monkeypatch, kernel_calls):
     model = tiny_lm()
     gen = torch.Generator().manual_seed(5)
     ids = torch.randint(0, 101, (2, 72), generator=gen).to(DEVICE)
     valid = torch.ones_like(ids, dtype=torch.bool)
     valid[:, [20, 44, 60]] = False  # eot keys in both prefills
+    prefills, decodes = kernel_calls(prefill_module, "prefill_attention"), kernel_calls(decode_module, "decode_attention")
     with torch.no_grad():
         monkeypatch.setenv("ECHOX_BACKEND", "torch")
         expected = run_turns(model, ids, valid)
+        assert prefills == decodes == []
         monkeypatch.setenv("ECHOX_BACKEND", "triton")
         got = run_turns(model, ids, valid)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    assert len(prefills) == len(decodes) == 2 * model.cfg.num_layers  # two prefills and two decode steps
 
 
 @pytest.mark.gpu

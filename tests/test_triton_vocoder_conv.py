@@ -131,14 +131,16 @@ def test_conv_transpose1d_window_real_shapes_on_gpu(dtype, cin, cout, kernel, st
 
 
 @pytest.mark.parametrize("units, chunk", [(8, 1), (10, 3), (10, 50)])
-def test_streaming_on_triton_equals_offline(monkeypatch, units, chunk):
+def test_streaming_on_triton_equals_offline(monkeypatch, kernel_calls, units, chunk):
     from echox.streaming_vocoder import StreamingVocoder
     from test_vocoder import random_vocoder
+    calls = kernel_calls(vocoder_conv, "conv1d_valid"), kernel_calls(vocoder_conv, "conv_transpose1d_window")
     monkeypatch.setenv("ECHOX_BACKEND", "triton")
     vocoder = random_vocoder().to(DEVICE)
     ids = torch.randint(0, 1000, (units,), generator=torch.Generator().manual_seed(units)).to(DEVICE)
     stream = StreamingVocoder(vocoder)
     wave = torch.cat([stream.push(ids[i:i + chunk]) for i in range(0, units, chunk)] + [stream.flush()])
+    assert all(calls)  # the stream ran on the kernels (the offline vocoder runs torch's own convs)
     offline = vocoder(ids)
     assert wave.shape == offline.shape
     assert (wave - offline).abs().max() <= 1e-4

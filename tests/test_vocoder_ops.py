@@ -54,7 +54,9 @@ def test_half_inputs_accumulate_in_fp32():
     assert torch.equal(out, expected.half())
 
 
-def test_dispatch_runs_the_triton_kernels_with_the_same_arguments():
+def test_dispatch_runs_the_triton_kernels_with_the_same_arguments(kernel_calls):
+    from echox_kernels import vocoder_conv
+    calls = kernel_calls(vocoder_conv, "conv1d_valid"), kernel_calls(vocoder_conv, "conv_transpose1d_window")
     x, weight, bias, residual = randn(1, 4, 20), randn(16, 4, 3, seed=1), randn(16, seed=2), randn(1, 16, 14, seed=3)
     torch.testing.assert_close(conv1d_valid(x, weight, bias, 3, 0.1, residual, backend_name="triton"),
                                conv1d_valid(x, weight, bias, 3, 0.1, residual, backend_name="torch"),
@@ -63,6 +65,7 @@ def test_dispatch_runs_the_triton_kernels_with_the_same_arguments():
     torch.testing.assert_close(conv_transpose1d_window(x, up, up_bias, 4, 3, 50, 0.1, backend_name="triton"),
                                conv_transpose1d_window(x, up, up_bias, 4, 3, 50, 0.1, backend_name="torch"),
                                atol=1e-5, rtol=0)
+    assert [len(c) for c in calls] == [1, 1]  # the Triton calls only
 
 
 def test_cuda_backend_on_cpu_is_a_clear_error():

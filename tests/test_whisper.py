@@ -61,9 +61,13 @@ def test_tiny_checkpoint_matches_transformers(tiny_root):
 
 
 def test_load_in_bfloat16(tiny_root):
-    ours = load_whisper(tiny_root / "whisper-tiny", dtype=torch.bfloat16)
-    out = ours(features(128, batch=1))
-    assert out.dtype == torch.bfloat16 and out.shape == (1, 1500, 64) and out.isfinite().all()
+    """A bf16 encoder computes what the fp32 one does, to bf16's precision (a relative error of
+    about 1e-2 after its layers; a layer skipped or misread is of order 1)."""
+    mel = features(128, batch=1)
+    out = load_whisper(tiny_root / "whisper-tiny", dtype=torch.bfloat16)(mel)
+    exact = load_whisper(tiny_root / "whisper-tiny")(mel)
+    assert out.dtype == torch.bfloat16 and out.shape == exact.shape == (1, 1500, 64)
+    assert (out.float() - exact).norm() / exact.norm() < 3e-2
 
 
 def _copy_folder(src, dst, config_change: dict | None = None, drop_prefix: str | None = None):

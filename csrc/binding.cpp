@@ -102,6 +102,8 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_ca
                   key_valid.sizes() == torch::IntArrayRef({batch, max_len}),
               "echox_cuda.decode_attention: key_valid must be a [", batch, ", ", max_len, "] bool tensor on q's device");
 
+  if (q.numel() == 0) return torch::empty_like(q);  // no sequence or no head: nothing to launch
+
   const c10::cuda::CUDAGuard guard(q.device());
   const auto lengths_c = lengths.contiguous();
   const auto valid_c = key_valid.contiguous();
@@ -134,8 +136,13 @@ torch::Tensor head_select(const torch::Tensor& hidden, const torch::Tensor& weig
               "one per row of hidden");
   TORCH_CHECK(std::isfinite(temperature) && temperature >= 0, "echox_cuda.head_select: temperature must be >= 0, got ",
               temperature);
-  TORCH_CHECK(top_p > 0 && top_p <= 1, "echox_cuda.head_select: top_p must be in (0, 1], got ", top_p);
+  // In (0, 1] as the kernels see it, in fp32 (a smaller positive double rounds to 0 there).
+  TORCH_CHECK(static_cast<float>(top_p) > 0 && top_p <= 1, "echox_cuda.head_select: top_p must be in (0, 1], got ",
+              top_p);
   TORCH_CHECK(top_k >= 0, "echox_cuda.head_select: top_k must be >= 0, got ", top_k);
+  TORCH_CHECK(rows > 0, "echox_cuda.head_select: the head has no rows");
+  auto out = torch::empty({batch}, hidden.options().dtype(torch::kInt64));
+  if (batch == 0) return out;
 
   const c10::cuda::CUDAGuard guard(hidden.device());
   // The kernels see these values in fp32; the path and its workspace are decided on them too.
@@ -151,7 +158,6 @@ torch::Tensor head_select(const torch::Tensor& hidden, const torch::Tensor& weig
   auto candidate_count = torch::empty({filtered ? batch : 0}, i32);
   auto part_val = torch::empty({batch * parts}, f32);
   auto part_idx = torch::empty({batch * parts}, i32);
-  auto out = torch::empty({batch}, hidden.options().dtype(torch::kInt64));
   const auto launch =
       by_dtype<HeadSelectLauncher>(hidden, op, echox_head_select_fp32, echox_head_select_fp16, echox_head_select_bf16);
   check_launch(launch(hidden.data_ptr(), weight.data_ptr(), batch, rows, width, temperature_f, top_p_f, top_k_i,

@@ -247,7 +247,7 @@ extern "C" int echox_decode_attention_num_splits(int batch, int q_heads, int kv_
   if (cudaGetDevice(&device) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   const int group = q_heads / kv_heads;
   const int blocks = batch * kv_heads * ceil_div(group, head_tile(group));
-  const int wanted = ceil_div(2 * sms, blocks);
+  const int wanted = ceil_div(2 * sms, max(1, blocks));  // no blocks (an empty batch): one split
   return max(1, min(wanted, ceil_div(max_len, 64)));
 }
 

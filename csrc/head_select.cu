@@ -94,6 +94,10 @@ __device__ __forceinline__ void warp_argmax(float& v, int& i) {
   }
 }
 
+// The row an argmax found, or row 0 when no value compared (every logit NaN, or -inf everywhere:
+// torch.argmax's answer there) rather than the INT_MAX it starts from, which is no row at all.
+__device__ __forceinline__ int chosen_row(int row) { return row == INT_MAX ? 0 : row; }
+
 // Block-wide argmax; every thread gets the winner's index.
 template <int Threads>
 __device__ int block_argmax(float v, int i) {
@@ -240,12 +244,13 @@ __global__ void __launch_bounds__(kGemvThreads)
     }
   }
   row = block_argmax<kGemvThreads>(v, row);
-  if (threadIdx.x == 0) out[blockIdx.x] = row;
+  if (threadIdx.x == 0) out[blockIdx.x] = chosen_row(row);
 }
 
 // A uint32 that orders like the float: flip all bits of negatives, the sign bit of the rest.
+// -0 counts as +0 (they compare equal: one tie group for top-k and top-p, as in the reference).
 __device__ __forceinline__ uint32_t order_key(float x) {
-  const uint32_t bits = __float_as_uint(x);
+  const uint32_t bits = __float_as_uint(x == 0.f ? 0.f : x);
   return bits ^ ((bits >> 31) ? 0xffffffffu : 0x80000000u);
 }
 
@@ -433,7 +438,7 @@ __global__ void __launch_bounds__(kSelectThreads)
     }
   }
   const int row = block_argmax<kSelectThreads>(best, best_row);
-  if (threadIdx.x == 0) out[b] = row;
+  if (threadIdx.x == 0) out[b] = chosen_row(row);
 }
 
 int gemv_blocks(int rows) {

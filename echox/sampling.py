@@ -24,6 +24,9 @@ from .errors import EchoXError
 _MASK32 = 0xFFFFFFFF
 
 
+FLOAT32_TINY = 2.0 ** -126  # the smallest normal float32
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.0  # 0 means greedy
@@ -34,8 +37,8 @@ class SamplingParams:
     def __post_init__(self):
         if not self.temperature >= 0:
             raise EchoXError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise EchoXError(f"top-p must be in (0, 1], got {self.top_p}")
+        if not FLOAT32_TINY <= self.top_p <= 1:  # below, it is 0 in the fp32 the selection runs in
+            raise EchoXError(f"top-p must be in (0, 1] (at least {FLOAT32_TINY:.3g}), got {self.top_p}")
         if self.top_k < 0:
             raise EchoXError(f"top-k must be >= 0, got {self.top_k}")
 

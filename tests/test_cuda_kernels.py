@@ -80,6 +80,13 @@ def test_decode_attention_int64_lengths_and_garbage_past_length(ext):
     torch.testing.assert_close(out, expected, atol=0, rtol=0)
 
 
+def test_decode_attention_of_no_sequence_or_no_head_is_empty(ext):
+    """Its split count divided by the block count, 0 here: the process died (SIGFPE)."""
+    for batch, q_heads in ((0, 4), (1, 0)):
+        q, k, v, lengths, valid = attention_inputs(batch, q_heads, 2, 16, 8, torch.float32, [3] * batch)
+        assert ext.decode_attention(q, k, v, lengths, valid).shape == q.shape
+
+
 def test_decode_attention_replays_in_a_cuda_graph(ext):
     """No host sync: the launch captures, and lengths changed in place take effect on replay."""
     q, k, v, lengths, key_valid = attention_inputs(1, 32, 8, 128, 1024, torch.bfloat16, [10])
@@ -145,6 +152,26 @@ def test_greedy_ties_go_to_the_lowest_row(ext):
     weight[[4000, 17, 2500]] = hidden[0] * 0.1  # three equal, largest logits
     step = torch.zeros(1, dtype=torch.int64, device="cuda")
     assert select(ext, hidden, weight, SamplingParams(), step).tolist() == [17]
+
+
+@pytest.mark.parametrize("params", [SamplingParams(), SAMPLING["plain"], SAMPLING["released"]],
+                         ids=["greedy", "plain", "released"])
+def test_a_row_of_no_comparable_logit_selects_row_0(ext, params):
+    """NaN or -inf everywhere (an overflowed hidden state): row 0, as torch.argmax answers for -inf,
+    never the INT_MAX the argmax starts from (an embedding index far out of range)."""
+    hidden, weight = head_inputs(2, 64, 300, torch.float16)
+    hidden[0], hidden[1] = float("nan"), 0.0
+    hidden[1, 0], weight[:, 0] = float("inf"), -1.0  # row 1: -inf in every logit
+    step = torch.zeros((), dtype=torch.int64, device="cuda")
+    assert select(ext, hidden, weight, params, step).tolist() == [0, 0]
+
+
+def test_head_select_of_no_rows_or_no_batch(ext):
+    hidden, weight = head_inputs(0, 64, 300, torch.float16)
+    step = torch.zeros((), dtype=torch.int64, device="cuda")
+    assert select(ext, hidden, weight, SamplingParams(), step).shape == (0,)
+    with pytest.raises(RuntimeError, match="the head has no rows"):
+        select(ext, *head_inputs(1, 64, 0, torch.float16), SamplingParams(), step)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

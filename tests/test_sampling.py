@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from echox.errors import EchoXError
-from echox.sampling import GREEDY, gumbel_noise, head_select, uniform_noise
+from echox.sampling import GREEDY, SamplingParams, gumbel_noise, head_select, uniform_noise
 
 MASK = (1 << 32) - 1
 
@@ -76,3 +76,11 @@ def test_every_default_samples_as_the_released_model():
     for argv in (["chat", "--model", "M", "--input", "q.wav", "--output", "a.wav"], ["serve", "--demo"]):
         args = parser.parse_args(argv)
         assert (args.temperature, args.top_p) == (0.2, 0.9), argv
+
+
+@pytest.mark.parametrize("top_p", [0.0, 1e-50, 1.5, float("nan")])
+def test_a_top_p_the_selection_cannot_hold_is_refused(top_p):
+    """1e-50 is 0 in fp32, where the selection runs: the reference then kept no column at all."""
+    with pytest.raises(EchoXError, match="top-p must be in"):
+        SamplingParams(temperature=0.5, top_p=top_p)
+    assert SamplingParams(temperature=0.5, top_p=1e-30).top_p == 1e-30  # tiny, but an fp32: the top column only

@@ -5,6 +5,7 @@ import asyncio
 import base64
 import gc
 import json
+import socket
 import time
 import weakref
 
@@ -424,6 +425,51 @@ def test_a_closed_connection_frees_its_engine_session_at_once(tiny_model_dir):
         gc.enable()
     assert len(made) == 3 and all(ref() is None for ref in made)
     assert len(server.engine.spare_decoders) == 1  # one KV cache served all three
+
+
+def flood_without_reading(port: int, events: int) -> socket.socket:
+    """A WebSocket client on a small receive buffer that sends `events` response.cancel events
+    (each answered with an error event) and reads nothing; it returns its open socket."""
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect(("127.0.0.1", port))
+    client.sendall(b"GET /v1/realtime HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                   b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    payload, mask = b'{"type":"response.cancel"}', b"\x01\x02\x03\x04"
+    frame = bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    client.sendall(frame * events)
+    return client
+
+
+@pytest.mark.parametrize("send_timeout_s, max_queued", [(1.0, 10 ** 6), (300.0, 200)], ids=["send-timeout", "queue"])
+def test_a_client_that_reads_nothing_is_dropped_and_frees_its_slot(tiny_model_dir, monkeypatch, send_timeout_s,
+                                                                   max_queued):
+    """Its events pile up while a send waits for it: past a send's timeout, or past the queue's
+    bound, its connection is aborted, so its memory and its connection slot are free again (the
+    slot was held for as long as the client kept its socket open, whatever the idle timeout)."""
+    from aiohttp.test_utils import TestServer
+    from echox.serve import connection
+    from echox.serve.server import Limits, build_app
+    monkeypatch.setattr(connection, "SEND_TIMEOUT_S", send_timeout_s)
+    monkeypatch.setattr(connection, "MAX_QUEUED_EVENTS", max_queued)
+    server = in_process_server(tiny_model_dir)
+    server.limits = Limits(max_connections=1)
+
+    async def after_the_flood():
+        loop = asyncio.get_running_loop()
+        async with TestServer(build_app(server)) as http_server, aiohttp.ClientSession() as http:
+            silent = await loop.run_in_executor(None, flood_without_reading, http_server.port, 30000)
+            try:
+                for _ in range(200):
+                    async with http.ws_connect(http_server.make_url("/v1/realtime")) as ws:
+                        first = await ws.receive_json(timeout=30)
+                        if first["type"] == "session.created":
+                            return first
+                    await asyncio.sleep(0.1)
+            finally:
+                silent.close()
+
+    assert (run(after_the_flood()) or {}).get("type") == "session.created"  # None: refused every time
 
 
 def test_a_turn_that_never_ran_still_ends_with_response_done():

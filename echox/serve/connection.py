@@ -34,6 +34,11 @@ from .session_config import SessionConfig, parse_max_output_tokens
 from .vad import EnergyVad, VadEvent
 
 PCM16_BYTES = 2
+# A client that reads nothing while its events pile up is gone: past either bound its connection is
+# dropped (the transport aborted), or it would hold memory without end and its connection slot
+# for good (a send that cannot finish never lets the connection end).
+SEND_TIMEOUT_S = 30.0  # one event's send
+MAX_QUEUED_EVENTS = 8192  # events waiting to be sent (a 2-minute answer is ~1,500 audio deltas)
 MAX_PENDING_SAMPLES = int(MAX_SECONDS * API_RATE)  # Whisper hears 30 s of a turn; more would be cut
 MAX_PENDING_TEXT = 64 * 1024  # characters: far past what a conversation's KV cache holds, and
 # tokenizing it takes milliseconds (the tokenizer holds the interpreter lock, stalling every connection)
@@ -49,8 +54,11 @@ class ServerClose(NamedTuple):
 
 class Connection:
     def __init__(self, ws: web.WebSocketResponse, config: SessionConfig, scheduler: TurnScheduler,
-                 new_session: Callable[[], Session], max_buffer_bytes: int, idle_timeout_s: float):
+                 new_session: Callable[[], Session], max_buffer_bytes: int, idle_timeout_s: float,
+                 transport: asyncio.BaseTransport | None = None):
+        """`transport`: the connection's own, aborted to drop a client that reads nothing."""
         self.ws, self.config, self.scheduler, self.new_session = ws, config, scheduler, new_session
+        self.transport, self.dropped = transport, False
         self.max_buffer_bytes, self.idle_timeout_s = max_buffer_bytes, idle_timeout_s
         self.loop = asyncio.get_running_loop()
         self.outbox: asyncio.Queue = asyncio.Queue()
@@ -140,9 +148,22 @@ class Connection:
     def post(self, event: dict | ServerClose | None):
         """Queue an event for the client; safe from any thread (the worker posts through here too)."""
         try:
-            self.loop.call_soon_threadsafe(self.outbox.put_nowait, event)
+            self.loop.call_soon_threadsafe(self.enqueue, event)
         except RuntimeError:  # the event loop has closed (the server stopped): nobody is left to tell
             pass
+
+    def enqueue(self, event: dict | ServerClose | None):
+        self.outbox.put_nowait(event)
+        if self.outbox.qsize() > MAX_QUEUED_EVENTS:
+            self.drop(f"{MAX_QUEUED_EVENTS} events wait for it")
+
+    def drop(self, why: str):
+        """Abort the connection of a client that does not read: the receive side then ends and the
+        queued events are drained unsent (the sends fail at once)."""
+        if not self.dropped and self.transport is not None:
+            self.dropped = True
+            log.warning("dropping the connection of %s: it reads nothing (%s)", self.session_id, why)
+            self.transport.abort()
 
     def close(self, code: int, reason: str):
         """Close the WebSocket from the server's side (at shutdown), once what is queued for the client
@@ -157,7 +178,9 @@ class Connection:
                 if isinstance(event, ServerClose):
                     await self.ws.close(code=event.code, message=event.reason.encode())
                     continue
-                await self.ws.send_str(json.dumps(event))
+                await asyncio.wait_for(self.ws.send_str(json.dumps(event)), SEND_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                self.drop(f"one event's send took over {SEND_TIMEOUT_S:g} s")
             except (ConnectionError, RuntimeError):  # closed under us; the receive side will notice
                 continue
 

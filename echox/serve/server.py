@@ -85,7 +85,7 @@ class Server:
             await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"too many connections")
             return ws
         connection = Connection(ws, self.defaults, self.scheduler, self.new_session, self.limits.max_buffer_bytes,
-                                self.limits.idle_timeout_s)
+                                self.limits.idle_timeout_s, request.transport)
         self.open.add(connection)
         try:
             await connection.serve()

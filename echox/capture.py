@@ -18,9 +18,12 @@ A trace also drops an in-place write that nothing after it in the step reads (a 
 is read by the attention after it; a sampling counter's bump is the caller's). And a trace is
 never freed (torch.jit's global compilation unit keeps it, with the tensors it holds), so the
 engine makes a bounded number: per batch width, per echo-decoder head, per KV cache that
-sessions pass on to each other (engine.py), not per session or sampling setting.
+sessions pass on to each other (engine.py), not per session or sampling setting. On a GPU an
+unbatched step is a graph per sampling setting too (the setting is baked into its kernels): the
+last few are kept (RecentCaptures), so a graph and its memory go with a setting nobody uses.
 """
 
+import collections
 import threading
 import warnings
 
@@ -87,6 +90,28 @@ class CapturedWidths:
 
     def __call__(self, *inputs: torch.Tensor):
         return self.captured(inputs[0].shape[0])(*inputs)
+
+
+class RecentCaptures:
+    """At most `limit` captures by key, the least recently used dropped first (its CUDA graph and
+    memory pool go once no caller holds it): for captures keyed by what clients choose, such as
+    a sampling setting, which a server's clients may change without end."""
+
+    def __init__(self, limit: int):
+        self.limit, self.captures = limit, collections.OrderedDict()
+
+    def get(self, key, make):
+        """The capture for `key`, made by make() if it is not kept."""
+        if key in self.captures:
+            self.captures.move_to_end(key)
+            return self.captures[key]
+        capture = self.captures[key] = make()
+        if len(self.captures) > self.limit:
+            self.captures.popitem(last=False)
+        return capture
+
+    def __len__(self) -> int:
+        return len(self.captures)
 
 
 class TracedStep:

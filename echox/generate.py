@@ -23,11 +23,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .capture import capture_step
+from .capture import RecentCaptures, capture_step
 from .errors import ConversationFull
 from .llama import DecoderState, LlamaLM
 from .sampling import SamplingParams, head_select
 
+# CUDA graphs of an unbatched decode step kept per KV cache, one per sampling setting: each holds
+# GPU memory of its own, and a server's clients set temperature and top-p as they please.
+SAMPLING_GRAPHS = 4
 
 @dataclass(frozen=True)
 class AudioSlot:
@@ -82,7 +85,7 @@ class TextDecoder:
         self.lm, self.pad_id, self.eot_id = lm, pad_id, eot_id
         self.device = lm.lm_head.weight.device
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
-        self.graphs = {}  # CUDA graphs of the step, by sampling setting
+        self.graphs = RecentCaptures(SAMPLING_GRAPHS)  # CUDA graphs of the step, by sampling setting
         self.traced_body = None  # on a CPU: the trace of decode_step, for every setting
         self.state = state or lm.body.allocate_state(1, max_len)  # this conversation's KV cache
         self.max_len = max_len
@@ -161,9 +164,8 @@ class TextDecoder:
 
         if not (self.use_graphs and self.device.type == "cuda"):
             return step
-        if sampling not in self.graphs:  # the whole step, one graph per setting (baked into its kernels)
-            self.graphs[sampling] = self.capture(step)
-        return self.graphs[sampling]
+        # The whole step, one graph per setting (baked into its kernels), the last few settings kept.
+        return self.graphs.get(sampling, lambda: self.capture(step))
 
     def capture(self, step):
         """`step` (token, position) captured on this conversation's cache buffers (a capture holds

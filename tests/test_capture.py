@@ -9,7 +9,7 @@ import torch
 from test_batch import CONVERSATIONS, converse
 
 import echox.engine as echox_engine
-from echox.capture import CapturedWidths, TracedStep, capture_widths
+from echox.capture import CapturedWidths, RecentCaptures, TracedStep, capture_widths
 from echox.generate import TextDecoder
 from echox.sampling import SamplingParams
 
@@ -92,3 +92,20 @@ def test_a_new_session_takes_a_collected_one_s_cache_and_its_trace(traced, eager
     want = converse(eager, *sampled)
     assert [trace for trace, _ in got] == [trace for trace, _ in want]
     assert all(torch.equal(audio, expected) for (_, audio), (_, expected) in zip(got, want))
+
+
+def test_recent_captures_keep_the_last_few_and_drop_the_least_recently_used():
+    """On a GPU an unbatched decoder captures its step per sampling setting; the settings a server's
+    clients send are countless, so only the last few captures (and their memory) are kept."""
+    made = []
+    captures = RecentCaptures(2)
+
+    def make(key):
+        made.append(key)
+        return f"graph {key}"
+    assert captures.get(0.2, lambda: make(0.2)) == "graph 0.2"
+    captures.get(0.7, lambda: make(0.7))
+    assert captures.get(0.2, lambda: make(0.2)) == "graph 0.2"  # kept: not made again, now the most recent
+    captures.get(1.0, lambda: make(1.0))  # drops 0.7, the least recently used
+    captures.get(0.7, lambda: make(0.7))
+    assert made == [0.2, 0.7, 1.0, 0.7] and len(captures) == 2

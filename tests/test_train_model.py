@@ -20,7 +20,7 @@ from echox.train.export import adapter_tensors, echo_tensors, llm_tensors, save_
 from echox.train.lora import LoRALinear, add_lora
 from echox.train.manifest import Example
 from echox.train.speech_to_text import SpeechToText, prepare_turns
-from echox.train.stages import StageOptions, pseudo_labels
+from echox.train.stages import EchoStage, SpeechToTextStage, StageOptions, pseudo_labels
 from echox.whisper import load_whisper
 
 CFG = LlamaConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=48,
@@ -167,3 +167,39 @@ def test_saving_untrained_modules_rewrites_the_source_exactly(tiny_model_dir, tm
         torch.testing.assert_close(saved.weights.get(key), weights.get(key), rtol=0, atol=0, msg=key)
     assert resolve_whisper(saved, None) == resolve_whisper(folder, None)
     assert (out / "g_00500000").read_bytes() == (tiny_model_dir / "g_00500000").read_bytes()
+
+
+def test_stage_three_puts_its_losses_together_as_the_spec_says(tiny_model_dir, tmp_path):
+    """SPEC §9 by hand on a batch of two: CTC of the adapter's CTC head against the transcript with
+    <audio_patch> as the blank, L_S2T = CE + 0.3 CTC, lambda = min(1, 0.2 L_echo / L_den), L_T2U =
+    L_echo + lambda L_den, and the total's branch on L_S2T (random weights: L_S2T > 1)."""
+    folder = open_model_folder(tiny_model_dir)
+    tok = folder.tokenizer
+    examples = []
+    for line, seconds in ((1, 1.0), (2, 1.5)):
+        write_wav(tmp_path / f"q{line}.wav", demo_question(seconds))
+        examples.append(Example(line, tmp_path / f"q{line}.wav", "what was said", "An answer, then more."))
+    turns = prepare_turns(examples, tok, load_whisper(resolve_whisper(folder, None)))
+    options = StageOptions(manifest=tmp_path / "m.jsonl", model=tiny_model_dir, out=tmp_path, max_units=6)
+    labels = pseudo_labels(folder, examples, options)
+    speech = SpeechToText(load_lm(folder.weights, folder.config.llm, torch.float32, "cpu"),
+                          load_adapter(folder.weights, folder.config.adapter), tok)
+    with torch.no_grad():
+        got = EchoStage(speech, trainable_decoder(folder))(list(zip(turns, labels)))
+        logits = torch.stack([speech.listen(turn.frames)[1] for turn in turns]).float()  # [B, 750, V]
+    transcripts = [torch.tensor(turn.transcript) for turn in turns]
+    ctc = torch.nn.functional.ctc_loss(
+        logits.log_softmax(-1).transpose(0, 1), torch.nn.utils.rnn.pad_sequence(transcripts, batch_first=True),
+        torch.full((2,), logits.shape[1]), torch.tensor([len(t) for t in transcripts]), blank=tok.audio_patch,
+        zero_infinity=True)
+    torch.testing.assert_close(got["ctc"], ctc)
+    torch.testing.assert_close(got["s2t"], got["cross_entropy"] + 0.3 * ctc)
+    with torch.no_grad():
+        stage_one = SpeechToTextStage(speech)(turns)  # stage I's loss is the same L_S2T
+    torch.testing.assert_close(stage_one["loss"], got["s2t"])
+    echo, denoising = got["echo"], got["denoising"]
+    weight = 0.2 * echo / denoising if denoising > 0.2 * echo else torch.tensor(1.0)
+    torch.testing.assert_close(got["lambda"], weight)
+    torch.testing.assert_close(got["t2u"], echo + weight * denoising)
+    assert got["s2t"] > 1
+    torch.testing.assert_close(got["loss"], got["s2t"] + got["t2u"])

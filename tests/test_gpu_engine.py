@@ -26,13 +26,29 @@ def test_cuda_graphs_give_the_eager_result(tiny_model_dir, sampling):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
-def test_every_backend_gives_the_same_greedy_turn(tiny_model_dir, monkeypatch, backend):
+def test_every_backend_gives_the_same_greedy_turn(tiny_model_dir, monkeypatch, kernel_calls, backend):
+    """...and runs on that backend's kernels (a silent fallback to torch would give the same turn)."""
     from echox import backend as dispatch
     if backend == "cuda" and not dispatch.cuda_extension_available():
         pytest.skip("echox_cuda is not built")
     reference = turn(echox.load(tiny_model_dir, device="cuda", dtype="float32"))
     monkeypatch.setenv("ECHOX_BACKEND", backend)
+    calls = [kernel_calls(module, name) for module, name in backend_kernels(backend)]
     assert turn(echox.load(tiny_model_dir, device="cuda", dtype="float32")) == reference
+    assert all(calls), [len(c) for c in calls]
+
+
+def backend_kernels(backend: str) -> list:
+    """(module, function) of each kernel a turn runs on `backend` (none for torch)."""
+    if backend == "triton":
+        from echox_kernels import decode_attention, head_select, prefill_attention, vocoder_conv
+        return [(prefill_attention, "prefill_attention"), (decode_attention, "decode_attention"),
+                (head_select, "head_select"), (vocoder_conv, "conv1d_valid"), (vocoder_conv, "conv_transpose1d_window")]
+    if backend == "cuda":
+        import echox_cuda
+        return [(echox_cuda, name) for name in ("decode_attention", "head_select", "conv1d_valid",
+                                                "conv_transpose1d_window")]
+    return []
 
 
 def test_bf16_turn_runs_and_streams(tiny_model_dir):

@@ -34,7 +34,7 @@ from .config import WhisperConfig
 from .cpu_threads import on_every_core
 from .echo import EchoDecoder, load_echo_decoder
 from .errors import ConversationFull, EchoXError
-from .generate import AudioSlot, Slot, TextDecoder, Token
+from .generate import AudioSlot, Slot, TextDecoder, Token, kv_capacity
 from .llama import LlamaLM, load_lm
 from .mel import log_mel
 from .sampling import RELEASED_SAMPLING, SamplingParams
@@ -205,12 +205,14 @@ class Engine:
         return Session(self, **options)
 
     def text_decoder(self, max_len: int) -> TextDecoder:
-        """An unbatched session's KV cache of `max_len` positions: a spare one or a new one (the session's
-        `reset` empties it and zeroes its sampling counter)."""
+        """An unbatched session's KV cache for `max_len` positions: a spare one of the same capacity
+        (generate.kv_capacity) or a new one (the session's `reset` empties it and zeroes its
+        sampling counter)."""
         with self.spares_lock:
             for i, decoder in enumerate(self.spare_decoders):
-                if decoder.max_len == max_len:
+                if kv_capacity(decoder.max_len) == kv_capacity(max_len):
                     del self.spare_decoders[i]
+                    decoder.max_len = max_len
                     return decoder
         tok = self.tokenizer
         return TextDecoder(self.lm, tok.pad, tok.eot, tok.period, max_len, use_graphs=self.graphs)

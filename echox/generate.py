@@ -28,6 +28,16 @@ from .errors import ConversationFull
 from .llama import DecoderState, LlamaLM
 from .sampling import SamplingParams, head_select
 
+KV_BLOCK = 1024  # an unbatched conversation's KV cache holds a multiple of this many positions
+
+
+def kv_capacity(max_len: int) -> int:
+    """Positions allocated for a conversation limited to `max_len`: rounded up to a multiple of
+    KV_BLOCK, so that sessions asking for nearby limits share caches, and with them their captured
+    steps (a trace is never freed: one per distinct limit would pile up)."""
+    return -(-max_len // KV_BLOCK) * KV_BLOCK
+
+
 # CUDA graphs of an unbatched decode step kept per KV cache, one per sampling setting: each holds
 # GPU memory of its own, and a server's clients set temperature and top-p as they please.
 SAMPLING_GRAPHS = 4
@@ -81,13 +91,15 @@ class TextDecoder:
     def __init__(self, lm: LlamaLM, pad_id: int, eot_id: int, period_id: int, max_len: int,
                  use_graphs: bool | None = None, state: DecoderState | None = None):
         """`state`: a KV cache of one sequence to use (a slot of a batched engine's cache, with room
-        for at least `max_len` positions); by default this decoder allocates its own."""
+        for at least `max_len` positions); by default this decoder allocates its own, of
+        kv_capacity(max_len) positions. `max_len` is the conversation's limit: a decoder handed on
+        to another session may get another one (of the same capacity)."""
         self.lm, self.pad_id, self.eot_id = lm, pad_id, eot_id
         self.device = lm.lm_head.weight.device
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
         self.graphs = RecentCaptures(SAMPLING_GRAPHS)  # CUDA graphs of the step, by sampling setting
         self.traced_body = None  # on a CPU: the trace of decode_step, for every setting
-        self.state = state or lm.body.allocate_state(1, max_len)  # this conversation's KV cache
+        self.state = state or lm.body.allocate_state(1, kv_capacity(max_len))  # this conversation's KV cache
         self.max_len = max_len
         self.cached: list[Slot] = []  # what the KV cache holds, position by position
         self.period_row = period_direction(lm, period_id)

@@ -109,3 +109,20 @@ def test_recent_captures_keep_the_last_few_and_drop_the_least_recently_used():
     captures.get(1.0, lambda: make(1.0))  # drops 0.7, the least recently used
     captures.get(0.7, lambda: make(0.7))
     assert made == [0.2, 0.7, 1.0, 0.7] and len(captures) == 2
+
+
+def test_sessions_with_nearby_kv_limits_share_a_cache_and_keep_their_own_limit(traced):
+    """KV caches come in multiples of KV_BLOCK positions: a session limited to 307 takes the cache
+    (and the trace) of a collected one limited to 300, and is held to 307, not to the capacity.
+    One cache per distinct limit used to pile up, each with a trace that is never freed."""
+    from echox.errors import ConversationFull
+    from echox.generate import KV_BLOCK
+    session = traced.session(max_len=300)
+    decoder = session.decoder
+    del session
+    gc.collect()
+    again = traced.session(max_len=307, max_new_tokens=4)
+    assert again.decoder is decoder and again.decoder.state.caches[0].k.shape[2] == KV_BLOCK
+    with pytest.raises(ConversationFull, match="holds 307"):
+        list(again.respond(text="word " * 400))
+    assert traced.session(max_len=KV_BLOCK + 1).decoder is not decoder

@@ -268,17 +268,21 @@ class LlamaBody(nn.Module):
         return tensors | {"norm.weight": self.norm.weight.detach()}
 
     def load_released(self, tensors: dict[str, torch.Tensor]):
-        """Copy weights named as in `body_layout(cfg, prefix="")`, fusing q/k/v and gate/up."""
+        """Install weights named as in `body_layout(cfg, prefix="")`, fusing q/k/v and gate/up.
+        Consumes `tensors`: each is taken out as it is installed, so a layer's separate q, k, v,
+        gate and up go as soon as their fused copies exist (not at the end, which held the whole
+        model twice over at its peak)."""
         for i, layer in enumerate(self.layers):
             p = f"layers.{i}."
             attn, ffn = layer.attention, layer.ffn
-            set_weight(attn.wqkv, torch.cat([tensors[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]))
-            set_weight(attn.wo, tensors[p + "self_attn.o_proj.weight"])
-            set_weight(ffn.w_gate_up, torch.cat([tensors[p + "mlp.gate_proj.weight"], tensors[p + "mlp.up_proj.weight"]]))
-            set_weight(ffn.w_down, tensors[p + "mlp.down_proj.weight"])
-            set_weight(layer.attention_norm, tensors[p + "input_layernorm.weight"])
-            set_weight(layer.ffn_norm, tensors[p + "post_attention_layernorm.weight"])
-        set_weight(self.norm, tensors["norm.weight"])
+            set_weight(attn.wqkv, torch.cat([tensors.pop(p + f"self_attn.{n}_proj.weight") for n in "qkv"]))
+            set_weight(attn.wo, tensors.pop(p + "self_attn.o_proj.weight"))
+            set_weight(ffn.w_gate_up, torch.cat([tensors.pop(p + "mlp.gate_proj.weight"),
+                                                 tensors.pop(p + "mlp.up_proj.weight")]))
+            set_weight(ffn.w_down, tensors.pop(p + "mlp.down_proj.weight"))
+            set_weight(layer.attention_norm, tensors.pop(p + "input_layernorm.weight"))
+            set_weight(layer.ffn_norm, tensors.pop(p + "post_attention_layernorm.weight"))
+        set_weight(self.norm, tensors.pop("norm.weight"))
 
 
 def lm_layout(cfg: LlamaConfig) -> Layout:
@@ -306,9 +310,10 @@ class LlamaLM(nn.Module):
         return self.body(x, positions, key_valid, kv_len)
 
     def load_released(self, tensors: dict[str, torch.Tensor]):
-        """`tensors` keyed as in `lm_layout(cfg)`."""
-        set_weight(self.embed_tokens, tensors["model.embed_tokens.weight"])
-        self.body.load_released({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
+        """`tensors` keyed as in `lm_layout(cfg)`; consumed, as `LlamaBody.load_released` does."""
+        set_weight(self.embed_tokens, tensors.pop("model.embed_tokens.weight"))
+        self.body.load_released({key.removeprefix("model."): tensors.pop(key)
+                                 for key in [key for key in tensors if key.startswith("model.")]})
         if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         else:

@@ -43,8 +43,8 @@ def _open(path: Path):
         raise EchoXError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def _shards_of_index(index: Path) -> list[Path]:
-    """The shard files an index names, each inside the index's own folder."""
+def _index_weight_map(index: Path) -> dict[str, Path]:
+    """The index's tensor name -> shard file, each shard inside the index's own folder and present."""
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except OSError as e:
@@ -57,18 +57,18 @@ def _shards_of_index(index: Path) -> list[Path]:
     outside = sorted({name for name in weight_map.values() if Path(name).is_absolute() or ".." in Path(name).parts})
     if outside:
         raise EchoXError(f"{index}: names shards outside the model folder: {', '.join(outside)}")
-    files = sorted({index.parent / name for name in weight_map.values()})
-    missing = [f.name for f in files if not f.exists()]
+    missing = sorted({name for name in weight_map.values() if not (index.parent / name).exists()})
     if missing:
         raise EchoXError(f"{index}: lists shards that are missing: {', '.join(missing)}")
-    return files
+    return {key: index.parent / name for key, name in weight_map.items()}
 
 
 class Checkpoint:
     """Key -> file index of a safetensors checkpoint (a file, or a folder with or without an index).
 
     A folder without an index holds its model as `model*.safetensors` (Hugging Face's names) when it
-    has such files; other safetensors beside them, such as a converted vocoder, are not part of it."""
+    has such files; other safetensors beside them, such as a converted vocoder, are not part of it.
+    Every tensor lives in exactly one file, and with an index in the shard the index names."""
 
     def __init__(self, path: Path | str):
         path = Path(path)
@@ -76,25 +76,44 @@ class Checkpoint:
         self._file_of: dict[str, Path] = {}
         self._shape: dict[str, tuple[int, ...]] = {}
         self._dtype: dict[str, str] = {}
-        for file in self._files(path):
-            handle = _open(file)
-            for key in handle.keys():
-                tensor_slice = handle.get_slice(key)
-                self._file_of[key] = file
-                self._shape[key] = tuple(tensor_slice.get_shape())
-                self._dtype[key] = tensor_slice.get_dtype()
+        index = path / INDEX_NAME
+        placed = _index_weight_map(index) if path.is_dir() and index.is_file() else None
+        for file in sorted(set(placed.values())) if placed is not None else self._files(path):
+            self._read_header(file)
+        if placed is not None:
+            self._check_placement(placed, index)
         self._handles: dict[Path, object] = {}
         self.used: set[str] = set()
 
+    def _read_header(self, file: Path):
+        handle = _open(file)
+        for key in handle.keys():
+            # Two copies of a tensor (a stale model.safetensors beside the shards, a backup file) would
+            # leave which one loads to the order of the file names: refuse, naming both.
+            if key in self._file_of:
+                raise EchoXError(f"{key!r} is stored twice, in {self._file_of[key]} and in {file}: "
+                                 "remove the stale copy")
+            tensor_slice = handle.get_slice(key)
+            self._file_of[key] = file
+            self._shape[key] = tuple(tensor_slice.get_shape())
+            self._dtype[key] = tensor_slice.get_dtype()
+
+    def _check_placement(self, placed: dict[str, Path], index: Path):
+        """Every tensor the index lists is in the shard it names."""
+        for key, file in placed.items():
+            if key not in self._file_of:
+                raise EchoXError(f"{file}: missing tensor {key!r} (the index places it in this shard)")
+            if self._file_of[key] != file:
+                raise EchoXError(f"{index}: places {key!r} in {file.name}, but it is stored in "
+                                 f"{self._file_of[key].name}")
+
     @staticmethod
     def _files(path: Path) -> list[Path]:
+        """The files of a checkpoint without an index: the file itself, or the folder's safetensors."""
         if path.is_file():
             return [path]
         if not path.is_dir():
             raise EchoXError(f"{path}: no such file or folder")
-        index = path / INDEX_NAME
-        if index.is_file():
-            return _shards_of_index(index)
         files = sorted(path.glob("model*.safetensors")) or sorted(path.glob("*.safetensors"))
         if not files:
             raise EchoXError(f"{path}: no *.safetensors weights in this folder")

@@ -249,3 +249,48 @@ def test_converted_vocoder_beside_an_unindexed_model(model_copy, tmp_path):
     (model_copy / "g_00500000").unlink()
     assert set(open_model_folder(model_copy).weights.keys()) == set(weights.keys())
     assert load_vocoder(model_copy).conv_post.weight.shape[0] == 1
+
+
+Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
+
+
+def test_tensor_in_two_shards_is_refused_naming_both(model_copy):
+    """The index puts q_proj in shard 1; a stale copy in shard 2 used to win, by sorting last."""
+    first, second = sorted(model_copy.glob("model-*.safetensors"))
+    tensors = load_file(str(second))
+    tensors[Q_PROJ] = torch.full_like(load_file(str(first))[Q_PROJ], 7.0)
+    save_file(tensors, str(second))
+    with pytest.raises(EchoXError, match=f"'{Q_PROJ}' is stored twice, in .*{first.name} and in .*{second.name}"):
+        open_model_folder(model_copy)
+
+
+def test_stale_single_file_beside_unindexed_shards_is_refused(model_copy):
+    (model_copy / "model.safetensors.index.json").unlink()
+    first = sorted(model_copy.glob("model-*.safetensors"))[0]
+    save_file({Q_PROJ: torch.full_like(load_file(str(first))[Q_PROJ], 7.0)}, str(model_copy / "model.safetensors"))
+    with pytest.raises(EchoXError, match=f"'{Q_PROJ}' is stored twice, in .*{first.name} and in .*model.safetensors"):
+        open_model_folder(model_copy)
+
+
+def test_backup_copy_beside_whisper_weights_is_refused(model_copy):
+    whisper = model_copy.parent / "whisper-tiny"
+    tensors = load_file(str(whisper / "model.safetensors"))
+    save_file({key: torch.zeros_like(t) for key, t in tensors.items()}, str(whisper / "model_backup.safetensors"))
+    with pytest.raises(EchoXError, match="is stored twice, in .*model.safetensors and in .*model_backup.safetensors"):
+        Checkpoint(whisper)
+
+
+def test_tensor_the_index_places_in_a_shard_that_lacks_it(model_copy):
+    _edit_json(model_copy / "model.safetensors.index.json",
+               lambda raw: raw["weight_map"].__setitem__("no.such.tensor", "model-00001-of-00002.safetensors"))
+    with pytest.raises(EchoXError, match="model-00001-of-00002.safetensors: missing tensor 'no.such.tensor' "
+                                         "\\(the index places it in this shard\\)"):
+        Checkpoint(model_copy)
+
+
+def test_tensor_stored_in_another_shard_than_the_index_says(model_copy):
+    _edit_json(model_copy / "model.safetensors.index.json",
+               lambda raw: raw["weight_map"].__setitem__(Q_PROJ, "model-00002-of-00002.safetensors"))
+    with pytest.raises(EchoXError, match=f"places '{Q_PROJ}' in model-00002-of-00002.safetensors, but it is "
+                                         "stored in model-00001-of-00002.safetensors"):
+        Checkpoint(model_copy)

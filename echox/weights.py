@@ -139,8 +139,9 @@ class Checkpoint:
             raise EchoXError(f"{self.source}: missing tensor {key!r}")
 
     def get(self, key: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
-        """One tensor, cast and moved. Kept in its stored dtype on the CPU, it is a view of the file's
-        private memory map (no copy; every read of the key shares it): treat it as read-only."""
+        """One tensor, cast and moved, in memory of its own: always a copy, never a view of the file's
+        memory map, which would let a shard rewritten on disk change (or, truncated, crash with SIGBUS)
+        the running model. One tensor at a time, so host memory grows by one tensor per call."""
         self._require(key)
         file = self._file_of[key]
         if file not in self._handles:
@@ -150,7 +151,7 @@ class Checkpoint:
         except Exception as e:
             raise EchoXError(f"{file}: tensor {key!r} cannot be read ({e}); is the file truncated?") from None
         self.used.add(key)
-        return tensor.to(device=device, dtype=dtype or tensor.dtype)
+        return tensor.to(device=device, dtype=dtype or tensor.dtype, copy=True)  # a no-op .to() returns the view
 
     def check(self, layout: Layout, what: str):
         """Fail on the first key of `layout` that is missing, has another shape, or is not floating point

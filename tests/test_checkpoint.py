@@ -294,3 +294,16 @@ def test_tensor_stored_in_another_shard_than_the_index_says(model_copy):
     with pytest.raises(EchoXError, match=f"places '{Q_PROJ}' in model-00002-of-00002.safetensors, but it is "
                                          "stored in model-00001-of-00002.safetensors"):
         Checkpoint(model_copy)
+
+
+def test_loaded_tensor_is_not_a_view_of_the_file(tmp_path):
+    """A tensor read in its stored dtype (fp32 -> fp32 on the CPU) used to stay a view of the file's
+    memory map: rewriting the file on disk changed the running model's weights."""
+    path = tmp_path / "w.safetensors"
+    save_file({"w": torch.ones(1024)}, str(path))
+    got = Checkpoint(path).get("w", torch.float32)
+    data = bytearray(path.read_bytes())
+    data[-4096:] = bytes(4096)
+    with path.open("r+b") as file:  # in place, as `cp new.safetensors w.safetensors` writes
+        file.write(data)
+    assert torch.equal(got, torch.ones(1024))

@@ -34,7 +34,7 @@ class ModelFolder:
 def _echo_depth_and_width(weights: Checkpoint) -> tuple[int, int]:
     pattern = re.compile(re.escape(ECHO) + r"model\.layers\.(\d+)\.")
     layers = {int(m.group(1)) for key in weights.keys() if (m := pattern.match(key))}
-    return len(layers), weights.shape(ECHO + "adapter.weight")[0]
+    return len(layers), weights.matrix_shape(ECHO + "adapter.weight")[0]
 
 
 def open_model_folder(path: Path | str) -> ModelFolder:
@@ -46,8 +46,8 @@ def open_model_folder(path: Path | str) -> ModelFolder:
     weights = Checkpoint(path)
     config = EchoXConfig.parse(
         raw, path / "config.json", blank_id=tokenizer.audio_patch,
-        aligner_intermediate=weights.shape(ECHO + "aligner_MLP.0.weight")[0],
-        whisper_dim=weights.shape("model.mm_projector1.weight")[1] // 2)
+        aligner_intermediate=weights.matrix_shape(ECHO + "aligner_MLP.0.weight")[0],
+        whisper_dim=weights.matrix_shape("model.mm_projector1.weight")[1] // 2)
     body = config.echo.body
     depth, width = _echo_depth_and_width(weights)
     if (depth, width) != (body.num_layers, body.hidden_size):

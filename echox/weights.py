@@ -129,6 +129,15 @@ class Checkpoint:
         self._require(key)
         return self._shape[key]
 
+    def matrix_shape(self, key: str) -> tuple[int, int]:
+        """(rows, columns) of a weight matrix, read off its header to size a config before any layout
+        is checked: a tensor stored with another number of dimensions is named here."""
+        shape = self.shape(key)
+        if len(shape) != 2:
+            raise EchoXError(f"{self._file_of[key]}: {key!r} has shape {list(shape)}, but it is a weight matrix "
+                             "(2 dimensions)")
+        return shape
+
     def stored_dtype(self) -> str:
         """The dtype most tensors are stored in (e.g. 'BF16')."""
         names = list(self._dtype.values())

@@ -307,3 +307,19 @@ def test_loaded_tensor_is_not_a_view_of_the_file(tmp_path):
     with path.open("r+b") as file:  # in place, as `cp new.safetensors w.safetensors` writes
         file.write(data)
     assert torch.equal(got, torch.ones(1024))
+
+
+@pytest.mark.parametrize("key,squash", [
+    ("model.mm_projector1.weight", lambda t: t.flatten()),
+    ("unit_translator.aligner_MLP.0.weight", lambda t: t.flatten()[0].clone()),
+    ("unit_translator.adapter.weight", lambda t: t.flatten()[0].clone()),
+])
+def test_weight_read_to_size_the_config_with_too_few_dimensions(model_copy, key, squash):
+    """These shapes are read before any layout check, to size the config: an IndexError before."""
+    index = json.loads((model_copy / "model.safetensors.index.json").read_text())
+    shard = model_copy / index["weight_map"][key]
+    tensors = load_file(str(shard))
+    tensors[key] = squash(tensors[key]).contiguous()
+    save_file(tensors, str(shard))
+    with pytest.raises(EchoXError, match=f"'{key}' has shape \\[.*\\], but it is a weight matrix \\(2 dimensions\\)"):
+        open_model_folder(model_copy)

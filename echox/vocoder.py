@@ -98,10 +98,16 @@ def fold_fairseq_weights(generator: dict[str, torch.Tensor]) -> dict[str, torch.
 
 
 def check_tensors(tensors: dict[str, torch.Tensor], layout: Layout, source: Path):
-    """Every key of `layout` present with its shape, and nothing else."""
+    """Every key of `layout` present as a floating point tensor of its shape, and nothing else (an
+    integer or bool tensor would be cast to float without a word)."""
     for key, shape in layout.items():
         if key not in tensors:
             raise EchoXError(f"{source}: missing tensor {key!r}")
+        if not isinstance(tensors[key], torch.Tensor):
+            raise EchoXError(f"{source}: {key!r} is of type {type(tensors[key]).__name__}, but weights are tensors")
+        if not tensors[key].dtype.is_floating_point:
+            raise EchoXError(f"{source}: {key!r} is stored as {str(tensors[key].dtype).removeprefix('torch.')}, "
+                             "but weights are floating point")
         if tuple(tensors[key].shape) != tuple(shape):
             raise EchoXError(f"{source}: {key!r} has shape {list(tensors[key].shape)}, "
                              f"but vocoder_config.json implies {list(shape)}")

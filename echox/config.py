@@ -26,8 +26,11 @@ def read_json(path: Path) -> dict[str, Any]:
         raw = json.loads(path.read_text())
     except OSError as e:
         raise EchoXError(f"{path}: cannot be read ({e.strerror or e})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EchoXError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:  # Python's parser recurses once per level of nesting
+        raise EchoXError(f"{path}: not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # malformed, not UTF-8, or an integer of more than 4300 digits
+        reason = str(e).split("; use sys.set_int_max_str_digits")[0]  # advice for programmers, not users
+        raise EchoXError(f"{path}: not valid JSON ({reason})") from None
     if not isinstance(raw, dict):
         raise EchoXError(f"{path}: expected a JSON object {{...}}, got {type(raw).__name__}")
     return raw

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .config import read_json
 from .errors import EchoXError
 
 Layout = dict[str, tuple[int, ...]]
@@ -45,12 +46,7 @@ def _open(path: Path):
 
 def _index_weight_map(index: Path) -> dict[str, Path]:
     """The index's tensor name -> shard file, each shard inside the index's own folder and present."""
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except OSError as e:
-        raise EchoXError(f"{index}: cannot be read ({e.strerror or e})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-        raise EchoXError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+    weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise EchoXError(f"{index}: 'weight_map' must map tensor names to shard file names")
     # Names are checked, not resolved paths: a Hugging Face cache links its shards to blobs elsewhere.

@@ -323,3 +323,9 @@ def test_weight_read_to_size_the_config_with_too_few_dimensions(model_copy, key,
     save_file(tensors, str(shard))
     with pytest.raises(EchoXError, match=f"'{key}' has shape \\[.*\\], but it is a weight matrix \\(2 dimensions\\)"):
         open_model_folder(model_copy)
+
+
+def test_index_nested_too_deeply_is_one_error(model_copy):
+    (model_copy / "model.safetensors.index.json").write_text('{"weight_map": ' + "[" * 100000 + "]" * 100000 + "}")
+    with pytest.raises(EchoXError, match="model.safetensors.index.json: not valid JSON \\(nested too deeply\\)"):
+        Checkpoint(model_copy)

@@ -21,6 +21,7 @@ from .errors import EchoXError
 
 Layout = dict[str, tuple[int, ...]]
 INDEX_NAME = "model.safetensors.index.json"
+WEIGHT_DTYPES = ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2")  # safetensors' names of the dtypes read
 
 
 def embedding_table(count: int, dim: int) -> nn.Embedding:
@@ -148,6 +149,7 @@ class Checkpoint:
         memory map, which would let a shard rewritten on disk change (or, truncated, crash with SIGBUS)
         the running model. One tensor at a time, so host memory grows by one tensor per call."""
         self._require(key)
+        self._check_dtype(key)
         file = self._file_of[key]
         if file not in self._handles:
             self._handles[file] = _open(file)
@@ -166,9 +168,14 @@ class Checkpoint:
             if self._shape[key] != tuple(shape):
                 raise EchoXError(f"{self._file_of[key]}: {key!r} has shape {list(self._shape[key])}, "
                                  f"but the {what} config expects {list(shape)}")
-            if not self._dtype[key].startswith(("F", "BF")):  # safetensors' names: F16, BF16, F32, F8_E4M3, ...
-                raise EchoXError(f"{self._file_of[key]}: {key!r} is stored as {self._dtype[key]}, but weights "
-                                 "are floating point")
+            self._check_dtype(key)
+
+    def _check_dtype(self, key: str):
+        """Refuse integer and bool tensors (they would be cast to float without a word) and the float
+        formats torch cannot cast from (F4, F6_*) or that hold scales, not weights (F8_E8M0)."""
+        if self._dtype[key] not in WEIGHT_DTYPES:
+            raise EchoXError(f"{self._file_of[key]}: {key!r} is stored as {self._dtype[key]}, but weights are "
+                             f"floating point, one of {', '.join(WEIGHT_DTYPES)}")
 
     def take(self, layout: Layout, what: str, dtype: torch.dtype | None = None,
              device: torch.device | str = "cpu", strip: str = "") -> dict[str, torch.Tensor]:

@@ -329,3 +329,30 @@ def test_index_nested_too_deeply_is_one_error(model_copy):
     (model_copy / "model.safetensors.index.json").write_text('{"weight_map": ' + "[" * 100000 + "]" * 100000 + "}")
     with pytest.raises(EchoXError, match="model.safetensors.index.json: not valid JSON \\(nested too deeply\\)"):
         Checkpoint(model_copy)
+
+
+def _one_tensor_file(path, dtype: str, shape: list[int], nbytes: int):
+    """A safetensors file written byte by byte, for dtypes torch cannot save."""
+    header = json.dumps({"w": {"dtype": dtype, "shape": shape, "data_offsets": [0, nbytes]}}).encode()
+    header += b" " * (-len(header) % 8)
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\x3c" * nbytes)
+
+
+@pytest.mark.parametrize("dtype,nbytes", [("F4", 4), ("F6_E2M3", 6), ("F8_E8M0", 8)])
+def test_float_formats_that_are_not_weights_are_named(tmp_path, dtype, nbytes):
+    """These passed as floating point: F4 then crashed (NotImplementedError), F6_E2M3 was called a
+    truncated file, and F8_E8M0 (a format for scales) was cast silently."""
+    _one_tensor_file(tmp_path / "w.safetensors", dtype, [8], nbytes)
+    weights = Checkpoint(tmp_path / "w.safetensors")
+    message = f"'w' is stored as {dtype}, but weights are floating point, one of F16, BF16, F32, F64, F8_E4M3, F8_E5M2"
+    with pytest.raises(EchoXError, match=message):
+        weights.check({"w": (8,)}, "LLM")
+    with pytest.raises(EchoXError, match=message):
+        weights.get("w", torch.float32)
+
+
+def test_float8_weights_are_read(tmp_path):
+    _one_tensor_file(tmp_path / "w.safetensors", "F8_E4M3", [8], 8)
+    weights = Checkpoint(tmp_path / "w.safetensors")
+    weights.check({"w": (8,)}, "LLM")
+    assert torch.equal(weights.get("w", torch.float32), torch.full((8,), 1.5))  # 0x3c in E4M3

@@ -246,5 +246,5 @@ def test_converted_vocoder_with_an_integer_tensor_is_named(tiny_model_dir, tmp_p
     tensors = load_file(str(folder / "vocoder.safetensors"))
     tensors["dur_predictor.proj.weight"] = tensors["dur_predictor.proj.weight"].round().long()
     save_file(tensors, str(folder / "vocoder.safetensors"))
-    with pytest.raises(EchoXError, match="'dur_predictor.proj.weight' is stored as int64, but weights are floating"):
+    with pytest.raises(EchoXError, match="'dur_predictor.proj.weight' is stored as I64, but weights are floating"):
         load_vocoder(folder)

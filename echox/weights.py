@@ -34,6 +34,8 @@ def embedding_table(count: int, dim: int) -> nn.Embedding:
 
 
 def _open(path: Path):
+    if path.exists() and not (path.is_file() or path.is_dir()):  # opening a FIFO would wait for a writer
+        raise EchoXError(f"{path}: not a regular file")
     try:  # safetensors reports a file it may not read as "no such device": ask the OS first
         with path.open("rb"):
             pass

@@ -1,7 +1,9 @@
 """Checkpoint loading: bit-exact round trip, and one clear error per kind of bad input."""
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -356,3 +358,22 @@ def test_float8_weights_are_read(tmp_path):
     weights = Checkpoint(tmp_path / "w.safetensors")
     weights.check({"w": (8,)}, "LLM")
     assert torch.equal(weights.get("w", torch.float32), torch.full((8,), 1.5))  # 0x3c in E4M3
+
+
+def test_shard_that_is_a_fifo_is_refused_not_waited_on(model_copy):
+    """Opening a FIFO blocks until something writes to it: loading hung forever. An alarm stops the
+    wait, so the old behaviour fails this test instead of hanging it."""
+    shard = sorted(model_copy.glob("model-*.safetensors"))[0]
+    shard.unlink()
+    os.mkfifo(shard)
+
+    def give_up(signum, frame):
+        raise TimeoutError(f"opening {shard.name} blocked")
+    previous = signal.signal(signal.SIGALRM, give_up)
+    signal.setitimer(signal.ITIMER_REAL, 10)
+    try:
+        with pytest.raises(EchoXError, match=f"{shard.name}: not a regular file"):
+            Checkpoint(model_copy)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

@@ -6,6 +6,7 @@ import math
 import os
 import pickle
 import shutil
+import zipfile
 
 import pytest
 import torch
@@ -247,4 +248,16 @@ def test_converted_vocoder_with_an_integer_tensor_is_named(tiny_model_dir, tmp_p
     tensors["dur_predictor.proj.weight"] = tensors["dur_predictor.proj.weight"].round().long()
     save_file(tensors, str(folder / "vocoder.safetensors"))
     with pytest.raises(EchoXError, match="'dur_predictor.proj.weight' is stored as I64, but weights are floating"):
+        load_vocoder(folder)
+
+
+def test_compressed_fairseq_checkpoint_is_refused_before_torch_load(tiny_model_dir, tmp_path):
+    """A compressed entry lets a small file inflate to any size inside torch.load (a 2 MB file took
+    1 GB); torch.save never compresses, so such a file is refused unread."""
+    folder = copy_vocoder(tiny_model_dir, tmp_path / "voc")
+    with zipfile.ZipFile(tiny_model_dir / "g_00500000") as plain, \
+            zipfile.ZipFile(folder / "g_00500000", "w", compression=zipfile.ZIP_DEFLATED) as packed:
+        for info in plain.infolist():
+            packed.writestr(info.filename, plain.read(info.filename))
+    with pytest.raises(EchoXError, match=r"g_00500000: not a checkpoint torch.save wrote: .* is compressed"):
         load_vocoder(folder)

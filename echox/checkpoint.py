@@ -31,10 +31,14 @@ class ModelFolder:
         return [lm_layout(cfg.llm), adapter_layout(cfg.adapter), echo_layout(cfg.echo)]
 
 
+def _layer_count(weights: Checkpoint, prefix: str) -> int:
+    """How many distinct `{prefix}model.layers.<i>.` indices the weights hold."""
+    pattern = re.compile(re.escape(prefix) + r"model\.layers\.(\d+)\.")
+    return len({m.group(1) for key in weights.keys() if (m := pattern.match(key))})
+
+
 def _echo_depth_and_width(weights: Checkpoint) -> tuple[int, int]:
-    pattern = re.compile(re.escape(ECHO) + r"model\.layers\.(\d+)\.")
-    layers = {int(m.group(1)) for key in weights.keys() if (m := pattern.match(key))}
-    return len(layers), weights.shape(ECHO + "adapter.weight")[0]
+    return _layer_count(weights, ECHO), weights.matrix_shape(ECHO + "adapter.weight")[0]
 
 
 def open_model_folder(path: Path | str) -> ModelFolder:
@@ -46,8 +50,13 @@ def open_model_folder(path: Path | str) -> ModelFolder:
     weights = Checkpoint(path)
     config = EchoXConfig.parse(
         raw, path / "config.json", blank_id=tokenizer.audio_patch,
-        aligner_intermediate=weights.shape(ECHO + "aligner_MLP.0.weight")[0],
-        whisper_dim=weights.shape("model.mm_projector1.weight")[1] // 2)
+        aligner_intermediate=weights.matrix_shape(ECHO + "aligner_MLP.0.weight")[0],
+        whisper_dim=weights.matrix_shape("model.mm_projector1.weight")[1] // 2)
+    # Compared before any layout is built: a layout of a million layers takes half a minute and GBs.
+    llm_depth = _layer_count(weights, "")
+    if llm_depth != config.llm.num_layers:
+        raise EchoXError(f"{path / 'config.json'}: num_hidden_layers is {config.llm.num_layers}, but the weights "
+                         f"hold {llm_depth} LLM layers")
     body = config.echo.body
     depth, width = _echo_depth_and_width(weights)
     if (depth, width) != (body.num_layers, body.hidden_size):

@@ -32,8 +32,9 @@ def _list_files(folder: Path) -> None:
     """Which of the released files a folder holds (the weights are listed by the index or glob)."""
     missing = [name for name in RELEASED_FILES if not (folder / name).is_file()]
     shards = sorted(folder.glob("*.safetensors"))
+    size = sum(f.stat().st_size for f in shards if f.is_file())  # a dangling link is named when loading
     vocoders = sorted(folder.glob("g_*"))
-    print(f"files          {len(shards)} safetensors file(s), {_human_bytes(sum(f.stat().st_size for f in shards))}; "
+    print(f"files          {len(shards)} safetensors file(s), {_human_bytes(size)}; "
           f"vocoder checkpoint: {', '.join(f.name for f in vocoders) or 'none'}")
     print(f"missing        {', '.join(missing) if missing else 'nothing'}")
 

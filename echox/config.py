@@ -26,8 +26,11 @@ def read_json(path: Path) -> dict[str, Any]:
         raw = json.loads(path.read_text())
     except OSError as e:
         raise EchoXError(f"{path}: cannot be read ({e.strerror or e})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EchoXError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:  # Python's parser recurses once per level of nesting
+        raise EchoXError(f"{path}: not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # malformed, not UTF-8, or an integer of more than 4300 digits
+        reason = str(e).split("; use sys.set_int_max_str_digits")[0]  # advice for programmers, not users
+        raise EchoXError(f"{path}: not valid JSON ({reason})") from None
     if not isinstance(raw, dict):
         raise EchoXError(f"{path}: expected a JSON object {{...}}, got {type(raw).__name__}")
     return raw
@@ -227,6 +230,11 @@ class VocoderConfig:
         multispkr = _field(cfg, "multispkr", path, bool, False)
         embedding_dim = _field(cfg, "embedding_dim", path, int, 128)
         dilations = _field(cfg, "resblock_dilation_sizes", path, list)
+        # The engine's audio is 16 kHz throughout (SPEC §8): a vocoder made for another rate would be
+        # written out at the wrong speed and pitch.
+        sample_rate = _field(cfg, "sampling_rate", path, int, 16000)
+        if sample_rate != 16000:
+            raise EchoXError(f"{path}: sampling_rate {sample_rate} is not supported (only 16000)")
         return VocoderConfig(
             upsample_rates=_ints(cfg, "upsample_rates", path),
             upsample_kernel_sizes=_ints(cfg, "upsample_kernel_sizes", path),
@@ -241,6 +249,7 @@ class VocoderConfig:
             # fairseq's CodeHiFiGAN defaults: 200 speakers, embedded at the unit-embedding width.
             num_speakers=_field(cfg, "num_speakers", path, int, 200) if multispkr else 0,
             speaker_embedding_dim=_field(cfg, "speaker_embedding_dim", path, int, embedding_dim) if multispkr else 0,
+            sample_rate=sample_rate,
         )
 
     def to_json(self) -> dict:
@@ -262,6 +271,7 @@ class VocoderConfig:
             "multispkr": self.num_speakers > 0,
             "num_speakers": self.num_speakers,
             "speaker_embedding_dim": self.speaker_embedding_dim,
+            "sampling_rate": self.sample_rate,
         }
 
 

@@ -83,7 +83,14 @@ class Tokenizer:
         self.start_header, self.end_header = self.special_id(START_HEADER), self.special_id(END_HEADER)
         self.audio_patch = self.special_id(AUDIO_PATCH_TOKEN)
         self.pad = self.eot  # SPEC §5 quirk: pad == eos == <|eot_id|>
-        self.period = self.tok(".")[-1]
+        self.period = self._period_id()
+
+    def _period_id(self) -> int:
+        """The id of ".", whose row of the output head scores sentence ends (the segmenter's cue)."""
+        ids = self.encode(".")
+        if len(ids) != 1:  # a vocabulary without "." encodes it to nothing, and [-1] of tok(".") was BOS
+            raise EchoXError(f"{self.path}: '.' encodes to {len(ids)} tokens, expected one (the period)")
+        return ids[0]
 
     def special_id(self, name: str) -> int:
         token_id = self.hf.token_to_id(name)
@@ -148,7 +155,8 @@ class Tokenizer:
             if token is None:
                 raise EchoXError(f"{self.path}: has no unit token with id {token_id} "
                                  f"(expected {unit_vocab} unit tokens after the {text_vocab} text tokens)")
-            table.append([int(run) for run in re.findall(r"\d+", token) if int(run) < 1000])
+            # Lengths are compared first: int() refuses a run of more than 4300 digits.
+            table.append([int(run) for run in re.findall(r"\d+", token) if len(run.lstrip("0")) <= 3])
         return table
 
 

@@ -14,6 +14,7 @@ This file is the offline reference; echox/streaming_vocoder.py streams it exactl
 import argparse
 import numbers
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -98,10 +99,16 @@ def fold_fairseq_weights(generator: dict[str, torch.Tensor]) -> dict[str, torch.
 
 
 def check_tensors(tensors: dict[str, torch.Tensor], layout: Layout, source: Path):
-    """Every key of `layout` present with its shape, and nothing else."""
+    """Every key of `layout` present as a floating point tensor of its shape, and nothing else (an
+    integer or bool tensor would be cast to float without a word)."""
     for key, shape in layout.items():
         if key not in tensors:
             raise EchoXError(f"{source}: missing tensor {key!r}")
+        if not isinstance(tensors[key], torch.Tensor):
+            raise EchoXError(f"{source}: {key!r} is of type {type(tensors[key]).__name__}, but weights are tensors")
+        if not tensors[key].dtype.is_floating_point:
+            raise EchoXError(f"{source}: {key!r} is stored as {str(tensors[key].dtype).removeprefix('torch.')}, "
+                             "but weights are floating point")
         if tuple(tensors[key].shape) != tuple(shape):
             raise EchoXError(f"{source}: {key!r} has shape {list(tensors[key].shape)}, "
                              f"but vocoder_config.json implies {list(shape)}")
@@ -298,8 +305,24 @@ def unpickling_reason(error: Exception) -> str:
     return plain[0][:200] if plain else "unreadable"
 
 
+def _refuse_compressed_entries(path: Path):
+    """torch.save stores its zip entries uncompressed; a compressed one could inflate a small file into
+    any amount of memory inside torch.load, before a single shape is checked."""
+    if not zipfile.is_zipfile(path):
+        return  # a legacy (pre-zip) torch pickle, or no checkpoint at all: torch.load names it
+    try:
+        with zipfile.ZipFile(path) as archive:
+            packed = [info.filename for info in archive.infolist() if info.compress_type != zipfile.ZIP_STORED]
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise EchoXError(f"{path}: not a readable fairseq vocoder checkpoint ({e})") from None
+    if packed:
+        raise EchoXError(f"{path}: not a checkpoint torch.save wrote: {packed[0]} is compressed "
+                         "(torch.save stores every entry uncompressed)")
+
+
 def _read_fairseq(path: Path, cfg: VocoderConfig) -> dict[str, torch.Tensor]:
     """The checked `generator` state of a fairseq `g_*` pickle, read without running pickled code."""
+    _refuse_compressed_entries(path)
     try:
         # fairseq keeps its command line as an argparse.Namespace beside the weights: plain data.
         with torch.serialization.safe_globals([argparse.Namespace]):

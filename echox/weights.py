@@ -16,10 +16,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .config import read_json
 from .errors import EchoXError
 
 Layout = dict[str, tuple[int, ...]]
 INDEX_NAME = "model.safetensors.index.json"
+WEIGHT_DTYPES = ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2")  # safetensors' names of the dtypes read
 
 
 def embedding_table(count: int, dim: int) -> nn.Embedding:
@@ -32,6 +34,8 @@ def embedding_table(count: int, dim: int) -> nn.Embedding:
 
 
 def _open(path: Path):
+    if path.exists() and not (path.is_file() or path.is_dir()):  # opening a FIFO would wait for a writer
+        raise EchoXError(f"{path}: not a regular file")
     try:  # safetensors reports a file it may not read as "no such device": ask the OS first
         with path.open("rb"):
             pass
@@ -43,32 +47,27 @@ def _open(path: Path):
         raise EchoXError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def _shards_of_index(index: Path) -> list[Path]:
-    """The shard files an index names, each inside the index's own folder."""
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except OSError as e:
-        raise EchoXError(f"{index}: cannot be read ({e.strerror or e})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-        raise EchoXError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+def _index_weight_map(index: Path) -> dict[str, Path]:
+    """The index's tensor name -> shard file, each shard inside the index's own folder and present."""
+    weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise EchoXError(f"{index}: 'weight_map' must map tensor names to shard file names")
     # Names are checked, not resolved paths: a Hugging Face cache links its shards to blobs elsewhere.
     outside = sorted({name for name in weight_map.values() if Path(name).is_absolute() or ".." in Path(name).parts})
     if outside:
         raise EchoXError(f"{index}: names shards outside the model folder: {', '.join(outside)}")
-    files = sorted({index.parent / name for name in weight_map.values()})
-    missing = [f.name for f in files if not f.exists()]
+    missing = sorted({name for name in weight_map.values() if not (index.parent / name).exists()})
     if missing:
         raise EchoXError(f"{index}: lists shards that are missing: {', '.join(missing)}")
-    return files
+    return {key: index.parent / name for key, name in weight_map.items()}
 
 
 class Checkpoint:
     """Key -> file index of a safetensors checkpoint (a file, or a folder with or without an index).
 
     A folder without an index holds its model as `model*.safetensors` (Hugging Face's names) when it
-    has such files; other safetensors beside them, such as a converted vocoder, are not part of it."""
+    has such files; other safetensors beside them, such as a converted vocoder, are not part of it.
+    Every tensor lives in exactly one file, and with an index in the shard the index names."""
 
     def __init__(self, path: Path | str):
         path = Path(path)
@@ -76,25 +75,44 @@ class Checkpoint:
         self._file_of: dict[str, Path] = {}
         self._shape: dict[str, tuple[int, ...]] = {}
         self._dtype: dict[str, str] = {}
-        for file in self._files(path):
-            handle = _open(file)
-            for key in handle.keys():
-                tensor_slice = handle.get_slice(key)
-                self._file_of[key] = file
-                self._shape[key] = tuple(tensor_slice.get_shape())
-                self._dtype[key] = tensor_slice.get_dtype()
+        index = path / INDEX_NAME
+        placed = _index_weight_map(index) if path.is_dir() and index.is_file() else None
+        for file in sorted(set(placed.values())) if placed is not None else self._files(path):
+            self._read_header(file)
+        if placed is not None:
+            self._check_placement(placed, index)
         self._handles: dict[Path, object] = {}
         self.used: set[str] = set()
 
+    def _read_header(self, file: Path):
+        handle = _open(file)
+        for key in handle.keys():
+            # Two copies of a tensor (a stale model.safetensors beside the shards, a backup file) would
+            # leave which one loads to the order of the file names: refuse, naming both.
+            if key in self._file_of:
+                raise EchoXError(f"{key!r} is stored twice, in {self._file_of[key]} and in {file}: "
+                                 "remove the stale copy")
+            tensor_slice = handle.get_slice(key)
+            self._file_of[key] = file
+            self._shape[key] = tuple(tensor_slice.get_shape())
+            self._dtype[key] = tensor_slice.get_dtype()
+
+    def _check_placement(self, placed: dict[str, Path], index: Path):
+        """Every tensor the index lists is in the shard it names."""
+        for key, file in placed.items():
+            if key not in self._file_of:
+                raise EchoXError(f"{file}: missing tensor {key!r} (the index places it in this shard)")
+            if self._file_of[key] != file:
+                raise EchoXError(f"{index}: places {key!r} in {file.name}, but it is stored in "
+                                 f"{self._file_of[key].name}")
+
     @staticmethod
     def _files(path: Path) -> list[Path]:
+        """The files of a checkpoint without an index: the file itself, or the folder's safetensors."""
         if path.is_file():
             return [path]
         if not path.is_dir():
             raise EchoXError(f"{path}: no such file or folder")
-        index = path / INDEX_NAME
-        if index.is_file():
-            return _shards_of_index(index)
         files = sorted(path.glob("model*.safetensors")) or sorted(path.glob("*.safetensors"))
         if not files:
             raise EchoXError(f"{path}: no *.safetensors weights in this folder")
@@ -110,6 +128,15 @@ class Checkpoint:
         self._require(key)
         return self._shape[key]
 
+    def matrix_shape(self, key: str) -> tuple[int, int]:
+        """(rows, columns) of a weight matrix, read off its header to size a config before any layout
+        is checked: a tensor stored with another number of dimensions is named here."""
+        shape = self.shape(key)
+        if len(shape) != 2:
+            raise EchoXError(f"{self._file_of[key]}: {key!r} has shape {list(shape)}, but it is a weight matrix "
+                             "(2 dimensions)")
+        return shape
+
     def stored_dtype(self) -> str:
         """The dtype most tensors are stored in (e.g. 'BF16')."""
         names = list(self._dtype.values())
@@ -120,9 +147,11 @@ class Checkpoint:
             raise EchoXError(f"{self.source}: missing tensor {key!r}")
 
     def get(self, key: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
-        """One tensor, cast and moved. Kept in its stored dtype on the CPU, it is a view of the file's
-        private memory map (no copy; every read of the key shares it): treat it as read-only."""
+        """One tensor, cast and moved, in memory of its own: always a copy, never a view of the file's
+        memory map, which would let a shard rewritten on disk change (or, truncated, crash with SIGBUS)
+        the running model. One tensor at a time, so host memory grows by one tensor per call."""
         self._require(key)
+        self._check_dtype(key)
         file = self._file_of[key]
         if file not in self._handles:
             self._handles[file] = _open(file)
@@ -131,7 +160,7 @@ class Checkpoint:
         except Exception as e:
             raise EchoXError(f"{file}: tensor {key!r} cannot be read ({e}); is the file truncated?") from None
         self.used.add(key)
-        return tensor.to(device=device, dtype=dtype or tensor.dtype)
+        return tensor.to(device=device, dtype=dtype or tensor.dtype, copy=True)  # a no-op .to() returns the view
 
     def check(self, layout: Layout, what: str):
         """Fail on the first key of `layout` that is missing, has another shape, or is not floating point
@@ -141,9 +170,14 @@ class Checkpoint:
             if self._shape[key] != tuple(shape):
                 raise EchoXError(f"{self._file_of[key]}: {key!r} has shape {list(self._shape[key])}, "
                                  f"but the {what} config expects {list(shape)}")
-            if not self._dtype[key].startswith(("F", "BF")):  # safetensors' names: F16, BF16, F32, F8_E4M3, ...
-                raise EchoXError(f"{self._file_of[key]}: {key!r} is stored as {self._dtype[key]}, but weights "
-                                 "are floating point")
+            self._check_dtype(key)
+
+    def _check_dtype(self, key: str):
+        """Refuse integer and bool tensors (they would be cast to float without a word) and the float
+        formats torch cannot cast from (F4, F6_*) or that hold scales, not weights (F8_E8M0)."""
+        if self._dtype[key] not in WEIGHT_DTYPES:
+            raise EchoXError(f"{self._file_of[key]}: {key!r} is stored as {self._dtype[key]}, but weights are "
+                             f"floating point, one of {', '.join(WEIGHT_DTYPES)}")
 
     def take(self, layout: Layout, what: str, dtype: torch.dtype | None = None,
              device: torch.device | str = "cpu", strip: str = "") -> dict[str, torch.Tensor]:

@@ -395,3 +395,12 @@ def test_the_command_line_starts_without_torch():
              "print(before, 'torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == ["False", "True"], done.stderr[-2000:]
+
+
+def test_info_with_a_dangling_shard_link(tiny_root, tmp_path, capsys):
+    """info summed the shards' sizes with stat(), which raised FileNotFoundError on a dangling link."""
+    shutil.copytree(tiny_root, tmp_path / "root")
+    shard = tmp_path / "root" / "EchoX-tiny" / "model-00001-of-00002.safetensors"
+    shard.unlink()
+    shard.symlink_to(tmp_path / "nowhere")
+    fails_with(capsys, main(["info", str(shard.parent)]), "lists shards that are missing: model-00001-of-00002")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from echox.config import ECHOX_3B_LLM, ECHOX_8B_LLM, VocoderConfig, WhisperConfig, echo_body_for
+from echox.config import ECHOX_3B_LLM, ECHOX_8B_LLM, VocoderConfig, WhisperConfig, echo_body_for, read_json
 from echox.errors import EchoXError
 
 
@@ -47,3 +47,24 @@ def test_whisper_config_size_of_the_wrong_type(tmp_path):
                                                       "encoder_attention_heads": 4, "encoder_ffn_dim": 8}))
     with pytest.raises(EchoXError, match="field 'd_model' is \"1280\", expected a positive integer"):
         WhisperConfig.from_dir(tmp_path)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[" * 100000 + "]" * 100000, r"not valid JSON \(nested too deeply\)"),
+    ('{"hidden_size": ' + "9" * 5000 + "}", r"not valid JSON \(Exceeds the limit \(4300 digits\) for integer string "
+                                              r"conversion: value has 5000 digits\)$"),
+], ids=["nested_too_deeply", "huge_integer"])
+def test_json_too_deep_or_with_a_huge_integer_is_one_error(tmp_path, text, message):
+    """Python's parser raises RecursionError and a plain ValueError for these, not JSONDecodeError."""
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(EchoXError, match="config.json: " + message):
+        read_json(tmp_path / "config.json")
+
+
+def test_vocoder_for_another_sampling_rate_is_refused(tmp_path):
+    """sampling_rate was never read: a 22050 Hz vocoder's output was written as 16 kHz."""
+    (tmp_path / "vocoder_config.json").write_text(json.dumps(VocoderConfig().to_json() | {"sampling_rate": 22050}))
+    with pytest.raises(EchoXError, match=r"vocoder_config.json: sampling_rate 22050 is not supported \(only 16000\)"):
+        VocoderConfig.from_dir(tmp_path)
+    (tmp_path / "vocoder_config.json").write_text(json.dumps(VocoderConfig().to_json() | {"sampling_rate": 16000}))
+    assert VocoderConfig.from_dir(tmp_path).sample_rate == 16000

@@ -1,5 +1,7 @@
 """The prompt of SPEC §5 token by token, the echo prefixes of SPEC §7, and the unit table."""
 
+import json
+
 import pytest
 
 from echox.errors import EchoXError
@@ -116,3 +118,31 @@ def test_user_text_refuses_blank_and_undecodable_text(text, message):
 def test_user_text_passes_real_text_through():
     from echox.tokenizer import user_text
     assert user_text(None) == "" and user_text("") == "" and user_text(" hi ") == " hi "
+
+
+def _edited_tokenizer(source, folder, edit) -> Tokenizer:
+    raw = json.loads((source / "tokenizer.json").read_text())
+    edit(raw)
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text(json.dumps(raw))
+    return Tokenizer(folder)
+
+
+def test_unit_token_with_a_5000_digit_run_is_out_of_range(tiny_model_dir, tmp_path):
+    """int() of a run of more than 4300 digits raised ValueError; such a unit is out of range."""
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    vocab, units = config["vocab_size"], config["unit_vocab_size"]
+
+    def lengthen_first_unit(raw):
+        first = next(t for t in raw["added_tokens"] if t["id"] == vocab)
+        first["content"] = "<|unit_7_" + "1" * 5000 + "_0012|>"
+    tok = _edited_tokenizer(tiny_model_dir, tmp_path / "tok", lengthen_first_unit)
+    assert tok.unit_table(vocab, units)[0] == [7, 12]
+
+
+def test_tokenizer_without_a_period_is_refused(tiny_model_dir, tmp_path):
+    """The period's id used to become BOS (the last id of tok(".") when "." encodes to nothing)."""
+    def drop_period(raw):
+        raw["model"]["vocab"]["<no-dot>"] = raw["model"]["vocab"].pop(".")
+    with pytest.raises(EchoXError, match=r"tokenizer.json: '\.' encodes to 0 tokens, expected one \(the period\)"):
+        _edited_tokenizer(tiny_model_dir, tmp_path / "tok", drop_period)

@@ -2,6 +2,7 @@
 same echo-decoder layout, and a saved folder that holds exactly the weights trained."""
 
 import dataclasses
+import shutil
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from echox.train.lora import LoRALinear, add_lora
 from echox.train.manifest import Example
 from echox.train.speech_to_text import SpeechToText, prepare_turns
 from echox.train.stages import EchoStage, SpeechToTextStage, StageOptions, pseudo_labels
+from echox.vocoder import convert_fairseq_vocoder, load_vocoder
 from echox.whisper import load_whisper
 
 CFG = LlamaConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=48,
@@ -203,3 +205,16 @@ def test_stage_three_puts_its_losses_together_as_the_spec_says(tiny_model_dir, t
     torch.testing.assert_close(got["t2u"], echo + weight * denoising)
     assert got["s2t"] > 1
     torch.testing.assert_close(got["loss"], got["s2t"] + got["t2u"])
+
+
+def test_export_keeps_a_converted_vocoder(tiny_root, tmp_path):
+    """Only g_* files were copied: a folder whose vocoder is a converted vocoder.safetensors was
+    exported with vocoder_config.json but no vocoder weights."""
+    shutil.copytree(tiny_root, tmp_path / "root")
+    source = tmp_path / "root" / "EchoX-tiny"
+    convert_fairseq_vocoder(source, source / "vocoder.safetensors")
+    (source / "g_00500000").unlink()
+    folder = open_model_folder(source)
+    save_model(tmp_path / "model", folder, {}, resolve_whisper(folder, None))
+    assert (tmp_path / "model" / "vocoder.safetensors").read_bytes() == (source / "vocoder.safetensors").read_bytes()
+    load_vocoder(tmp_path / "model")

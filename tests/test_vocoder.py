@@ -6,10 +6,12 @@ import math
 import os
 import pickle
 import shutil
+import zipfile
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from echox.config import VocoderConfig
@@ -219,3 +221,43 @@ def test_multi_speaker_vocoder_needs_a_valid_speaker():
 def test_configs_without_exact_upsampling_are_refused():
     with pytest.raises(EchoXError, match="upsample kernel 10 with rate 5"):
         Vocoder(VocoderConfig(upsample_kernel_sizes=(10, 8, 8, 4, 4)))
+
+
+@pytest.mark.parametrize("key,damage,message", [
+    ("dur_predictor.proj.weight", lambda t: t.round().long(), "is stored as int64, but weights are floating point"),
+    ("dict.weight", lambda t: t > 0, "is stored as bool, but weights are floating point"),
+    ("dict.weight", lambda t: t.tolist(), "is of type list, but weights are tensors"),
+    ("dict.weight", lambda t: 5, "is of type int, but weights are tensors"),
+])
+def test_fairseq_weights_that_are_not_floating_point_tensors_are_named(tiny_model_dir, tmp_path, key, damage,
+                                                                       message):
+    """Before: an int or bool tensor was cast to float without a word; a list gave an AttributeError."""
+    folder = copy_vocoder(tiny_model_dir, tmp_path / "voc")
+    generator = torch.load(folder / "g_00500000", weights_only=True)["generator"]
+    generator[key] = damage(generator[key])
+    torch.save({"generator": generator}, folder / "g_00500000")
+    with pytest.raises(EchoXError, match=f"g_00500000: '{key}' {message}"):
+        load_vocoder(folder)
+
+
+def test_converted_vocoder_with_an_integer_tensor_is_named(tiny_model_dir, tmp_path):
+    folder = copy_vocoder(tiny_model_dir, tmp_path / "voc")
+    convert_fairseq_vocoder(folder, folder / "vocoder.safetensors")
+    (folder / "g_00500000").unlink()
+    tensors = load_file(str(folder / "vocoder.safetensors"))
+    tensors["dur_predictor.proj.weight"] = tensors["dur_predictor.proj.weight"].round().long()
+    save_file(tensors, str(folder / "vocoder.safetensors"))
+    with pytest.raises(EchoXError, match="'dur_predictor.proj.weight' is stored as I64, but weights are floating"):
+        load_vocoder(folder)
+
+
+def test_compressed_fairseq_checkpoint_is_refused_before_torch_load(tiny_model_dir, tmp_path):
+    """A compressed entry lets a small file inflate to any size inside torch.load (a 2 MB file took
+    1 GB); torch.save never compresses, so such a file is refused unread."""
+    folder = copy_vocoder(tiny_model_dir, tmp_path / "voc")
+    with zipfile.ZipFile(tiny_model_dir / "g_00500000") as plain, \
+            zipfile.ZipFile(folder / "g_00500000", "w", compression=zipfile.ZIP_DEFLATED) as packed:
+        for info in plain.infolist():
+            packed.writestr(info.filename, plain.read(info.filename))
+    with pytest.raises(EchoXError, match=r"g_00500000: not a checkpoint torch.save wrote: .* is compressed"):
+        load_vocoder(folder)

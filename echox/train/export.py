@@ -21,7 +21,9 @@ import torch
 from ..adapter import SpeechAdapter
 from ..checkpoint import ModelFolder
 from ..echo import ECHO_PREFIX
+from ..errors import EchoXError
 from ..llama import LlamaLM
+from ..vocoder import find_vocoder_weights
 from ..weights import INDEX_NAME, save_sharded
 from .echo_trainer import TrainableEchoDecoder
 
@@ -70,6 +72,17 @@ def _shard_count(source: ModelFolder) -> int:
     return 1
 
 
+def _vocoder_file(source: ModelFolder) -> Path | None:
+    """The file the source folder's vocoder loads from (a converted *.safetensors or the latest g_*), or
+    None where the folder holds no usable vocoder: the model is then exported without one, as it came."""
+    if not (source.path / "vocoder_config.json").is_file():
+        return None
+    try:
+        return find_vocoder_weights(source.path)
+    except EchoXError:
+        return None
+
+
 def save_model(out: Path, source: ModelFolder, trained: dict[str, torch.Tensor], whisper: Path,
                config_updates: dict | None = None, tokenizer_json: Path | None = None):
     """Write `source` with the `trained` tensors replaced (new shapes allowed) to the folder `out`."""
@@ -88,7 +101,8 @@ def save_model(out: Path, source: ModelFolder, trained: dict[str, torch.Tensor],
     for name in COPIED_FILES:
         if (source.path / name).is_file():
             shutil.copyfile(source.path / name, partial / name)
-    for vocoder in source.path.glob("g_*"):
+    vocoder = _vocoder_file(source)
+    if vocoder is not None:
         shutil.copyfile(vocoder, partial / vocoder.name)
     if out.exists():
         shutil.rmtree(out)  # only reached when the user asked to overwrite (checked before training)

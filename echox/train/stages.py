@@ -159,8 +159,6 @@ def speech_model(run: Prepared, options: StageOptions) -> tuple[SpeechToText, li
     lm = load_lm(weights, cfg.llm, torch.float32, device)
     lora = add_lora(lm, parse_targets(options.lora_targets), options.lora_rank, options.lora_alpha)
     adapter = load_adapter(weights, cfg.adapter, torch.float32, device)
-    for param in adapter.parameters():
-        param.data = param.data.clone()  # loaded tensors may share the file's memory map: train a copy
     adapter.requires_grad_(True)
     model = SpeechToText(lm, adapter, run.source.tokenizer, options.checkpointed)
     return model, turns, lora + list(adapter.parameters())

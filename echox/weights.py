@@ -146,10 +146,13 @@ class Checkpoint:
         if key not in self._file_of:
             raise EchoXError(f"{self.source}: missing tensor {key!r}")
 
-    def get(self, key: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
-        """One tensor, cast and moved, in memory of its own: always a copy, never a view of the file's
-        memory map, which would let a shard rewritten on disk change (or, truncated, crash with SIGBUS)
-        the running model. One tensor at a time, so host memory grows by one tensor per call."""
+    def get(self, key: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+            view: bool = False) -> torch.Tensor:
+        """One tensor, cast and moved, in memory of its own: a copy, not a view of the file's memory
+        map, which would let a shard rewritten on disk change (or, truncated, crash with SIGBUS) the
+        running model. One tensor at a time, so host memory grows by one tensor per call.
+        `view`: the tensor as stored, in the memory map itself (read-only), for writing it straight
+        out again (an export would otherwise hold a private copy of the whole model)."""
         self._require(key)
         self._check_dtype(key)
         file = self._file_of[key]
@@ -160,6 +163,8 @@ class Checkpoint:
         except Exception as e:
             raise EchoXError(f"{file}: tensor {key!r} cannot be read ({e}); is the file truncated?") from None
         self.used.add(key)
+        if view:
+            return tensor
         return tensor.to(device=device, dtype=dtype or tensor.dtype, copy=True)  # a no-op .to() returns the view
 
     def check(self, layout: Layout, what: str):

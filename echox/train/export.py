@@ -91,7 +91,7 @@ def save_model(out: Path, source: ModelFolder, trained: dict[str, torch.Tensor],
     partial.mkdir(parents=True)
     tensors = {}
     for key in source.weights.keys():
-        stored = source.weights.get(key)
+        stored = source.weights.get(key, view=True)  # written out at once: no private copy of the model
         tensors[key] = trained[key].detach().to("cpu", stored.dtype) if key in trained else stored
     save_sharded(tensors, partial, _shard_count(source))
     raw = json.loads((source.path / "config.json").read_text()) | (config_updates or {})

@@ -35,22 +35,27 @@ def usable_cores() -> int:
 
 def cpu_quota(root: Path = CGROUP_ROOT, own_cgroup: Path = Path("/proc/self/cgroup")) -> float | None:
     """CPUs' worth of time per period that this process's cgroup may use (quota / period), or None
-    when unlimited or not known: cgroup v2's cpu.max (the process's own group, else the root a
-    container sees) or v1's cpu.cfs_quota_us / cpu.cfs_period_us. Ray counts a node's CPUs from
-    the same files, rounding down as `usable_cores` does."""
-    groups = [root]
+    when unlimited or not known: the tightest cgroup v2 cpu.max from the process's own group up to
+    the root a container sees (a group without a limit of its own runs under its parents'), else
+    v1's cpu.cfs_quota_us / cpu.cfs_period_us. Ray counts a node's CPUs from the same files,
+    rounding down as `usable_cores` does."""
+    quotas = [_ratio(*fields) for group in _own_group_and_parents(root, own_cgroup)
+              if (fields := _read_fields(group / "cpu.max")) is not None and len(fields) == 2]
+    if not quotas:
+        quota, period = (_read_fields(root / "cpu" / name) for name in ("cpu.cfs_quota_us", "cpu.cfs_period_us"))
+        quotas = [_ratio(quota[0], period[0])] if quota and period else []
+    limits = [quota for quota in quotas if quota is not None]
+    return min(limits) if limits else None
+
+
+def _own_group_and_parents(root: Path, own_cgroup: Path) -> list[Path]:
+    """This process's cgroup v2 folder and each one above it, up to `root`."""
     try:
-        for line in own_cgroup.read_text().splitlines():
-            if line.startswith("0::/") and line.strip() != "0::/":
-                groups.insert(0, root / line.strip()[4:])
+        own = next((line[4:].strip() for line in own_cgroup.read_text().splitlines() if line.startswith("0::/")), "")
     except OSError:
-        pass
-    for group in groups:
-        fields = _read_fields(group / "cpu.max")
-        if fields is not None:
-            return _ratio(*fields) if len(fields) == 2 else None
-    quota, period = (_read_fields(root / "cpu" / name) for name in ("cpu.cfs_quota_us", "cpu.cfs_period_us"))
-    return _ratio(quota[0], period[0]) if quota and period else None
+        own = ""
+    group = root / own.strip("/") if own.strip("/") else root
+    return [group, *[parent for parent in group.parents if parent.is_relative_to(root)]]
 
 
 def _read_fields(path: Path) -> list[str] | None:

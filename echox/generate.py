@@ -42,6 +42,7 @@ def kv_capacity(max_len: int) -> int:
 # GPU memory of its own, and a server's clients set temperature and top-p as they please.
 SAMPLING_GRAPHS = 4
 
+
 @dataclass(frozen=True)
 class AudioSlot:
     # Which speech input of the session: numbers are never reused, so a cached slot that equals a

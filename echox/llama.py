@@ -317,7 +317,7 @@ class LlamaLM(nn.Module):
         if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         else:
-            set_weight(self.lm_head, tensors["lm_head.weight"])
+            set_weight(self.lm_head, tensors.pop("lm_head.weight"))
 
 
 def load_lm(weights, cfg: LlamaConfig, dtype: torch.dtype, device) -> LlamaLM:

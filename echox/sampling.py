@@ -14,6 +14,7 @@ below top_p (the most likely column is always kept); top-k keeps the k most like
 the argmax go to the lowest column, as `torch.argmax` does.
 """
 
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,9 @@ from .errors import EchoXError
 _MASK32 = 0xFFFFFFFF
 
 
-FLOAT32_TINY = 2.0 ** -126  # the smallest normal float32
+def as_float32(value: float) -> float:
+    """`value` rounded to float32 (values below its smallest subnormal, about 1.4e-45, become 0)."""
+    return struct.unpack("f", struct.pack("f", value))[0]
 
 
 @dataclass(frozen=True)
@@ -37,8 +40,8 @@ class SamplingParams:
     def __post_init__(self):
         if not self.temperature >= 0:
             raise EchoXError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not FLOAT32_TINY <= self.top_p <= 1:  # below, it is 0 in the fp32 the selection runs in
-            raise EchoXError(f"top-p must be in (0, 1] (at least {FLOAT32_TINY:.3g}), got {self.top_p}")
+        if not (0 < self.top_p <= 1 and as_float32(self.top_p) > 0):  # the selection runs in fp32
+            raise EchoXError(f"top-p must be in (0, 1] and not 0 in float32, got {self.top_p}")
         if self.top_k < 0:
             raise EchoXError(f"top-k must be >= 0, got {self.top_k}")
 

@@ -9,6 +9,7 @@ module claimed.
 """
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from .errors import EchoXError
 
 Layout = dict[str, tuple[int, ...]]
 INDEX_NAME = "model.safetensors.index.json"
+VARIANT_FILE = re.compile(r"model\.[^.]+?(-\d+-of-\d+)?\.safetensors")  # model.<variant>[-k-of-n].safetensors
 WEIGHT_DTYPES = ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2")  # safetensors' names of the dtypes read
 
 
@@ -113,7 +115,11 @@ class Checkpoint:
             return [path]
         if not path.is_dir():
             raise EchoXError(f"{path}: no such file or folder")
-        files = sorted(path.glob("model*.safetensors")) or sorted(path.glob("*.safetensors"))
+        models = sorted(path.glob("model*.safetensors"))
+        # Hugging Face variants (model.fp32-00001-of-00002.safetensors beside model.safetensors, as
+        # openai/whisper-large-v3 ships) hold the same tensors again: read them only if nothing else.
+        plain = [file for file in models if not VARIANT_FILE.fullmatch(file.name)]
+        files = plain or models or sorted(path.glob("*.safetensors"))
         if not files:
             raise EchoXError(f"{path}: no *.safetensors weights in this folder")
         return files
@@ -146,12 +152,15 @@ class Checkpoint:
         if key not in self._file_of:
             raise EchoXError(f"{self.source}: missing tensor {key!r}")
 
-    def get(self, key: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
-            view: bool = False) -> torch.Tensor:
+    def get(self, key: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
         """One tensor, cast and moved, in memory of its own: a copy, not a view of the file's memory
         map, which would let a shard rewritten on disk change (or, truncated, crash with SIGBUS) the
-        running model. One tensor at a time, so host memory grows by one tensor per call.
-        `view`: the tensor as stored, in the memory map itself (read-only), for writing it straight
+        running model. One tensor at a time, so host memory grows by one tensor per call."""
+        tensor = self.stored(key)
+        return tensor.to(device=device, dtype=dtype or tensor.dtype, copy=True)  # a no-op .to() returns the view
+
+    def stored(self, key: str) -> torch.Tensor:
+        """The tensor as stored, a read-only view of the file's memory map: for writing it straight
         out again (an export would otherwise hold a private copy of the whole model)."""
         self._require(key)
         self._check_dtype(key)
@@ -163,9 +172,7 @@ class Checkpoint:
         except Exception as e:
             raise EchoXError(f"{file}: tensor {key!r} cannot be read ({e}); is the file truncated?") from None
         self.used.add(key)
-        if view:
-            return tensor
-        return tensor.to(device=device, dtype=dtype or tensor.dtype, copy=True)  # a no-op .to() returns the view
+        return tensor
 
     def check(self, layout: Layout, what: str):
         """Fail on the first key of `layout` that is missing, has another shape, or is not floating point

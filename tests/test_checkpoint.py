@@ -282,6 +282,20 @@ def test_backup_copy_beside_whisper_weights_is_refused(model_copy):
         Checkpoint(whisper)
 
 
+def test_hugging_face_variant_files_beside_the_model_are_not_read(model_copy):
+    """openai/whisper-large-v3 ships model.safetensors (fp16) beside model.fp32-0000k-of-00002
+    shards of the same tensors (with their own index name): the plain file is the model."""
+    whisper = model_copy.parent / "whisper-tiny"
+    tensors = load_file(str(whisper / "model.safetensors"))
+    keys = sorted(tensors)
+    for k, part in enumerate((keys[:len(keys) // 2], keys[len(keys) // 2:])):
+        save_file({key: torch.zeros_like(tensors[key]) for key in part},
+                  str(whisper / f"model.fp32-{k + 1:05d}-of-00002.safetensors"))
+    loaded = Checkpoint(whisper)
+    assert sorted(loaded.keys()) == keys
+    assert all(torch.equal(loaded.get(key), tensors[key]) for key in keys)
+
+
 def test_tensor_the_index_places_in_a_shard_that_lacks_it(model_copy):
     _edit_json(model_copy / "model.safetensors.index.json",
                lambda raw: raw["weight_map"].__setitem__("no.such.tensor", "model-00001-of-00002.safetensors"))

@@ -46,3 +46,10 @@ def test_serve_ray_counts_the_quota_not_the_host_cores(monkeypatch, capsys):
     assert main(["serve-ray", "--replicas", "3", "--demo"]) == 2
     error = capsys.readouterr().err
     assert "needs 3 CPUs (each replica reserves its threads); this process may use 2 (its CPU affinity" in error
+
+
+def test_a_limit_on_an_enclosing_group_holds_for_the_groups_in_it(tmp_path):
+    """A group of its own without a limit ("max") runs under its parents' quotas: the tightest counts."""
+    files = {"cpu.max": "400000 100000\n", "kubepods/cpu.max": "200000 100000\n",
+             "kubepods/pod1/cpu.max": "max 100000\n"}
+    assert cgroup(tmp_path, files, own="0::/kubepods/pod1\n") == 2.0

@@ -83,4 +83,4 @@ def test_a_top_p_the_selection_cannot_hold_is_refused(top_p):
     """1e-50 is 0 in fp32, where the selection runs: the reference then kept no column at all."""
     with pytest.raises(EchoXError, match="top-p must be in"):
         SamplingParams(temperature=0.5, top_p=top_p)
-    assert SamplingParams(temperature=0.5, top_p=1e-30).top_p == 1e-30  # tiny, but an fp32: the top column only
+    assert SamplingParams(temperature=0.5, top_p=1e-40).top_p == 1e-40  # an fp32 subnormal: the top column only

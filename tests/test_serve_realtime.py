@@ -437,7 +437,10 @@ def flood_without_reading(port: int, events: int) -> socket.socket:
                    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
     payload, mask = b'{"type":"response.cancel"}', b"\x01\x02\x03\x04"
     frame = bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    client.sendall(frame * events)
+    try:
+        client.sendall(frame * events)
+    except ConnectionError:  # the server may drop it before it has sent them all
+        pass
     return client
 
 

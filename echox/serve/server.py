@@ -2,7 +2,8 @@
 
 One engine serves every connection through one `TurnScheduler`, which runs as many turns at
 once as the engine batches (`--max-batch`, 1 without batching). The limits below end a
-connection with an `error` event first and then a clean WebSocket close, never a reset:
+connection with an `error` event first and then a clean WebSocket close, never a reset (only a
+client that reads nothing is cut off, connection.py: it would not read the error either):
   max_connections    more simultaneous WebSockets are told so and closed (code 1013, try again later);
   max_buffer_bytes   the input audio buffer of one connection (an oversize append is refused with
                      an error event and dropped; the connection stays);

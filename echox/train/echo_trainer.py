@@ -34,7 +34,8 @@ class UnitLogits:
 class TrainableEchoDecoder(nn.Module):
     def __init__(self, cfg: EchoDecoderConfig, prefixes: tuple[list[int], list[int]], eot: int,
                  tensors: dict[str, torch.Tensor], checkpointed: bool = False, aligner_dropout: float = 0.0):
-        """`tensors` keyed as `echo_layout(cfg, prefix="")` (copied: the loaded ones stay untouched);
+        """`tensors` keyed as `echo_layout(cfg, prefix="")`, taken over (trained in place; each caller
+        passes tensors of its own, as `Checkpoint.take` reads them);
         `aligner_dropout`: the aligner MLP's dropout while the module is in training mode."""
         super().__init__()
         self.cfg, self.eot, self.checkpointed = cfg, eot, checkpointed
@@ -45,17 +46,16 @@ class TrainableEchoDecoder(nn.Module):
             self.body = LlamaBody(cfg.body)
             self.lm_head = nn.Linear(width, cfg.body.vocab_size, bias=False)
             self.unit_embedding = embedding_table(cfg.unit_vocab_size, big_h)
-        own = {k: v.clone() for k, v in tensors.items()}
-        self.load_state_dict({
-            "aligner_mlp.0.weight": own["aligner_MLP.0.weight"], "aligner_mlp.0.bias": own["aligner_MLP.0.bias"],
-            "aligner_mlp.3.weight": own["aligner_MLP.3.weight"], "aligner_mlp.3.bias": own["aligner_MLP.3.bias"],
-            "adapter.weight": own["adapter.weight"], "adapter.bias": own["adapter.bias"],
-            "lm_head.weight": own["lm_head.weight"], "unit_embedding.weight": own["unit_embedding.weight"],
-        }, strict=False, assign=True)
-        self.body.load_released({k.removeprefix("model."): v for k, v in own.items() if k.startswith("model.layers.")}
-                                | {"norm.weight": own["model.norm.weight"]})
+        own_names = {"aligner_mlp.0": "aligner_MLP.0", "aligner_mlp.3": "aligner_MLP.3", "adapter": "adapter"}
+        self.load_state_dict({f"{ours}.{part}": tensors[f"{released}.{part}"]
+                              for ours, released in own_names.items() for part in ("weight", "bias")}
+                             | {name: tensors[name] for name in ("lm_head.weight", "unit_embedding.weight")},
+                             strict=False, assign=True)
+        self.body.load_released({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.layers.")}
+                                | {"norm.weight": tensors["model.norm.weight"]})
         self.requires_grad_(True)
-        self.register_buffer("text_embeddings", own["model.embed_tokens.weight"], persistent=False)  # E_text, frozen
+        # E_text, frozen
+        self.register_buffer("text_embeddings", tensors["model.embed_tokens.weight"], persistent=False)
         device = self.adapter.weight.device
         self.register_buffer("text_prefix", torch.tensor(prefixes[0], device=device), persistent=False)
         self.register_buffer("unit_prefix", torch.tensor(prefixes[1], device=device), persistent=False)

@@ -40,8 +40,8 @@ def adapter_tensors(adapter: SpeechAdapter, source: ModelFolder) -> dict[str, to
     (the length-1 attention quirk) and are not kept by `SpeechAdapter`: they come from the source."""
     h = adapter.cfg.hidden_size
     enc, lbm = "model.asr_transformer_encoder.layers.0.", "model.lbm."
-    in_weight = source.weights.get(enc + "self_attn.in_proj_weight").clone()
-    in_bias = source.weights.get(enc + "self_attn.in_proj_bias").clone()
+    in_weight = source.weights.get(enc + "self_attn.in_proj_weight")  # a copy of its own, written into below
+    in_bias = source.weights.get(enc + "self_attn.in_proj_bias")
     in_weight[2 * h:], in_bias[2 * h:] = adapter.layer.value.weight.detach(), adapter.layer.value.bias.detach()
     tensors = {
         "model.mm_projector1.weight": adapter.projector.weight, "model.mm_projector1.bias": adapter.projector.bias,
@@ -91,7 +91,7 @@ def save_model(out: Path, source: ModelFolder, trained: dict[str, torch.Tensor],
     partial.mkdir(parents=True)
     tensors = {}
     for key in source.weights.keys():
-        stored = source.weights.get(key, view=True)  # written out at once: no private copy of the model
+        stored = source.weights.stored(key)  # written out at once: no private copy of the model
         tensors[key] = trained[key].detach().to("cpu", stored.dtype) if key in trained else stored
     save_sharded(tensors, partial, _shard_count(source))
     raw = json.loads((source.path / "config.json").read_text()) | (config_updates or {})

@@ -114,7 +114,7 @@ class Checkpoint:
         if path.is_file():
             return [path]
         if not path.is_dir():
-            raise EchoXError(f"{path}: no such file or folder")
+            raise EchoXError(f"{path}: " + ("not a regular file" if path.exists() else "no such file or folder"))
         models = sorted(path.glob("model*.safetensors"))
         # Hugging Face variants (model.fp32-00001-of-00002.safetensors beside model.safetensors, as
         # openai/whisper-large-v3 ships) hold the same tensors again: read them only if nothing else.

@@ -388,6 +388,8 @@ def test_shard_that_is_a_fifo_is_refused_not_waited_on(model_copy):
     try:
         with pytest.raises(EchoXError, match=f"{shard.name}: not a regular file"):
             Checkpoint(model_copy)
+        with pytest.raises(EchoXError, match=f"{shard.name}: not a regular file"):  # named as the checkpoint
+            Checkpoint(shard)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)

@@ -155,12 +155,15 @@ def test_response_cancel_mid_answer_keeps_connection_usable(server):
             cancelled = await until(connection, "response.done")
             await connection.conversation.item.create(item={"type": "message", "role": "user",
                                                             "content": [{"type": "input_text", "text": "Go on."}]})
+            added = await until(connection, "conversation.item.added")
             await connection.response.create(response={"max_output_tokens": 8})
-            return first, cancelled, await until(connection, "response.done")
+            return first, cancelled, added, await until(connection, "response.done")
 
-    first, cancelled, after = run(talk())
+    first, cancelled, added, after = run(talk())
     assert cancelled.response.id == first.response_id
     assert cancelled.response.status == "cancelled"
+    assert cancelled.response.output[0].status == "incomplete"  # an item is completed or incomplete, never cancelled
+    assert added.previous_item_id == first.item_id  # the next user item follows the answer's, not the question's
     assert cancelled.response.status_details.reason == "client_cancelled"
     assert cancelled.response.usage.output_tokens < LONG_ANSWER  # stopped early, not run to its budget
     assert after.response.status == "incomplete" and after.response.usage.output_tokens == 8

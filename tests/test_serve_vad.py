@@ -58,3 +58,46 @@ def test_one_append_holding_two_utterances_commits_each_with_its_own_speech():
     first, second = asyncio.run(committed_seconds())
     assert 1.0 < first < 1.3  # the speech and the 200 ms that ended it
     assert 1.0 < second < 1.6  # the same, after up to 300 ms of padding before it
+
+
+def test_speech_longer_than_the_buffer_is_cut_into_turns_and_its_end_is_heard():
+    """9 s of sound into a 4 s buffer: the speech so far is committed whenever the buffer is full,
+    the rest is a turn of its own, and the silence after it ends the last. The append used to be
+    refused before the VAD heard it: the VAD then never heard the silence, and refused every append
+    after (30 s of speech or steady noise with the default buffer)."""
+    async def events_of_a_long_tone() -> tuple[list[str], list[float]]:
+        config = SessionConfig(temperature=0.0, top_p=1.0, max_output_tokens=4).updated({"audio": {"input": {
+            "turn_detection": {"type": "server_vad", "silence_duration_ms": 500, "create_response": False}}}})
+        connection = Connection(None, config, None, None, max_buffer_bytes=4 * RATE * 2, idle_timeout_s=60)
+        connection.restart_vad()
+        for block in torch.cat([tone(9.0, 0.1), tone(2.0, 0.0)]).split(RATE // 10):
+            connection.append({"audio": pcm16_base64(block)})
+        await asyncio.sleep(0)  # post() hands the events to the loop
+        kinds = [connection.outbox.get_nowait()["type"] for _ in range(connection.outbox.qsize())]
+        return kinds, [samples.numel() / RATE for samples in connection.pending_audio]
+
+    kinds, committed = asyncio.run(events_of_a_long_tone())
+    assert "error" not in kinds
+    assert kinds.count("input_audio_buffer.speech_started") == kinds.count("input_audio_buffer.committed") == 3
+    assert committed[:2] == [4.0, 4.0] and 1.0 < committed[2] < 1.6  # the last second and the silence that ended it
+
+
+def test_a_manual_commit_during_speech_leaves_its_end_an_item_id():
+    """The commit takes the speech's item id; the VAD, still hearing speech, then ended it with
+    item_id None (speech_stopped, committed, conversation.item.added): the SDK's schema needs a string."""
+    async def events_after_a_manual_commit() -> list[dict]:
+        config = SessionConfig(temperature=0.0, top_p=1.0, max_output_tokens=4).updated({"audio": {"input": {
+            "turn_detection": {"type": "server_vad", "silence_duration_ms": 200, "create_response": False}}}})
+        connection = Connection(None, config, None, None, max_buffer_bytes=10 ** 7, idle_timeout_s=60)
+        connection.restart_vad()
+        connection.append({"audio": pcm16_base64(tone(0.5, 0.1))})
+        connection.commit_event({})
+        connection.append({"audio": pcm16_base64(torch.cat([tone(0.5, 0.1), tone(0.5, 0.0)]))})
+        await asyncio.sleep(0)
+        return [connection.outbox.get_nowait() for _ in range(connection.outbox.qsize())]
+
+    events = asyncio.run(events_after_a_manual_commit())
+    stopped = next(event for event in events if event["type"] == "input_audio_buffer.speech_stopped")
+    items = [event["item"]["id"] for event in events if event["type"] == "conversation.item.added"]
+    assert isinstance(stopped["item_id"], str) and len(items) == 2 and all(isinstance(i, str) for i in items)
+    assert items[1] == stopped["item_id"] != items[0]

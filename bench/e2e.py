@@ -22,6 +22,7 @@ vocoder took before its first chunk. Nothing is forced.
 """
 
 import argparse
+import inspect
 import json
 import statistics
 import sys
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from echox.engine import Engine, resolve_device
+from echox.engine import Engine, Session, resolve_device
 from echox.generate import TextDecoder
 from echox.sampling import GREEDY
 from echox.segmenter import LOW_LATENCY_SEGMENTER, RELEASED_SEGMENTER
@@ -39,6 +40,8 @@ from echox.tokenizer import Turn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from random_engine import build_engine  # noqa: E402  (a sibling script, not a package)
+
+PUSH_UNITS = inspect.signature(Session).parameters["push_units"].default  # a session's steady vocoder push
 
 SAMPLE_RATE = 16000
 POLICIES = {"released": RELEASED_SEGMENTER, "low_latency": LOW_LATENCY_SEGMENTER}
@@ -218,9 +221,14 @@ def measure_vocoder(engine: Engine, settings: Settings) -> dict:
         samples = 0
         clock_sync()
         started = time.perf_counter()
-        for pair in units.split(2):  # about one unit token's worth per push, as the engine pushes
-            samples += voice.push(pair).numel()
-        samples += voice.flush().numel()
+        # As the engine pushes (speech_pipeline.py): look-ahead + 1 units, then PUSH_UNITS at a time,
+        # the rest with the flush. (Until 2026-12-02 this pushed 2 units at a time, one unit token's
+        # worth, which the engine stopped doing on 2026-11-25: each push has a fixed cost.)
+        first = voice.lookahead_units + 1
+        pieces = [units[:first], *units[first:].split(PUSH_UNITS)]
+        for piece in pieces[:-1]:
+            samples += voice.push(piece).numel()
+        samples += voice.flush(pieces[-1]).numel()
         clock_sync()
         return time.perf_counter() - started, samples
 

@@ -202,6 +202,8 @@ class Connection:
 
     def append(self, event: dict):
         raw = pcm16_from_base64(event.get("audio"), "audio")
+        if len(self.buffer) + len(raw) > self.max_buffer_bytes and self.vad is not None and self.vad.speaking:
+            self.end_speech_here()
         if len(self.buffer) + len(raw) > self.max_buffer_bytes:
             seconds = self.max_buffer_bytes / (PCM16_BYTES * API_RATE)
             raise ProtocolError("input_audio_buffer_full", f"the input audio buffer holds at most "
@@ -225,7 +227,7 @@ class Connection:
             if self.active is not None and self.config.turn_detection.interrupt_response:
                 self.cancel("turn_detected")  # barge-in
             return
-        item = self.speech_item
+        item = self.speech_item or new_id("item")  # a manual commit during the speech took the first id
         self.post(server_event("input_audio_buffer.speech_stopped", audio_end_ms=ms, item_id=item))
         try:  # the speech up to where its end was heard; what came after it in the same append stays
             self.commit(item, until=event.heard)
@@ -235,6 +237,13 @@ class Connection:
         if self.config.turn_detection.create_response:
             self.answer_when_free = True
             self.answer_if_free()
+
+    def end_speech_here(self):
+        """Speech as long as the buffer holds (30 s by default, or steady noise above the threshold) is
+        a turn that ends here; the speech after it starts one of its own. Refusing the append instead
+        kept the VAD from ever hearing the end, and every later append was refused."""
+        self.on_vad(VadEvent("stopped", self.appended, self.appended))
+        self.restart_vad()
 
     def keep_recent(self, padding_ms: int, before: int | None = None):
         """Drop buffered audio older than `padding_ms` before sample `before` (default: the end)."""
@@ -299,8 +308,9 @@ class Connection:
         item_id = item["id"] if isinstance(item.get("id"), str) else new_id("item")
         self.add_item(item_id, [{"type": "input_text", "text": text} for text in texts])
 
-    def add_item(self, item_id: str, content: list[dict]):
-        item = {"id": item_id, "object": "realtime.item", "type": "message", "role": "user", "status": "completed",
+    def add_item(self, item_id: str, content: list[dict], role: str = "user", status: str = "completed"):
+        """Announce an item of the conversation, after the last one (previous_item_id)."""
+        item = {"id": item_id, "object": "realtime.item", "type": "message", "role": role, "status": status,
                 "content": content}
         self.post(server_event("conversation.item.added", previous_item_id=self.last_item, item=item))
         self.last_item = item_id
@@ -325,6 +335,7 @@ class Connection:
         self.active = Response(config, audio, text, self.engine_session, self.post, self.response_finished)
         self.scheduler.submit(self.active)
         self.post(self.active.created_event(self.scheduler.turns_ahead(self.active)))
+        self.add_item(self.active.item_id, [], role="assistant", status="in_progress")  # the answer, to come
 
     def engine_session(self) -> Session:
         """This connection's engine session; only the turn worker calls this, so no lock is needed."""

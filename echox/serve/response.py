@@ -143,8 +143,10 @@ class Response:
                     "output": [], "usage": None}
         if trace is not None:
             content = [{"type": "output_audio", "transcript": text}]
+            # An item is completed or incomplete (or in progress): a cancelled or failed answer is incomplete.
+            item_status = "completed" if status == "completed" else "incomplete"
             response["output"] = [{"id": self.item_id, "object": "realtime.item", "type": "message",
-                                   "role": "assistant", "status": status, "content": content}]
+                                   "role": "assistant", "status": item_status, "content": content}]
             prompt, answer = len(trace["prompt_ids"]), len(trace["tokens"])
             response["usage"] = {"total_tokens": prompt + answer, "input_tokens": prompt, "output_tokens": answer}
         response["echox"] = {"queue_wait_ms": round(self.wait_ms, 3),

@@ -101,3 +101,15 @@ def test_a_manual_commit_during_speech_leaves_its_end_an_item_id():
     items = [event["item"]["id"] for event in events if event["type"] == "conversation.item.added"]
     assert isinstance(stopped["item_id"], str) and len(items) == 2 and all(isinstance(i, str) for i in items)
     assert items[1] == stopped["item_id"] != items[0]
+
+
+def test_a_click_is_not_speech_but_a_word_is_dated_from_its_first_loud_frame():
+    """A 20 ms click or a 60 ms tap (a cough, a key) used to start speech, and so cancel an answer
+    (barge-in); speech now needs MIN_SPEECH_MS of loud frames in a row, and starts at the first."""
+    vad = EnergyVad(threshold=0.5, silence_duration_ms=300, rate=RATE, origin=0)
+    quiet = tone(0.5, 0.0)
+    assert vad.push(torch.cat([quiet, tone(0.02, 0.2), quiet, tone(0.06, 0.2), quiet])) == []
+    events = vad.push(torch.cat([tone(0.3, 0.1), quiet]))
+    assert [e.kind for e in events] == ["started", "stopped"]
+    onset = 3 * quiet.numel() + int(0.08 * RATE)  # where the 0.3 s word begins
+    assert abs(events[0].sample - onset) <= RATE // 50  # within one frame

@@ -5,8 +5,10 @@ The API's `threshold` (0..1, default 0.5) is mapped onto a loudness, linearly in
 
     level_dBFS = -60 + 60 * threshold        (0.5 -> -30 dBFS, RMS 0.032 of full scale)
 
-so a higher threshold needs louder speech, as with the API's model-based VAD. Speech starts at the
-first loud frame; it stops once `silence_duration_ms` of quiet frames follow the last loud one.
+so a higher threshold needs louder speech, as with the API's model-based VAD. Speech starts once
+MIN_SPEECH_MS of loud frames follow one another (dated from the first of them: a click, a cough
+or a tap on the microphone is not a turn, and does not cut off an answer); it stops once
+`silence_duration_ms` of quiet frames follow the last loud one.
 Without a model this is easily fooled by steady noise: a quiet room and a close microphone are
 assumed, and clients in noisy places should raise the threshold or commit by hand.
 """
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 FRAME_MS = 20
+MIN_SPEECH_MS = 100  # loud frames in a row before speech counts as started
 
 
 def threshold_rms(threshold: float) -> float:
@@ -38,6 +41,8 @@ class EnergyVad:
         self.level = threshold_rms(threshold)
         self.frame = rate * FRAME_MS // 1000
         self.quiet_frames_to_stop = max(1, math.ceil(silence_duration_ms / FRAME_MS))
+        self.loud_frames_to_start = max(1, math.ceil(MIN_SPEECH_MS / FRAME_MS))
+        self.loud_run, self.run_start = 0, 0  # loud frames in a row while not speaking, from where
         self.partial = torch.zeros(0)
         self.position = origin  # where the next whole frame starts, in the caller's sample count
         self.speaking = False
@@ -53,10 +58,14 @@ class EnergyVad:
         for is_loud in loud:
             start = self.position
             self.position += self.frame
-            if is_loud:
-                if not self.speaking:
-                    self.speaking = True
-                    events.append(VadEvent("started", start, self.position))
+            if not self.speaking:
+                self.loud_run = self.loud_run + 1 if is_loud else 0
+                if self.loud_run == 1:
+                    self.run_start = start
+                if self.loud_run >= self.loud_frames_to_start:
+                    self.speaking, self.loud_run = True, 0
+                    events.append(VadEvent("started", self.run_start, self.position))
+            if self.speaking and is_loud:
                 self.quiet_frames, self.speech_end = 0, self.position
             elif self.speaking:
                 self.quiet_frames += 1

@@ -1,5 +1,7 @@
 """The browser client, in headless Chromium with a fake microphone playing a WAV: the page records,
-streams to `echox serve`, and shows the answer's text and the audio it received and scheduled."""
+streams to `echox serve`, and shows the answer's text and the audio it received and scheduled.
+The page is watched from an init script (PROBES): every AudioContext, microphone stream and socket
+it makes, and what it sends."""
 
 import shutil
 from pathlib import Path
@@ -15,6 +17,27 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed "
                                 "(apt-get install chromium; .ci/run does)")
 
+PROBES = """
+window.probe = { contexts: [], streams: [], sockets: [], appends: [] };
+window.AudioContext = class extends AudioContext {
+  constructor(options) { super(options); probe.contexts.push(this); }
+};
+const getUserMedia = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
+navigator.mediaDevices.getUserMedia = async (c) => { const s = await getUserMedia(c); probe.streams.push(s); return s; };
+window.WebSocket = class extends WebSocket {
+  constructor(...args) { super(...args); probe.sockets.push(this); }
+  send(data) {
+    const e = JSON.parse(data);
+    if (e.type === "input_audio_buffer.append") probe.appends.push(probe.sockets.indexOf(this));
+    super.send(data);
+  }
+};
+"""
+# What the page holds now: the state of each AudioContext, microphone and socket it made.
+HELD = """({contexts: probe.contexts.map((c) => c.state),
+            microphones: probe.streams.map((s) => s.getTracks().map((t) => t.readyState).join()),
+            sockets: probe.sockets.map((s) => s.readyState), start: document.getElementById("start").disabled})"""
+
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
@@ -23,26 +46,68 @@ def server(tiny_model_dir):
         yield running
 
 
-def test_page_records_answers_and_plays_in_headless_chromium(server, tmp_path):
+@pytest.fixture(scope="module")
+def chromium():
     from playwright.sync_api import sync_playwright
+    with sync_playwright() as playwright:
+        yield playwright.chromium
+
+
+def launch(chromium, microphone: Path):
+    """Headless Chromium whose microphone plays `microphone` once, then silence."""
+    return chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+        "--no-sandbox", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={microphone}%noloop", "--autoplay-policy=no-user-gesture-required"])
+
+
+def open_page(browser, server):
+    page = browser.new_page()
+    page.add_init_script(PROBES)
+    page.goto(server.http_url + "/")
+    return page
+
+
+@pytest.fixture
+def quiet_browser(chromium, tmp_path):
+    microphone = tmp_path / "quiet.wav"
+    write_wav(microphone, torch.zeros(16000 * 4))
+    browser = launch(chromium, microphone)
+    yield browser
+    browser.close()
+
+
+def test_page_records_answers_and_plays_in_headless_chromium(server, chromium, tmp_path):
     microphone = tmp_path / "question.wav"  # 1.5 s of voice, then silence for server VAD to end the turn
     write_wav(microphone, torch.cat([demo_question(1.5), torch.zeros(16000 * 4)]))
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-            f"--use-file-for-fake-audio-capture={microphone}%noloop", "--autoplay-policy=no-user-gesture-required"])
-        try:
-            page = browser.new_page()
-            page.goto(server.http_url + "/")
-            page.click("#start")
-            page.wait_for_function("Number(document.body.dataset.responses) >= 1", timeout=90_000)
-            answer = page.inner_text(".turn span")
-            outcome = page.inner_text(".turn small")
-            audio_ms = int(page.evaluate("document.body.dataset.audioMs"))
-            errors = page.inner_text("#errors")
-        finally:
-            browser.close()
+    browser = launch(chromium, microphone)
+    try:
+        page = open_page(browser, server)
+        page.click("#start")
+        page.wait_for_function("Number(document.body.dataset.responses) >= 1", timeout=90_000)
+        answer = page.inner_text(".turn span")
+        outcome = page.inner_text(".turn small")
+        audio_ms = int(page.evaluate("document.body.dataset.audioMs"))
+        errors = page.inner_text("#errors")
+    finally:
+        browser.close()
     assert errors == ""
     assert answer.strip()  # the tiny model's (random) text is on the page
     assert outcome.startswith(("completed", "incomplete")) and "first audio after" in outcome
     assert audio_ms > 100  # and its speech arrived and was scheduled for playback
+
+
+def test_a_dropped_call_stops_its_microphone_and_start_records_it_once(server, quiet_browser):
+    # The server ends a call on its own (idle timeout, restart, too many connections); closing the socket
+    # from the page looks the same to it. The call's microphone, worklet and context must end with it,
+    # or the next Start sends the microphone twice.
+    page = open_page(quiet_browser, server)
+    page.click("#start")
+    page.wait_for_function("probe.appends.length > 0")
+    page.evaluate("probe.sockets[0].close()")
+    page.wait_for_function("!document.getElementById('start').disabled")
+    page.wait_for_function("probe.contexts[0].state === 'closed'", timeout=5_000)
+    assert page.evaluate(HELD) == {"contexts": ["closed"], "microphones": ["ended"], "sockets": [3], "start": False}
+    page.click("#start")
+    page.wait_for_function("probe.appends.filter((s) => s === 1).length >= 5")
+    held = page.evaluate(HELD)
+    assert held["contexts"] == ["closed", "running"] and held["microphones"] == ["ended", "live"]

@@ -111,3 +111,16 @@ def test_a_dropped_call_stops_its_microphone_and_start_records_it_once(server, q
     page.wait_for_function("probe.appends.filter((s) => s === 1).length >= 5")
     held = page.evaluate(HELD)
     assert held["contexts"] == ["closed", "running"] and held["microphones"] == ["ended", "live"]
+
+
+def test_a_failed_start_closes_its_audio_context(server, quiet_browser):
+    page = quiet_browser.new_page()
+    page.add_init_script(PROBES + """navigator.mediaDevices.getUserMedia =
+        async () => { throw new DOMException("Permission denied", "NotAllowedError"); };""")
+    page.goto(server.http_url + "/")
+    for _ in range(2):
+        page.click("#start")
+        page.wait_for_function("!document.getElementById('start').disabled")
+    page.wait_for_function("probe.contexts.every((c) => c.state === 'closed')", timeout=5_000)
+    assert len(page.evaluate("probe.contexts")) == 2
+    assert "NotAllowedError" in page.inner_text("#errors")

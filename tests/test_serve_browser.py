@@ -18,14 +18,23 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's ch
                                 "(apt-get install chromium; .ci/run does)")
 
 PROBES = """
-window.probe = { contexts: [], streams: [], sockets: [], appends: [] };
+window.probe = { contexts: [], streams: [], sockets: [], appends: [], stopped: 0, holdAnswers: false };
 window.AudioContext = class extends AudioContext {
   constructor(options) { super(options); probe.contexts.push(this); }
 };
 const getUserMedia = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
 navigator.mediaDevices.getUserMedia = async (c) => { const s = await getUserMedia(c); probe.streams.push(s); return s; };
+AudioBufferSourceNode.prototype.stop = ((stop) => function (...args) { probe.stopped++; return stop.apply(this, args); })(
+  AudioBufferSourceNode.prototype.stop);
 window.WebSocket = class extends WebSocket {
-  constructor(...args) { super(...args); probe.sockets.push(this); }
+  constructor(...args) {
+    super(...args);
+    probe.sockets.push(this);
+    // With holdAnswers, the call's context pauses as an answer begins: its audio stays scheduled, unplayed.
+    this.addEventListener("message", (m) => {
+      if (probe.holdAnswers && JSON.parse(m.data).type === "response.created") probe.contexts.at(-1).suspend();
+    });
+  }
   send(data) {
     const e = JSON.parse(data);
     if (e.type === "input_audio_buffer.append") probe.appends.push(probe.sockets.indexOf(this));
@@ -82,12 +91,18 @@ def test_page_records_answers_and_plays_in_headless_chromium(server, chromium, t
     browser = launch(chromium, microphone)
     try:
         page = open_page(browser, server)
+        page.evaluate("probe.holdAnswers = true")
         page.click("#start")
         page.wait_for_function("Number(document.body.dataset.responses) >= 1", timeout=90_000)
         answer = page.inner_text(".turn span")
         outcome = page.inner_text(".turn small")
         audio_ms = int(page.evaluate("document.body.dataset.audioMs"))
         errors = page.inner_text("#errors")
+        # The answer's audio is all scheduled, none played: it is still answering, and Stop silences it.
+        assert page.inner_text("#status") == "answering" and page.is_enabled("#stop")
+        page.click("#stop")
+        assert page.inner_text("#status") == "connected: listening" and not page.is_enabled("#stop")
+        assert page.evaluate("probe.stopped") > 0
     finally:
         browser.close()
     assert errors == ""

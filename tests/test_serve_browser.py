@@ -139,3 +139,27 @@ def test_a_failed_start_closes_its_audio_context(server, quiet_browser):
     page.wait_for_function("probe.contexts.every((c) => c.state === 'closed')", timeout=5_000)
     assert len(page.evaluate("probe.contexts")) == 2
     assert "NotAllowedError" in page.inner_text("#errors")
+
+
+def test_audio_of_a_cancelled_answer_is_dropped(server, quiet_browser):
+    # Deltas already on their way when Stop is pressed, or speech cuts in, still arrive; here they are
+    # handed to the page as if from the server.
+    page = open_page(quiet_browser, server)
+    page.click("#start")
+    page.wait_for_function("document.getElementById('status').textContent === 'connected: listening'")
+
+    def arrives(event):
+        page.evaluate("(e) => probe.sockets[0].dispatchEvent(new MessageEvent('message', {data: JSON.stringify(e)}))", event)
+
+    def audio(response_id):  # 100 ms of silence
+        arrives({"type": "response.output_audio.delta", "response_id": response_id, "delta": "AAAA" * 1600})
+
+    arrives({"type": "response.created", "response": {"id": "resp_1"}})
+    audio("resp_1")
+    page.click("#stop")
+    audio("resp_1")
+    arrives({"type": "response.created", "response": {"id": "resp_2"}})
+    audio("resp_2")
+    arrives({"type": "input_audio_buffer.speech_started"})  # barge-in
+    audio("resp_2")
+    assert page.evaluate("document.body.dataset.audioMs") == "200"

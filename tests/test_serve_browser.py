@@ -18,9 +18,10 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's ch
                                 "(apt-get install chromium; .ci/run does)")
 
 PROBES = """
-window.probe = { contexts: [], streams: [], sockets: [], appends: [], stopped: 0, holdAnswers: false };
+window.probe = { contexts: [], streams: [], sockets: [], appends: [], samples: 0, stopped: 0, holdAnswers: false };
+// Every context runs at 44.1 kHz (a usual microphone rate, Firefox's often), so the page resamples to 24 kHz.
 window.AudioContext = class extends AudioContext {
-  constructor(options) { super(options); probe.contexts.push(this); }
+  constructor(options) { super({ ...options, sampleRate: 44100 }); probe.contexts.push(this); }
 };
 const getUserMedia = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
 navigator.mediaDevices.getUserMedia = async (c) => { const s = await getUserMedia(c); probe.streams.push(s); return s; };
@@ -37,7 +38,10 @@ window.WebSocket = class extends WebSocket {
   }
   send(data) {
     const e = JSON.parse(data);
-    if (e.type === "input_audio_buffer.append") probe.appends.push(probe.sockets.indexOf(this));
+    if (e.type === "input_audio_buffer.append") {
+      probe.appends.push(probe.sockets.indexOf(this));
+      probe.samples += atob(e.audio).length / 2; // pcm16
+    }
     super.send(data);
   }
 };
@@ -79,7 +83,7 @@ def open_page(browser, server):
 @pytest.fixture
 def quiet_browser(chromium, tmp_path):
     microphone = tmp_path / "quiet.wav"
-    write_wav(microphone, torch.zeros(16000 * 4))
+    write_wav(microphone, torch.zeros(16000 * 10))
     browser = launch(chromium, microphone)
     yield browser
     browser.close()
@@ -126,6 +130,12 @@ def test_a_dropped_call_stops_its_microphone_and_start_records_it_once(server, q
     page.wait_for_function("probe.appends.filter((s) => s === 1).length >= 5")
     held = page.evaluate(HELD)
     assert held["contexts"] == ["closed", "running"] and held["microphones"] == ["ended", "live"]
+    # 24 kHz of pcm16 goes out per second of microphone time: resampled from 44.1 kHz, and sent once.
+    sent = "[probe.samples, probe.contexts[1].currentTime]"
+    samples, time = page.evaluate(sent)
+    page.wait_for_timeout(2000)
+    more_samples, later = page.evaluate(sent)
+    assert 0.9 * 24000 < (more_samples - samples) / (later - time) < 1.1 * 24000
 
 
 def test_a_failed_start_closes_its_audio_context(server, quiet_browser):

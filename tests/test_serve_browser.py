@@ -49,7 +49,8 @@ window.WebSocket = class extends WebSocket {
 # What the page holds now: the state of each AudioContext, microphone and socket it made.
 HELD = """({contexts: probe.contexts.map((c) => c.state),
             microphones: probe.streams.map((s) => s.getTracks().map((t) => t.readyState).join()),
-            sockets: probe.sockets.map((s) => s.readyState), start: document.getElementById("start").disabled})"""
+            sockets: probe.sockets.map((s) => s.readyState), start: document.getElementById("start").disabled,
+            hangup: document.getElementById("hangup")?.disabled})"""
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +126,8 @@ def test_a_dropped_call_stops_its_microphone_and_start_records_it_once(server, q
     page.evaluate("probe.sockets[0].close()")
     page.wait_for_function("!document.getElementById('start').disabled")
     page.wait_for_function("probe.contexts[0].state === 'closed'", timeout=5_000)
-    assert page.evaluate(HELD) == {"contexts": ["closed"], "microphones": ["ended"], "sockets": [3], "start": False}
+    assert page.evaluate(HELD) == {"contexts": ["closed"], "microphones": ["ended"], "sockets": [3], "start": False,
+                                   "hangup": True}
     page.click("#start")
     page.wait_for_function("probe.appends.filter((s) => s === 1).length >= 5")
     held = page.evaluate(HELD)
@@ -173,3 +175,14 @@ def test_audio_of_a_cancelled_answer_is_dropped(server, quiet_browser):
     arrives({"type": "input_audio_buffer.speech_started"})  # barge-in
     audio("resp_2")
     assert page.evaluate("document.body.dataset.audioMs") == "200"
+
+
+def test_hang_up_ends_the_call(server, quiet_browser):
+    page = open_page(quiet_browser, server)
+    page.click("#start")
+    page.wait_for_function("probe.appends.length > 0")
+    page.click("#hangup", timeout=5_000)
+    page.wait_for_function("probe.contexts[0].state === 'closed' && probe.sockets[0].readyState === 3", timeout=5_000)
+    assert page.evaluate(HELD) == {"contexts": ["closed"], "microphones": ["ended"], "sockets": [3], "start": False,
+                                   "hangup": True}
+    assert page.inner_text("#status") == "not connected"

@@ -140,17 +140,26 @@ def test_a_dropped_call_stops_its_microphone_and_start_records_it_once(server, q
     assert 0.9 * 24000 < (more_samples - samples) / (later - time) < 1.1 * 24000
 
 
-def test_a_failed_start_closes_its_audio_context(server, quiet_browser):
+def test_a_failed_start_closes_its_audio_context_and_the_next_start_clears_its_error(server, quiet_browser):
     page = quiet_browser.new_page()
-    page.add_init_script(PROBES + """navigator.mediaDevices.getUserMedia =
-        async () => { throw new DOMException("Permission denied", "NotAllowedError"); };""")
+    page.add_init_script(PROBES + """let refusals = 2; // the microphone is denied twice, then allowed
+        const allowed = navigator.mediaDevices.getUserMedia;
+        navigator.mediaDevices.getUserMedia = async (c) => {
+          if (refusals-- > 0) throw new DOMException("Permission denied", "NotAllowedError");
+          return allowed(c);
+        };""")
     page.goto(server.http_url + "/")
+    assert page.get_attribute("#status", "aria-live") == "polite" and page.get_attribute("#errors", "role") == "alert"
     for _ in range(2):
         page.click("#start")
         page.wait_for_function("!document.getElementById('start').disabled")
     page.wait_for_function("probe.contexts.every((c) => c.state === 'closed')", timeout=5_000)
     assert len(page.evaluate("probe.contexts")) == 2
     assert "NotAllowedError" in page.inner_text("#errors")
+    page.click("#start")
+    page.wait_for_function("probe.appends.length > 0")
+    assert page.inner_text("#errors") == ""
+    assert page.evaluate("document.activeElement.id") == "hangup"  # not lost with the disabled Start
 
 
 def test_audio_of_a_cancelled_answer_is_dropped(server, quiet_browser):

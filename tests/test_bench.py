@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))  # bench/ holds scripts, not a package
@@ -201,3 +202,57 @@ def test_the_readme_table_reads_the_newest_report_among_other_benches_results():
     """bench/results also holds batch, speech-path and roofline results, which have no e2e part."""
     table = report.readme_table()
     assert table.startswith("Measured on") and "| tiny |" in table
+
+
+def load_bench_conftest():
+    """bench/conftest.py under a name of its own (tests/conftest.py is `conftest`)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_conftest", BENCH / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_gpu_clock_counts_the_calls_device_time_only(monkeypatch):
+    """On a fake device: the hold (sleep) and the L2 flush before each call take device time too,
+    but a round's reading is only its calls' event intervals; a hold the GPU got past before the
+    round was queued is counted and doubled."""
+    bench_conftest = load_bench_conftest()
+    device = {"ms": 0.0, "hold_over": False}
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.at = None
+
+        def record(self):
+            self.at = device["ms"]
+
+        def query(self):
+            return device["hold_over"]
+
+        def elapsed_time(self, end):
+            return end.at - self.at
+
+    class Flush:
+        def zero_(self):
+            device["ms"] += 50.0
+
+    def sleep(cycles):
+        device["ms"] += 100.0
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "_sleep", sleep)
+    monkeypatch.setattr(bench_conftest, "l2_flush_buffer", Flush)
+    clock = bench_conftest.DeviceClock()
+    call = clock.wrap(lambda ms: device.__setitem__("ms", device["ms"] + ms))
+    start = clock()
+    for _ in range(3):
+        call(2.0)
+    assert clock() - start == pytest.approx(0.006)
+    assert (clock.rounds_not_held, clock.hold_cycles) == (0, 1 << 21)
+    device["hold_over"] = True
+    clock()
+    call(1.0)
+    assert clock() == pytest.approx(0.001)
+    assert (clock.rounds_not_held, clock.hold_cycles) == (1, 1 << 22)

@@ -256,3 +256,14 @@ def test_the_gpu_clock_counts_the_calls_device_time_only(monkeypatch):
     call(1.0)
     assert clock() == pytest.approx(0.001)
     assert (clock.rounds_not_held, clock.hold_cycles) == (1, 1 << 22)
+
+
+def test_decode_attention_baselines_read_only_the_filled_cache():
+    """The torch baselines get the cache cut to its filled length, and answer as over the whole cache."""
+    import bench_decode_attention as bench
+    args = bench.make_inputs(1, 4, 2, 16, 256, 200)
+    cut = bench.filled_part(*args)
+    assert cut[1].shape[2] == cut[2].shape[2] == cut[4].shape[1] == 200
+    whole = bench.decode_attention_reference(*args)
+    torch.testing.assert_close(bench.decode_attention_reference(*cut), whole)
+    torch.testing.assert_close(bench.sdpa(*cut), whole, atol=1e-5, rtol=1e-5)

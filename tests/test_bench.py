@@ -61,8 +61,9 @@ def test_markdown_has_every_target(tiny_result):
     triton = next(r for r in micro if r["implementation"] == "triton")
     assert triton["vs_reference"] == pytest.approx(4) and triton["vs_best_baseline"] == pytest.approx(2)
     assert triton["best_baseline"] == "torch_sdpa"
-    targets = report.evaluate_targets([tiny_result], micro)
-    rendered = report.render_markdown({"environment": report.environment("cpu"), "command": "test",
+    env = report.environment("cpu")
+    targets = report.evaluate_targets([tiny_result], micro, 0, env)
+    rendered = report.render_markdown({"environment": env, "command": "test",
                                        "micro_exit_code": 0, "micro": micro, "e2e": [tiny_result],
                                        "targets": targets})
     for text in [t.text for t in report.TARGETS] + [report.KERNEL_TARGET]:
@@ -267,3 +268,40 @@ def test_decode_attention_baselines_read_only_the_filled_cache():
     whole = bench.decode_attention_reference(*args)
     torch.testing.assert_close(bench.decode_attention_reference(*cut), whole)
     torch.testing.assert_close(bench.sdpa(*cut), whole, atol=1e-5, rtol=1e-5)
+
+
+def micro_of(cases: dict[str, dict[str, float]]) -> list[dict]:
+    """Microbenchmark rows from {"file[case]": {implementation: median ms}}."""
+    return report.micro_rows({"benchmarks": [
+        {"name": f"test_{impl}[{name.partition('[')[2]}", "fullname": f"bench/bench_{name.partition('[')[0]}.py::x",
+         "stats": {"median": ms / 1000}} for name, impls in cases.items() for impl, ms in impls.items()]})
+
+
+GPU_ENV = {"device": "NVIDIA H100 80GB HBM3", "device_type": "cuda"}
+EVERY_KERNEL_FASTER = {f"{file}[a]": {"torch_reference": 2.0, **{kernel: 1.0 for kernel in kernels}}
+                       for file, kernels in report.EXPECTED_KERNELS.items()}
+
+
+def test_the_kernel_target_is_met_only_when_every_kernel_case_ran_and_won():
+    assert report.evaluate_kernels(micro_of(EVERY_KERNEL_FASTER), 0, GPU_ENV)["status"] == "met"
+    failed = report.evaluate_kernels(micro_of(EVERY_KERNEL_FASTER), 1, GPU_ENV)
+    assert failed["status"] == "missed (pytest exit code 1)" and failed["measured"] == pytest.approx(2)
+    without_cuda_head = EVERY_KERNEL_FASTER | {"head_select[a]": {"torch_reference": 2.0, "triton": 1.0}}
+    status = report.evaluate_kernels(micro_of(without_cuda_head), 0, GPU_ENV)["status"]
+    assert status == "missed (1 kernel case(s) not timed: head_select[a] cuda)"
+    slower = EVERY_KERNEL_FASTER | {"head_select[a]": {"torch_reference": 2.0, "triton": 1.0, "cuda": 3.0}}
+    assert report.evaluate_kernels(micro_of(slower), 0, GPU_ENV)["status"] == "missed (6 of 7 kernel cases faster)"
+    assert report.evaluate_kernels([], 0, {"device": "CPU", "device_type": "cpu"})["status"].startswith("not measured")
+
+
+def test_absolute_targets_are_judged_only_on_the_gpu_they_are_set_for(tiny_result):
+    e2e = [tiny_result | {"size": "8b", "llm_ms_per_token": 5.0, "llm_hbm_roofline_pct": 70.0}]
+    for device, step_status in (("NVIDIA H100 80GB HBM3", "met"), ("NVIDIA H200", "set for an H100 SXM; measured "
+                                                                   "on NVIDIA H200: within the limit there")):
+        targets = report.evaluate_targets(e2e, [], 0, {"device": device, "device_type": "cuda"})
+        by_text = {t["target"]: t for t in targets}
+        assert by_text[report.TARGETS[0].text]["status"] == step_status
+        assert by_text[report.TARGETS[2].text]["status"] == "missed"  # a share of the GPU's own roofline
+        assert all(t["device"] == device for t in targets)
+        rendered = report.targets_table(targets)
+        assert rendered[0] == "| target | measured | measured on | status |" and device in rendered[2]

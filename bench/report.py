@@ -279,6 +279,9 @@ def render_markdown(report: dict) -> str:
              f"torch {env['torch']} ({env['torch_threads']} CPU threads), triton {env['triton']}, CUDA {env['cuda']}, "
              f"Python {env['python']}; "
              f"created {env['created']} by `{report['command']}`. Random weights; every number is a median.", ""]
+    if not report.get("complete", True):  # reports before 2026-12 did not say
+        lines += [f"**Incomplete**: the run stopped (a time limit or an error) before it had measured every e2e size "
+                  f"it was asked for ({len(report['e2e'])} measured); the tables hold what it measured.", ""]
     if env["device_type"] == "cpu":
         lines += ["CPU run: shapes are tiny and mid, not EchoX's; on a shared machine the timings are noisy.", ""]
     lines += [f"## Performance targets (DESIGN.md sets them for an H100 SXM, batch 1, bf16; measured on {env['device']})",
@@ -328,11 +331,12 @@ def main(argv: list[str] | None = None):
     command = " ".join(["python", "bench/report.py", *(argv or sys.argv[1:])])
     args.out_dir.mkdir(parents=True, exist_ok=True)
 
-    def write(micro_exit_code: int, micro: list[dict], e2e: list[dict]) -> str:
+    def write(micro_exit_code: int, micro: list[dict], e2e: list[dict], complete: bool) -> str:
         """The report of what is measured so far: rewritten after each stage, so that a run cut
-        short (bench/gpu.sh gives each phase a time limit) keeps what it measured."""
-        report = {"environment": env, "command": command, "micro_exit_code": micro_exit_code, "micro": micro,
-                  "e2e": e2e, "targets": evaluate_targets(e2e, micro, micro_exit_code, env)}
+        short (bench/gpu.sh gives each phase a time limit) keeps what it measured, and says it
+        was cut: only the last stage's report is complete."""
+        report = {"environment": env, "command": command, "complete": complete, "micro_exit_code": micro_exit_code,
+                  "micro": micro, "e2e": e2e, "targets": evaluate_targets(e2e, micro, micro_exit_code, env)}
         for path, text in ((json_path, json.dumps(report, indent=1) + "\n"), (md_path, render_markdown(report))):
             with atomic_file(path) as temporary:  # a cut mid-write leaves the last whole report
                 temporary.write_text(text)
@@ -341,9 +345,11 @@ def main(argv: list[str] | None = None):
     with tempfile.TemporaryDirectory() as tmp:
         micro_exit_code = run_microbenchmarks(Path(tmp) / "micro.json")
         micro = micro_rows(json.loads((Path(tmp) / "micro.json").read_text()))
-        markdown = write(micro_exit_code, micro, [])
-        for size in args.sizes or default_sizes(torch.device(args.device)):
-            markdown = write(micro_exit_code, micro, run_e2e(args.device, size, args.repeats, Path(tmp) / "e2e.jsonl"))
+        sizes = args.sizes or default_sizes(torch.device(args.device))
+        markdown = write(micro_exit_code, micro, [], complete=not sizes)
+        for done, size in enumerate(sizes, 1):
+            e2e = run_e2e(args.device, size, args.repeats, Path(tmp) / "e2e.jsonl")
+            markdown = write(micro_exit_code, micro, e2e, complete=done == len(sizes))
     print(markdown)
     print(f"wrote {shown(json_path)} and {shown(md_path)}")
 

@@ -88,8 +88,31 @@ def test_a_report_cut_short_keeps_what_it_measured(tiny_result, tmp_path, monkey
     with pytest.raises(subprocess.CalledProcessError):
         report.main(["--device", "cpu", "--sizes", "tiny", "mid", "--out-dir", str(tmp_path)])
     written = json.loads(next(tmp_path.glob("*-cpu.json")).read_text())
-    assert [result["size"] for result in written["e2e"]] == ["tiny"]
-    assert "| tiny |" in next(tmp_path.glob("*-cpu.md")).read_text()
+    assert [result["size"] for result in written["e2e"]] == ["tiny"] and written["complete"] is False
+    markdown = next(tmp_path.glob("*-cpu.md")).read_text()
+    assert "| tiny |" in markdown and "**Incomplete**" in markdown
+    report.main(["--device", "cpu", "--sizes", "tiny", "--out-dir", str(tmp_path), "--overwrite"])
+    assert json.loads(next(tmp_path.glob("*-cpu.json")).read_text())["complete"] is True
+    assert "**Incomplete**" not in next(tmp_path.glob("*-cpu.md")).read_text()
+
+
+@pytest.mark.parametrize("budget,exit_code,last_line", [
+    (100, 0, "every phase ran and passed"), (30, 1, "INCOMPLETE: failed or skipped: report")])
+def test_gpu_sh_fails_a_run_with_a_phase_skipped_for_time(tmp_path, budget, exit_code, last_line):
+    """bench/gpu.sh with stand-ins for python3 and nvidia-smi that succeed at once: a phase the
+    budget has no time for is SKIPPED, and the script then exits nonzero."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    for name in ("python3", "nvidia-smi"):
+        (stubs / name).write_text("#!/bin/sh\nexit 0\n")
+        (stubs / name).chmod(0o755)
+    env = {"PATH": f"{stubs}:/usr/bin:/bin", "OUT": str(tmp_path), "GPU_SH_PHASES": "report",
+           "GPU_SH_SECONDS": str(budget)}
+    run = subprocess.run(["bash", str(BENCH / "gpu.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == exit_code, run.stdout + run.stderr
+    log = (tmp_path / "gpu_sh.log").read_text()
+    assert log.strip().splitlines()[-1] == last_line
+    assert ("report: SKIPPED (status 200)" in run.stdout) == (exit_code == 1)
 
 
 def test_speech_path_reports_a_turn_beside_its_critical_path(tmp_path):

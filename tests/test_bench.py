@@ -168,6 +168,11 @@ def test_batch_engine_reports_rounds_of_concurrent_conversations(tmp_path, sampl
     assert 0 < three["cores_busy"] <= (os.cpu_count() or 1) + 0.1 and "llm_loop_busy" not in report["rounds"][0]
     assert all(0 < three[f"{loop}_loop_busy"] <= 1.05 for loop in ("llm", "echo", "vocoder"))
     assert [(r["width"], r["tokens_per_s"] > 0) for r in report["steps"]] == [(1, True), (3, True)]
+    assert [r["decode_timed"] for r in report["rounds"]] == [batch_engine.DECODE_TIMED["unbatched"]] + \
+        [batch_engine.DECODE_TIMED["batched"]] * 2
+    markdown = next(tmp_path.glob(f"*-cpu-batch-tiny{suffix}.md")).read_text()
+    assert f"(body and head selection, {sampling} sampling)" in markdown
+    assert f"| {batch_engine.DECODE_TIMED['unbatched']} |" in markdown
 
 
 def test_voice_size_has_the_released_speech_output():

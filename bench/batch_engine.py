@@ -7,8 +7,10 @@ the released temperature 0.2 / top-p 0.9, a server's default). Per round it reco
   text_tokens_per_s   all conversations' tokens over the time from the start to the last token;
   turn_tokens_per_s   the same over the time to the last TurnDone (speech included);
   ttfa_p50/p95_ms     each conversation's time from the start to its first audio chunk;
-  decode_tokens_per_s tokens per second of the LLM's decode steps alone (time inside the steps:
-                      prefills and waits left out; unbatched: from decode_per_token);
+  decode_tokens_per_s tokens per second over decode time, measured as decode_timed says: batched,
+                      the time inside TextBatcher.step (prefills and waits left out); unbatched,
+                      the turn's decode_per_token, its whole token loop (the text and segment
+                      hand-offs to the speech path included), so the two rows are not like for like;
   rows_per_step       the mean number of turns in the LLM's decode steps;
   vocoder_ms_per_unit wall time of the batched vocoder's calls per unit they vocoded (what
                       batching the pushes of many streams saves per stream shows here), and
@@ -18,8 +20,9 @@ the released temperature 0.2 / top-p 0.9, a server's default). Per round it reco
                       which stage paces a round, and whether the machine ran out of cores.
 Each round runs --repeats times after a warm-up round; the report has the medians, and a first
 row with the unbatched engine answering one conversation (what batch 1 must not fall behind).
-Then the LLM's batched decode step alone (nothing else running; on a GPU the captured graph)
-at each width: its time, and the tokens per second it would give with every row busy.
+Then the LLM's batched decode step alone (nothing else running; on a GPU the captured graph) at
+each width, the body and the output head's token selection with the run's sampling: its wall time,
+and the tokens per second it would give with every row busy.
 
     python bench/batch_engine.py --size tiny                 # CPU
     python bench/batch_engine.py --size 8b --device cuda --sampling released   # GPU (bench/gpu.sh)
@@ -36,7 +39,7 @@ from pathlib import Path
 import torch
 
 from echox.engine import AudioChunk, TextDelta, TurnDone
-from echox.sampling import GREEDY, RELEASED_SAMPLING
+from echox.sampling import GREEDY, RELEASED_SAMPLING, head_select
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from e2e import question  # noqa: E402  (sibling scripts, not a package)
@@ -45,6 +48,9 @@ from report import environment, percentile, table, write_report  # noqa: E402
 
 
 SAMPLING = {"greedy": GREEDY, "released": RELEASED_SAMPLING}
+# What each engine's decode tok/s is measured over (see the module's docstring).
+DECODE_TIMED = {"batched": "time inside the batch's decode steps",
+                "unbatched": "the turn's token loop (decode_per_token)"}
 
 
 def one_turn(engine, audio: torch.Tensor, args, start: float, out: dict):
@@ -103,24 +109,32 @@ def one_round(engine, conversations: int, audio: torch.Tensor, args) -> dict:
         steps, rows, seconds = tokens, tokens, sum(out["decode_s"] for out in outs)
     return {"tokens": tokens, "text_tokens_per_s": tokens / max(out["text_s"] for out in outs),
             "decode_tokens_per_s": rows / seconds,
+            "decode_timed": DECODE_TIMED["batched" if text_batcher else "unbatched"],
             "turn_tokens_per_s": tokens / max(out["done_s"] for out in outs),
             "ttfa_p50_ms": statistics.median(ttfa) if ttfa else None, "ttfa_p95_ms": percentile(ttfa, 0.95),
             "rows_per_step": rows / max(steps, 1)} | vocoder | busy
 
 
-def step_times(engine, widths: list[int], position: int = 512, repeats: int = 20) -> list[dict]:
-    """The batched decode step alone at each width, rows at `position` (slots hold no turns)."""
+def step_times(engine, widths: list[int], sampling, position: int = 512, repeats: int = 20) -> list[dict]:
+    """The batched decode step alone at each width, rows at `position` (slots hold no turns): the
+    body and the head's selection with `sampling`, as TextBatcher.step runs them, less its
+    bookkeeping and the tokens' trip to the host."""
     batcher, rows = engine.text_batcher, []
+    weight = batcher.lm.lm_head.weight
     for width in widths:
         feed = torch.full((width,), batcher.pad_id, device=batcher.device)
         at = torch.full((width, 1), position, device=batcher.device)
+        counters = torch.zeros(width, dtype=torch.int64, device=batcher.device)  # one per row, as sampled rows have
+
+        def step():
+            return head_select(batcher.body_step(feed, at), weight, sampling, counters)
         for _ in range(3):
-            batcher.body_step(feed, at)
+            step()
         sync = torch.cuda.synchronize if feed.is_cuda else (lambda: None)
         sync()
         started = time.perf_counter()
         for _ in range(repeats):
-            batcher.body_step(feed, at)
+            step()
         sync()
         step_ms = (time.perf_counter() - started) / repeats * 1000
         rows.append({"width": width, "step_ms": step_ms, "tokens_per_s": width * 1000 / step_ms})
@@ -130,30 +144,35 @@ def step_times(engine, widths: list[int], position: int = 512, repeats: int = 20
 def median_round(engine, conversations: int, args) -> dict:
     audio = question(args.question_seconds)
     rounds = [one_round(engine, conversations, audio, args) for _ in range(args.repeats)]
-    return {"conversations": conversations} | {key: None if rounds[0][key] is None else
-                                               statistics.median(r[key] for r in rounds) for key in rounds[0]}
+    # numbers: their median; labels and Nones: as every round has them
+    return {"conversations": conversations} | {key: statistics.median(r[key] for r in rounds)
+                                               if isinstance(rounds[0][key], (int, float)) else rounds[0][key]
+                                               for key in rounds[0]}
 
 
 def render(report: dict) -> str:
     env, s = report["environment"], report["settings"]
-    rows = [[r["engine"], r["conversations"], r["tokens"], r["decode_tokens_per_s"], r["text_tokens_per_s"],
-             r["turn_tokens_per_s"], r["ttfa_p50_ms"], r["ttfa_p95_ms"], r["rows_per_step"], r["pushes_per_call"],
-             r["vocoder_ms_per_unit"], r["cores_busy"], loops_busy(r)] for r in report["rounds"]]
+    rows = [[r["engine"], r["conversations"], r["tokens"], r["decode_tokens_per_s"], r.get("decode_timed"),
+             r["text_tokens_per_s"], r["turn_tokens_per_s"], r["ttfa_p50_ms"], r["ttfa_p95_ms"], r["rows_per_step"],
+             r["pushes_per_call"], r["vocoder_ms_per_unit"], r["cores_busy"], loops_busy(r)] for r in report["rounds"]]
     return "\n".join([
         f"# Batched engine, {s['size']} size, {env['created'][:10]}", "",
         f"{env['device']}, torch {env['torch']}, {env.get('torch_threads', '')} torch thread(s); random weights, "
         f"{s['sampling']} sampling, {s['question_seconds']:g} s spoken question, at most {s['max_new_tokens']} tokens, "
         f"{s.get('steps', 'captured')} steps; medians of {s['repeats']} rounds (`python bench/batch_engine.py --size "
         f"{s['size']} --device {s['device']} --sampling {s['sampling']}{' --eager' if s.get('steps') == 'eager' else ''}`).", "",
-        *table(["engine", "conversations", "tokens", "decode tok/s", "text tok/s", "turn tok/s", "TTFA p50 ms",
-                "TTFA p95 ms", "rows / LLM step", "pushes / vocoder call", "vocoder ms / unit", "cores busy",
+        *table(["engine", "conversations", "tokens", "decode tok/s", "decode timed over", "text tok/s",
+                "turn tok/s", "TTFA p50 ms", "TTFA p95 ms", "rows / LLM step", "pushes / vocoder call", "vocoder ms / unit", "cores busy",
                 "LLM / echo / vocoder loop busy %"], rows), "",
-        "All conversations start at once. Decode tok/s: tokens per second of the LLM's decode steps alone (the "
-        "time inside them, while the speech of the turns runs beside them); text tok/s: every conversation's "
+        "All conversations start at once. Decode tok/s: tokens per second over the time the next column names: "
+        "for the batched engine the time inside its decode steps (while the speech of the turns runs beside "
+        "them), for the unbatched one its whole token loop (the hand-offs to the speech path included), so "
+        "those two are not like for like; text tok/s: every conversation's "
         "tokens over the time to the last token; turn tok/s: over the time to the last TurnDone (speech "
         "included); vocoder ms / unit: wall time of the batched vocoder's calls per unit vocoded; cores busy: the "
         "process's CPU time over the round's wall time; loop busy: each batch loop thread's CPU time over it.", "",
-        "The LLM's batched decode step alone, at position 512:", "",
+        f"The LLM's batched decode step alone (body and head selection, {s['sampling']} sampling), at position "
+        "512, wall time per step:", "",
         *table(["width", "step ms", "tok/s with every row busy"],
                [[r["width"], r["step_ms"], r["tokens_per_s"]] for r in report["steps"]]), ""])
 
@@ -189,7 +208,7 @@ def main(argv: list[str] | None = None):
         for conversations in args.conversations:
             rounds.append({"engine": f"batched ({max(args.conversations)})"} | median_round(engine, conversations, args))
             print(json.dumps(rounds[-1]), flush=True)
-        steps = step_times(engine, args.conversations)
+        steps = step_times(engine, args.conversations, SAMPLING[args.sampling])
     device = "cuda" if args.device.startswith("cuda") else "cpu"
     settings = {"size": args.size, "device": args.device, "max_new_tokens": args.max_new_tokens,
                 "question_seconds": args.question_seconds, "repeats": args.repeats, "sampling": args.sampling,

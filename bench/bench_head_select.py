@@ -1,19 +1,26 @@
-"""Output head + selection: fused Triton head_select vs the torch reference (matmul + select).
+"""Output head + selection: the fused Triton and CUDA head_select vs the torch reference (matmul + select).
 
 CUDA: bf16 LLM heads of EchoX-8B (128257 x 4096) and 3B (128257 x 3072) with the released
 sampling (T 0.2, top-p 0.9) and greedy, and a restricted unit head (8193 x 768, greedy) as the
-echo decoder uses. CPU: fp32 small and mid heads, torch reference only.
+echo decoder uses. Each kernel must pick the reference's row before it is timed (greedy: the
+argmax; sampling: the same draw for the same seed and step). CPU: fp32 small and mid heads,
+torch reference only.
 """
+
+import functools
 
 import pytest
 import torch
 
+from echox import sampling
+from echox.backend import cuda_extension_available
 from echox.sampling import GREEDY, RELEASED_SAMPLING, select_reference
 
 HAS_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_GPU else "cpu"
 # On CPU Triton runs only in the interpreter, whose timings say nothing about the kernel.
 triton_on_gpu = pytest.mark.skipif(not HAS_GPU, reason="Triton is timed on CUDA only")
+cuda_built = pytest.mark.skipif(not (HAS_GPU and cuda_extension_available()), reason="echox_cuda is not built")
 
 # name: (batch, head rows R, width h, params)
 CASES = {
@@ -55,4 +62,14 @@ def test_torch_native_matmul(timed, case):
 def test_triton(timed, case):
     from echox_kernels.head_select import head_select
     args = make_inputs(*CASES[case])
+    assert torch.equal(head_select(*args), torch_reference(*args)), "Triton picked another row than the reference"
     timed(head_select, *args)
+
+
+@cuda_built
+@pytest.mark.parametrize("case", CASES)
+def test_cuda(timed, case):
+    args = make_inputs(*CASES[case])
+    cuda = functools.partial(sampling.head_select, backend_name="cuda")  # echox_cuda, as the engine calls it
+    assert torch.equal(cuda(*args), torch_reference(*args)), "CUDA picked another row than the reference"
+    timed(cuda, *args)

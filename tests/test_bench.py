@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))  # bench/ holds scripts, not a package
@@ -60,8 +61,9 @@ def test_markdown_has_every_target(tiny_result):
     triton = next(r for r in micro if r["implementation"] == "triton")
     assert triton["vs_reference"] == pytest.approx(4) and triton["vs_best_baseline"] == pytest.approx(2)
     assert triton["best_baseline"] == "torch_sdpa"
-    targets = report.evaluate_targets([tiny_result], micro)
-    rendered = report.render_markdown({"environment": report.environment("cpu"), "command": "test",
+    env = report.environment("cpu")
+    targets = report.evaluate_targets([tiny_result], micro, 0, env)
+    rendered = report.render_markdown({"environment": env, "command": "test",
                                        "micro_exit_code": 0, "micro": micro, "e2e": [tiny_result],
                                        "targets": targets})
     for text in [t.text for t in report.TARGETS] + [report.KERNEL_TARGET]:
@@ -86,8 +88,31 @@ def test_a_report_cut_short_keeps_what_it_measured(tiny_result, tmp_path, monkey
     with pytest.raises(subprocess.CalledProcessError):
         report.main(["--device", "cpu", "--sizes", "tiny", "mid", "--out-dir", str(tmp_path)])
     written = json.loads(next(tmp_path.glob("*-cpu.json")).read_text())
-    assert [result["size"] for result in written["e2e"]] == ["tiny"]
-    assert "| tiny |" in next(tmp_path.glob("*-cpu.md")).read_text()
+    assert [result["size"] for result in written["e2e"]] == ["tiny"] and written["complete"] is False
+    markdown = next(tmp_path.glob("*-cpu.md")).read_text()
+    assert "| tiny |" in markdown and "**Incomplete**" in markdown
+    report.main(["--device", "cpu", "--sizes", "tiny", "--out-dir", str(tmp_path), "--overwrite"])
+    assert json.loads(next(tmp_path.glob("*-cpu.json")).read_text())["complete"] is True
+    assert "**Incomplete**" not in next(tmp_path.glob("*-cpu.md")).read_text()
+
+
+@pytest.mark.parametrize("budget,exit_code,last_line", [
+    (100, 0, "every phase ran and passed"), (30, 1, "INCOMPLETE: failed or skipped: report")])
+def test_gpu_sh_fails_a_run_with_a_phase_skipped_for_time(tmp_path, budget, exit_code, last_line):
+    """bench/gpu.sh with stand-ins for python3 and nvidia-smi that succeed at once: a phase the
+    budget has no time for is SKIPPED, and the script then exits nonzero."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    for name in ("python3", "nvidia-smi"):
+        (stubs / name).write_text("#!/bin/sh\nexit 0\n")
+        (stubs / name).chmod(0o755)
+    env = {"PATH": f"{stubs}:/usr/bin:/bin", "OUT": str(tmp_path), "GPU_SH_PHASES": "report",
+           "GPU_SH_SECONDS": str(budget)}
+    run = subprocess.run(["bash", str(BENCH / "gpu.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == exit_code, run.stdout + run.stderr
+    log = (tmp_path / "gpu_sh.log").read_text()
+    assert log.strip().splitlines()[-1] == last_line
+    assert ("report: SKIPPED (status 200)" in run.stdout) == (exit_code == 1)
 
 
 def test_speech_path_reports_a_turn_beside_its_critical_path(tmp_path):
@@ -143,6 +168,11 @@ def test_batch_engine_reports_rounds_of_concurrent_conversations(tmp_path, sampl
     assert 0 < three["cores_busy"] <= (os.cpu_count() or 1) + 0.1 and "llm_loop_busy" not in report["rounds"][0]
     assert all(0 < three[f"{loop}_loop_busy"] <= 1.05 for loop in ("llm", "echo", "vocoder"))
     assert [(r["width"], r["tokens_per_s"] > 0) for r in report["steps"]] == [(1, True), (3, True)]
+    assert [r["decode_timed"] for r in report["rounds"]] == [batch_engine.DECODE_TIMED["unbatched"]] + \
+        [batch_engine.DECODE_TIMED["batched"]] * 2
+    markdown = next(tmp_path.glob(f"*-cpu-batch-tiny{suffix}.md")).read_text()
+    assert f"(body and head selection, {sampling} sampling)" in markdown
+    assert f"| {batch_engine.DECODE_TIMED['unbatched']} |" in markdown
 
 
 def test_voice_size_has_the_released_speech_output():
@@ -201,3 +231,105 @@ def test_the_readme_table_reads_the_newest_report_among_other_benches_results():
     """bench/results also holds batch, speech-path and roofline results, which have no e2e part."""
     table = report.readme_table()
     assert table.startswith("Measured on") and "| tiny |" in table
+
+
+def load_bench_conftest():
+    """bench/conftest.py under a name of its own (tests/conftest.py is `conftest`)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_conftest", BENCH / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_gpu_clock_counts_the_calls_device_time_only(monkeypatch):
+    """On a fake device: the hold (sleep) and the L2 flush before each call take device time too,
+    but a round's reading is only its calls' event intervals; a hold the GPU got past before the
+    round was queued is counted and doubled."""
+    bench_conftest = load_bench_conftest()
+    device = {"ms": 0.0, "hold_over": False}
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.at = None
+
+        def record(self):
+            self.at = device["ms"]
+
+        def query(self):
+            return device["hold_over"]
+
+        def elapsed_time(self, end):
+            return end.at - self.at
+
+    class Flush:
+        def zero_(self):
+            device["ms"] += 50.0
+
+    def sleep(cycles):
+        device["ms"] += 100.0
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "_sleep", sleep)
+    monkeypatch.setattr(bench_conftest, "l2_flush_buffer", Flush)
+    clock = bench_conftest.DeviceClock()
+    call = clock.wrap(lambda ms: device.__setitem__("ms", device["ms"] + ms))
+    start = clock()
+    for _ in range(3):
+        call(2.0)
+    assert clock() - start == pytest.approx(0.006)
+    assert (clock.rounds_not_held, clock.hold_cycles) == (0, 1 << 21)
+    device["hold_over"] = True
+    clock()
+    call(1.0)
+    assert clock() == pytest.approx(0.001)
+    assert (clock.rounds_not_held, clock.hold_cycles) == (1, 1 << 22)
+
+
+def test_decode_attention_baselines_read_only_the_filled_cache():
+    """The torch baselines get the cache cut to its filled length, and answer as over the whole cache."""
+    import bench_decode_attention as bench
+    args = bench.make_inputs(1, 4, 2, 16, 256, 200)
+    cut = bench.filled_part(*args)
+    assert cut[1].shape[2] == cut[2].shape[2] == cut[4].shape[1] == 200
+    whole = bench.decode_attention_reference(*args)
+    torch.testing.assert_close(bench.decode_attention_reference(*cut), whole)
+    torch.testing.assert_close(bench.sdpa(*cut), whole, atol=1e-5, rtol=1e-5)
+
+
+def micro_of(cases: dict[str, dict[str, float]]) -> list[dict]:
+    """Microbenchmark rows from {"file[case]": {implementation: median ms}}."""
+    return report.micro_rows({"benchmarks": [
+        {"name": f"test_{impl}[{name.partition('[')[2]}", "fullname": f"bench/bench_{name.partition('[')[0]}.py::x",
+         "stats": {"median": ms / 1000}} for name, impls in cases.items() for impl, ms in impls.items()]})
+
+
+GPU_ENV = {"device": "NVIDIA H100 80GB HBM3", "device_type": "cuda"}
+EVERY_KERNEL_FASTER = {f"{file}[a]": {"torch_reference": 2.0, **{kernel: 1.0 for kernel in kernels}}
+                       for file, kernels in report.EXPECTED_KERNELS.items()}
+
+
+def test_the_kernel_target_is_met_only_when_every_kernel_case_ran_and_won():
+    assert report.evaluate_kernels(micro_of(EVERY_KERNEL_FASTER), 0, GPU_ENV)["status"] == "met"
+    failed = report.evaluate_kernels(micro_of(EVERY_KERNEL_FASTER), 1, GPU_ENV)
+    assert failed["status"] == "missed (pytest exit code 1)" and failed["measured"] == pytest.approx(2)
+    without_cuda_head = EVERY_KERNEL_FASTER | {"head_select[a]": {"torch_reference": 2.0, "triton": 1.0}}
+    status = report.evaluate_kernels(micro_of(without_cuda_head), 0, GPU_ENV)["status"]
+    assert status == "missed (1 kernel case(s) not timed: head_select[a] cuda)"
+    slower = EVERY_KERNEL_FASTER | {"head_select[a]": {"torch_reference": 2.0, "triton": 1.0, "cuda": 3.0}}
+    assert report.evaluate_kernels(micro_of(slower), 0, GPU_ENV)["status"] == "missed (6 of 7 kernel cases faster)"
+    assert report.evaluate_kernels([], 0, {"device": "CPU", "device_type": "cpu"})["status"].startswith("not measured")
+
+
+def test_absolute_targets_are_judged_only_on_the_gpu_they_are_set_for(tiny_result):
+    e2e = [tiny_result | {"size": "8b", "llm_ms_per_token": 5.0, "llm_hbm_roofline_pct": 70.0}]
+    for device, step_status in (("NVIDIA H100 80GB HBM3", "met"), ("NVIDIA H200", "set for an H100 SXM; measured "
+                                                                   "on NVIDIA H200: within the limit there")):
+        targets = report.evaluate_targets(e2e, [], 0, {"device": device, "device_type": "cuda"})
+        by_text = {t["target"]: t for t in targets}
+        assert by_text[report.TARGETS[0].text]["status"] == step_status
+        assert by_text[report.TARGETS[2].text]["status"] == "missed"  # a share of the GPU's own roofline
+        assert all(t["device"] == device for t in targets)
+        rendered = report.targets_table(targets)
+        assert rendered[0] == "| target | measured | measured on | status |" and device in rendered[2]

@@ -122,12 +122,16 @@ def test_sdk_round_trip_equals_session_respond(server, tiny_model_dir):
     spoken, written = run(talk())
     types = [e.type for e in spoken]
     assert types[:3] == ["input_audio_buffer.committed", "conversation.item.added", "response.created"]
-    assert types[-3:] == ["response.output_audio.done", "response.output_text.done", "response.done"]
+    assert types[-4:] == ["response.output_audio.done", "response.output_audio_transcript.done",
+                          "response.output_text.done", "response.done"]
     for events, (text, audio) in zip((spoken, written), expected):
         done = events[-1].response
         assert done.status in ("completed", "incomplete") and done.usage.output_tokens <= MAX_TOKENS
         assert set(done.model_extra["echox"]["timings_ms"]) >= {"prefill", "time_to_first_audio", "total"}
         assert received_text(events) == text == events[-2].text
+        # The GA API's name for a spoken answer's text, sent as well (a GA client reads only these).
+        transcript = "".join(e.delta for e in events if e.type == "response.output_audio_transcript.delta")
+        assert transcript == text == events[-3].transcript
         got = received_audio(events)
         assert got.numel() == audio.numel() > 0
         # The server sends pcm16: the same samples on the 16-bit grid, where streamed and offline

@@ -1,9 +1,10 @@
 """One answer: `Session.respond` run in the turn worker, its events sent as realtime server events.
 
     response.created                       (sent by the connection when the turn is queued)
-    response.output_text.delta  ...        each TextDelta
+    response.output_text.delta  ...        each TextDelta, and the same as
+    response.output_audio_transcript.delta (the GA API's name for the text of a spoken answer)
     response.output_audio.delta ...        each AudioChunk, resampled 16 -> 24 kHz, base64 pcm16
-    response.output_audio.done, response.output_text.done
+    response.output_audio.done, response.output_audio_transcript.done, response.output_text.done
     response.done                          status, usage, and echox's timings and queue wait
 
 A response cancelled while it waits in the queue never reaches the engine; one cancelled while it
@@ -99,13 +100,15 @@ class Response:
                 session.cancel()  # again: a cancel that came before respond() started was reset by it
             if isinstance(event, TextDelta) and event.text:
                 text.append(event.text)
-                self.post(self.part_event("response.output_text.delta", delta=event.text))
+                for event_type in ("response.output_text.delta", "response.output_audio_transcript.delta"):
+                    self.post(self.part_event(event_type, delta=event.text))
             elif isinstance(event, AudioChunk):
                 self.send_audio(resampler.push(event.samples))
             elif isinstance(event, TurnDone):
                 done = event
         self.send_audio(resampler.flush())
         self.post(self.part_event("response.output_audio.done"))
+        self.post(self.part_event("response.output_audio_transcript.done", transcript="".join(text)))
         self.post(self.part_event("response.output_text.done", text="".join(text)))
         status, reason = self.outcome(done.trace)
         self.done_event = server_event("response.done", response=self.describe(status, reason, done.trace,

@@ -122,16 +122,21 @@ def test_sdk_round_trip_equals_session_respond(server, tiny_model_dir):
     spoken, written = run(talk())
     types = [e.type for e in spoken]
     assert types[:3] == ["input_audio_buffer.committed", "conversation.item.added", "response.created"]
-    assert types[-4:] == ["response.output_audio.done", "response.output_audio_transcript.done",
-                          "response.output_text.done", "response.done"]
+    assert types[-6:] == ["response.output_audio.done", "response.output_audio_transcript.done",
+                          "response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.done"]
+    first_delta = types.index("response.output_audio.delta")
+    assert types.index("response.output_item.added") < types.index("response.content_part.added") < first_delta
     for events, (text, audio) in zip((spoken, written), expected):
         done = events[-1].response
         assert done.status in ("completed", "incomplete") and done.usage.output_tokens <= MAX_TOKENS
         assert set(done.model_extra["echox"]["timings_ms"]) >= {"prefill", "time_to_first_audio", "total"}
-        assert received_text(events) == text == events[-2].text
+        assert received_text(events) == text == events[-4].text
         # The GA API's name for a spoken answer's text, sent as well (a GA client reads only these).
         transcript = "".join(e.delta for e in events if e.type == "response.output_audio_transcript.delta")
-        assert transcript == text == events[-3].transcript
+        assert transcript == text == events[-5].transcript == events[-3].part.transcript
+        item = events[-2].item
+        assert item.id == done.output[0].id and item.status == done.output[0].status == done.status
         got = received_audio(events)
         assert got.numel() == audio.numel() > 0
         # The server sends pcm16: the same samples on the 16-bit grid, where streamed and offline
@@ -313,7 +318,7 @@ def test_response_done_goes_out_as_the_connection_is_freed(tiny_model_dir):
     response = Response(SessionConfig(temperature=0.0, top_p=1.0, max_output_tokens=4), None, "Hi.",
                         lambda: session, sent.append, lambda: sent.append("connection free"))
     response.run()  # what the worker thread runs
-    assert [event["type"] for event in sent][-1] == "response.output_text.done"  # and no response.done yet
+    assert [event["type"] for event in sent][-1] == "response.output_item.done"  # and no response.done yet
     assert "response.done" not in [event["type"] for event in sent]
     response.finished()
     assert sent[-2]["type"] == "response.done" and sent[-1] == "connection free"

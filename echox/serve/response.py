@@ -1,10 +1,12 @@
 """One answer: `Session.respond` run in the turn worker, its events sent as realtime server events.
 
     response.created                       (sent by the connection when the turn is queued)
+    response.output_item.added, response.content_part.added      as the turn starts
     response.output_text.delta  ...        each TextDelta, and the same as
     response.output_audio_transcript.delta (the GA API's name for the text of a spoken answer)
     response.output_audio.delta ...        each AudioChunk, resampled 16 -> 24 kHz, base64 pcm16
     response.output_audio.done, response.output_audio_transcript.done, response.output_text.done
+    response.content_part.done, response.output_item.done
     response.done                          status, usage, and echox's timings and queue wait
 
 A response cancelled while it waits in the queue never reaches the engine; one cancelled while it
@@ -95,6 +97,9 @@ class Response:
 
     def speak(self, session: Session):
         resampler, text, done = StreamingResampler(), [], None
+        self.post(server_event("response.output_item.added", response_id=self.id, output_index=0,
+                               item=self.item("in_progress")))
+        self.post(self.part_event("response.content_part.added", part={"type": "audio", "transcript": ""}))
         for event in session.respond(audio=None if self.audio is None else (self.audio, API_RATE), text=self.text):
             if self.cancel_reason is not None:
                 session.cancel()  # again: a cancel that came before respond() started was reset by it
@@ -107,12 +112,15 @@ class Response:
             elif isinstance(event, TurnDone):
                 done = event
         self.send_audio(resampler.flush())
-        self.post(self.part_event("response.output_audio.done"))
-        self.post(self.part_event("response.output_audio_transcript.done", transcript="".join(text)))
-        self.post(self.part_event("response.output_text.done", text="".join(text)))
+        answer = "".join(text)
         status, reason = self.outcome(done.trace)
-        self.done_event = server_event("response.done", response=self.describe(status, reason, done.trace,
-                                                                               "".join(text)))
+        self.post(self.part_event("response.output_audio.done"))
+        self.post(self.part_event("response.output_audio_transcript.done", transcript=answer))
+        self.post(self.part_event("response.output_text.done", text=answer))
+        self.post(self.part_event("response.content_part.done", part={"type": "audio", "transcript": answer}))
+        self.post(server_event("response.output_item.done", response_id=self.id, output_index=0,
+                               item=self.item(status, answer)))
+        self.done_event = server_event("response.done", response=self.describe(status, reason, done.trace, answer))
 
     def send_audio(self, samples: torch.Tensor):
         if samples.numel():
@@ -138,6 +146,14 @@ class Response:
         return server_event(event_type, response_id=self.id, item_id=self.item_id, output_index=0,
                             content_index=0, **fields)
 
+    def item(self, status: str, text: str | None = None) -> dict:
+        """The answer's conversation item: in progress, or once the turn is over (with its text) completed
+        or incomplete (an item is never cancelled or failed: such an answer is incomplete)."""
+        content = [] if text is None else [{"type": "output_audio", "transcript": text}]
+        item_status = status if status in ("in_progress", "completed") else "incomplete"
+        return {"id": self.item_id, "object": "realtime.item", "type": "message", "role": "assistant",
+                "status": item_status, "content": content}
+
     def describe(self, status: str, reason: str | None = None, trace: dict | None = None, text: str = "") -> dict:
         """The response object of response.created / response.done; with the turn's trace once it has one."""
         details = None if status == "in_progress" else {"type": status} | ({"reason": reason} if reason else {})
@@ -145,11 +161,7 @@ class Response:
                     "output_modalities": ["audio"], "max_output_tokens": self.config.max_output_tokens,
                     "output": [], "usage": None}
         if trace is not None:
-            content = [{"type": "output_audio", "transcript": text}]
-            # An item is completed or incomplete (or in progress): a cancelled or failed answer is incomplete.
-            item_status = "completed" if status == "completed" else "incomplete"
-            response["output"] = [{"id": self.item_id, "object": "realtime.item", "type": "message",
-                                   "role": "assistant", "status": item_status, "content": content}]
+            response["output"] = [self.item(status, text)]
             prompt, answer = len(trace["prompt_ids"]), len(trace["tokens"])
             response["usage"] = {"total_tokens": prompt + answer, "input_tokens": prompt, "output_tokens": answer}
         response["echox"] = {"queue_wait_ms": round(self.wait_ms, 3),

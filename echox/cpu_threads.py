@@ -54,7 +54,7 @@ def _own_group_and_parents(root: Path, own_cgroup: Path) -> list[Path]:
         own = next((line[4:].strip() for line in own_cgroup.read_text().splitlines() if line.startswith("0::/")), "")
     except OSError:
         own = ""
-    group = root / own.strip("/") if own.strip("/") else root
+    group = root / own.strip("/")  # the root itself for "/" (joining "" adds nothing)
     return [group, *[parent for parent in group.parents if parent.is_relative_to(root)]]
 
 

@@ -46,6 +46,12 @@ MAX_PENDING_TEXT = 64 * 1024  # characters: far past what a conversation's KV ca
 log = logging.getLogger("echox.serve")
 
 
+def user_item(item_id: str, content: list[dict]) -> dict:
+    """A user message of the conversation (speech or text parts)."""
+    return {"id": item_id, "object": "realtime.item", "type": "message", "role": "user", "status": "completed",
+            "content": content}
+
+
 class ServerClose(NamedTuple):
     """In the outbox: close the WebSocket here, after the events queued before."""
     code: int
@@ -278,7 +284,7 @@ class Connection:
                                 "dropped: send response.create first")
         self.pending_audio.append(speech)
         self.post(server_event("input_audio_buffer.committed", previous_item_id=self.last_item, item_id=item_id))
-        self.add_item(item_id, [{"type": "input_audio", "transcript": None}])
+        self.add_item(user_item(item_id, [{"type": "input_audio", "transcript": None}]))
 
     def clear(self, event: dict):
         self.buffer.clear()
@@ -306,14 +312,12 @@ class Connection:
                                 f"{MAX_PENDING_TEXT} characters; this item was dropped", "item.content")
         self.pending_text.append("\n".join(texts))
         item_id = item["id"] if isinstance(item.get("id"), str) else new_id("item")
-        self.add_item(item_id, [{"type": "input_text", "text": text} for text in texts])
+        self.add_item(user_item(item_id, [{"type": "input_text", "text": text} for text in texts]))
 
-    def add_item(self, item_id: str, content: list[dict], role: str = "user", status: str = "completed"):
+    def add_item(self, item: dict):
         """Announce an item of the conversation, after the last one (previous_item_id)."""
-        item = {"id": item_id, "object": "realtime.item", "type": "message", "role": role, "status": status,
-                "content": content}
         self.post(server_event("conversation.item.added", previous_item_id=self.last_item, item=item))
-        self.last_item = item_id
+        self.last_item = item["id"]
 
     def response_create(self, event: dict):
         if self.active is not None:
@@ -335,7 +339,7 @@ class Connection:
         self.active = Response(config, audio, text, self.engine_session, self.post, self.response_finished)
         self.scheduler.submit(self.active)
         self.post(self.active.created_event(self.scheduler.turns_ahead(self.active)))
-        self.add_item(self.active.item_id, [], role="assistant", status="in_progress")  # the answer, to come
+        self.add_item(self.active.item("in_progress"))  # the answer, to come
 
     def engine_session(self) -> Session:
         """This connection's engine session; only the turn worker calls this, so no lock is needed."""

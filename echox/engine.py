@@ -270,13 +270,17 @@ class Session:
 
     def __init__(self, engine: Engine, sampling: SamplingParams = RELEASED_SAMPLING,
                  segmenter: SegmenterParams = RELEASED_SEGMENTER, max_new_tokens: int = 512,
-                 max_units: int = 2048, max_len: int | None = None, push_units: int = 32):
+                 max_units: int = 2048, max_len: int | None = None, push_units: int = 32, speak: bool = True):
         """`max_len`: positions of this conversation's KV cache (default 4096); a batched engine's
-        sessions use its slots instead, whose size is set when batching is turned on."""
+        sessions use its slots instead, whose size is set when batching is turned on.
+        `speak` False answers in text only: no echo decoder or vocoder work, no AudioChunk (like
+        `sampling` and the limits it may change between turns)."""
         require_count(max_new_tokens=max_new_tokens, max_units=max_units, push_units=push_units)
         if max_len is not None:
             require_count(max_len=max_len)
-        self.engine, self.sampling, self.segmenter = engine, sampling, segmenter
+        if not isinstance(speak, bool):
+            raise EchoXError(f"speak must be True or False, got {speak!r}")
+        self.engine, self.sampling, self.segmenter, self.speak = engine, sampling, segmenter, speak
         self.max_new_tokens, self.max_units, self.push_units = max_new_tokens, max_units, push_units
         self.decoder: TextDecoder | None = None  # this conversation's own KV cache, without batching
         if engine.text_batcher is None:
@@ -475,7 +479,7 @@ class Session:
         alone = self.decoder is not None and engine.device.type == "cpu"
         kept, slots, answer_tokens, finish_timings = on_every_core(before_llm) if alone else before_llm()
 
-        speech = SpeechPipeline(engine, self.max_units, self.push_units, clock)
+        speech = SpeechPipeline(engine, self.max_units, self.push_units, clock, speak=self.speak)
         stop.on_set(speech.stop)
         segmenter, text_stream = Segmenter(self.segmenter), tok.decode_stream()
         tokens, hiddens, scores, shown = [], [], [], ""

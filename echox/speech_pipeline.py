@@ -55,9 +55,10 @@ class AudioChunk:
 
 
 class SpeechPipeline:
-    """Speaks the segments `submit`ted to it; `chunks` hands out the audio as it is made."""
+    """Speaks the segments `submit`ted to it; `chunks` hands out the audio as it is made. One that
+    does not `speak` (a text-only turn) starts no thread, keeps no segment and ends at once."""
 
-    def __init__(self, engine, max_units: int, push_units: int, clock):
+    def __init__(self, engine, max_units: int, push_units: int, clock, speak: bool = True):
         self.engine, self.max_units, self.push_units, self.clock = engine, max_units, push_units, clock
         self.out: queue.Queue = queue.Queue()  # AudioChunk, then None once the vocoder thread ends
         self.ended = False  # that None has been read
@@ -76,14 +77,18 @@ class SpeechPipeline:
         # Each thread, however it ends, tells the next stage that nothing more comes from it.
         self.threads = [threading.Thread(target=self._guarded, args=(loop, done), name=name, daemon=True)
                         for name, loop, done in (("echox-echo", self._echo_loop, self.units),
-                                                 ("echox-vocoder", self._vocoder_loop, self.out))]
+                                                 ("echox-vocoder", self._vocoder_loop, self.out))] if speak else []
         for thread in self.threads:
             thread.start()
+        if not speak:
+            self.out.put(None)  # its end: no audio comes
         PIPELINES.add(self)
 
     def submit(self, record: SegmentRecord, hidden: torch.Tensor):
         """Queue a segment's hidden states [n, H]. On a GPU they are still being written on the
         LLM's stream: an event marks where, and the echo stream waits for it before reading."""
+        if not self.threads:  # it does not speak
+            return
         ready = None
         if hidden.is_cuda:
             ready = torch.cuda.Event()

@@ -100,6 +100,19 @@ def test_concurrent_conversations_equal_each_alone(solo, batched):
     assert batched.vocoder_batcher.calls < batched.vocoder_batcher.pushes  # and vocoder calls
 
 
+def test_a_batched_turn_that_does_not_speak_leaves_the_speech_batches_alone(solo, batched, monkeypatch):
+    """A text-only row gets the tokens it gets alone; the echo decoder's and the vocoder's batches
+    never see it."""
+    expected, _ = converse(solo, GREEDY, 20, [{"audio": demo_question(1.5)}])[0]
+    monkeypatch.setattr(batched, "echo_units", lambda *a, **k: pytest.fail("the echo decoder ran"))
+    pushes = batched.vocoder_batcher.pushes
+    talk = batched.session(sampling=GREEDY, segmenter=SHORT, max_new_tokens=20, speak=False)
+    events = list(talk.respond(audio=demo_question(1.5)))
+    assert events[-1].trace["tokens"] == expected["tokens"] and expected["segments"]
+    assert not any(isinstance(e, AudioChunk) for e in events)
+    assert batched.vocoder_batcher.pushes == pushes
+
+
 def test_rows_with_the_same_sampling_read_the_head_once(batched, monkeypatch):
     """Sampled rows of one setting select in one call, each with its own counter, and draw what each
     draws alone; the counters all move on by one."""

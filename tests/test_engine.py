@@ -100,6 +100,28 @@ def test_text_only_and_multi_turn(engine):
     assert replay["tokens"] == third["tokens"]
 
 
+def test_a_session_that_does_not_speak_writes_the_same_answer_and_makes_no_speech(engine, monkeypatch):
+    """speak=False (a text-only response): the same tokens and text, no audio, no segments, and the
+    echo decoder and vocoder never run; the next turn of the same session may speak again."""
+    _, spoken = run_turn(new_session(engine), audio=demo_question(2.0))
+    monkeypatch.setattr(engine, "echo_units", lambda *a, **k: pytest.fail("the echo decoder ran"))
+    quiet = new_session(engine, speak=False)
+    events, trace = run_turn(quiet, audio=demo_question(2.0))
+    assert not any(isinstance(e, AudioChunk) for e in events)
+    assert trace["tokens"] == spoken["tokens"] and trace["text"] == spoken["text"] and spoken["segments"]
+    assert trace["segments"] == [] and trace["timings_ms"]["echo_decoder"] == trace["timings_ms"]["vocoder"] == 0
+    monkeypatch.undo()
+    quiet.speak = True
+    events, _ = run_turn(quiet, text="And now aloud.")
+    assert any(isinstance(e, AudioChunk) for e in events)
+
+
+@pytest.mark.parametrize("value", [0, 1, "no", None])
+def test_speak_must_be_a_bool(engine, value):
+    with pytest.raises(EchoXError, match="speak must be True or False"):
+        engine.session(speak=value)
+
+
 def test_seeded_sampling_reproducible(engine):
     sampling = SamplingParams(temperature=0.8, top_p=0.9, seed=7)
     runs = [run_turn(new_session(engine, sampling=sampling, max_new_tokens=10), text="Hi")[1]["tokens"]

@@ -145,6 +145,40 @@ def test_sdk_round_trip_equals_session_respond(server, tiny_model_dir):
     assert written[-1].response.usage.input_tokens > spoken[-1].response.usage.total_tokens  # history kept
 
 
+def test_text_only_answers_say_the_same_text_without_audio(server, tiny_model_dir):
+    """output_modalities ["text"] for the session, then ["audio"] for one response alone: the text-only
+    answer has the spoken one's text, a text part, and no audio event; the next answer speaks."""
+    question = question_pcm16()
+    (text, _), _ = expected_turns(tiny_model_dir, question, "And then?")
+
+    async def talk():
+        async with sdk(server).realtime.connect(model="echox") as connection:
+            await until(connection, "session.created")
+            await connection.session.update(session={"type": "realtime", "output_modalities": ["text"]})
+            assert (await until(connection, "session.updated")).session.output_modalities == ["text"]
+            written = await spoken_turn(connection, question)
+            await connection.conversation.item.create(item={"type": "message", "role": "user",
+                                                            "content": [{"type": "input_text", "text": "Aloud."}]})
+            await connection.response.create(response={"output_modalities": ["audio"]})
+            spoken = []
+            await until(connection, "response.done", spoken)
+            await connection.conversation.item.create(item={"type": "message", "role": "user",
+                                                            "content": [{"type": "input_text", "text": "Again."}]})
+            await connection.response.create()
+            again = []
+            await until(connection, "response.done", again)
+            return written, spoken, again
+
+    written, spoken, again = run(talk())
+    assert not any(e.type.startswith("response.output_audio") for e in written + again)
+    assert received_text(written) == text and written[-1].response.output_modalities == ["text"]
+    part, item = written[-3].part, written[-2].item
+    assert (part.type, part.text) == ("text", text) and (item.content[0].type, item.content[0].text) == \
+        ("output_text", text)
+    assert received_audio(spoken).numel() > 0 and spoken[-1].response.output_modalities == ["audio"]
+    assert again[-1].response.output_modalities == ["text"]  # the response's choice was for that answer alone
+
+
 # The tiny LLM decodes ~1 ms per token, far ahead of the speech: with 400 tokens a loaded machine
 # decoded them all before the cancel sent at the first audio arrived (CI, 2026-12-02). This budget
 # cannot be reached by then, and the answer so far still fits the 4096-position KV cache.
@@ -249,6 +283,8 @@ def test_bad_input_gets_error_events_and_the_connection_stays_usable(server):
         (json.dumps({"type": "response.cancel"}), "response_cancel_not_active"),
         (json.dumps({"type": "response.create"}), "no_input"),
         (json.dumps({"type": "session.update", "session": {"temperature": -1}}), "invalid_value"),
+        (json.dumps({"type": "session.update", "session": {"output_modalities": ["image"]}}), "invalid_value"),
+        (json.dumps({"type": "session.update", "session": {"modalities": []}}), "invalid_value"),
         (json.dumps({"type": "session.update", "session": {"audio": {"input": {"turn_detection": {
             "type": "semantic_vad"}}}}}), "unsupported_turn_detection"),
         (json.dumps({"type": "session.update", "session": {"audio": {"output": {"format": {

@@ -30,7 +30,7 @@ from .protocol import (ProtocolError, check_event_type, error_event, new_id, obj
                        server_event)
 from .response import Response
 from .scheduler import TurnScheduler
-from .session_config import SessionConfig, parse_max_output_tokens
+from .session_config import SessionConfig
 from .vad import EnergyVad, VadEvent
 
 PCM16_BYTES = 2
@@ -329,10 +329,7 @@ class Connection:
         """Answer the pending input: committed speech (joined) and user text (joined) make one turn."""
         if not self.pending_audio and not self.pending_text:
             raise ProtocolError("no_input", "nothing to answer: commit input audio or create a user message first")
-        config = self.config
-        if "max_output_tokens" in options:
-            config = config.updated({"max_output_tokens": parse_max_output_tokens(options["max_output_tokens"],
-                                                                                  "response")})
+        config = self.config.for_response(options)
         audio = torch.cat(self.pending_audio) if self.pending_audio else None
         text = "\n".join(self.pending_text)
         self.pending_audio, self.pending_text = [], []

@@ -2,12 +2,14 @@
 
     response.created                       (sent by the connection when the turn is queued)
     response.output_item.added, response.content_part.added      as the turn starts
-    response.output_text.delta  ...        each TextDelta, and the same as
+    response.output_text.delta  ...        each TextDelta, and when spoken the same as
     response.output_audio_transcript.delta (the GA API's name for the text of a spoken answer)
     response.output_audio.delta ...        each AudioChunk, resampled 16 -> 24 kHz, base64 pcm16
-    response.output_audio.done, response.output_audio_transcript.done, response.output_text.done
-    response.content_part.done, response.output_item.done
+    response.output_audio.done, response.output_audio_transcript.done      when spoken
+    response.output_text.done, response.content_part.done, response.output_item.done
     response.done                          status, usage, and echox's timings and queue wait
+A text-only answer (output_modalities ["text"]) has a text part and none of the audio events; the
+engine then runs no echo decoder or vocoder for it.
 
 A response cancelled while it waits in the queue never reaches the engine; one cancelled while it
 runs is stopped by `Session.cancel()` within one decode step or vocoder push, and what was said
@@ -79,11 +81,12 @@ class Response:
             session = self.open_session()
             session.sampling = self.config.sampling()
             session.max_new_tokens = self.config.max_output_tokens
+            session.speak = self.config.speaks
             self.session = session
             if self.cancel_reason is not None:  # cancelled between leaving the queue and now
                 self.drop()
                 return
-            self.speak(session)
+            self.answer(session)
         except ConversationFull as e:
             log.info("response %s: %s", self.id, e)  # the engine's own advice (a reset) is not in the protocol
             self.fail(ProtocolError("conversation_full", "this conversation no longer fits its KV cache; a new "
@@ -95,29 +98,32 @@ class Response:
             self.fail(ProtocolError("server_error", "the engine failed on this turn; the server log has the "
                                     "details", kind="server_error"))
 
-    def speak(self, session: Session):
+    def answer(self, session: Session):
         resampler, text, done = StreamingResampler(), [], None
+        speaks = self.config.speaks
+        text_events = ("response.output_text.delta",) + (("response.output_audio_transcript.delta",) if speaks else ())
         self.post(server_event("response.output_item.added", response_id=self.id, output_index=0,
                                item=self.item("in_progress")))
-        self.post(self.part_event("response.content_part.added", part={"type": "audio", "transcript": ""}))
+        self.post(self.part_event("response.content_part.added", part=self.part("")))
         for event in session.respond(audio=None if self.audio is None else (self.audio, API_RATE), text=self.text):
             if self.cancel_reason is not None:
                 session.cancel()  # again: a cancel that came before respond() started was reset by it
             if isinstance(event, TextDelta) and event.text:
                 text.append(event.text)
-                for event_type in ("response.output_text.delta", "response.output_audio_transcript.delta"):
+                for event_type in text_events:
                     self.post(self.part_event(event_type, delta=event.text))
             elif isinstance(event, AudioChunk):
                 self.send_audio(resampler.push(event.samples))
             elif isinstance(event, TurnDone):
                 done = event
-        self.send_audio(resampler.flush())
         answer = "".join(text)
         status, reason = self.outcome(done.trace)
-        self.post(self.part_event("response.output_audio.done"))
-        self.post(self.part_event("response.output_audio_transcript.done", transcript=answer))
+        if speaks:
+            self.send_audio(resampler.flush())
+            self.post(self.part_event("response.output_audio.done"))
+            self.post(self.part_event("response.output_audio_transcript.done", transcript=answer))
         self.post(self.part_event("response.output_text.done", text=answer))
-        self.post(self.part_event("response.content_part.done", part={"type": "audio", "transcript": answer}))
+        self.post(self.part_event("response.content_part.done", part=self.part(answer)))
         self.post(server_event("response.output_item.done", response_id=self.id, output_index=0,
                                item=self.item(status, answer)))
         self.done_event = server_event("response.done", response=self.describe(status, reason, done.trace, answer))
@@ -146,10 +152,15 @@ class Response:
         return server_event(event_type, response_id=self.id, item_id=self.item_id, output_index=0,
                             content_index=0, **fields)
 
+    def part(self, text: str) -> dict:
+        """The answer's content part as the content_part events carry it: spoken, or text only."""
+        return {"type": "audio", "transcript": text} if self.config.speaks else {"type": "text", "text": text}
+
     def item(self, status: str, text: str | None = None) -> dict:
         """The answer's conversation item: in progress, or once the turn is over (with its text) completed
         or incomplete (an item is never cancelled or failed: such an answer is incomplete)."""
-        content = [] if text is None else [{"type": "output_audio", "transcript": text}]
+        content = [] if text is None else [{"type": "output_audio", "transcript": text} if self.config.speaks
+                                           else {"type": "output_text", "text": text}]
         item_status = status if status in ("in_progress", "completed") else "incomplete"
         return {"id": self.item_id, "object": "realtime.item", "type": "message", "role": "assistant",
                 "status": item_status, "content": content}
@@ -158,7 +169,7 @@ class Response:
         """The response object of response.created / response.done; with the turn's trace once it has one."""
         details = None if status == "in_progress" else {"type": status} | ({"reason": reason} if reason else {})
         response = {"object": "realtime.response", "id": self.id, "status": status, "status_details": details,
-                    "output_modalities": ["audio"], "max_output_tokens": self.config.max_output_tokens,
+                    "output_modalities": [self.config.output_modality], "max_output_tokens": self.config.max_output_tokens,
                     "output": [], "usage": None}
         if trace is not None:
             response["output"] = [self.item(status, text)]

@@ -3,7 +3,9 @@
 Supported (GA field names): `audio.input.format` / `audio.output.format` (only pcm16 at 24 kHz,
 `{"type": "audio/pcm", "rate": 24000}`), `audio.input.turn_detection` (null or `server_vad` with
 threshold, prefix_padding_ms, silence_duration_ms, create_response, interrupt_response),
-`max_output_tokens`, and two echox extensions for sampling, `temperature` and `top_p` (the GA
+`output_modalities` (["audio"]: spoken answers with their transcript, the default; ["text"]: text
+only, which costs no echo decoder or vocoder work; the beta API's `modalities` is read the same
+way), `max_output_tokens`, and two echox extensions for sampling, `temperature` and `top_p` (the GA
 session has no sampling fields; EchoX's released sampling is temperature 0.2, top-p 0.9).
 The beta API's `input_audio_format` / `output_audio_format` are checked too (only "pcm16"), so a
 client never sends g711 that would be read as pcm16. `instructions`, `voice`, `tools` and the
@@ -18,6 +20,7 @@ from .protocol import ProtocolError, number_field, object_field
 
 PCM_FORMAT = {"type": "audio/pcm", "rate": 24000}
 MAX_OUTPUT_TOKENS = 4096  # the API's own upper bound for an integer max_output_tokens
+MODALITIES = ("audio", "text")
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,20 @@ class SessionConfig:
     top_p: float
     max_output_tokens: int
     turn_detection: TurnDetection | None = field(default=None)
+    output_modality: str = "audio"  # or "text"
+
+    @property
+    def speaks(self) -> bool:
+        return self.output_modality == "audio"
+
+    def for_response(self, response: dict) -> "SessionConfig":
+        """This config with the fields a response.create's `response` may set for that answer alone."""
+        changes = {}
+        if "max_output_tokens" in response:
+            changes["max_output_tokens"] = parse_max_output_tokens(response["max_output_tokens"], "response")
+        if (modality := parse_output_modality(response, "response")) is not None:
+            changes["output_modality"] = modality
+        return replace(self, **changes)
 
     def updated(self, session: dict) -> "SessionConfig":
         """This config with the fields of a session.update's `session` applied; all or nothing."""
@@ -65,6 +82,8 @@ class SessionConfig:
                 changes[name] = value
         if "max_output_tokens" in session:
             changes["max_output_tokens"] = parse_max_output_tokens(session["max_output_tokens"], "session")
+        if (modality := parse_output_modality(session, "session")) is not None:
+            changes["output_modality"] = modality
         for name in ("input_audio_format", "output_audio_format"):  # the beta API's names for the formats
             if session.get(name, "pcm16") != "pcm16":
                 raise ProtocolError("unsupported_audio_format", f"session.{name} must be \"pcm16\" (24 kHz mono), "
@@ -90,7 +109,7 @@ class SessionConfig:
         detection = None if self.turn_detection is None else {"type": "server_vad", **asdict(self.turn_detection)}
         return {
             "type": "realtime", "object": "realtime.session", "id": session_id, "model": "echox",
-            "output_modalities": ["audio"], "instructions": "", "tools": [],
+            "output_modalities": [self.output_modality], "instructions": "", "tools": [],
             "audio": {"input": {"format": PCM_FORMAT, "turn_detection": detection},
                       "output": {"format": PCM_FORMAT, "voice": "echox"}},
             "max_output_tokens": self.max_output_tokens,
@@ -106,6 +125,21 @@ def parse_max_output_tokens(value: object, where: str) -> int:
         raise ProtocolError("invalid_value", f"{where}.max_output_tokens must be an integer from 1 to "
                             f"{MAX_OUTPUT_TOKENS} or \"inf\", got {value!r}", f"{where}.max_output_tokens")
     return value
+
+
+def parse_output_modality(fields: dict, where: str) -> str | None:
+    """"audio" or "text" from `output_modalities` (GA: ["audio"] or ["text"]) or `modalities` (beta:
+    ["text"] or ["audio", "text"]): audio whenever it is asked for, as both APIs then also send its
+    transcript; None when neither field is there."""
+    for name in ("output_modalities", "modalities"):
+        if name not in fields:
+            continue
+        values = fields[name]
+        if not isinstance(values, list) or not values or not all(value in MODALITIES for value in values):
+            raise ProtocolError("invalid_value", f"{where}.{name} must be [\"audio\"] or [\"text\"], got {values!r}",
+                                f"{where}.{name}")
+        return "audio" if "audio" in values else "text"
+    return None
 
 
 def check_format(direction: dict, param: str):

@@ -60,6 +60,29 @@ def test_one_append_holding_two_utterances_commits_each_with_its_own_speech():
     assert 1.0 < second < 1.6  # the same, after up to 300 ms of padding before it
 
 
+def test_speech_events_give_where_the_items_audio_starts_and_ends():
+    """As the API has it: audio_start_ms includes the prefix padding, audio_end_ms the silence that
+    ended the speech, so the two span exactly the committed audio (they gave the onset and the last
+    loud frame, 300 ms and 200 ms inside it)."""
+    async def events_and_audio() -> tuple[list[dict], list[int]]:
+        config = SessionConfig(temperature=0.0, top_p=1.0, max_output_tokens=4).updated({"audio": {"input": {
+            "turn_detection": {"type": "server_vad", "prefix_padding_ms": 300, "silence_duration_ms": 200,
+                               "create_response": False}}}})
+        connection = Connection(None, config, None, None, max_buffer_bytes=10 ** 7, idle_timeout_s=60)
+        connection.restart_vad()
+        for block in torch.cat([tone(1.0, 0.0), tone(1.0, 0.1), tone(0.5, 0.0)] * 2).split(RATE // 10):
+            connection.append({"audio": pcm16_base64(block)})
+        await asyncio.sleep(0)
+        events = [connection.outbox.get_nowait() for _ in range(connection.outbox.qsize())]
+        return events, [samples.numel() * 1000 // RATE for samples in connection.pending_audio]
+
+    events, committed_ms = asyncio.run(events_and_audio())
+    starts = [e["audio_start_ms"] for e in events if e["type"] == "input_audio_buffer.speech_started"]
+    ends = [e["audio_end_ms"] for e in events if e["type"] == "input_audio_buffer.speech_stopped"]
+    assert starts == [700, 3200] and all(abs(end - want) <= 20 for end, want in zip(ends, [2200, 4700]))
+    assert [end - start for start, end in zip(starts, ends)] == committed_ms
+
+
 def test_speech_longer_than_the_buffer_is_cut_into_turns_and_its_end_is_heard():
     """9 s of sound into a 4 s buffer: the speech so far is committed whenever the buffer is full,
     the rest is a turn of its own, and the silence after it ends the last. The append used to be

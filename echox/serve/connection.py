@@ -46,6 +46,11 @@ MAX_PENDING_TEXT = 64 * 1024  # characters: far past what a conversation's KV ca
 log = logging.getLogger("echox.serve")
 
 
+def ms(sample: int) -> int:
+    """Milliseconds of input audio (at the API's rate) before `sample`."""
+    return sample * 1000 // API_RATE
+
+
 def user_item(item_id: str, content: list[dict]) -> dict:
     """A user message of the conversation (speech or text parts)."""
     return {"id": item_id, "object": "realtime.item", "type": "message", "role": "user", "status": "completed",
@@ -225,16 +230,19 @@ class Connection:
                 self.keep_recent(self.config.turn_detection.prefix_padding_ms)
 
     def on_vad(self, event: VadEvent):
-        ms = event.sample * 1000 // API_RATE
+        """The events say where the item's audio starts and ends, in ms of the session's input (as the
+        API does): from the prefix padding kept before the onset to where the end was heard, after
+        `silence_duration_ms` of quiet."""
         if event.kind == "started":
             self.speech_item = new_id("item")
             self.keep_recent(self.config.turn_detection.prefix_padding_ms, before=event.sample)
-            self.post(server_event("input_audio_buffer.speech_started", audio_start_ms=ms, item_id=self.speech_item))
+            self.post(server_event("input_audio_buffer.speech_started", audio_start_ms=ms(self.buffer_start()),
+                                   item_id=self.speech_item))
             if self.active is not None and self.config.turn_detection.interrupt_response:
                 self.cancel("turn_detected")  # barge-in
             return
         item = self.speech_item or new_id("item")  # a manual commit during the speech took the first id
-        self.post(server_event("input_audio_buffer.speech_stopped", audio_end_ms=ms, item_id=item))
+        self.post(server_event("input_audio_buffer.speech_stopped", audio_end_ms=ms(event.heard), item_id=item))
         try:  # the speech up to where its end was heard; what came after it in the same append stays
             self.commit(item, until=event.heard)
         except ProtocolError as error:
@@ -255,9 +263,12 @@ class Connection:
         """Drop buffered audio older than `padding_ms` before sample `before` (default: the end)."""
         end = self.appended if before is None else before
         first_kept = end - padding_ms * API_RATE // 1000
-        buffer_start = self.appended - len(self.buffer) // PCM16_BYTES
-        if first_kept > buffer_start:
-            del self.buffer[:(first_kept - buffer_start) * PCM16_BYTES]
+        if first_kept > (start := self.buffer_start()):
+            del self.buffer[:(first_kept - start) * PCM16_BYTES]
+
+    def buffer_start(self) -> int:
+        """Where the buffer's first sample is in the session's input (samples appended so far)."""
+        return self.appended - len(self.buffer) // PCM16_BYTES
 
     def commit_event(self, event: dict):
         if not self.buffer:
@@ -267,8 +278,7 @@ class Connection:
 
     def commit(self, item_id: str, until: int | None = None):
         """Commit the buffer up to sample `until` (default: all of it) as a pending speech item."""
-        buffer_start = self.appended - len(self.buffer) // PCM16_BYTES
-        end = len(self.buffer) if until is None else max(0, until - buffer_start) * PCM16_BYTES
+        end = len(self.buffer) if until is None else max(0, until - self.buffer_start()) * PCM16_BYTES
         speech = samples_from_pcm16(bytes(self.buffer[:end]))
         del self.buffer[:end]
         self.speech_item = None

@@ -94,7 +94,10 @@ class EchoDecoder(nn.Module):
 
     def __init__(self, cfg: EchoDecoderConfig, vocab: EchoVocabulary, tensors: dict[str, torch.Tensor]):
         """`tensors` keyed as `echo_layout(cfg, prefix="")` become the weights; only the token
-        table T and the unit head are new tensors (concatenated or gathered from them)."""
+        table T and the unit head are new tensors (concatenated or gathered from them). Consumes
+        `tensors`, as `LlamaBody.load_released` does: each original goes once its copy exists, so
+        the load peaks at the weights plus the one copy being made (a layer's fused matrices, or T
+        while it is concatenated), not with every copy beside every original."""
         super().__init__()
         if not 0 <= vocab.eot < cfg.text_vocab_size:
             raise EchoXError(f"eot id {vocab.eot} is not a text token id (0..{cfg.text_vocab_size - 1})")
@@ -118,11 +121,13 @@ class EchoDecoder(nn.Module):
     def _load_modules(self, tensors: dict[str, torch.Tensor]):
         """The loaded tensors replace the meta ones (assigned, not copied: no `to_empty` first,
         whose meta `empty_like` imports sympy, ~0.5 s of every load)."""
-        self.load_state_dict({f"aligner_mlp.{i}.{part}": tensors[f"aligner_MLP.{i}.{part}"]
+        self.load_state_dict({f"aligner_mlp.{i}.{part}": tensors.pop(f"aligner_MLP.{i}.{part}")
                               for i in (0, 3) for part in ("weight", "bias")}
-                             | {f"adapter.{part}": tensors[f"adapter.{part}"] for part in ("weight", "bias")},
+                             | {f"adapter.{part}": tensors.pop(f"adapter.{part}") for part in ("weight", "bias")},
                              strict=False, assign=True)
-        self.body.load_released({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
+        # By the body's own keys: "model.embed_tokens.weight" shares the prefix but is the token table's.
+        self.body.load_released({key.removeprefix("model."): tensors.pop(key)
+                                 for key in body_layout(self.cfg.body, "model.")})
 
     def _build_tables(self, tensors: dict[str, torch.Tensor]):
         """The token table, both heads, the prefixes, and the small constants of a decode step."""
@@ -131,9 +136,9 @@ class EchoDecoder(nn.Module):
         def constant(name: str, value: torch.Tensor):
             self.register_buffer(name, value, persistent=False)
 
-        constant("token_table", torch.cat([tensors["model.embed_tokens.weight"],
-                                           tensors["unit_embedding.weight"]]))  # T [V+U, H]
-        constant("lm_head", tensors["lm_head.weight"])  # [V+U, h]
+        constant("token_table", torch.cat([tensors.pop("model.embed_tokens.weight"),
+                                           tensors.pop("unit_embedding.weight")]))  # T [V+U, H]
+        constant("lm_head", tensors.pop("lm_head.weight"))  # [V+U, h]
         # Unit-head row r stands for token id unit_head_ids[r]: eot first, then every unit token.
         unit_ids = torch.arange(cfg.text_vocab_size, cfg.body.vocab_size, device=device)
         constant("unit_head_ids", torch.cat([torch.tensor([self.vocab.eot], device=device), unit_ids]))  # [1+U]

@@ -18,7 +18,9 @@ the released temperature 0.2 / top-p 0.9, a server's default). Per round it reco
   cores_busy          the process's CPU time over the round's wall time (how many cores it kept busy),
   *_loop_busy         and each batch loop thread's (LLM, echo decoder, vocoder) over the same wall time:
                       which stage paces a round, and whether the machine ran out of cores.
-Each round runs --repeats times after a warm-up round; the report has the medians, and a first
+With --text-only every conversation asks for a written answer (`Session.speak = False`): no echo
+decoder or vocoder work, so the LLM's batching shows without the speech path beside it (TTFA and
+the vocoder columns are then empty). Each round runs --repeats times after a warm-up round; the report has the medians, and a first
 row with the unbatched engine answering one conversation (what batch 1 must not fall behind).
 Then the LLM's batched decode step alone (nothing else running; on a GPU the captured graph) at
 each width, the body and the output head's token selection with the run's sampling: its wall time,
@@ -55,7 +57,8 @@ DECODE_TIMED = {"batched": "time inside the batch's decode steps",
 
 def one_turn(engine, audio: torch.Tensor, args, start: float, out: dict):
     """Answer one question, noting when the first audio, the last text and the end came."""
-    session = engine.session(sampling=SAMPLING[args.sampling], max_new_tokens=args.max_new_tokens)
+    session = engine.session(sampling=SAMPLING[args.sampling], max_new_tokens=args.max_new_tokens,
+                             speak=not args.text_only)
     for event in session.respond(audio=audio):
         now = time.perf_counter() - start
         if isinstance(event, AudioChunk):
@@ -104,7 +107,8 @@ def one_round(engine, conversations: int, audio: torch.Tensor, args) -> dict:
     if text_batcher:
         steps, rows, seconds = counted(text_batcher, counters, before)
         pushes, calls, units, vocoder_s = counted(vocoder_batcher, vocoder_counters, vocoder_before)
-        vocoder = {"vocoder_ms_per_unit": vocoder_s * 1000 / max(units, 1), "pushes_per_call": pushes / max(calls, 1)}
+        if calls:  # none for written answers
+            vocoder = {"vocoder_ms_per_unit": vocoder_s * 1000 / max(units, 1), "pushes_per_call": pushes / calls}
     else:  # the unbatched engine: one row per step
         steps, rows, seconds = tokens, tokens, sum(out["decode_s"] for out in outs)
     return {"tokens": tokens, "text_tokens_per_s": tokens / max(out["text_s"] for out in outs),
@@ -159,8 +163,10 @@ def render(report: dict) -> str:
         f"# Batched engine, {s['size']} size, {env['created'][:10]}", "",
         f"{env['device']}, torch {env['torch']}, {env.get('torch_threads', '')} torch thread(s); random weights, "
         f"{s['sampling']} sampling, {s['question_seconds']:g} s spoken question, at most {s['max_new_tokens']} tokens, "
+        f"{'written answers only (no speech made), ' if s.get('text_only') else ''}"
         f"{s.get('steps', 'captured')} steps; medians of {s['repeats']} rounds (`python bench/batch_engine.py --size "
-        f"{s['size']} --device {s['device']} --sampling {s['sampling']}{' --eager' if s.get('steps') == 'eager' else ''}`).", "",
+        f"{s['size']} --device {s['device']} --sampling {s['sampling']}{' --eager' if s.get('steps') == 'eager' else ''}"
+        f"{' --text-only' if s.get('text_only') else ''}`).", "",
         *table(["engine", "conversations", "tokens", "decode tok/s", "decode timed over", "text tok/s",
                 "turn tok/s", "TTFA p50 ms", "TTFA p95 ms", "rows / LLM step", "pushes / vocoder call", "vocoder ms / unit", "cores busy",
                 "LLM / echo / vocoder loop busy %"], rows), "",
@@ -194,6 +200,7 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
     parser.add_argument("--eager", action="store_true", help="steps op by op, not captured (echox/capture.py)")
+    parser.add_argument("--text-only", action="store_true", help="written answers only: no speech is made")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -212,9 +219,10 @@ def main(argv: list[str] | None = None):
     device = "cuda" if args.device.startswith("cuda") else "cpu"
     settings = {"size": args.size, "device": args.device, "max_new_tokens": args.max_new_tokens,
                 "question_seconds": args.question_seconds, "repeats": args.repeats, "sampling": args.sampling,
-                "steps": "eager" if args.eager else "captured"}
+                "steps": "eager" if args.eager else "captured", "text_only": args.text_only}
     report = {"environment": environment(device), "settings": settings, "rounds": rounds, "steps": steps}
-    suffix = ("" if args.sampling == "greedy" else f"-{args.sampling}") + ("-eager" if args.eager else "")
+    suffix = ("" if args.sampling == "greedy" else f"-{args.sampling}") + ("-eager" if args.eager else "") + \
+        ("-text-only" if args.text_only else "")
     write_report(args.out, f"{device}-batch-{args.size}{suffix}", report, render(report))
     print(render(report))
 

@@ -1,12 +1,16 @@
 """`echox serve` replicas behind Ray Serve: a local Ray on 127.0.0.1 (started and stopped here) with
 2 replicas of the tiny model, driven through Ray's proxy by the official `openai` SDK and by plain
 `websockets` clients (the SDK's own WebSocket library, whose handshake response shows the
-x-echox-replica header); and `echox serve-ray`'s refusals, which need no Ray."""
+x-echox-replica header); `echox serve-ray` itself, in a child process with a Ray of its own, as
+Ctrl-C stops it; and its refusals, which need no Ray."""
 
 import asyncio
 import json
+import signal
 import socket
+import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -15,6 +19,8 @@ from openai import AsyncOpenAI
 from websockets.asyncio.client import connect
 
 from echox.cli import main
+from echox.serve.launch import ServerProcess
+from echox.serve.stopping import descendants
 
 REPLICAS, MAX_TOKENS, MAX_CONNECTIONS = 2, 24, 2  # MAX_CONNECTIONS per replica's `echox serve`
 TEST_TIMEOUT_S = 120  # a hung relay fails the test instead of stalling the suite
@@ -57,6 +63,52 @@ def address(tiny_model_dir):
         serve.shutdown()
         ray.shutdown()
     assert replica_children(tiny_model_dir) == []  # each replica stopped its `echox serve`
+
+
+class ServeRayProcess(ServerProcess):
+    """`echox serve-ray` with 1 replica of the demo model, on a local Ray of its own."""
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "echox.cli", "serve-ray", "--replicas", "1", "--demo", *self.args]
+
+
+def still_running(pids: set[int], seconds: float) -> set[int]:
+    """Those of `pids` that run on (not ended, nor a zombie left to be reaped) after up to `seconds`
+    (a killed process takes a moment to give back its memory)."""
+    def running(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+        except OSError:  # gone
+            return False
+    deadline = time.monotonic() + seconds
+    while (left := {pid for pid in pids if running(pid)}) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+# Before the tests that start this module's Ray: two local Rays at once would share the 2 CPUs of CI.
+def test_a_second_ctrl_c_stops_serve_ray_at_once_with_every_process_it_started():
+    """Ctrl-C stops serve-ray in seconds (Serve's replicas stop their `echox serve`, then Ray); a second
+    one during that ends it at once, in one line and status 130, killing every process it started:
+    Ray's own, the replica and its `echox serve`. A second Ctrl-C did nothing."""
+    pytest.importorskip("ray.serve")
+    with ServeRayProcess(["--port", free_port()]) as serve_ray:
+        started = descendants(serve_ray.process.pid)
+        serve_ray.process.send_signal(signal.SIGINT)
+        serve_ray.printed("stopping", 5)  # the first is handled (before the fix: unsaid)
+        serve_ray.process.send_signal(signal.SIGINT)
+        signalled = time.monotonic()
+        try:
+            status = serve_ray.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            status = None
+        stopped_after = time.monotonic() - signalled
+        serve_ray.printed("stopped at once", 2)  # its last lines, read by another thread
+        output = serve_ray.tail(20)
+    assert status == 128 + signal.SIGINT and stopped_after < 3, (status, stopped_after, output)
+    assert ("echox serve-ray: stopped at once by a second SIGINT, with the local Ray instance and its replicas"
+            in output and "Traceback" not in output), output
+    left = still_running(started, 5)
+    assert len(started) > 5 and not left, [Path(f"/proc/{pid}/stat").read_text() for pid in left]
 
 
 def run(conversation):

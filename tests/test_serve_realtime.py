@@ -5,7 +5,10 @@ import asyncio
 import base64
 import gc
 import json
+import signal
 import socket
+import subprocess
+import sys
 import time
 import weakref
 
@@ -587,19 +590,19 @@ def test_one_commit_longer_than_a_turn_hears_is_taken():
     assert run(commit_45_seconds()) == [45 * 24000]
 
 
+async def ask(ws):
+    """A text turn, asked on a raw WebSocket."""
+    await ws.send_json({"type": "conversation.item.create", "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Tell me more."}]}})
+    await ws.send_json({"type": "response.create"})
+
+
 @pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
 def test_a_signal_ends_the_turns_then_closes_every_connection_and_the_server_exits(tiny_model_dir, signal_name):
     """Ctrl-C or SIGTERM with connections open (one mid-answer, one queued behind it, one idle): both
     answers end cancelled, every client is closed with 1001 (going away), and the server exits 0 within
     seconds. It used to wait out aiohttp's 60 s grace for the open WebSockets, speaking on, and could
     abort as it exited."""
-    import signal
-
-    async def ask(ws):
-        await ws.send_json({"type": "conversation.item.create", "item": {
-            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Tell me more."}]}})
-        await ws.send_json({"type": "response.create"})
-
     async def events_until_closed(ws) -> list[dict]:
         return [json.loads(message.data) async for message in ws]
 
@@ -628,11 +631,67 @@ def test_a_signal_ends_the_turns_then_closes_every_connection_and_the_server_exi
     assert closed_after < 5
 
 
+class StuckTurnServer(ServerProcess):
+    """`echox serve` whose engine never ends a turn, even when asked to: its shutdown waits out
+    SHUTDOWN_WAIT_S for the turn (as it would for one stuck in a GPU op)."""
+    PATCH = """
+import sys, threading
+from echox.engine import Session
+def respond(self, audio=None, text=None):  # never returns, whatever Session.cancel() asks
+    threading.Event().wait()
+Session.respond = respond
+from echox.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-c", self.PATCH, "serve", "--port", "0", *self.args]
+
+
+def test_a_second_ctrl_c_during_the_shutdown_stops_the_server_at_once(tiny_model_dir):
+    """The first Ctrl-C waits for the turns to end (here a stuck one: SHUTDOWN_WAIT_S); a second one
+    ends the process at once, in one line and status 130. It used to do nothing."""
+    async def two_ctrl_c(server) -> tuple[int | None, float]:
+        async with aiohttp.ClientSession() as http, http.ws_connect(server.ws_url) as ws:
+            await ask(ws)
+            while (await ws.receive_json(timeout=60))["type"] != "response.content_part.added":
+                pass  # the turn runs, and is stuck in the engine
+            server.process.send_signal(signal.SIGINT)
+            await asyncio.to_thread(server.printed, "stopping", 5)  # the first is handled (before the fix: unsaid)
+            server.process.send_signal(signal.SIGINT)
+            signalled = time.monotonic()
+            while server.process.poll() is None and time.monotonic() - signalled < 5:
+                await asyncio.sleep(0.02)
+            stopped_after = time.monotonic() - signalled
+            await asyncio.to_thread(server.printed, "stopped at once", 2)  # its last lines, read by another thread
+            return server.process.poll(), stopped_after
+
+    with StuckTurnServer(["--model", tiny_model_dir, "--threads", "1"]) as server:
+        status, stopped_after = asyncio.run(asyncio.wait_for(two_ctrl_c(server), TEST_TIMEOUT_S))
+        output = server.tail(20)
+    assert status == 128 + signal.SIGINT and stopped_after < 2, (status, stopped_after, output)
+    assert "echox serve: stopped at once by a second SIGINT; answers in progress were cut off" in output
+    assert "Traceback" not in output
+
+
+def test_a_ctrl_c_amid_a_burst_of_client_events_is_not_lost(tiny_model_dir):
+    """While the server works through 20,000 events sent at once (each answered with an error event),
+    Ctrl-C still stops it. asyncio's own signal handling lost it there: every answer wakes the event
+    loop through the socket that also carries the signal, and the signal found that socket full."""
+    with ServerProcess(["--model", tiny_model_dir, "--threads", "1"]) as server:
+        flooding = flood_without_reading(int(server.address.rpartition(":")[2]), 20000)
+        time.sleep(0.1)  # the server is amid the burst
+        server.process.send_signal(signal.SIGINT)
+        try:
+            status = server.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            status = None
+        flooding.close()
+    assert status == 0, server.tail(20)
+
+
 def test_a_port_in_use_is_refused_before_the_model_is_read(tmp_path):
     """Found after loading, a busy port cost the minutes EchoX-8B takes to load."""
-    import socket
-    import subprocess
-    import sys
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -3,7 +3,8 @@
     with ServerProcess(["--model", folder, "--threads", "1"]) as server:
         ... connect to server.ws_url (or server.http_url for the page) ...
 The child listens on a free port (`--port 0`) and prints where; this waits for that line (or
-for the child to end, or `start_timeout_s`, whichever comes first).
+for the child to end, or `start_timeout_s`, whichever comes first). A subclass may start another
+command that prints the same line (`command()`), `echox serve-ray` say.
 """
 
 import collections
@@ -11,6 +12,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 
 from ..errors import EchoXError
 
@@ -23,9 +25,11 @@ class ServerProcess:
         self.process: subprocess.Popen | None = None
         self.log: collections.deque[str] = collections.deque(maxlen=200)  # the child's last lines, for failure messages
 
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "echox.cli", "serve", "--port", "0", *self.args]
+
     def __enter__(self) -> "ServerProcess":
-        command = [sys.executable, "-m", "echox.cli", "serve", "--port", "0", *self.args]
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.process = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.address: str | None = None
         self.listening = threading.Event()
         # Read the child's output all along (so it never blocks on a full pipe), watching for the line.
@@ -35,6 +39,15 @@ class ServerProcess:
             raise EchoXError("echox serve did not start:\n" + self.tail(30))
         self.http_url, self.ws_url = f"http://{self.address}", f"ws://{self.address}/v1/realtime"
         return self
+
+    def printed(self, text: str, seconds: float) -> bool:
+        """Whether the child prints a line holding `text` within `seconds` (or has printed it)."""
+        deadline = time.monotonic() + seconds
+        while not any(text in line for line in list(self.log)):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
 
     def tail(self, lines: int) -> str:
         """The child's last `lines` lines of output."""

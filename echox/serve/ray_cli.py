@@ -7,16 +7,20 @@ Ray starts: a mistake costs a line on stderr, not a cluster start.
 
 import argparse
 import signal
-import threading
 from pathlib import Path
 
 from ..errors import EchoXError
 from .ports import check_listenable, check_reachable
+from .stopping import on_stop_signals
 
 APP_NAME = "echox"
 # serve-ray sets these on every replica's `echox serve` itself (a replica's child listens on a
 # loopback port of its own); after `--` they would override that.
 OWN_OPTIONS = ("--host", "--port", "--model", "--demo", "--device", "--threads")
+# What a second SIGINT/SIGTERM during the cleanup leaves: nothing of a local Ray (every process this
+# command started is killed); on a cluster, the application's removal goes on without us.
+FORCED_NOTE_LOCAL = ", with the local Ray instance and its replicas"
+FORCED_NOTE_CLUSTER = "; Ray Serve on the cluster goes on removing the echox application (`serve status` shows it)"
 
 
 def add_serve_ray_command(sub: argparse._SubParsersAction):
@@ -94,11 +98,17 @@ def import_ray_serve():
     return ray, serve
 
 
+def interrupt():
+    raise KeyboardInterrupt
+
+
 def wait_for_stop_signal():
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    """Until the first SIGINT/SIGTERM, whose handler raises KeyboardInterrupt here: a clean stop."""
+    try:
+        while True:
+            signal.pause()
+    except KeyboardInterrupt:
+        pass
 
 
 def connect_ray(ray, address: str | None):
@@ -142,6 +152,9 @@ def cmd_serve_ray(args):
     ray, serve = import_ray_serve()
     from .ray_deployment import build_app
     connect_ray(ray, args.address)
+    # After ray.init, which sets a SIGTERM handler of its own. The first signal interrupts what runs
+    # (a replica's start, or the wait), and the cleanup below stops what this command started.
+    on_stop_signals(interrupt, "echox serve-ray", FORCED_NOTE_LOCAL if args.address is None else FORCED_NOTE_CLUSTER)
     ours = False  # an application of ours is on the cluster (to delete at the end)
     try:
         start_serve(serve, args.host, args.port, on_existing_cluster=args.address is not None)

@@ -14,7 +14,6 @@ client that reads nothing is cut off, connection.py: it would not read the error
 
 import asyncio
 import logging
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from .connection import Connection
 from .protocol import ProtocolError, error_event
 from .scheduler import TurnScheduler
 from .session_config import SessionConfig
+from .stopping import on_stop_signals
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("echox.serve")
@@ -107,7 +107,8 @@ def build_app(server: Server) -> web.Application:
 
 
 async def serve_forever(server: Server, host: str, port: int):
-    """Listen until SIGINT/SIGTERM; port 0 picks a free port. The first stdout line says where."""
+    """Listen until SIGINT/SIGTERM (a second one during the shutdown ends the process at once);
+    port 0 picks a free port. The first stdout line says where."""
     runner = web.AppRunner(build_app(server), shutdown_timeout=SHUTDOWN_WAIT_S)
     await runner.setup()
     try:
@@ -118,9 +119,9 @@ async def serve_forever(server: Server, host: str, port: int):
     port = runner.addresses[0][1]
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # an IPv6 address goes in brackets
     print(f"echox serve: listening on http://{where}/ (page) and ws://{where}/v1/realtime", flush=True)
-    stopped = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(sig, stopped.set)
+    stopped, loop = asyncio.Event(), asyncio.get_running_loop()
+    on_stop_signals(lambda: loop.call_soon_threadsafe(stopped.set), "echox serve",
+                    "; answers in progress were cut off")
     try:
         await stopped.wait()
     finally:

@@ -1,0 +1,83 @@
+"""How `echox serve` and `echox serve-ray` stop on SIGINT (Ctrl-C) and SIGTERM.
+
+The first signal asks for a graceful stop: answers end, every WebSocket is closed, Ray's replicas
+stop their `echox serve`. That takes seconds, or longer with a turn stuck in the engine. A second
+one, during it, ends the process at once, with every process it started (found in /proc, so on
+Linux: a local Ray's processes, its replicas and their `echox serve`).
+
+Plain `signal.signal` handlers, not asyncio's `add_signal_handler`: asyncio learns of a signal
+through a byte written to its wakeup socket, which is lost when that socket is full, as it is
+after a burst of client events (each one's answer wakes the loop through the same socket).
+"""
+
+import os
+import signal
+from pathlib import Path
+from typing import Callable
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def on_stop_signals(graceful: Callable[[], None], who: str, forced_note: str = ""):
+    """The first SIGINT or SIGTERM calls `graceful()` in the main thread (it may raise there); any
+    later one ends the process at once with status 128 + its number (130 for Ctrl-C), saying so in
+    one line `who: stopped at once by a second SIGINT` + `forced_note`."""
+    def first(signum, frame):
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, again)
+        say(f"{who}: stopping (Ctrl-C again stops at once)")
+        graceful()
+
+    def again(signum, frame):
+        try:
+            kill_descendants()
+            say(f"{who}: stopped at once by a second {signal.Signals(signum).name}{forced_note}")
+        finally:
+            os._exit(128 + signum)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, first)
+
+
+def say(line: str):
+    """One line on stderr, written whole: a signal handler may interrupt a print in progress, and
+    printing from it would then fail (a reentrant write into the same buffer)."""
+    try:
+        os.write(2, (line + "\n").encode())
+    except OSError:  # stderr is gone: nobody to tell
+        pass
+
+
+def kill_descendants():
+    """SIGKILL every process this one started, and theirs. Each is stopped (SIGSTOP) as it is found,
+    so none starts another, out of sight, while the tree is walked."""
+    found: set[int] = set()
+    while new := descendants(os.getpid()) - found:
+        send_each(new, signal.SIGSTOP)
+        found |= new
+    send_each(found, signal.SIGKILL)
+
+
+def descendants(root: int) -> set[int]:
+    """The processes below `root` (none where there is no /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:  # "pid (name) state ppid ...", where the name may hold spaces and parentheses
+            parent = int(stat.read_text().rpartition(")")[2].split()[1])
+        except (OSError, IndexError, ValueError):  # it ended while we looked
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, below = set(), [root]
+    while below:
+        for child in children.get(below.pop(), []):
+            found.add(child)
+            below.append(child)
+    return found
+
+
+def send_each(pids: set[int], sig: signal.Signals):
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:  # it ended on its own meanwhile
+            pass

@@ -6,6 +6,7 @@ Ctrl-C stops it; and its refusals, which need no Ray."""
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 from openai import AsyncOpenAI
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from echox.cli import main
 from echox.serve.launch import ServerProcess
@@ -33,8 +35,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def replica_children(model_dir) -> list[str]:
-    """Live `echox serve` processes started by this test's replicas (told apart by the model path)."""
+def replica_children(model_dir) -> list[int]:
+    """The pids of the live `echox serve` processes started by this test's replicas (told apart by
+    the model path; a zombie has no command line)."""
     found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
@@ -42,7 +45,7 @@ def replica_children(model_dir) -> list[str]:
         except OSError:  # the process ended while we looked
             continue
         if "echox.cli serve" in text and f"--host 127.0.0.1 --model {Path(model_dir).resolve()}" in text:
-            found.append(text)
+            found.append(int(cmdline.parent.name))
     return found
 
 
@@ -203,6 +206,59 @@ def test_page_and_static_files_through_the_proxy(address):
         assert "/v1/realtime" in page.read().decode()
     with urllib.request.urlopen(f"http://{address}/static/microphone-worklet.js") as script:
         assert "registerProcessor" in script.read().decode()
+
+
+# The last test on this module's Ray: it kills one replica's `echox serve`.
+def test_a_replica_whose_echox_serve_died_says_try_again_until_ray_replaces_it(address, tiny_model_dir):
+    """A WebSocket that Ray's proxy gives to a replica whose `echox serve` died is accepted and closed
+    with 1013 (try again later) and why, not refused with HTTP 403; within seconds Ray replaces the
+    replica (three failed health checks) and every connection is answered again."""
+    from ray import serve
+    dead = replica_children(tiny_model_dir)[0]
+    os.kill(dead, signal.SIGKILL)
+
+    async def until_refused() -> tuple[int, str]:
+        """Connections, each kept open while it is served so that Ray sends the next one to the replica
+        with fewer, until one is closed before it gets its first event."""
+        held = []
+        try:
+            for _ in range(REPLICAS * MAX_CONNECTIONS):
+                held.append(await connect(f"ws://{address}/v1/realtime"))
+                try:
+                    assert json.loads(await held[-1].recv())["type"] == "session.created"
+                except ConnectionClosed:
+                    return held[-1].close_code, held[-1].close_reason
+            raise AssertionError("no connection reached the replica whose echox serve died")
+        finally:
+            for ws in held:
+                await ws.close()
+
+    assert run(until_refused()) == (1013, "this replica's echox serve is not answering; try again")
+
+    def replaced() -> bool:
+        children = replica_children(tiny_model_dir)
+        states = serve.status().applications["echox"].deployments["EchoXReplica"].replica_states
+        return len(children) == REPLICAS and dead not in children and states == {"RUNNING": REPLICAS}
+
+    async def replicas_answering() -> set[str]:
+        """The replicas that answer connections held at once (Ray sends each to the one with fewer)."""
+        opened = [await open_raw(address) for _ in range(REPLICAS)]
+        answers = await asyncio.gather(*(short_turn(ws) for ws, _, _ in opened))
+        for ws, _, _ in opened:
+            await ws.close()
+        assert all(done["response"]["status"] in ("completed", "incomplete") for done in answers)
+        return {replica for _, replica, _ in opened}
+
+    wait_until(replaced, 60, "Ray replaces the replica")
+    # Ray's proxy learns of the new replica a moment after it runs.
+    wait_until(lambda: len(run(replicas_answering())) == REPLICAS, 10, "both replicas answer")
+
+
+def wait_until(condition, seconds: float, what: str):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {seconds:g} s: {what}"
+        time.sleep(0.2)
 
 
 @pytest.mark.parametrize("argv, message", [

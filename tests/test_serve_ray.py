@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from openai import AsyncOpenAI
@@ -208,6 +209,15 @@ def test_page_and_static_files_through_the_proxy(address):
         assert "registerProcessor" in script.read().decode()
 
 
+def test_start_serve_on_a_running_serve_says_where_its_proxy_listens(address):
+    """Ray Serve runs (this module's, on its own port): serve-ray's start keeps it, and says where it is."""
+    from ray import serve
+
+    from echox.serve.ray_cli import start_serve
+    host, port = address.split(":")
+    assert start_serve(serve, "127.0.0.1", free_port(), on_existing_cluster=False) == (host, int(port))
+
+
 # The last test on this module's Ray: it kills one replica's `echox serve`.
 def test_a_replica_whose_echox_serve_died_says_try_again_until_ray_replaces_it(address, tiny_model_dir):
     """A WebSocket that Ray's proxy gives to a replica whose `echox serve` died is accepted and closed
@@ -285,6 +295,48 @@ def test_serve_ray_refuses_bad_options_before_starting_ray(argv, message, tmp_pa
             code = stop.code
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+class FakeServe:
+    """Ray Serve as serve-ray uses it, on a cluster where Serve runs already at `running` (or not)."""
+    def __init__(self, running: tuple[str, int] | None):
+        self.proxy = running
+        self.context = SimpleNamespace(_get_global_client=lambda: SimpleNamespace(
+            http_config=SimpleNamespace(host=self.proxy[0], port=self.proxy[1])))
+
+    def start(self, http_options: dict):
+        self.proxy = self.proxy or (http_options["host"], http_options["port"])  # a running one keeps its own
+
+    def status(self):
+        return SimpleNamespace(applications={})
+
+    def run(self, *args, **kwargs):
+        pass
+    delete = shutdown = run
+
+
+@pytest.mark.parametrize("running, where, note", [
+    (None, "127.0.0.1:8123", False),  # Serve did not run: it starts where asked
+    (("127.0.0.1", 8123), "127.0.0.1:8123", False),  # it ran where asked
+    (("0.0.0.0", 8000), "0.0.0.0:8000", True),  # it ran elsewhere, and stays there
+], ids=["no-serve", "same-proxy", "other-proxy"])
+def test_serve_ray_on_a_cluster_names_the_proxy_where_serve_runs(running, where, note, monkeypatch, capsys):
+    """With --address, the listening line names the proxy of the cluster's Ray Serve, and the note that
+    it kept its own host and port comes only when it did. The note came on every --address run, and
+    the line named --host and --port even where no proxy listened."""
+    from echox.serve import ray_cli
+    monkeypatch.setattr(ray_cli, "import_ray_serve", lambda: (SimpleNamespace(init=lambda **_: None,
+                                                                               shutdown=lambda: None),
+                                                              FakeServe(running)))
+    monkeypatch.setitem(sys.modules, "echox.serve.ray_deployment", SimpleNamespace(build_app=lambda *_: None))
+    monkeypatch.setattr(ray_cli, "on_stop_signals", lambda *_: None)  # not in the test's own process
+    monkeypatch.setattr(ray_cli, "wait_for_stop_signal", lambda: None)
+    assert main(["serve-ray", "--replicas", "1", "--demo", "--address", "auto", "--port", "8123"]) == 0
+    said = [f"echox serve-ray: listening on http://{where}/ (page) and ws://{where}/v1/realtime, 1 replica(s)"]
+    if note:
+        said.append("echox serve-ray: Ray Serve ran on this cluster already, and its proxy keeps the host and port "
+                    "it started with, not --host 127.0.0.1 --port 8123")
+    assert capsys.readouterr().out.splitlines() == said
 
 
 def test_serve_ray_without_ray_says_how_to_install_it(monkeypatch, capsys):

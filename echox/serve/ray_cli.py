@@ -121,8 +121,9 @@ def connect_ray(ray, address: str | None):
         raise EchoXError(f"Ray did not start: {last_line(e)}") from None
 
 
-def start_serve(serve, host: str, port: int, on_existing_cluster: bool):
-    """Ray Serve's proxy on host:port; on a cluster whose Serve runs already, it keeps its own."""
+def start_serve(serve, host: str, port: int, on_existing_cluster: bool) -> tuple[str, int]:
+    """Ray Serve's proxy on host:port, and where it listens: on a cluster whose Serve ran already,
+    the host and port that Serve started with (Ray keeps them, saying only that it ignores ours)."""
     try:
         serve.start(http_options={"host": host, "port": port})
     except Exception as e:  # a RayTaskError from the proxy actor, say
@@ -130,6 +131,9 @@ def start_serve(serve, host: str, port: int, on_existing_cluster: bool):
     if on_existing_cluster and APP_NAME in serve.status().applications:
         raise EchoXError(f"an application named {APP_NAME!r} runs on this Ray cluster already (another "
                          "serve-ray?); stop it first, or use another cluster")
+    # Ray has no public call for the proxy's options; ray[serve] is pinned to a version that has this one.
+    options = serve.context._get_global_client().http_config
+    return options.host, options.port
 
 
 def last_line(error: BaseException) -> str:
@@ -157,15 +161,15 @@ def cmd_serve_ray(args):
     on_stop_signals(interrupt, "echox serve-ray", FORCED_NOTE_LOCAL if args.address is None else FORCED_NOTE_CLUSTER)
     ours = False  # an application of ours is on the cluster (to delete at the end)
     try:
-        start_serve(serve, args.host, args.port, on_existing_cluster=args.address is not None)
+        host, port = start_serve(serve, args.host, args.port, on_existing_cluster=args.address is not None)
         ours = True
         deploy(serve, build_app(args.replicas, args.model, args.demo, args.device, args.threads, args.serve_args,
                                 args.start_timeout))
-        print(f"echox serve-ray: listening on http://{args.host}:{args.port}/ (page) and "
-              f"ws://{args.host}:{args.port}/v1/realtime, {args.replicas} replica(s)", flush=True)
-        if args.address is not None:
-            print("echox serve-ray: on a cluster where Ray Serve ran already, its proxy keeps the host and port it "
-                  "started with; --host and --port apply only when this command starts it", flush=True)
+        print(f"echox serve-ray: listening on http://{host}:{port}/ (page) and ws://{host}:{port}/v1/realtime, "
+              f"{args.replicas} replica(s)", flush=True)
+        if (host, port) != (args.host, args.port):
+            print(f"echox serve-ray: Ray Serve ran on this cluster already, and its proxy keeps the host and port "
+                  f"it started with, not --host {args.host} --port {args.port}", flush=True)
         wait_for_stop_signal()
     finally:
         if args.address is None:  # a cluster we started goes away whole

@@ -12,6 +12,8 @@ the released temperature 0.2 / top-p 0.9, a server's default). Per round it reco
                       the turn's decode_per_token, its whole token loop (the text and segment
                       hand-offs to the speech path included), so the two rows are not like for like;
   rows_per_step       the mean number of turns in the LLM's decode steps;
+  prompt_positions    the median prompt length, in positions (with random weights the adapter keeps
+                      nearly all 750 speech frames, whatever the question's length: see the step table);
   vocoder_ms_per_unit wall time of the batched vocoder's calls per unit they vocoded (what
                       batching the pushes of many streams saves per stream shows here), and
   pushes_per_call     the mean number of streams' pushes in one of those calls;
@@ -24,7 +26,8 @@ the vocoder columns are then empty). Each round runs --repeats times after a war
 row with the unbatched engine answering one conversation (what batch 1 must not fall behind).
 Then the LLM's batched decode step alone (nothing else running; on a GPU the captured graph) at
 each width, the body and the output head's token selection with the run's sampling: its wall time,
-and the tokens per second it would give with every row busy.
+and the tokens per second it would give with every row busy; at the rounds' prompt length (each
+row reads its own KV cache, so at long prompts the step's cost grows with its rows) and at 128.
 
     python bench/batch_engine.py --size tiny                 # CPU
     python bench/batch_engine.py --size 8b --device cuda --sampling released   # GPU (bench/gpu.sh)
@@ -51,6 +54,7 @@ from report import environment, percentile, table, write_report  # noqa: E402
 
 SAMPLING = {"greedy": GREEDY, "released": RELEASED_SAMPLING}
 # What each engine's decode tok/s is measured over (see the module's docstring).
+SHORT_PROMPT = 128  # positions
 DECODE_TIMED = {"batched": "time inside the batch's decode steps",
                 "unbatched": "the turn's token loop (decode_per_token)"}
 
@@ -67,6 +71,7 @@ def one_turn(engine, audio: torch.Tensor, args, start: float, out: dict):
             out["text_s"] = now  # a text delta leaves as soon as its token is decoded
         elif isinstance(event, TurnDone):
             out["tokens"], out["done_s"] = len(event.trace["tokens"]), now
+            out["prompt"] = len(event.trace["prompt_ids"])
             out["decode_s"] = event.trace["timings_ms"]["decode_per_token"] * out["tokens"] / 1000
 
 
@@ -116,10 +121,11 @@ def one_round(engine, conversations: int, audio: torch.Tensor, args) -> dict:
             "decode_timed": DECODE_TIMED["batched" if text_batcher else "unbatched"],
             "turn_tokens_per_s": tokens / max(out["done_s"] for out in outs),
             "ttfa_p50_ms": statistics.median(ttfa) if ttfa else None, "ttfa_p95_ms": percentile(ttfa, 0.95),
-            "rows_per_step": rows / max(steps, 1)} | vocoder | busy
+            "rows_per_step": rows / max(steps, 1),
+            "prompt_positions": statistics.median(out["prompt"] for out in outs)} | vocoder | busy
 
 
-def step_times(engine, widths: list[int], sampling, position: int = 512, repeats: int = 20) -> list[dict]:
+def step_times(engine, widths: list[int], sampling, position: int, repeats: int = 20) -> list[dict]:
     """The batched decode step alone at each width, rows at `position` (slots hold no turns): the
     body and the head's selection with `sampling`, as TextBatcher.step runs them, less its
     bookkeeping and the tokens' trip to the host."""
@@ -141,7 +147,7 @@ def step_times(engine, widths: list[int], sampling, position: int = 512, repeats
             step()
         sync()
         step_ms = (time.perf_counter() - started) / repeats * 1000
-        rows.append({"width": width, "step_ms": step_ms, "tokens_per_s": width * 1000 / step_ms})
+        rows.append({"position": position, "width": width, "step_ms": step_ms, "tokens_per_s": width * 1000 / step_ms})
     return rows
 
 
@@ -158,6 +164,7 @@ def render(report: dict) -> str:
     env, s = report["environment"], report["settings"]
     rows = [[r["engine"], r["conversations"], r["tokens"], r["decode_tokens_per_s"], r.get("decode_timed"),
              r["text_tokens_per_s"], r["turn_tokens_per_s"], r["ttfa_p50_ms"], r["ttfa_p95_ms"], r["rows_per_step"],
+             r.get("prompt_positions"),
              r["pushes_per_call"], r["vocoder_ms_per_unit"], r["cores_busy"], loops_busy(r)] for r in report["rounds"]]
     return "\n".join([
         f"# Batched engine, {s['size']} size, {env['created'][:10]}", "",
@@ -168,7 +175,8 @@ def render(report: dict) -> str:
         f"{s['size']} --device {s['device']} --sampling {s['sampling']}{' --eager' if s.get('steps') == 'eager' else ''}"
         f"{' --text-only' if s.get('text_only') else ''}`).", "",
         *table(["engine", "conversations", "tokens", "decode tok/s", "decode timed over", "text tok/s",
-                "turn tok/s", "TTFA p50 ms", "TTFA p95 ms", "rows / LLM step", "pushes / vocoder call", "vocoder ms / unit", "cores busy",
+                "turn tok/s", "TTFA p50 ms", "TTFA p95 ms", "rows / LLM step", "prompt positions",
+                "pushes / vocoder call", "vocoder ms / unit", "cores busy",
                 "LLM / echo / vocoder loop busy %"], rows), "",
         "All conversations start at once. Decode tok/s: tokens per second over the time the next column names: "
         "for the batched engine the time inside its decode steps (while the speech of the turns runs beside "
@@ -177,10 +185,11 @@ def render(report: dict) -> str:
         "tokens over the time to the last token; turn tok/s: over the time to the last TurnDone (speech "
         "included); vocoder ms / unit: wall time of the batched vocoder's calls per unit vocoded; cores busy: the "
         "process's CPU time over the round's wall time; loop busy: each batch loop thread's CPU time over it.", "",
-        f"The LLM's batched decode step alone (body and head selection, {s['sampling']} sampling), at position "
-        "512, wall time per step:", "",
-        *table(["width", "step ms", "tok/s with every row busy"],
-               [[r["width"], r["step_ms"], r["tokens_per_s"]] for r in report["steps"]]), ""])
+        f"The LLM's batched decode step alone (body and head selection, {s['sampling']} sampling), wall time per "
+        "step, mid-answer in the rounds above and at a short prompt's position (every row reads its own KV "
+        "cache up to its position):", "",
+        *table(["position", "width", "step ms", "tok/s with every row busy"],
+               [[r["position"], r["width"], r["step_ms"], r["tokens_per_s"]] for r in report["steps"]]), ""])
 
 
 def loops_busy(row: dict) -> str:
@@ -215,7 +224,11 @@ def main(argv: list[str] | None = None):
         for conversations in args.conversations:
             rounds.append({"engine": f"batched ({max(args.conversations)})"} | median_round(engine, conversations, args))
             print(json.dumps(rounds[-1]), flush=True)
-        steps = step_times(engine, args.conversations, SAMPLING[args.sampling])
+        # Mid-answer in the rounds, and a short prompt's (a written question, or speech the released
+        # adapter shrinks to a few dozen rows)
+        mid_answer = int(rounds[-1]["prompt_positions"] + args.max_new_tokens / 2)
+        steps = [row for position in (mid_answer, SHORT_PROMPT)
+                 for row in step_times(engine, args.conversations, SAMPLING[args.sampling], position)]
     device = "cuda" if args.device.startswith("cuda") else "cpu"
     settings = {"size": args.size, "device": args.device, "max_new_tokens": args.max_new_tokens,
                 "question_seconds": args.question_seconds, "repeats": args.repeats, "sampling": args.sampling,

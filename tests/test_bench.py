@@ -167,7 +167,11 @@ def test_batch_engine_reports_rounds_of_concurrent_conversations(tmp_path, sampl
     # CPU time over wall time: a share of what the machine's cores could give, each loop at most one core
     assert 0 < three["cores_busy"] <= (os.cpu_count() or 1) + 0.1 and "llm_loop_busy" not in report["rounds"][0]
     assert all(0 < three[f"{loop}_loop_busy"] <= 1.05 for loop in ("llm", "echo", "vocoder"))
-    assert [(r["width"], r["tokens_per_s"] > 0) for r in report["steps"]] == [(1, True), (3, True)]
+    # the step alone mid-answer (the rounds' prompt plus half the answer) and at a short prompt
+    mid_answer = int(three["prompt_positions"] + 12 / 2)
+    assert three["prompt_positions"] > 1 and [(r["position"], r["width"], r["tokens_per_s"] > 0)
+                                              for r in report["steps"]] == \
+        [(mid_answer, 1, True), (mid_answer, 3, True), (128, 1, True), (128, 3, True)]
     assert [r["decode_timed"] for r in report["rounds"]] == [batch_engine.DECODE_TIMED["unbatched"]] + \
         [batch_engine.DECODE_TIMED["batched"]] * 2
     markdown = next(tmp_path.glob(f"*-cpu-batch-tiny{suffix}.md")).read_text()

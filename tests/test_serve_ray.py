@@ -23,7 +23,7 @@ from websockets.exceptions import ConnectionClosed
 
 from echox.cli import main
 from echox.serve.launch import ServerProcess
-from echox.serve.stopping import descendants
+from echox.serve.stopping import REPEAT_S, descendants
 
 REPLICAS, MAX_TOKENS, MAX_CONNECTIONS = 2, 24, 2  # MAX_CONNECTIONS per replica's `echox serve`
 TEST_TIMEOUT_S = 120  # a hung relay fails the test instead of stalling the suite
@@ -99,6 +99,7 @@ def test_a_second_ctrl_c_stops_serve_ray_at_once_with_every_process_it_started()
         started = descendants(serve_ray.process.pid)
         serve_ray.process.send_signal(signal.SIGINT)
         serve_ray.printed("stopping", 5)  # the first is handled (before the fix: unsaid)
+        time.sleep(REPEAT_S)  # sooner, it would count as the same Ctrl-C
         serve_ray.process.send_signal(signal.SIGINT)
         signalled = time.monotonic()
         try:

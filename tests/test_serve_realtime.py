@@ -23,6 +23,7 @@ from echox.engine import AudioChunk, TurnDone
 from echox.sampling import GREEDY
 from echox.serve.audio_edge import pcm16_bytes, samples_from_pcm16
 from echox.serve.launch import ServerProcess
+from echox.serve.stopping import REPEAT_S
 
 MAX_TOKENS, MAX_UNITS, MAX_CONNECTIONS, IDLE_S = 24, 60, 5, 3
 TEST_TIMEOUT_S = 120  # a hung server fails the test instead of stalling the suite
@@ -632,8 +633,8 @@ def test_a_signal_ends_the_turns_then_closes_every_connection_and_the_server_exi
 
 
 class StuckTurnServer(ServerProcess):
-    """`echox serve` whose engine never ends a turn, even when asked to: its shutdown waits out
-    SHUTDOWN_WAIT_S for the turn (as it would for one stuck in a GPU op)."""
+    """`echox serve` whose turns never end, even when cancelled: its shutdown waits out
+    SHUTDOWN_WAIT_S for them."""
     PATCH = """
 import sys, threading
 from echox.engine import Session
@@ -658,6 +659,7 @@ def test_a_second_ctrl_c_during_the_shutdown_stops_the_server_at_once(tiny_model
                 pass  # the turn runs, and is stuck in the engine
             server.process.send_signal(signal.SIGINT)
             await asyncio.to_thread(server.printed, "stopping", 5)  # the first is handled (before the fix: unsaid)
+            await asyncio.sleep(REPEAT_S)  # sooner, it would count as the same Ctrl-C
             server.process.send_signal(signal.SIGINT)
             signalled = time.monotonic()
             while server.process.poll() is None and time.monotonic() - signalled < 5:
@@ -672,6 +674,18 @@ def test_a_second_ctrl_c_during_the_shutdown_stops_the_server_at_once(tiny_model
     assert status == 128 + signal.SIGINT and stopped_after < 2, (status, stopped_after, output)
     assert "echox serve: stopped at once by a second SIGINT; answers in progress were cut off" in output
     assert "Traceback" not in output
+
+
+def test_a_ctrl_c_that_arrives_twice_at_once_stops_the_server_gracefully(tiny_model_dir):
+    """A launcher that passes the terminal's SIGINT on to a server that got it already: the copy, a
+    few ms after, is the same Ctrl-C, not a second one (it used to cut off every answer at once)."""
+    with ServerProcess(["--model", tiny_model_dir, "--threads", "1"]) as server:
+        server.process.send_signal(signal.SIGINT)
+        time.sleep(0.005)
+        server.process.send_signal(signal.SIGINT)
+        status = server.process.wait(timeout=30)
+        output = server.tail(20)
+    assert status == 0 and "stopped at once" not in output, output
 
 
 def test_a_ctrl_c_amid_a_burst_of_client_events_is_not_lost(tiny_model_dir):

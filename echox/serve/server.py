@@ -111,6 +111,11 @@ async def serve_forever(server: Server, host: str, port: int):
     port 0 picks a free port. The first stdout line says where."""
     runner = web.AppRunner(build_app(server), shutdown_timeout=SHUTDOWN_WAIT_S)
     await runner.setup()
+    # Before the listening line, which a launcher may answer with a signal at once. A signal after
+    # the loop has closed (the exit hook may wait for a turn) finds nothing left to stop gracefully.
+    stopped, loop = asyncio.Event(), asyncio.get_running_loop()
+    on_stop_signals(lambda: loop.is_closed() or loop.call_soon_threadsafe(stopped.set), "echox serve",
+                    "; answers in progress were cut off")
     try:
         await web.TCPSite(runner, host, port).start()
     except OSError as e:
@@ -119,9 +124,6 @@ async def serve_forever(server: Server, host: str, port: int):
     port = runner.addresses[0][1]
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # an IPv6 address goes in brackets
     print(f"echox serve: listening on http://{where}/ (page) and ws://{where}/v1/realtime", flush=True)
-    stopped, loop = asyncio.Event(), asyncio.get_running_loop()
-    on_stop_signals(lambda: loop.call_soon_threadsafe(stopped.set), "echox serve",
-                    "; answers in progress were cut off")
     try:
         await stopped.wait()
     finally:

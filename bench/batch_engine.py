@@ -53,8 +53,8 @@ from report import environment, percentile, table, write_report  # noqa: E402
 
 
 SAMPLING = {"greedy": GREEDY, "released": RELEASED_SAMPLING}
+SHORT_PROMPT = 128  # positions: a written question's, or speech the released adapter shrinks to a few dozen rows
 # What each engine's decode tok/s is measured over (see the module's docstring).
-SHORT_PROMPT = 128  # positions
 DECODE_TIMED = {"batched": "time inside the batch's decode steps",
                 "unbatched": "the turn's token loop (decode_per_token)"}
 
@@ -224,8 +224,6 @@ def main(argv: list[str] | None = None):
         for conversations in args.conversations:
             rounds.append({"engine": f"batched ({max(args.conversations)})"} | median_round(engine, conversations, args))
             print(json.dumps(rounds[-1]), flush=True)
-        # Mid-answer in the rounds, and a short prompt's (a written question, or speech the released
-        # adapter shrinks to a few dozen rows)
         mid_answer = int(rounds[-1]["prompt_positions"] + args.max_new_tokens / 2)
         steps = [row for position in (mid_answer, SHORT_PROMPT)
                  for row in step_times(engine, args.conversations, SAMPLING[args.sampling], position)]

@@ -278,8 +278,6 @@ class Session:
         require_count(max_new_tokens=max_new_tokens, max_units=max_units, push_units=push_units)
         if max_len is not None:
             require_count(max_len=max_len)
-        if not isinstance(speak, bool):
-            raise EchoXError(f"speak must be True or False, got {speak!r}")
         self.engine, self.sampling, self.segmenter, self.speak = engine, sampling, segmenter, speak
         self.max_new_tokens, self.max_units, self.push_units = max_new_tokens, max_units, push_units
         self.decoder: TextDecoder | None = None  # this conversation's own KV cache, without batching
@@ -297,6 +295,16 @@ class Session:
         self.turn_lock = threading.Lock()  # held while it is, so two threads cannot both start one
         self.speech_inputs = 0  # speech inputs taken so far, over the session's life (AudioSlot.speech)
         self.reset()
+
+    @property
+    def speak(self) -> bool:
+        return self._speak
+
+    @speak.setter
+    def speak(self, value: bool):
+        if not isinstance(value, bool):  # "no" would speak
+            raise EchoXError(f"speak must be True or False, got {value!r}")
+        self._speak = value
 
     def reset(self):
         """Forget the conversation; the KV cache buffers and captured graphs are kept for reuse.
@@ -496,14 +504,14 @@ class Session:
                         shown += delta
                         yield TextDelta(delta)
                     if (cut := segmenter.push(token.score)) is not None:
-                        speech.submit(SegmentRecord(*cut), torch.stack(hiddens[cut[0]:cut[1]]))
+                        speech.submit(SegmentRecord(*cut), hiddens[cut[0]:cut[1]])
                     yield from speech.chunks(wait=False)
             decode_ms = clock.since(started)
             answer = tok.decode(tokens)
             if answer != shown:  # it ended inside a multi-byte character: say so now, not after the speech
                 yield TextDelta(answer[len(shown):])
             if (cut := segmenter.finish()) is not None and not stop.is_set():
-                speech.submit(SegmentRecord(*cut), torch.stack(hiddens[cut[0]:cut[1]]))
+                speech.submit(SegmentRecord(*cut), hiddens[cut[0]:cut[1]])
             speech.close()
             yield from speech.chunks(wait=True)
         except BaseException:  # an error, or the caller stopped listening: stop speaking too

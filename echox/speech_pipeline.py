@@ -60,6 +60,7 @@ class SpeechPipeline:
 
     def __init__(self, engine, max_units: int, push_units: int, clock, speak: bool = True):
         self.engine, self.max_units, self.push_units, self.clock = engine, max_units, push_units, clock
+        self.speaks = speak
         self.out: queue.Queue = queue.Queue()  # AudioChunk, then None once the vocoder thread ends
         self.ended = False  # that None has been read
         self.segments: queue.Queue = queue.Queue()  # (index, hidden [n, H], ready event) or None
@@ -84,11 +85,13 @@ class SpeechPipeline:
             self.out.put(None)  # its end: no audio comes
         PIPELINES.add(self)
 
-    def submit(self, record: SegmentRecord, hidden: torch.Tensor):
-        """Queue a segment's hidden states [n, H]. On a GPU they are still being written on the
-        LLM's stream: an event marks where, and the echo stream waits for it before reading."""
-        if not self.threads:  # it does not speak
+    def submit(self, record: SegmentRecord, hiddens: list[torch.Tensor]):
+        """Queue a segment: its tokens' hidden states, [H] each. On a GPU they are still being
+        written on the LLM's stream: an event marks where, and the echo stream waits for it before
+        reading."""
+        if not self.speaks:
             return
+        hidden = torch.stack(hiddens)  # [n, H]
         ready = None
         if hidden.is_cuda:
             ready = torch.cuda.Event()

@@ -120,6 +120,10 @@ def test_a_session_that_does_not_speak_writes_the_same_answer_and_makes_no_speec
 def test_speak_must_be_a_bool(engine, value):
     with pytest.raises(EchoXError, match="speak must be True or False"):
         engine.session(speak=value)
+    session = engine.session()
+    with pytest.raises(EchoXError, match="speak must be True or False"):
+        session.speak = value  # as the README shows it set between turns
+    assert session.speak is True
 
 
 def test_seeded_sampling_reproducible(engine):

@@ -2,6 +2,7 @@
 
 import asyncio
 
+import pytest
 import torch
 
 from echox.serve.audio_edge import pcm16_base64
@@ -81,6 +82,26 @@ def test_speech_events_give_where_the_items_audio_starts_and_ends():
     ends = [e["audio_end_ms"] for e in events if e["type"] == "input_audio_buffer.speech_stopped"]
     assert starts == [700, 3200] and all(abs(end - want) <= 20 for end, want in zip(ends, [2200, 4700]))
     assert [end - start for start, end in zip(starts, ends)] == committed_ms
+
+
+@pytest.mark.parametrize("onset_ms", [1000, 1020, 1060, 1080])
+def test_the_whole_prefix_padding_is_kept_when_speech_starts_across_two_appends(onset_ms):
+    """100 ms appends, as the page sends them: speech that starts late in one append is heard as
+    speech in the next; the padding before it used to be cut to 300 ms before the first append's
+    end (220-280 ms before the onset)."""
+    async def started_ms() -> int:
+        config = SessionConfig(temperature=0.0, top_p=1.0, max_output_tokens=4).updated({"audio": {"input": {
+            "turn_detection": {"type": "server_vad", "prefix_padding_ms": 300, "create_response": False}}}})
+        connection = Connection(None, config, None, None, max_buffer_bytes=10 ** 7, idle_timeout_s=60)
+        connection.restart_vad()
+        audio = torch.cat([tone(onset_ms / 1000, 0.0), tone(1.0, 0.1)])
+        for block in audio.split(RATE // 10):
+            connection.append({"audio": pcm16_base64(block)})
+        await asyncio.sleep(0)
+        events = [connection.outbox.get_nowait() for _ in range(connection.outbox.qsize())]
+        return next(e["audio_start_ms"] for e in events if e["type"] == "input_audio_buffer.speech_started")
+
+    assert asyncio.run(started_ms()) == onset_ms - 300
 
 
 def test_speech_longer_than_the_buffer_is_cut_into_turns_and_its_end_is_heard():

@@ -226,8 +226,8 @@ class Connection:
         if self.vad is not None:
             for vad_event in self.vad.push(samples):
                 self.on_vad(vad_event)
-            if not self.vad.speaking:
-                self.keep_recent(self.config.turn_detection.prefix_padding_ms)
+            if not self.vad.speaking:  # the padding before speech that may be starting, all of it
+                self.keep_recent(self.config.turn_detection.prefix_padding_ms, before=self.vad.pending_onset())
 
     def on_vad(self, event: VadEvent):
         """The events say where the item's audio starts and ends, in ms of the session's input (as the

@@ -49,6 +49,11 @@ class EnergyVad:
         self.quiet_frames = 0
         self.speech_end = 0
 
+    def pending_onset(self) -> int | None:
+        """While not speaking: where speech will start if the loud frames heard last go on (the
+        first of them), or None after a quiet frame."""
+        return self.run_start if not self.speaking and self.loud_run else None
+
     def push(self, samples: torch.Tensor) -> list[VadEvent]:
         events = []
         audio = torch.cat([self.partial, samples.float()])

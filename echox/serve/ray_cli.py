@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import EchoXError
 from .ports import check_listenable, check_reachable
-from .stopping import on_stop_signals
+from .stopping import FINDS_CHILDREN, on_stop_signals
 
 APP_NAME = "echox"
 # serve-ray sets these on every replica's `echox serve` itself (a replica's child listens on a
@@ -19,7 +19,8 @@ APP_NAME = "echox"
 OWN_OPTIONS = ("--host", "--port", "--model", "--demo", "--device", "--threads")
 # What a second SIGINT/SIGTERM during the cleanup leaves: nothing of a local Ray (every process this
 # command started is killed); on a cluster, the application's removal goes on without us.
-FORCED_NOTE_LOCAL = ", with the local Ray instance and its replicas"
+FORCED_NOTE_LOCAL = ", with the local Ray instance and its replicas" if FINDS_CHILDREN else \
+    "; the local Ray instance may still run (`ray stop` ends it)"
 FORCED_NOTE_CLUSTER = "; Ray Serve on the cluster goes on removing the echox application (`serve status` shows it)"
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+FINDS_CHILDREN = Path("/proc/self/stat").exists()  # Linux: a forced stop can find what this process started
 REPEAT_S = 0.5  # a person's second Ctrl-C comes later than this; a launcher's copy of the first, sooner
 
 

@@ -22,8 +22,9 @@ the released temperature 0.2 / top-p 0.9, a server's default). Per round it reco
                       which stage paces a round, and whether the machine ran out of cores.
 With --text-only every conversation asks for a written answer (`Session.speak = False`): no echo
 decoder or vocoder work, so the LLM's batching shows without the speech path beside it (TTFA and
-the vocoder columns are then empty). Each round runs --repeats times after a warm-up round; the report has the medians, and a first
-row with the unbatched engine answering one conversation (what batch 1 must not fall behind).
+the vocoder columns are then empty). Each round runs --repeats times after a warm-up round; the
+report has the medians, and a first row with the unbatched engine answering one conversation
+(what batch 1 must not fall behind).
 Then the LLM's batched decode step alone (nothing else running; on a GPU the captured graph) at
 each width, the body and the output head's token selection with the run's sampling: its wall time,
 and the tokens per second it would give with every row busy; at the rounds' prompt length (each

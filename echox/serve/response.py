@@ -169,8 +169,8 @@ class Response:
         """The response object of response.created / response.done; with the turn's trace once it has one."""
         details = None if status == "in_progress" else {"type": status} | ({"reason": reason} if reason else {})
         response = {"object": "realtime.response", "id": self.id, "status": status, "status_details": details,
-                    "output_modalities": [self.config.output_modality], "max_output_tokens": self.config.max_output_tokens,
-                    "output": [], "usage": None}
+                    "output_modalities": [self.config.output_modality],
+                    "max_output_tokens": self.config.max_output_tokens, "output": [], "usage": None}
         if trace is not None:
             response["output"] = [self.item(status, text)]
             prompt, answer = len(trace["prompt_ids"]), len(trace["tokens"])

@@ -114,9 +114,10 @@ def _keep_spoken_audio(chunks: list, output: Path, overwrite: bool):
           file=sys.stderr)
 
 
-def _speak(session, audio, text: str | None, output: Path, overwrite: bool, trace: Path | None) -> dict:
-    """Run one turn, streaming its text to the terminal; write the answer's audio (and trace).
-    Ctrl-C keeps what was already spoken in `output`, then ends the command (exit 130)."""
+def _speak(session, audio, text: str | None, output: Path | None, overwrite: bool, trace: Path | None) -> dict:
+    """Run one turn, streaming its text to the terminal; write the answer's audio to `output` (None:
+    a text-only session's) and its trace. Ctrl-C keeps what was already spoken in `output`, then
+    ends the command (exit 130)."""
     import json
 
     import torch
@@ -133,11 +134,13 @@ def _speak(session, audio, text: str | None, output: Path, overwrite: bool, trac
             elif isinstance(event, TurnDone):
                 done = event
     except KeyboardInterrupt:
-        _keep_spoken_audio(chunks, output, overwrite)
+        if output is not None:
+            _keep_spoken_audio(chunks, output, overwrite)
         raise
     print()
     wave = torch.cat(chunks) if chunks else torch.zeros(0)
-    write_wav(output, wave, overwrite=overwrite)
+    if output is not None:
+        write_wav(output, wave, overwrite=overwrite)
     if trace is not None:
         with atomic_file(trace) as temporary:
             temporary.write_text(json.dumps(done.trace, indent=1) + "\n")
@@ -145,11 +148,12 @@ def _speak(session, audio, text: str | None, output: Path, overwrite: bool, trac
     seconds = wave.numel() / 16000
     tokens = len(done.trace["tokens"])
     first = timings["time_to_first_audio"]
-    print(f"wrote {output}: {seconds:.2f} s of audio in {len(done.trace['segments'])} segments; "
-          f"time to first audio {first:.0f} ms; " if first is not None else f"wrote {output}: no audio; ", end="")
+    if output is not None:
+        print(f"wrote {output}: {seconds:.2f} s of audio in {len(done.trace['segments'])} segments; "
+              f"time to first audio {first:.0f} ms; " if first is not None else f"wrote {output}: no audio; ", end="")
     per_token = timings["decode_per_token"]
-    print(f"{tokens} tokens at {1000 / per_token:.1f} tokens/s; real-time factor "
-          f"{timings['total'] / 1000 / seconds:.3f}" if seconds else f"{tokens} tokens")
+    rate = f" at {1000 / per_token:.1f} tokens/s" if tokens and per_token else ""
+    print(f"{tokens} tokens{rate}" + (f"; real-time factor {timings['total'] / 1000 / seconds:.3f}" if seconds else ""))
     return done.trace
 
 
@@ -158,10 +162,15 @@ def cmd_chat(args) -> None:
     from . import engine as echox_engine
     from .audio import speech_input
     from .tokenizer import user_text
-    output, trace = Path(args.output), Path(args.trace) if args.trace else None
-    check_output_file(output, args.overwrite, "--output")
+    if (args.output is None) != args.text_only:
+        raise EchoXError("--text-only writes no audio: drop --output" if args.text_only else
+                         "give --output OUT.wav for the answer's audio, or --text-only for a written answer alone")
+    output = None if args.text_only else Path(args.output)
+    trace = Path(args.trace) if args.trace else None
+    if output is not None:
+        check_output_file(output, args.overwrite, "--output")
     if trace is not None:
-        if trace.resolve() == output.resolve():
+        if output is not None and trace.resolve() == output.resolve():
             raise EchoXError(f"{trace}: --trace and --output name the same file; give the trace its own path")
         check_output_file(trace, args.overwrite, "--trace")
     text = user_text(args.text, "--text")
@@ -176,7 +185,7 @@ def cmd_chat(args) -> None:
     from .segmenter import LOW_LATENCY_SEGMENTER, RELEASED_SEGMENTER
     segmenter = LOW_LATENCY_SEGMENTER if args.low_latency else RELEASED_SEGMENTER
     session = engine.session(sampling=sampling, segmenter=segmenter, max_new_tokens=args.max_new_tokens,
-                             max_units=args.max_units)
+                             max_units=args.max_units, speak=not args.text_only)
     _speak(session, speech, text, output, args.overwrite, trace)
 
 
@@ -334,7 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--vocoder", help="vocoder folder (default: the model folder, then ../vocoder)")
     chat.add_argument("--input", help="spoken question (WAV; FLAC/OGG/MP3 with soundfile)")
     chat.add_argument("--text", help="written question, or text that goes with the speech")
-    chat.add_argument("--output", required=True, help="answer audio (16 kHz WAV)")
+    chat.add_argument("--output", help="answer audio (16 kHz WAV); required unless --text-only")
+    chat.add_argument("--text-only", action="store_true",
+                      help="a written answer alone: no speech is made (no echo decoder or vocoder work)")
     chat.add_argument("--overwrite", action="store_true")
     chat.add_argument("--greedy", action="store_true")
     chat.add_argument("--temperature", type=float, default=0.2)

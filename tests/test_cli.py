@@ -50,6 +50,20 @@ def test_chat_writes_audio_and_a_complete_trace(tiny_model_dir, question, tmp_pa
     assert out.stat().st_size == 44 + 2 * samples  # a 16-bit mono WAV of exactly the streamed samples
 
 
+def test_chat_text_only_writes_the_answer_and_makes_no_speech(tiny_model_dir, question, tmp_path, capsys):
+    trace = tmp_path / "trace.json"
+    assert chat(tiny_model_dir, "--input", question, "--text-only", "--trace", trace) == 0
+    data = json.loads(trace.read_text())
+    assert data["segments"] == [] and 0 < len(data["tokens"]) <= 8
+    assert capsys.readouterr().out.endswith(" tokens/s\n") and list(tmp_path.iterdir()) == [trace]
+
+
+@pytest.mark.parametrize("outputs, message", [(["--text-only", "--output", "a.wav"], "--text-only writes no audio"),
+                                              ([], "give --output OUT.wav")])
+def test_chat_needs_an_output_for_speech_and_none_for_text_only(tmp_path, question, capsys, outputs, message):
+    fails_with(capsys, chat(tmp_path / "no-model", "--input", question, *outputs), message)
+
+
 def test_low_latency_cuts_the_first_segment_early(tiny_model_dir, tmp_path, capsys):
     trace = tmp_path / "trace.json"
     assert main(["chat", "--model", str(tiny_model_dir), "--greedy", "--max-new-tokens", "30", "--max-units", "32",

@@ -22,7 +22,9 @@ the released temperature 0.2 / top-p 0.9, a server's default). Per round it reco
                       which stage paces a round, and whether the machine ran out of cores.
 With --text-only every conversation asks for a written answer (`Session.speak = False`): no echo
 decoder or vocoder work, so the LLM's batching shows without the speech path beside it (TTFA and
-the vocoder columns are then empty). Each round runs --repeats times after a warm-up round; the
+the vocoder columns are then empty). With --written-question every conversation types its question
+instead (a prompt of a few dozen positions: with random weights a spoken one is ~950, see the step
+table). Each round runs --repeats times after a warm-up round; the
 report has the medians, and a first row with the unbatched engine answering one conversation
 (what batch 1 must not fall behind).
 Then the LLM's batched decode step alone (nothing else running; on a GPU the captured graph) at
@@ -54,17 +56,19 @@ from report import environment, percentile, table, write_report  # noqa: E402
 
 
 SAMPLING = {"greedy": GREEDY, "released": RELEASED_SAMPLING}
+WRITTEN_QUESTION = "What should I see in Paris if I only have one afternoon there?"
 SHORT_PROMPT = 128  # positions: a written question's, or speech the released adapter shrinks to a few dozen rows
 # What each engine's decode tok/s is measured over (see the module's docstring).
 DECODE_TIMED = {"batched": "time inside the batch's decode steps",
                 "unbatched": "the turn's token loop (decode_per_token)"}
 
 
-def one_turn(engine, audio: torch.Tensor, args, start: float, out: dict):
-    """Answer one question, noting when the first audio, the last text and the end came."""
+def one_turn(engine, turn: dict, args, start: float, out: dict):
+    """Answer one question (`respond`'s keywords), noting when the first audio, the last text and
+    the end came."""
     session = engine.session(sampling=SAMPLING[args.sampling], max_new_tokens=args.max_new_tokens,
                              speak=not args.text_only)
-    for event in session.respond(audio=audio):
+    for event in session.respond(**turn):
         now = time.perf_counter() - start
         if isinstance(event, AudioChunk):
             out.setdefault("ttfa_s", now)
@@ -93,14 +97,14 @@ def cpu_clocks(engine) -> dict[str, float]:
     return clocks
 
 
-def one_round(engine, conversations: int, audio: torch.Tensor, args) -> dict:
+def one_round(engine, conversations: int, turn: dict, args) -> dict:
     outs = [{} for _ in range(conversations)]
     text_batcher, vocoder_batcher = engine.text_batcher, engine.vocoder_batcher
     counters, vocoder_counters = ("steps", "rows_stepped", "step_seconds"), ("pushes", "calls", "units", "step_seconds")
     if text_batcher:
         before, vocoder_before = counted(text_batcher, counters), counted(vocoder_batcher, vocoder_counters)
     clocks, start = cpu_clocks(engine), time.perf_counter()
-    threads = [threading.Thread(target=one_turn, args=(engine, audio, args, start, out)) for out in outs]
+    threads = [threading.Thread(target=one_turn, args=(engine, turn, args, start, out)) for out in outs]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -152,9 +156,13 @@ def step_times(engine, widths: list[int], sampling, position: int, repeats: int 
     return rows
 
 
+def asked(args) -> dict:
+    """The question every conversation asks, as `respond` takes it: spoken, or written."""
+    return {"text": WRITTEN_QUESTION} if args.written_question else {"audio": question(args.question_seconds)}
+
+
 def median_round(engine, conversations: int, args) -> dict:
-    audio = question(args.question_seconds)
-    rounds = [one_round(engine, conversations, audio, args) for _ in range(args.repeats)]
+    rounds = [one_round(engine, conversations, asked(args), args) for _ in range(args.repeats)]
     # numbers: their median; labels and Nones: as every round has them
     return {"conversations": conversations} | {key: statistics.median(r[key] for r in rounds)
                                                if isinstance(rounds[0][key], (int, float)) else rounds[0][key]
@@ -163,6 +171,8 @@ def median_round(engine, conversations: int, args) -> dict:
 
 def render(report: dict) -> str:
     env, s = report["environment"], report["settings"]
+    written = s.get("written_question")
+    question_said = "a written question" if written else f"a {s['question_seconds']:g} s spoken question"
     rows = [[r["engine"], r["conversations"], r["tokens"], r["decode_tokens_per_s"], r.get("decode_timed"),
              r["text_tokens_per_s"], r["turn_tokens_per_s"], r["ttfa_p50_ms"], r["ttfa_p95_ms"], r["rows_per_step"],
              r.get("prompt_positions"),
@@ -170,11 +180,11 @@ def render(report: dict) -> str:
     return "\n".join([
         f"# Batched engine, {s['size']} size, {env['created'][:10]}", "",
         f"{env['device']}, torch {env['torch']}, {env.get('torch_threads', '')} torch thread(s); random weights, "
-        f"{s['sampling']} sampling, {s['question_seconds']:g} s spoken question, at most {s['max_new_tokens']} tokens, "
+        f"{s['sampling']} sampling, {question_said}, at most {s['max_new_tokens']} tokens, "
         f"{'written answers only (no speech made), ' if s.get('text_only') else ''}"
         f"{s.get('steps', 'captured')} steps; medians of {s['repeats']} rounds (`python bench/batch_engine.py --size "
         f"{s['size']} --device {s['device']} --sampling {s['sampling']}{' --eager' if s.get('steps') == 'eager' else ''}"
-        f"{' --text-only' if s.get('text_only') else ''}`).", "",
+        f"{' --text-only' if s.get('text_only') else ''}{' --written-question' if written else ''}`).", "",
         *table(["engine", "conversations", "tokens", "decode tok/s", "decode timed over", "text tok/s",
                 "turn tok/s", "TTFA p50 ms", "TTFA p95 ms", "rows / LLM step", "prompt positions",
                 "pushes / vocoder call", "vocoder ms / unit", "cores busy",
@@ -211,17 +221,19 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
     parser.add_argument("--eager", action="store_true", help="steps op by op, not captured (echox/capture.py)")
     parser.add_argument("--text-only", action="store_true", help="written answers only: no speech is made")
+    parser.add_argument("--written-question", action="store_true",
+                        help="ask a written question (a short prompt) instead of a spoken one")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rounds = []
     with torch.inference_mode():
         unbatched = build_engine(args.size, args.device, graphs=not args.eager)
-        one_round(unbatched, 1, question(args.question_seconds), args)  # warm-up
+        one_round(unbatched, 1, asked(args), args)  # warm-up
         rounds.append({"engine": "unbatched"} | median_round(unbatched, 1, args))
         del unbatched
         engine = build_engine(args.size, args.device, graphs=not args.eager).batched(max(args.conversations))
-        one_round(engine, max(args.conversations), question(args.question_seconds), args)
+        one_round(engine, max(args.conversations), asked(args), args)
         for conversations in args.conversations:
             rounds.append({"engine": f"batched ({max(args.conversations)})"} | median_round(engine, conversations, args))
             print(json.dumps(rounds[-1]), flush=True)
@@ -231,10 +243,11 @@ def main(argv: list[str] | None = None):
     device = "cuda" if args.device.startswith("cuda") else "cpu"
     settings = {"size": args.size, "device": args.device, "max_new_tokens": args.max_new_tokens,
                 "question_seconds": args.question_seconds, "repeats": args.repeats, "sampling": args.sampling,
-                "steps": "eager" if args.eager else "captured", "text_only": args.text_only}
+                "steps": "eager" if args.eager else "captured", "text_only": args.text_only,
+                "written_question": args.written_question}
     report = {"environment": environment(device), "settings": settings, "rounds": rounds, "steps": steps}
     suffix = ("" if args.sampling == "greedy" else f"-{args.sampling}") + ("-eager" if args.eager else "") + \
-        ("-text-only" if args.text_only else "")
+        ("-text-only" if args.text_only else "") + ("-written-question" if args.written_question else "")
     write_report(args.out, f"{device}-batch-{args.size}{suffix}", report, render(report))
     print(render(report))
 

@@ -179,15 +179,17 @@ def test_batch_engine_reports_rounds_of_concurrent_conversations(tmp_path, sampl
     assert f"| {batch_engine.DECODE_TIMED['unbatched']} |" in markdown
 
 
-def test_batch_engine_text_only_rounds_make_no_speech(tmp_path):
+def test_batch_engine_written_rounds_make_no_speech_and_short_prompts(tmp_path):
     import batch_engine
     batch_engine.main(["--size", "tiny", "--conversations", "1", "2", "--repeats", "1", "--max-new-tokens", "8",
-                       "--text-only", "--out", str(tmp_path)])
-    report = batch_engine.json.loads(next(tmp_path.glob("*-cpu-batch-tiny-text-only.json")).read_text())
+                       "--text-only", "--written-question", "--out", str(tmp_path)])
+    name = "*-cpu-batch-tiny-text-only-written-question"
+    report = batch_engine.json.loads(next(tmp_path.glob(name + ".json")).read_text())
     assert report["settings"]["text_only"] and [r["tokens"] for r in report["rounds"]] == [8, 8, 16]
     for row in report["rounds"]:
         assert row["ttfa_p50_ms"] is None and row["vocoder_ms_per_unit"] is None and row["decode_tokens_per_s"] > 0
-    assert "--text-only`" in next(tmp_path.glob("*-cpu-batch-tiny-text-only.md")).read_text()
+        assert row["prompt_positions"] < 750  # a spoken question's prompt holds ~750 speech rows alone
+    assert "--text-only --written-question`" in next(tmp_path.glob(name + ".md")).read_text()
 
 
 def test_voice_size_has_the_released_speech_output():

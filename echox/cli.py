@@ -136,6 +136,8 @@ def _speak(session, audio, text: str | None, output: Path | None, overwrite: boo
     except KeyboardInterrupt:
         if output is not None:
             _keep_spoken_audio(chunks, output, overwrite)
+        else:
+            print()  # end the line of text, before the error line
         raise
     print()
     wave = torch.cat(chunks) if chunks else torch.zeros(0)

@@ -390,6 +390,22 @@ def test_ctrl_c_keeps_the_audio_spoken_so_far(tiny_model_dir, tmp_path, monkeypa
     assert [p.name for p in tmp_path.iterdir()] == ["a.wav"]  # no temporary file left
 
 
+def test_ctrl_c_during_a_text_only_answer_ends_its_line_and_writes_nothing(tiny_model_dir, tmp_path, monkeypatch,
+                                                                          capsys):
+    respond = echox_engine.Session.respond
+
+    def interrupted_after_some_text(self, *args, **kwargs):
+        for count, event in enumerate(respond(self, *args, **kwargs)):
+            yield event
+            if count == 3:
+                raise KeyboardInterrupt
+    monkeypatch.setattr(echox_engine.Session, "respond", interrupted_after_some_text)
+    code = main(["chat", "--model", str(tiny_model_dir), "--greedy", "--text", "Tell me a story.", "--text-only"])
+    captured = capsys.readouterr()
+    assert code == 130 and "Traceback" not in captured.err and captured.out.endswith("\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_tiny_overwrite_replaces_only_the_model(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["tiny", str(out)]) == 0

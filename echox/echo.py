@@ -125,9 +125,7 @@ class EchoDecoder(nn.Module):
                               for i in (0, 3) for part in ("weight", "bias")}
                              | {f"adapter.{part}": tensors.pop(f"adapter.{part}") for part in ("weight", "bias")},
                              strict=False, assign=True)
-        # By the body's own keys: "model.embed_tokens.weight" shares the prefix but is the token table's.
-        self.body.load_released({key.removeprefix("model."): tensors.pop(key)
-                                 for key in body_layout(self.cfg.body, "model.")})
+        self.body.load_released(tensors, "model.")  # leaves model.embed_tokens, the token table's
 
     def _build_tables(self, tensors: dict[str, torch.Tensor]):
         """The token table, both heads, the prefixes, and the small constants of a decode step."""

@@ -267,13 +267,13 @@ class LlamaBody(nn.Module):
                         p + "post_attention_layernorm.weight": layer.ffn_norm.weight.detach()}
         return tensors | {"norm.weight": self.norm.weight.detach()}
 
-    def load_released(self, tensors: dict[str, torch.Tensor]):
-        """Install weights named as in `body_layout(cfg, prefix="")`, fusing q/k/v and gate/up.
-        Consumes `tensors`: each is taken out as it is installed, so a layer's separate q, k, v,
-        gate and up go as soon as their fused copies exist (not at the end, which held the whole
-        model twice over at its peak)."""
+    def load_released(self, tensors: dict[str, torch.Tensor], prefix: str = ""):
+        """Install weights named as in `body_layout(cfg, prefix)`, fusing q/k/v and gate/up.
+        Consumes them: each is taken out of `tensors` as it is installed, so a layer's separate q,
+        k, v, gate and up go as soon as their fused copies exist (not at the end, which held the
+        whole model twice over at its peak); the caller's other keys stay."""
         for i, layer in enumerate(self.layers):
-            p = f"layers.{i}."
+            p = f"{prefix}layers.{i}."
             attn, ffn = layer.attention, layer.ffn
             set_weight(attn.wqkv, torch.cat([tensors.pop(p + f"self_attn.{n}_proj.weight") for n in "qkv"]))
             set_weight(attn.wo, tensors.pop(p + "self_attn.o_proj.weight"))
@@ -282,7 +282,7 @@ class LlamaBody(nn.Module):
             set_weight(ffn.w_down, tensors.pop(p + "mlp.down_proj.weight"))
             set_weight(layer.attention_norm, tensors.pop(p + "input_layernorm.weight"))
             set_weight(layer.ffn_norm, tensors.pop(p + "post_attention_layernorm.weight"))
-        set_weight(self.norm, tensors.pop("norm.weight"))
+        set_weight(self.norm, tensors.pop(prefix + "norm.weight"))
 
 
 def lm_layout(cfg: LlamaConfig) -> Layout:
@@ -312,8 +312,7 @@ class LlamaLM(nn.Module):
     def load_released(self, tensors: dict[str, torch.Tensor]):
         """`tensors` keyed as in `lm_layout(cfg)`; consumed, as `LlamaBody.load_released` does."""
         set_weight(self.embed_tokens, tensors.pop("model.embed_tokens.weight"))
-        self.body.load_released({key.removeprefix("model."): tensors.pop(key)
-                                 for key in [key for key in tensors if key.startswith("model.")]})
+        self.body.load_released(tensors, "model.")
         if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         else:

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..config import EchoDecoderConfig
 from ..echo import _aligner_mlp
-from ..llama import LlamaBody, body_layout
+from ..llama import LlamaBody
 from ..weights import embedding_table
 from .batching import pad_rows
 
@@ -51,8 +51,7 @@ class TrainableEchoDecoder(nn.Module):
                               for ours, released in own_names.items() for part in ("weight", "bias")}
                              | {name: tensors[name] for name in ("lm_head.weight", "unit_embedding.weight")},
                              strict=False, assign=True)
-        # Taken out of `tensors`, so that the separate q/k/v and gate/up go as their fused copies exist.
-        self.body.load_released({key.removeprefix("model."): tensors.pop(key) for key in body_layout(cfg.body, "model.")})
+        self.body.load_released(tensors, "model.")  # takes them out as their fused copies exist
         self.requires_grad_(True)
         # E_text, frozen
         self.register_buffer("text_embeddings", tensors["model.embed_tokens.weight"], persistent=False)

@@ -150,8 +150,31 @@ def test_playback_counts_every_wait_for_a_late_chunk():
     assert playback([]) == (0, 0.0, 0.0)
 
 
+@pytest.fixture
+def rounds_join_together(monkeypatch):
+    """The first turn of each batched round joins the LLM's batch only once all the round's
+    conversations have queued (or after 60 s). Left to the machine, a slow or busy one can finish a
+    12-token turn before the next question is heard, and the round then never batches two rows."""
+    import batch_engine
+    from echox.batch.text_batcher import TextBatcher
+    expected = {"conversations": 1}
+    one_round, admit = batch_engine.one_round, TextBatcher.admit
+
+    def counting_round(engine, conversations, *args):
+        expected["conversations"] = conversations
+        return one_round(engine, conversations, *args)
+
+    def gated_admit(self, request):
+        with self.arrived:  # submit() notifies it as each turn queues
+            self.arrived.wait_for(lambda: self.active() or len(self.waiting) >= expected["conversations"], 60)
+        return admit(self, request)
+
+    monkeypatch.setattr(batch_engine, "one_round", counting_round)
+    monkeypatch.setattr(TextBatcher, "admit", gated_admit)
+
+
 @pytest.mark.parametrize("sampling,suffix", [("greedy", ""), ("released", "-released")])
-def test_batch_engine_reports_rounds_of_concurrent_conversations(tmp_path, sampling, suffix):
+def test_batch_engine_reports_rounds_of_concurrent_conversations(tmp_path, sampling, suffix, rounds_join_together):
     import batch_engine
     batch_engine.main(["--size", "tiny", "--conversations", "1", "3", "--repeats", "1", "--max-new-tokens", "12",
                        "--sampling", sampling, "--out", str(tmp_path)])

@@ -212,6 +212,12 @@ class VocoderConfig:
     speaker_embedding_dim: int = 0
     sample_rate: int = 16000
 
+    def __post_init__(self):
+        # The engine's audio is 16 kHz throughout (SPEC §8): a vocoder made for another rate would be
+        # written out at the wrong speed and pitch.
+        if self.sample_rate != 16000:
+            raise EchoXError(f"a vocoder's sampling rate of {self.sample_rate} Hz is not supported (only 16000)")
+
     @property
     def hop_length(self) -> int:
         hop = 1
@@ -230,12 +236,7 @@ class VocoderConfig:
         multispkr = _field(cfg, "multispkr", path, bool, False)
         embedding_dim = _field(cfg, "embedding_dim", path, int, 128)
         dilations = _field(cfg, "resblock_dilation_sizes", path, list)
-        # The engine's audio is 16 kHz throughout (SPEC §8): a vocoder made for another rate would be
-        # written out at the wrong speed and pitch.
-        sample_rate = _field(cfg, "sampling_rate", path, int, 16000)
-        if sample_rate != 16000:
-            raise EchoXError(f"{path}: sampling_rate {sample_rate} is not supported (only 16000)")
-        return VocoderConfig(
+        fields = dict(
             upsample_rates=_ints(cfg, "upsample_rates", path),
             upsample_kernel_sizes=_ints(cfg, "upsample_kernel_sizes", path),
             upsample_initial_channel=_field(cfg, "upsample_initial_channel", path),
@@ -249,8 +250,12 @@ class VocoderConfig:
             # fairseq's CodeHiFiGAN defaults: 200 speakers, embedded at the unit-embedding width.
             num_speakers=_field(cfg, "num_speakers", path, int, 200) if multispkr else 0,
             speaker_embedding_dim=_field(cfg, "speaker_embedding_dim", path, int, embedding_dim) if multispkr else 0,
-            sample_rate=sample_rate,
+            sample_rate=_field(cfg, "sampling_rate", path, int, 16000),
         )
+        try:
+            return VocoderConfig(**fields)
+        except EchoXError as e:  # a value __post_init__ refuses, named with the file it came from
+            raise EchoXError(f"{path}: {e}") from None
 
     def to_json(self) -> dict:
         raw = dataclasses.asdict(self)

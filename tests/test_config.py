@@ -64,7 +64,9 @@ def test_json_too_deep_or_with_a_huge_integer_is_one_error(tmp_path, text, messa
 def test_vocoder_for_another_sampling_rate_is_refused(tmp_path):
     """sampling_rate was never read: a 22050 Hz vocoder's output was written as 16 kHz."""
     (tmp_path / "vocoder_config.json").write_text(json.dumps(VocoderConfig().to_json() | {"sampling_rate": 22050}))
-    with pytest.raises(EchoXError, match=r"vocoder_config.json: sampling_rate 22050 is not supported \(only 16000\)"):
+    with pytest.raises(EchoXError, match=r"vocoder_config.json: a vocoder's sampling rate of 22050 Hz is not supported \(only 16000\)"):
         VocoderConfig.from_dir(tmp_path)
     (tmp_path / "vocoder_config.json").write_text(json.dumps(VocoderConfig().to_json() | {"sampling_rate": 16000}))
     assert VocoderConfig.from_dir(tmp_path).sample_rate == 16000
+    with pytest.raises(EchoXError, match="rate of 24000 Hz is not supported"):  # made in Python, too
+        VocoderConfig(sample_rate=24000)

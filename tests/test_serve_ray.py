@@ -344,3 +344,21 @@ def test_serve_ray_without_ray_says_how_to_install_it(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # how Python marks a package as not importable
     assert main(["serve-ray", "--replicas", "1", "--demo"]) == 2
     assert "pip install 'echox[ray]'" in capsys.readouterr().err
+
+
+def test_serve_ray_waits_for_ctrl_c_where_signal_has_no_pause(monkeypatch):
+    """Windows has no signal.pause: serve-ray still waits until Ctrl-C, and then returns."""
+    import threading
+
+    from echox.serve import ray_cli
+    monkeypatch.delattr(signal, "pause")
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    ctrl_c = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    try:
+        ctrl_c.start()
+        started = time.monotonic()
+        ray_cli.wait_for_stop_signal()
+        assert 0.25 < time.monotonic() - started < 30
+    finally:
+        ctrl_c.cancel()  # if the wait failed at once, no Ctrl-C is left to hit the next test
+        signal.signal(signal.SIGINT, previous)

@@ -7,6 +7,7 @@ Ray starts: a mistake costs a line on stderr, not a cluster start.
 
 import argparse
 import signal
+import time
 from pathlib import Path
 
 from ..errors import EchoXError
@@ -105,9 +106,11 @@ def interrupt():
 
 def wait_for_stop_signal():
     """Until the first SIGINT/SIGTERM, whose handler raises KeyboardInterrupt here: a clean stop."""
+    # Windows has no signal.pause; a sleep there is cut short by Ctrl-C all the same.
+    wait = getattr(signal, "pause", lambda: time.sleep(3600))
     try:
         while True:
-            signal.pause()
+            wait()
     except KeyboardInterrupt:
         pass
 

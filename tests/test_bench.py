@@ -373,3 +373,19 @@ def test_absolute_targets_are_judged_only_on_the_gpu_they_are_set_for(tiny_resul
         assert all(t["device"] == device for t in targets)
         rendered = report.targets_table(targets)
         assert rendered[0] == "| target | measured | measured on | status |" and device in rendered[2]
+
+
+def test_gpu_tests_are_collected_without_the_server_tests_clients(tmp_path):
+    """The GPU machine's image has neither `openai` nor `websockets` and cannot fetch them: the
+    gpu-tests phase of bench/gpu.sh (`pytest -m gpu tests/`) must still collect every gpu test,
+    not stop at the server tests' imports."""
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    for name in ("openai", "websockets"):
+        (hidden / f"{name}.py").write_text(f"raise ModuleNotFoundError('hidden', name={name!r})\n")
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(hidden), os.environ.get("PYTHONPATH")]))}
+    run = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+                          "tests/"], cwd=BENCH.parent, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    collected = {line.split("::")[0] for line in run.stdout.splitlines() if "::" in line}
+    assert {"tests/test_gpu_engine.py", "tests/test_cuda_kernels.py", "tests/test_vocoder_graphs.py"} <= collected

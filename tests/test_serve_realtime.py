@@ -15,7 +15,6 @@ import weakref
 import aiohttp
 import pytest
 import torch
-from openai import AsyncOpenAI
 
 from echox.audio import resample
 from echox.cli import demo_question
@@ -24,6 +23,10 @@ from echox.sampling import GREEDY
 from echox.serve.audio_edge import pcm16_bytes, samples_from_pcm16
 from echox.serve.launch import ServerProcess
 from echox.serve.stopping import REPEAT_S
+
+# The official client comes with the test extras; where it is missing (the GPU machine's image, which
+# cannot fetch it) these tests skip and the rest of the suite still runs.
+AsyncOpenAI = pytest.importorskip("openai").AsyncOpenAI
 
 MAX_TOKENS, MAX_UNITS, MAX_CONNECTIONS, IDLE_S = 24, 60, 5, 3
 TEST_TIMEOUT_S = 120  # a hung server fails the test instead of stalling the suite

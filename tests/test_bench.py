@@ -96,23 +96,39 @@ def test_a_report_cut_short_keeps_what_it_measured(tiny_result, tmp_path, monkey
     assert "**Incomplete**" not in next(tmp_path.glob("*-cpu.md")).read_text()
 
 
+def run_gpu_sh(tmp_path: Path, phases: str, budget: int) -> subprocess.CompletedProcess:
+    """bench/gpu.sh with stand-ins for python3 and nvidia-smi that succeed at once; python3 notes
+    each call, with ECHOX_CUDA_NO_REBUILD, in calls.txt."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "nvidia-smi").write_text("#!/bin/sh\nexit 0\n")
+    (stubs / "python3").write_text(f'#!/bin/sh\necho "$* [${{ECHOX_CUDA_NO_REBUILD:-}}]" >> {tmp_path}/calls.txt\n')
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    env = {"PATH": f"{stubs}:/usr/bin:/bin", "OUT": str(tmp_path), "GPU_SH_PHASES": phases,
+           "GPU_SH_SECONDS": str(budget)}
+    return subprocess.run(["bash", str(BENCH / "gpu.sh")], env=env, capture_output=True, text=True, timeout=60)
+
+
 @pytest.mark.parametrize("budget,exit_code,last_line", [
     (100, 0, "every phase ran and passed"), (30, 1, "INCOMPLETE: failed or skipped: report")])
 def test_gpu_sh_fails_a_run_with_a_phase_skipped_for_time(tmp_path, budget, exit_code, last_line):
-    """bench/gpu.sh with stand-ins for python3 and nvidia-smi that succeed at once: a phase the
-    budget has no time for is SKIPPED, and the script then exits nonzero."""
-    stubs = tmp_path / "bin"
-    stubs.mkdir()
-    for name in ("python3", "nvidia-smi"):
-        (stubs / name).write_text("#!/bin/sh\nexit 0\n")
-        (stubs / name).chmod(0o755)
-    env = {"PATH": f"{stubs}:/usr/bin:/bin", "OUT": str(tmp_path), "GPU_SH_PHASES": "report",
-           "GPU_SH_SECONDS": str(budget)}
-    run = subprocess.run(["bash", str(BENCH / "gpu.sh")], env=env, capture_output=True, text=True, timeout=60)
+    """A phase the budget has no time for is SKIPPED, and the script then exits nonzero."""
+    run = run_gpu_sh(tmp_path, "report", budget)
     assert run.returncode == exit_code, run.stdout + run.stderr
     log = (tmp_path / "gpu_sh.log").read_text()
     assert log.strip().splitlines()[-1] == last_line
     assert ("report: SKIPPED (status 200)" in run.stdout) == (exit_code == 1)
+
+
+def test_gpu_sh_tests_do_not_rebuild_what_its_build_phase_could_not(tmp_path):
+    """tests/test_cuda_kernels.py compiles csrc/ on the fly when echox_cuda is missing, unless told
+    not to: in gpu.sh a failed build must not cost the tests' time limit once more."""
+    run = run_gpu_sh(tmp_path, "gpu-tests", 200)
+    assert run.returncode == 0, run.stdout + run.stderr
+    calls = (tmp_path / "calls.txt").read_text().splitlines()
+    assert "-m pytest -q -m gpu tests/ [1]" in calls
+    assert all(call.endswith("[]") for call in calls if "pytest" not in call)  # the install builds as usual
 
 
 def test_speech_path_reports_a_turn_beside_its_critical_path(tmp_path):

@@ -185,6 +185,9 @@ def render(report: dict) -> str:
         f"{s.get('steps', 'captured')} steps; medians of {s['repeats']} rounds (`python bench/batch_engine.py --size "
         f"{s['size']} --device {s['device']} --sampling {s['sampling']}{' --eager' if s.get('steps') == 'eager' else ''}"
         f"{' --text-only' if s.get('text_only') else ''}{' --written-question' if written else ''}`).", "",
+        *([] if report.get("complete", True) else  # reports before 2026-12-02 did not say
+          ["**Incomplete**: the run stopped (a time limit or an error) before it had measured every round "
+           "and the steps alone; the tables hold what it measured.", ""]),
         *table(["engine", "conversations", "tokens", "decode tok/s", "decode timed over", "text tok/s",
                 "turn tok/s", "TTFA p50 ms", "TTFA p95 ms", "rows / LLM step", "prompt positions",
                 "pushes / vocoder call", "vocoder ms / unit", "cores busy",
@@ -226,29 +229,38 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rounds = []
+    device = "cuda" if args.device.startswith("cuda") else "cpu"
+    settings = {"size": args.size, "device": args.device, "max_new_tokens": args.max_new_tokens,
+                "question_seconds": args.question_seconds, "repeats": args.repeats, "sampling": args.sampling,
+                "steps": "eager" if args.eager else "captured", "text_only": args.text_only,
+                "written_question": args.written_question}
+    report = {"environment": environment(device), "settings": settings, "complete": False, "rounds": [], "steps": []}
+    suffix = ("" if args.sampling == "greedy" else f"-{args.sampling}") + ("-eager" if args.eager else "") + \
+        ("-text-only" if args.text_only else "") + ("-written-question" if args.written_question else "")
+
+    def save():
+        """Rewrite the report with what is measured so far: a run cut at a time limit (bench/gpu.sh)
+        keeps its rounds, and says it was cut."""
+        write_report(args.out, f"{device}-batch-{args.size}{suffix}", report, render(report))
+
+    rounds = report["rounds"]
     with torch.inference_mode():
         unbatched = build_engine(args.size, args.device, graphs=not args.eager)
         one_round(unbatched, 1, asked(args), args)  # warm-up
         rounds.append({"engine": "unbatched"} | median_round(unbatched, 1, args))
+        save()
         del unbatched
         engine = build_engine(args.size, args.device, graphs=not args.eager).batched(max(args.conversations))
         one_round(engine, max(args.conversations), asked(args), args)
         for conversations in args.conversations:
             rounds.append({"engine": f"batched ({max(args.conversations)})"} | median_round(engine, conversations, args))
             print(json.dumps(rounds[-1]), flush=True)
+            save()
         mid_answer = int(rounds[-1]["prompt_positions"] + args.max_new_tokens / 2)
-        steps = [row for position in (mid_answer, SHORT_PROMPT)
-                 for row in step_times(engine, args.conversations, SAMPLING[args.sampling], position)]
-    device = "cuda" if args.device.startswith("cuda") else "cpu"
-    settings = {"size": args.size, "device": args.device, "max_new_tokens": args.max_new_tokens,
-                "question_seconds": args.question_seconds, "repeats": args.repeats, "sampling": args.sampling,
-                "steps": "eager" if args.eager else "captured", "text_only": args.text_only,
-                "written_question": args.written_question}
-    report = {"environment": environment(device), "settings": settings, "rounds": rounds, "steps": steps}
-    suffix = ("" if args.sampling == "greedy" else f"-{args.sampling}") + ("-eager" if args.eager else "") + \
-        ("-text-only" if args.text_only else "") + ("-written-question" if args.written_question else "")
-    write_report(args.out, f"{device}-batch-{args.size}{suffix}", report, render(report))
+        report["steps"] = [row for position in (mid_answer, SHORT_PROMPT)
+                           for row in step_times(engine, args.conversations, SAMPLING[args.sampling], position)]
+    report["complete"] = True
+    save()
     print(render(report))
 
 

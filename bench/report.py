@@ -50,11 +50,15 @@ def environment(device: str) -> dict:
 
 
 def write_report(out_dir: str | Path, name: str, report: dict, markdown: str) -> Path:
-    """Write <out_dir>/<report date>-<name>.json and .md; returns their common stem."""
-    stem = Path(out_dir) / f"{report['environment']['created'][:10]}-{name}"
+    """Write <out_dir>/<report date>-<name>.json and .md; returns their common stem. A run rewrites
+    its report as it goes (bench/gpu.sh cuts a phase at its time limit): a cut mid-write leaves
+    the last whole one."""
+    stem = report_stem(out_dir, report["environment"], name)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown)
+    for path, text in ((stem.with_suffix(".json"), json.dumps(report, indent=1) + "\n"),
+                       (stem.with_suffix(".md"), markdown)):
+        with atomic_file(path) as temporary:
+            temporary.write_text(text)
     return stem
 
 
@@ -88,9 +92,14 @@ def shown(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
+def report_stem(out_dir: str | Path, env: dict, name: str) -> Path:
+    """<out_dir>/<the report's date>-<name>: its .json and .md."""
+    return Path(out_dir) / f"{env['created'][:10]}-{name}"
+
+
 def result_paths(env: dict, out_dir: Path) -> tuple[Path, Path]:
-    stem = f"{env['created'][:10]}-{device_slug(env)}"
-    return out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    stem = report_stem(out_dir, env, device_slug(env))
+    return stem.with_suffix(".json"), stem.with_suffix(".md")
 
 
 # ---- microbenchmarks ---------------------------------------------------------------------------
@@ -337,9 +346,7 @@ def main(argv: list[str] | None = None):
         was cut: only the last stage's report is complete."""
         report = {"environment": env, "command": command, "complete": complete, "micro_exit_code": micro_exit_code,
                   "micro": micro, "e2e": e2e, "targets": evaluate_targets(e2e, micro, micro_exit_code, env)}
-        for path, text in ((json_path, json.dumps(report, indent=1) + "\n"), (md_path, render_markdown(report))):
-            with atomic_file(path) as temporary:  # a cut mid-write leaves the last whole report
-                temporary.write_text(text)
+        write_report(args.out_dir, device_slug(env), report, render_markdown(report))
         return render_markdown(report)
 
     with tempfile.TemporaryDirectory() as tmp:

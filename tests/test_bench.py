@@ -218,6 +218,22 @@ def test_batch_engine_reports_rounds_of_concurrent_conversations(tmp_path, sampl
     assert f"| {batch_engine.DECODE_TIMED['unbatched']} |" in markdown
 
 
+def test_a_batch_run_cut_short_keeps_its_rounds(tmp_path, monkeypatch):
+    """bench/gpu.sh stops the batch phase at its time limit: the report is written after each round."""
+    import batch_engine
+
+    def killed(*args):
+        raise KeyboardInterrupt  # as the limit's SIGTERM or SIGKILL would end it, mid-way
+    monkeypatch.setattr(batch_engine, "step_times", killed)
+    with pytest.raises(KeyboardInterrupt):
+        batch_engine.main(["--size", "tiny", "--conversations", "1", "2", "--repeats", "1", "--max-new-tokens", "4",
+                           "--text-only", "--written-question", "--out", str(tmp_path)])
+    written = json.loads(next(tmp_path.glob("*-cpu-batch-tiny-text-only-written-question.json")).read_text())
+    assert [r["conversations"] for r in written["rounds"]] == [1, 1, 2] and written["complete"] is False
+    assert written["steps"] == [] and "**Incomplete**" in next(tmp_path.glob("*.md")).read_text()
+    assert not [path for path in tmp_path.iterdir() if ".tmp" in path.name]  # atomic writes leave no leftovers
+
+
 def test_batch_engine_written_rounds_make_no_speech_and_short_prompts(tmp_path):
     import batch_engine
     batch_engine.main(["--size", "tiny", "--conversations", "1", "2", "--repeats", "1", "--max-new-tokens", "8",
@@ -229,6 +245,7 @@ def test_batch_engine_written_rounds_make_no_speech_and_short_prompts(tmp_path):
         assert row["ttfa_p50_ms"] is None and row["vocoder_ms_per_unit"] is None and row["decode_tokens_per_s"] > 0
         assert row["prompt_positions"] < 750  # a spoken question's prompt holds ~750 speech rows alone
     assert "--text-only --written-question`" in next(tmp_path.glob(name + ".md")).read_text()
+    assert report["complete"] is True and "**Incomplete**" not in next(tmp_path.glob(name + ".md")).read_text()
 
 
 def test_voice_size_has_the_released_speech_output():

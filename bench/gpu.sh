@@ -3,8 +3,8 @@
 # build csrc into echox_cuda, run the `gpu` tests, then every benchmark into bench/results/
 # (the speech path last, in whatever time is left).
 # Each phase has a time limit, cut to what is left of a budget (GPU_SH_SECONDS, default 575 s, kill grace
-# included), so the whole script ends within 10 minutes, and its log and the
-# results are copied to $OUT when it is set (the device tool brings back only that folder),
+# included), so the whole script ends within 10 minutes, and its log and an archive of the
+# results (results.tar) go to $OUT when it is set (the device tool brings back only that folder),
 # whichever phase fails.
 #   bash bench/gpu.sh [report.py options, e.g. --overwrite]
 # A lease of 15 device minutes fits one whole run; to split it (say, to rerun what failed after a
@@ -67,8 +67,10 @@ phase() {
 }
 
 save_results() {
-    if [ -n "$OUT_DIR" ]; then
-        [ -d bench/results ] && find bench/results -newer "$started" -type f -exec cp {} "$OUT_DIR"/ \;
+    # The device tool brings back at most 8 files from $OUT: the results travel as one archive
+    # (unpack it at the repository's root: `tar -xf results.tar`), beside the log.
+    if [ -n "$OUT_DIR" ] && [ -d bench/results ]; then
+        find bench/results -newer "$started" -type f -print0 | tar --null -cf "$OUT_DIR/results.tar" --files-from=-
     fi
     printf '%s\n' "${phase_times[@]}"
 }
@@ -92,8 +94,8 @@ phase import-check 20 "$PY" -c "import torch, echox_cuda; print('echox_cuda buil
 # compile csrc/ on the fly, for a minute or more): those tests skip, the others run.
 ECHOX_CUDA_NO_REBUILD=1 phase gpu-tests 110 "$PY" -m pytest -q -m gpu tests/
 # 3 rounds per e2e size (the default is 5): cold Triton and torch.compile builds share these 140 s.
-# The report is rewritten after the microbenchmarks and after each size, so a cut keeps those
-# (and says, with "complete": false, that it was cut).
+# The report is rewritten after each stage (8B's turns, each microbenchmark file, then 3B), so a cut
+# keeps what it measured (and says, with "complete": false, that it was cut).
 phase report 140 "$PY" bench/report.py --device cuda --repeats 3 "$@"
 # Many conversations on one engine at EchoX-8B shapes: 1..16 at once, batched vs one, with the
 # released sampling (a server's default: rows of one setting share one read of the output head).

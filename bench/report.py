@@ -104,10 +104,16 @@ def result_paths(env: dict, out_dir: Path) -> tuple[Path, Path]:
 
 # ---- microbenchmarks ---------------------------------------------------------------------------
 
-def run_microbenchmarks(json_path: Path) -> int:
-    """pytest's exit code: a failing case (a kernel off its reference) is reported, not fatal, so
-    the other cases and the e2e run still make it into the results."""
-    return subprocess.run([sys.executable, "-m", "pytest", "bench/", "-q", "-p", "no:cacheprovider",
+# One pytest run each, in this order: the vocoder convs, whose torch.compile baselines take the
+# longest to build, last.
+MICRO_FILES = ("bench_decode_attention.py", "bench_head_select.py", "bench_prefill_attention.py",
+               "bench_vocoder_conv.py")
+
+
+def run_microbenchmarks(json_path: Path, file: str) -> int:
+    """pytest's exit code for one bench/ file: a failing case (a kernel off its reference) is
+    reported, not fatal, so the other cases and the e2e run still make it into the results."""
+    return subprocess.run([sys.executable, "-m", "pytest", f"bench/{file}", "-q", "-p", "no:cacheprovider",
                            f"--benchmark-json={json_path}"], cwd=ROOT).returncode
 
 
@@ -289,8 +295,9 @@ def render_markdown(report: dict) -> str:
              f"Python {env['python']}; "
              f"created {env['created']} by `{report['command']}`. Random weights; every number is a median.", ""]
     if not report.get("complete", True):  # reports before 2026-12 did not say
-        lines += [f"**Incomplete**: the run stopped (a time limit or an error) before it had measured every e2e size "
-                  f"it was asked for ({len(report['e2e'])} measured); the tables hold what it measured.", ""]
+        lines += ["**Incomplete**: the run stopped (a time limit or an error) before it had measured everything "
+                  f"it was asked for (e2e sizes measured: {len(report['e2e'])}; microbenchmark files: "
+                  f"{len({r['file'] for r in report['micro']})} with timed cases); the tables hold what it measured.", ""]
     if env["device_type"] == "cpu":
         lines += ["CPU run: shapes are tiny and mid, not EchoX's; on a shared machine the timings are noisy.", ""]
     lines += [f"## Performance targets (DESIGN.md sets them for an H100 SXM, batch 1, bf16; measured on {env['device']})",
@@ -349,14 +356,22 @@ def main(argv: list[str] | None = None):
         write_report(args.out_dir, device_slug(env), report, render_markdown(report))
         return render_markdown(report)
 
+    sizes = args.sizes or default_sizes(torch.device(args.device))
+    # The most telling first, so that a run cut at its time limit (bench/gpu.sh) keeps it: the first
+    # size's turns, then the kernels file by file, then the other sizes.
+    stages = [("e2e", size) for size in sizes[:1]] + [("micro", file) for file in MICRO_FILES] + \
+        [("e2e", size) for size in sizes[1:]]
+    micro_exit_code, micro, e2e = 0, [], []
     with tempfile.TemporaryDirectory() as tmp:
-        micro_exit_code = run_microbenchmarks(Path(tmp) / "micro.json")
-        micro = micro_rows(json.loads((Path(tmp) / "micro.json").read_text()))
-        sizes = args.sizes or default_sizes(torch.device(args.device))
-        markdown = write(micro_exit_code, micro, [], complete=not sizes)
-        for done, size in enumerate(sizes, 1):
-            e2e = run_e2e(args.device, size, args.repeats, Path(tmp) / "e2e.jsonl")
-            markdown = write(micro_exit_code, micro, e2e, complete=done == len(sizes))
+        for done, (kind, what) in enumerate(stages, 1):
+            if kind == "e2e":
+                e2e = run_e2e(args.device, what, args.repeats, Path(tmp) / "e2e.jsonl")
+            else:
+                timed = Path(tmp) / f"{what}.json"
+                micro_exit_code = run_microbenchmarks(timed, what) or micro_exit_code
+                if timed.exists():  # pytest writes none when it fails before timing
+                    micro += micro_rows(json.loads(timed.read_text()))
+            markdown = write(micro_exit_code, micro, e2e, complete=done == len(stages))
     print(markdown)
     print(f"wrote {shown(json_path)} and {shown(md_path)}")
 

@@ -73,12 +73,18 @@ def test_markdown_has_every_target(tiny_result):
 
 
 def test_a_report_cut_short_keeps_what_it_measured(tiny_result, tmp_path, monkeypatch):
-    """bench/gpu.sh stops a phase at its time limit: the report is written after each stage."""
-    def microbenchmarks(json_path):
-        json_path.write_text(json.dumps({"benchmarks": []}))
-        return 0
+    """bench/gpu.sh stops a phase at its time limit: the report is written after each stage, the
+    first size's turns first, then each microbenchmark file, then the other sizes."""
+    stages = []
+
+    def microbenchmarks(json_path, file):
+        stages.append(file)
+        if file != "bench_head_select.py":  # that one fails before timing anything: no json
+            json_path.write_text(json.dumps({"benchmarks": []}))
+        return 0 if file != "bench_head_select.py" else 2
 
     def e2e_run(device, size, repeats, jsonl_path):
+        stages.append(size)
         if size != "tiny":
             raise subprocess.CalledProcessError(-15, "bench/e2e.py")  # killed at the limit
         return [tiny_result]
@@ -87,8 +93,11 @@ def test_a_report_cut_short_keeps_what_it_measured(tiny_result, tmp_path, monkey
     monkeypatch.setattr(report, "run_e2e", e2e_run)
     with pytest.raises(subprocess.CalledProcessError):
         report.main(["--device", "cpu", "--sizes", "tiny", "mid", "--out-dir", str(tmp_path)])
+    assert stages == ["tiny", *report.MICRO_FILES, "mid"]
+    assert set(report.MICRO_FILES) == {path.name for path in BENCH.glob("bench_*.py")}
     written = json.loads(next(tmp_path.glob("*-cpu.json")).read_text())
     assert [result["size"] for result in written["e2e"]] == ["tiny"] and written["complete"] is False
+    assert written["micro_exit_code"] == 2  # a failed file is not hidden by the ones after it
     markdown = next(tmp_path.glob("*-cpu.md")).read_text()
     assert "| tiny |" in markdown and "**Incomplete**" in markdown
     report.main(["--device", "cpu", "--sizes", "tiny", "--out-dir", str(tmp_path), "--overwrite"])
@@ -97,17 +106,21 @@ def test_a_report_cut_short_keeps_what_it_measured(tiny_result, tmp_path, monkey
 
 
 def run_gpu_sh(tmp_path: Path, phases: str, budget: int) -> subprocess.CompletedProcess:
-    """bench/gpu.sh with stand-ins for python3 and nvidia-smi that succeed at once; python3 notes
-    each call, with ECHOX_CUDA_NO_REBUILD, in calls.txt."""
-    stubs = tmp_path / "bin"
+    """A copy of bench/gpu.sh in a checkout of its own (tmp_path/repo), with stand-ins for python3
+    and nvidia-smi that succeed at once; python3 notes each call, with ECHOX_CUDA_NO_REBUILD, in
+    calls.txt, and a report.py call writes a results file. $OUT is tmp_path."""
+    stubs, bench = tmp_path / "bin", tmp_path / "repo" / "bench"
     stubs.mkdir()
+    (bench / "results").mkdir(parents=True, exist_ok=True)
+    (bench / "gpu.sh").write_text((BENCH / "gpu.sh").read_text())
     (stubs / "nvidia-smi").write_text("#!/bin/sh\nexit 0\n")
-    (stubs / "python3").write_text(f'#!/bin/sh\necho "$* [${{ECHOX_CUDA_NO_REBUILD:-}}]" >> {tmp_path}/calls.txt\n')
+    (stubs / "python3").write_text(f'#!/bin/sh\necho "$* [${{ECHOX_CUDA_NO_REBUILD:-}}]" >> {tmp_path}/calls.txt\n'
+                                   'case "$1" in bench/report.py) echo measured > bench/results/new-report.md;; esac\n')
     for stub in stubs.iterdir():
         stub.chmod(0o755)
     env = {"PATH": f"{stubs}:/usr/bin:/bin", "OUT": str(tmp_path), "GPU_SH_PHASES": phases,
            "GPU_SH_SECONDS": str(budget)}
-    return subprocess.run(["bash", str(BENCH / "gpu.sh")], env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(["bash", str(bench / "gpu.sh")], env=env, capture_output=True, text=True, timeout=60)
 
 
 @pytest.mark.parametrize("budget,exit_code,last_line", [
@@ -119,6 +132,21 @@ def test_gpu_sh_fails_a_run_with_a_phase_skipped_for_time(tmp_path, budget, exit
     log = (tmp_path / "gpu_sh.log").read_text()
     assert log.strip().splitlines()[-1] == last_line
     assert ("report: SKIPPED (status 200)" in run.stdout) == (exit_code == 1)
+
+
+def test_gpu_sh_brings_back_this_runs_results_in_one_archive(tmp_path):
+    """The device tool brings back at most 8 files from $OUT: the results come as one archive,
+    with only what this run wrote."""
+    import tarfile
+    old = tmp_path / "repo" / "bench" / "results" / "2026-01-01-old.md"
+    old.parent.mkdir(parents=True)
+    old.write_text("an earlier run's")
+    os.utime(old, (0, 0))
+    run = run_gpu_sh(tmp_path, "report", 100)
+    assert run.returncode == 0, run.stdout + run.stderr
+    with tarfile.open(tmp_path / "results.tar") as archive:
+        assert archive.getnames() == ["bench/results/new-report.md"]
+        assert archive.extractfile("bench/results/new-report.md").read() == b"measured\n"
 
 
 def test_gpu_sh_tests_do_not_rebuild_what_its_build_phase_could_not(tmp_path):

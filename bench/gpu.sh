@@ -91,8 +91,13 @@ fi
 phase import-check 20 "$PY" -c "import torch, echox_cuda; print('echox_cuda built for', torch.cuda.get_device_name())" \
     || echo "echox_cuda NOT built: CUDA kernels are not timed"
 # A failed build is not tried again inside the tests' time limit (tests/test_cuda_kernels.py would
-# compile csrc/ on the fly, for a minute or more): those tests skip, the others run.
-ECHOX_CUDA_NO_REBUILD=1 phase gpu-tests 110 "$PY" -m pytest -q -m gpu tests/
+# compile csrc/ on the fly, for a minute or more): those tests skip, the others run. Four pytest
+# processes where pytest-xdist is installed (the GPU image has it): each Triton specialisation
+# compiles for about a second on one core, and the machine has 16; a file's tests stay in one
+# process, which builds the file's fixtures once.
+workers=()
+"$PY" -c "import xdist" 2>/dev/null && workers=(-n 4 --dist loadfile)
+ECHOX_CUDA_NO_REBUILD=1 phase gpu-tests 110 "$PY" -m pytest -q -m gpu "${workers[@]}" tests/
 # 3 rounds per e2e size (the default is 5): cold Triton and torch.compile builds share these 140 s.
 # The report is rewritten after each stage (8B's turns, each microbenchmark file, then 3B), so a cut
 # keeps what it measured (and says, with "complete": false, that it was cut).

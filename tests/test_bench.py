@@ -155,7 +155,7 @@ def test_gpu_sh_tests_do_not_rebuild_what_its_build_phase_could_not(tmp_path):
     run = run_gpu_sh(tmp_path, "gpu-tests", 200)
     assert run.returncode == 0, run.stdout + run.stderr
     calls = (tmp_path / "calls.txt").read_text().splitlines()
-    assert "-m pytest -q -m gpu tests/ [1]" in calls
+    assert "-m pytest -q -m gpu -n 4 --dist loadfile tests/ [1]" in calls  # the stand-in has xdist, too
     assert all(call.endswith("[]") for call in calls if "pytest" not in call)  # the install builds as usual
 
 

@@ -2,6 +2,7 @@
 resumed run that ends exactly where an uninterrupted one does."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -73,6 +74,27 @@ def test_an_existing_model_is_not_overwritten(tiny_model_dir, manifest, tmp_path
     (tmp_path / "out" / "model" / "mine.txt").write_text("keep")
     fails_with(capsys, stage2(tiny_model_dir, manifest, tmp_path / "out"), "already exists")
     assert (tmp_path / "out" / "model" / "mine.txt").read_text() == "keep"
+
+
+@pytest.mark.parametrize("out", ["the model folder", "a folder whose model/ it is"])
+def test_an_out_that_would_write_into_the_model_folder_is_refused(tiny_root, manifest, tmp_path, capsys, out):
+    """`--model M --out M` wrote the new unit language over M/tokenizer.json: M no longer loaded."""
+    shutil.copytree(tiny_root, tmp_path / "root")
+    model = tmp_path / "root" / "EchoX-tiny"
+    if out == "a folder whose model/ it is":
+        model = model.rename(tmp_path / "root" / "model")
+    before = {path: path.read_bytes() for path in model.iterdir()}
+    fails_with(capsys, stage2(model, manifest, model if out == "the model folder" else model.parent, "--overwrite"),
+               "the run would write into the --model folder")
+    assert {path: path.read_bytes() for path in model.iterdir()} == before
+
+
+@pytest.mark.parametrize("name", ["train_state.pt", "unit_tokenizer.json"])
+def test_an_earlier_runs_files_are_kept_without_overwrite(tiny_model_dir, manifest, tmp_path, capsys, name):
+    (tmp_path / name).write_text("mine")
+    fails_with(capsys, stage2(tiny_model_dir, manifest, tmp_path), f"{name}: already exists")
+    assert (tmp_path / name).read_text() == "mine"
+    assert stage2(tiny_model_dir, manifest, tmp_path, "--steps", "1", "--overwrite") == 0
 
 
 def test_resuming_ends_where_an_uninterrupted_run_ends(tiny_model_dir, manifest, tmp_path):

@@ -10,7 +10,8 @@
                            gradients reach the LoRA and the adapter through h_t
 
 Each stage reads `--model`, trains, and writes OUT/model in the released layout (export.py),
-OUT/metrics.jsonl and the resumable OUT/train_state.pt.
+OUT/metrics.jsonl and the resumable OUT/train_state.pt (and stage II's OUT/unit_tokenizer.json, stage
+III's OUT/heldout_accuracy.json). Nothing of the user's is written over: see `check_run_files`.
 """
 
 import dataclasses
@@ -102,19 +103,44 @@ class Job:
     tokenizer_json: Path | None = None
 
 
+UNIT_TOKENIZER = "unit_tokenizer.json"  # stage II's new unit language, copied into OUT/model when it is saved
+HELDOUT_REPORT = "heldout_accuracy.json"
+
+
+def run_files(stage: str, options: StageOptions) -> list[Path]:
+    """Every path the stage writes in OUT (the demo's shared metrics file is not OUT's)."""
+    names = ["model", "train_state.pt"]
+    if options.metrics is None:
+        names.append("metrics.jsonl")
+    if stage == "stage2" and options.unit_vocab is not None:
+        names.append(UNIT_TOKENIZER)
+    if stage == "stage3" and options.heldout is not None:
+        names.append(HELDOUT_REPORT)
+    return [options.out / name for name in names]
+
+
+def check_run_files(stage: str, options: StageOptions):
+    """Nothing of the user's is written over: the --model folder is neither OUT nor inside a path the run
+    writes, and an earlier run's files stay unless --overwrite or --resume says they may go."""
+    files = run_files(stage, options)
+    model = options.model.resolve()
+    if model == options.out.resolve() or any(f.resolve() == model or f.resolve() in model.parents for f in files):
+        raise EchoXError(f"--out {options.out}: the run would write into the --model folder {options.model}; "
+                         f"choose another --out")
+    existing = next((f for f in files if f.exists()), None)
+    if existing and not (options.overwrite or options.resume):
+        raise EchoXError(f"{existing}: already exists (pass --overwrite to replace it, or --resume)")
+
+
 def prepare(stage: str, options: StageOptions) -> Prepared:
     if options.device == "cuda" and not torch.cuda.is_available():
         raise EchoXError("--device cuda was asked for, but torch sees no CUDA device")
     if options.device == "cuda":  # one GPU per torchrun process on each machine
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     check_output_folder(options.out, "--out")
+    check_run_files(stage, options)
     rank, world = join_process_group(options.device)
-    model_out, state = options.out / "model", options.out / "train_state.pt"
-    if model_out.exists() and not (options.overwrite or options.resume):
-        raise EchoXError(f"{model_out}: already exists (pass --overwrite to replace it, or --resume)")
-    metrics = options.metrics or options.out / "metrics.jsonl"
-    if options.metrics is None and metrics.exists() and not (options.resume or options.overwrite):
-        raise EchoXError(f"{metrics}: already exists (pass --overwrite to start it again, or --resume)")
+    state, metrics = options.out / "train_state.pt", options.metrics or options.out / "metrics.jsonl"
     if options.steps < 1 or options.batch_size < 1:
         raise EchoXError("--steps and --batch-size must be at least 1")
     if options.batch_size % world:
@@ -202,12 +228,12 @@ def resize_units(tensors: dict[str, torch.Tensor], cfg, units: int, seed: int):
 
 
 def unit_language(run: Prepared, options: StageOptions) -> tuple[UnitLanguage, Path | None]:
-    """The manifest's new unit language (written into OUT/tokenizer.json), or the model's own."""
+    """The manifest's new unit language (written into OUT/unit_tokenizer.json), or the model's own."""
     cfg, tokenizer = run.source.config.echo, run.source.tokenizer
     if options.unit_vocab is None:
         return UnitLanguage.from_tokenizer(tokenizer, cfg.text_vocab_size, cfg.unit_vocab_size), None
     language = UnitLanguage.build([list(e.response_units) for e in run.examples], options.unit_vocab)
-    written = options.out / "tokenizer.json"
+    written = options.out / UNIT_TOKENIZER
     if run.rank == 0:
         write_unit_tokens(tokenizer.path, written, language, cfg.text_vocab_size)
     return language, written
@@ -346,7 +372,7 @@ def run_stage(name: str, options: StageOptions) -> dict:
     if heldout:
         result["heldout_accuracy_after"] = heldout_accuracy(job.module, *heldout)
         accuracy = {k: v for k, v in result.items() if k != "metrics"}
-        (options.out / "heldout_accuracy.json").write_text(json.dumps(accuracy, indent=2) + "\n")
+        (options.out / HELDOUT_REPORT).write_text(json.dumps(accuracy, indent=2) + "\n")
         print(f"held-out teacher-forced unit-token accuracy: {accuracy['heldout_accuracy_before']:.3f} before "
               f"stage III, {accuracy['heldout_accuracy_after']:.3f} after")
     if run.rank == 0:

@@ -14,6 +14,7 @@ from echox.cli import demo_question, main
 from echox.echo import EchoVocabulary
 from echox.train import demo
 from echox.train.manifest import write_manifest
+from echox.train.speech_to_text import SpeechToText
 from echox.weights import Checkpoint
 
 
@@ -237,6 +238,39 @@ def test_stage3_with_aligner_dropout_resumes_exactly(tiny_model_dir, manifest, t
     a, b = Checkpoint(straight / "model"), Checkpoint(resumed / "model")
     for key in a.keys():
         torch.testing.assert_close(a.get(key), b.get(key), rtol=0, atol=0, msg=key)
+
+
+def stage3(model, manifest, out, *extra):
+    return main(["train", "stage3", "--manifest", str(manifest), "--model", str(model), "--out", str(out),
+                 "--batch-size", "2", "--max-units", "6", "--lora-rank", "2", *extra])
+
+
+def test_heldout_is_scored_in_training_sized_batches_without_the_loss_logits(tiny_model_dir, manifest, tmp_path,
+                                                                              monkeypatch):
+    """All held-out turns went through one forward pass, with the CTC and LLM logits of the losses: at a
+    real vocabulary and a few hundred turns, more memory than a GPU has."""
+    calls, forward = [], SpeechToText.forward
+
+    def spy(self, turns, *args):
+        out = forward(self, turns, *args)
+        calls.append((len(turns), out.ctc is not None))
+        return out
+    monkeypatch.setattr(SpeechToText, "forward", spy)
+    shutil.copyfile(manifest.parent / "q.wav", tmp_path / "q.wav")
+    (tmp_path / "heldout.jsonl").write_text(manifest.read_text() + manifest.read_text()[:-1] + "\n")  # 8 turns
+    assert stage3(tiny_model_dir, manifest, tmp_path / "out", "--steps", "1", "--heldout",
+                  str(tmp_path / "heldout.jsonl")) == 0
+    scoring = [size for size, losses in calls if not losses]
+    assert max(scoring) == 2 and sum(scoring) == 2 * 8  # before and after training
+    assert [call for call in calls if call[1]] == [(2, True)]  # the one training step
+    accuracy = json.loads((tmp_path / "out" / "heldout_accuracy.json").read_text())
+    assert 0 <= accuracy["heldout_accuracy_before"] <= 1 and 0 <= accuracy["heldout_accuracy_after"] <= 1
+
+
+def test_a_missing_heldout_manifest_stops_before_any_work(tiny_model_dir, manifest, tmp_path, capsys):
+    fails_with(capsys, stage3(tiny_model_dir, manifest, tmp_path / "out", "--heldout", str(tmp_path / "none.jsonl")),
+               "none.jsonl: manifest not found")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.gpu

@@ -14,6 +14,7 @@ from echox.audio import write_wav
 from echox.cli import demo_question
 from echox.train.loop import train
 from echox.train.manifest import write_manifest
+from echox.train import stages
 from echox.train.stages import BUILDERS, StageOptions, prepare, steps_of
 
 WORLD = 2
@@ -27,6 +28,7 @@ def manifest(tmp_path_factory):
         write_wav(folder / f"q{i}.wav", demo_question(seconds))
         records.append({"audio": f"q{i}.wav", "transcript": "ab cd"[:2 + i], "response": "yes no"[:3 + i]})
     write_manifest(folder / "train.jsonl", records)
+    write_manifest(folder / "heldout.jsonl", records[:3])  # an odd count: the processes' shares differ
     return folder / "train.jsonl"
 
 
@@ -45,12 +47,20 @@ def one_step_gradients(model, manifest, out) -> list[torch.Tensor]:
     return [p.grad.clone() for p in job.params]
 
 
-def worker(rank, port, model, manifest, folder):
+def heldout_accuracy(model, manifest, out) -> float:
+    """Stage III's held-out score, each process scoring its share in batches of its training share."""
+    options = StageOptions(manifest=manifest, model=model, out=out, steps=1, batch_size=2, max_units=6,
+                           lora_rank=2, heldout=manifest.parent / "heldout.jsonl")
+    run = prepare("stage3", options)
+    job = BUILDERS["stage3"](run, options)
+    return stages.heldout_accuracy(job.module, *stages.heldout_set(run, options), options.batch_size // run.world)
+
+
+def worker(rank, port, compute, model, manifest, folder):
     os.environ |= {"WORLD_SIZE": str(WORLD), "RANK": str(rank), "LOCAL_RANK": str(rank),
                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     torch.set_num_threads(1)
-    grads = one_step_gradients(model, manifest, folder / f"rank{rank}")
-    torch.save(grads, folder / f"grads{rank}.pt")
+    torch.save(compute(model, manifest, folder / f"rank{rank}"), folder / f"result{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -62,12 +72,19 @@ def free_port() -> int:
 
 def test_two_processes_match_one_on_the_same_global_batch(tiny_model_dir, manifest, tmp_path):
     single = one_step_gradients(tiny_model_dir, manifest, tmp_path / "single")
-    mp.spawn(worker, args=(free_port(), tiny_model_dir, manifest, tmp_path), nprocs=WORLD, join=True)
+    mp.spawn(worker, args=(free_port(), one_step_gradients, tiny_model_dir, manifest, tmp_path), nprocs=WORLD,
+             join=True)
     for rank in range(WORLD):
-        grads = torch.load(tmp_path / f"grads{rank}.pt")
+        grads = torch.load(tmp_path / f"result{rank}.pt")
         assert len(grads) == len(single)
         for got, expected in zip(grads, single):
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
     assert sum(g.abs().sum() for g in single) > 0
     lines = (tmp_path / "rank0" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1 and not (tmp_path / "rank1" / "metrics.jsonl").exists()  # only process 0 writes
+
+
+def test_two_processes_score_the_heldout_set_as_one(tiny_model_dir, manifest, tmp_path):
+    single = heldout_accuracy(tiny_model_dir, manifest, tmp_path / "single")
+    mp.spawn(worker, args=(free_port(), heldout_accuracy, tiny_model_dir, manifest, tmp_path), nprocs=WORLD, join=True)
+    assert [torch.load(tmp_path / f"result{rank}.pt") for rank in range(WORLD)] == [single] * WORLD

@@ -98,7 +98,8 @@ class TrainableEchoDecoder(nn.Module):
         }
 
 
-def unit_accuracy(out: UnitLogits) -> float:
-    """Teacher-forced accuracy: the share of target tokens (units and the final eot) that are argmax."""
+def unit_hits(out: UnitLogits) -> tuple[int, int]:
+    """Teacher-forced accuracy's counts: (target tokens that are the argmax, target tokens), units and
+    the final eot alike; kept as counts so that batches and processes add up."""
     hits = (out.logits.argmax(-1) == out.targets) & out.mask
-    return hits.sum().item() / out.mask.sum().item()
+    return hits.sum().item(), out.mask.sum().item()

@@ -43,13 +43,17 @@ def join_process_group(device: str) -> tuple[int, int]:
     return 0, 1
 
 
-def global_mean(value: torch.Tensor) -> torch.Tensor:
-    """A detached scalar averaged over all processes (itself when there is one)."""
+def global_sum(value: torch.Tensor) -> torch.Tensor:
+    """A detached tensor summed over all processes (itself when there is one)."""
     value = value.detach().clone()
     if dist.is_initialized():
         dist.all_reduce(value)
-        value /= dist.get_world_size()
     return value
+
+
+def global_mean(value: torch.Tensor) -> torch.Tensor:
+    """A detached scalar averaged over all processes (itself when there is one)."""
+    return global_sum(value) / (dist.get_world_size() if dist.is_initialized() else 1)
 
 
 @dataclass(frozen=True)

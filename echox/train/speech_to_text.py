@@ -57,8 +57,8 @@ def prepare_turns(examples: list[Example], tokenizer: Tokenizer, whisper: Whispe
 
 @dataclass
 class SpeechToTextOutput:
-    cross_entropy: torch.Tensor  # scalar
-    ctc: torch.Tensor  # scalar
+    cross_entropy: torch.Tensor | None  # scalar (None without losses)
+    ctc: torch.Tensor | None  # scalar (None without losses)
     hidden: torch.Tensor  # [B, n, H] final-norm states that predict the response tokens (eot excluded)
     text_ids: torch.Tensor  # [B, n] those tokens
     text_mask: torch.Tensor  # [B, n] True on real tokens
@@ -92,7 +92,9 @@ class SpeechToText(nn.Module):
                            ids_after != self.eot])
         return rows, valid, len(rows) - len(turn.response)
 
-    def forward(self, turns: list[SpeechTurn]) -> SpeechToTextOutput:
+    def forward(self, turns: list[SpeechTurn], with_losses: bool = True) -> SpeechToTextOutput:
+        """`with_losses=False`: only the states and their tokens (held-out scoring), without the CE and
+        CTC terms' [B, R, V] and [B, 750, V] logits, which at a real vocabulary dwarf everything else."""
         device = self.lm.embed_tokens.weight.device
         rows, valid, starts, ctc_logits = [], [], [], []
         for turn in turns:
@@ -101,7 +103,8 @@ class SpeechToText(nn.Module):
             rows.append(sequence)
             valid.append(keys)
             starts.append(start)
-            ctc_logits.append(logits)
+            if with_losses:
+                ctc_logits.append(logits)
         x, present = pad_rows(rows)
         key_valid = pad_rows(valid)[0] & present
         hidden = self.lm.body.forward_sequences(x, key_valid, self.checkpointed)  # [B, T, H]
@@ -110,12 +113,15 @@ class SpeechToText(nn.Module):
         where = torch.tensor(starts, device=device)[:, None] - 1 + torch.arange(targets.shape[1], device=device)
         where = where.clamp(max=hidden.shape[1] - 1)  # padded targets point anywhere valid; they are masked
         predicting = hidden.gather(1, where[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, R, H]
-        cross_entropy = sequence_cross_entropy(self.lm.lm_head(predicting), targets, target_mask)
-        transcripts, transcript_mask = pad_rows([torch.tensor(t.transcript, device=device) for t in turns])
-        log_probs = F.log_softmax(torch.stack(ctc_logits).float(), dim=-1).transpose(0, 1)  # [750, B, V]
-        ctc = ctc_loss(log_probs, transcripts, transcript_mask.sum(1), self.audio_patch)
         # The eot target's predictor is dropped: inference never passes eot's state to the echo decoder.
         text_mask = target_mask.clone()
         text_mask[torch.arange(len(turns)), target_mask.sum(1) - 1] = False
         width = int(text_mask.sum(1).max())
-        return SpeechToTextOutput(cross_entropy, ctc, predicting[:, :width], targets[:, :width], text_mask[:, :width])
+        text = predicting[:, :width], targets[:, :width], text_mask[:, :width]
+        if not with_losses:
+            return SpeechToTextOutput(None, None, *text)
+        cross_entropy = sequence_cross_entropy(self.lm.lm_head(predicting), targets, target_mask)
+        transcripts, transcript_mask = pad_rows([torch.tensor(t.transcript, device=device) for t in turns])
+        log_probs = F.log_softmax(torch.stack(ctc_logits).float(), dim=-1).transpose(0, 1)  # [750, B, V]
+        ctc = ctc_loss(log_probs, transcripts, transcript_mask.sum(1), self.audio_patch)
+        return SpeechToTextOutput(cross_entropy, ctc, *text)

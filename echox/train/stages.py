@@ -32,10 +32,10 @@ from ..llama import load_lm
 from ..outputs import check_output_folder
 from ..whisper import load_whisper
 from .batching import batch_at, local_share
-from .echo_trainer import TrainableEchoDecoder, unit_accuracy
+from .echo_trainer import TrainableEchoDecoder, unit_hits
 from .export import adapter_tensors, echo_tensors, llm_tensors, save_model
 from .lora import add_lora, parse_targets
-from .loop import LoopSettings, global_mean, join_process_group, train
+from .loop import LoopSettings, global_mean, global_sum, join_process_group, train
 from .losses import (denoising_loss, echo_lambda, sequence_cross_entropy, speech_to_text_loss, text_to_unit_loss,
                      total_loss)
 from .manifest import Example, read_manifest
@@ -85,6 +85,7 @@ class Prepared:
     source: ModelFolder
     whisper: Path
     examples: list[Example]
+    heldout: list[Example]  # stage III's --heldout manifest (read up front: a bad one stops before any work)
     settings: LoopSettings
     rank: int
     world: int
@@ -146,6 +147,7 @@ def prepare(stage: str, options: StageOptions) -> Prepared:
     if options.batch_size % world:
         raise EchoXError(f"--batch-size {options.batch_size} does not split over {world} processes")
     examples = read_manifest(options.manifest, need_units=stage == "stage2")
+    heldout = read_manifest(options.heldout) if stage == "stage3" and options.heldout else []
     if options.batch_size > len(examples):
         raise EchoXError(f"--batch-size {options.batch_size} is larger than the manifest ({len(examples)} examples)")
     options.out.mkdir(parents=True, exist_ok=True)
@@ -153,7 +155,7 @@ def prepare(stage: str, options: StageOptions) -> Prepared:
     source = open_model_folder(options.model)
     settings = LoopSettings(stage, options.steps, options.lr, options.device, metrics, state,
                             options.log_every, options.save_every, options.resume, options.seed)
-    return Prepared(source, resolve_whisper(source, options.whisper), examples, settings, rank, world)
+    return Prepared(source, resolve_whisper(source, options.whisper), examples, heldout, settings, rank, world)
 
 
 def steps_of(items: list, lengths: list[int], options: StageOptions, rank: int, world: int):
@@ -272,9 +274,9 @@ class EchoStage(nn.Module):
         super().__init__()
         self.speech, self.decoder = speech, decoder
 
-    def unit_logits(self, turns: list[SpeechTurn], labels: list["PseudoLabel"]):
+    def unit_logits(self, turns: list[SpeechTurn], labels: list["PseudoLabel"], with_losses: bool = True):
         """(speech-to-text output, aligner_MLP(h_t) [B, n, H], the decoder's teacher-forced logits)."""
-        out = self.speech(turns)
+        out = self.speech(turns, with_losses)
         denoised = self.decoder.aligner_mlp(out.hidden)
         lengths = out.text_mask.sum(1).tolist()
         units = self.decoder([denoised[b, :n] for b, n in enumerate(lengths)], [label.units for label in labels],
@@ -315,12 +317,19 @@ def pseudo_labels(source: ModelFolder, examples: list[Example], options: StageOp
 
 
 @torch.no_grad()
-def heldout_accuracy(stage: EchoStage, turns: list[SpeechTurn], labels: list[PseudoLabel]) -> float:
-    """Teacher-forced unit accuracy with the module in eval mode (no dropout), as inference runs."""
+def heldout_accuracy(stage: EchoStage, turns: list[SpeechTurn], labels: list[PseudoLabel], batch_size: int) -> float:
+    """Teacher-forced unit accuracy over every process's share of the held-out set, scored in batches of
+    the training's size, with the module in eval mode (no dropout), as inference runs."""
     training = stage.training
     stage.eval()
     try:
-        return unit_accuracy(stage.unit_logits(turns, labels)[2])
+        hits, targets = 0, 0
+        for i in range(0, len(turns), batch_size):
+            got, of = unit_hits(stage.unit_logits(turns[i:i + batch_size], labels[i:i + batch_size], False)[2])
+            hits, targets = hits + got, targets + of
+        device = stage.decoder.adapter.weight.device
+        hits, targets = global_sum(torch.tensor([hits, targets], dtype=torch.float64, device=device)).tolist()
+        return hits / targets
     finally:
         stage.train(training)
 
@@ -339,8 +348,9 @@ def build_stage3(run: Prepared, options: StageOptions) -> Job:
 
 
 def heldout_set(run: Prepared, options: StageOptions) -> tuple[list[SpeechTurn], list[PseudoLabel]]:
-    """The held-out manifest's turns and their pseudo-labels, from the same frozen decoder."""
-    held = read_manifest(options.heldout)
+    """This process's share of the held-out turns and their pseudo-labels, from the same frozen decoder
+    (every process prepares its own share, so none waits on another's)."""
+    held = run.heldout[run.rank::run.world]
     whisper = load_whisper(run.whisper, torch.float32, options.device)
     return prepare_turns(held, run.source.tokenizer, whisper), pseudo_labels(run.source, held, options)
 
@@ -362,15 +372,17 @@ def run_stage(name: str, options: StageOptions) -> dict:
     --heldout, the teacher-forced unit accuracy before and after)."""
     run = prepare(name, options)
     job = BUILDERS[name](run, options)
-    heldout = heldout_set(run, options) if name == "stage3" and options.heldout and run.rank == 0 else None
+    heldout = heldout_set(run, options) if run.heldout else None  # a share on every process, maybe empty
+    local_batch = options.batch_size // run.world
     result = {}
-    if heldout:
-        result["heldout_accuracy_before"] = heldout_accuracy(job.module, *heldout)
+    if heldout is not None:
+        result["heldout_accuracy_before"] = heldout_accuracy(job.module, *heldout, local_batch)
     clear_old_metrics(run, options)
     result["metrics"] = train(job.module, job.params, steps_of(job.items, job.lengths, options, run.rank, run.world),
                               run.settings)
-    if heldout:
-        result["heldout_accuracy_after"] = heldout_accuracy(job.module, *heldout)
+    if heldout is not None:
+        result["heldout_accuracy_after"] = heldout_accuracy(job.module, *heldout, local_batch)
+    if heldout is not None and run.rank == 0:
         accuracy = {k: v for k, v in result.items() if k != "metrics"}
         (options.out / HELDOUT_REPORT).write_text(json.dumps(accuracy, indent=2) + "\n")
         print(f"held-out teacher-forced unit-token accuracy: {accuracy['heldout_accuracy_before']:.3f} before "

@@ -121,6 +121,37 @@ def test_resuming_ends_where_an_uninterrupted_run_ends(tiny_model_dir, manifest,
     assert {u for token in units for u in token} == spoken
 
 
+@pytest.mark.parametrize("changed, message", [
+    (["--seed", "7"], "--seed 0 (now 7)"),
+    (["--lr", "0.002", "--batch-size", "4"], "--batch-size 2 (now 4); --lr 0.001 (now 0.002)"),
+    (["--unit-vocab", "25"], "--unit-vocab 30 (now 25)"),
+    (["other manifest"], "--manifest sha256 "),
+])
+def test_resuming_with_other_options_is_refused_by_name(tiny_model_dir, manifest, tmp_path, capsys, changed, message):
+    """A state loaded into a run with other options (seed, data, unit language) made a model of neither."""
+    assert stage2(tiny_model_dir, manifest, tmp_path / "out", "--steps", "1") == 0
+    state = (tmp_path / "out" / "train_state.pt").read_bytes()
+    if changed == ["other manifest"]:
+        shutil.copyfile(manifest.parent / "q.wav", tmp_path / "q.wav")
+        (tmp_path / "other.jsonl").write_text(manifest.read_text().replace("answer 0", "answer zero"))
+        manifest, changed = tmp_path / "other.jsonl", []
+    capsys.readouterr()
+    fails_with(capsys, stage2(tiny_model_dir, manifest, tmp_path / "out", "--steps", "2", "--resume", *changed),
+               f"train_state.pt: saved by a run with other options: {message}")
+    assert (tmp_path / "out" / "train_state.pt").read_bytes() == state
+
+
+def test_resuming_into_other_lora_targets_is_refused(tiny_model_dir, manifest, tmp_path, capsys):
+    """gate and up adapters have the same shapes: the state loaded into the wrong ones without a word."""
+    def stage1(*extra):
+        return main(["train", "stage1", "--manifest", str(manifest), "--model", str(tiny_model_dir), "--out",
+                     str(tmp_path), "--batch-size", "2", "--lora-rank", "2", *extra])
+    assert stage1("--steps", "1", "--lora-targets", "gate") == 0
+    capsys.readouterr()
+    fails_with(capsys, stage1("--steps", "2", "--resume", "--lora-targets", "up", "--lora-alpha", "64"),
+               "--lora-targets gate (now up); --lora-alpha 16.0 (now 64.0)")
+
+
 @pytest.mark.parametrize("value", ["", ","])
 def test_empty_lora_targets_are_refused_before_any_work(tmp_path, capsys, value):
     code = main(["train", "stage1", "--manifest", str(tmp_path / "missing.jsonl"), "--model", str(tmp_path / "none"),

@@ -10,15 +10,16 @@ that torchrun describes in the environment (gloo on CPU, NCCL on GPUs) and wraps
 DistributedDataParallel, which averages the gradients. Each process takes its slice of every
 global batch (`batching.local_share`). Only process 0 writes files.
 
-Resumable: `train_state.pt` holds the step, the trainable parameters and AdamW's state; batches
-and each step's random draws are functions of (seed, step), so a resumed run continues exactly.
+Resumable: `train_state.pt` holds the step, the trainable parameters, AdamW's state and the options
+that define the run (`LoopSettings.identity`); batches and each step's random draws are functions of
+(seed, step), so a resumed run with the same options continues exactly, and one with others is refused.
 """
 
 import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -68,6 +69,7 @@ class LoopSettings:
     save_every: int = 0
     resume: bool = False
     seed: int = 0
+    identity: dict = field(default_factory=dict)  # option -> value: what a resumed run must match
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -94,8 +96,9 @@ class Progress:
         sys.stderr.write("\n")
 
 
-def save_state(path: Path, step: int, params: list[nn.Parameter], optimizer: torch.optim.Optimizer):
-    state = {"step": step, "params": [p.detach().cpu() for p in params], "optimizer": optimizer.state_dict()}
+def save_state(path: Path, step: int, params: list[nn.Parameter], optimizer: torch.optim.Optimizer, identity: dict):
+    state = {"step": step, "params": [p.detach().cpu() for p in params], "optimizer": optimizer.state_dict(),
+             "run": identity}
     partial = path.with_name(path.name + ".partial")
     torch.save(state, partial)
     partial.replace(path)  # a crash mid-save never leaves a half-written state behind
@@ -111,6 +114,21 @@ def read_state(path: Path) -> dict:
             and isinstance(state.get("params"), list) and all(isinstance(t, torch.Tensor) for t in state["params"])):
         raise EchoXError(f"{path}: not a training state, or damaged")
     return state
+
+
+def check_resumable(path: Path, identity: dict):
+    """The state at `path` was saved by a run with these options (checked before a stage is built)."""
+    if not path.is_file():
+        raise EchoXError(f"{path}: no training state to resume from")
+    saved = read_state(path).get("run")
+    if not isinstance(saved, dict):
+        raise EchoXError(f"{path}: holds no run options (saved by an older echox), so resuming it cannot be "
+                         f"checked; start again with --overwrite")
+    differ = [f"{name} {saved.get(name)} (now {identity.get(name)})"
+              for name in dict.fromkeys([*saved, *identity]) if saved.get(name) != identity.get(name)]
+    if differ:
+        raise EchoXError(f"{path}: saved by a run with other options: {'; '.join(differ)}; resume with that run's "
+                         f"options, or start again with --overwrite")
 
 
 def load_state(path: Path, params: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> int:
@@ -176,9 +194,9 @@ def train(model: nn.Module, params: list[nn.Parameter], batch_of_step: Callable[
         if progress:
             progress.draw(step + 1, line["loss"])
         if rank == 0 and settings.save_every and (step + 1) % settings.save_every == 0:
-            save_state(settings.state, step + 1, params, optimizer)
+            save_state(settings.state, step + 1, params, optimizer, settings.identity)
     if progress:
         progress.close()
     if rank == 0:
-        save_state(settings.state, settings.steps, params, optimizer)
+        save_state(settings.state, settings.steps, params, optimizer, settings.identity)
     return logged

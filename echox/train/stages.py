@@ -15,6 +15,7 @@ III's OUT/heldout_accuracy.json). Nothing of the user's is written over: see `ch
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -34,8 +35,8 @@ from ..whisper import load_whisper
 from .batching import batch_at, local_share
 from .echo_trainer import TrainableEchoDecoder, unit_hits
 from .export import adapter_tensors, echo_tensors, llm_tensors, save_model
-from .lora import add_lora, parse_targets
-from .loop import LoopSettings, global_mean, global_sum, join_process_group, train
+from .lora import TARGETS, add_lora, parse_targets
+from .loop import LoopSettings, check_resumable, global_mean, global_sum, join_process_group, train
 from .losses import (denoising_loss, echo_lambda, sequence_cross_entropy, speech_to_text_loss, text_to_unit_loss,
                      total_loss)
 from .manifest import Example, read_manifest
@@ -70,6 +71,23 @@ class StageOptions:
 
     def __post_init__(self):
         parse_targets(self.lora_targets)  # a bad --lora-targets stops here, before any data or model loads
+
+    def identity(self, stage: str) -> dict:
+        """The options that define what a run trains, and on which batches: a resumed run must match them
+        (same-shaped parameters loaded into other LoRA targets, or other data, would make a model of
+        neither run). The manifest is known by a digest of its bytes."""
+        digest = hashlib.sha256(self.manifest.read_bytes()).hexdigest()[:16]
+        identity = {"stage": stage, "--manifest": f"sha256 {digest}", "--batch-size": self.batch_size,
+                    "--lr": self.lr, "--seed": self.seed}
+        if stage != "stage2":
+            targets = parse_targets(self.lora_targets)
+            identity |= {"--lora-targets": ",".join(t for t in TARGETS if t in targets),
+                         "--lora-rank": self.lora_rank, "--lora-alpha": self.lora_alpha}
+        if stage == "stage2":
+            identity["--unit-vocab"] = self.unit_vocab
+        if stage == "stage3":
+            identity |= {"--max-units": self.max_units, "--aligner-dropout": self.aligner_dropout}
+        return identity
 
     @staticmethod
     def from_args(args) -> "StageOptions":
@@ -150,11 +168,14 @@ def prepare(stage: str, options: StageOptions) -> Prepared:
     heldout = read_manifest(options.heldout) if stage == "stage3" and options.heldout else []
     if options.batch_size > len(examples):
         raise EchoXError(f"--batch-size {options.batch_size} is larger than the manifest ({len(examples)} examples)")
+    identity = options.identity(stage)
+    if options.resume:
+        check_resumable(state, identity)
     options.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(options.seed)
     source = open_model_folder(options.model)
     settings = LoopSettings(stage, options.steps, options.lr, options.device, metrics, state,
-                            options.log_every, options.save_every, options.resume, options.seed)
+                            options.log_every, options.save_every, options.resume, options.seed, identity)
     return Prepared(source, resolve_whisper(source, options.whisper), examples, heldout, settings, rank, world)
 
 

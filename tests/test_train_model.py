@@ -16,10 +16,11 @@ from echox.echo import ECHO_PREFIX, echo_layout, load_echo_decoder
 from echox.engine import load
 from echox.llama import LlamaBody, load_lm
 from echox.sampling import GREEDY
+from echox.train import stages
 from echox.train.echo_trainer import TrainableEchoDecoder
 from echox.train.export import adapter_tensors, echo_tensors, llm_tensors, save_model
 from echox.train.lora import LoRALinear, add_lora
-from echox.train.manifest import Example
+from echox.train.manifest import Example, write_manifest
 from echox.train.speech_to_text import SpeechToText, prepare_turns
 from echox.train.stages import EchoStage, SpeechToTextStage, StageOptions, pseudo_labels
 from echox.vocoder import convert_fairseq_vocoder, load_vocoder
@@ -88,6 +89,22 @@ def test_lora_starts_at_the_base_and_merges_only_its_targets():
     torch.testing.assert_close(merged[32:48], base.weight[32:48])  # k rows untouched
     assert not torch.allclose(merged[:32], base.weight[:32]) and not torch.allclose(merged[48:], base.weight[48:])
     assert set(lora.up) == {"q", "v"} and not base.weight.requires_grad
+
+
+def test_lora_adds_alpha_over_rank_times_b_a():
+    """W x + (alpha / r) B A x on the adapted blocks, in the forward and in the merged weight."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(32, 64, bias=False)
+    lora = LoRALinear(base, [("q", 32), ("k", 16), ("v", 16)], {"q", "v"}, rank=4, alpha=8.0)
+    with torch.no_grad():
+        for up in lora.up.values():
+            up.normal_()
+    x = torch.randn(3, 32)
+    a, b = lora.down, lora.up
+    update = torch.cat([x @ a["q"].T @ b["q"].T, torch.zeros(3, 16), x @ a["v"].T @ b["v"].T], dim=-1)
+    expected = base(x) + (8.0 / 4) * update
+    torch.testing.assert_close(lora(x), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x @ lora.weight.T, expected, rtol=1e-5, atol=1e-5)
 
 
 def trainable_decoder(folder, aligner_dropout: float = 0.0) -> TrainableEchoDecoder:
@@ -183,7 +200,8 @@ def test_saving_untrained_modules_rewrites_the_source_exactly(tiny_model_dir, tm
 
 def test_stage_three_puts_its_losses_together_as_the_spec_says(tiny_model_dir, tmp_path):
     """SPEC §9 by hand on a batch of two: CTC of the adapter's CTC head against the transcript with
-    <audio_patch> as the blank, L_S2T = CE + 0.3 CTC, lambda = min(1, 0.2 L_echo / L_den), L_T2U =
+    <audio_patch> as the blank, L_S2T = CE + 0.3 CTC, L_den and L_echo from each example alone,
+    lambda = min(1, 0.2 L_echo / L_den), L_T2U =
     L_echo + lambda L_den, and the total's branch on L_S2T (random weights: L_S2T > 1)."""
     folder = open_model_folder(tiny_model_dir)
     tok = folder.tokenizer
@@ -196,8 +214,9 @@ def test_stage_three_puts_its_losses_together_as_the_spec_says(tiny_model_dir, t
     labels = pseudo_labels(folder, examples, options)
     speech = SpeechToText(load_lm(folder.weights, folder.config.llm, torch.float32, "cpu"),
                           load_adapter(folder.weights, folder.config.adapter), tok)
+    decoder = trainable_decoder(folder)
     with torch.no_grad():
-        got = EchoStage(speech, trainable_decoder(folder))(list(zip(turns, labels)))
+        got = EchoStage(speech, decoder)(list(zip(turns, labels)))
         logits = torch.stack([speech.listen(turn.frames)[1] for turn in turns]).float()  # [B, 750, V]
     transcripts = [torch.tensor(turn.transcript) for turn in turns]
     ctc = torch.nn.functional.ctc_loss(
@@ -209,6 +228,20 @@ def test_stage_three_puts_its_losses_together_as_the_spec_says(tiny_model_dir, t
     with torch.no_grad():
         stage_one = SpeechToTextStage(speech)(turns)  # stage I's loss is the same L_S2T
     torch.testing.assert_close(stage_one["loss"], got["s2t"])
+    # L_den: per example, the sum over its text slots of 1 - cos(aligner_MLP(h_t), E_text[token t]);
+    # L_echo: per example, the mean CE of the teacher-forced units (+ eot when the label ended); both
+    # averaged over the batch. Each example alone, so no padding or batching is shared with the stage.
+    denoising, echo = [], []
+    with torch.no_grad():
+        for turn, label in zip(turns, labels):
+            alone = speech([turn])
+            denoised = decoder.aligner_mlp(alone.hidden[0])
+            cos = torch.nn.functional.cosine_similarity(denoised, decoder.text_embeddings[alone.text_ids[0]], dim=-1)
+            denoising.append((1 - cos).sum())
+            logits = decoder([denoised], [label.units], [label.ended]).logits[0]
+            echo.append(torch.nn.functional.cross_entropy(logits, torch.tensor(label.units + [tok.eot] * label.ended)))
+    torch.testing.assert_close(got["denoising"], torch.stack(denoising).mean(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got["echo"], torch.stack(echo).mean(), rtol=1e-4, atol=1e-5)
     echo, denoising = got["echo"], got["denoising"]
     weight = 0.2 * echo / denoising if denoising > 0.2 * echo else torch.tensor(1.0)
     torch.testing.assert_close(got["lambda"], weight)
@@ -228,3 +261,36 @@ def test_export_keeps_a_converted_vocoder(tiny_root, tmp_path):
     save_model(tmp_path / "model", folder, {}, resolve_whisper(folder, None))
     assert (tmp_path / "model" / "vocoder.safetensors").read_bytes() == (source / "vocoder.safetensors").read_bytes()
     load_vocoder(tmp_path / "model")
+
+
+def test_a_trained_stage_three_is_exported_as_trained(tiny_model_dir, tmp_path, monkeypatch):
+    """Train stage III a few steps, save it, and reload the folder with the engine's loaders: the LLM
+    (LoRA merged), the adapter and the echo decoder give the trained module's states and logits, and
+    each of them differs from the source's (an export that dropped one kept the source's)."""
+    records = []
+    for i, seconds in enumerate((0.8, 1.0, 1.2, 1.4)):
+        write_wav(tmp_path / f"q{i}.wav", demo_question(seconds))
+        records.append({"audio": f"q{i}.wav", "transcript": "what was said", "response": f"Answer number {i}."})
+    write_manifest(tmp_path / "train.jsonl", records)
+    built = {}
+
+    def build(run, options):
+        built["job"] = stages.build_stage3(run, options)
+        return built["job"]
+    monkeypatch.setitem(stages.BUILDERS, "stage3", build)
+    stages.run_stage("stage3", StageOptions(manifest=tmp_path / "train.jsonl", model=tiny_model_dir, out=tmp_path / "out",
+                                            steps=3, batch_size=2, lr=1e-2, max_units=6, lora_rank=2,
+                                            aligner_dropout=0.0))
+    source, saved = open_model_folder(tiny_model_dir), open_model_folder(tmp_path / "out" / "model")
+    for key in ("model.layers.0.self_attn.q_proj.weight", "model.mm_projector1.weight", ECHO_PREFIX + "adapter.weight"):
+        assert not torch.allclose(saved.weights.get(key), source.weights.get(key)), key
+    reloaded = EchoStage(SpeechToText(load_lm(saved.weights, saved.config.llm, torch.float32, "cpu"),
+                                      load_adapter(saved.weights, saved.config.adapter), saved.tokenizer),
+                         trainable_decoder(saved))
+    turns, labels = zip(*built["job"].items)
+    with torch.no_grad():
+        trained_out, _, trained_units = built["job"].module.eval().unit_logits(list(turns), list(labels))
+        out, _, units = reloaded.eval().unit_logits(list(turns), list(labels))
+    torch.testing.assert_close(out.hidden, trained_out.hidden, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.cross_entropy, trained_out.cross_entropy, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(units.logits, trained_units.logits, rtol=1e-4, atol=1e-5)

@@ -48,6 +48,7 @@ def fails_with(capsys, code, pattern):
     ("stage2", "--unit-vocab", "0", "unit-vocab must be a whole number >= 1"),
     ("stage3", "--max-units", "0", "max-units must be a whole number >= 1"),
     ("stage3", "--aligner-dropout", "1", "aligner-dropout must be a number in [0, 1)"),
+    ("stage1", "--seed", "10000000000", "seed must be a whole number from 0 to 4294967295"),  # was a ValueError
 ])
 def test_bad_numbers_are_refused_while_parsing(tmp_path, capsys, stage, flag, value, message):
     with pytest.raises(SystemExit) as stop:  # argparse: a usage line and the reason, exit status 2
@@ -68,6 +69,19 @@ def test_units_the_model_cannot_spell_are_named(tiny_model_dir, manifest, tmp_pa
     code = main(["train", "stage2", "--manifest", str(manifest), "--model", str(tiny_model_dir),
                  "--out", str(tmp_path / "out"), "--batch-size", "2"])  # the tiny model's own random unit tokens
     fails_with(capsys, code, "has no token in this unit language (pass --unit-vocab N")
+    assert not (tmp_path / "out").exists()  # the run made it, and stopped before writing anything
+
+
+def test_unreadable_audio_is_named_with_its_line_before_any_work(tiny_model_dir, manifest, tmp_path, capsys):
+    """It was named without its line, once Whisper reached it (hours into a real corpus)."""
+    (tmp_path / "q.wav").write_bytes((manifest.parent / "q.wav").read_bytes())
+    (tmp_path / "notes.wav").write_text("not audio")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(manifest.read_text() + json.dumps({"audio": "notes.wav", "transcript": "x", "response": "y."}))
+    code = main(["train", "stage1", "--manifest", str(bad), "--model", str(tmp_path / "no-model"),
+                 "--out", str(tmp_path / "out"), "--batch-size", "2"])
+    fails_with(capsys, code, f"bad.jsonl:5: {tmp_path / 'notes.wav'}: not a")  # WAV, or readable (soundfile)
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_existing_model_is_not_overwritten(tiny_model_dir, manifest, tmp_path, capsys):

@@ -7,6 +7,9 @@ Training code (torch, the model) is imported only when a training command runs, 
 import argparse
 from pathlib import Path
 
+# Seeds enter 64-bit seeds after scaling (loop.step_seed): bounded here, so a large one stops while parsing.
+MAX_SEED = 2**32 - 1
+
 
 def _stage_options(parser: argparse.ArgumentParser, lora: bool):
     from ..cli import positive_number, whole_number  # checked while parsing, before any data or model loads
@@ -18,7 +21,7 @@ def _stage_options(parser: argparse.ArgumentParser, lora: bool):
     parser.add_argument("--batch-size", type=whole_number("batch-size"), default=4,
                         help="global batch (split over torchrun processes)")
     parser.add_argument("--lr", type=positive_number("lr"), default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=whole_number("seed", least=0, most=MAX_SEED), default=0)
     parser.add_argument("--log-every", type=whole_number("log-every"), default=1,
                         help="steps between metrics.jsonl lines")
     parser.add_argument("--save-every", type=whole_number("save-every", least=0), default=0,
@@ -72,6 +75,6 @@ def add_train_command(sub):
     demo = stages.add_parser("demo", help="all three stages on a synthetic spoken task, on the CPU")
     demo.add_argument("out", help="folder to create (data, stages, metrics.jsonl, model/)")
     demo.add_argument("--quick", action="store_true", help="a smaller task and fewer steps (the CI test)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=whole_number("seed", least=0, most=MAX_SEED), default=0)
     demo.add_argument("--overwrite", action="store_true")
     demo.set_defaults(run=_run_demo)

@@ -7,13 +7,15 @@
 `transcript` what was said (stage I's CTC target), `response` the answer text (stage I's CE
 target, stage II's and III's decoder text), and the optional `response_units` the HuBERT units
 of the spoken answer, as an offline pipeline extracts them (stage II's targets). Every problem is
-reported with the manifest's name and line number.
+reported with the manifest's name and line number, an unreadable audio file included, before any
+model loads (rather than when Whisper reaches that line, perhaps hours into preparing a corpus).
 """
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..audio import read_audio
 from ..errors import EchoXError
 from .units import HUBERT_UNITS
 
@@ -76,8 +78,17 @@ def _lines(path: Path) -> list[str]:
     return lines
 
 
-def read_manifest(path: Path | str, need_units: bool = False) -> list[Example]:
-    """Every example of a manifest (blank lines skipped); `need_units` for the stages that train on units."""
+def check_audio(example: Example, manifest: Path):
+    """The example's audio file reads as audio (of a WAV file only the header and 10 ms are read)."""
+    try:
+        read_audio(example.audio, head_seconds=0.01)
+    except EchoXError as e:
+        raise EchoXError(f"{manifest}:{example.line}: {e}") from None
+
+
+def read_manifest(path: Path | str, need_units: bool = False, need_audio: bool = False) -> list[Example]:
+    """Every example of a manifest (blank lines skipped); `need_units` for the stages that train on units,
+    `need_audio` for those that listen to the questions."""
     path = Path(path)
     if not path.is_file():
         raise EchoXError(f"{path}: manifest not found")
@@ -86,6 +97,9 @@ def read_manifest(path: Path | str, need_units: bool = False) -> list[Example]:
         raise EchoXError(f"{path}: the manifest has no examples")
     if need_units and (missing := next((e for e in examples if e.response_units is None), None)):
         raise EchoXError(f"{path}:{missing.line}: this stage needs 'response_units' on every line")
+    if need_audio:
+        for example in examples:
+            check_audio(example, path)
     return examples
 
 

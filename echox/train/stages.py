@@ -14,6 +14,7 @@ OUT/metrics.jsonl and the resumable OUT/train_state.pt (and stage II's OUT/unit_
 III's OUT/heldout_accuracy.json). Nothing of the user's is written over: see `check_run_files`.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -164,8 +165,8 @@ def prepare(stage: str, options: StageOptions) -> Prepared:
         raise EchoXError("--steps and --batch-size must be at least 1")
     if options.batch_size % world:
         raise EchoXError(f"--batch-size {options.batch_size} does not split over {world} processes")
-    examples = read_manifest(options.manifest, need_units=stage == "stage2")
-    heldout = read_manifest(options.heldout) if stage == "stage3" and options.heldout else []
+    examples = read_manifest(options.manifest, need_units=stage == "stage2", need_audio=stage != "stage2")
+    heldout = read_manifest(options.heldout, need_audio=True) if stage == "stage3" and options.heldout else []
     if options.batch_size > len(examples):
         raise EchoXError(f"--batch-size {options.batch_size} is larger than the manifest ({len(examples)} examples)")
     identity = options.identity(stage)
@@ -388,9 +389,26 @@ def clear_old_metrics(run: Prepared, options: StageOptions):
         run.settings.metrics.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def no_empty_folder_left(folder: Path):
+    """A run that stops before writing anything leaves no empty OUT behind, if it made OUT."""
+    made = not folder.exists()
+    try:
+        yield
+    finally:
+        if made:
+            with contextlib.suppress(OSError):  # rmdir removes only an empty folder: written files stay
+                folder.rmdir()
+
+
 def run_stage(name: str, options: StageOptions) -> dict:
     """Train one stage and save its model; return the logged metrics (and, for stage III with
     --heldout, the teacher-forced unit accuracy before and after)."""
+    with no_empty_folder_left(options.out):
+        return trained_stage(name, options)
+
+
+def trained_stage(name: str, options: StageOptions) -> dict:
     run = prepare(name, options)
     job = BUILDERS[name](run, options)
     heldout = heldout_set(run, options) if run.heldout else None  # a share on every process, maybe empty

@@ -36,16 +36,15 @@ def unit_token_string(units: tuple[int, ...]) -> str:
 class UnitLanguage:
     tokens: tuple[tuple[int, ...], ...]  # unit token k -> the units it spells
     index: dict[tuple[int, ...], int] = field(init=False, repr=False, compare=False)
+    longest: int = field(init=False, repr=False, compare=False)  # units of the longest token
 
     def __post_init__(self):
         index: dict[tuple[int, ...], int] = {}
         for k, units in enumerate(self.tokens):
             index.setdefault(units, k)  # a released vocabulary may spell the same units twice: use the first
         object.__setattr__(self, "index", index)
-
-    @property
-    def longest(self) -> int:
-        return max(len(units) for units in self.index)
+        # Once: `encode` asks at every position (a max over an 8k vocabulary each time was ~0.2 s per answer).
+        object.__setattr__(self, "longest", max(map(len, index), default=0))
 
     @staticmethod
     def build(sequences: list[list[int]], size: int, max_ngram: int = 3) -> "UnitLanguage":

@@ -104,10 +104,11 @@ def save_state(path: Path, step: int, params: list[nn.Parameter], optimizer: tor
     partial.replace(path)  # a crash mid-save never leaves a half-written state behind
 
 
-def read_state(path: Path) -> dict:
-    """The dict `save_state` wrote, or one clear error for any other file."""
+def read_state(path: Path, mmap: bool = False) -> dict:
+    """The dict `save_state` wrote, or one clear error for any other file. With `mmap` its tensors
+    are mapped, not read: what only looks at the rest costs no read of the parameters and moments."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception:  # noqa: BLE001 - a damaged file fails in many ways (zip, pickle, OSError, struct)
         state = None
     if not (isinstance(state, dict) and isinstance(state.get("step"), int) and isinstance(state.get("optimizer"), dict)
@@ -120,7 +121,7 @@ def check_resumable(path: Path, identity: dict):
     """The state at `path` was saved by a run with these options (checked before a stage is built)."""
     if not path.is_file():
         raise EchoXError(f"{path}: no training state to resume from")
-    saved = read_state(path).get("run")
+    saved = read_state(path, mmap=True).get("run")
     if not isinstance(saved, dict):
         raise EchoXError(f"{path}: holds no run options (saved by an older echox), so resuming it cannot be "
                          f"checked; start again with --overwrite")

@@ -155,6 +155,19 @@ def test_resuming_with_other_options_is_refused_by_name(tiny_model_dir, manifest
     assert (tmp_path / "out" / "train_state.pt").read_bytes() == state
 
 
+def test_a_state_saved_without_its_options_resumes_with_a_note(tiny_model_dir, manifest, tmp_path, capsys):
+    """States saved before the options were kept (2026-12-02) still resume: nothing to check them by."""
+    assert stage2(tiny_model_dir, manifest, tmp_path, "--steps", "1") == 0
+    state = torch.load(tmp_path / "train_state.pt", weights_only=True)
+    del state["run"]
+    torch.save(state, tmp_path / "train_state.pt")
+    capsys.readouterr()
+    assert stage2(tiny_model_dir, manifest, tmp_path, "--steps", "2", "--resume") == 0
+    assert "holds no run options (saved by an older echox): resuming it with today's, unchecked" in \
+        capsys.readouterr().err
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
 def test_resuming_into_other_lora_targets_is_refused(tiny_model_dir, manifest, tmp_path, capsys):
     """gate and up adapters have the same shapes: the state loaded into the wrong ones without a word."""
     def stage1(*extra):

@@ -122,9 +122,10 @@ def check_resumable(path: Path, identity: dict):
     if not path.is_file():
         raise EchoXError(f"{path}: no training state to resume from")
     saved = read_state(path, mmap=True).get("run")
-    if not isinstance(saved, dict):
-        raise EchoXError(f"{path}: holds no run options (saved by an older echox), so resuming it cannot be "
-                         f"checked; start again with --overwrite")
+    if not isinstance(saved, dict):  # a run started before the options were saved: resumable as before
+        print(f"echox: note: {path} holds no run options (saved by an older echox): resuming it with "
+              f"today's, unchecked", file=sys.stderr)
+        return
     differ = [f"{name} {saved.get(name)} (now {identity.get(name)})"
               for name in dict.fromkeys([*saved, *identity]) if saved.get(name) != identity.get(name)]
     if differ:

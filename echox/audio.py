@@ -27,7 +27,7 @@ from typing import BinaryIO, NamedTuple
 import torch
 
 from .errors import EchoXError
-from .outputs import atomic_file
+from .outputs import atomic_file, is_stream
 
 SAMPLE_RATE = 16000
 MAX_SECONDS = 30.0
@@ -334,7 +334,7 @@ def read_wav(path: Path, head_seconds: float | None, source: Path | BinaryIO) ->
 def write_wav(path: Path | str, samples: torch.Tensor, sample_rate: int = SAMPLE_RATE, overwrite: bool = False):
     """Write [N] mono samples as 16-bit PCM WAV, clipping to [-1, 1]; atomically (see outputs.py)."""
     path = Path(path)
-    if path.exists() and not overwrite:
+    if path.exists() and not overwrite and not is_stream(path):
         raise EchoXError(f"{path}: already exists; choose another output path or allow overwriting")
     pcm = (samples.detach().float().cpu().reshape(-1).clamp(-1, 1) * 32767).round().to(torch.int16)
     payload = pcm.numpy().astype("<i2").tobytes()

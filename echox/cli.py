@@ -6,6 +6,7 @@ the question's text) is checked before any model is loaded, and outputs are writ
 """
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -13,7 +14,7 @@ import warnings
 from pathlib import Path
 
 from .errors import EchoXError
-from .outputs import atomic_file, check_output_file, check_output_folder
+from .outputs import atomic_file, check_output_file, check_output_folder, is_open_as
 
 
 def _human_bytes(n: int) -> str:
@@ -383,11 +384,20 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"echox: warning: {message}", file=sys.stderr)
 
 
+def _text_off_the_output(output: str | None):
+    """With the output going to stdout (`--output /dev/stdout | aplay -`), what the command prints (the
+    streamed text, the summary) goes to stderr, where it cannot corrupt the WAV."""
+    if output and is_open_as(Path(output), 1):
+        return contextlib.redirect_stdout(sys.stderr)
+    return contextlib.nullcontext()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.showwarning = _show_warning
     try:
-        args.run(args)
+        with _text_off_the_output(getattr(args, "output", None)):
+            args.run(args)
     except EchoXError as e:
         print(f"echox: error: {e}", file=sys.stderr)
         return 2

@@ -6,11 +6,17 @@ probe file in its folder: the one test that tells the truth on read-only mounts,
 for root, where permission bits say nothing. Every write then goes to a temporary name in the
 same folder and is renamed onto the target only once complete: a rename within one folder is
 atomic, so an interrupted run leaves the old file (or none), never half of a new one.
+
+A device or a pipe (`/dev/null`, `/dev/stdout`, a FIFO another program reads), or whatever file
+stdout or stderr was sent to, is the one kind of target written into directly: renaming a file over
+it would replace the node or link itself (as root, `--output /dev/null` turned the system's
+/dev/null into a WAV), and the user asked for the bytes to go there, not for a file beside it.
 """
 
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 from pathlib import Path
@@ -30,10 +36,34 @@ def check_writable_folder(folder: Path, what: str):
         raise EchoXError(f"{folder}: cannot write {what} there ({e.strerror})") from None
 
 
+def is_stream(path: Path) -> bool:
+    """`path` is, or links to, a device, FIFO or socket, or the file this process's stdout or stderr
+    writes to (`--output /dev/stdout > answer.wav`): something to write into, never to replace."""
+    try:
+        found = path.stat()
+    except OSError:  # missing, or a dangling link: a new file is created there
+        return False
+    special = not (stat.S_ISREG(found.st_mode) or stat.S_ISDIR(found.st_mode))
+    return special or is_open_as(path, 1) or is_open_as(path, 2)
+
+
+def is_open_as(path: Path, fd: int) -> bool:
+    """`path` is the file behind file descriptor `fd`."""
+    try:
+        return os.path.samestat(path.stat(), os.fstat(fd))
+    except OSError:  # missing, or `fd` closed
+        return False
+
+
 def check_output_file(path: Path, overwrite: bool, what: str):
-    """`path` can take a new file: not a folder, not an existing file unless `overwrite`, in a writable folder."""
+    """`path` can take a new file: not a folder, not an existing file unless `overwrite`, in a writable
+    folder; or it is a device or pipe that can be written into (its folder, such as /dev, need not be)."""
     if path.is_dir():
         raise EchoXError(f"{path}: is a folder; {what} needs a file name")
+    if is_stream(path):
+        if not os.access(path, os.W_OK):
+            raise EchoXError(f"{path}: cannot write {what} into it (permission denied)")
+        return
     if path.exists() and not overwrite:
         raise EchoXError(f"{path}: already exists (allow overwriting, --overwrite, to replace it)")
     check_writable_folder(path.parent, what)
@@ -59,15 +89,18 @@ def _temporary_name(target: Path, kind: str) -> Path:
 @contextlib.contextmanager
 def atomic_file(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; it becomes `path` when the block succeeds and is removed
-    when it fails or is interrupted. OS errors (disk full, read-only folder) become one clear error."""
-    temporary = _temporary_name(path, "tmp")
+    when it fails or is interrupted; a device or pipe is yielded itself (see above). OS errors (disk
+    full, read-only folder, a reader that went away) become one clear error."""
+    temporary = path if is_stream(path) else _temporary_name(path, "tmp")
     try:
         yield temporary
-        os.replace(temporary, path)
+        if temporary != path:
+            os.replace(temporary, path)
     except OSError as e:
         raise EchoXError(f"{path}: cannot be written ({e.strerror or e})") from None
     finally:
-        temporary.unlink(missing_ok=True)
+        if temporary != path:
+            temporary.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

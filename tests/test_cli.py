@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import stat
 import struct
 import subprocess
 import sys
@@ -434,3 +435,33 @@ def test_info_with_a_dangling_shard_link(tiny_root, tmp_path, capsys):
     shard.unlink()
     shard.symlink_to(tmp_path / "nowhere")
     fails_with(capsys, main(["info", str(shard.parent)]), "lists shards that are missing: model-00001-of-00002")
+
+
+# ---- outputs that are streams: written into, never replaced --------------------------------------------
+
+def test_chat_writes_its_audio_into_a_fifo(tiny_model_dir, tmp_path, capsys):
+    """A reader waiting on a FIFO got nothing: the FIFO was refused, or (--overwrite) replaced by a file."""
+    import threading
+    fifo = tmp_path / "answer.wav"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()))
+    reader.start()
+    try:
+        code = chat(tiny_model_dir, "--text", "Hi", "--output", fifo)
+    finally:
+        if reader.is_alive():  # the command failed before opening the FIFO: let the reader end
+            os.close(os.open(fifo, os.O_WRONLY))
+        reader.join()
+    assert code == 0, capsys.readouterr().err
+    assert received[0][:4] == b"RIFF" and stat.S_ISFIFO(fifo.lstat().st_mode)
+    assert [p.name for p in tmp_path.iterdir()] == ["answer.wav"]
+
+
+def test_chat_to_dev_stdout_keeps_its_text_off_the_wav(tiny_model_dir, tmp_path, capfdbinary):
+    """`--output /dev/stdout > a.wav` (or `| aplay -`): the WAV alone on stdout, the text on stderr."""
+    assert chat(tiny_model_dir, "--text", "Hi", "--output", "/dev/stdout") == 0
+    captured = capfdbinary.readouterr()
+    size = struct.unpack("<I", captured.out[40:44])[0]
+    assert captured.out[:4] == b"RIFF" and len(captured.out) == 44 + size
+    assert b"tokens" in captured.err and os.path.islink("/dev/stdout")

@@ -1,5 +1,7 @@
 """Output files and folders: written whole or not at all, beside their targets."""
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -37,3 +39,40 @@ def test_write_errors_become_one_clear_error(tmp_path):
             temporary.write_text("{}")
     with pytest.raises(EchoXError, match="cannot write the cache there"):
         check_output_folder(Path("/proc/echox-cache/models"), "the cache")  # nobody can write in /proc
+
+
+def _wav_bytes(tmp_path, samples):
+    from echox.audio import write_wav
+    write_wav(tmp_path / "regular.wav", samples)
+    return (tmp_path / "regular.wav").read_bytes()
+
+
+def test_a_fifo_is_written_into_not_replaced(tmp_path):
+    """Renaming a file over a FIFO (or /dev/null, as root) replaced the node; a reader got nothing."""
+    import torch
+
+    from echox.audio import write_wav
+    from echox.outputs import check_output_file
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    check_output_file(fifo, False, "--output")  # nothing is replaced, so no --overwrite is needed
+    reader = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)  # a reader, so the writer's open does not block
+    samples = torch.linspace(-0.5, 0.5, 1000)
+    write_wav(fifo, samples, overwrite=True)
+    received = os.read(reader, 1 << 16)
+    os.close(reader)
+    assert stat.S_ISFIFO(fifo.lstat().st_mode) and received == _wav_bytes(tmp_path, samples)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe", "regular.wav"]  # no temporary file left
+
+
+def test_a_link_to_a_device_stays_a_link(tmp_path):
+    """`--output /dev/stdout --overwrite` renamed a file over the /dev/stdout link (here: a link to /dev/null)."""
+    import torch
+
+    from echox.audio import write_wav
+    link = tmp_path / "null"
+    link.symlink_to(os.devnull)
+    write_wav(link, torch.zeros(100), overwrite=True)
+    with atomic_file(link) as temporary:
+        temporary.write_text("{}")
+    assert link.is_symlink() and stat.S_ISCHR(link.stat().st_mode) and list(tmp_path.iterdir()) == [link]

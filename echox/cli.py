@@ -115,6 +115,23 @@ def _keep_spoken_audio(chunks: list, output: Path, overwrite: bool):
           file=sys.stderr)
 
 
+def _show(text: str):
+    """Stream a piece of the answer's text. Once stdout's reader has gone (`echox chat ... | head`),
+    the rest of it goes to os.devnull: the turn goes on, so its audio is still written."""
+    try:
+        print(text, end="", flush=True)
+    except BrokenPipeError:
+        _stdout_gone()
+
+
+def _stdout_gone():
+    """Point stdout at os.devnull. dup2 under Python's own stdout, not a new sys.stdout: the text still
+    in its buffer would fail again when it is flushed at exit (a traceback from the interpreter)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def _speak(session, audio, text: str | None, output: Path | None, overwrite: bool, trace: Path | None) -> dict:
     """Run one turn, streaming its text to the terminal; write the answer's audio to `output` (None:
     a text-only session's) and its trace. Ctrl-C keeps what was already spoken in `output`, then
@@ -129,7 +146,7 @@ def _speak(session, audio, text: str | None, output: Path | None, overwrite: boo
     try:
         for event in session.respond(audio=audio, text=text):
             if isinstance(event, TextDelta):
-                print(event.text, end="", flush=True)
+                _show(event.text)
             elif isinstance(event, AudioChunk):
                 chunks.append(event.samples)
             elif isinstance(event, TurnDone):
@@ -398,12 +415,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _text_off_the_output(getattr(args, "output", None)):
             args.run(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught below, not at exit (a traceback)
     except EchoXError as e:
         print(f"echox: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("echox: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # what reads stdout has gone (`echox info ... | head -1`): nobody to tell
+        _stdout_gone()
+        return 141  # as a command killed by SIGPIPE (which Python ignores)
     return 0
 
 

@@ -465,3 +465,29 @@ def test_chat_to_dev_stdout_keeps_its_text_off_the_wav(tiny_model_dir, tmp_path,
     size = struct.unpack("<I", captured.out[40:44])[0]
     assert captured.out[:4] == b"RIFF" and len(captured.out) == 44 + size
     assert b"tokens" in captured.err and os.path.islink("/dev/stdout")
+
+
+def run_into_a_closed_pipe(*argv):
+    """The command with stdout's reader gone before the first byte (`echox ... | head`, once head exits)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run([sys.executable, "-m", "echox.cli", *map(str, argv)], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in done.stderr and "Exception" not in done.stderr, done.stderr
+    return done.returncode
+
+
+def test_chat_into_a_closed_pipe_still_writes_its_audio(tiny_model_dir, tmp_path):
+    """The first text printed after the reader left raised BrokenPipeError, a traceback, and the
+    answer's audio was lost."""
+    out = tmp_path / "a.wav"
+    assert run_into_a_closed_pipe("chat", "--model", tiny_model_dir, "--greedy", "--text", "Hi", "--max-new-tokens",
+                                  "8", "--max-units", "32", "--output", out) == 0
+    assert out.stat().st_size > 44
+
+
+def test_info_into_a_closed_pipe_ends_quietly(tiny_model_dir):
+    assert run_into_a_closed_pipe("info", tiny_model_dir) == 141  # as if killed by SIGPIPE

@@ -13,6 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from .ctrl_c import ctrl_c_held, ctrl_c_stops_once
 from .errors import EchoXError
 from .outputs import atomic_file, check_output_file, check_output_folder, is_open_as
 
@@ -177,11 +178,13 @@ def _speak(session, audio, text: str | None, output: Path | None, overwrite: boo
     return done.trace
 
 
+@ctrl_c_stops_once()
 def cmd_chat(args) -> None:
     """One spoken (or written) turn with a real or tiny checkpoint."""
-    from . import engine as echox_engine
-    from .audio import speech_input
-    from .tokenizer import user_text
+    with ctrl_c_held():  # torch's import cannot take a KeyboardInterrupt (ctrl_c.py)
+        from . import engine as echox_engine
+        from .audio import speech_input
+        from .tokenizer import user_text
     if (args.output is None) != args.text_only:
         raise EchoXError("--text-only writes no audio: drop --output" if args.text_only else
                          "give --output OUT.wav for the answer's audio, or --text-only for a written answer alone")
@@ -234,10 +237,12 @@ def demo_model_dir() -> Path:
     return cache / "EchoX-tiny"
 
 
+@ctrl_c_stops_once()
 def cmd_demo(args) -> None:
     """The whole pipeline end to end on the tiny random checkpoint, on the CPU."""
-    from . import engine as echox_engine
-    from .sampling import GREEDY
+    with ctrl_c_held():  # torch's import cannot take a KeyboardInterrupt (ctrl_c.py)
+        from . import engine as echox_engine
+        from .sampling import GREEDY
     output = Path(args.output)
     check_output_file(output, args.overwrite, "--output")
     model_dir = demo_model_dir()

@@ -99,6 +99,14 @@ def every_core():
     return torch_threads(usable_cores())
 
 
+EVERY_CORE_THREAD = "echox-every-core"
+
+
+def on_every_core_running() -> bool:
+    """Whether an on_every_core thread is still at work (its caller may have been interrupted)."""
+    return any(thread.name == EVERY_CORE_THREAD and thread.is_alive() for thread in threading.enumerate())
+
+
 def on_every_core(work: Callable[[], T]) -> T:
     """work() on every core, in a thread of its own that ends with it; its result or error.
 
@@ -119,7 +127,7 @@ def on_every_core(work: Callable[[], T]) -> T:
         finally:
             ended.set()
 
-    thread = threading.Thread(target=run, name="echox-every-core", daemon=True)
+    thread = threading.Thread(target=run, name=EVERY_CORE_THREAD, daemon=True)
     try:
         thread.start()
         ended.wait()

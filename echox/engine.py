@@ -31,7 +31,7 @@ from .batch.vocoder_batcher import VocoderBatcher
 from .capture import can_capture
 from .checkpoint import ModelFolder, open_model_folder, resolve_vocoder, resolve_whisper
 from .config import WhisperConfig
-from .cpu_threads import on_every_core
+from .cpu_threads import on_every_core, on_every_core_running
 from .echo import EchoDecoder, load_echo_decoder
 from .errors import ConversationFull, EchoXError
 from .generate import AudioSlot, Slot, TextDecoder, Token, kv_capacity
@@ -546,16 +546,19 @@ def stop_turns_at_exit(seconds: float = 10.0):
     """Stop the turns still in progress (in daemon threads, say a server's) before the interpreter
     ends, and give them up to `seconds` to get out of their torch ops: a thread still inside one then
     would abort the process as it returns ("terminate called without an active exception", exit
-    code 134). A turn whose caller has stopped reading (its steps suspended) and whose speech threads
-    have ended holds nothing up. (Registered after the batch loops' own stop, so it runs before it.)"""
+    code 134). A turn whose caller has stopped reading (its steps suspended) holds nothing up. Speech
+    and every-core threads are waited for even when their turn has let go of its session: a second
+    Ctrl-C can cut short the turn's own wait for them (its stop was already set).
+    (Registered after the batch loops' own stop, so it runs before it.)"""
     sessions = list(ANSWERING)
     for session in sessions:
         if (stop := session.stop_turn) is not None:
             stop.set()
 
-    def working(session: Session) -> bool:
+    def stepping(session: Session) -> bool:
         steps = session.turn_steps
-        return session.stop_turn is not None and (steps is not None and steps.gi_running or speaking())
+        return session.stop_turn is not None and steps is not None and steps.gi_running
     deadline = time.monotonic() + seconds
-    while any(working(session) for session in sessions) and time.monotonic() < deadline:
+    while (speaking() or on_every_core_running() or any(stepping(session) for session in sessions)) \
+            and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -407,6 +407,70 @@ def test_ctrl_c_during_a_text_only_answer_ends_its_line_and_writes_nothing(tiny_
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_second_ctrl_c_does_not_cut_the_first_ones_cleanup_short(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """Two real SIGINTs a moment apart: the second one landed while the partial audio was written (or
+    the speech threads joined), so nothing was written, or the process aborted. It is the same Ctrl-C."""
+    import signal
+
+    import echox.audio
+    respond, write_wav = echox_engine.Session.respond, echox.audio.write_wav
+
+    def ctrl_c_after_first_chunk(self, *args, **kwargs):
+        for event in respond(self, *args, **kwargs):
+            yield event
+            if isinstance(event, AudioChunk):
+                signal.raise_signal(signal.SIGINT)
+
+    def ctrl_c_again_while_writing(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)
+        write_wav(*args, **kwargs)
+    monkeypatch.setattr(echox_engine.Session, "respond", ctrl_c_after_first_chunk)
+    monkeypatch.setattr(echox.audio, "write_wav", ctrl_c_again_while_writing)
+    out = tmp_path / "a.wav"
+    try:
+        code = main(["chat", "--model", str(tiny_model_dir), "--greedy", "--max-new-tokens", "40", "--max-units",
+                     "64", "--text", "Tell me a story.", "--output", str(out)])
+    finally:  # the command keeps its handler after a Ctrl-C, for the rest of its exit
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    err = capsys.readouterr().err
+    assert code == 130 and "of audio spoken so far are in" in err and out.stat().st_size > 44
+
+
+def test_a_later_second_ctrl_c_ends_at_once(monkeypatch):
+    import signal
+
+    from echox import ctrl_c
+    monkeypatch.setattr(ctrl_c, "REPEAT_S", 0.0)
+    monkeypatch.setattr(ctrl_c.os, "_exit", lambda status: sys.exit(status))
+    try:
+        with pytest.raises(SystemExit) as stop, ctrl_c.ctrl_c_stops_once():
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert stop.value.code == 130
+
+
+def test_a_turn_without_ctrl_c_puts_the_handler_back(tiny_model_dir, tmp_path, capsys):
+    import signal
+    assert chat(tiny_model_dir, "--text", "Hi", "--output", tmp_path / "a.wav") == 0
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_during_the_imports_comes_after_them():
+    """A KeyboardInterrupt raised inside torch's import was swallowed by it, or aborted the process."""
+    import signal
+
+    from echox.ctrl_c import ctrl_c_held
+    imported = False
+    with pytest.raises(KeyboardInterrupt):
+        with ctrl_c_held():
+            signal.raise_signal(signal.SIGINT)
+            imported = True
+    assert imported
+
+
 def test_tiny_overwrite_replaces_only_the_model(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["tiny", str(out)]) == 0

@@ -297,6 +297,26 @@ def test_the_exit_hook_does_not_wait_for_a_turn_nobody_reads(engine):
     assert not any(t.name in ("echox-echo", "echox-vocoder") and t.is_alive() for t in threading.enumerate())
 
 
+def test_the_exit_hook_waits_for_threads_whose_turn_let_go():
+    """A second Ctrl-C cut short the turn's own wait for its speech (or every-core) threads after the
+    turn had let go of its session; the hook did not wait for them then, and a thread still inside a
+    torch op as the interpreter ended aborted the process."""
+    import echox.speech_pipeline as speech_pipeline
+    finish = threading.Event()
+
+    class Speech:  # a pipeline whose turn has let go, its thread still ending
+        threads = [threading.Thread(target=finish.wait, args=(5,), name="echox-vocoder")]
+    pipeline = Speech()
+    speech_pipeline.PIPELINES.add(pipeline)
+    prefill = threading.Thread(target=lambda: cpu_threads.on_every_core(lambda: finish.wait(5)))
+    for thread in [*pipeline.threads, prefill]:
+        thread.start()
+    threading.Timer(0.3, finish.set).start()
+    echox_engine.stop_turns_at_exit(seconds=10)
+    assert not pipeline.threads[0].is_alive() and not cpu_threads.on_every_core_running()
+    prefill.join()
+
+
 def test_multi_speaker_vocoder_speaks_with_the_released_speaker(tmp_path):
     from echox.config import VocoderConfig
     from echox.tiny import TinySpec, write_tiny_checkpoint

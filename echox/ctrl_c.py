@@ -1,0 +1,64 @@
+"""How `echox chat` and `echox demo` take Ctrl-C.
+
+The first Ctrl-C stops the turn: a KeyboardInterrupt in the main thread, after which the command
+writes the audio spoken so far and exits 130. What it waits for then (the speech threads and the
+prefill's thread leaving their torch ops, the WAV being written) must not be cut short by a second
+one: a KeyboardInterrupt raised there left threads inside torch ops as the interpreter ended, which
+aborts the process ("terminate called without an active exception"), or broke an atexit callback.
+So a repeat within REPEAT_S of the first is the same Ctrl-C (a double tap, or a launcher passing the
+terminal's signal on) and is ignored; a later one ends the process at once with one line and
+status 130, as `echox serve` does (serve/stopping.py). os._exit runs no C++ destructors, so threads
+still inside torch cannot abort it.
+
+While torch and numpy are imported, SIGINT is held back instead: a KeyboardInterrupt raised inside
+their C code was swallowed (the turn then ran to its end) or aborted the process. It is delivered,
+as an ordinary KeyboardInterrupt, when the imports are done.
+"""
+
+import contextlib
+import os
+import signal
+import threading
+import time
+from typing import Iterator
+
+from .serve.stopping import REPEAT_S, say
+
+
+@contextlib.contextmanager
+def ctrl_c_stops_once() -> Iterator[None]:
+    """Within the block, the first SIGINT raises KeyboardInterrupt and a later one (after REPEAT_S)
+    ends the process at once. After a Ctrl-C that stays so beyond the block, while the process ends
+    (atexit, joining threads), where a KeyboardInterrupt aborted the process too; without one,
+    the handler before it is put back. Only the main thread can set signal handlers: elsewhere, the
+    block runs with Python's own."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    first_at = None
+
+    def on_sigint(signum, frame):
+        nonlocal first_at
+        if first_at is None:
+            first_at = time.monotonic()
+            raise KeyboardInterrupt
+        if time.monotonic() - first_at >= REPEAT_S:
+            say("echox: stopped at once by a second Ctrl-C (nothing more written)")
+            os._exit(128 + signum)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        if first_at is None:
+            signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def ctrl_c_held() -> Iterator[None]:
+    """SIGINT blocked in this thread while the block runs; one that came meanwhile is delivered after."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)

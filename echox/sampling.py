@@ -14,6 +14,7 @@ below top_p (the most likely column is always kept); top-k keeps the k most like
 the argmax go to the lowest column, as `torch.argmax` does.
 """
 
+import math
 import struct
 from dataclasses import dataclass
 
@@ -30,6 +31,12 @@ def as_float32(value: float) -> float:
     return struct.unpack("f", struct.pack("f", value))[0]
 
 
+# Logits are divided by T in fp32 (the kernels multiply by fp32(1 / T) on the GPU): below about
+# |logit| / 3.4e38 that overflows to inf, the softmax of top-p becomes NaN and every row picked
+# column 0. Far above that, 1e-4 already samples greedily but for ties; 0 says greedy, exactly.
+MIN_TEMPERATURE = 1e-4
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.0  # 0 means greedy
@@ -38,8 +45,9 @@ class SamplingParams:
     seed: int = 0
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise EchoXError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature < math.inf):
+            raise EchoXError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}, "
+                             f"got {self.temperature}")
         if not (0 < self.top_p <= 1 and as_float32(self.top_p) > 0):  # the selection runs in fp32
             raise EchoXError(f"top-p must be in (0, 1] and not 0 in float32, got {self.top_p}")
         if self.top_k < 0:

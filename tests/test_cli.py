@@ -151,7 +151,7 @@ def test_serve_refuses_bad_values_while_parsing(capsys, flag, value, message):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--temperature", "-1"], "temperature must be >= 0"),
+    (["--temperature", "-1"], "temperature must be 0 (greedy) or a finite number >= 0.0001"),
     (["--top-p", "1.5"], "top-p must be in (0, 1]"),
 ])
 def test_invalid_sampling_values(tiny_model_dir, tmp_path, question, capsys, flags, message):

@@ -16,6 +16,7 @@ from pathlib import Path
 from .ctrl_c import ctrl_c_held, ctrl_c_stops_once
 from .errors import EchoXError
 from .outputs import atomic_file, check_output_file, check_output_folder, is_open_as
+from .thread_limit import MAX_THREADS_PER_CORE, max_threads
 
 
 def _human_bytes(n: int) -> str:
@@ -268,7 +269,6 @@ def cmd_convert(args) -> None:
 # Measured on a 2-core machine (bench/speech_path.py --threads 1 2): a turn runs three busy threads (LLM, echo
 # decoder, vocoder), and one intra-op thread each beats two, which only fight over the cores.
 DEFAULT_THREADS = 1
-MAX_THREADS_PER_CORE = 4
 
 
 def whole_number(what: str, least: int = 1, most: int | None = None):
@@ -327,8 +327,7 @@ def add_limit_arguments(parser: argparse.ArgumentParser, max_new_tokens: int, ma
 
 
 def add_threads_argument(parser: argparse.ArgumentParser):
-    # Beyond a few per core threads only fight; tens of thousands fail to start (or crash) in OpenMP.
-    most = MAX_THREADS_PER_CORE * (os.cpu_count() or 1)
+    most = max_threads()
     parser.add_argument("--threads", type=whole_number("threads", most=most), default=DEFAULT_THREADS,
                         help=f"torch intra-op threads on the CPU of each of a turn's LLM, echo-decoder and "
                              f"vocoder threads (default {DEFAULT_THREADS}: fastest turn measured on 2 cores; at most "

@@ -43,6 +43,7 @@ from .speech_pipeline import AudioChunk, SegmentRecord, SpeechPipeline, speaking
 from .stop_signal import StopSignal
 from .split_linear import split_one_row_products
 from .streaming_vocoder import LARGEST_PIECE, StreamingVocoder, advance_streams
+from .thread_limit import MAX_THREADS_PER_CORE, max_threads
 from .tokenizer import Turn, user_text
 from .vocoder import Vocoder, load_vocoder
 from .vocoder_graphs import SteadyPush
@@ -246,6 +247,9 @@ def load(model_dir: Path | str, whisper: Path | str | None = None, vocoder: Path
     `max_batch` turns the engine into a batched one (`Engine.batched`)."""
     if threads is not None:
         require_count(threads=threads)
+        if threads > max_threads():
+            raise EchoXError(f"threads must be at most {max_threads()} ({MAX_THREADS_PER_CORE} per core; thousands "
+                             f"fail to start in OpenMP), got {threads}")
         torch.set_num_threads(threads)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)

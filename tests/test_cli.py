@@ -216,6 +216,17 @@ def test_thread_counts_are_bounded_while_parsing(capsys):
     assert stop.value.code == 2 and "threads must be a whole number from 1 to" in capsys.readouterr().err
 
 
+def test_load_bounds_the_thread_count_as_the_command_line_does(tiny_model_dir):
+    """echox.load(threads=20000) died inside libgomp, with no Python error; the CLI already refused it."""
+    import echox
+    from echox.errors import EchoXError
+    from echox.thread_limit import max_threads
+    before = torch.get_num_threads()
+    with pytest.raises(EchoXError, match=f"threads must be at most {max_threads()}"):
+        echox.load(tiny_model_dir, threads=max_threads() + 1)
+    assert torch.get_num_threads() == before  # refused before any was started
+
+
 def test_load_sets_the_intra_op_threads(tiny_model_dir):
     import torch
 

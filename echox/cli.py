@@ -231,7 +231,8 @@ def demo_model_dir() -> Path:
     import os
 
     from .tiny import LAYOUT_VERSION, is_complete, write_tiny_checkpoint
-    cache = Path(os.environ.get("ECHOX_CACHE", Path.home() / ".cache" / "echox")) / f"tiny-v{LAYOUT_VERSION}"
+    # An empty ECHOX_CACHE (`ECHOX_CACHE= echox demo`, the shell's way to unset it) is unset, not ".".
+    cache = Path(os.environ.get("ECHOX_CACHE") or Path.home() / ".cache" / "echox") / f"tiny-v{LAYOUT_VERSION}"
     if not is_complete(cache):
         check_output_folder(cache, "the demo's model cache (ECHOX_CACHE)")
         write_tiny_checkpoint(cache)

@@ -303,6 +303,15 @@ def test_interrupted_tiny_write_leaves_no_partial_model(tmp_path, monkeypatch):
     assert not is_complete(tmp_path)  # the whisper half is missing: a later demo rebuilds
 
 
+def test_an_empty_echox_cache_is_unset(tmp_path, monkeypatch):
+    """ECHOX_CACHE="" put the demo's 20 MB model in the current folder."""
+    from echox import cli
+    monkeypatch.setenv("ECHOX_CACHE", "")
+    monkeypatch.setattr(cli.Path, "home", lambda: tmp_path / "home")
+    monkeypatch.setattr("echox.tiny.is_complete", lambda cache: True)  # look where it goes, build nothing
+    assert cli.demo_model_dir().is_relative_to(tmp_path / "home" / ".cache" / "echox")
+
+
 def test_demo_rebuilds_a_partial_cache(tmp_path, monkeypatch, capsys):
     cache = tmp_path / "cache"
     monkeypatch.setenv("ECHOX_CACHE", str(cache))

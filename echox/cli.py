@@ -197,11 +197,11 @@ def cmd_chat(args) -> None:
         if output is not None and trace.resolve() == output.resolve():
             raise EchoXError(f"{trace}: --trace and --output name the same file; give the trace its own path")
         check_output_file(trace, args.overwrite, "--trace")
+    sampling = _sampling(args)  # first: the only check of the arguments' values that needs no file
     text = user_text(args.text, "--text")
     if args.input is None and not text:
         raise EchoXError("give --input IN.wav, --text STR, or both")
     speech = None if args.input is None else speech_input(Path(args.input))  # read and checked before loading
-    sampling = _sampling(args)
     engine = echox_engine.load(args.model, whisper=args.whisper, vocoder=args.vocoder, device=args.device,
                                threads=args.threads,
                                dtype=args.dtype, graphs=not args.eager)
@@ -342,8 +342,18 @@ def add_eager_argument(parser: argparse.ArgumentParser, *aliases: str):
                              "or TorchScript traces (CPU): slower, the same results (debugging)")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Argument errors as every other user mistake: `echox: error: ...` in one line, exit status 2
+    (argparse's own print a usage block first; `--help` still shows it). Subcommands' parsers are
+    made by this class too (add_subparsers uses the parent's)."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("echox").strip()  # "chat" for `echox chat`; "" for `echox` itself
+        self.exit(2, f"echox: error: {command + ': ' if command else ''}{message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="echox", description="EchoX speech-to-speech engine")
+    parser = OneLineParser(prog="echox", description="EchoX speech-to-speech engine")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="describe a model folder")
     info.add_argument("model", help="EchoX model folder")

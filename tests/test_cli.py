@@ -203,10 +203,29 @@ def test_counts_must_be_positive(tmp_path, monkeypatch, capsys, command, flag, v
     """Refused while parsing, before a model loads (a server would otherwise start and fail every turn)."""
     monkeypatch.setenv("ECHOX_CACHE", str(tmp_path / "cache"))
     output = [] if command[0] == "serve" else ["--output", str(tmp_path / "a.wav")]
-    with pytest.raises(SystemExit) as stop:  # argparse: one usage line and the reason, exit status 2
+    with pytest.raises(SystemExit) as stop:  # argparse: one line, exit status 2
         main([*command, *output, flag, value])
     assert stop.value.code == 2 and f"{flag[2:]} must be a whole number >= 1" in capsys.readouterr().err
     assert not (tmp_path / "cache").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["chat", "--model", "m", "--text", "hi", "--text-only", "--threads", "0"],
+     "echox: error: chat: argument --threads: threads must be a whole number >= 1, got '0'"),
+    (["demo", "--bogus"], "echox: error: unrecognized arguments: --bogus"),
+    (["chat", "--text", "hi", "--text-only"], "echox: error: chat: the following arguments are required: --model"),
+])
+def test_argument_errors_are_one_line(capsys, argv, message):
+    """argparse printed its usage block before the reason; the README promises one `echox: error:` line."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2 and capsys.readouterr().err == message + "\n"
+
+
+def test_sampling_values_are_checked_before_the_input_is_read(tmp_path, capsys):
+    code = main(["chat", "--model", str(tmp_path / "no-model"), "--temperature", "inf", "--input",
+                 str(tmp_path / "missing.wav"), "--text-only"])
+    fails_with(capsys, code, "temperature must be 0 (greedy)")
 
 
 def test_thread_counts_are_bounded_while_parsing(capsys):

@@ -13,7 +13,6 @@ carrying the trace (ids, frames, tokens, scores, segments, timings).
 import atexit
 import contextlib
 import functools
-import numbers
 import threading
 import time
 import weakref
@@ -39,6 +38,7 @@ from .llama import LlamaLM, load_lm
 from .mel import log_mel
 from .sampling import RELEASED_SAMPLING, SamplingParams
 from .segmenter import RELEASED_SEGMENTER, Segmenter, SegmenterParams
+from .session_settings import SessionSettings, require_count
 from .speech_pipeline import AudioChunk, SegmentRecord, SpeechPipeline, speaking
 from .stop_signal import StopSignal
 from .split_linear import split_one_row_products
@@ -142,6 +142,15 @@ class Engine:
     def tokenizer(self):
         return self.folder.tokenizer
 
+    def check_max_len(self, max_len: int):
+        """KV cache positions a conversation may ask for: at most the LLM's own (its rotary embedding
+        is made for no more, and a larger cache is only memory that cannot be used well)."""
+        require_count(max_len=max_len)
+        limit = self.folder.config.llm.max_position_embeddings
+        if max_len > limit:
+            raise EchoXError(f"max_len={max_len} is more positions than this model has ({limit}, "
+                             f"max_position_embeddings in its config.json)")
+
     @property
     def speaker(self) -> int | None:
         """The released inference speaks with speaker 1 when the vocoder has several voices."""
@@ -168,7 +177,8 @@ class Engine:
     def batched(self, max_batch: int, max_len: int = DEFAULT_MAX_LEN) -> "Engine":
         """Answer up to `max_batch` turns at once, each conversation in a KV slot of `max_len`
         positions (memory: max_batch x max_len positions of every LLM layer, allocated now)."""
-        require_count(max_batch=max_batch, max_len=max_len)
+        require_count(max_batch=max_batch)
+        self.check_max_len(max_len)
         if self.text_batcher is not None:
             raise EchoXError("this engine is batched already (its batch size is fixed once turned on)")
         tok = self.tokenizer
@@ -224,13 +234,6 @@ class Engine:
             self.spare_decoders.append(decoder)
 
 
-def require_count(**counts):
-    """Each keyword a whole number >= 1 (not a bool, not a float: 2.5 units would never be reached)."""
-    for name, value in counts.items():
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:  # numpy ints too
-            raise EchoXError(f"{name} must be a whole number >= 1, got {value!r}")
-
-
 def load(model_dir: Path | str, whisper: Path | str | None = None, vocoder: Path | str | None = None,
          device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
          graphs: bool = True, threads: int | None = None, max_batch: int | None = None) -> Engine:
@@ -269,7 +272,7 @@ def load(model_dir: Path | str, whisper: Path | str | None = None, vocoder: Path
                     whisper_dir, vocoder_dir, device, dtype).prepare(graphs)
     return engine if max_batch is None else engine.batched(max_batch)
 
-class Session:
+class Session(SessionSettings):
     """One conversation: its turns, its speech embeddings and the LLM's KV cache across turns."""
 
     def __init__(self, engine: Engine, sampling: SamplingParams = RELEASED_SAMPLING,
@@ -277,11 +280,10 @@ class Session:
                  max_units: int = 2048, max_len: int | None = None, push_units: int = 32, speak: bool = True):
         """`max_len`: positions of this conversation's KV cache (default 4096); a batched engine's
         sessions use its slots instead, whose size is set when batching is turned on.
-        `speak` False answers in text only: no echo decoder or vocoder work, no AudioChunk (like
-        `sampling` and the limits it may change between turns)."""
-        require_count(max_new_tokens=max_new_tokens, max_units=max_units, push_units=push_units)
+        `speak` False answers in text only: no echo decoder or vocoder work, no AudioChunk. Every
+        setting but `max_len` may change between turns; each is checked when set (session_settings.py)."""
         if max_len is not None:
-            require_count(max_len=max_len)
+            engine.check_max_len(max_len)
         self.engine, self.sampling, self.segmenter, self.speak = engine, sampling, segmenter, speak
         self.max_new_tokens, self.max_units, self.push_units = max_new_tokens, max_units, push_units
         self.decoder: TextDecoder | None = None  # this conversation's own KV cache, without batching
@@ -299,16 +301,6 @@ class Session:
         self.turn_lock = threading.Lock()  # held while it is, so two threads cannot both start one
         self.speech_inputs = 0  # speech inputs taken so far, over the session's life (AudioSlot.speech)
         self.reset()
-
-    @property
-    def speak(self) -> bool:
-        return self._speak
-
-    @speak.setter
-    def speak(self, value: bool):
-        if not isinstance(value, bool):  # "no" would speak
-            raise EchoXError(f"speak must be True or False, got {value!r}")
-        self._speak = value
 
     def reset(self):
         """Forget the conversation; the KV cache buffers and captured graphs are kept for reuse.

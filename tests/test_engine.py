@@ -1,6 +1,7 @@
 """The end-to-end engine on the tiny checkpoint: determinism, exact streaming, a complete trace."""
 
 import functools
+import re
 import subprocess
 import sys
 import threading
@@ -147,6 +148,34 @@ def test_session_limits_that_are_not_whole_numbers_are_refused(engine, limit, va
     4096, the others ended in TypeErrors from deep inside."""
     with pytest.raises(EchoXError, match=f"{limit} must be a whole number >= 1"):
         engine.session(**{limit: value})
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("max_new_tokens", 0, "max_new_tokens must be a whole number >= 1, got 0"),  # was an empty answer, kept
+    ("max_units", "7", "max_units must be a whole number >= 1, got '7'"),  # was a TypeError inside the turn
+    ("push_units", 2.5, "push_units must be a whole number >= 1"),
+    ("sampling", None, "sampling must be a SamplingParams (echox.sampling), got None"),  # was an AttributeError
+    ("segmenter", "released", "segmenter must be a SegmenterParams (echox.segmenter), got 'released'")])
+def test_settings_changed_between_turns_are_checked_when_set(engine, name, value, message):
+    session = new_session(engine, max_new_tokens=3)
+    before = getattr(session, name)
+    with pytest.raises(EchoXError, match=re.escape(message)):
+        setattr(session, name, value)
+    assert getattr(session, name) == before  # the session keeps what it had, and still answers
+    assert len(run_turn(session, text="Hi.")[1]["tokens"]) <= 3
+    with pytest.raises(EchoXError, match=re.escape(message.split(", got")[0])):
+        engine.session(**{name: value})  # and a new session refuses it at once, not at its first turn
+
+
+def test_a_kv_cache_longer_than_the_model_is_refused(engine):
+    """max_len=2**40 ended in the allocator's RuntimeError; past max_position_embeddings the rotary
+    embedding was never made for the positions anyway."""
+    limit = engine.folder.config.llm.max_position_embeddings
+    with pytest.raises(EchoXError, match=f"max_len={limit + 1} is more positions than this model has \\({limit},"):
+        engine.session(max_len=limit + 1)
+    with pytest.raises(EchoXError, match="max_len=1099511627776 is more positions"):
+        engine.batched(2, max_len=2 ** 40)
+    assert engine.session(max_len=limit).decoder.max_len == limit
 
 
 def test_session_limits_may_be_numpy_integers(engine):

@@ -103,17 +103,17 @@ def _sampling(args):
 
 
 def _keep_spoken_audio(chunks: list, output: Path, overwrite: bool):
-    """After Ctrl-C: write the audio spoken so far (if any) and say where it went."""
+    """After Ctrl-C or a full KV cache: write the audio spoken so far (if any) and say where it went."""
     import torch
 
     from .audio import write_wav
     print()
     if not chunks:
-        print("echox: interrupted before any audio was spoken; nothing written", file=sys.stderr)
+        print("echox: stopped before any audio was spoken; nothing written", file=sys.stderr)
         return
     wave = torch.cat(chunks)
     write_wav(output, wave, overwrite=overwrite)
-    print(f"echox: interrupted; the {wave.numel() / 16000:.2f} s of audio spoken so far are in {output}",
+    print(f"echox: stopped; the {wave.numel() / 16000:.2f} s of audio spoken so far are in {output}",
           file=sys.stderr)
 
 
@@ -144,20 +144,28 @@ def _speak(session, audio, text: str | None, output: Path | None, overwrite: boo
 
     from .audio import write_wav
     from .engine import AudioChunk, TextDelta, TurnDone
-    chunks, done = [], None
+    from .errors import ConversationFull
+    chunks, done, answered = [], None, False
     try:
         for event in session.respond(audio=audio, text=text):
             if isinstance(event, TextDelta):
                 _show(event.text)
+                answered = True
             elif isinstance(event, AudioChunk):
                 chunks.append(event.samples)
             elif isinstance(event, TurnDone):
                 done = event
-    except KeyboardInterrupt:
-        if output is not None:
-            _keep_spoken_audio(chunks, output, overwrite)
-        else:
-            print()  # end the line of text, before the error line
+    except (KeyboardInterrupt, ConversationFull) as stop:
+        full = isinstance(stop, ConversationFull)
+        if answered or not full:  # (a question that did not fit at all has said nothing)
+            if output is not None:
+                _keep_spoken_audio(chunks, output, overwrite)
+            else:
+                print()  # end the line of text, before the error line
+        if full:  # a chat is one turn: the engine's advice (a reset) is not for it
+            raise EchoXError(f"the {'answer' if answered else 'question'} outgrew the {session.decoder.max_len} "
+                             f"positions of the conversation's KV cache: shorten --text"
+                             + (" or lower --max-new-tokens" if answered else "")) from None
         raise
     print()
     wave = torch.cat(chunks) if chunks else torch.zeros(0)
@@ -177,6 +185,19 @@ def _speak(session, audio, text: str | None, output: Path | None, overwrite: boo
     rate = f" at {1000 / per_token:.1f} tokens/s" if tokens and per_token else ""
     print(f"{tokens} tokens{rate}" + (f"; real-time factor {timings['total'] / 1000 / seconds:.3f}" if seconds else ""))
     return done.trace
+
+
+def _check_text_fits(model: Path, text: str, positions: int):
+    """A --text longer than a conversation's KV cache, refused before the model loads (EchoX-8B takes
+    minutes). A token holds at least one byte, so only a text of more bytes than positions can be
+    too long, and only then is the tokenizer read to count its tokens: a lower bound of the prompt."""
+    if len(text.encode()) <= positions:
+        return
+    from .tokenizer import Tokenizer
+    tokens = len(Tokenizer(model).encode(text))
+    if tokens > positions:
+        raise EchoXError(f"--text is {tokens} tokens long, more than the {positions} positions of the "
+                         f"conversation's KV cache: shorten it")
 
 
 @ctrl_c_stops_once()
@@ -202,6 +223,7 @@ def cmd_chat(args) -> None:
     if args.input is None and not text:
         raise EchoXError("give --input IN.wav, --text STR, or both")
     speech = None if args.input is None else speech_input(Path(args.input))  # read and checked before loading
+    _check_text_fits(Path(args.model), text, echox_engine.DEFAULT_MAX_LEN)
     engine = echox_engine.load(args.model, whisper=args.whisper, vocoder=args.vocoder, device=args.device,
                                threads=args.threads,
                                dtype=args.dtype, graphs=not args.eager)

@@ -407,19 +407,60 @@ def test_config_field_of_the_wrong_type_is_one_line(tiny_root, tmp_path, capsys)
     fails_with(capsys, main(["info", str(model)]), "field 'rms_norm_eps' is \"abc\", expected a positive number")
 
 
-# ---- Ctrl-C keeps what was said ------------------------------------------------------------------------
+# ---- a conversation's KV cache -------------------------------------------------------------------------
 
-def test_ctrl_c_keeps_the_audio_spoken_so_far(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    """The interrupt is injected where the user's Ctrl-C lands: between two events of a real turn."""
+def stopped_after_the_first_chunk(monkeypatch, error: BaseException) -> list:
+    """Real turns that raise `error` right after their first audio chunk, which goes in the list returned."""
     respond, spoken = echox_engine.Session.respond, []
 
-    def interrupted_after_first_chunk(self, *args, **kwargs):
+    def stopped(self, *args, **kwargs):
         for event in respond(self, *args, **kwargs):
             yield event
             if isinstance(event, AudioChunk):
                 spoken.append(event.samples)
-                raise KeyboardInterrupt
-    monkeypatch.setattr(echox_engine.Session, "respond", interrupted_after_first_chunk)
+                raise error
+    monkeypatch.setattr(echox_engine.Session, "respond", stopped)
+    return spoken
+
+
+def test_a_text_longer_than_the_kv_cache_is_refused_before_the_model_loads(tiny_model_dir, monkeypatch, capsys):
+    """It was refused once EchoX-8B had loaded (minutes), advising a reset the CLI does not have."""
+    monkeypatch.setattr(echox_engine, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    fails_with(capsys, main(["chat", "--model", str(tiny_model_dir), "--text", "x" * 4200, "--text-only"]),
+               "--text is 4200 tokens long, more than the 4096 positions of the conversation's KV cache: shorten it")
+
+
+def test_a_question_that_does_not_fit_with_its_prompt_says_so_in_the_clis_terms(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "a.wav"
+    code = main(["chat", "--model", str(tiny_model_dir), "--text", "x" * 3950, "--output", str(out)])
+    captured = capsys.readouterr()
+    assert captured.out == "" and not out.exists()  # nothing was said, nothing written
+    assert code == 2 and captured.err.strip().splitlines()[-1] == ("echox: error: the question outgrew the 4096 positions of the "
+                                            "conversation's KV cache: shorten --text")
+
+
+def test_an_answer_that_fills_the_kv_cache_keeps_the_audio_spoken_so_far(tiny_model_dir, tmp_path, monkeypatch,
+                                                                        capsys):
+    """The error line was glued to the streamed text, and the audio already spoken was thrown away."""
+    from echox.errors import ConversationFull
+    spoken = stopped_after_the_first_chunk(
+        monkeypatch, ConversationFull("the answer reached the KV cache size 4096 (max_len) after 9 tokens"))
+    out = tmp_path / "a.wav"
+    code = main(["chat", "--model", str(tiny_model_dir), "--greedy", "--max-new-tokens", "40", "--max-units", "64",
+                 "--text", "Tell me a story.", "--output", str(out)])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out.endswith("\n") and "of audio spoken so far are in" in captured.err
+    assert captured.err.strip().splitlines()[-1] == (
+        "echox: error: the answer outgrew the 4096 positions of the conversation's KV cache: shorten --text or "
+        "lower --max-new-tokens")
+    assert out.stat().st_size == 44 + 2 * spoken[0].numel()
+
+
+# ---- Ctrl-C keeps what was said ------------------------------------------------------------------------
+
+def test_ctrl_c_keeps_the_audio_spoken_so_far(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """The interrupt is injected where the user's Ctrl-C lands: between two events of a real turn."""
+    spoken = stopped_after_the_first_chunk(monkeypatch, KeyboardInterrupt())
     out = tmp_path / "a.wav"
     code = main(["chat", "--model", str(tiny_model_dir), "--greedy", "--max-new-tokens", "40", "--max-units", "64",
                  "--text", "Tell me a story.", "--output", str(out)])

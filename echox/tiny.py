@@ -5,13 +5,17 @@
                      tokenizer.json, tokenizer_config.json, special_tokens_map.json,
                      the vocoder g_00500000 (fairseq-style pickle) and vocoder_config.json
   root/whisper-tiny/ config.json, model.safetensors (Hugging Face key names, `model.` prefix)
+  root/contents.sha256  every file's SHA-256 (`sha256sum -c` reads it), written last
 The weights are random, so the model's text is gibberish and its speech is noise; every name,
 shape, file and quirk is the released one. Each folder is written under a temporary name and
 renamed into place once complete, so an interrupted run (Ctrl-C in the first `echox demo`)
-never leaves a partial model where a later run looks; `is_complete` checks a cached one. The tokenizer is byte-level BPE over the 256 bytes
+never leaves a partial model where a later run looks; `is_complete` checks a cached one against
+its digests, so a file damaged since (a full disk, a stray `truncate`) is rebuilt, not reported
+on every run. The tokenizer is byte-level BPE over the 256 bytes
 (no merges), then the Llama-3 special tokens, `<audio_patch>`, and unit-language tokens.
 """
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -27,7 +31,7 @@ from .config import AUDIO_PATCH_TOKEN, EchoXConfig, VocoderConfig, WhisperConfig
 from .echo import echo_layout
 from .llama import lm_layout
 from .tokenizer import BOS, END_HEADER, EOT, LLAMA3_BOS_ID, START_HEADER
-from .outputs import atomic_folder
+from .outputs import atomic_file, atomic_folder
 from .vocoder import fairseq_layout
 from .weights import INDEX_NAME, Layout, save_sharded
 from .whisper import whisper_layout
@@ -35,6 +39,7 @@ from .whisper import whisper_layout
 # Bumped whenever the generated files change, so a cached tiny model of an older layout is not reused.
 LAYOUT_VERSION = 2
 MODEL_FOLDER, WHISPER_FOLDER = "EchoX-tiny", "whisper-tiny"
+DIGESTS = "contents.sha256"
 MODEL_FILES = ("config.json", "generation_config.json", INDEX_NAME, "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "g_00500000", "vocoder_config.json")
 WHISPER_FILES = ("config.json", "model.safetensors")
@@ -191,17 +196,26 @@ def write_tiny_checkpoint(root: Path | str, spec: TinySpec = TinySpec(), seed: i
         _write_model(model_dir, spec, gen)
     with atomic_folder(root / WHISPER_FOLDER) as whisper_dir:
         _write_whisper(whisper_dir, spec.whisper, gen)
+    with atomic_file(root / DIGESTS) as digests:
+        digests.write_text("".join(f"{digest}  {name}\n" for name, digest in _digests(root).items()))
     return root / MODEL_FOLDER
 
 
+def _digests(root: Path, names: list[str] | None = None) -> dict[str, str]:
+    """name (relative to `root`) -> SHA-256 of the named files, or of every file of both folders."""
+    if names is None:
+        names = [str(path.relative_to(root)) for folder in (MODEL_FOLDER, WHISPER_FOLDER)
+                 for path in sorted((root / folder).rglob("*")) if path.is_file()]
+    return {name: hashlib.sha256((root / name).read_bytes()).hexdigest() for name in names}
+
+
 def is_complete(root: Path) -> bool:
-    """Whether `root` holds every file of a tiny checkpoint, each shard its index names included."""
-    model, whisper = root / MODEL_FOLDER, root / WHISPER_FOLDER
-    files = [model / name for name in MODEL_FILES] + [whisper / name for name in WHISPER_FILES]
-    if not all(f.is_file() and f.stat().st_size > 0 for f in files):
-        return False
+    """Whether `root` holds a whole tiny checkpoint, each of its files as written (contents.sha256;
+    files added since are not the checkpoint's)."""
     try:
-        shards = set(json.loads((model / INDEX_NAME).read_text())["weight_map"].values())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        listed = dict(reversed(line.split("  ", 1)) for line in (root / DIGESTS).read_text().splitlines())
+        required = [f"{MODEL_FOLDER}/{name}" for name in MODEL_FILES] + \
+            [f"{WHISPER_FOLDER}/{name}" for name in WHISPER_FILES]
+        return all(name in listed for name in required) and _digests(root, list(listed)) == listed
+    except (OSError, ValueError):  # no digests (a build cut short, or an older echox's), or a file gone
         return False
-    return all((model / shard).is_file() for shard in shards)

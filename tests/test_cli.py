@@ -340,7 +340,24 @@ def test_demo_rebuilds_a_partial_cache(tmp_path, monkeypatch, capsys):
     (partial / "config.json").write_text("{}")  # what an interrupted older demo left behind
     assert main(["demo", "--output", str(tmp_path / "demo.wav"), "--max-new-tokens", "4", "--max-units", "8"]) == 0
     assert is_complete(partial.parent)
-    assert sorted(p.name for p in partial.parent.iterdir()) == ["EchoX-tiny", "whisper-tiny"]
+    assert sorted(p.name for p in partial.parent.iterdir()) == ["EchoX-tiny", "contents.sha256", "whisper-tiny"]
+
+
+def test_demo_rebuilds_a_cache_damaged_since_it_was_built(tmp_path, monkeypatch):
+    """A truncated shard made every later `echox demo` fail on it, naming a file in a cache the user
+    never chose."""
+    from echox.tiny import LAYOUT_VERSION
+    monkeypatch.setenv("ECHOX_CACHE", str(tmp_path / "cache"))
+    cache = tmp_path / "cache" / f"tiny-v{LAYOUT_VERSION}"
+    write_tiny_checkpoint(cache)
+    shard = next((cache / "EchoX-tiny").glob("model-*.safetensors"))
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[:1000])
+    assert not is_complete(cache)
+    assert main(["demo", "--output", str(tmp_path / "demo.wav"), "--max-new-tokens", "4", "--max-units", "8"]) == 0
+    assert shard.read_bytes() == whole and is_complete(cache)
+    (cache / "EchoX-tiny" / "notes.txt").write_text("mine")  # a file added since is not the checkpoint's
+    assert is_complete(cache)
 
 
 # ---- inputs: checked before the model is loaded ------------------------------------------------------
@@ -559,7 +576,7 @@ def test_tiny_overwrite_replaces_only_the_model(tmp_path, capsys):
     before = (out / "EchoX-tiny" / "model-00001-of-00002.safetensors").read_bytes()
     assert main(["tiny", str(out), "--seed", "1", "--overwrite"]) == 0
     assert (out / "EchoX-tiny" / "model-00001-of-00002.safetensors").read_bytes() != before
-    assert sorted(p.name for p in out.iterdir()) == ["EchoX-tiny", "notes.txt", "whisper-tiny"]
+    assert sorted(p.name for p in out.iterdir()) == ["EchoX-tiny", "contents.sha256", "notes.txt", "whisper-tiny"]
     assert is_complete(out)
 
 

@@ -66,7 +66,7 @@ def check_output_file(path: Path, overwrite: bool, what: str):
         return
     if path.exists() and not overwrite:
         raise EchoXError(f"{path}: already exists (allow overwriting, --overwrite, to replace it)")
-    check_writable_folder(path.parent, what)
+    check_writable_folder(landing(path).parent, what)
 
 
 def check_output_folder(folder: Path, what: str):
@@ -91,16 +91,23 @@ def atomic_file(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; it becomes `path` when the block succeeds and is removed
     when it fails or is interrupted; a device or pipe is yielded itself (see above). OS errors (disk
     full, read-only folder, a reader that went away) become one clear error."""
-    temporary = path if is_stream(path) else _temporary_name(path, "tmp")
+    target = landing(path)
+    temporary = target if is_stream(target) else _temporary_name(target, "tmp")
     try:
         yield temporary
-        if temporary != path:
-            os.replace(temporary, path)
+        if temporary != target:
+            os.replace(temporary, target)
     except OSError as e:
         raise EchoXError(f"{path}: cannot be written ({e.strerror or e})") from None
     finally:
-        if temporary != path:
+        if temporary != target:
             temporary.unlink(missing_ok=True)
+
+
+def landing(path: Path) -> Path:
+    """Where a write to `path` lands: a symbolic link's target, as `cp` writes it (the rename of a new
+    file onto the link itself would replace the link and leave its target as it was)."""
+    return path.resolve() if path.is_symlink() else path
 
 
 @contextlib.contextmanager

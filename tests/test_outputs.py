@@ -76,3 +76,22 @@ def test_a_link_to_a_device_stays_a_link(tmp_path):
     with atomic_file(link) as temporary:
         temporary.write_text("{}")
     assert link.is_symlink() and stat.S_ISCHR(link.stat().st_mode) and list(tmp_path.iterdir()) == [link]
+
+
+def test_a_link_to_a_file_writes_its_target_and_stays_a_link(tmp_path):
+    """The rename onto `answer.wav -> takes/answer.wav` replaced the link with a file and left the
+    take as it was."""
+    takes = tmp_path / "takes"
+    takes.mkdir()
+    (takes / "answer.wav").write_text("old take")
+    link = tmp_path / "answer.wav"
+    link.symlink_to(takes / "answer.wav")
+    with atomic_file(link) as temporary:
+        temporary.write_text("new take")
+    assert link.is_symlink() and (takes / "answer.wav").read_text() == "new take"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["answer.wav", "answer.wav", "takes"]  # no temporary left
+    dangling = tmp_path / "new.wav"
+    dangling.symlink_to(takes / "new.wav")  # a link to a file still to be made: made where it points
+    with atomic_file(dangling) as temporary:
+        temporary.write_text("first take")
+    assert dangling.is_symlink() and (takes / "new.wav").read_text() == "first take"

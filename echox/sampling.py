@@ -31,10 +31,11 @@ def as_float32(value: float) -> float:
     return struct.unpack("f", struct.pack("f", value))[0]
 
 
-# Logits are divided by T in fp32 (the kernels multiply by fp32(1 / T) on the GPU): below about
+# Logits are divided by T in fp32 (the kernels multiply by fp32(1 / T) on the GPU): at a T below
 # |logit| / 3.4e38 that overflows to inf, the softmax of top-p becomes NaN and every row picked
-# column 0. Far above that, 1e-4 already samples greedily but for ties; 0 says greedy, exactly.
-MIN_TEMPERATURE = 1e-4
+# column 0. From 1e-30 on, only a logit above 3.4e8 could overflow (an LLM's are tens), and every
+# temperature that sampled before still does; 0 says greedy, exactly.
+MIN_TEMPERATURE = 1e-30
 
 
 @dataclass(frozen=True)

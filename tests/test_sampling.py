@@ -86,17 +86,20 @@ def test_a_top_p_the_selection_cannot_hold_is_refused(top_p):
     assert SamplingParams(temperature=0.5, top_p=1e-40).top_p == 1e-40  # an fp32 subnormal: the top column only
 
 
-@pytest.mark.parametrize("temperature", [1e-40, 1e-5, float("inf"), float("nan"), -1.0])
+@pytest.mark.parametrize("temperature", [1e-40, 1e-31, float("inf"), float("nan"), -1.0])
 def test_a_temperature_that_cannot_be_divided_by_is_refused(temperature):
     """1e-40 made logits / T overflow: every step picked column 0 (`!!!!`) where greedy picks real
     tokens; inf sampled uniformly over the top-p set."""
-    with pytest.raises(EchoXError, match="temperature must be 0 .greedy. or a finite number >= 0.0001"):
+    with pytest.raises(EchoXError, match="temperature must be 0 .greedy. or a finite number >= 1e-30"):
         SamplingParams(temperature=temperature)
-    assert SamplingParams(temperature=1e-4).temperature == 1e-4 and SamplingParams(temperature=0).greedy
+    assert SamplingParams(temperature=1e-30).temperature == 1e-30 and SamplingParams(temperature=0).greedy
 
 
-def test_the_smallest_temperature_samples_what_greedy_picks():
+@pytest.mark.parametrize("temperature", [1e-30, 1e-4])
+def test_the_smallest_temperatures_sample_what_greedy_picks(temperature):
+    """Every temperature that sampled before the bound still does: from 1e-30 up (2026-12-02 refused
+    all below 1e-4, which worked)."""
     logits = torch.randn(3, 5000, generator=torch.Generator().manual_seed(0)) * 20
     step = torch.zeros((), dtype=torch.int64)
-    tiny = SamplingParams(temperature=1e-4, top_p=0.9)
+    tiny = SamplingParams(temperature=temperature, top_p=0.9)
     assert torch.equal(select_reference(logits, tiny, step), logits.argmax(-1))

@@ -290,6 +290,8 @@ def test_bad_input_gets_error_events_and_the_connection_stays_usable(server):
         (json.dumps({"type": "response.cancel"}), "response_cancel_not_active"),
         (json.dumps({"type": "response.create"}), "no_input"),
         (json.dumps({"type": "session.update", "session": {"temperature": -1}}), "invalid_value"),
+        # accepted, it failed every response after it (no fp32 division by it is safe)
+        (json.dumps({"type": "session.update", "session": {"temperature": 1e-35}}), "invalid_value"),
         (json.dumps({"type": "session.update", "session": {"output_modalities": ["image"]}}), "invalid_value"),
         (json.dumps({"type": "session.update", "session": {"modalities": []}}), "invalid_value"),
         (json.dumps({"type": "session.update", "session": {"audio": {"input": {"turn_detection": {

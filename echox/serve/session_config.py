@@ -15,7 +15,7 @@ prompt has no system message and the vocoder has one voice. The reported session
 
 from dataclasses import asdict, dataclass, field, replace
 
-from ..sampling import SamplingParams
+from ..sampling import MIN_TEMPERATURE, SamplingParams
 from .protocol import ProtocolError, number_field, object_field
 
 PCM_FORMAT = {"type": "audio/pcm", "rate": 24000}
@@ -80,6 +80,9 @@ class SessionConfig:
             value = number_field(session, name, f"session.{name}", low, high)
             if value is not None:
                 changes[name] = value
+        if 0 < changes.get("temperature", 0) < MIN_TEMPERATURE:  # here, not in every response it would fail
+            raise ProtocolError("invalid_value", f"session.temperature must be 0 (greedy) or from "
+                                f"{MIN_TEMPERATURE:g} to 2, got {changes['temperature']!r}", "session.temperature")
         if "max_output_tokens" in session:
             changes["max_output_tokens"] = parse_max_output_tokens(session["max_output_tokens"], "session")
         if (modality := parse_output_modality(session, "session")) is not None:

@@ -37,14 +37,23 @@ def check_writable_folder(folder: Path, what: str):
 
 
 def is_stream(path: Path) -> bool:
-    """`path` is, or links to, a device, FIFO or socket, or the file this process's stdout or stderr
-    writes to (`--output /dev/stdout > answer.wav`): something to write into, never to replace."""
+    """`path` is, or links to, a character device, FIFO or socket, or the file this process's stdout
+    or stderr writes to (`--output /dev/stdout > answer.wav`): something to write into, never to
+    replace. A block device (a disk) is neither: see `refuse_a_disk`."""
     try:
         found = path.stat()
     except OSError:  # missing, or a dangling link: a new file is created there
         return False
-    special = not (stat.S_ISREG(found.st_mode) or stat.S_ISDIR(found.st_mode))
+    special = stat.S_ISCHR(found.st_mode) or stat.S_ISFIFO(found.st_mode) or stat.S_ISSOCK(found.st_mode)
     return special or is_open_as(path, 1) or is_open_as(path, 2)
+
+
+def refuse_a_disk(path: Path):
+    """A block device is refused as an output: written into, a WAV would overwrite the start of a
+    disk (as root, without a word); renamed over, its node would be gone."""
+    with contextlib.suppress(OSError):
+        if stat.S_ISBLK(path.stat().st_mode):
+            raise EchoXError(f"{path}: is a block device (a disk or partition), not a file to write into")
 
 
 def is_open_as(path: Path, fd: int) -> bool:
@@ -60,6 +69,7 @@ def check_output_file(path: Path, overwrite: bool, what: str):
     folder; or it is a device or pipe that can be written into (its folder, such as /dev, need not be)."""
     if path.is_dir():
         raise EchoXError(f"{path}: is a folder; {what} needs a file name")
+    refuse_a_disk(path)
     if is_stream(path):
         if not os.access(path, os.W_OK):
             raise EchoXError(f"{path}: cannot write {what} into it (permission denied)")
@@ -92,6 +102,7 @@ def atomic_file(path: Path) -> Iterator[Path]:
     when it fails or is interrupted; a device or pipe is yielded itself (see above). OS errors (disk
     full, read-only folder, a reader that went away) become one clear error."""
     target = landing(path)
+    refuse_a_disk(target)
     temporary = target if is_stream(target) else _temporary_name(target, "tmp")
     try:
         yield temporary
@@ -107,7 +118,12 @@ def atomic_file(path: Path) -> Iterator[Path]:
 def landing(path: Path) -> Path:
     """Where a write to `path` lands: a symbolic link's target, as `cp` writes it (the rename of a new
     file onto the link itself would replace the link and leave its target as it was)."""
-    return path.resolve() if path.is_symlink() else path
+    if not path.is_symlink():
+        return path
+    try:
+        return path.resolve(strict=False)
+    except (RuntimeError, OSError):  # a loop of links (RuntimeError before Python 3.13)
+        raise EchoXError(f"{path}: is a symbolic link that leads round in a loop, not to a file") from None
 
 
 @contextlib.contextmanager

@@ -95,3 +95,31 @@ def test_a_link_to_a_file_writes_its_target_and_stays_a_link(tmp_path):
     with atomic_file(dangling) as temporary:
         temporary.write_text("first take")
     assert dangling.is_symlink() and (takes / "new.wav").read_text() == "first take"
+
+
+def test_a_block_device_is_refused(tmp_path):
+    """Taken for a stream, a disk got the WAV written over its start, as root without --overwrite."""
+    import torch
+
+    from echox.audio import write_wav
+    from echox.outputs import check_output_file
+    disk = tmp_path / "disk"
+    try:  # a node of a local-use device number: stat tells its kind, and nothing here opens it
+        os.mknod(disk, stat.S_IFBLK | 0o600, os.makedev(240, 0))
+    except PermissionError:
+        pytest.skip("making a device node needs root")
+    for check in (lambda: check_output_file(disk, True, "--output"),
+                  lambda: write_wav(disk, torch.zeros(100), overwrite=True)):
+        with pytest.raises(EchoXError, match="is a block device .a disk or partition., not a file to write into"):
+            check()
+    assert stat.S_ISBLK(disk.lstat().st_mode) and list(tmp_path.iterdir()) == [disk]
+
+
+def test_a_loop_of_links_is_one_clear_error(tmp_path):
+    from echox.outputs import check_output_file
+    (tmp_path / "a.wav").symlink_to(tmp_path / "b.wav")
+    (tmp_path / "b.wav").symlink_to(tmp_path / "a.wav")
+    for check in (lambda: check_output_file(tmp_path / "a.wav", True, "--output"),
+                  lambda: atomic_file(tmp_path / "a.wav").__enter__()):
+        with pytest.raises(EchoXError, match="a.wav: is a symbolic link that leads round in a loop"):
+            check()

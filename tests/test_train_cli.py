@@ -1,8 +1,10 @@
 """`echox train stageN`: one error line for user mistakes, nothing of theirs overwritten, and a
 resumed run that ends exactly where an uninterrupted one does."""
 
+import contextlib
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -341,3 +343,30 @@ def test_stages_train_on_a_gpu_in_bfloat16_with_checkpointing(tiny_model_dir, ma
     for stage in ("s1", "s2"):
         losses = [json.loads(line)["loss"] for line in (tmp_path / stage / "metrics.jsonl").read_text().splitlines()]
         assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+def test_a_process_that_writes_nothing_leaves_out_to_the_one_that_writes(tmp_path, monkeypatch):
+    """Under torchrun only process 0 writes; another one that ended first removed the still-empty
+    OUT, and process 0's save then failed (FileNotFoundError). An OUT the run made goes only on a
+    failure, and only in process 0."""
+    from echox.train import stages
+
+    def ended_without_writing(name, options):
+        options.out.mkdir()  # as prepare() makes it
+        return {}
+    monkeypatch.setattr(stages, "trained_stage", ended_without_writing)
+    options = SimpleNamespace(out=tmp_path / "out")
+    monkeypatch.setenv("RANK", "1")
+    assert stages.run_stage("stage2", options) == {} and (tmp_path / "out").is_dir()
+
+    def failed(name, options):
+        options.out.mkdir()
+        raise EchoXError("a bad line")
+    monkeypatch.setattr(stages, "trained_stage", failed)
+    for rank, kept in (("1", True), ("0", False)):
+        monkeypatch.setenv("RANK", rank)
+        with contextlib.suppress(FileNotFoundError):
+            (tmp_path / "out").rmdir()
+        with pytest.raises(EchoXError):
+            stages.run_stage("stage2", options)
+        assert (tmp_path / "out").exists() == kept

@@ -391,14 +391,17 @@ def clear_old_metrics(run: Prepared, options: StageOptions):
 
 @contextlib.contextmanager
 def no_empty_folder_left(folder: Path):
-    """A run that stops before writing anything leaves no empty OUT behind, if it made OUT."""
+    """A run that fails before writing anything leaves no empty OUT behind, if it made OUT. Only
+    on a failure, and only in process 0 (torchrun's RANK), which alone writes: another process
+    that got here first must not remove the folder process 0 is about to write into."""
     made = not folder.exists()
     try:
         yield
-    finally:
-        if made:
+    except BaseException:
+        if made and os.environ.get("RANK", "0") == "0":
             with contextlib.suppress(OSError):  # rmdir removes only an empty folder: written files stay
                 folder.rmdir()
+        raise
 
 
 def run_stage(name: str, options: StageOptions) -> dict:

@@ -142,6 +142,12 @@ class Engine:
     def tokenizer(self):
         return self.folder.tokenizer
 
+    @property
+    def default_max_len(self) -> int:
+        """A conversation's KV cache positions unless asked otherwise: DEFAULT_MAX_LEN, or fewer for
+        a model made for fewer."""
+        return min(DEFAULT_MAX_LEN, self.folder.config.llm.max_position_embeddings)
+
     def check_max_len(self, max_len: int):
         """KV cache positions a conversation may ask for: at most the LLM's own (its rotary embedding
         is made for no more, and a larger cache is only memory that cannot be used well)."""
@@ -174,10 +180,12 @@ class Engine:
             self.steady_push.capture_buckets(LARGEST_PIECE)
         return self
 
-    def batched(self, max_batch: int, max_len: int = DEFAULT_MAX_LEN) -> "Engine":
+    def batched(self, max_batch: int, max_len: int | None = None) -> "Engine":
         """Answer up to `max_batch` turns at once, each conversation in a KV slot of `max_len`
-        positions (memory: max_batch x max_len positions of every LLM layer, allocated now)."""
+        positions (default: `default_max_len`; memory: max_batch x max_len positions of every LLM
+        layer, allocated now)."""
         require_count(max_batch=max_batch)
+        max_len = self.default_max_len if max_len is None else max_len
         self.check_max_len(max_len)
         if self.text_batcher is not None:
             raise EchoXError("this engine is batched already (its batch size is fixed once turned on)")
@@ -278,7 +286,7 @@ class Session(SessionSettings):
     def __init__(self, engine: Engine, sampling: SamplingParams = RELEASED_SAMPLING,
                  segmenter: SegmenterParams = RELEASED_SEGMENTER, max_new_tokens: int = 512,
                  max_units: int = 2048, max_len: int | None = None, push_units: int = 32, speak: bool = True):
-        """`max_len`: positions of this conversation's KV cache (default 4096); a batched engine's
+        """`max_len`: positions of this conversation's KV cache (default 4096, or the model's fewer); a batched engine's
         sessions use its slots instead, whose size is set when batching is turned on.
         `speak` False answers in text only: no echo decoder or vocoder work, no AudioChunk. Every
         setting but `max_len` may change between turns; each is checked when set (session_settings.py)."""
@@ -288,7 +296,7 @@ class Session(SessionSettings):
         self.max_new_tokens, self.max_units, self.push_units = max_new_tokens, max_units, push_units
         self.decoder: TextDecoder | None = None  # this conversation's own KV cache, without batching
         if engine.text_batcher is None:
-            self.decoder = engine.text_decoder(DEFAULT_MAX_LEN if max_len is None else max_len)
+            self.decoder = engine.text_decoder(engine.default_max_len if max_len is None else max_len)
             weakref.finalize(self, engine.spare, self.decoder)
             self.decoder.step_function(sampling)  # capture the step now, not inside the first answer
         elif max_len not in (None, engine.text_batcher.max_len):

@@ -178,6 +178,19 @@ def test_a_kv_cache_longer_than_the_model_is_refused(engine):
     assert engine.session(max_len=limit).decoder.max_len == limit
 
 
+def test_a_model_made_for_fewer_positions_gets_caches_of_its_size(tiny_root, tmp_path):
+    """The default of 4096 positions was refused (batched, --max-batch) or unchecked (a session) for a
+    model made for fewer."""
+    import json
+    import shutil
+    shutil.copytree(tiny_root, tmp_path / "root")
+    config = tmp_path / "root" / "EchoX-tiny" / "config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"max_position_embeddings": 2048}))
+    short = echox_engine.load(tmp_path / "root" / "EchoX-tiny")
+    assert short.session().decoder.max_len == 2048
+    assert short.batched(2).text_batcher.max_len == 2048
+
+
 def test_session_limits_may_be_numpy_integers(engine):
     import numpy as np
     talk = engine.session(max_new_tokens=np.int64(3), max_units=np.int32(4))

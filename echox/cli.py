@@ -191,8 +191,8 @@ def _check_text_fits(model: Path, text: str, positions: int):
     """A --text longer than a conversation's KV cache, refused before the model loads (EchoX-8B takes
     minutes). A token holds at least one byte, so only a text of more bytes than positions can be
     too long, and only then is the tokenizer read to count its tokens: a lower bound of the prompt."""
-    if len(text.encode()) <= positions:
-        return
+    if len(text.encode()) <= positions or not (model / "tokenizer.json").is_file():
+        return  # (a wrong --model is for the loader to explain, folder first)
     from .tokenizer import Tokenizer
     tokens = len(Tokenizer(model).encode(text))
     if tokens > positions:

@@ -22,7 +22,16 @@ import threading
 import time
 from typing import Iterator
 
-from .serve.stopping import REPEAT_S, say
+REPEAT_S = 0.5  # a person's second Ctrl-C comes later than this; a launcher's copy of the first, sooner
+
+
+def say(line: str):
+    """One line on stderr, written whole: a signal handler may interrupt a print in progress, and
+    printing from it would then fail (a reentrant write into the same buffer)."""
+    try:
+        os.write(2, (line + "\n").encode())
+    except OSError:  # stderr is gone: nobody to tell
+        pass
 
 
 @contextlib.contextmanager
@@ -56,7 +65,11 @@ def ctrl_c_stops_once() -> Iterator[None]:
 
 @contextlib.contextmanager
 def ctrl_c_held() -> Iterator[None]:
-    """SIGINT blocked in this thread while the block runs; one that came meanwhile is delivered after."""
+    """SIGINT blocked in this thread while the block runs; one that came meanwhile is delivered after.
+    Windows has no signal masks: there the block runs as it is."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
     held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield

@@ -445,6 +445,10 @@ def test_a_text_longer_than_the_kv_cache_is_refused_before_the_model_loads(tiny_
     monkeypatch.setattr(echox_engine, "load", lambda *a, **k: pytest.fail("the model was loaded"))
     fails_with(capsys, main(["chat", "--model", str(tiny_model_dir), "--text", "x" * 4200, "--text-only"]),
                "--text is 4200 tokens long, more than the 4096 positions of the conversation's KV cache: shorten it")
+    monkeypatch.undo()
+    code = main(["chat", "--model", str(tiny_model_dir.parent / "nowhere"), "--text", "x" * 4200, "--text-only"])
+    err = capsys.readouterr().err
+    assert code == 2 and "nowhere" in err and "tokenizer.json" not in err  # the folder named, as for a short one
 
 
 def test_a_question_that_does_not_fit_with_its_prompt_says_so_in_the_clis_terms(tiny_model_dir, tmp_path, capsys):
@@ -566,6 +570,17 @@ def test_ctrl_c_during_the_imports_comes_after_them():
             signal.raise_signal(signal.SIGINT)
             imported = True
     assert imported
+
+
+def test_where_signals_cannot_be_held_the_imports_run_as_they_are(monkeypatch):
+    """Windows has no signal masks: chat and demo failed there with an AttributeError."""
+    import signal
+
+    from echox.ctrl_c import ctrl_c_held
+    monkeypatch.delattr(signal, "pthread_sigmask")
+    with ctrl_c_held():
+        ran = True
+    assert ran
 
 
 def test_tiny_overwrite_replaces_only_the_model(tmp_path, capsys):

@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from ..ctrl_c import REPEAT_S, say
+
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 FINDS_CHILDREN = Path("/proc/self/stat").exists()  # Linux: a forced stop can find what this process started
-REPEAT_S = 0.5  # a person's second Ctrl-C comes later than this; a launcher's copy of the first, sooner
 
 
 def on_stop_signals(graceful: Callable[[], None], who: str, forced_note: str = ""):
@@ -48,15 +49,6 @@ def on_stop_signals(graceful: Callable[[], None], who: str, forced_note: str = "
 
     for sig in STOP_SIGNALS:
         signal.signal(sig, first)
-
-
-def say(line: str):
-    """One line on stderr, written whole: a signal handler may interrupt a print in progress, and
-    printing from it would then fail (a reentrant write into the same buffer)."""
-    try:
-        os.write(2, (line + "\n").encode())
-    except OSError:  # stderr is gone: nobody to tell
-        pass
 
 
 def kill_descendants():

@@ -107,6 +107,8 @@ def save_state(path: Path, step: int, params: list[nn.Parameter], optimizer: tor
 def read_state(path: Path, mmap: bool = False) -> dict:
     """The dict `save_state` wrote, or one clear error for any other file. With `mmap` its tensors
     are mapped, not read: what only looks at the rest costs no read of the parameters and moments."""
+    if not path.is_file():
+        raise EchoXError(f"{path}: no training state to resume from")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception:  # noqa: BLE001 - a damaged file fails in many ways (zip, pickle, OSError, struct)
@@ -119,8 +121,6 @@ def read_state(path: Path, mmap: bool = False) -> dict:
 
 def check_resumable(path: Path, identity: dict):
     """The state at `path` was saved by a run with these options (checked before a stage is built)."""
-    if not path.is_file():
-        raise EchoXError(f"{path}: no training state to resume from")
     saved = read_state(path, mmap=True).get("run")
     if not isinstance(saved, dict):  # a run started before the options were saved: resumable as before
         print(f"echox: note: {path} holds no run options (saved by an older echox): resuming it with "
@@ -134,8 +134,6 @@ def check_resumable(path: Path, identity: dict):
 
 
 def load_state(path: Path, params: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> int:
-    if not path.is_file():
-        raise EchoXError(f"{path}: no training state to resume from")
     state = read_state(path)
     if len(state["params"]) != len(params) or any(s.shape != p.shape for s, p in zip(state["params"], params)):
         raise EchoXError(f"{path}: this state belongs to another model or stage (its parameters do not match)")

@@ -34,6 +34,16 @@ def say(line: str):
         pass
 
 
+def exit_at_once(status: int):
+    """End the process now, leaving no temporary file being written behind (outputs.py): os._exit
+    runs no `finally`, no atexit hook and no C++ destructor, so threads inside torch cannot abort it."""
+    from .outputs import remove_unfinished
+    try:
+        remove_unfinished()
+    finally:
+        os._exit(status)
+
+
 @contextlib.contextmanager
 def ctrl_c_stops_once() -> Iterator[None]:
     """Within the block, the first SIGINT raises KeyboardInterrupt and a later one (after REPEAT_S)
@@ -53,7 +63,7 @@ def ctrl_c_stops_once() -> Iterator[None]:
             raise KeyboardInterrupt
         if time.monotonic() - first_at >= REPEAT_S:
             say("echox: stopped at once by a second Ctrl-C (nothing more written)")
-            os._exit(128 + signum)
+            exit_at_once(128 + signum)
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:

@@ -24,6 +24,19 @@ from typing import Iterator
 
 from .errors import EchoXError
 
+# The temporary names being written now. A forced exit (a second Ctrl-C: ctrl_c.exit_at_once) skips
+# the `finally` that removes them, and would leave them hidden beside the user's files.
+UNFINISHED: set[Path] = set()
+
+
+def remove_unfinished():
+    """Remove every temporary file or folder still being written (before a forced exit)."""
+    for path in list(UNFINISHED):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
 
 def check_writable_folder(folder: Path, what: str):
     """`folder` exists and a file can be created in it."""
@@ -104,6 +117,8 @@ def atomic_file(path: Path) -> Iterator[Path]:
     target = landing(path)
     refuse_a_disk(target)
     temporary = target if is_stream(target) else _temporary_name(target, "tmp")
+    if temporary != target:
+        UNFINISHED.add(temporary)
     try:
         yield temporary
         if temporary != target:
@@ -113,6 +128,7 @@ def atomic_file(path: Path) -> Iterator[Path]:
     finally:
         if temporary != target:
             temporary.unlink(missing_ok=True)
+            UNFINISHED.discard(temporary)
 
 
 def landing(path: Path) -> Path:
@@ -131,6 +147,7 @@ def atomic_folder(folder: Path) -> Iterator[Path]:
     """Yield an empty temporary folder beside `folder`; when the block succeeds it replaces `folder`
     (an older one is moved aside first, then deleted), when it fails it is deleted."""
     temporary = _temporary_name(folder, "tmp")
+    UNFINISHED.add(temporary)
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         temporary.mkdir()
@@ -146,3 +163,4 @@ def atomic_folder(folder: Path) -> Iterator[Path]:
         raise EchoXError(f"{folder}: cannot be written ({e.strerror or e})") from None
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
+        UNFINISHED.discard(temporary)

@@ -123,3 +123,17 @@ def test_a_loop_of_links_is_one_clear_error(tmp_path):
                   lambda: atomic_file(tmp_path / "a.wav").__enter__()):
         with pytest.raises(EchoXError, match="a.wav: is a symbolic link that leads round in a loop"):
             check()
+
+
+def test_a_forced_exit_leaves_no_temporary_beside_the_users_files(tmp_path, monkeypatch):
+    """A second Ctrl-C ends the process with os._exit, which runs no `finally`: a WAV or model being
+    written left its hidden temporary name behind."""
+    from echox import ctrl_c
+    exits = []
+    monkeypatch.setattr(ctrl_c.os, "_exit", exits.append)  # the process goes on, so the test can look
+    with pytest.raises(EchoXError):  # what is left of the write fails: its temporary is gone
+        with atomic_file(tmp_path / "a.wav") as temporary, atomic_folder(tmp_path / "model") as folder:
+            temporary.write_text("half a WAV")
+            (folder / "config.json").write_text("{")
+            ctrl_c.exit_at_once(130)
+            assert exits == [130] and list(tmp_path.iterdir()) == []

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ..ctrl_c import REPEAT_S, say
+from ..ctrl_c import REPEAT_S, exit_at_once, say
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 FINDS_CHILDREN = Path("/proc/self/stat").exists()  # Linux: a forced stop can find what this process started
@@ -45,7 +45,7 @@ def on_stop_signals(graceful: Callable[[], None], who: str, forced_note: str = "
             kill_descendants()
             say(f"{who}: stopped at once by a second {signal.Signals(signum).name}{forced_note}")
         finally:
-            os._exit(128 + signum)
+            exit_at_once(128 + signum)
 
     for sig in STOP_SIGNALS:
         signal.signal(sig, first)

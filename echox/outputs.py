@@ -134,7 +134,7 @@ def atomic_file(path: Path) -> Iterator[Path]:
 def landing(path: Path) -> Path:
     """Where a write to `path` lands: a symbolic link's target, as `cp` writes it (the rename of a new
     file onto the link itself would replace the link and leave its target as it was)."""
-    if not path.is_symlink():
+    if not path.is_symlink() or is_stream(path):  # a link to a stream (/dev/stdout) is written through as it is
         return path
     try:
         return path.resolve(strict=False)

@@ -5,7 +5,7 @@
                      tokenizer.json, tokenizer_config.json, special_tokens_map.json,
                      the vocoder g_00500000 (fairseq-style pickle) and vocoder_config.json
   root/whisper-tiny/ config.json, model.safetensors (Hugging Face key names, `model.` prefix)
-  root/contents.sha256  every file's SHA-256 (`sha256sum -c` reads it), written last
+  each folder's contents.sha256: its files' SHA-256 (`sha256sum -c` reads it), written last
 The weights are random, so the model's text is gibberish and its speech is noise; every name,
 shape, file and quirk is the released one. Each folder is written under a temporary name and
 renamed into place once complete, so an interrupted run (Ctrl-C in the first `echox demo`)
@@ -31,7 +31,7 @@ from .config import AUDIO_PATCH_TOKEN, EchoXConfig, VocoderConfig, WhisperConfig
 from .echo import echo_layout
 from .llama import lm_layout
 from .tokenizer import BOS, END_HEADER, EOT, LLAMA3_BOS_ID, START_HEADER
-from .outputs import atomic_file, atomic_folder
+from .outputs import atomic_folder
 from .vocoder import fairseq_layout
 from .weights import INDEX_NAME, Layout, save_sharded
 from .whisper import whisper_layout
@@ -194,28 +194,34 @@ def write_tiny_checkpoint(root: Path | str, spec: TinySpec = TinySpec(), seed: i
     gen = torch.Generator().manual_seed(seed)
     with atomic_folder(root / MODEL_FOLDER) as model_dir:
         _write_model(model_dir, spec, gen)
+        _seal(model_dir)
     with atomic_folder(root / WHISPER_FOLDER) as whisper_dir:
         _write_whisper(whisper_dir, spec.whisper, gen)
-    with atomic_file(root / DIGESTS) as digests:
-        digests.write_text("".join(f"{digest}  {name}\n" for name, digest in _digests(root).items()))
+        _seal(whisper_dir)
     return root / MODEL_FOLDER
 
 
-def _digests(root: Path, names: list[str] | None = None) -> dict[str, str]:
-    """name (relative to `root`) -> SHA-256 of the named files, or of every file of both folders."""
-    if names is None:
-        names = [str(path.relative_to(root)) for folder in (MODEL_FOLDER, WHISPER_FOLDER)
-                 for path in sorted((root / folder).rglob("*")) if path.is_file()]
-    return {name: hashlib.sha256((root / name).read_bytes()).hexdigest() for name in names}
+def _digests(folder: Path, names: list[str]) -> dict[str, str]:
+    """name (relative to `folder`) -> the file's SHA-256."""
+    return {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in names}
+
+
+def _seal(folder: Path):
+    """Write the folder's DIGESTS, of every file in it, last."""
+    names = [str(path.relative_to(folder)) for path in sorted(folder.rglob("*")) if path.is_file()]
+    (folder / DIGESTS).write_text("".join(f"{digest}  {name}\n" for name, digest in _digests(folder, names).items()))
+
+
+def _intact(folder: Path, required: tuple[str, ...]) -> bool:
+    """Every file the folder's DIGESTS lists is as written, the required ones among them (files
+    added since are not the checkpoint's)."""
+    try:
+        listed = dict(reversed(line.split("  ", 1)) for line in (folder / DIGESTS).read_text().splitlines())
+        return all(name in listed for name in required) and _digests(folder, list(listed)) == listed
+    except (OSError, ValueError):  # no digests (a build cut short, or an older echox's), or a file gone
+        return False
 
 
 def is_complete(root: Path) -> bool:
-    """Whether `root` holds a whole tiny checkpoint, each of its files as written (contents.sha256;
-    files added since are not the checkpoint's)."""
-    try:
-        listed = dict(reversed(line.split("  ", 1)) for line in (root / DIGESTS).read_text().splitlines())
-        required = [f"{MODEL_FOLDER}/{name}" for name in MODEL_FILES] + \
-            [f"{WHISPER_FOLDER}/{name}" for name in WHISPER_FILES]
-        return all(name in listed for name in required) and _digests(root, list(listed)) == listed
-    except (OSError, ValueError):  # no digests (a build cut short, or an older echox's), or a file gone
-        return False
+    """Whether `root` holds a whole tiny checkpoint, each of its files as written."""
+    return _intact(root / MODEL_FOLDER, MODEL_FILES) and _intact(root / WHISPER_FOLDER, WHISPER_FILES)

@@ -47,13 +47,26 @@ def one_step_gradients(model, manifest, out) -> list[torch.Tensor]:
     return [p.grad.clone() for p in job.params]
 
 
-def heldout_accuracy(model, manifest, out) -> float:
-    """Stage III's held-out score, each process scoring its share in batches of its training share."""
+def even_targets(out) -> tuple[int, int]:
+    """A stand-in for unit_hits whose score is neither 0 nor 1 and differs between the processes'
+    shares (the random model's real accuracy is 0 everywhere, which any way of adding up keeps)."""
+    return ((out.targets % 2 == 0) & out.mask).sum().item(), out.mask.sum().item()
+
+
+def heldout_accuracy(model, manifest, out) -> tuple[float, float]:
+    """Stage III's held-out score, each process scoring its share in batches of its training share:
+    the real one, and the stand-in's."""
     options = StageOptions(manifest=manifest, model=model, out=out, steps=1, batch_size=2, max_units=6,
                            lora_rank=2, heldout=manifest.parent / "heldout.jsonl")
     run = prepare("stage3", options)
     job = BUILDERS["stage3"](run, options)
-    return stages.heldout_accuracy(job.module, *stages.heldout_set(run, options), options.batch_size // run.world)
+    scored = stages.heldout_set(run, options)
+    real = stages.heldout_accuracy(job.module, *scored, options.batch_size // run.world)
+    unit_hits, stages.unit_hits = stages.unit_hits, even_targets
+    try:
+        return real, stages.heldout_accuracy(job.module, *scored, options.batch_size // run.world)
+    finally:
+        stages.unit_hits = unit_hits
 
 
 def worker(rank, port, compute, model, manifest, folder):
@@ -87,4 +100,4 @@ def test_two_processes_match_one_on_the_same_global_batch(tiny_model_dir, manife
 def test_two_processes_score_the_heldout_set_as_one(tiny_model_dir, manifest, tmp_path):
     single = heldout_accuracy(tiny_model_dir, manifest, tmp_path / "single")
     mp.spawn(worker, args=(free_port(), heldout_accuracy, tiny_model_dir, manifest, tmp_path), nprocs=WORLD, join=True)
-    assert [torch.load(tmp_path / f"result{rank}.pt") for rank in range(WORLD)] == [single] * WORLD
+    assert 0 < single[1] < 1 and [torch.load(tmp_path / f"result{rank}.pt") for rank in range(WORLD)] == [single] * WORLD

@@ -8,7 +8,7 @@ import os
 import shutil
 import warnings
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 
 def find_cuda_home() -> str | None:
@@ -71,7 +71,7 @@ setup(
     name="echox",
     version="0.1.0",
     description="A compact, fast, from-scratch engine for the EchoX speech-to-speech LLM",
-    packages=["echox", "echox.train", "echox.serve", "echox_kernels"],
+    packages=find_packages(include=["echox", "echox.*"]) + ["echox_kernels"],  # every subpackage, none forgotten
     package_dir={"echox": "echox", "echox_kernels": "kernels"},
     package_data={"echox.serve": ["static/*"]},  # the browser page `echox serve` hands out
     python_requires=">=3.10",

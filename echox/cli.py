@@ -382,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=cmd_info)
     tiny = sub.add_parser("tiny", help="write a tiny random checkpoint in the released layout")
     tiny.add_argument("out", help="folder to create")
-    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--seed", type=whole_number("seed", least=0, most=2**64 - 1), default=0)  # torch's range
     tiny.add_argument("--overwrite", action="store_true")
     tiny.set_defaults(run=cmd_tiny)
 

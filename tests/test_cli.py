@@ -583,6 +583,17 @@ def test_where_signals_cannot_be_held_the_imports_run_as_they_are(monkeypatch):
     assert ran
 
 
+def test_a_tiny_seed_out_of_torchs_range_is_one_line(tmp_path, capsys):
+    """It went to torch unchecked: a ValueError traceback, exit 1."""
+    with pytest.raises(SystemExit) as stop:  # argparse's exit, status 2
+        main(["tiny", str(tmp_path / "out"), "--seed", "99999999999999999999999"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.strip().splitlines() == [
+        "echox: error: tiny: argument --seed: seed must be a whole number from 0 to 18446744073709551615, got "
+        "'99999999999999999999999'"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_tiny_overwrite_replaces_only_the_model(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["tiny", str(out)]) == 0

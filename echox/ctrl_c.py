@@ -20,7 +20,7 @@ import os
 import signal
 import threading
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 REPEAT_S = 0.5  # a person's second Ctrl-C comes later than this; a launcher's copy of the first, sooner
 
@@ -44,6 +44,26 @@ def exit_at_once(status: int):
         os._exit(status)
 
 
+class StopHandler:
+    """A signal handler for stopping: the first signal calls `first(signum)` (in the main thread; it
+    may raise there); a repeat within REPEAT_S of it is the same press, and is ignored; a later one
+    calls `forced(signum)` and ends the process at once, status 128 + its number."""
+
+    def __init__(self, first: Callable[[int], None], forced: Callable[[int], None]):
+        self.first, self.forced = first, forced
+        self.first_at: float | None = None  # when the first signal came
+
+    def __call__(self, signum: int, frame):
+        if self.first_at is None:
+            self.first_at = time.monotonic()
+            self.first(signum)
+        elif time.monotonic() - self.first_at >= REPEAT_S:
+            try:
+                self.forced(signum)
+            finally:
+                exit_at_once(128 + signum)
+
+
 @contextlib.contextmanager
 def ctrl_c_stops_once() -> Iterator[None]:
     """Within the block, the first SIGINT raises KeyboardInterrupt and a later one (after REPEAT_S)
@@ -54,22 +74,19 @@ def ctrl_c_stops_once() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    first_at = None
 
-    def on_sigint(signum, frame):
-        nonlocal first_at
-        if first_at is None:
-            first_at = time.monotonic()
-            raise KeyboardInterrupt
-        if time.monotonic() - first_at >= REPEAT_S:
-            say("echox: stopped at once by a second Ctrl-C (nothing more written)")
-            exit_at_once(128 + signum)
+    def interrupt(signum: int):
+        raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    def forced(signum: int):
+        say("echox: stopped at once by a second Ctrl-C (nothing more written)")
+
+    handler = StopHandler(interrupt, forced)
+    previous = signal.signal(signal.SIGINT, handler)
     try:
         yield
     finally:
-        if first_at is None:
+        if handler.first_at is None:
             signal.signal(signal.SIGINT, previous)
 
 

@@ -20,7 +20,8 @@ import pytest
 
 from echox.cli import main
 from echox.serve.launch import ServerProcess
-from echox.serve.stopping import REPEAT_S, descendants
+from echox.ctrl_c import REPEAT_S
+from echox.serve.stopping import descendants
 
 # The clients come with the test extras; where they are missing (the GPU machine's image, which cannot
 # fetch them) these tests skip and the rest of the suite still runs.

@@ -22,7 +22,7 @@ from echox.engine import AudioChunk, TurnDone
 from echox.sampling import GREEDY
 from echox.serve.audio_edge import pcm16_bytes, samples_from_pcm16
 from echox.serve.launch import ServerProcess
-from echox.serve.stopping import REPEAT_S
+from echox.ctrl_c import REPEAT_S
 
 # The official client comes with the test extras; where it is missing (the GPU machine's image, which
 # cannot fetch it) these tests skip and the rest of the suite still runs.

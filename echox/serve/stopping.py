@@ -3,9 +3,9 @@
 The first signal asks for a graceful stop: answers end, every WebSocket is closed, Ray's replicas
 stop their `echox serve`. That takes seconds, or longer with a turn stuck in the engine. A second
 one, during it, ends the process at once, with every process it started (found in /proc, so on
-Linux: a local Ray's processes, its replicas and their `echox serve`). A repeat within REPEAT_S
-of the first is the same Ctrl-C, not a second one: some launchers pass the terminal's SIGINT on
-to a process that got it from the terminal already.
+Linux: a local Ray's processes, its replicas and their `echox serve`). A repeat within REPEAT_S (0.5 s;
+ctrl_c.StopHandler, shared with chat and demo) of the first is the same Ctrl-C, not a second one:
+some launchers pass the terminal's SIGINT on to a process that got it from the terminal already.
 
 Plain `signal.signal` handlers, not asyncio's `add_signal_handler`: asyncio learns of a signal
 through a byte written to its wakeup socket, which is lost when that socket is full, as it is
@@ -14,11 +14,10 @@ after a burst of client events (each one's answer wakes the loop through the sam
 
 import os
 import signal
-import time
 from pathlib import Path
 from typing import Callable
 
-from ..ctrl_c import REPEAT_S, exit_at_once, say
+from ..ctrl_c import StopHandler, say
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 FINDS_CHILDREN = Path("/proc/self/stat").exists()  # Linux: a forced stop can find what this process started
@@ -28,27 +27,17 @@ def on_stop_signals(graceful: Callable[[], None], who: str, forced_note: str = "
     """The first SIGINT or SIGTERM calls `graceful()` in the main thread (it may raise there); any
     later one ends the process at once with status 128 + its number (130 for Ctrl-C), saying so in
     one line `who: stopped at once by a second SIGINT` + `forced_note`."""
-    first_at = None
-
-    def first(signum, frame):
-        nonlocal first_at
-        first_at = time.monotonic()
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, again)
+    def first(signum: int):
         say(f"{who}: stopping (Ctrl-C again stops at once)")
         graceful()
 
-    def again(signum, frame):
-        if time.monotonic() - first_at < REPEAT_S:
-            return
-        try:
-            kill_descendants()
-            say(f"{who}: stopped at once by a second {signal.Signals(signum).name}{forced_note}")
-        finally:
-            exit_at_once(128 + signum)
+    def forced(signum: int):
+        kill_descendants()
+        say(f"{who}: stopped at once by a second {signal.Signals(signum).name}{forced_note}")
 
+    handler = StopHandler(first, forced)  # one for both signals: a SIGTERM after a SIGINT is a second one
     for sig in STOP_SIGNALS:
-        signal.signal(sig, first)
+        signal.signal(sig, handler)
 
 
 def kill_descendants():

@@ -80,12 +80,12 @@ class StageOptions:
         digest = hashlib.sha256(self.manifest.read_bytes()).hexdigest()[:16]
         identity = {"stage": stage, "--manifest": f"sha256 {digest}", "--batch-size": self.batch_size,
                     "--lr": self.lr, "--seed": self.seed}
-        if stage != "stage2":
+        if stage == "stage2":
+            identity["--unit-vocab"] = self.unit_vocab
+        else:
             targets = parse_targets(self.lora_targets)
             identity |= {"--lora-targets": ",".join(t for t in TARGETS if t in targets),
                          "--lora-rank": self.lora_rank, "--lora-alpha": self.lora_alpha}
-        if stage == "stage2":
-            identity["--unit-vocab"] = self.unit_vocab
         if stage == "stage3":
             identity |= {"--max-units": self.max_units, "--aligner-dropout": self.aligner_dropout}
         return identity

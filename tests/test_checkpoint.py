@@ -402,3 +402,22 @@ def test_llm_depth_disagreeing_with_the_weights_is_named_first(model_copy, layer
     with pytest.raises(EchoXError, match=f"config.json: num_hidden_layers is {layers}, but the weights hold 2 LLM "
                                          "layers"):
         open_model_folder(model_copy)
+
+
+def test_a_fingerprint_names_the_weights_not_their_place(tmp_path):
+    """Training resumes only onto the weights it started from (train/loop.py): a moved copy is the
+    same model, one changed weight is another, in a small file (read whole) and a large one (read in
+    evenly spaced pieces, each of which counts)."""
+    small = {"a": torch.arange(12, dtype=torch.float32).view(3, 4)}
+    large = {"b": torch.zeros(5 * 1024 * 1024, dtype=torch.float32)}  # 20 MiB: sampled, not read whole
+    for name, tensors in (("small", small), ("large", large)):
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"))
+        before = Checkpoint(tmp_path / f"{name}.safetensors").fingerprint()
+        moved = tmp_path / "moved" / f"{name}.safetensors"
+        moved.parent.mkdir(exist_ok=True)
+        shutil.copyfile(tmp_path / f"{name}.safetensors", moved)
+        assert Checkpoint(moved).fingerprint() == before
+        changed = {key: value.clone() for key, value in tensors.items()}
+        next(iter(changed.values())).view(-1)[-1] = 1.0  # the last value: in the file's last piece
+        save_file(changed, str(moved))
+        assert Checkpoint(moved).fingerprint() != before, name

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from echox.audio import write_wav
 from echox.errors import EchoXError
@@ -168,6 +169,40 @@ def test_a_state_saved_without_its_options_resumes_with_a_note(tiny_model_dir, m
     assert "holds no run options (saved by an older echox): resuming it with today's, unchecked" in \
         capsys.readouterr().err
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_resuming_onto_another_base_model_is_refused_and_a_moved_one_resumes(tiny_root, manifest, tmp_path, capsys):
+    """Same shapes, other weights: the saved LoRA and echo decoder would go on training on a model they
+    were not trained from. The model is known by its weights, so a copy in another place resumes."""
+    moved, other = tmp_path / "moved", tmp_path / "other"
+    shutil.copytree(tiny_root, moved)
+    shutil.copytree(tiny_root, other)
+    weights = other / "EchoX-tiny" / "model-00002-of-00002.safetensors"
+    tensors = {key: value.clone() for key, value in load_file(weights).items()}
+    next(iter(tensors.values())).view(-1)[0] += 1
+    save_file(tensors, str(weights))
+    out = tmp_path / "out"
+    assert stage2(tiny_root / "EchoX-tiny", manifest, out, "--steps", "1") == 0
+    state = (out / "train_state.pt").read_bytes()
+    capsys.readouterr()
+    fails_with(capsys, stage2(other / "EchoX-tiny", manifest, out, "--steps", "2", "--resume"),
+               "train_state.pt: saved by a run with other options: --model sha256 ")
+    assert (out / "train_state.pt").read_bytes() == state
+    assert stage2(moved / "EchoX-tiny", manifest, out, "--steps", "2", "--resume") == 0
+
+
+def test_a_state_saved_without_its_models_fingerprint_resumes_with_a_note(tiny_model_dir, manifest, tmp_path, capsys):
+    """States saved before the --model was kept: the other options are still checked."""
+    assert stage2(tiny_model_dir, manifest, tmp_path, "--steps", "1") == 0
+    state = torch.load(tmp_path / "train_state.pt", weights_only=True)
+    del state["run"]["--model"]
+    torch.save(state, tmp_path / "train_state.pt")
+    capsys.readouterr()
+    fails_with(capsys, stage2(tiny_model_dir, manifest, tmp_path, "--steps", "2", "--resume", "--seed", "3"),
+               "--seed 0 (now 3)")
+    assert stage2(tiny_model_dir, manifest, tmp_path, "--steps", "2", "--resume") == 0
+    assert "does not say which --model it was trained from (saved by an older echox): resuming it with " \
+           "today's, unchecked" in capsys.readouterr().err
 
 
 def test_resuming_into_other_lora_targets_is_refused(tiny_model_dir, manifest, tmp_path, capsys):

@@ -119,6 +119,9 @@ def read_state(path: Path, mmap: bool = False) -> dict:
     return state
 
 
+WEIGHT_FINGERPRINTS = ("--model", "--whisper")  # run options that states saved by an older echox lack
+
+
 def check_resumable(path: Path, identity: dict):
     """The state at `path` was saved by a run with these options (checked before a stage is built)."""
     saved = read_state(path, mmap=True).get("run")
@@ -126,11 +129,17 @@ def check_resumable(path: Path, identity: dict):
         print(f"echox: note: {path} holds no run options (saved by an older echox): resuming it with "
               f"today's, unchecked", file=sys.stderr)
         return
+    # Saved before the weights were fingerprinted: the other options are still checked.
+    unchecked = [name for name in WEIGHT_FINGERPRINTS if name in identity and name not in saved]
     differ = [f"{name} {saved.get(name)} (now {identity.get(name)})"
-              for name in dict.fromkeys([*saved, *identity]) if saved.get(name) != identity.get(name)]
+              for name in dict.fromkeys([*saved, *identity])
+              if name not in unchecked and saved.get(name) != identity.get(name)]
     if differ:
         raise EchoXError(f"{path}: saved by a run with other options: {'; '.join(differ)}; resume with that run's "
                          f"options, or start again with --overwrite")
+    if unchecked:
+        print(f"echox: note: {path} does not say which {' and '.join(unchecked)} it was trained from (saved by "
+              f"an older echox): resuming it with today's, unchecked", file=sys.stderr)
 
 
 def load_state(path: Path, params: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> int:

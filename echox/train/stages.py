@@ -32,6 +32,7 @@ from ..echo import ECHO_PREFIX, echo_layout, load_echo_decoder
 from ..errors import EchoXError
 from ..llama import load_lm
 from ..outputs import check_output_folder
+from ..weights import Checkpoint
 from ..whisper import load_whisper
 from .batching import batch_at, local_share
 from .echo_trainer import TrainableEchoDecoder, unit_hits
@@ -73,13 +74,17 @@ class StageOptions:
     def __post_init__(self):
         parse_targets(self.lora_targets)  # a bad --lora-targets stops here, before any data or model loads
 
-    def identity(self, stage: str) -> dict:
+    def identity(self, stage: str, model: ModelFolder, whisper: Path) -> dict:
         """The options that define what a run trains, and on which batches: a resumed run must match them
-        (same-shaped parameters loaded into other LoRA targets, or other data, would make a model of
-        neither run). The manifest is known by a digest of its bytes."""
+        (same-shaped parameters loaded into other LoRA targets, another base model or other data, would
+        make a model of neither run). The manifest is known by a digest of its bytes, the --model (and
+        the Whisper encoder of the stages that hear speech) by a fingerprint of their weights, so a
+        moved or copied folder still resumes."""
         digest = hashlib.sha256(self.manifest.read_bytes()).hexdigest()[:16]
-        identity = {"stage": stage, "--manifest": f"sha256 {digest}", "--batch-size": self.batch_size,
-                    "--lr": self.lr, "--seed": self.seed}
+        identity = {"stage": stage, "--manifest": f"sha256 {digest}", "--model": model.weights.fingerprint(),
+                    "--batch-size": self.batch_size, "--lr": self.lr, "--seed": self.seed}
+        if stage != "stage2":
+            identity["--whisper"] = Checkpoint(whisper).fingerprint()
         if stage == "stage2":
             identity["--unit-vocab"] = self.unit_vocab
         else:
@@ -169,15 +174,16 @@ def prepare(stage: str, options: StageOptions) -> Prepared:
     heldout = read_manifest(options.heldout, need_audio=True) if stage == "stage3" and options.heldout else []
     if options.batch_size > len(examples):
         raise EchoXError(f"--batch-size {options.batch_size} is larger than the manifest ({len(examples)} examples)")
-    identity = options.identity(stage)
+    source = open_model_folder(options.model)
+    whisper = resolve_whisper(source, options.whisper)
+    identity = options.identity(stage, source, whisper)
     if options.resume:
         check_resumable(state, identity)
     options.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(options.seed)
-    source = open_model_folder(options.model)
     settings = LoopSettings(stage, options.steps, options.lr, options.device, metrics, state,
                             options.log_every, options.save_every, options.resume, options.seed, identity)
-    return Prepared(source, resolve_whisper(source, options.whisper), examples, heldout, settings, rank, world)
+    return Prepared(source, whisper, examples, heldout, settings, rank, world)
 
 
 def steps_of(items: list, lengths: list[int], options: StageOptions, rank: int, world: int):

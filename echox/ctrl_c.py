@@ -15,6 +15,7 @@ their C code was swallowed (the turn then ran to its end) or aborted the process
 as an ordinary KeyboardInterrupt, when the imports are done.
 """
 
+import atexit
 import contextlib
 import os
 import signal
@@ -64,13 +65,24 @@ class StopHandler:
                 exit_at_once(128 + signum)
 
 
+ON_EXIT: list[StopHandler] = []  # the handler of the last block that took a Ctrl-C
+
+
+def _stop_once_while_exiting():
+    """An exit hook, (re)registered as a block that took a Ctrl-C ends, after the engine's hooks were
+    (its modules are imported inside the block), so that it runs before them: a Ctrl-C while they
+    wait for the stopped turn's threads is the same press, or ends the process at once."""
+    signal.signal(signal.SIGINT, ON_EXIT[-1])
+
+
 @contextlib.contextmanager
 def ctrl_c_stops_once() -> Iterator[None]:
     """Within the block, the first SIGINT raises KeyboardInterrupt and a later one (after REPEAT_S)
-    ends the process at once. After a Ctrl-C that stays so beyond the block, while the process ends
-    (atexit, joining threads), where a KeyboardInterrupt aborted the process too; without one,
-    the handler before it is put back. Only the main thread can set signal handlers: elsewhere, the
-    block runs with Python's own."""
+    ends the process at once. The handler before it is put back as the block ends; after a Ctrl-C
+    the block's comes back while the process ends (atexit, where the engine's hooks wait for the
+    stopped turn's threads and a KeyboardInterrupt aborted the process), so that a program that
+    called `echox.cli.main` goes on with its own until then. Only the main thread can set signal
+    handlers: elsewhere, the block runs with Python's own."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -86,8 +98,11 @@ def ctrl_c_stops_once() -> Iterator[None]:
     try:
         yield
     finally:
-        if handler.first_at is None:
-            signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGINT, previous)
+        if handler.first_at is not None:
+            ON_EXIT.append(handler)
+            atexit.unregister(_stop_once_while_exiting)  # registered last, it runs first
+            atexit.register(_stop_once_while_exiting)
 
 
 @contextlib.contextmanager

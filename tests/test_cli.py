@@ -1,5 +1,6 @@
 """The `echox` command: a working run, and one clear line (exit 2, no traceback) per user mistake."""
 
+import atexit
 import json
 import os
 import shutil
@@ -7,10 +8,12 @@ import stat
 import struct
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
 
+from echox import ctrl_c
 from echox import engine as echox_engine
 from echox.audio import write_wav
 from echox.cli import demo_question, main
@@ -531,8 +534,8 @@ def test_a_second_ctrl_c_does_not_cut_the_first_ones_cleanup_short(tiny_model_di
     try:
         code = main(["chat", "--model", str(tiny_model_dir), "--greedy", "--max-new-tokens", "40", "--max-units",
                      "64", "--text", "Tell me a story.", "--output", str(out)])
-    finally:  # the command keeps its handler after a Ctrl-C, for the rest of its exit
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    finally:  # not for this process's exit: it is pytest's
+        atexit.unregister(ctrl_c._stop_once_while_exiting)
     err = capsys.readouterr().err
     assert code == 130 and "of audio spoken so far are in" in err and out.stat().st_size > 44
 
@@ -540,7 +543,6 @@ def test_a_second_ctrl_c_does_not_cut_the_first_ones_cleanup_short(tiny_model_di
 def test_a_later_second_ctrl_c_ends_at_once(monkeypatch):
     import signal
 
-    from echox import ctrl_c
     monkeypatch.setattr(ctrl_c, "REPEAT_S", 0.0)
     monkeypatch.setattr(ctrl_c.os, "_exit", lambda status: sys.exit(status))
     try:
@@ -549,8 +551,30 @@ def test_a_later_second_ctrl_c_ends_at_once(monkeypatch):
                 signal.raise_signal(signal.SIGINT)
             signal.raise_signal(signal.SIGINT)
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        atexit.unregister(ctrl_c._stop_once_while_exiting)
     assert stop.value.code == 130
+
+
+def test_after_a_ctrl_c_the_callers_handler_is_back_until_the_process_ends():
+    """A program that ran `echox.cli.main` in process kept echox's handler after a Ctrl-C: a later
+    Ctrl-C of its own ended it at once. The handler now comes back only as the process ends, before
+    the engine's exit hooks (registered earlier, so run later) wait for the stopped turn's threads."""
+    script = textwrap.dedent("""
+        import atexit, signal
+        from echox import ctrl_c
+        import echox.engine  # its exit hooks, registered before the block ends
+        atexit.register(lambda: print("at exit:", type(signal.getsignal(signal.SIGINT)).__name__))
+        mine = lambda signum, frame: None
+        signal.signal(signal.SIGINT, mine)
+        try:
+            with ctrl_c.ctrl_c_stops_once():
+                signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            print("after the block, the caller's own:", signal.getsignal(signal.SIGINT) is mine)
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["after the block, the caller's own: True", "at exit: StopHandler"]
 
 
 def test_a_turn_without_ctrl_c_puts_the_handler_back(tiny_model_dir, tmp_path, capsys):

@@ -1,5 +1,6 @@
 """The end-to-end engine on the tiny checkpoint: determinism, exact streaming, a complete trace."""
 
+import contextlib
 import functools
 import re
 import subprocess
@@ -580,11 +581,18 @@ def test_a_solo_turn_starts_on_every_core_with_the_same_bits(monkeypatch):
     session = build_engine("mid", "cpu").session(sampling=GREEDY, max_new_tokens=6, max_units=12)
     turns = []
     for cores, count in ((cpu_threads.every_core, usable_cores()), (functools.partial(torch_threads, 1), 1)):
-        with cores():
-            assert torch.get_num_threads() == count
-        monkeypatch.setattr(cpu_threads, "every_core", cores)
+        entered = []  # (thread, torch threads) each time the turn takes the cores
+
+        @contextlib.contextmanager
+        def recorded(cores=cores, entered=entered):
+            with cores():
+                entered.append((threading.current_thread().name, torch.get_num_threads()))
+                yield
+
+        monkeypatch.setattr(cpu_threads, "every_core", recorded)
         session.reset()
         events, trace = run_turn(session, audio=demo_question(2.0))
+        assert entered == [(cpu_threads.EVERY_CORE_THREAD, count)]
         del trace["timings_ms"]
         turns.append((trace, torch.cat([e.samples for e in events if isinstance(e, AudioChunk)])))
     assert turns[0][0] == turns[1][0] and torch.equal(turns[0][1], turns[1][1])

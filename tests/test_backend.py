@@ -31,14 +31,17 @@ def test_cuda_backend_needs_a_gpu_tensor_and_the_extension():
 
 
 def test_cpu_decode_attention_reads_only_the_used_cache():
-    """The CPU path slices the static cache to the longest sequence: same result as the full read."""
+    """The CPU path slices the static cache to the longest sequence: NaN past it (which the full
+    read would carry into the output, 0 * NaN) leaves the result of the clean cache."""
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, 16, generator=gen)
     k, v = torch.randn(2, 2, 64, 16, generator=gen), torch.randn(2, 2, 64, 16, generator=gen)
     lengths, valid = torch.tensor([10, 33]), torch.rand(2, 64, generator=gen) > 0.2
     valid[:, 0] = True
-    torch.testing.assert_close(decode_attention(q, k, v, lengths, valid, "torch"),
-                               decode_attention_reference(q, k, v, lengths, valid), atol=1e-6, rtol=0)
+    clean = decode_attention_reference(q, k, v, lengths, valid)
+    k[:, :, 33:], v[:, :, 33:] = float("nan"), float("nan")
+    assert decode_attention_reference(q, k, v, lengths, valid).isnan().all()
+    torch.testing.assert_close(decode_attention(q, k, v, lengths, valid, "torch"), clean, atol=1e-6, rtol=0)
 
 
 def test_an_op_without_the_asked_kernel_falls_back(monkeypatch):

@@ -106,15 +106,15 @@ with torch.device("meta"):
 before = anon_mib()
 tensors = {name: torch.randn(shape) for name, shape in llama.lm_layout(cfg).items()}
 model = sum(t.numel() * 4 for t in tensors.values()) / 2 ** 20
-peak, install = 0.0, llama.set_weight
+peak, installs, install = 0.0, 0, llama.set_weight
 
 def measured(module, tensor):
-    global peak
+    global peak, installs
     install(module, tensor)
-    peak = max(peak, anon_mib() - before)
+    peak, installs = max(peak, anon_mib() - before), installs + 1
 llama.set_weight = measured
 lm.load_released(tensors)
-print(peak / model)
+print(installs, len(list(lm.parameters())), peak / model)
 """
 
 
@@ -126,4 +126,7 @@ def test_loading_fuses_a_layer_at_a_time_without_holding_the_model_twice():
     import sys
     done = subprocess.run([sys.executable, "-c", LOAD_PEAK], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert float(done.stdout) < 1.3
+    installs, weights, peak = done.stdout.split()
+    # Every weight went through the measured install, and the peak counts the loaded tensors
+    # themselves: at least the model once.
+    assert installs == weights and 0.95 < float(peak) < 1.3, done.stdout

@@ -102,7 +102,7 @@ def test_a_second_ctrl_c_stops_serve_ray_at_once_with_every_process_it_started()
     with ServeRayProcess(["--port", free_port()]) as serve_ray:
         started = descendants(serve_ray.process.pid)
         serve_ray.process.send_signal(signal.SIGINT)
-        serve_ray.printed("stopping", 5)  # the first is handled (before the fix: unsaid)
+        assert serve_ray.printed("stopping", 10), serve_ray.tail(20)  # the first is handled (before the fix: unsaid)
         time.sleep(REPEAT_S)  # sooner, it would count as the same Ctrl-C
         serve_ray.process.send_signal(signal.SIGINT)
         signalled = time.monotonic()

@@ -50,13 +50,8 @@ RUN_TAP = "(args) => {" + LOAD_TAP + """
 # (args) -> how long the tap takes to make at args.rate (the fastest of 3, in ms) and its resampler's
 # table of filters (how many floats) for its number of taps.
 BUILD_TAP = "(args) => {" + LOAD_TAP + """
-  let tap, ms = Infinity;
-  for (let k = 0; k < 3; k++) {
-    const start = performance.now();
-    tap = new Tap();
-    ms = Math.min(ms, performance.now() - start);
-  }
-  return { ms, floats: tap.resampler.filters.length, taps: tap.resampler.taps };
+  const tap = new Tap();
+  return { floats: tap.resampler.filters.length, taps: tap.resampler.taps };
 }"""
 
 # The worklet before its table of filters was bounded: for rates it tabulated each phase of, it still does.
@@ -163,12 +158,12 @@ def test_24000_hz_passes_samples_through(tap):
 
 
 @pytest.mark.parametrize("rate", [96001, 44101])
-def test_rates_with_few_factors_in_common_with_24_khz_build_a_small_table_fast(js, rate):
+def test_rates_with_few_factors_in_common_with_24_khz_build_a_small_table(js, rate):
     # From 96001 Hz, 24000 phases would each need a filter: 23 MB, built in about half a second on the
     # audio thread. At most 512 are tabulated (and one more to interpolate up to): 0.5 MB, a few ms.
+    # The size is what is checked: a time bound would depend on the machine running the test.
     built = js(BUILD_TAP, {"source": WORKLET.read_text(), "rate": rate})
     assert built["floats"] <= 513 * built["taps"] and built["floats"] * 4 < 1e6
-    assert built["ms"] < 50
 
 
 @pytest.mark.parametrize("rate", [44100, 48000, 11025])  # 11.025 kHz: 320 phases, the most of the usual rates

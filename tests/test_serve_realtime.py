@@ -684,13 +684,21 @@ def test_a_second_ctrl_c_during_the_shutdown_stops_the_server_at_once(tiny_model
 
 def test_a_ctrl_c_that_arrives_twice_at_once_stops_the_server_gracefully(tiny_model_dir):
     """A launcher that passes the terminal's SIGINT on to a server that got it already: the copy, a
-    few ms after, is the same Ctrl-C, not a second one (it used to cut off every answer at once)."""
-    with ServerProcess(["--model", tiny_model_dir, "--threads", "1"]) as server:
-        server.process.send_signal(signal.SIGINT)
-        time.sleep(0.005)
-        server.process.send_signal(signal.SIGINT)
-        status = server.process.wait(timeout=30)
-        output = server.tail(20)
+    few ms after, is the same Ctrl-C, not a second one (it used to cut off every answer at once).
+    On a loaded machine this test may itself be held up between the two: that try says nothing
+    about the server (the copy came late), and is made again."""
+    for _ in range(3):
+        with ServerProcess(["--model", tiny_model_dir, "--threads", "1"]) as server:
+            sent = time.monotonic()
+            server.process.send_signal(signal.SIGINT)
+            time.sleep(0.005)
+            server.process.send_signal(signal.SIGINT)
+            copy_came_soon = time.monotonic() - sent < REPEAT_S / 2
+            status = server.process.wait(timeout=30)
+            output = server.tail(20)
+        if copy_came_soon:
+            break
+    assert copy_came_soon, "this machine held the test up between the two signals in every try"
     assert status == 0 and "stopped at once" not in output, output
 
 

@@ -86,11 +86,17 @@ def _describe_vocoder(model) -> None:
 
 def cmd_tiny(args) -> None:
     """Write the tiny random checkpoint (tests and the demo use the same generator)."""
-    from .tiny import write_tiny_checkpoint
+    from .tiny import MODEL_FOLDER, WHISPER_FOLDER, as_written, write_tiny_checkpoint
     out = Path(args.out)
     check_output_folder(out, "the tiny checkpoint")
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise EchoXError(f"{out}: exists and is not empty (pass --overwrite to replace its tiny model)")
+    for folder in (out / MODEL_FOLDER, out / WHISPER_FOLDER):  # all checked before anything is replaced
+        if not (folder.exists() or folder.is_symlink()):
+            continue
+        if not args.overwrite:
+            raise EchoXError(f"{folder}: already exists (pass --overwrite to replace a tiny model echox wrote)")
+        if not as_written(folder):  # a downloaded whisper-tiny has the same name
+            raise EchoXError(f"{folder}: not a tiny model as echox wrote it (it holds other files, or its files "
+                             "changed); --overwrite replaces only those: move it or choose another folder")
     model_dir = write_tiny_checkpoint(out, seed=args.seed)
     print(f"wrote {model_dir} (random weights: its text is gibberish and its speech is noise)")
 
@@ -381,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model", help="EchoX model folder")
     info.set_defaults(run=cmd_info)
     tiny = sub.add_parser("tiny", help="write a tiny random checkpoint in the released layout")
-    tiny.add_argument("out", help="folder to create")
+    tiny.add_argument("out", help="folder to write EchoX-tiny/ and whisper-tiny/ in")
     tiny.add_argument("--seed", type=whole_number("seed", least=0, most=2**64 - 1), default=0)  # torch's range
     tiny.add_argument("--overwrite", action="store_true")
     tiny.set_defaults(run=cmd_tiny)

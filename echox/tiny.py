@@ -212,13 +212,32 @@ def _seal(folder: Path):
     (folder / DIGESTS).write_text("".join(f"{digest}  {name}\n" for name, digest in _digests(folder, names).items()))
 
 
+def _listed(folder: Path) -> dict[str, str]:
+    """name -> SHA-256, as the folder's DIGESTS lists them."""
+    return dict(reversed(line.split("  ", 1)) for line in (folder / DIGESTS).read_text().splitlines())
+
+
 def _intact(folder: Path, required: tuple[str, ...]) -> bool:
     """Every file the folder's DIGESTS lists is as written, the required ones among them (files
     added since are not the checkpoint's)."""
     try:
-        listed = dict(reversed(line.split("  ", 1)) for line in (folder / DIGESTS).read_text().splitlines())
+        listed = _listed(folder)
         return all(name in listed for name in required) and _digests(folder, list(listed)) == listed
     except (OSError, ValueError):  # no digests (a build cut short, or an older echox's), or a file gone
+        return False
+
+
+def as_written(folder: Path) -> bool:
+    """Whether `folder` holds exactly the files echox wrote there, unchanged: only such a folder may
+    `echox tiny --overwrite` delete (a file added since, a link or an edit is the user's)."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    try:
+        entries = list(folder.iterdir())
+        plain_files = all(path.is_file() and not path.is_symlink() for path in entries)
+        return (plain_files and {path.name for path in entries} == {*_listed(folder), DIGESTS}
+                and _intact(folder, ()))
+    except (OSError, ValueError):
         return False
 
 

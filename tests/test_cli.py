@@ -630,6 +630,28 @@ def test_tiny_overwrite_replaces_only_the_model(tmp_path, capsys):
     assert is_complete(out)
 
 
+@pytest.mark.parametrize("change", ["a downloaded whisper-tiny", "a file added", "a file edited", "a link"])
+def test_tiny_overwrite_keeps_folders_echox_did_not_write(tmp_path, capsys, change):
+    """--overwrite swapped out OUT/whisper-tiny and OUT/EchoX-tiny whole: a user's own model of that
+    name, or notes put in the tiny model, were deleted."""
+    out = tmp_path / "out"
+    if change == "a downloaded whisper-tiny":
+        (out / "whisper-tiny").mkdir(parents=True)
+        (out / "whisper-tiny" / "model.safetensors").write_text("real weights")
+    else:
+        assert main(["tiny", str(out)]) == 0
+        model = out / "EchoX-tiny"
+        if change == "a file added":
+            (model / "NOTES.txt").write_text("mine")
+        elif change == "a file edited":
+            (model / "generation_config.json").write_text("{}")
+        else:
+            (model / "vocoder.safetensors").symlink_to(tmp_path / "elsewhere")
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    fails_with(capsys, main(["tiny", str(out), "--overwrite"]), "not a tiny model as echox wrote it")
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+
+
 def test_the_command_line_starts_without_torch():
     """`echox --help` (and argument errors) come before torch's seconds-long import; `echox.load` and
     the other exported names still import on first use."""

@@ -37,7 +37,8 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 REQUIRED = object()  # the default of a field that must be present
-KIND_NAMES = {int: "a positive integer", float: "a positive number", bool: "true or false",
+MAX_SIZE = 2**53  # beyond it float math on a size (RoPE's wavelengths) is inexact, then overflows
+KIND_NAMES = {int: "a positive integer (at most 2**53)", float: "a positive number", bool: "true or false",
               str: "a string", dict: "an object {...}", list: "a list"}
 
 
@@ -45,7 +46,7 @@ def _checked(value: Any, kind: type, where: str) -> Any:
     """`value` as `kind`. JSON has one number type, so a whole float passes as an int; bools are not
     numbers; every number echox reads from a config is a size or a scale, so it must be positive."""
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is int and number and (isinstance(value, int) or value.is_integer()) and value > 0:
+    if kind is int and number and (isinstance(value, int) or value.is_integer()) and 0 < value <= MAX_SIZE:
         return int(value)
     if kind is float and number and math.isfinite(value) and value > 0:
         return float(value)
@@ -64,6 +65,14 @@ def _field(cfg: dict, name: str, path: Path | str, kind: type = int, default: An
                              else f"{path}: field {name!r} is null, expected {KIND_NAMES[kind]}")
         return default
     return _checked(value, kind, f"{path}: field {name!r}")
+
+
+def _split_into_heads(path: Path, cfg: dict, width: str, heads: str, user: str):
+    """Attention that cuts the width `cfg[width]` into `cfg[heads]` equal heads: checked with the
+    file's fields named, before any weight is read (the view fails mid-turn otherwise)."""
+    if _field(cfg, width, path) % _field(cfg, heads, path):
+        raise EchoXError(f"{path}: {width} {cfg[width]} is not a multiple of {heads} {cfg[heads]} "
+                         f"({user} splits the width into that many heads)")
 
 
 def _ints(cfg: dict, name: str, path: Path) -> tuple[int, ...]:
@@ -182,6 +191,7 @@ class WhisperConfig:
     def from_dir(folder: Path) -> "WhisperConfig":
         path = folder / "config.json"
         cfg = read_json(path)
+        _split_into_heads(path, cfg, "d_model", "encoder_attention_heads", "the Whisper encoder")
         return WhisperConfig(
             num_mel_bins=_field(cfg, "num_mel_bins", path),
             d_model=_field(cfg, "d_model", path),
@@ -312,6 +322,7 @@ class EchoXConfig:
     def parse(cfg: dict, path: Path, blank_id: int, aligner_intermediate: int,
               whisper_dim: int = WHISPER_LARGE_V3.d_model) -> "EchoXConfig":
         llm = LlamaConfig.from_hf(cfg, path)
+        _split_into_heads(path, cfg, "hidden_size", "num_attention_heads", "the speech adapter")
         units = _field(cfg, "unit_vocab_size", path)
         unit_model = _field(cfg, "unit_model", path, str, None)
         return EchoXConfig(

@@ -199,6 +199,7 @@ def _edit_json(path, edit):
     ("unit_model", ["large"], "field 'unit_model' is \\[\"large\"\\], expected a string"),
     ("tie_word_embeddings", "false", "field 'tie_word_embeddings' is \"false\", expected true or false"),
     ("num_key_value_heads", 3, "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+    ("num_attention_heads", 6, "hidden_size 64 is not a multiple of num_attention_heads 6 \\(the speech adapter"),
 ])
 def test_config_fields_of_the_wrong_type_are_named(model_copy, field, value, message):
     _edit_json(model_copy / "config.json", lambda raw: raw.__setitem__(field, value))
@@ -210,6 +211,15 @@ def test_config_fields_of_the_wrong_type_are_named(model_copy, field, value, mes
 def test_nested_rope_scaling_field_is_named(model_copy):
     _edit_json(model_copy / "config.json", lambda raw: raw["rope_scaling"].__setitem__("factor", "8"))
     with pytest.raises(EchoXError, match="config.json: rope_scaling: field 'factor' is \"8\""):
+        open_model_folder(model_copy)
+
+
+def test_a_size_beyond_float_range_is_named(model_copy):
+    """It passed the checks, then RoPE's table raised OverflowError (int too big to convert)."""
+    _edit_json(model_copy / "config.json",
+               lambda raw: raw["rope_scaling"].__setitem__("original_max_position_embeddings", 10**30))
+    with pytest.raises(EchoXError, match="rope_scaling: field 'original_max_position_embeddings' is 1000000000000"
+                                         "000000000000000000, expected a positive integer \\(at most 2\\*\\*53\\)"):
         open_model_folder(model_copy)
 
 

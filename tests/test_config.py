@@ -49,6 +49,15 @@ def test_whisper_config_size_of_the_wrong_type(tmp_path):
         WhisperConfig.from_dir(tmp_path)
 
 
+def test_whisper_heads_that_do_not_divide_its_width_are_named(tmp_path):
+    """They passed, and the encoder's view failed mid-turn with a RuntimeError traceback."""
+    (tmp_path / "config.json").write_text(json.dumps({"num_mel_bins": 128, "d_model": 64, "encoder_layers": 2,
+                                                      "encoder_attention_heads": 3, "encoder_ffn_dim": 8}))
+    with pytest.raises(EchoXError, match=r"config.json: d_model 64 is not a multiple of encoder_attention_heads 3 "
+                                         r"\(the Whisper encoder splits"):
+        WhisperConfig.from_dir(tmp_path)
+
+
 @pytest.mark.parametrize("text,message", [
     ("[" * 100000 + "]" * 100000, r"not valid JSON \(nested too deeply\)"),
     ('{"hidden_size": ' + "9" * 5000 + "}", r"not valid JSON \(Exceeds the limit \(4300 digits\) for integer string "

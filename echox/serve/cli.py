@@ -42,9 +42,7 @@ def cmd_serve(args):
     from ..segmenter import LOW_LATENCY_SEGMENTER, RELEASED_SEGMENTER
     from .ports import check_listenable
     from .server import Limits, Server, serve_forever
-    from .session_config import SessionConfig
-    defaults = SessionConfig(temperature=args.temperature, top_p=args.top_p, max_output_tokens=args.max_new_tokens)
-    defaults.sampling()  # checks the values now, with the sampler's own message
+    defaults = session_defaults(args)
     if args.max_batch > args.max_connections:  # each connection has at most one turn in flight
         print(f"echox serve: --max-batch {args.max_batch} is more than --max-connections {args.max_connections} "
               f"can use; batching {args.max_connections} turns", flush=True)
@@ -59,3 +57,12 @@ def cmd_serve(args):
     session_options = {"max_units": args.max_units,
                        "segmenter": LOW_LATENCY_SEGMENTER if args.low_latency else RELEASED_SEGMENTER}
     asyncio.run(serve_forever(Server(engine, defaults, limits, session_options), args.host, args.port))
+
+
+def session_defaults(args):
+    """Every session's starting config, from the command line; its sampling values are checked now,
+    with the sampler's own message (serve-ray checks its replicas' before Ray starts)."""
+    from .session_config import SessionConfig
+    defaults = SessionConfig(temperature=args.temperature, top_p=args.top_p, max_output_tokens=args.max_new_tokens)
+    defaults.sampling()
+    return defaults

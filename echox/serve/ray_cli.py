@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from ..errors import EchoXError
+from .cli import session_defaults
 from .ports import check_listenable, check_reachable
 from .stopping import FINDS_CHILDREN, on_stop_signals
 
@@ -26,7 +27,7 @@ FORCED_NOTE_CLUSTER = "; Ray Serve on the cluster goes on removing the echox app
 
 
 def add_serve_ray_command(sub: argparse._SubParsersAction):
-    from ..cli import add_threads_argument, port_number, positive_number, whole_number  # as `echox serve` takes them
+    from ..cli import add_threads_argument, positive_number, whole_number  # as `echox serve` takes them
     command = sub.add_parser(
         "serve-ray", help="`echox serve` replicas (one per GPU) behind Ray Serve's HTTP/WebSocket proxy",
         epilog="Options after `--` go to every replica's `echox serve`, e.g. `-- --max-new-tokens 256`.")
@@ -36,7 +37,8 @@ def add_serve_ray_command(sub: argparse._SubParsersAction):
     model.add_argument("--model", help="EchoX model folder (the same path on every Ray node)")
     model.add_argument("--demo", action="store_true", help="serve the built-in tiny random model (CPU)")
     command.add_argument("--host", default="127.0.0.1", help="where Ray Serve's proxy listens")
-    command.add_argument("--port", type=port_number, default=8000)
+    command.add_argument("--port", type=fixed_port, default=8000,
+                         help="the proxy's port on every node (default 8000; 0 is refused: it is not chosen once)")
     command.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: one GPU per replica")
     command.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
     command.add_argument("--start-timeout", type=positive_number("start-timeout"), default=600.0,
@@ -45,6 +47,17 @@ def add_serve_ray_command(sub: argparse._SubParsersAction):
     command.add_argument("serve_args", nargs="*", metavar="-- ECHOX_SERVE_OPTION",
                          help="more `echox serve` options for every replica")
     command.set_defaults(run=cmd_serve_ray)
+
+
+def fixed_port(value: str) -> int:
+    """`echox serve`'s port type without 0: Ray Serve starts a proxy on each node with the port it is
+    given, and reports 0 back, so a free port picked by each would be found by nobody."""
+    from ..cli import port_number
+    port = port_number(value)
+    if port == 0:
+        raise argparse.ArgumentTypeError("Ray Serve's proxy needs a fixed port, 1..65535 (0, any free one, cannot "
+                                         "be found again)")
+    return port
 
 
 def check_options(args):
@@ -63,9 +76,10 @@ def check_options(args):
     if owned:
         raise EchoXError(f"{', '.join(owned)}: give it to serve-ray itself, before `--` "
                          f"(serve-ray sets {', '.join(OWN_OPTIONS)} on every replica)")
-    _, unknown = build_parser().parse_known_args(["serve", "--demo", *args.serve_args])  # bad values: exits
+    serve_args, unknown = build_parser().parse_known_args(["serve", "--demo", *args.serve_args])  # bad values: exits
     if unknown:
         raise EchoXError(f"{' '.join(unknown)}: not `echox serve` options (see `echox serve --help`)")
+    session_defaults(serve_args)
 
 
 def check_local_cpus(replicas: int, threads: int):

@@ -28,6 +28,12 @@ from .errors import EchoXError
 # the `finally` that removes them, and would leave them hidden beside the user's files.
 UNFINISHED: set[Path] = set()
 
+# The mode of a file this process creates: read once, at import, because reading the umask means
+# setting it, for every thread at once.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+NEW_FILE_MODE = 0o666 & ~_UMASK
+
 
 def remove_unfinished():
     """Remove every temporary file or folder still being written (before a forced exit)."""
@@ -122,6 +128,7 @@ def atomic_file(path: Path) -> Iterator[Path]:
     try:
         yield temporary
         if temporary != target:
+            keep_mode(target, temporary)
             os.replace(temporary, target)
     except OSError as e:
         raise EchoXError(f"{path}: cannot be written ({e.strerror or e})") from None
@@ -129,6 +136,13 @@ def atomic_file(path: Path) -> Iterator[Path]:
         if temporary != target:
             temporary.unlink(missing_ok=True)
             UNFINISHED.discard(temporary)
+
+
+def keep_mode(old: Path, new: Path):
+    """Give `new` the permissions of the file `old` it replaces: a private (0600) file stays private,
+    a shared one stays readable."""
+    with contextlib.suppress(FileNotFoundError):
+        os.chmod(new, stat.S_IMODE(old.stat().st_mode))
 
 
 def landing(path: Path) -> Path:

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -33,7 +32,7 @@ from .llama import lm_layout
 from .tokenizer import BOS, END_HEADER, EOT, LLAMA3_BOS_ID, START_HEADER
 from .outputs import atomic_folder
 from .vocoder import fairseq_layout
-from .weights import INDEX_NAME, Layout, save_sharded
+from .weights import INDEX_NAME, Layout, save_safetensors, save_sharded
 from .whisper import whisper_layout
 
 # Bumped whenever the generated files change, so a cached tiny model of an older layout is not reused.
@@ -160,7 +159,7 @@ def _write_whisper(folder: Path, cfg: WhisperConfig, gen: torch.Generator):
     folder.mkdir(parents=True, exist_ok=True)
     # Hugging Face saves WhisperForConditionalGeneration with a leading `model.`.
     tensors = random_tensors(whisper_layout(cfg, prefix="model.encoder."), gen)
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(tensors, folder / "model.safetensors")
     _write_json(folder / "config.json", {
         "model_type": "whisper", "num_mel_bins": cfg.num_mel_bins, "d_model": cfg.d_model,
         "encoder_layers": cfg.num_layers, "encoder_attention_heads": cfg.num_heads,

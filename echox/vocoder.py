@@ -19,13 +19,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
 from .config import VocoderConfig
 from .errors import EchoXError
 from .outputs import atomic_file, check_output_file, check_output_folder
-from .weights import Checkpoint, Layout, embedding_table
+from .weights import Checkpoint, Layout, embedding_table, save_safetensors
 
 STAGE_SLOPE = 0.1  # leaky relu slope inside the generator (fairseq LRELU_SLOPE)
 FINAL_SLOPE = 0.01  # quirk: the leaky relu before conv_post uses torch's default slope
@@ -398,5 +397,5 @@ def convert_fairseq_vocoder(src_folder: Path | str, out_file: Path | str, overwr
         raise EchoXError(f"{src_folder}: no fairseq g_* vocoder checkpoint to convert")
     folded = fold_fairseq_weights(_read_fairseq(pickle, cfg))
     with atomic_file(out_file) as temporary:
-        save_file({k: v.contiguous() for k, v in folded.items()}, str(temporary), metadata={"format": "pt"})
+        save_safetensors({k: v.contiguous() for k, v in folded.items()}, temporary)
     return out_file

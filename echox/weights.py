@@ -10,6 +10,7 @@ module claimed.
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from torch import nn
 
 from .config import read_json
 from .errors import EchoXError
+from .outputs import NEW_FILE_MODE
 
 Layout = dict[str, tuple[int, ...]]
 INDEX_NAME = "model.safetensors.index.json"
@@ -227,6 +229,14 @@ class Checkpoint:
             raise EchoXError(f"{self.source}: unexpected tensors no part of the model uses: {shown}")
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path):
+    """A safetensors file as the released ones are written, with a new file's usual permissions:
+    safetensors makes its files 0600 whatever the umask, so a model trained or converted by one
+    account could not be served by another."""
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    os.chmod(path, NEW_FILE_MODE)
+
+
 def save_sharded(tensors: dict[str, torch.Tensor], folder: Path, shards: int):
     """Write `model-0000k-of-0000n.safetensors` files plus the index, as released checkpoints are."""
     keys = list(tensors)
@@ -235,7 +245,7 @@ def save_sharded(tensors: dict[str, torch.Tensor], folder: Path, shards: int):
     for k in range(shards):
         name = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
         chunk = {key: tensors[key].contiguous() for key in keys[k * per_shard:(k + 1) * per_shard]}
-        save_file(chunk, str(folder / name), metadata={"format": "pt"})
+        save_safetensors(chunk, folder / name)
         weight_map.update(dict.fromkeys(chunk, name))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},

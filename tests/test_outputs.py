@@ -137,3 +137,25 @@ def test_a_forced_exit_leaves_no_temporary_beside_the_users_files(tmp_path, monk
             (folder / "config.json").write_text("{")
             ctrl_c.exit_at_once(130)
             assert exits == [130] and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o640, 0o664])
+def test_a_replaced_file_keeps_its_permissions(tmp_path, mode):
+    """The new file came with the umask's mode: a private 0600 file became world-readable."""
+    target = tmp_path / "answer.wav"
+    target.write_bytes(b"old")
+    target.chmod(mode)
+    with atomic_file(target) as temporary:
+        temporary.write_bytes(b"new")
+    assert target.read_bytes() == b"new" and stat.S_IMODE(target.stat().st_mode) == mode
+
+
+def test_written_models_are_readable_like_any_new_file(tmp_path):
+    """safetensors makes its files 0600 whatever the umask: a tiny, converted or trained model's
+    shards could not be read by another account, while config.json beside them could."""
+    from echox.cli import main
+    assert main(["tiny", str(tmp_path / "tiny"), "--seed", "3"]) == 0
+    assert main(["convert", str(tmp_path / "tiny" / "EchoX-tiny"), str(tmp_path / "vocoder.safetensors")]) == 0
+    usual = stat.S_IMODE((tmp_path / "tiny" / "EchoX-tiny" / "config.json").stat().st_mode)
+    written = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert len(written) > 10 and all(stat.S_IMODE(path.stat().st_mode) == usual for path in written)

@@ -3,7 +3,9 @@ resumed run that ends exactly where an uninterrupted one does."""
 
 import contextlib
 import json
+import math
 import shutil
+import struct
 from types import SimpleNamespace
 
 import pytest
@@ -75,15 +77,30 @@ def test_units_the_model_cannot_spell_are_named(tiny_model_dir, manifest, tmp_pa
     assert not (tmp_path / "out").exists()  # the run made it, and stopped before writing anything
 
 
-def test_unreadable_audio_is_named_with_its_line_before_any_work(tiny_model_dir, manifest, tmp_path, capsys):
-    """It was named without its line, once Whisper reached it (hours into a real corpus)."""
+def float_wav(samples: list[float]) -> bytes:
+    """A 16 kHz mono IEEE-float WAV, whose samples may be anything."""
+    payload = struct.pack(f"<{len(samples)}f", *samples)
+    fmt = struct.pack("<HHIIHH", 3, 1, 16000, 64000, 4, 32)
+    return (b"RIFF" + struct.pack("<I", 4 + 8 + len(fmt) + 8 + len(payload)) + b"WAVE" + b"fmt "
+            + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(payload)) + payload)
+
+
+@pytest.mark.parametrize("audio, message", [
+    (b"not audio", "not a"),  # WAV, or readable (soundfile)
+    (float_wav([0.0] * 8000 + [math.nan] + [0.0] * 100), "holds NaN or infinite samples"),
+    (float_wav([0.0] * 8000 + [5000.0] + [0.0] * 100), "sample magnitude 5000 is absurd"),
+], ids=["not audio", "NaN after 0.5 s", "too loud after 0.5 s"])
+def test_unreadable_audio_is_named_with_its_line_before_any_work(tiny_model_dir, manifest, tmp_path, capsys, audio,
+                                                                  message):
+    """It was named without its line, once Whisper reached it (hours into a real corpus); of a WAV
+    file only the first 10 ms were checked before."""
     (tmp_path / "q.wav").write_bytes((manifest.parent / "q.wav").read_bytes())
-    (tmp_path / "notes.wav").write_text("not audio")
+    (tmp_path / "bad.wav").write_bytes(audio)
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(manifest.read_text() + json.dumps({"audio": "notes.wav", "transcript": "x", "response": "y."}))
+    bad.write_text(manifest.read_text() + json.dumps({"audio": "bad.wav", "transcript": "x", "response": "y."}))
     code = main(["train", "stage1", "--manifest", str(bad), "--model", str(tmp_path / "no-model"),
                  "--out", str(tmp_path / "out"), "--batch-size", "2"])
-    fails_with(capsys, code, f"bad.jsonl:5: {tmp_path / 'notes.wav'}: not a")  # WAV, or readable (soundfile)
+    fails_with(capsys, code, f"bad.jsonl:5: {tmp_path / 'bad.wav'}: {message}")
     assert not (tmp_path / "out").exists()
 
 

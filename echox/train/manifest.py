@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..audio import read_audio
+from ..audio import check_sample_values, read_audio
 from ..errors import EchoXError
 from .units import HUBERT_UNITS
 
@@ -79,9 +79,11 @@ def _lines(path: Path) -> list[str]:
 
 
 def check_audio(example: Example, manifest: Path):
-    """The example's audio file reads as audio (of a WAV file only the header and 10 ms are read)."""
+    """The example's audio file reads as audio and every sample is finite and in range: read whole,
+    since one NaN or a float WAV in int16 units anywhere would otherwise stop training hours in."""
     try:
-        read_audio(example.audio, head_seconds=0.01)
+        recording = read_audio(example.audio)
+        check_sample_values(recording.samples, str(example.audio))
     except EchoXError as e:
         raise EchoXError(f"{manifest}:{example.line}: {e}") from None
 

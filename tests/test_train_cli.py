@@ -303,6 +303,25 @@ def test_overwrite_keeps_the_old_metrics_until_training_starts(tiny_model_dir, m
     assert (out / "metrics.jsonl").read_text() == "old\n"
 
 
+def test_an_interrupted_overwrite_leaves_no_earlier_state_to_resume(tiny_model_dir, manifest, tmp_path, monkeypatch,
+                                                                     capsys):
+    """The earlier run's state stayed beside the new run's metrics: --resume continued the one and
+    spliced its steps onto the other's log."""
+    assert stage2(tiny_model_dir, manifest, tmp_path, "--steps", "2") == 0
+    model = {path.name: path.read_bytes() for path in (tmp_path / "model").iterdir()}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr("echox.train.stages.train", interrupted)
+    assert stage2(tiny_model_dir, manifest, tmp_path, "--steps", "4", "--overwrite") == 130  # Ctrl-C
+    monkeypatch.undo()
+    assert not (tmp_path / "train_state.pt").exists() and not (tmp_path / "metrics.jsonl").exists()
+    assert {path.name: path.read_bytes() for path in (tmp_path / "model").iterdir()} == model  # until replaced
+    capsys.readouterr()
+    fails_with(capsys, stage2(tiny_model_dir, manifest, tmp_path, "--steps", "4", "--resume"),
+               "no training state to resume from")
+
+
 @pytest.mark.parametrize("where", ["folder", "current folder"])
 def test_demo_overwrite_refuses_a_folder_holding_the_users_files(tmp_path, monkeypatch, capsys, where):
     (tmp_path / "mine.txt").write_text("notes")

@@ -388,11 +388,17 @@ def heldout_set(run: Prepared, options: StageOptions) -> tuple[list[SpeechTurn],
 BUILDERS = {"stage1": build_stage1, "stage2": build_stage2, "stage3": build_stage3}
 
 
-def clear_old_metrics(run: Prepared, options: StageOptions):
-    """--overwrite's old OUT/metrics.jsonl goes only now, with the data and model read and the stage
-    built: a run stopped by a mistake before training leaves it in place."""
-    if run.rank == 0 and options.metrics is None and not options.resume:
+def clear_earlier_run(run: Prepared, options: StageOptions):
+    """--overwrite's earlier OUT/metrics.jsonl and training state go together, and only now, with the
+    data and model read and the stage built: a run stopped by a mistake before training leaves both.
+    Together, because an interrupted new run must not leave the earlier run's state beside its own
+    metrics, for a --resume to continue the one and splice the other. The earlier model stays until
+    the new one replaces it."""
+    if run.rank != 0 or options.resume:
+        return
+    if options.metrics is None:
         run.settings.metrics.unlink(missing_ok=True)
+    run.settings.state.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -425,7 +431,7 @@ def trained_stage(name: str, options: StageOptions) -> dict:
     result = {}
     if heldout is not None:
         result["heldout_accuracy_before"] = heldout_accuracy(job.module, *heldout, local_batch)
-    clear_old_metrics(run, options)
+    clear_earlier_run(run, options)
     result["metrics"] = train(job.module, job.params, steps_of(job.items, job.lengths, options, run.rank, run.world),
                               run.settings)
     if heldout is not None:

@@ -303,6 +303,16 @@ def test_overwrite_keeps_the_old_metrics_until_training_starts(tiny_model_dir, m
     assert (out / "metrics.jsonl").read_text() == "old\n"
 
 
+def test_a_diverging_run_stops_without_saving_a_nan_model(tiny_model_dir, manifest, tmp_path, capsys):
+    """The loss went NaN from step 2 and the run went on: bare NaN in metrics.jsonl (not JSON), a NaN
+    model saved, exit 0."""
+    code = stage2(tiny_model_dir, manifest, tmp_path / "out", "--steps", "4", "--lr", "1e308")
+    err = capsys.readouterr().err
+    assert code == 2 and "echox: error: stage2: the loss is nan at step 2: training diverged (lower --lr" in err, err
+    assert not (tmp_path / "out" / "model").exists()
+    assert [json.loads(line)["step"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
 def test_an_interrupted_overwrite_leaves_no_earlier_state_to_resume(tiny_model_dir, manifest, tmp_path, monkeypatch,
                                                                      capsys):
     """The earlier run's state stayed beside the new run's metrics: --resume continued the one and

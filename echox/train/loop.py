@@ -16,6 +16,7 @@ that define the run (`LoopSettings.identity`); batches and each step's random dr
 """
 
 import json
+import math
 import os
 import sys
 import time
@@ -173,6 +174,13 @@ def cut_metrics(path: Path, stage: str, step: int):
         temporary.write_text("".join(line + "\n" for line in kept))
 
 
+def diverged(loss: float, step: int, settings: LoopSettings) -> EchoXError:
+    """What stops a run whose loss is NaN or infinite: every later step, and the model saved at the
+    end, would be NaN too (a too-high --lr does it), and a bare NaN is not JSON for metrics.jsonl."""
+    return EchoXError(f"{settings.stage}: the loss is {loss} at step {step}: training diverged (lower --lr, now "
+                      f"{settings.lr:g}); stopped without saving the model")
+
+
 def train(model: nn.Module, params: list[nn.Parameter], batch_of_step: Callable[[int], object],
           settings: LoopSettings) -> list[dict]:
     """Run the steps; return the logged metric lines (also appended to settings.metrics on process 0)."""
@@ -191,11 +199,15 @@ def train(model: nn.Module, params: list[nn.Parameter], batch_of_step: Callable[
         torch.manual_seed(step_seed(settings.seed, step, rank))
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=settings.device == "cuda"):
             terms = stepped(batch_of_step(step))
+        line = {"stage": settings.stage, "step": step + 1} | {k: global_mean(v).item() for k, v in terms.items()}
+        if not math.isfinite(line["loss"]):  # the same on every process: the loss is the global mean
+            if progress:
+                progress.close()
+            raise diverged(line["loss"], step + 1, settings)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, GRADIENT_CLIP)
         optimizer.step()
-        line = {"stage": settings.stage, "step": step + 1} | {k: global_mean(v).item() for k, v in terms.items()}
         if rank == 0 and ((step + 1) % settings.log_every == 0 or step + 1 == settings.steps):
             logged.append(line)
             with settings.metrics.open("a") as f:

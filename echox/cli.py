@@ -27,6 +27,7 @@ def _human_bytes(n: int) -> str:
     return f"{n:.1f} GiB"
 
 
+STDIN, STDOUT = "/dev/stdin", "/dev/stdout"  # what `-` names (they are written into, never replaced: outputs.py)
 RELEASED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                   "special_tokens_map.json", "vocoder_config.json")
 
@@ -312,6 +313,16 @@ def whole_number(what: str, least: int = 1, most: int | None = None):
     return count
 
 
+def file_argument(dash: str | None = None):
+    """An argparse type for a file path: not empty (it would name the current folder, or be taken as
+    no file at all); `-` is `dash`, stdin or stdout, as Unix tools read it (`--output - | aplay -`)."""
+    def parse(value: str) -> str:
+        if not value:
+            raise argparse.ArgumentTypeError("an empty path; give a file name")
+        return dash if value == "-" and dash else value
+    return parse
+
+
 def port_number(value: str) -> int:
     """An argparse type for a TCP port to listen on: 0 (any free one) .. 65535."""
     if not value.isdigit() or int(value) > 65535:
@@ -393,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.set_defaults(run=cmd_tiny)
 
     demo = sub.add_parser("demo", help="run one spoken turn on the tiny random model (CPU)")
-    demo.add_argument("--output", default="demo.wav")
+    demo.add_argument("--output", type=file_argument(STDOUT), default="demo.wav", help="answer audio (`-`: stdout)")
     demo.add_argument("--overwrite", action="store_true")
     add_limit_arguments(demo, 64, 200, "unit tokens per segment")
     add_threads_argument(demo)
@@ -404,9 +415,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--model", required=True, help="EchoX model folder")
     chat.add_argument("--whisper", help="Whisper encoder folder (default: from config.json audio_tower)")
     chat.add_argument("--vocoder", help="vocoder folder (default: the model folder, then ../vocoder)")
-    chat.add_argument("--input", help="spoken question (WAV; FLAC/OGG/MP3 with soundfile)")
+    chat.add_argument("--input", type=file_argument(STDIN), help="spoken question (WAV; FLAC/OGG/MP3 with soundfile; "
+                      "`-`: stdin)")
     chat.add_argument("--text", help="written question, or text that goes with the speech")
-    chat.add_argument("--output", help="answer audio (16 kHz WAV); required unless --text-only")
+    chat.add_argument("--output", type=file_argument(STDOUT),
+                      help="answer audio (16 kHz WAV; `-`: stdout); required unless --text-only")
     chat.add_argument("--text-only", action="store_true",
                       help="a written answer alone: no speech is made (no echo decoder or vocoder work)")
     chat.add_argument("--overwrite", action="store_true")
@@ -418,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     add_threads_argument(chat)
     chat.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    chat.add_argument("--trace", help="write a JSON trace of the turn here")
+    chat.add_argument("--trace", type=file_argument(STDOUT), help="write a JSON trace of the turn here (`-`: stdout)")
     chat.add_argument("--low-latency", action="store_true",
                       help="cut the first segment after 8 tokens (opt-in; the released policy waits for 20-50)")
     add_eager_argument(chat, "--no-cuda-graphs")
@@ -444,10 +457,10 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"echox: warning: {message}", file=sys.stderr)
 
 
-def _text_off_the_output(output: str | None):
-    """With the output going to stdout (`--output /dev/stdout | aplay -`), what the command prints (the
-    streamed text, the summary) goes to stderr, where it cannot corrupt the WAV."""
-    if output and is_open_as(Path(output), 1):
+def _text_off_the_output(*outputs: str | None):
+    """With an output going to stdout (`--output - | aplay -`, `--trace - | jq`), what the command
+    prints (the streamed text, the summary) goes to stderr, where it cannot corrupt the WAV or JSON."""
+    if any(output and is_open_as(Path(output), 1) for output in outputs):
         return contextlib.redirect_stdout(sys.stderr)
     return contextlib.nullcontext()
 
@@ -456,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.showwarning = _show_warning
     try:
-        with _text_off_the_output(getattr(args, "output", None)):
+        with _text_off_the_output(getattr(args, "output", None), getattr(args, "trace", None)):
             args.run(args)
         sys.stdout.flush()  # here, where a closed pipe is caught below, not at exit (a traceback)
     except EchoXError as e:

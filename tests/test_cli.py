@@ -724,3 +724,22 @@ def test_chat_into_a_closed_pipe_still_writes_its_audio(tiny_model_dir, tmp_path
 
 def test_info_into_a_closed_pipe_ends_quietly(tiny_model_dir):
     assert run_into_a_closed_pipe("info", tiny_model_dir) == 141  # as if killed by SIGPIPE
+
+
+def test_a_dash_is_stdin_and_stdout(tiny_model_dir, question, tmp_path):
+    """`--input -` said '-: audio file not found' and `--trace -` wrote a file named '-', where Unix
+    tools read stdin and write stdout; with the trace on stdout the streamed text goes to stderr, so
+    stdout is the JSON alone."""
+    done = subprocess.run([sys.executable, "-m", "echox.cli", "chat", "--model", str(tiny_model_dir), "--input", "-",
+                           "--text-only", "--greedy", "--max-new-tokens", "4", "--trace", "-"],
+                          input=question.read_bytes(), capture_output=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert len(json.loads(done.stdout)["speech_frames"]) > 0 and "tokens at" in done.stderr.decode()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_path_is_refused(tiny_model_dir, capsys):
+    """`--trace ""` wrote no trace and said nothing."""
+    with pytest.raises(SystemExit) as stop:
+        main(["chat", "--model", str(tiny_model_dir), "--text", "hi", "--text-only", "--trace", ""])
+    assert stop.value.code == 2 and "argument --trace: an empty path" in capsys.readouterr().err

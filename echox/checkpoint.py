@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .adapter import adapter_layout
-from .config import EchoXConfig, read_json
+from .config import EchoXConfig, read_json, require_folder
 from .echo import ECHO_PREFIX as ECHO
 from .echo import echo_layout
 from .errors import EchoXError
@@ -43,8 +43,7 @@ def _echo_depth_and_width(weights: Checkpoint) -> tuple[int, int]:
 
 def open_model_folder(path: Path | str) -> ModelFolder:
     path = Path(path)
-    if not path.is_dir():
-        raise EchoXError(f"{path}: model folder not found")
+    require_folder(path, "model folder")
     raw = read_json(path / "config.json")
     tokenizer = Tokenizer(path)
     weights = Checkpoint(path)
@@ -87,6 +86,8 @@ def resolve_whisper(model: ModelFolder, explicit: Path | str | None) -> Path:
     for folder in candidates:
         if (folder / "config.json").is_file():
             return folder.resolve()
+    if explicit is not None:  # the user's own folder: what it lacks, not advice to pass it
+        raise EchoXError(f"{explicit}: not a Whisper encoder folder (no config.json in it)")
     tried = ", ".join(str(c) for c in candidates)
     raise EchoXError(f"no Whisper encoder folder found (tried {tried}); pass --whisper DIR")
 
@@ -97,5 +98,8 @@ def resolve_vocoder(model: ModelFolder, explicit: Path | str | None) -> Path:
     for folder in candidates:
         if (folder / "vocoder_config.json").is_file():
             return folder.resolve()
+    if explicit is not None:
+        raise EchoXError(f"{explicit}: not a vocoder folder (no vocoder_config.json in it, which a converted "
+                         f"vocoder.safetensors needs beside it too)")
     tried = ", ".join(str(c) for c in candidates)
     raise EchoXError(f"no vocoder found (no vocoder_config.json in {tried}); pass --vocoder DIR")

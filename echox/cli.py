@@ -46,9 +46,9 @@ def _list_files(folder: Path) -> None:
 def cmd_info(args) -> None:
     """What a model folder holds, what it lacks, its sizes and dtype."""
     from .checkpoint import open_model_folder, resolve_whisper
+    from .config import require_folder
     folder = Path(args.model)
-    if not folder.is_dir():
-        raise EchoXError(f"{folder}: model folder not found")
+    require_folder(folder, "model folder")
     print(f"model folder   {folder}")
     _list_files(folder)
     model = open_model_folder(folder)  # the first problem that stops loading ends here, named
@@ -170,9 +170,10 @@ def _speak(session, audio, text: str | None, output: Path | None, overwrite: boo
             else:
                 print()  # end the line of text, before the error line
         if full:  # a chat is one turn: the engine's advice (a reset) is not for it
+            cures = ["shorten --text"] * bool(text) + ["lower --max-new-tokens"] * answered
             raise EchoXError(f"the {'answer' if answered else 'question'} outgrew the {session.decoder.max_len} "
-                             f"positions of the conversation's KV cache: shorten --text"
-                             + (" or lower --max-new-tokens" if answered else "")) from None
+                             f"positions of the conversation's KV cache: "
+                             f"{' or '.join(cures) or 'shorten the spoken question'}") from None
         raise
     print()
     wave = torch.cat(chunks) if chunks else torch.zeros(0)

@@ -18,8 +18,16 @@ from .errors import EchoXError
 AUDIO_PATCH_TOKEN = "<audio_patch>"
 
 
+def require_folder(path: Path, what: str):
+    """`path` is a folder; a file there, or nothing, is named as such."""
+    if not path.is_dir():
+        raise EchoXError(f"{path}: is a file, not a {what}" if path.exists() else f"{path}: {what} not found")
+
+
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object from a file; a missing, unreadable or malformed file is one named error."""
+    if path.is_dir():
+        raise EchoXError(f"{path}: is a folder, not a JSON file")
     if not path.is_file():
         raise EchoXError(f"{path}: file not found")
     try:

@@ -47,7 +47,8 @@ def remove_unfinished():
 def check_writable_folder(folder: Path, what: str):
     """`folder` exists and a file can be created in it."""
     if not folder.is_dir():
-        raise EchoXError(f"{folder}: folder does not exist (needed for {what})")
+        raise EchoXError(f"{folder}: is a file, not a folder (needed for {what})" if folder.exists()
+                         else f"{folder}: folder does not exist (needed for {what})")
     try:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".echox-probe-"):
             pass

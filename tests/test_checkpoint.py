@@ -223,6 +223,14 @@ def test_a_size_beyond_float_range_is_named(model_copy):
         open_model_folder(model_copy)
 
 
+def test_a_config_that_is_a_folder_is_named_as_such(model_copy):
+    """It was called 'file not found'."""
+    (model_copy / "config.json").unlink()
+    (model_copy / "config.json").mkdir()
+    with pytest.raises(EchoXError, match="config.json: is a folder, not a JSON file"):
+        open_model_folder(model_copy)
+
+
 def test_config_that_is_not_an_object(model_copy):
     (model_copy / "config.json").write_text("[1, 2]")
     with pytest.raises(EchoXError, match="expected a JSON object"):

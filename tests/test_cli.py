@@ -97,6 +97,25 @@ def test_missing_model_folder(tmp_path, question, capsys):
                "model folder not found")
 
 
+@pytest.mark.parametrize("mistake, message", [
+    ("--model a file", "owned.wav: is a file, not a model folder"),
+    ("--whisper a missing folder", "nowhere: not a Whisper encoder folder (no config.json in it)"),
+    ("--output inside a file", "owned.wav: is a file, not a folder (needed for --output)"),
+])
+def test_a_path_of_the_wrong_kind_is_named_as_such(tiny_model_dir, tmp_path, question, capsys, mistake, message):
+    """They said 'model folder not found', 'pass --whisper DIR' (it was passed) and 'folder does not exist'."""
+    (tmp_path / "owned.wav").write_bytes(b"mine")
+    model, extra, out = tiny_model_dir, [], tmp_path / "a.wav"
+    if mistake == "--model a file":
+        model = tmp_path / "owned.wav"
+    elif mistake == "--output inside a file":
+        out = tmp_path / "owned.wav" / "a.wav"
+    else:
+        extra = ["--whisper", tmp_path / "nowhere"]
+    fails_with(capsys, chat(model, "--input", question, "--output", out, *extra), message)
+    assert (tmp_path / "owned.wav").read_bytes() == b"mine"
+
+
 def test_incomplete_model_folder(tiny_root, tmp_path, question, capsys):
     shutil.copytree(tiny_root, tmp_path / "root")
     model = tmp_path / "root" / "EchoX-tiny"
@@ -113,7 +132,7 @@ def test_whisper_of_another_width(tiny_model_dir, tmp_path, question, capsys):
 
 def test_vocoder_folder_without_vocoder(tiny_model_dir, tmp_path, question, capsys):
     fails_with(capsys, chat(tiny_model_dir, "--vocoder", tmp_path, "--input", question, "--output",
-                            tmp_path / "a.wav"), "no vocoder found")
+                            tmp_path / "a.wav"), f"{tmp_path}: not a vocoder folder (no vocoder_config.json in it")
 
 
 def test_vocoder_of_another_unit_set(tiny_model_dir, tmp_path, question, capsys):

@@ -408,9 +408,12 @@ def test_heldout_is_scored_in_training_sized_batches_without_the_loss_logits(tin
     assert 0 <= accuracy["heldout_accuracy_before"] <= 1 and 0 <= accuracy["heldout_accuracy_after"] <= 1
 
 
-def test_a_missing_heldout_manifest_stops_before_any_work(tiny_model_dir, manifest, tmp_path, capsys):
-    fails_with(capsys, stage3(tiny_model_dir, manifest, tmp_path / "out", "--heldout", str(tmp_path / "none.jsonl")),
-               "none.jsonl: manifest not found")
+@pytest.mark.parametrize("heldout, message", [("none.jsonl", "none.jsonl: manifest not found"),
+                                              (".", ": not a file (a manifest is a JSONL file)")])  # was 'not found'
+def test_a_missing_heldout_manifest_stops_before_any_work(tiny_model_dir, manifest, tmp_path, capsys, heldout,
+                                                          message):
+    fails_with(capsys, stage3(tiny_model_dir, manifest, tmp_path / "out", "--heldout", str(tmp_path / heldout)),
+               message)
     assert not (tmp_path / "out").exists()
 
 

@@ -10,6 +10,7 @@ import signal
 import time
 from pathlib import Path
 
+from ..config import require_folder
 from ..errors import EchoXError
 from .cli import session_defaults
 from .ports import check_listenable, check_reachable
@@ -63,8 +64,8 @@ def fixed_port(value: str) -> int:
 def check_options(args):
     """Refuse what cannot work before Ray starts; `echox serve`'s own parser checks the extra options."""
     from ..cli import build_parser
-    if args.model is not None and not Path(args.model).is_dir():
-        raise EchoXError(f"{args.model}: model folder not found")
+    if args.model is not None:
+        require_folder(Path(args.model), "model folder")
     if args.address is None:  # a local Ray instance, on this machine's CPUs, GPUs and ports
         if args.device == "cuda" and not args.demo:
             check_local_gpus(args.replicas)

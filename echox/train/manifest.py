@@ -93,7 +93,8 @@ def read_manifest(path: Path | str, need_units: bool = False, need_audio: bool =
     `need_audio` for those that listen to the questions."""
     path = Path(path)
     if not path.is_file():
-        raise EchoXError(f"{path}: manifest not found")
+        raise EchoXError(f"{path}: not a file (a manifest is a JSONL file)" if path.exists()
+                         else f"{path}: manifest not found")
     examples = [parse_line(text, n, path) for n, text in enumerate(_lines(path), 1) if text.strip()]
     if not examples:
         raise EchoXError(f"{path}: the manifest has no examples")

@@ -7,6 +7,7 @@ the question's text) is checked before any model is loaded, and outputs are writ
 
 import argparse
 import contextlib
+import errno
 import math
 import os
 import sys
@@ -126,11 +127,28 @@ def _keep_spoken_audio(chunks: list, output: Path, overwrite: bool):
 
 def _show(text: str):
     """Stream a piece of the answer's text. Once stdout's reader has gone (`echox chat ... | head`),
-    the rest of it goes to os.devnull: the turn goes on, so its audio is still written."""
+    or its disk is full, the rest of it goes to os.devnull: the turn goes on, so its audio is still
+    written."""
     try:
         print(text, end="", flush=True)
     except BrokenPipeError:
         _stdout_gone()
+    except OSError as e:  # a log file on a full disk: say so once, on stderr
+        _stdout_gone()
+        print(f"\nechox: warning: the answer's text cannot be written to stdout ({e.strerror or e}); the turn goes on",
+              file=sys.stderr)
+
+
+def _flush_stdout():
+    """Flush here, where a closed pipe is caught (in main), not at exit (a traceback). A closed stdout
+    (`>&-`) is None: nothing to flush."""
+    if sys.stdout is not None:
+        sys.stdout.flush()
+
+
+# A write without a file name that fails for want of room: stdout or stderr sent to a full disk
+# (`echox info M > log.txt`); the files echox writes itself name theirs (outputs.py).
+FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 def _stdout_gone():
@@ -472,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _text_off_the_output(getattr(args, "output", None), getattr(args, "trace", None)):
             args.run(args)
-        sys.stdout.flush()  # here, where a closed pipe is caught below, not at exit (a traceback)
+        _flush_stdout()
     except EchoXError as e:
         print(f"echox: error: {e}", file=sys.stderr)
         return 2
@@ -482,6 +500,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # what reads stdout has gone (`echox info ... | head -1`): nobody to tell
         _stdout_gone()
         return 141  # as a command killed by SIGPIPE (which Python ignores)
+    except OSError as e:
+        if e.errno not in FULL or e.filename is not None:
+            raise
+        _stdout_gone()
+        print(f"echox: error: cannot write what it prints ({e.strerror})", file=sys.stderr)
+        return 2
     return 0
 
 

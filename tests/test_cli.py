@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -762,3 +763,22 @@ def test_an_empty_path_is_refused(tiny_model_dir, capsys):
     with pytest.raises(SystemExit) as stop:
         main(["chat", "--model", str(tiny_model_dir), "--text", "hi", "--text-only", "--trace", ""])
     assert stop.value.code == 2 and "argument --trace: an empty path" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_stdout_on_a_full_disk(tiny_model_dir, tmp_path):
+    """A log file on a full disk (/dev/full here) ended chat in an OSError traceback with the WAV
+    lost, and info in a traceback."""
+    def run(*argv):
+        with open("/dev/full", "w") as full:
+            done = subprocess.run([sys.executable, "-m", "echox.cli", *map(str, argv)], stdout=full,
+                                  stderr=subprocess.PIPE, text=True, timeout=300)
+        assert "Traceback" not in done.stderr, done.stderr[-2000:]
+        return done
+    chat = run("chat", "--model", tiny_model_dir, "--text", "hi", "--greedy", "--max-new-tokens", "8",
+               "--max-units", "16", "--output", tmp_path / "a.wav")
+    assert chat.returncode == 0 and (tmp_path / "a.wav").stat().st_size > 44
+    assert "cannot be written to stdout (No space left on device); the turn goes on" in chat.stderr
+    info = run("info", tiny_model_dir)
+    assert info.returncode == 2 and info.stderr.strip().splitlines() == [
+        "echox: error: cannot write what it prints (No space left on device)"]

@@ -782,3 +782,9 @@ def test_stdout_on_a_full_disk(tiny_model_dir, tmp_path):
     info = run("info", tiny_model_dir)
     assert info.returncode == 2 and info.stderr.strip().splitlines() == [
         "echox: error: cannot write what it prints (No space left on device)"]
+
+
+def test_serve_demo_on_cuda_is_refused(capsys):
+    """The demo model ran on the CPU without a word."""
+    fails_with(capsys, main(["serve", "--demo", "--device", "cuda", "--port", "0"]),
+               "--demo serves the tiny random model on the CPU: drop --device cuda, or give --model")

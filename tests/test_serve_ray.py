@@ -280,6 +280,7 @@ def wait_until(condition, seconds: float, what: str):
     (["--replicas", "0", "--demo"], "replicas must be a whole number >= 1"),
     (["--replicas", "1", "--demo", "--port", "70000"], "a port is a whole number 0..65535"),
     (["--replicas", "1", "--demo", "--port", "0"], "needs a fixed port"),  # Ray reported port 0 as its own
+    (["--replicas", "1", "--demo", "--device", "cuda"], "--demo serves the tiny random model on the CPU"),
     (["--replicas", "1", "--demo", "--", "--idle-timeout", "nan"], "must be a finite number > 0"),
     (["--replicas", "1", "--demo", "--", "--temperature", "nan"], "temperature must be 0 (greedy) or a finite"),
     (["--replicas", "1", "--demo", "--", "--top-p", "2"], "top-p must be in (0, 1]"),  # refused once Ray ran

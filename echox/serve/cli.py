@@ -42,6 +42,7 @@ def cmd_serve(args):
     from ..segmenter import LOW_LATENCY_SEGMENTER, RELEASED_SEGMENTER
     from .ports import check_listenable
     from .server import Limits, Server, serve_forever
+    check_demo_device(args)
     defaults = session_defaults(args)
     if args.max_batch > args.max_connections:  # each connection has at most one turn in flight
         print(f"echox serve: --max-batch {args.max_batch} is more than --max-connections {args.max_connections} "
@@ -50,7 +51,7 @@ def cmd_serve(args):
     check_listenable(args.host, args.port)
     model = demo_model_dir() if args.demo else args.model
     engine = echox_engine.load(model, whisper=args.whisper, vocoder=args.vocoder,
-                               device="cpu" if args.demo else args.device, dtype=args.dtype, threads=args.threads,
+                               device=args.device, dtype=args.dtype, threads=args.threads,
                                graphs=not args.eager, max_batch=args.max_batch if args.max_batch > 1 else None)
     limits = Limits(max_connections=args.max_connections, max_buffer_bytes=int(args.max_buffer_seconds * 48000),
                     idle_timeout_s=args.idle_timeout)
@@ -66,3 +67,10 @@ def session_defaults(args):
     defaults = SessionConfig(temperature=args.temperature, top_p=args.top_p, max_output_tokens=args.max_new_tokens)
     defaults.sampling()
     return defaults
+
+
+def check_demo_device(args):
+    """--demo is the tiny model on the CPU: with --device cuda it ran on the CPU without a word."""
+    if args.demo and args.device == "cuda":
+        from ..errors import EchoXError
+        raise EchoXError("--demo serves the tiny random model on the CPU: drop --device cuda, or give --model")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..config import require_folder
 from ..errors import EchoXError
-from .cli import session_defaults
+from .cli import check_demo_device, session_defaults
 from .ports import check_listenable, check_reachable
 from .stopping import FINDS_CHILDREN, on_stop_signals
 
@@ -64,10 +64,11 @@ def fixed_port(value: str) -> int:
 def check_options(args):
     """Refuse what cannot work before Ray starts; `echox serve`'s own parser checks the extra options."""
     from ..cli import build_parser
+    check_demo_device(args)
     if args.model is not None:
         require_folder(Path(args.model), "model folder")
     if args.address is None:  # a local Ray instance, on this machine's CPUs, GPUs and ports
-        if args.device == "cuda" and not args.demo:
+        if args.device == "cuda":
             check_local_gpus(args.replicas)
         check_local_cpus(args.replicas, args.threads)
         check_listenable(args.host, args.port)

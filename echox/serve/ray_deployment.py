@@ -135,7 +135,7 @@ def build_app(replicas: int, model: str | None, demo: bool = False, device: str 
     serve_args = ["--demo"] if demo else ["--model", str(Path(model).resolve())]
     serve_args += ["--device", device, "--threads", str(threads), *extra_args]
     resources = {"num_cpus": threads}
-    if device == "cuda" and not demo:  # `echox serve --demo` always runs on the CPU
+    if device == "cuda":
         resources["num_gpus"] = 1
     return EchoXReplica.options(num_replicas=replicas, ray_actor_options=resources,
                                 max_ongoing_requests=MAX_ONGOING_REQUESTS,

@@ -117,6 +117,16 @@ LLAMA3_ROPE = RopeScaling(8.0, 1.0, 4.0, 8192)
 LLAMA32_ROPE = RopeScaling(32.0, 1.0, 4.0, 8192)
 
 
+def _check_llama_body(cfg: dict, path: Path):
+    """Fields that would make another model than EchoX's Llama, which runs SiLU and no biases: such
+    a checkpoint is refused, where it ran with the wrong activation and its biases unread."""
+    if (act := _field(cfg, "hidden_act", path, str, "silu")) != "silu":
+        raise EchoXError(f"{path}: hidden_act {act!r} is not supported (EchoX's Llama uses 'silu')")
+    for name in ("attention_bias", "mlp_bias"):
+        if _field(cfg, name, path, bool, False):
+            raise EchoXError(f"{path}: {name} true is not supported (EchoX's Llama has no biases)")
+
+
 @dataclass(frozen=True)
 class LlamaConfig:
     """One Llama decoder: the LLM, or the body of the echo decoder."""
@@ -145,6 +155,7 @@ class LlamaConfig:
         kv_heads = _field(cfg, "num_key_value_heads", path, int, heads)
         if heads % kv_heads:  # checked here too, where the file and its fields can be named
             raise EchoXError(f"{path}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+        _check_llama_body(cfg, path)
         return LlamaConfig(
             hidden_size=hidden,
             num_layers=_field(cfg, "num_hidden_layers", path),

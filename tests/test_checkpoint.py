@@ -200,6 +200,9 @@ def _edit_json(path, edit):
     ("tie_word_embeddings", "false", "field 'tie_word_embeddings' is \"false\", expected true or false"),
     ("num_key_value_heads", 3, "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
     ("num_attention_heads", 6, "hidden_size 64 is not a multiple of num_attention_heads 6 \\(the speech adapter"),
+    ("hidden_act", "gelu", "hidden_act 'gelu' is not supported \\(EchoX's Llama uses 'silu'\\)"),  # ran as SiLU
+    ("attention_bias", True, "attention_bias true is not supported"),  # its biases went unread
+    ("mlp_bias", True, "mlp_bias true is not supported"),
 ])
 def test_config_fields_of_the_wrong_type_are_named(model_copy, field, value, message):
     _edit_json(model_copy / "config.json", lambda raw: raw.__setitem__(field, value))

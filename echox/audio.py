@@ -234,7 +234,8 @@ def read_with_soundfile(path: Path, head: bytes, source: Path | BinaryIO) -> tup
     try:
         data, rate = soundfile.read(source, dtype="float32", always_2d=True)  # [frames, channels]
     except Exception as e:  # libsndfile reports corrupt and unknown files with its own error types
-        raise EchoXError(f"{path}: not a readable audio file ({e})") from None
+        reason = str(e).split(": ", 1)[-1] if str(e).startswith("Error opening") else e  # what, not where:
+        raise EchoXError(f"{path}: not a readable audio file ({reason})") from None  # `path` names it
     return torch.from_numpy(data.T.copy()), int(rate)
 
 

@@ -258,6 +258,16 @@ def test_flac_through_soundfile(tmp_path):
         load_audio(corrupt)
 
 
+
+def test_a_pipe_that_is_not_audio_is_named_without_pythons_repr():
+    """Read from a pipe, the reason was 'Error opening <_io.BytesIO object at 0x7f...>: ...'."""
+    import io
+    pytest.importorskip("soundfile")
+    with pytest.raises(EchoXError) as info:
+        audio.read_with_soundfile(Path("/dev/stdin"), b"hello text\n", io.BytesIO(b"hello text\n" * 8))
+    assert str(info.value) == "/dev/stdin: not a readable audio file (Format not recognised.)"
+
+
 # ---- speech_input: every form of speech a user may hand over ------------------------------------
 
 from echox.audio import speech_input  # noqa: E402

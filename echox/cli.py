@@ -409,6 +409,16 @@ class OneLineParser(argparse.ArgumentParser):
         command = self.prog.removeprefix("echox").strip()  # "chat" for `echox chat`; "" for `echox` itself
         self.exit(2, f"echox: error: {command + ': ' if command else ''}{message}\n")
 
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but arguments a subcommand does not take are named with the subcommand, as
+        its other errors are (argparse leaves them to the top parser, which knows no subcommand)."""
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            command = getattr(parsed, "command", None)
+            self.exit(2, f"echox: error: {command + ': ' if command else ''}unrecognized arguments: "
+                         f"{' '.join(extra)}\n")
+        return parsed
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="echox", description="EchoX speech-to-speech engine")

@@ -788,3 +788,10 @@ def test_serve_demo_on_cuda_is_refused(capsys):
     """The demo model ran on the CPU without a word."""
     fails_with(capsys, main(["serve", "--demo", "--device", "cuda", "--port", "0"]),
                "--demo serves the tiny random model on the CPU: drop --device cuda, or give --model")
+
+
+def test_an_unknown_option_is_named_with_its_subcommand(capsys):
+    """It lacked the `chat: ` every other argument error of a subcommand has."""
+    with pytest.raises(SystemExit) as stop:
+        main(["chat", "--model", "m", "--bogus"])
+    assert stop.value.code == 2 and capsys.readouterr().err == "echox: error: chat: unrecognized arguments: --bogus\n"

@@ -454,3 +454,11 @@ def test_a_process_that_writes_nothing_leaves_out_to_the_one_that_writes(tmp_pat
         with pytest.raises(EchoXError):
             stages.run_stage("stage2", options)
         assert (tmp_path / "out").exists() == kept
+
+
+def test_a_unit_language_smaller_than_asked_says_so(tiny_model_dir, manifest, tmp_path, capsys):
+    """--unit-vocab 1000 made a table of the few tokens the manifest holds without a word."""
+    assert stage2(tiny_model_dir, manifest, tmp_path, "--steps", "1", "--unit-vocab", "1000") == 0
+    made = json.loads((tmp_path / "model" / "config.json").read_text())["unit_vocab_size"]
+    assert made < 1000 and (f"the manifest's units make {made} unit tokens (every value seen and every merge that "
+                            f"repeats), fewer than --unit-vocab 1000") in capsys.readouterr().out

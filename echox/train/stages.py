@@ -264,6 +264,9 @@ def unit_language(run: Prepared, options: StageOptions) -> tuple[UnitLanguage, P
         return UnitLanguage.from_tokenizer(tokenizer, cfg.text_vocab_size, cfg.unit_vocab_size), None
     language = UnitLanguage.build([list(e.response_units) for e in run.examples], options.unit_vocab)
     written = options.out / UNIT_TOKENIZER
+    if run.rank == 0 and len(language.tokens) < options.unit_vocab:  # the decoder's table is made this size
+        print(f"stage2: the manifest's units make {len(language.tokens)} unit tokens (every value seen and every "
+              f"merge that repeats), fewer than --unit-vocab {options.unit_vocab}")
     if run.rank == 0:
         write_unit_tokens(tokenizer.path, written, language, cfg.text_vocab_size)
     return language, written

@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from ..config import LlamaConfig
 from ..errors import EchoXError
 from ..llama import LlamaLM
 
@@ -62,10 +63,16 @@ def parse_targets(text: str) -> set[str]:
     return targets
 
 
+def check_rank(rank: int, cfg: LlamaConfig):
+    """A rank from 1 to the LLM's width: every wrapped matrix has the width as one side, so a higher
+    rank adds nothing but time (100000 on a 64-wide model took 34 s a step)."""
+    if not 1 <= rank <= cfg.hidden_size:
+        raise EchoXError(f"LoRA rank must be from 1 to the LLM's width {cfg.hidden_size}, got {rank}")
+
+
 def add_lora(lm: LlamaLM, targets: set[str], rank: int, alpha: float) -> list[nn.Parameter]:
     """Freeze the LLM and wrap the targeted projections of every layer; return the new parameters."""
-    if rank < 1:
-        raise EchoXError(f"LoRA rank must be at least 1, got {rank}")
+    check_rank(rank, lm.cfg)
     lm.requires_grad_(False)
     cfg = lm.cfg
     q_rows, kv_rows = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim

@@ -37,7 +37,7 @@ from ..whisper import load_whisper
 from .batching import batch_at, local_share
 from .echo_trainer import TrainableEchoDecoder, unit_hits
 from .export import adapter_tensors, echo_tensors, llm_tensors, save_model
-from .lora import TARGETS, add_lora, parse_targets
+from .lora import TARGETS, add_lora, check_rank, parse_targets
 from .loop import LoopSettings, check_resumable, global_mean, global_sum, join_process_group, train
 from .losses import (denoising_loss, echo_lambda, sequence_cross_entropy, speech_to_text_loss, text_to_unit_loss,
                      total_loss)
@@ -209,6 +209,7 @@ class SpeechToTextStage(nn.Module):
 def speech_model(run: Prepared, options: StageOptions) -> tuple[SpeechToText, list[SpeechTurn], list[nn.Parameter]]:
     """The LLM with LoRA, the trainable adapter, and the examples' cached Whisper frames."""
     cfg, weights, device = run.source.config, run.source.weights, options.device
+    check_rank(options.lora_rank, cfg.llm)  # before Whisper's pass over the examples
     whisper = load_whisper(run.whisper, torch.float32, device)
     turns = prepare_turns(run.examples, run.source.tokenizer, whisper)
     del whisper

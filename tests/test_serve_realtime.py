@@ -7,6 +7,7 @@ import gc
 import json
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -486,14 +487,41 @@ def test_a_closed_connection_frees_its_engine_session_at_once(tiny_model_dir):
     assert len(server.engine.spare_decoders) == 1  # one KV cache served all three
 
 
+# A WebSocket client's opening handshake on a raw socket, for clients no WebSocket library would be.
+UPGRADE_REQUEST = (b"GET /v1/realtime HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                   b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+
+
+def test_a_handshake_the_client_drops_before_the_reply_logs_nothing(tiny_model_dir, caplog):
+    """A client gone before the 101 reply (a tab closed mid-connect, a health check that gives up):
+    each logged a 25-line traceback, so anyone could flood the log. Then the server answers as usual."""
+    from aiohttp.test_utils import TestServer
+    from echox.serve.server import build_app
+    server = in_process_server(tiny_model_dir)
+
+    async def drop_then_talk():
+        async with TestServer(build_app(server)) as http_server, aiohttp.ClientSession() as http:
+            for _ in range(3):
+                client = socket.create_connection(("127.0.0.1", http_server.port))
+                client.sendall(UPGRADE_REQUEST)
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client.close()  # a reset, at once: the server finds the connection gone as it replies
+                await asyncio.sleep(0.05)
+            async with http.ws_connect(http_server.make_url("/v1/realtime")) as ws:
+                await ws.receive_json()
+                return await text_turn(ws)
+
+    assert run(drop_then_talk())["response"]["status"] in ("completed", "incomplete")
+    assert "Traceback" not in caplog.text and not [record for record in caplog.records if record.exc_info]
+
+
 def flood_without_reading(port: int, events: int) -> socket.socket:
     """A WebSocket client on a small receive buffer that sends `events` response.cancel events
     (each answered with an error event) and reads nothing; it returns its open socket."""
     client = socket.socket()
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     client.connect(("127.0.0.1", port))
-    client.sendall(b"GET /v1/realtime HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                   b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    client.sendall(UPGRADE_REQUEST)
     payload, mask = b'{"type":"response.cancel"}', b"\x01\x02\x03\x04"
     frame = bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
     try:

@@ -14,6 +14,7 @@ client that reads nothing is cut off, connection.py: it would not read the error
 
 import asyncio
 import logging
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,11 +79,15 @@ class Server:
         if not ws.can_prepare(request).ok:
             return web.Response(status=400, text="/v1/realtime is a WebSocket endpoint (the OpenAI Realtime "
                                                  "protocol); connect with a WebSocket client\n")
-        await ws.prepare(request)
+        try:
+            await ws.prepare(request)
+        except ConnectionError:  # the client left before the 101 reply (a tab closed mid-connect, a probe)
+            return client_gone()
         if len(self.open) >= self.limits.max_connections:
-            await ws.send_json(error_event(ProtocolError(
-                "too_many_connections", f"the server holds its limit of {self.limits.max_connections} "
-                "connections; try again later", kind="server_busy")))
+            with suppress(ConnectionError):  # gone by now: the close below finds that out quietly
+                await ws.send_json(error_event(ProtocolError(
+                    "too_many_connections", f"the server holds its limit of {self.limits.max_connections} "
+                    "connections; try again later", kind="server_busy")))
             await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"too many connections")
             return ws
         connection = Connection(ws, self.defaults, self.scheduler, self.new_session, self.limits.max_buffer_bytes,
@@ -93,6 +98,14 @@ class Server:
         finally:
             self.open.discard(connection)
         return ws
+
+
+def client_gone() -> web.Response:
+    """What a handler returns for a client that left before its reply: aiohttp's attempt to send it
+    fails as a premature disconnection, which it takes quietly (an exception out of the handler
+    would be logged with its traceback, once per such client: a cheap way to flood the log). 499
+    is the access log's usual status for a request the client closed."""
+    return web.Response(status=499, reason="Client Closed Request")
 
 
 def build_app(server: Server) -> web.Application:

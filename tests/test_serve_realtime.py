@@ -384,6 +384,55 @@ def test_pending_speech_and_text_are_bounded(server):
                                                          "unsupported_audio_format"]
 
 
+def test_text_the_engine_refuses_is_refused_at_item_create_and_the_speech_still_waits(server):
+    """Whitespace, '<audio_patch>', a lone surrogate (JSON "\\udc80") or no text at all were taken with
+    conversation.item.added, then failed the response.create after them, which lost the committed
+    speech too. Now each item is refused as it comes, naming item.content, and the speech is answered."""
+    bad = ["  \n", "see <audio_patch>", "\udc80", ""]
+
+    async def talk():
+        async with aiohttp.ClientSession() as http, http.ws_connect(server.ws_url) as ws:
+            assert (await ws.receive_json())["type"] == "session.created"
+            await ws.send_json({"type": "input_audio_buffer.append", "audio": base64.b64encode(question_pcm16(1.0)).decode()})
+            await ws.send_json({"type": "input_audio_buffer.commit"})
+            for n, text in enumerate(bad):
+                await ws.send_json({"type": "conversation.item.create", "event_id": f"bad{n}", "item": {
+                    "type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}})
+            await ws.send_json({"type": "response.create", "response": {"max_output_tokens": 4,
+                                                                        "output_modalities": ["text"]}})
+            events = [await ws.receive_json(timeout=60)]
+            while events[-1]["type"] != "response.done":
+                events.append(await ws.receive_json(timeout=60))
+            return events
+
+    events = run(talk())
+    assert [e["type"] for e in events[:2 + len(bad)]] == ["input_audio_buffer.committed", "conversation.item.added"] + \
+        ["error"] * len(bad)
+    errors = [e["error"] for e in events[2:2 + len(bad)]]
+    assert [error["event_id"] for error in errors] == [f"bad{n}" for n in range(len(bad))]
+    assert all(error["param"] == "item.content" and "item was dropped" in error["message"] for error in errors)
+    assert "whitespace" in errors[0]["message"] and "<audio_patch>" in errors[1]["message"]
+    assert "lone surrogate" in errors[2]["message"] and "no text" in errors[3]["message"]
+    assert events[-1]["response"]["status"] == "incomplete"  # the speech was answered, to its 4 tokens
+
+
+def test_a_failed_answer_ends_the_item_it_announced(tiny_model_dir):
+    """After response.output_item.added and content_part.added, a turn the engine refuses still sends
+    their .done events (the item incomplete): a client tracked the item as in_progress for good."""
+    import echox
+    from echox.serve.response import Response
+    from echox.serve.session_config import SessionConfig
+    session = echox.load(tiny_model_dir).session(max_new_tokens=4, max_units=MAX_UNITS)
+    sent = []
+    response = Response(SessionConfig(temperature=0.0, top_p=1.0, max_output_tokens=4), None, " ",
+                        lambda: session, sent.append, lambda: None)
+    response.run()
+    response.finished()
+    assert [e["type"] for e in sent] == ["response.output_item.added", "response.content_part.added", "error",
+                                         "response.content_part.done", "response.output_item.done", "response.done"]
+    assert sent[4]["item"]["status"] == "incomplete" and sent[5]["response"]["status"] == "failed"
+
+
 def test_server_vad_splits_one_append_that_holds_two_utterances(server):
     """Over the wire: each utterance of one append is its own item (test_serve_vad.py checks their
     audio), and an empty append is nothing to do (it used to break the connection)."""

@@ -25,6 +25,8 @@ from aiohttp import WSMsgType, web
 
 from ..audio import MAX_SECONDS
 from ..engine import Session
+from ..errors import EchoXError
+from ..tokenizer import user_text
 from .audio_edge import API_RATE, pcm16_from_base64, samples_from_pcm16
 from .protocol import (ProtocolError, check_event_type, error_event, new_id, object_field, parse_json_object,
                        server_event)
@@ -55,6 +57,18 @@ def user_item(item_id: str, content: list[dict]) -> dict:
     """A user message of the conversation (speech or text parts)."""
     return {"id": item_id, "object": "realtime.item", "type": "message", "role": "user", "status": "completed",
             "content": content}
+
+
+def turn_text(texts: list[str]) -> str:
+    """An item's text parts as the turn's text, checked here with the engine's own rules: refused at
+    response.create, the error came late, named no field, and took the committed speech with it."""
+    try:
+        text = user_text("\n".join(texts), "item.content")
+    except EchoXError as error:
+        raise ProtocolError("invalid_value", f"{error}; this item was dropped", "item.content") from None
+    if not text:  # the engine takes "" as no text; an item of it would be a turn of nothing
+        raise ProtocolError("invalid_value", "item.content has no text; this item was dropped", "item.content")
+    return text
 
 
 class ServerClose(NamedTuple):
@@ -320,7 +334,7 @@ class Connection:
         if sum(map(len, self.pending_text + texts)) > MAX_PENDING_TEXT:
             raise ProtocolError("input_text_too_long", f"user text waiting for a response holds at most "
                                 f"{MAX_PENDING_TEXT} characters; this item was dropped", "item.content")
-        self.pending_text.append("\n".join(texts))
+        self.pending_text.append(turn_text(texts))
         item_id = item["id"] if isinstance(item.get("id"), str) else new_id("item")
         self.add_item(user_item(item_id, [{"type": "input_text", "text": text} for text in texts]))
 

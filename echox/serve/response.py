@@ -15,7 +15,8 @@ A response cancelled while it waits in the queue never reaches the engine; one c
 runs is stopped by `Session.cancel()` within one decode step or vocoder push, and what was said
 so far (text and audio already sent) stays in the conversation. Engine errors a user can fix
 (`EchoXError`) become `error` events; anything else is logged with its traceback on the server
-and reported to the client as a `server_error`. Either way the connection stays usable.
+and reported to the client as a `server_error`. Either way an answer's part and item, once
+announced, still get their .done events (the item incomplete), and the connection stays usable.
 """
 
 import logging
@@ -46,6 +47,7 @@ class Response:
         # itself for the next response: a client that answers response.done at once is never refused.
         self.done_event: dict | None = None
         self.wait_ms = 0.0
+        self.said: list[str] | None = None  # the answer's text deltas, once its item is announced
 
     # ---- the event loop's side ------------------------------------------------------------------
 
@@ -99,7 +101,8 @@ class Response:
                                     "details", kind="server_error"))
 
     def answer(self, session: Session):
-        resampler, text, done = StreamingResampler(), [], None
+        resampler, done = StreamingResampler(), None
+        text = self.said = []  # fail() ends the item with it
         speaks = self.config.speaks
         text_events = ("response.output_text.delta",) + (("response.output_audio_transcript.delta",) if speaks else ())
         self.post(server_event("response.output_item.added", response_id=self.id, output_index=0,
@@ -123,9 +126,7 @@ class Response:
             self.post(self.part_event("response.output_audio.done"))
             self.post(self.part_event("response.output_audio_transcript.done", transcript=answer))
         self.post(self.part_event("response.output_text.done", text=answer))
-        self.post(self.part_event("response.content_part.done", part=self.part(answer)))
-        self.post(server_event("response.output_item.done", response_id=self.id, output_index=0,
-                               item=self.item(status, answer)))
+        self.end_item(status, answer)
         self.done_event = server_event("response.done", response=self.describe(status, reason, done.trace, answer))
 
     def send_audio(self, samples: torch.Tensor):
@@ -140,8 +141,16 @@ class Response:
             return "incomplete", "max_output_tokens"
         return "completed", None
 
+    def end_item(self, status: str, text: str):
+        """The answer's part and item are done: a client tracks both from their .added events on."""
+        self.post(self.part_event("response.content_part.done", part=self.part(text)))
+        self.post(server_event("response.output_item.done", response_id=self.id, output_index=0,
+                               item=self.item(status, text)))
+
     def fail(self, error: ProtocolError):
         self.post(error_event(error))
+        if self.said is not None:  # the item was announced: it ends (incomplete), with what was said
+            self.end_item("failed", "".join(self.said))
         failed = self.describe("failed")
         failed["status_details"]["error"] = {"type": error.kind, "code": error.code, "message": error.message}
         self.done_event = server_event("response.done", response=failed)

@@ -314,6 +314,23 @@ def test_bad_input_gets_error_events_and_the_connection_stays_usable(server):
     assert events[-1]["type"] == "conversation.item.added"  # then the same connection holds a turn
 
 
+def test_error_messages_quote_a_huge_client_value_in_short(server):
+    """An error quoted the client's value whole: an 8 MiB `type` came back as an 8 MiB error, past the
+    frame limit of the client's own library (the SDK's: 1 MiB), which then saw a 1009 close instead."""
+    huge = "x" * 100_000
+    bad = [{"type": huge}, {"type": "response.cancel", "response_id": huge},
+           {"type": "session.update", "session": {"output_modalities": [huge]}},
+           {"type": "session.update", "session": {"audio": {"input": {"format": {"type": huge}}}}},
+           {"type": "session.update", "session": {"input_audio_format": huge}},
+           {"type": "session.update", "session": {"max_output_tokens": huge}},
+           {"type": "session.update", "session": {"temperature": huge}}]
+    errors = [event["error"] for event in run(raw_events(server, [json.dumps(event) for event in bad], len(bad)))]
+    assert [error["code"] for error in errors] == ["unknown_event", "response_cancel_not_active", "invalid_value",
+                                                   "unsupported_audio_format", "unsupported_audio_format",
+                                                   "invalid_value", "invalid_value"]
+    assert all("'xxxxxxxx" in error["message"] and len(error["message"]) < 400 for error in errors)
+
+
 def test_connection_limit_and_idle_timeout_close_cleanly(server):
     async def crowd():
         async with aiohttp.ClientSession() as http:

@@ -29,7 +29,7 @@ from ..errors import EchoXError
 from ..tokenizer import user_text
 from .audio_edge import API_RATE, pcm16_from_base64, samples_from_pcm16
 from .protocol import (ProtocolError, check_event_type, error_event, new_id, object_field, parse_json_object,
-                       server_event)
+                       quoted, server_event)
 from .response import Response
 from .scheduler import TurnScheduler
 from .session_config import SessionConfig
@@ -385,7 +385,7 @@ class Connection:
         wanted = event.get("response_id")
         if self.active is None or (wanted is not None and wanted != self.active.id):
             raise ProtocolError("response_cancel_not_active", "there is no active response to cancel"
-                                + (f" with id {wanted!r}" if wanted is not None else ""), "response_id")
+                                + (f" with id {quoted(wanted)}" if wanted is not None else ""), "response_id")
         self.cancel("client_cancelled")
 
     def cancel(self, reason: str):

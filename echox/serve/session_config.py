@@ -16,7 +16,7 @@ prompt has no system message and the vocoder has one voice. The reported session
 from dataclasses import asdict, dataclass, field, replace
 
 from ..sampling import MIN_TEMPERATURE, SamplingParams
-from .protocol import ProtocolError, number_field, object_field
+from .protocol import ProtocolError, number_field, object_field, quoted
 
 PCM_FORMAT = {"type": "audio/pcm", "rate": 24000}
 MAX_OUTPUT_TOKENS = 4096  # the API's own upper bound for an integer max_output_tokens
@@ -90,7 +90,7 @@ class SessionConfig:
         for name in ("input_audio_format", "output_audio_format"):  # the beta API's names for the formats
             if session.get(name, "pcm16") != "pcm16":
                 raise ProtocolError("unsupported_audio_format", f"session.{name} must be \"pcm16\" (24 kHz mono), "
-                                    f"got {session[name]!r}", f"session.{name}")
+                                    f"got {quoted(session[name])}", f"session.{name}")
         audio = object_field(session, "audio", "session.audio")
         for direction in ("input", "output"):
             check_format(object_field(audio, direction, f"session.audio.{direction}"), f"session.audio.{direction}")
@@ -126,7 +126,7 @@ def parse_max_output_tokens(value: object, where: str) -> int:
         return MAX_OUTPUT_TOKENS
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_OUTPUT_TOKENS:
         raise ProtocolError("invalid_value", f"{where}.max_output_tokens must be an integer from 1 to "
-                            f"{MAX_OUTPUT_TOKENS} or \"inf\", got {value!r}", f"{where}.max_output_tokens")
+                            f"{MAX_OUTPUT_TOKENS} or \"inf\", got {quoted(value)}", f"{where}.max_output_tokens")
     return value
 
 
@@ -139,8 +139,8 @@ def parse_output_modality(fields: dict, where: str) -> str | None:
             continue
         values = fields[name]
         if not isinstance(values, list) or not values or not all(value in MODALITIES for value in values):
-            raise ProtocolError("invalid_value", f"{where}.{name} must be [\"audio\"] or [\"text\"], got {values!r}",
-                                f"{where}.{name}")
+            raise ProtocolError("invalid_value", f"{where}.{name} must be [\"audio\"] or [\"text\"], got "
+                                f"{quoted(values)}", f"{where}.{name}")
         return "audio" if "audio" in values else "text"
     return None
 
@@ -152,4 +152,4 @@ def check_format(direction: dict, param: str):
         return
     if not isinstance(fmt, dict) or fmt.get("type") != "audio/pcm" or fmt.get("rate", 24000) != 24000:
         raise ProtocolError("unsupported_audio_format", f"{param}.format must be {{\"type\": \"audio/pcm\", "
-                            f"\"rate\": 24000}} (pcm16 mono at 24 kHz), got {fmt!r}", f"{param}.format")
+                            f"\"rate\": 24000}} (pcm16 mono at 24 kHz), got {quoted(fmt)}", f"{param}.format")

@@ -331,6 +331,34 @@ def test_error_messages_quote_a_huge_client_value_in_short(server):
     assert all("'xxxxxxxx" in error["message"] and len(error["message"]) < 400 for error in errors)
 
 
+def test_a_message_past_what_any_event_needs_is_closed_with_1009(server):
+    """16 MiB messages were taken, each parsed on the event loop while every other connection waited
+    (0.43 s for one of JSON numbers). The limit now follows the input buffer (the fixture's is 5 s):
+    an append that fills it and the longest user item still pass, one byte more is closed with 1009."""
+    from echox.serve.connection import MAX_PENDING_TEXT
+    from echox.serve.server import Limits
+    limit = Limits(max_buffer_bytes=5 * 48000).max_message_bytes
+    assert limit < 1024 * 1024
+    full_buffer = json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(silence_pcm16(5)).decode()})
+    longest_text = json.dumps({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [
+        {"type": "input_text", "text": "\U0001F600" * MAX_PENDING_TEXT}]}})  # 12 bytes of JSON a character
+    too_big = json.dumps({"type": "input_audio_buffer.clear"})
+    too_big += " " * (limit + 1 - len(too_big))
+
+    async def send():
+        async with aiohttp.ClientSession() as http, http.ws_connect(server.ws_url, max_msg_size=0) as ws:
+            assert (await ws.receive_json())["type"] == "session.created"
+            for message in (full_buffer, json.dumps({"type": "input_audio_buffer.commit"}), longest_text):
+                await ws.send_str(message)
+            events = [await ws.receive_json(timeout=60) for _ in range(3)]
+            await ws.send_str(too_big)  # after the answers: the close would drop those not sent yet
+            return events, (await ws.receive(timeout=60)).type, ws.close_code
+
+    events, last, code = run(send())
+    assert [e["type"] for e in events] == ["input_audio_buffer.committed"] + ["conversation.item.added"] * 2
+    assert last == aiohttp.WSMsgType.CLOSE and code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+
+
 def test_connection_limit_and_idle_timeout_close_cleanly(server):
     async def crowd():
         async with aiohttp.ClientSession() as http:

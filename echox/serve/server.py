@@ -9,7 +9,8 @@ client that reads nothing is cut off, connection.py: it would not read the error
                      an error event and dropped; the connection stays);
   idle_timeout_s     a connection with no client event and no answer in progress for this long is
                      closed (code 1000);
-  max_message_bytes  larger WebSocket frames are refused by aiohttp (close code 1009).
+  max_message_bytes  larger WebSocket messages are refused by aiohttp (close code 1009); derived from
+                     the limits on what a client may send, not set on its own.
 """
 
 import asyncio
@@ -22,7 +23,7 @@ from aiohttp import WSCloseCode, web
 
 from ..engine import Engine
 from ..errors import EchoXError
-from .connection import Connection
+from .connection import MAX_PENDING_TEXT, Connection
 from .protocol import ProtocolError, error_event
 from .scheduler import TurnScheduler
 from .session_config import SessionConfig
@@ -34,6 +35,8 @@ SCHEDULER_TASK = web.AppKey("scheduler_task", asyncio.Task)
 # At SIGINT/SIGTERM the turns are stopped and every WebSocket is closed (1001, going away); this
 # long is waited for the turns to end (one LLM step or vocoder push each), and for the handlers.
 SHUTDOWN_WAIT_S = 10.0
+ESCAPED_CHAR_BYTES = 12  # the most JSON bytes one character of text takes
+ENVELOPE_BYTES = 64 * 1024  # room for an event's other fields (type, event_id, unused ones such as instructions)
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,16 @@ class Limits:
     max_connections: int = 8
     max_buffer_bytes: int = 30 * 24000 * 2  # 30 s of 24 kHz pcm16: all Whisper hears of one turn
     idle_timeout_s: float = 300.0
-    max_message_bytes: int = 16 * 1024 * 1024
+
+    @property
+    def max_message_bytes(self) -> int:
+        """The largest legitimate client event and some room: an append that fills the input buffer
+        (base64, 4 bytes per 3), or a user item of MAX_PENDING_TEXT characters, each escaped at worst
+        (an astral character is \\ud83d\\ude00 in ASCII JSON). Every text frame is parsed on the event
+        loop, which holds up all connections meanwhile: at 16 MiB, a flood of big frames stalled every
+        other client's audio for seconds (0.43 s a frame). 1.9 MiB by default."""
+        largest_append = 4 * -(-self.max_buffer_bytes // 3)
+        return max(largest_append, MAX_PENDING_TEXT * ESCAPED_CHAR_BYTES) + ENVELOPE_BYTES
 
 
 class Server:

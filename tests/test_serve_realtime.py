@@ -685,21 +685,41 @@ def test_a_failing_event_handler_is_an_error_event_not_a_dropped_connection():
     assert event["error"]["code"] == "server_error" and event["error"]["event_id"] == "e7"
 
 
-def test_a_conversation_that_fills_its_kv_cache_says_how_to_go_on(tiny_model_dir):
-    """The engine's advice (reset the session) is not something a Realtime client can do."""
-    import echox
+def kv_cache_error(session, text: str) -> dict:
+    """The error event of a Response for `text` on `session`, which must fail (and end with response.done)."""
     from echox.serve.response import Response
     from echox.serve.session_config import SessionConfig
-    session = echox.load(tiny_model_dir).session(max_new_tokens=4, max_units=MAX_UNITS, max_len=16)
     sent = []
-    response = Response(SessionConfig(temperature=0.0, top_p=1.0, max_output_tokens=4), None, "Hi " * 40,
+    response = Response(SessionConfig(temperature=0.0, top_p=1.0, max_output_tokens=4), None, text,
                         lambda: session, sent.append, lambda: None)
     response.run()
     response.finished()
-    error = next(event for event in sent if event["type"] == "error")["error"]
+    assert sent[-1]["response"]["status"] == "failed"
+    return next(event for event in sent if event["type"] == "error")["error"]
+
+
+def test_a_conversation_that_fills_its_kv_cache_says_how_to_go_on(tiny_model_dir):
+    """The engine's advice (reset the session) is not something a Realtime client can do. (The tiny
+    model's prompt for "Hi." takes 226 positions, the second turn's 262.)"""
+    import echox
+    session = echox.load(tiny_model_dir).session(max_new_tokens=4, max_units=MAX_UNITS, max_len=240)
+    list(session.respond(text="Hi."))
+    error = kv_cache_error(session, "Hi.")
     assert error["code"] == "conversation_full" and "a new connection starts a new conversation" in error["message"]
     assert "reset" not in error["message"]
-    assert sent[-1]["response"]["status"] == "failed"
+
+
+@pytest.mark.parametrize("max_len, text, says", [(240, "Hi " * 40, "it needs 343 positions, and a conversation holds 240"),
+                                                 (227, "Hi.", "too little of the 227 positions")],
+                         ids=["input", "answer"])
+def test_a_turn_too_long_for_a_new_conversation_says_so(tiny_model_dir, max_len, text, says):
+    """On a new conversation, conversation_full told the client to open a new connection, which failed
+    the same way: the turn itself is too long, whether its input alone or with its answer."""
+    import echox
+    session = echox.load(tiny_model_dir).session(max_new_tokens=4, max_units=MAX_UNITS, max_len=max_len)
+    error = kv_cache_error(session, text)
+    assert error["code"] == "input_too_long" and says in error["message"], error
+    assert "connection" not in error["message"]
 
 
 def test_one_commit_longer_than_a_turn_hears_is_taken():

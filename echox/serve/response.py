@@ -33,6 +33,21 @@ from .session_config import SessionConfig
 log = logging.getLogger("echox.serve")
 
 
+def too_long(full: ConversationFull, new_conversation: bool) -> ProtocolError:
+    """The error for a turn that outgrew the KV cache. A new connection starts a new conversation,
+    but where the conversation held nothing before, the turn itself is too long: a client told to
+    reconnect would fail the same way, again and again."""
+    if not new_conversation:
+        return ProtocolError("conversation_full", "this conversation no longer fits its KV cache; a new connection "
+                             "starts a new conversation")
+    if full.prompt is not None:
+        return ProtocolError("input_too_long", f"this turn's input is too long: it needs {full.prompt} positions, and "
+                             f"a conversation holds {full.max_len}; send shorter speech or less text")
+    return ProtocolError("input_too_long", f"this turn's input left its answer too little of the {full.max_len} "
+                         "positions a conversation holds: send shorter speech or less text, or ask for a shorter "
+                         "answer (max_output_tokens)")
+
+
 class Response:
     def __init__(self, config: SessionConfig, audio: torch.Tensor | None, text: str,
                  open_session: Callable[[], Session], post: Callable[[dict], None], on_finished: Callable[[], None]):
@@ -91,8 +106,8 @@ class Response:
             self.answer(session)
         except ConversationFull as e:
             log.info("response %s: %s", self.id, e)  # the engine's own advice (a reset) is not in the protocol
-            self.fail(ProtocolError("conversation_full", "this conversation no longer fits its KV cache; a new "
-                                    "connection starts a new conversation"))
+            # The history as before this turn: a turn that fails is taken back out of it.
+            self.fail(too_long(e, new_conversation=not self.session.turns))
         except EchoXError as e:
             self.fail(ProtocolError("invalid_input", str(e)))
         except Exception:

@@ -748,7 +748,8 @@ async def ask(ws):
 @pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
 def test_a_signal_ends_the_turns_then_closes_every_connection_and_the_server_exits(tiny_model_dir, signal_name):
     """Ctrl-C or SIGTERM with connections open (one mid-answer, one queued behind it, one idle): both
-    answers end cancelled, every client is closed with 1001 (going away), and the server exits 0 within
+    answers end cancelled, for the reason server_shutdown (it was client_cancelled, though the clients
+    did nothing), every client is closed with 1001 (going away), and the server exits 0 within
     seconds. It used to wait out aiohttp's 60 s grace for the open WebSockets, speaking on, and could
     abort as it exited."""
     async def events_until_closed(ws) -> list[dict]:
@@ -775,6 +776,7 @@ def test_a_signal_ends_the_turns_then_closes_every_connection_and_the_server_exi
     for events in seen[:2]:
         done = [event for event in events if event["type"] == "response.done"]
         assert len(done) == 1 and done[0]["response"]["status"] == "cancelled"
+        assert done[0]["response"]["status_details"]["reason"] == "server_shutdown"
     assert codes == [aiohttp.WSCloseCode.GOING_AWAY] * 3
     assert closed_after < 5
 

@@ -31,6 +31,9 @@ from .protocol import ProtocolError, error_event, new_id, server_event
 from .session_config import SessionConfig
 
 log = logging.getLogger("echox.serve")
+# The cancel reason when the scheduler ends a turn on its own: a connection that cancels gives its
+# reason first, so this is the server stopping (not the API's client_cancelled: the client did nothing).
+SERVER_SHUTDOWN = "server_shutdown"
 
 
 def too_long(full: ConversationFull, new_conversation: bool) -> ProtocolError:
@@ -57,7 +60,7 @@ class Response:
         self.config, self.audio, self.text = config, audio, text
         self.open_session, self.post, self.on_finished = open_session, post, on_finished
         self.session: Session | None = None
-        self.cancel_reason: str | None = None  # set by stop(): "client_cancelled" or "turn_detected"
+        self.cancel_reason: str | None = None  # "client_cancelled", "turn_detected", or by stop() and drop()
         # The response.done event, sent by finished() on the event loop as the connection frees
         # itself for the next response: a client that answers response.done at once is never refused.
         self.done_event: dict | None = None
@@ -76,12 +79,12 @@ class Response:
     def stop(self):
         """Ask the engine to end this answer early (any thread). The reason is set before the session
         is read, and run() sets the session before reading the reason, so one of them sees the other."""
-        self.cancel_reason = self.cancel_reason or "client_cancelled"
+        self.cancel_reason = self.cancel_reason or SERVER_SHUTDOWN
         if self.session is not None:
             self.session.cancel()
 
     def drop(self):
-        self.cancel_reason = self.cancel_reason or "client_cancelled"
+        self.cancel_reason = self.cancel_reason or SERVER_SHUTDOWN
         self.done_event = server_event("response.done", response=self.describe("cancelled", self.cancel_reason))
 
     def finished(self):
@@ -151,7 +154,7 @@ class Response:
     def outcome(self, trace: dict) -> tuple[str, str | None]:
         """(status, reason) of a finished turn, in the API's terms."""
         if trace.get("cancelled"):
-            return "cancelled", self.cancel_reason or "client_cancelled"
+            return "cancelled", self.cancel_reason
         if len(trace["tokens"]) >= self.config.max_output_tokens:
             return "incomplete", "max_output_tokens"
         return "completed", None

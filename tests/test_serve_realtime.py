@@ -609,6 +609,25 @@ def test_a_handshake_the_client_drops_before_the_reply_logs_nothing(tiny_model_d
     assert "Traceback" not in caplog.text and not [record for record in caplog.records if record.exc_info]
 
 
+def test_the_realtime_subprotocol_is_chosen_and_an_api_key_in_one_never_logged(tiny_model_dir, caplog):
+    """OpenAI's browser clients offer `realtime` and their key as `openai-insecure-api-key.<key>`:
+    the 101 named no subprotocol (browsers then fail the handshake), and aiohttp logged the offered
+    list, key and all, at warning level, as it still would for a client that offers the key alone."""
+    from aiohttp.test_utils import TestServer
+    from echox.serve.server import build_app
+    server = in_process_server(tiny_model_dir)
+    key = "openai-insecure-api-key.sk-not-for-logs"
+
+    async def connect_with(*protocols):
+        async with TestServer(build_app(server)) as http_server, aiohttp.ClientSession() as http, \
+                http.ws_connect(http_server.make_url("/v1/realtime"), protocols=protocols) as ws:
+            return ws.protocol, (await ws.receive_json())["type"]
+
+    assert run(connect_with("realtime", key)) == ("realtime", "session.created")
+    assert run(connect_with(key)) == (None, "session.created")
+    assert "sk-not-for-logs" not in caplog.text
+
+
 def flood_without_reading(port: int, events: int) -> socket.socket:
     """A WebSocket client on a small receive buffer that sends `events` response.cancel events
     (each answered with an error event) and reads nothing; it returns its open socket."""

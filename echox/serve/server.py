@@ -19,7 +19,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from aiohttp import WSCloseCode, web
+from aiohttp import WSCloseCode, hdrs, web
 
 from ..engine import Engine
 from ..errors import EchoXError
@@ -35,6 +35,8 @@ SCHEDULER_TASK = web.AppKey("scheduler_task", asyncio.Task)
 # At SIGINT/SIGTERM the turns are stopped and every WebSocket is closed (1001, going away); this
 # long is waited for the turns to end (one LLM step or vocoder push each), and for the handlers.
 SHUTDOWN_WAIT_S = 10.0
+# The WebSocket subprotocol of OpenAI's browser clients, which refuse a handshake that names none.
+SUBPROTOCOL = "realtime"
 ESCAPED_CHAR_BYTES = 12  # the most JSON bytes one character of text takes
 ENVELOPE_BYTES = 64 * 1024  # room for an event's other fields (type, event_id, unused ones such as instructions)
 
@@ -87,7 +89,8 @@ class Server:
         return web.FileResponse(STATIC / "index.html")
 
     async def realtime(self, request: web.Request) -> web.StreamResponse:
-        ws = web.WebSocketResponse(max_msg_size=self.limits.max_message_bytes, heartbeat=30.0)
+        ws = web.WebSocketResponse(max_msg_size=self.limits.max_message_bytes, heartbeat=30.0, protocols=(SUBPROTOCOL,))
+        request = without_foreign_subprotocols(request)
         if not ws.can_prepare(request).ok:
             return web.Response(status=400, text="/v1/realtime is a WebSocket endpoint (the OpenAI Realtime "
                                                  "protocol); connect with a WebSocket client\n")
@@ -110,6 +113,19 @@ class Server:
         finally:
             self.open.discard(connection)
         return ws
+
+
+def without_foreign_subprotocols(request: web.Request) -> web.Request:
+    """The request as the handshake should see it: where the client offers subprotocols but not ours,
+    without them. aiohttp logs such a client's list at warning level, and OpenAI's browser clients
+    carry their API key in one (`openai-insecure-api-key.<key>`): the log would hold it. (Beside
+    `realtime` that entry is merely not chosen, and goes unlogged.)"""
+    offered = request.headers.get(hdrs.SEC_WEBSOCKET_PROTOCOL)
+    if offered is None or SUBPROTOCOL in (entry.strip() for entry in offered.split(",")):
+        return request
+    headers = request.headers.copy()
+    del headers[hdrs.SEC_WEBSOCKET_PROTOCOL]
+    return request.clone(headers=headers)
 
 
 def client_gone() -> web.Response:

@@ -219,7 +219,12 @@ class Connection:
         self.post(server_event("session.updated", session=self.config.as_dict(self.session_id)))
 
     def restart_vad(self):
-        """A fresh detector from the current settings, counting from the samples appended so far."""
+        """A fresh detector from the current settings, counting from the samples appended so far. Speech
+        the old one was hearing ends here, uncommitted (a clear, or turn detection changed), so that
+        each speech_started has its speech_stopped: a client may show "speaking" until it comes."""
+        if self.speech_item is not None:
+            self.post(server_event("input_audio_buffer.speech_stopped", audio_end_ms=ms(self.appended),
+                                   item_id=self.speech_item))
         detection = self.config.turn_detection
         self.speech_item = None
         self.vad = None if detection is None else EnergyVad(detection.threshold, detection.silence_duration_ms,

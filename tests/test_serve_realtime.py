@@ -290,6 +290,11 @@ def test_bad_input_gets_error_events_and_the_connection_stays_usable(server):
         (json.dumps({"type": "input_audio_buffer.commit"}), "input_audio_buffer_commit_empty"),
         (json.dumps({"type": "response.cancel"}), "response_cancel_not_active"),
         (json.dumps({"type": "response.create"}), "no_input"),
+        # ignored, they answered the pending input (or said there was none): out-of-band responses
+        (json.dumps({"type": "response.create", "response": {"input": []}}), "unsupported_response"),
+        (json.dumps({"type": "response.create", "response": {"conversation": "none"}}), "unsupported_response"),
+        (json.dumps({"type": "response.create", "response": {"max_output_tokens": 0}}), "invalid_value"),
+        (json.dumps({"type": "session.update", "session": {"type": "transcription"}}), "unsupported_session_type"),
         (json.dumps({"type": "session.update", "session": {"temperature": -1}}), "invalid_value"),
         # accepted, it failed every response after it (no fp32 division by it is safe)
         (json.dumps({"type": "session.update", "session": {"temperature": 1e-35}}), "invalid_value"),

@@ -355,10 +355,11 @@ class Connection:
         self.start_response(object_field(event, "response", "response"))
 
     def start_response(self, options: dict):
-        """Answer the pending input: committed speech (joined) and user text (joined) make one turn."""
+        """Answer the pending input: committed speech (joined) and user text (joined) make one turn. The
+        options are checked first: a bad one is the error to name, whether or not input waits."""
+        config = self.config.for_response(options)
         if not self.pending_audio and not self.pending_text:
             raise ProtocolError("no_input", "nothing to answer: commit input audio or create a user message first")
-        config = self.config.for_response(options)
         audio = torch.cat(self.pending_audio) if self.pending_audio else None
         text = "\n".join(self.pending_text)
         self.pending_audio, self.pending_text = [], []

@@ -8,7 +8,7 @@ only, which costs no echo decoder or vocoder work; the beta API's `modalities` i
 way), `max_output_tokens`, and two echox extensions for sampling, `temperature` and `top_p` (the GA
 session has no sampling fields; EchoX's released sampling is temperature 0.2, top-p 0.9).
 The beta API's `input_audio_format` / `output_audio_format` are checked too (only "pcm16"), so a
-client never sends g711 that would be read as pcm16. `instructions`, `voice`, `tools` and the
+client never sends g711 that would be read as pcm16; so is `type` (only "realtime"). `instructions`, `voice`, `tools` and the
 other fields are accepted and ignored: the released EchoX
 prompt has no system message and the vocoder has one voice. The reported session says so.
 """
@@ -65,7 +65,16 @@ class SessionConfig:
         return self.output_modality == "audio"
 
     def for_response(self, response: dict) -> "SessionConfig":
-        """This config with the fields a response.create's `response` may set for that answer alone."""
+        """This config with the fields a response.create's `response` may set for that answer alone.
+        An out-of-band response (its own `input`, or `conversation` "none") is refused: ignored, it
+        answered the conversation's pending input instead, or said there was none."""
+        if "input" in response:
+            raise ProtocolError("unsupported_response", "response.input is not supported: a response answers the "
+                                "conversation's pending input (committed audio and user items)", "response.input")
+        if response.get("conversation") not in (None, "auto"):
+            raise ProtocolError("unsupported_response", "response.conversation must be \"auto\" (echox has no "
+                                f"out-of-band responses), got {quoted(response['conversation'])}",
+                                "response.conversation")
         changes = {}
         if "max_output_tokens" in response:
             changes["max_output_tokens"] = parse_max_output_tokens(response["max_output_tokens"], "response")
@@ -75,6 +84,9 @@ class SessionConfig:
 
     def updated(self, session: dict) -> "SessionConfig":
         """This config with the fields of a session.update's `session` applied; all or nothing."""
+        if session.get("type") not in (None, "realtime"):  # a transcription session would be answered instead
+            raise ProtocolError("unsupported_session_type", "session.type must be \"realtime\" (echox has no "
+                                f"transcription sessions), got {quoted(session['type'])}", "session.type")
         changes = {}
         for name, low, high in (("temperature", 0.0, 2.0), ("top_p", 1e-6, 1.0)):
             value = number_field(session, name, f"session.{name}", low, high)

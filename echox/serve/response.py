@@ -60,7 +60,9 @@ class Response:
         self.config, self.audio, self.text = config, audio, text
         self.open_session, self.post, self.on_finished = open_session, post, on_finished
         self.session: Session | None = None
-        self.cancel_reason: str | None = None  # "client_cancelled", "turn_detected", or by stop() and drop()
+        # Why it was cancelled: the connection's reason ("client_cancelled", "turn_detected"), or
+        # SERVER_SHUTDOWN from stop() or drop() when the connection gave none.
+        self.cancel_reason: str | None = None
         # The response.done event, sent by finished() on the event loop as the connection frees
         # itself for the next response: a client that answers response.done at once is never refused.
         self.done_event: dict | None = None

@@ -10,5 +10,11 @@ class EchoXError(Exception):
 
 
 class ConversationFull(EchoXError):
-    """The conversation no longer fits its KV cache; a reset or a new session continues (a server
-    says so in its own terms: its clients have no reset)."""
+    """The conversation no longer fits its KV cache of `max_len` positions; a reset or a new session
+    continues (a server says so in its own terms: its clients have no reset). `prompt` is the
+    positions the prompt needed when it did not fit, None when the answer outgrew the cache: on a
+    new conversation either means that the turn itself is too long, which no reset cures."""
+
+    def __init__(self, message: str, *, max_len: int, prompt: int | None = None):
+        super().__init__(message)
+        self.max_len, self.prompt = max_len, prompt

@@ -74,7 +74,7 @@ def period_score(hidden: torch.Tensor, period_row: torch.Tensor) -> torch.Tensor
 
 def cache_full(max_len: int, tokens: int) -> ConversationFull:
     return ConversationFull(f"the answer reached the KV cache size {max_len} (max_len) after {tokens} tokens: "
-                            f"reset the session or start a new one, or raise max_len")
+                            f"reset the session or start a new one, or raise max_len", max_len=max_len)
 
 
 def common_prefix(a: list[Slot], b: list[Slot]) -> int:
@@ -140,7 +140,8 @@ class TextDecoder:
         """Refuse a prompt of `positions` slots that this conversation's KV cache cannot hold."""
         if positions > self.max_len:
             raise ConversationFull(f"the conversation needs {positions} positions but its KV cache holds {self.max_len} "
-                             f"(max_len): reset the session or start a new one, or create it with a larger max_len")
+                             f"(max_len): reset the session or start a new one, or create it with a larger max_len",
+                             max_len=self.max_len, prompt=positions)
 
     def decode_step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """token [1] int64 at position [1] -> hidden [1, H]. Static shapes, no host sync."""

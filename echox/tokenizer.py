@@ -48,7 +48,8 @@ def user_text(text, name: str = "text") -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise EchoXError(f"{name} is not valid UTF-8 text (undecodable byte at character {e.start})") from None
+        raise EchoXError(f"{name} is not valid UTF-8 text (character {e.start} is a lone surrogate: an undecodable "
+                         "byte, or half of a UTF-16 pair)") from None
     if AUDIO_PATCH_TOKEN in text:
         raise EchoXError(f"{name} contains {AUDIO_PATCH_TOKEN!r}, which is reserved for speech")
     return text

@@ -488,7 +488,8 @@ def test_an_answer_that_fills_the_kv_cache_keeps_the_audio_spoken_so_far(tiny_mo
     """The error line was glued to the streamed text, and the audio already spoken was thrown away."""
     from echox.errors import ConversationFull
     spoken = stopped_after_the_first_chunk(
-        monkeypatch, ConversationFull("the answer reached the KV cache size 4096 (max_len) after 9 tokens"))
+        monkeypatch, ConversationFull("the answer reached the KV cache size 4096 (max_len) after 9 tokens",
+                                    max_len=4096))
     out = tmp_path / "a.wav"
     code = main(["chat", "--model", str(tiny_model_dir), "--greedy", "--max-new-tokens", "40", "--max-units", "64",
                  "--text", "Tell me a story.", "--output", str(out)])

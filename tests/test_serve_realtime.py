@@ -7,6 +7,7 @@ import gc
 import json
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -289,6 +290,11 @@ def test_bad_input_gets_error_events_and_the_connection_stays_usable(server):
         (json.dumps({"type": "input_audio_buffer.commit"}), "input_audio_buffer_commit_empty"),
         (json.dumps({"type": "response.cancel"}), "response_cancel_not_active"),
         (json.dumps({"type": "response.create"}), "no_input"),
+        # ignored, they answered the pending input (or said there was none): out-of-band responses
+        (json.dumps({"type": "response.create", "response": {"input": []}}), "unsupported_response"),
+        (json.dumps({"type": "response.create", "response": {"conversation": "none"}}), "unsupported_response"),
+        (json.dumps({"type": "response.create", "response": {"max_output_tokens": 0}}), "invalid_value"),
+        (json.dumps({"type": "session.update", "session": {"type": "transcription"}}), "unsupported_session_type"),
         (json.dumps({"type": "session.update", "session": {"temperature": -1}}), "invalid_value"),
         # accepted, it failed every response after it (no fp32 division by it is safe)
         (json.dumps({"type": "session.update", "session": {"temperature": 1e-35}}), "invalid_value"),
@@ -311,6 +317,51 @@ def test_bad_input_gets_error_events_and_the_connection_stays_usable(server):
     assert [e["error"]["code"] for e in errors] == [code for _, code in bad]
     assert errors[3]["error"]["event_id"] == "c1" and all(e["error"]["message"] for e in errors)
     assert events[-1]["type"] == "conversation.item.added"  # then the same connection holds a turn
+
+
+def test_error_messages_quote_a_huge_client_value_in_short(server):
+    """An error quoted the client's value whole: an 8 MiB `type` came back as an 8 MiB error, past the
+    frame limit of the client's own library (the SDK's: 1 MiB), which then saw a 1009 close instead."""
+    huge = "x" * 100_000
+    bad = [{"type": huge}, {"type": "response.cancel", "response_id": huge},
+           {"type": "session.update", "session": {"output_modalities": [huge]}},
+           {"type": "session.update", "session": {"audio": {"input": {"format": {"type": huge}}}}},
+           {"type": "session.update", "session": {"input_audio_format": huge}},
+           {"type": "session.update", "session": {"max_output_tokens": huge}},
+           {"type": "session.update", "session": {"temperature": huge}}]
+    errors = [event["error"] for event in run(raw_events(server, [json.dumps(event) for event in bad], len(bad)))]
+    assert [error["code"] for error in errors] == ["unknown_event", "response_cancel_not_active", "invalid_value",
+                                                   "unsupported_audio_format", "unsupported_audio_format",
+                                                   "invalid_value", "invalid_value"]
+    assert all("'xxxxxxxx" in error["message"] and len(error["message"]) < 400 for error in errors)
+
+
+def test_a_message_past_what_any_event_needs_is_closed_with_1009(server):
+    """16 MiB messages were taken, each parsed on the event loop while every other connection waited
+    (0.43 s for one of JSON numbers). The limit now follows the input buffer (the fixture's is 5 s):
+    an append that fills it and the longest user item still pass, one byte more is closed with 1009."""
+    from echox.serve.connection import MAX_PENDING_TEXT
+    from echox.serve.server import Limits
+    limit = Limits(max_buffer_bytes=5 * 48000).max_message_bytes
+    assert limit < 1024 * 1024
+    full_buffer = json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(silence_pcm16(5)).decode()})
+    longest_text = json.dumps({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [
+        {"type": "input_text", "text": "\U0001F600" * MAX_PENDING_TEXT}]}})  # 12 bytes of JSON a character
+    too_big = json.dumps({"type": "input_audio_buffer.clear"})
+    too_big += " " * (limit + 1 - len(too_big))
+
+    async def send():
+        async with aiohttp.ClientSession() as http, http.ws_connect(server.ws_url, max_msg_size=0) as ws:
+            assert (await ws.receive_json())["type"] == "session.created"
+            for message in (full_buffer, json.dumps({"type": "input_audio_buffer.commit"}), longest_text):
+                await ws.send_str(message)
+            events = [await ws.receive_json(timeout=60) for _ in range(3)]
+            await ws.send_str(too_big)  # after the answers: the close would drop those not sent yet
+            return events, (await ws.receive(timeout=60)).type, ws.close_code
+
+    events, last, code = run(send())
+    assert [e["type"] for e in events] == ["input_audio_buffer.committed"] + ["conversation.item.added"] * 2
+    assert last == aiohttp.WSMsgType.CLOSE and code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
 
 
 def test_connection_limit_and_idle_timeout_close_cleanly(server):
@@ -381,6 +432,55 @@ def test_pending_speech_and_text_are_bounded(server):
     assert [e["type"] for e in events[:12]] == ["input_audio_buffer.committed", "conversation.item.added"] * 6
     assert [e["error"]["code"] for e in events[12:]] == ["input_audio_pending_full", "input_text_too_long",
                                                          "unsupported_audio_format"]
+
+
+def test_text_the_engine_refuses_is_refused_at_item_create_and_the_speech_still_waits(server):
+    """Whitespace, '<audio_patch>', a lone surrogate (JSON "\\udc80") or no text at all were taken with
+    conversation.item.added, then failed the response.create after them, which lost the committed
+    speech too. Now each item is refused as it comes, naming item.content, and the speech is answered."""
+    bad = ["  \n", "see <audio_patch>", "\udc80", ""]
+
+    async def talk():
+        async with aiohttp.ClientSession() as http, http.ws_connect(server.ws_url) as ws:
+            assert (await ws.receive_json())["type"] == "session.created"
+            await ws.send_json({"type": "input_audio_buffer.append", "audio": base64.b64encode(question_pcm16(1.0)).decode()})
+            await ws.send_json({"type": "input_audio_buffer.commit"})
+            for n, text in enumerate(bad):
+                await ws.send_json({"type": "conversation.item.create", "event_id": f"bad{n}", "item": {
+                    "type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}})
+            await ws.send_json({"type": "response.create", "response": {"max_output_tokens": 4,
+                                                                        "output_modalities": ["text"]}})
+            events = [await ws.receive_json(timeout=60)]
+            while events[-1]["type"] != "response.done":
+                events.append(await ws.receive_json(timeout=60))
+            return events
+
+    events = run(talk())
+    assert [e["type"] for e in events[:2 + len(bad)]] == ["input_audio_buffer.committed", "conversation.item.added"] + \
+        ["error"] * len(bad)
+    errors = [e["error"] for e in events[2:2 + len(bad)]]
+    assert [error["event_id"] for error in errors] == [f"bad{n}" for n in range(len(bad))]
+    assert all(error["param"] == "item.content" and "item was dropped" in error["message"] for error in errors)
+    assert "whitespace" in errors[0]["message"] and "<audio_patch>" in errors[1]["message"]
+    assert "lone surrogate" in errors[2]["message"] and "no text" in errors[3]["message"]
+    assert events[-1]["response"]["status"] == "incomplete"  # the speech was answered, to its 4 tokens
+
+
+def test_a_failed_answer_ends_the_item_it_announced(tiny_model_dir):
+    """After response.output_item.added and content_part.added, a turn the engine refuses still sends
+    their .done events (the item incomplete): a client tracked the item as in_progress for good."""
+    import echox
+    from echox.serve.response import Response
+    from echox.serve.session_config import SessionConfig
+    session = echox.load(tiny_model_dir).session(max_new_tokens=4, max_units=MAX_UNITS)
+    sent = []
+    response = Response(SessionConfig(temperature=0.0, top_p=1.0, max_output_tokens=4), None, " ",
+                        lambda: session, sent.append, lambda: None)
+    response.run()
+    response.finished()
+    assert [e["type"] for e in sent] == ["response.output_item.added", "response.content_part.added", "error",
+                                         "response.content_part.done", "response.output_item.done", "response.done"]
+    assert sent[4]["item"]["status"] == "incomplete" and sent[5]["response"]["status"] == "failed"
 
 
 def test_server_vad_splits_one_append_that_holds_two_utterances(server):
@@ -486,14 +586,60 @@ def test_a_closed_connection_frees_its_engine_session_at_once(tiny_model_dir):
     assert len(server.engine.spare_decoders) == 1  # one KV cache served all three
 
 
+# A WebSocket client's opening handshake on a raw socket, for clients no WebSocket library would be.
+UPGRADE_REQUEST = (b"GET /v1/realtime HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                   b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+
+
+def test_a_handshake_the_client_drops_before_the_reply_logs_nothing(tiny_model_dir, caplog):
+    """A client gone before the 101 reply (a tab closed mid-connect, a health check that gives up):
+    each logged a 25-line traceback, so anyone could flood the log. Then the server answers as usual."""
+    from aiohttp.test_utils import TestServer
+    from echox.serve.server import build_app
+    server = in_process_server(tiny_model_dir)
+
+    async def drop_then_talk():
+        async with TestServer(build_app(server)) as http_server, aiohttp.ClientSession() as http:
+            for _ in range(3):
+                client = socket.create_connection(("127.0.0.1", http_server.port))
+                client.sendall(UPGRADE_REQUEST)
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client.close()  # a reset, at once: the server finds the connection gone as it replies
+                await asyncio.sleep(0.05)
+            async with http.ws_connect(http_server.make_url("/v1/realtime")) as ws:
+                await ws.receive_json()
+                return await text_turn(ws)
+
+    assert run(drop_then_talk())["response"]["status"] in ("completed", "incomplete")
+    assert "Traceback" not in caplog.text and not [record for record in caplog.records if record.exc_info]
+
+
+def test_the_realtime_subprotocol_is_chosen_and_an_api_key_in_one_never_logged(tiny_model_dir, caplog):
+    """OpenAI's browser clients offer `realtime` and their key as `openai-insecure-api-key.<key>`:
+    the 101 named no subprotocol (browsers then fail the handshake), and aiohttp logged the offered
+    list, key and all, at warning level, as it still would for a client that offers the key alone."""
+    from aiohttp.test_utils import TestServer
+    from echox.serve.server import build_app
+    server = in_process_server(tiny_model_dir)
+    key = "openai-insecure-api-key.sk-not-for-logs"
+
+    async def connect_with(*protocols):
+        async with TestServer(build_app(server)) as http_server, aiohttp.ClientSession() as http, \
+                http.ws_connect(http_server.make_url("/v1/realtime"), protocols=protocols) as ws:
+            return ws.protocol, (await ws.receive_json())["type"]
+
+    assert run(connect_with("realtime", key)) == ("realtime", "session.created")
+    assert run(connect_with(key)) == (None, "session.created")
+    assert "sk-not-for-logs" not in caplog.text
+
+
 def flood_without_reading(port: int, events: int) -> socket.socket:
     """A WebSocket client on a small receive buffer that sends `events` response.cancel events
     (each answered with an error event) and reads nothing; it returns its open socket."""
     client = socket.socket()
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     client.connect(("127.0.0.1", port))
-    client.sendall(b"GET /v1/realtime HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                   b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    client.sendall(UPGRADE_REQUEST)
     payload, mask = b'{"type":"response.cancel"}', b"\x01\x02\x03\x04"
     frame = bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
     try:
@@ -563,21 +709,41 @@ def test_a_failing_event_handler_is_an_error_event_not_a_dropped_connection():
     assert event["error"]["code"] == "server_error" and event["error"]["event_id"] == "e7"
 
 
-def test_a_conversation_that_fills_its_kv_cache_says_how_to_go_on(tiny_model_dir):
-    """The engine's advice (reset the session) is not something a Realtime client can do."""
-    import echox
+def kv_cache_error(session, text: str) -> dict:
+    """The error event of a Response for `text` on `session`, which must fail (and end with response.done)."""
     from echox.serve.response import Response
     from echox.serve.session_config import SessionConfig
-    session = echox.load(tiny_model_dir).session(max_new_tokens=4, max_units=MAX_UNITS, max_len=16)
     sent = []
-    response = Response(SessionConfig(temperature=0.0, top_p=1.0, max_output_tokens=4), None, "Hi " * 40,
+    response = Response(SessionConfig(temperature=0.0, top_p=1.0, max_output_tokens=4), None, text,
                         lambda: session, sent.append, lambda: None)
     response.run()
     response.finished()
-    error = next(event for event in sent if event["type"] == "error")["error"]
+    assert sent[-1]["response"]["status"] == "failed"
+    return next(event for event in sent if event["type"] == "error")["error"]
+
+
+def test_a_conversation_that_fills_its_kv_cache_says_how_to_go_on(tiny_model_dir):
+    """The engine's advice (reset the session) is not something a Realtime client can do. (The tiny
+    model's prompt for "Hi." takes 226 positions, the second turn's 262.)"""
+    import echox
+    session = echox.load(tiny_model_dir).session(max_new_tokens=4, max_units=MAX_UNITS, max_len=240)
+    list(session.respond(text="Hi."))
+    error = kv_cache_error(session, "Hi.")
     assert error["code"] == "conversation_full" and "a new connection starts a new conversation" in error["message"]
     assert "reset" not in error["message"]
-    assert sent[-1]["response"]["status"] == "failed"
+
+
+@pytest.mark.parametrize("max_len, text, says", [(240, "Hi " * 40, "it needs 343 positions, and a conversation holds 240"),
+                                                 (227, "Hi.", "too little of the 227 positions")],
+                         ids=["input", "answer"])
+def test_a_turn_too_long_for_a_new_conversation_says_so(tiny_model_dir, max_len, text, says):
+    """On a new conversation, conversation_full told the client to open a new connection, which failed
+    the same way: the turn itself is too long, whether its input alone or with its answer."""
+    import echox
+    session = echox.load(tiny_model_dir).session(max_new_tokens=4, max_units=MAX_UNITS, max_len=max_len)
+    error = kv_cache_error(session, text)
+    assert error["code"] == "input_too_long" and says in error["message"], error
+    assert "connection" not in error["message"]
 
 
 def test_one_commit_longer_than_a_turn_hears_is_taken():
@@ -606,7 +772,8 @@ async def ask(ws):
 @pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
 def test_a_signal_ends_the_turns_then_closes_every_connection_and_the_server_exits(tiny_model_dir, signal_name):
     """Ctrl-C or SIGTERM with connections open (one mid-answer, one queued behind it, one idle): both
-    answers end cancelled, every client is closed with 1001 (going away), and the server exits 0 within
+    answers end cancelled, for the reason server_shutdown (it was client_cancelled, though the clients
+    did nothing), every client is closed with 1001 (going away), and the server exits 0 within
     seconds. It used to wait out aiohttp's 60 s grace for the open WebSockets, speaking on, and could
     abort as it exited."""
     async def events_until_closed(ws) -> list[dict]:
@@ -633,6 +800,7 @@ def test_a_signal_ends_the_turns_then_closes_every_connection_and_the_server_exi
     for events in seen[:2]:
         done = [event for event in events if event["type"] == "response.done"]
         assert len(done) == 1 and done[0]["response"]["status"] == "cancelled"
+        assert done[0]["response"]["status_details"]["reason"] == "server_shutdown"
     assert codes == [aiohttp.WSCloseCode.GOING_AWAY] * 3
     assert closed_after < 5
 

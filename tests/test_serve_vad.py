@@ -1,6 +1,7 @@
 """Energy VAD: where speech starts and stops, and how the API's threshold maps to a level."""
 
 import asyncio
+import json
 
 import pytest
 import torch
@@ -145,6 +146,27 @@ def test_a_manual_commit_during_speech_leaves_its_end_an_item_id():
     items = [event["item"]["id"] for event in events if event["type"] == "conversation.item.added"]
     assert isinstance(stopped["item_id"], str) and len(items) == 2 and all(isinstance(i, str) for i in items)
     assert items[1] == stopped["item_id"] != items[0]
+
+
+@pytest.mark.parametrize("interruption", [{"type": "input_audio_buffer.clear"},
+                                          {"type": "session.update", "session": {"audio": {"input": {
+                                              "turn_detection": None}}}}], ids=["clear", "vad-off"])
+def test_speech_cut_short_by_a_clear_or_turning_the_vad_off_still_stops(interruption):
+    """A clear, or turn detection switched off, during speech forgot the speech: the client had its
+    speech_started and never a speech_stopped. Now the speech stops there, with its item id."""
+    async def events_around(event: dict) -> list[dict]:
+        config = SessionConfig(temperature=0.0, top_p=1.0, max_output_tokens=4).updated({"audio": {"input": {
+            "turn_detection": {"type": "server_vad", "create_response": False}}}})
+        connection = Connection(None, config, None, None, max_buffer_bytes=10 ** 7, idle_timeout_s=60)
+        connection.restart_vad()
+        connection.append({"audio": pcm16_base64(tone(0.5, 0.1))})
+        connection.handle(json.dumps(event))
+        await asyncio.sleep(0)
+        return [connection.outbox.get_nowait() for _ in range(connection.outbox.qsize())]
+
+    events = asyncio.run(events_around(interruption))
+    assert [e["type"] for e in events][:2] == ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped"]
+    assert events[1]["item_id"] == events[0]["item_id"] and events[1]["audio_end_ms"] == 500
 
 
 def test_a_click_is_not_speech_but_a_word_is_dated_from_its_first_loud_frame():

@@ -25,9 +25,11 @@ from aiohttp import WSMsgType, web
 
 from ..audio import MAX_SECONDS
 from ..engine import Session
+from ..errors import EchoXError
+from ..tokenizer import user_text
 from .audio_edge import API_RATE, pcm16_from_base64, samples_from_pcm16
 from .protocol import (ProtocolError, check_event_type, error_event, new_id, object_field, parse_json_object,
-                       server_event)
+                       quoted, server_event)
 from .response import Response
 from .scheduler import TurnScheduler
 from .session_config import SessionConfig
@@ -55,6 +57,18 @@ def user_item(item_id: str, content: list[dict]) -> dict:
     """A user message of the conversation (speech or text parts)."""
     return {"id": item_id, "object": "realtime.item", "type": "message", "role": "user", "status": "completed",
             "content": content}
+
+
+def turn_text(texts: list[str]) -> str:
+    """An item's text parts as the turn's text, checked here with the engine's own rules: refused at
+    response.create, the error came late, named no field, and took the committed speech with it."""
+    try:
+        text = user_text("\n".join(texts), "item.content")
+    except EchoXError as error:
+        raise ProtocolError("invalid_value", f"{error}; this item was dropped", "item.content") from None
+    if not text:  # the engine takes "" as no text; an item of it would be a turn of nothing
+        raise ProtocolError("invalid_value", "item.content has no text; this item was dropped", "item.content")
+    return text
 
 
 class ServerClose(NamedTuple):
@@ -205,7 +219,12 @@ class Connection:
         self.post(server_event("session.updated", session=self.config.as_dict(self.session_id)))
 
     def restart_vad(self):
-        """A fresh detector from the current settings, counting from the samples appended so far."""
+        """A fresh detector from the current settings, counting from the samples appended so far. Speech
+        the old one was hearing ends here, uncommitted (a clear, or turn detection changed), so that
+        each speech_started has its speech_stopped: a client may show "speaking" until it comes."""
+        if self.speech_item is not None:
+            self.post(server_event("input_audio_buffer.speech_stopped", audio_end_ms=ms(self.appended),
+                                   item_id=self.speech_item))
         detection = self.config.turn_detection
         self.speech_item = None
         self.vad = None if detection is None else EnergyVad(detection.threshold, detection.silence_duration_ms,
@@ -320,7 +339,7 @@ class Connection:
         if sum(map(len, self.pending_text + texts)) > MAX_PENDING_TEXT:
             raise ProtocolError("input_text_too_long", f"user text waiting for a response holds at most "
                                 f"{MAX_PENDING_TEXT} characters; this item was dropped", "item.content")
-        self.pending_text.append("\n".join(texts))
+        self.pending_text.append(turn_text(texts))
         item_id = item["id"] if isinstance(item.get("id"), str) else new_id("item")
         self.add_item(user_item(item_id, [{"type": "input_text", "text": text} for text in texts]))
 
@@ -336,10 +355,11 @@ class Connection:
         self.start_response(object_field(event, "response", "response"))
 
     def start_response(self, options: dict):
-        """Answer the pending input: committed speech (joined) and user text (joined) make one turn."""
+        """Answer the pending input: committed speech (joined) and user text (joined) make one turn. The
+        options are checked first: a bad one is the error to name, whether or not input waits."""
+        config = self.config.for_response(options)
         if not self.pending_audio and not self.pending_text:
             raise ProtocolError("no_input", "nothing to answer: commit input audio or create a user message first")
-        config = self.config.for_response(options)
         audio = torch.cat(self.pending_audio) if self.pending_audio else None
         text = "\n".join(self.pending_text)
         self.pending_audio, self.pending_text = [], []
@@ -371,7 +391,7 @@ class Connection:
         wanted = event.get("response_id")
         if self.active is None or (wanted is not None and wanted != self.active.id):
             raise ProtocolError("response_cancel_not_active", "there is no active response to cancel"
-                                + (f" with id {wanted!r}" if wanted is not None else ""), "response_id")
+                                + (f" with id {quoted(wanted)}" if wanted is not None else ""), "response_id")
         self.cancel("client_cancelled")
 
     def cancel(self, reason: str):

@@ -18,6 +18,7 @@ CLIENT_EVENTS = (
     "response.create",
     "response.cancel",
 )
+QUOTE_CHARS = 100  # enough of a value to recognise it by
 
 
 class ProtocolError(Exception):
@@ -26,6 +27,13 @@ class ProtocolError(Exception):
     def __init__(self, code: str, message: str, param: str | None = None, kind: str = "invalid_request_error"):
         super().__init__(message)
         self.code, self.message, self.param, self.kind = code, message, param, kind
+
+
+def quoted(value: object) -> str:
+    """A client's value as an error message quotes it: its repr, cut to QUOTE_CHARS. Quoted whole, an
+    8 MiB value came back as an 8 MiB error, past the client library's own frame limit."""
+    text = repr(value)
+    return text if len(text) <= QUOTE_CHARS else f"{text[:QUOTE_CHARS]}... ({len(text)} characters)"
 
 
 def new_id(prefix: str) -> str:
@@ -59,7 +67,7 @@ def check_event_type(event: dict) -> str:
     if not isinstance(event_type, str):
         raise ProtocolError("invalid_event", "the event has no string 'type'", "type")
     if event_type not in CLIENT_EVENTS:
-        raise ProtocolError("unknown_event", f"unknown or unsupported event type {event_type!r}; echox "
+        raise ProtocolError("unknown_event", f"unknown or unsupported event type {quoted(event_type)}; echox "
                             f"serves {', '.join(CLIENT_EVENTS)}", "type")
     return event_type
 
@@ -80,6 +88,6 @@ def number_field(obj: dict, name: str, param: str, low: float, high: float) -> f
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise ProtocolError("invalid_value", f"{param} must be a number from {low:g} to {high:g}, got {value!r}",
+        raise ProtocolError("invalid_value", f"{param} must be a number from {low:g} to {high:g}, got {quoted(value)}",
                             param)
     return float(value)

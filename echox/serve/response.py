@@ -15,7 +15,8 @@ A response cancelled while it waits in the queue never reaches the engine; one c
 runs is stopped by `Session.cancel()` within one decode step or vocoder push, and what was said
 so far (text and audio already sent) stays in the conversation. Engine errors a user can fix
 (`EchoXError`) become `error` events; anything else is logged with its traceback on the server
-and reported to the client as a `server_error`. Either way the connection stays usable.
+and reported to the client as a `server_error`. Either way an answer's part and item, once
+announced, still get their .done events (the item incomplete), and the connection stays usable.
 """
 
 import logging
@@ -30,6 +31,24 @@ from .protocol import ProtocolError, error_event, new_id, server_event
 from .session_config import SessionConfig
 
 log = logging.getLogger("echox.serve")
+# The cancel reason when the scheduler ends a turn on its own: a connection that cancels gives its
+# reason first, so this is the server stopping (not the API's client_cancelled: the client did nothing).
+SERVER_SHUTDOWN = "server_shutdown"
+
+
+def too_long(full: ConversationFull, new_conversation: bool) -> ProtocolError:
+    """The error for a turn that outgrew the KV cache. A new connection starts a new conversation,
+    but where the conversation held nothing before, the turn itself is too long: a client told to
+    reconnect would fail the same way, again and again."""
+    if not new_conversation:
+        return ProtocolError("conversation_full", "this conversation no longer fits its KV cache; a new connection "
+                             "starts a new conversation")
+    if full.prompt is not None:
+        return ProtocolError("input_too_long", f"this turn's input is too long: it needs {full.prompt} positions, and "
+                             f"a conversation holds {full.max_len}; send shorter speech or less text")
+    return ProtocolError("input_too_long", f"this turn's input left its answer too little of the {full.max_len} "
+                         "positions a conversation holds: send shorter speech or less text, or ask for a shorter "
+                         "answer (max_output_tokens)")
 
 
 class Response:
@@ -41,11 +60,14 @@ class Response:
         self.config, self.audio, self.text = config, audio, text
         self.open_session, self.post, self.on_finished = open_session, post, on_finished
         self.session: Session | None = None
-        self.cancel_reason: str | None = None  # set by stop(): "client_cancelled" or "turn_detected"
+        # Why it was cancelled: the connection's reason ("client_cancelled", "turn_detected"), or
+        # SERVER_SHUTDOWN from stop() or drop() when the connection gave none.
+        self.cancel_reason: str | None = None
         # The response.done event, sent by finished() on the event loop as the connection frees
         # itself for the next response: a client that answers response.done at once is never refused.
         self.done_event: dict | None = None
         self.wait_ms = 0.0
+        self.said: list[str] | None = None  # the answer's text deltas, once its item is announced
 
     # ---- the event loop's side ------------------------------------------------------------------
 
@@ -59,12 +81,12 @@ class Response:
     def stop(self):
         """Ask the engine to end this answer early (any thread). The reason is set before the session
         is read, and run() sets the session before reading the reason, so one of them sees the other."""
-        self.cancel_reason = self.cancel_reason or "client_cancelled"
+        self.cancel_reason = self.cancel_reason or SERVER_SHUTDOWN
         if self.session is not None:
             self.session.cancel()
 
     def drop(self):
-        self.cancel_reason = self.cancel_reason or "client_cancelled"
+        self.cancel_reason = self.cancel_reason or SERVER_SHUTDOWN
         self.done_event = server_event("response.done", response=self.describe("cancelled", self.cancel_reason))
 
     def finished(self):
@@ -89,8 +111,8 @@ class Response:
             self.answer(session)
         except ConversationFull as e:
             log.info("response %s: %s", self.id, e)  # the engine's own advice (a reset) is not in the protocol
-            self.fail(ProtocolError("conversation_full", "this conversation no longer fits its KV cache; a new "
-                                    "connection starts a new conversation"))
+            # The history as before this turn: a turn that fails is taken back out of it.
+            self.fail(too_long(e, new_conversation=not self.session.turns))
         except EchoXError as e:
             self.fail(ProtocolError("invalid_input", str(e)))
         except Exception:
@@ -99,7 +121,8 @@ class Response:
                                     "details", kind="server_error"))
 
     def answer(self, session: Session):
-        resampler, text, done = StreamingResampler(), [], None
+        resampler, done = StreamingResampler(), None
+        text = self.said = []  # fail() ends the item with it
         speaks = self.config.speaks
         text_events = ("response.output_text.delta",) + (("response.output_audio_transcript.delta",) if speaks else ())
         self.post(server_event("response.output_item.added", response_id=self.id, output_index=0,
@@ -123,9 +146,7 @@ class Response:
             self.post(self.part_event("response.output_audio.done"))
             self.post(self.part_event("response.output_audio_transcript.done", transcript=answer))
         self.post(self.part_event("response.output_text.done", text=answer))
-        self.post(self.part_event("response.content_part.done", part=self.part(answer)))
-        self.post(server_event("response.output_item.done", response_id=self.id, output_index=0,
-                               item=self.item(status, answer)))
+        self.end_item(status, answer)
         self.done_event = server_event("response.done", response=self.describe(status, reason, done.trace, answer))
 
     def send_audio(self, samples: torch.Tensor):
@@ -135,13 +156,21 @@ class Response:
     def outcome(self, trace: dict) -> tuple[str, str | None]:
         """(status, reason) of a finished turn, in the API's terms."""
         if trace.get("cancelled"):
-            return "cancelled", self.cancel_reason or "client_cancelled"
+            return "cancelled", self.cancel_reason
         if len(trace["tokens"]) >= self.config.max_output_tokens:
             return "incomplete", "max_output_tokens"
         return "completed", None
 
+    def end_item(self, status: str, text: str):
+        """The answer's part and item are done: a client tracks both from their .added events on."""
+        self.post(self.part_event("response.content_part.done", part=self.part(text)))
+        self.post(server_event("response.output_item.done", response_id=self.id, output_index=0,
+                               item=self.item(status, text)))
+
     def fail(self, error: ProtocolError):
         self.post(error_event(error))
+        if self.said is not None:  # the item was announced: it ends (incomplete), with what was said
+            self.end_item("failed", "".join(self.said))
         failed = self.describe("failed")
         failed["status_details"]["error"] = {"type": error.kind, "code": error.code, "message": error.message}
         self.done_event = server_event("response.done", response=failed)

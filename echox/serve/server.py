@@ -9,19 +9,21 @@ client that reads nothing is cut off, connection.py: it would not read the error
                      an error event and dropped; the connection stays);
   idle_timeout_s     a connection with no client event and no answer in progress for this long is
                      closed (code 1000);
-  max_message_bytes  larger WebSocket frames are refused by aiohttp (close code 1009).
+  max_message_bytes  larger WebSocket messages are refused by aiohttp (close code 1009); derived from
+                     the limits on what a client may send, not set on its own.
 """
 
 import asyncio
 import logging
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from aiohttp import WSCloseCode, web
+from aiohttp import WSCloseCode, hdrs, web
 
 from ..engine import Engine
 from ..errors import EchoXError
-from .connection import Connection
+from .connection import MAX_PENDING_TEXT, Connection
 from .protocol import ProtocolError, error_event
 from .scheduler import TurnScheduler
 from .session_config import SessionConfig
@@ -33,6 +35,10 @@ SCHEDULER_TASK = web.AppKey("scheduler_task", asyncio.Task)
 # At SIGINT/SIGTERM the turns are stopped and every WebSocket is closed (1001, going away); this
 # long is waited for the turns to end (one LLM step or vocoder push each), and for the handlers.
 SHUTDOWN_WAIT_S = 10.0
+# The WebSocket subprotocol of OpenAI's browser clients, which refuse a handshake that names none.
+SUBPROTOCOL = "realtime"
+ESCAPED_CHAR_BYTES = 12  # the most JSON bytes one character of text takes
+ENVELOPE_BYTES = 64 * 1024  # room for an event's other fields (type, event_id, unused ones such as instructions)
 
 
 @dataclass(frozen=True)
@@ -40,7 +46,16 @@ class Limits:
     max_connections: int = 8
     max_buffer_bytes: int = 30 * 24000 * 2  # 30 s of 24 kHz pcm16: all Whisper hears of one turn
     idle_timeout_s: float = 300.0
-    max_message_bytes: int = 16 * 1024 * 1024
+
+    @property
+    def max_message_bytes(self) -> int:
+        """The largest legitimate client event and some room: an append that fills the input buffer
+        (base64, 4 bytes per 3), or a user item of MAX_PENDING_TEXT characters, each escaped at worst
+        (an astral character is \\ud83d\\ude00 in ASCII JSON). Every text frame is parsed on the event
+        loop, which holds up all connections meanwhile: at 16 MiB, a flood of big frames stalled every
+        other client's audio for seconds (0.43 s a frame). 1.9 MiB by default."""
+        largest_append = 4 * -(-self.max_buffer_bytes // 3)
+        return max(largest_append, MAX_PENDING_TEXT * ESCAPED_CHAR_BYTES) + ENVELOPE_BYTES
 
 
 class Server:
@@ -74,15 +89,20 @@ class Server:
         return web.FileResponse(STATIC / "index.html")
 
     async def realtime(self, request: web.Request) -> web.StreamResponse:
-        ws = web.WebSocketResponse(max_msg_size=self.limits.max_message_bytes, heartbeat=30.0)
+        ws = web.WebSocketResponse(max_msg_size=self.limits.max_message_bytes, heartbeat=30.0, protocols=(SUBPROTOCOL,))
+        request = without_foreign_subprotocols(request)
         if not ws.can_prepare(request).ok:
             return web.Response(status=400, text="/v1/realtime is a WebSocket endpoint (the OpenAI Realtime "
                                                  "protocol); connect with a WebSocket client\n")
-        await ws.prepare(request)
+        try:
+            await ws.prepare(request)
+        except ConnectionError:  # the client left before the 101 reply (a tab closed mid-connect, a probe)
+            return client_gone()
         if len(self.open) >= self.limits.max_connections:
-            await ws.send_json(error_event(ProtocolError(
-                "too_many_connections", f"the server holds its limit of {self.limits.max_connections} "
-                "connections; try again later", kind="server_busy")))
+            with suppress(ConnectionError):  # gone by now: the close below finds that out quietly
+                await ws.send_json(error_event(ProtocolError(
+                    "too_many_connections", f"the server holds its limit of {self.limits.max_connections} "
+                    "connections; try again later", kind="server_busy")))
             await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"too many connections")
             return ws
         connection = Connection(ws, self.defaults, self.scheduler, self.new_session, self.limits.max_buffer_bytes,
@@ -93,6 +113,27 @@ class Server:
         finally:
             self.open.discard(connection)
         return ws
+
+
+def without_foreign_subprotocols(request: web.Request) -> web.Request:
+    """The request as the handshake should see it: where the client offers subprotocols but not ours,
+    without them. aiohttp logs such a client's list at warning level, and OpenAI's browser clients
+    carry their API key in one (`openai-insecure-api-key.<key>`): the log would hold it. (Beside
+    `realtime` that entry is merely not chosen, and goes unlogged.)"""
+    offered = request.headers.get(hdrs.SEC_WEBSOCKET_PROTOCOL)
+    if offered is None or SUBPROTOCOL in (entry.strip() for entry in offered.split(",")):
+        return request
+    headers = request.headers.copy()
+    del headers[hdrs.SEC_WEBSOCKET_PROTOCOL]
+    return request.clone(headers=headers)
+
+
+def client_gone() -> web.Response:
+    """What a handler returns for a client that left before its reply: aiohttp's attempt to send it
+    fails as a premature disconnection, which it takes quietly (an exception out of the handler
+    would be logged with its traceback, once per such client: a cheap way to flood the log). 499
+    is the access log's usual status for a request the client closed."""
+    return web.Response(status=499, reason="Client Closed Request")
 
 
 def build_app(server: Server) -> web.Application:

@@ -8,7 +8,7 @@ only, which costs no echo decoder or vocoder work; the beta API's `modalities` i
 way), `max_output_tokens`, and two echox extensions for sampling, `temperature` and `top_p` (the GA
 session has no sampling fields; EchoX's released sampling is temperature 0.2, top-p 0.9).
 The beta API's `input_audio_format` / `output_audio_format` are checked too (only "pcm16"), so a
-client never sends g711 that would be read as pcm16. `instructions`, `voice`, `tools` and the
+client never sends g711 that would be read as pcm16; so is `type` (only "realtime"). `instructions`, `voice`, `tools` and the
 other fields are accepted and ignored: the released EchoX
 prompt has no system message and the vocoder has one voice. The reported session says so.
 """
@@ -16,7 +16,7 @@ prompt has no system message and the vocoder has one voice. The reported session
 from dataclasses import asdict, dataclass, field, replace
 
 from ..sampling import MIN_TEMPERATURE, SamplingParams
-from .protocol import ProtocolError, number_field, object_field
+from .protocol import ProtocolError, number_field, object_field, quoted
 
 PCM_FORMAT = {"type": "audio/pcm", "rate": 24000}
 MAX_OUTPUT_TOKENS = 4096  # the API's own upper bound for an integer max_output_tokens
@@ -65,7 +65,16 @@ class SessionConfig:
         return self.output_modality == "audio"
 
     def for_response(self, response: dict) -> "SessionConfig":
-        """This config with the fields a response.create's `response` may set for that answer alone."""
+        """This config with the fields a response.create's `response` may set for that answer alone.
+        An out-of-band response (its own `input`, or `conversation` "none") is refused: ignored, it
+        answered the conversation's pending input instead, or said there was none."""
+        if "input" in response:
+            raise ProtocolError("unsupported_response", "response.input is not supported: a response answers the "
+                                "conversation's pending input (committed audio and user items)", "response.input")
+        if response.get("conversation") not in (None, "auto"):
+            raise ProtocolError("unsupported_response", "response.conversation must be \"auto\" (echox has no "
+                                f"out-of-band responses), got {quoted(response['conversation'])}",
+                                "response.conversation")
         changes = {}
         if "max_output_tokens" in response:
             changes["max_output_tokens"] = parse_max_output_tokens(response["max_output_tokens"], "response")
@@ -75,6 +84,9 @@ class SessionConfig:
 
     def updated(self, session: dict) -> "SessionConfig":
         """This config with the fields of a session.update's `session` applied; all or nothing."""
+        if session.get("type") not in (None, "realtime"):  # a transcription session would be answered instead
+            raise ProtocolError("unsupported_session_type", "session.type must be \"realtime\" (echox has no "
+                                f"transcription sessions), got {quoted(session['type'])}", "session.type")
         changes = {}
         for name, low, high in (("temperature", 0.0, 2.0), ("top_p", 1e-6, 1.0)):
             value = number_field(session, name, f"session.{name}", low, high)
@@ -90,7 +102,7 @@ class SessionConfig:
         for name in ("input_audio_format", "output_audio_format"):  # the beta API's names for the formats
             if session.get(name, "pcm16") != "pcm16":
                 raise ProtocolError("unsupported_audio_format", f"session.{name} must be \"pcm16\" (24 kHz mono), "
-                                    f"got {session[name]!r}", f"session.{name}")
+                                    f"got {quoted(session[name])}", f"session.{name}")
         audio = object_field(session, "audio", "session.audio")
         for direction in ("input", "output"):
             check_format(object_field(audio, direction, f"session.audio.{direction}"), f"session.audio.{direction}")
@@ -126,7 +138,7 @@ def parse_max_output_tokens(value: object, where: str) -> int:
         return MAX_OUTPUT_TOKENS
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_OUTPUT_TOKENS:
         raise ProtocolError("invalid_value", f"{where}.max_output_tokens must be an integer from 1 to "
-                            f"{MAX_OUTPUT_TOKENS} or \"inf\", got {value!r}", f"{where}.max_output_tokens")
+                            f"{MAX_OUTPUT_TOKENS} or \"inf\", got {quoted(value)}", f"{where}.max_output_tokens")
     return value
 
 
@@ -139,8 +151,8 @@ def parse_output_modality(fields: dict, where: str) -> str | None:
             continue
         values = fields[name]
         if not isinstance(values, list) or not values or not all(value in MODALITIES for value in values):
-            raise ProtocolError("invalid_value", f"{where}.{name} must be [\"audio\"] or [\"text\"], got {values!r}",
-                                f"{where}.{name}")
+            raise ProtocolError("invalid_value", f"{where}.{name} must be [\"audio\"] or [\"text\"], got "
+                                f"{quoted(values)}", f"{where}.{name}")
         return "audio" if "audio" in values else "text"
     return None
 
@@ -152,4 +164,4 @@ def check_format(direction: dict, param: str):
         return
     if not isinstance(fmt, dict) or fmt.get("type") != "audio/pcm" or fmt.get("rate", 24000) != 24000:
         raise ProtocolError("unsupported_audio_format", f"{param}.format must be {{\"type\": \"audio/pcm\", "
-                            f"\"rate\": 24000}} (pcm16 mono at 24 kHz), got {fmt!r}", f"{param}.format")
+                            f"\"rate\": 24000}} (pcm16 mono at 24 kHz), got {quoted(fmt)}", f"{param}.format")

@@ -8,8 +8,8 @@ only, which costs no echo decoder or vocoder work; the beta API's `modalities` i
 way), `max_output_tokens`, and two echox extensions for sampling, `temperature` and `top_p` (the GA
 session has no sampling fields; EchoX's released sampling is temperature 0.2, top-p 0.9).
 The beta API's `input_audio_format` / `output_audio_format` are checked too (only "pcm16"), so a
-client never sends g711 that would be read as pcm16; so is `type` (only "realtime"). `instructions`, `voice`, `tools` and the
-other fields are accepted and ignored: the released EchoX
+client never sends g711 that would be read as pcm16; so is `type` (only "realtime").
+`instructions`, `voice`, `tools` and the other fields are accepted and ignored: the released EchoX
 prompt has no system message and the vocoder has one voice. The reported session says so.
 """
 

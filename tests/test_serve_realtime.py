@@ -394,12 +394,17 @@ def test_page_and_plain_http_on_the_websocket_path(server):
             async with http.get(server.http_url + "/static/microphone-worklet.js") as worklet:
                 script = (worklet.status, await worklet.text())
             async with http.get(server.http_url + "/v1/realtime") as plain:
-                return html, script, (plain.status, await plain.text())
+                plain = plain.status, await plain.text()
+            bad_key = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+                       "Sec-WebSocket-Key": "xx"}
+            async with http.get(server.http_url + "/v1/realtime", headers=bad_key) as malformed:
+                return html, script, plain, (malformed.status, await malformed.text())
 
-    (status, kind, html), (script_status, script), (plain_status, plain) = run(fetch())
+    (status, kind, html), (script_status, script), (plain_status, plain), (bad_status, bad) = run(fetch())
     assert status == 200 and kind == "text/html" and "/v1/realtime" in html and "microphone-worklet.js" in html
     assert script_status == 200 and "registerProcessor" in script
-    assert plain_status == 400 and "WebSocket" in plain
+    assert plain_status == 400 and "connect with a WebSocket client" in plain
+    assert bad_status == 400 and "malformed WebSocket handshake" in bad  # it was told to use a WebSocket client
 
 
 def test_response_done_goes_out_as_the_connection_is_freed(tiny_model_dir):

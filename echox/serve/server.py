@@ -92,8 +92,7 @@ class Server:
         ws = web.WebSocketResponse(max_msg_size=self.limits.max_message_bytes, heartbeat=30.0, protocols=(SUBPROTOCOL,))
         request = without_foreign_subprotocols(request)
         if not ws.can_prepare(request).ok:
-            return web.Response(status=400, text="/v1/realtime is a WebSocket endpoint (the OpenAI Realtime "
-                                                 "protocol); connect with a WebSocket client\n")
+            return web.Response(status=400, text=not_a_handshake(request))
         try:
             await ws.prepare(request)
         except ConnectionError:  # the client left before the 101 reply (a tab closed mid-connect, a probe)
@@ -126,6 +125,15 @@ def without_foreign_subprotocols(request: web.Request) -> web.Request:
     headers = request.headers.copy()
     del headers[hdrs.SEC_WEBSOCKET_PROTOCOL]
     return request.clone(headers=headers)
+
+
+def not_a_handshake(request: web.Request) -> str:
+    """Why /v1/realtime refused the request: a plain HTTP client's, or a WebSocket client's handshake
+    that aiohttp found malformed (its key or version)."""
+    if request.headers.get(hdrs.UPGRADE, "").lower() != "websocket":
+        return "/v1/realtime is a WebSocket endpoint (the OpenAI Realtime protocol); connect with a WebSocket client\n"
+    return ("/v1/realtime: malformed WebSocket handshake (it needs Connection: Upgrade, Sec-WebSocket-Version: 13 "
+            "and a Sec-WebSocket-Key of 16 base64-encoded bytes)\n")
 
 
 def client_gone() -> web.Response:

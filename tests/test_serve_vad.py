@@ -179,3 +179,17 @@ def test_a_click_is_not_speech_but_a_word_is_dated_from_its_first_loud_frame():
     assert [e.kind for e in events] == ["started", "stopped"]
     onset = 3 * quiet.numel() + int(0.08 * RATE)  # where the 0.3 s word begins
     assert abs(events[0].sample - onset) <= RATE // 50  # within one frame
+
+
+def test_the_beta_apis_turn_detection_is_read_like_the_gas():
+    """session.turn_detection (beta) was ignored: a beta client turning on server_vad got null back and
+    waited for an answer that never came."""
+    from echox.serve.protocol import ProtocolError
+    config = SessionConfig(temperature=0.0, top_p=1.0, max_output_tokens=4)
+    beta = config.updated({"turn_detection": {"type": "server_vad", "silence_duration_ms": 200}})
+    ga = config.updated({"audio": {"input": {"turn_detection": {"type": "server_vad", "silence_duration_ms": 200}}}})
+    assert beta == ga and beta.turn_detection.silence_duration_ms == 200
+    assert beta.updated({"turn_detection": None}).turn_detection is None
+    with pytest.raises(ProtocolError) as refused:
+        config.updated({"turn_detection": {"type": "semantic_vad"}})
+    assert refused.value.param == "session.turn_detection.type"

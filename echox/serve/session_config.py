@@ -33,21 +33,20 @@ class TurnDetection:
     create_response: bool = True
     interrupt_response: bool = True
 
-    def updated(self, fields: dict) -> "TurnDetection":
+    def updated(self, fields: dict, param: str) -> "TurnDetection":
+        """These settings with `fields` applied; `param` is where they came from, for errors."""
         if fields.get("type") != "server_vad":
-            raise ProtocolError("unsupported_turn_detection", "audio.input.turn_detection must be null or of type "
-                                "'server_vad' (echox has an energy-based VAD, no semantic_vad)",
-                                "session.audio.input.turn_detection.type")
+            raise ProtocolError("unsupported_turn_detection", f"{param} must be null or of type 'server_vad' "
+                                "(echox has an energy-based VAD, no semantic_vad)", f"{param}.type")
         changes = {}
         for name, high in (("threshold", 1.0), ("prefix_padding_ms", 5000), ("silence_duration_ms", 10000)):
-            value = number_field(fields, name, f"session.audio.input.turn_detection.{name}", 0, high)
+            value = number_field(fields, name, f"{param}.{name}", 0, high)
             if value is not None:
                 changes[name] = value if name == "threshold" else int(value)
         for name in ("create_response", "interrupt_response"):
             if name in fields:
                 if not isinstance(fields[name], bool):
-                    raise ProtocolError("invalid_value", f"session.audio.input.turn_detection.{name} must be "
-                                        f"true or false", f"session.audio.input.turn_detection.{name}")
+                    raise ProtocolError("invalid_value", f"{param}.{name} must be true or false", f"{param}.{name}")
                 changes[name] = fields[name]
         return replace(self, **changes)
 
@@ -107,14 +106,16 @@ class SessionConfig:
         for direction in ("input", "output"):
             check_format(object_field(audio, direction, f"session.audio.{direction}"), f"session.audio.{direction}")
         audio_input = object_field(audio, "input", "session.audio.input")
-        if "turn_detection" in audio_input:
-            detection = audio_input["turn_detection"]
-            if detection is not None and not isinstance(detection, dict):
-                raise ProtocolError("invalid_value", "session.audio.input.turn_detection must be null or an object",
-                                    "session.audio.input.turn_detection")
-            changes["turn_detection"] = None if detection is None else \
-                (self.turn_detection or TurnDetection()).updated(detection)
+        # The beta API's place, then the GA's: ignored, a beta client's server_vad left it waiting forever.
+        for holder, param in ((session, "session.turn_detection"), (audio_input, "session.audio.input.turn_detection")):
+            if "turn_detection" in holder:
+                changes["turn_detection"] = self.detection_from(holder["turn_detection"], param)
         return replace(self, **changes)
+
+    def detection_from(self, detection: object, param: str) -> TurnDetection | None:
+        if detection is not None and not isinstance(detection, dict):
+            raise ProtocolError("invalid_value", f"{param} must be null or an object", param)
+        return None if detection is None else (self.turn_detection or TurnDetection()).updated(detection, param)
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p)

@@ -235,7 +235,7 @@ def test_counts_must_be_positive(tmp_path, monkeypatch, capsys, command, flag, v
 @pytest.mark.parametrize("argv, message", [
     (["chat", "--model", "m", "--text", "hi", "--text-only", "--threads", "0"],
      "echox: error: chat: argument --threads: threads must be a whole number >= 1, got '0'"),
-    (["demo", "--bogus"], "echox: error: unrecognized arguments: --bogus"),
+    (["demo", "--bogus"], "echox: error: demo: unrecognized arguments: --bogus"),
     (["chat", "--text", "hi", "--text-only"], "echox: error: chat: the following arguments are required: --model"),
 ])
 def test_argument_errors_are_one_line(capsys, argv, message):
